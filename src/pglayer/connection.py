@@ -1,0 +1,154 @@
+"""A pooled connection: queries with deadlines, pglayer errors, rows as Pydantic models."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal, NoReturn, TypeVar
+
+import asyncpg
+from pydantic import BaseModel
+
+from pglayer.errors import (
+    CommitIndeterminateError,
+    ConnectionLostError,
+    QueryTimeoutError,
+    translate,
+)
+
+__all__ = ["Connection", "Isolation"]
+
+M = TypeVar("M", bound=BaseModel)
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+Record = asyncpg.Record
+
+
+class Connection:
+    """A pooled asyncpg connection whose errors are pglayer errors.
+
+    `timeout` on every method is the client-side deadline in seconds; `None` uses the
+    pool's `query_timeout`. The driver connection is there as `raw` for what is not wrapped.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: asyncpg.Connection[Record]) -> None:
+        self.raw = raw
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        translated = translate(exc, connection_closed=self.raw.is_closed())
+        if translated is exc:
+            raise exc
+        raise translated from exc
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        """Run a statement and return its status tag (`INSERT 0 1`)."""
+        try:
+            return await self.raw.execute(query, *args, timeout=timeout)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def executemany(
+        self, query: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """Run a statement once for each argument tuple, in one round trip."""
+        try:
+            await self.raw.executemany(query, args, timeout=timeout)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Record]:
+        """All rows as records."""
+        try:
+            return await self.raw.fetch(query, *args, timeout=timeout)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Record | None:
+        """The first row, or `None`."""
+        try:
+            return await self.raw.fetchrow(query, *args, timeout=timeout)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        """The first column of the first row, or `None`."""
+        try:
+            return await self.raw.fetchval(query, *args, timeout=timeout)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def fetch_all(
+        self, model: type[M], query: str, *args: Any, timeout: float | None = None
+    ) -> list[M]:
+        """All rows, each validated into `model` by column name."""
+        rows = await self.fetch(query, *args, timeout=timeout)
+        validate = model.model_validate
+        return [validate(dict(row)) for row in rows]
+
+    async def fetch_one(
+        self, model: type[M], query: str, *args: Any, timeout: float | None = None
+    ) -> M | None:
+        """The first row validated into `model`, or `None`."""
+        row = await self.fetchrow(query, *args, timeout=timeout)
+        return None if row is None else model.model_validate(dict(row))
+
+    async def copy_records(
+        self,
+        table: str,
+        records: Iterable[Sequence[Any]],
+        *,
+        columns: Sequence[str],
+        timeout: float | None = None,
+    ) -> str:
+        """Bulk-load `records` into `table` with COPY."""
+        try:
+            return await self.raw.copy_records_to_table(
+                table, records=records, columns=list(columns), timeout=timeout
+            )
+        except Exception as exc:
+            self._raise(exc)
+
+    @asynccontextmanager
+    async def transaction(
+        self,
+        *,
+        readonly: bool = False,
+        isolation: Isolation | None = None,
+        deferrable: bool = False,
+    ) -> AsyncIterator[Connection]:
+        """A transaction (a savepoint when nested) that commits when the block succeeds.
+
+        Any exception in the block rolls back. A commit that fails raises (a deferred
+        constraint, say); one whose connection is lost mid-flight raises
+        `CommitIndeterminateError`, since it may or may not have been applied.
+        """
+        tx = self.raw.transaction(isolation=isolation, readonly=readonly, deferrable=deferrable)
+        try:
+            await tx.start()
+        except Exception as exc:
+            self._raise(exc)
+        try:
+            yield self
+        except Exception:
+            await self._rollback_quietly(tx)
+            raise
+        # On cancellation nothing is sent here: the pool's reset on release rolls back.
+        try:
+            await tx.commit()
+        except Exception as exc:
+            translated = translate(exc, connection_closed=self.raw.is_closed())
+            if isinstance(translated, ConnectionLostError) or (
+                isinstance(translated, QueryTimeoutError) and translated.sqlstate is None
+            ):
+                raise CommitIndeterminateError() from exc
+            self._raise(exc)
+
+    async def _rollback_quietly(self, tx: Any) -> None:
+        # The block's own exception is what the caller must see; a failed rollback only
+        # means the connection is broken, and the pool discards broken connections.
+        try:
+            await tx.rollback()
+        except Exception:
+            if not self.raw.is_closed():
+                self.raw.terminate()

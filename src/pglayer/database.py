@@ -1,0 +1,304 @@
+"""`Database`: the pool's lifecycle, deadlines on acquire, bounded waiting, and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import asyncpg
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from pglayer.connection import Connection, Isolation, Record
+from pglayer.dsn import describe_target
+from pglayer.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    TransientError,
+    translate,
+)
+from pglayer.settings import DatabaseSettings
+from pglayer.stats import PoolStats, StatsRecorder
+
+__all__ = ["Database"]
+
+log = logging.getLogger("pglayer")
+
+_RELEASE_TIMEOUT = 5.0
+
+
+def _ms(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
+    for pg_type in ("json", "jsonb"):
+        await conn.set_type_codec(
+            pg_type,
+            encoder=lambda value: orjson.dumps(value).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def _no_reset(conn: asyncpg.Connection[Record]) -> None:
+    # asyncpg's default reset sends `RESET ALL; UNLISTEN *; ...` on every release: a round
+    # trip per request. pglayer never changes session state (it uses SET LOCAL), and an open
+    # transaction is still rolled back by asyncpg before this hook runs.
+    return None
+
+
+class Database:
+    """A pool of PostgreSQL connections.
+
+    Use `open()` / `close(timeout)` or `async with Database(settings) as db:`.
+    Every acquire has a deadline and a bound on how many may wait; queries have deadlines;
+    errors are pglayer errors.
+    """
+
+    def __init__(self, settings: DatabaseSettings | None = None, *, name: str = "primary") -> None:
+        self.settings = settings if settings is not None else DatabaseSettings()
+        if self.settings.url is None:
+            raise ConfigurationError("no database URL configured: set DATABASE_URL")
+        self.name = name
+        self.target = describe_target(self.settings.dsn())
+        self._pool: asyncpg.Pool[Record] | None = None
+        self._opener: asyncio.Task[None] | None = None
+        self._closing = False
+        self._waiting = 0
+        self._stats = StatsRecorder()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def is_open(self) -> bool:
+        """True once the pool exists (connections may still be failing)."""
+        return self._pool is not None
+
+    async def open(self, *, wait: bool | None = None) -> None:
+        """Create the pool.
+
+        With `wait` (default: `settings.require_on_startup`), keep retrying an unreachable
+        server with jittered backoff for `startup_timeout` seconds, then raise
+        `DatabaseUnavailableError` naming the target. Without it, return at once and keep
+        connecting in the background; until then every acquire fails fast as transient.
+        """
+        if self._pool is not None or self._opener is not None:
+            return
+        self._closing = False
+        if wait if wait is not None else self.settings.require_on_startup:
+            try:
+                await self._open_with_retry(self.settings.startup_timeout)
+            except TransientError as exc:
+                raise DatabaseUnavailableError(
+                    f"database {self.target} not reachable within "
+                    f"{self.settings.startup_timeout:g}s: {exc}"
+                ) from exc
+            return
+        try:
+            self._pool = await self._create_pool()
+        except TransientError as exc:
+            log.warning(
+                "database %s not reachable (%s); retrying in the background", self.target, exc
+            )
+            self._opener = asyncio.create_task(self._open_in_background())
+
+    async def _open_with_retry(self, deadline: float) -> None:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(deadline),
+            wait=wait_random_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception_type(TransientError),
+            reraise=True,
+        ):
+            with attempt:
+                self._pool = await self._create_pool()
+
+    async def _open_in_background(self) -> None:
+        try:
+            await self._open_with_retry(float("inf"))
+            log.info("database %s is reachable; pool open", self.target)
+        finally:
+            self._opener = None
+
+    async def _create_pool(self) -> asyncpg.Pool[Record]:
+        s = self.settings
+        server_settings = {
+            "application_name": s.application_name,
+            "statement_timeout": _ms(s.statement_timeout),
+            "lock_timeout": _ms(s.lock_timeout),
+            "idle_in_transaction_session_timeout": _ms(s.idle_in_transaction_timeout),
+            "client_connection_check_interval": _ms(s.client_connection_check_interval),
+        }
+        try:
+            pool = await asyncpg.create_pool(
+                s.dsn(),
+                min_size=s.min_size,
+                max_size=s.max_size,
+                max_inactive_connection_lifetime=s.max_inactive_connection_lifetime,
+                command_timeout=s.query_timeout,
+                statement_cache_size=s.statement_cache_size,
+                timeout=s.connect_timeout,
+                server_settings=server_settings,
+                init=_init_connection,
+                reset=_no_reset,
+                connect=self._connect,
+            )
+        except Exception as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        assert pool is not None
+        return pool
+
+    async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection[Record]:
+        try:
+            conn: asyncpg.Connection[Record] = await asyncpg.connect(*args, **kwargs)
+        except BaseException:
+            self._stats.connection_failed()
+            raise
+        self._stats.connection_opened()
+        conn.add_termination_listener(self._on_connection_closed)  # type: ignore[arg-type]
+        return conn
+
+    def _on_connection_closed(self, conn: asyncpg.Connection[Record]) -> None:
+        if not self._closing:
+            self._stats.connection_lost()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
+        self._closing = True
+        if self._opener is not None:
+            self._opener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransientError):
+                await self._opener
+            self._opener = None
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        grace = self.settings.close_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(pool.close(), grace)
+        except TimeoutError:
+            log.warning(
+                "database %s: connections still in use after %.1fs; terminating them",
+                self.target,
+                grace,
+            )
+            pool.terminate()
+
+    # -- connections -----------------------------------------------------------------
+
+    async def _acquire(self, timeout: float | None) -> Any:
+        pool = self._pool
+        if pool is None:
+            raise DatabaseUnavailableError()
+        if self._waiting >= self.settings.max_waiters:
+            self._stats.shed()
+            raise PoolOverloadedError()
+        self._waiting += 1
+        started = time.perf_counter()
+        try:
+            conn = await pool.acquire(
+                timeout=self.settings.acquire_timeout if timeout is None else timeout
+            )
+        except TimeoutError as exc:
+            self._stats.acquire_timed_out()
+            raise PoolTimeoutError() from exc
+        except Exception as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            self._waiting -= 1
+        self._stats.acquired(time.perf_counter() - started)
+        return conn
+
+    async def _release(self, conn: Any, held_since: float) -> None:
+        self._stats.released(time.perf_counter() - held_since)
+        pool = self._pool
+        if pool is None:
+            # Closed meanwhile: the pool's close() is waiting on this very connection.
+            conn.terminate()
+            return
+        try:
+            await pool.release(conn, timeout=_RELEASE_TIMEOUT)
+        except Exception:
+            # asyncpg has already terminated a connection it could not reset; the error
+            # must not mask the block's own outcome.
+            log.debug("connection reset failed on release; it was discarded", exc_info=True)
+
+    @asynccontextmanager
+    async def connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
+        """A pooled connection in autocommit mode, acquired within `timeout` seconds."""
+        raw = await self._acquire(timeout)
+        held_since = time.perf_counter()
+        try:
+            yield Connection(raw)
+        finally:
+            await self._release(raw, held_since)
+
+    @asynccontextmanager
+    async def transaction(
+        self,
+        *,
+        readonly: bool = False,
+        isolation: Isolation | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Connection]:
+        """A pooled connection inside a transaction that commits when the block succeeds."""
+        async with (
+            self.connection(timeout=timeout) as conn,
+            conn.transaction(readonly=readonly, isolation=isolation),
+        ):
+            yield conn
+
+    async def ping(self, *, timeout: float = 1.0) -> None:
+        """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""
+        deadline = time.monotonic() + timeout
+        async with self.connection(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=max(deadline - time.monotonic(), 0.001))
+
+    # -- statistics ------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the pool's sizes and counters."""
+        pool = self._pool
+        size = idle = 0
+        if pool is not None:
+            size, idle = pool.get_size(), pool.get_idle_size()
+        return self._stats.snapshot(
+            name=self.name,
+            open=pool is not None,
+            min_size=self.settings.min_size,
+            max_size=self.settings.max_size,
+            size=size,
+            idle=idle,
+            waiting=self._waiting,
+        )

@@ -1,0 +1,332 @@
+"""An embedded PostgreSQL server in a local directory, for zero-configuration runs and tests.
+
+Binaries are looked for in this order: `PGLAYER_PG_BINDIR`, `pg_ctl` on `PATH`,
+`/usr/lib/postgresql/<newest>/bin`, then the `pgserver` wheel (`pip install 'pglayer[embedded]'`).
+PostgreSQL refuses to run as root, so as root the server runs as `PGLAYER_EMBEDDED_USER`
+(default: `postgres` if that user exists, else `nobody`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import asyncpg
+
+from pglayer.errors import PglayerError
+
+__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
+
+log = logging.getLogger("pglayer.embedded")
+
+_FAST_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+class EmbeddedPostgresError(PglayerError):
+    """The embedded server could not be found, initialised, started or stopped."""
+
+
+def _has_server(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("pg_ctl", "initdb", "postgres"))
+
+
+def find_binaries() -> Path:
+    """The directory holding `pg_ctl`, `initdb` and `postgres`."""
+    configured = os.environ.get("PGLAYER_PG_BINDIR")
+    if configured:
+        if _has_server(Path(configured)):
+            return Path(configured)
+        raise EmbeddedPostgresError(f"PGLAYER_PG_BINDIR={configured} has no pg_ctl/initdb/postgres")
+    candidates: list[Path] = []
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    candidates.extend(debian)
+    for bindir in candidates:
+        if _has_server(bindir):
+            return bindir
+    wheel = _pgserver_bindir()
+    if wheel is not None:
+        return wheel
+    raise EmbeddedPostgresError(
+        "no PostgreSQL server binaries found: install PostgreSQL, "
+        "or `pip install 'pglayer[embedded]'`, or set DATABASE_URL"
+    )
+
+
+def _pgserver_bindir() -> Path | None:
+    try:
+        import pgserver
+    except ImportError:
+        return None
+    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    return bindir if _has_server(bindir) else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("PGLAYER_EMBEDDED_USER")
+    candidates = [name] if name else ["postgres", "nobody"]
+    for candidate in candidates:
+        try:
+            return pwd.getpwnam(candidate)
+        except KeyError:
+            continue
+    raise EmbeddedPostgresError(
+        f"running as root, and no unprivileged user {candidates} exists to run PostgreSQL"
+    )
+
+
+def _traversable_by(path: Path, user: pwd.struct_passwd) -> bool:
+    for p in [path, *path.parents]:
+        st = p.stat()
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid == user.pw_gid:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return False
+    return True
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL cluster under `base_dir`, started on 127.0.0.1 only.
+
+    `start()` initialises the cluster on first use (password auth, the password kept in
+    `base_dir/password`, mode 0600), or reuses one that is already running. `stop()` stops
+    it only if this object started it, unless `force`.
+    """
+
+    base_dir: Path
+    database: str = "pglayer"
+    port: int | None = None
+    server_settings: dict[str, str] = field(default_factory=dict)
+    fast_unsafe: bool = False  # fsync off: for throwaway test clusters only
+    started_here: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.base_dir = Path(self.base_dir).resolve()
+        self.bindir = find_binaries()
+        self._user = _server_user()
+        self.pg_dir = self._choose_pg_dir()
+        self.data_dir = self.pg_dir / "data"
+        self.log_file = self.pg_dir / "server.log"
+        self._password_file = self.base_dir / "password"
+
+    def _choose_pg_dir(self) -> Path:
+        preferred = self.base_dir / "pg"
+        if self._user is None:
+            return preferred
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if _traversable_by(self.base_dir, self._user):
+            return preferred
+        # e.g. a checkout under /root (mode 0700): the server user cannot reach it.
+        digest = hashlib.sha256(str(self.base_dir).encode()).hexdigest()[:12]
+        fallback = Path("/var/tmp") / f"pglayer-{digest}" / "pg"  # noqa: S108  persistent, sticky
+        log.info(
+            "%s is not reachable by user %s; keeping server files in %s",
+            self.base_dir,
+            self._user.pw_name,
+            fallback,
+        )
+        return fallback
+
+    # -- running commands as the server user -------------------------------------------
+
+    def _run(self, name: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bindir / name), *args]
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env.pop("PGPASSWORD", None)
+        env.update(kwargs.pop("env", {}))
+        user_kwargs: dict[str, Any] = {}
+        if self._user is not None:
+            user_kwargs = {
+                "user": self._user.pw_uid,
+                "group": self._user.pw_gid,
+                "extra_groups": [],
+            }
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd="/", **user_kwargs, **kwargs
+        )
+        return result
+
+    def _check(self, result: subprocess.CompletedProcess[str], what: str) -> None:
+        if result.returncode != 0:
+            tail = ""
+            if self.log_file.exists():
+                tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-15:])
+            raise EmbeddedPostgresError(
+                f"{what} failed (exit {result.returncode}): {result.stderr.strip()}\n{tail}".strip()
+            )
+
+    def _own(self, path: Path) -> None:
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def password(self) -> str:
+        return self._password_file.read_text().strip()
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise EmbeddedPostgresError("the embedded server is not started")
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    def admin_url(self, database: str = "postgres") -> str:
+        """The URL of another database on this server."""
+        return self.url.rsplit("/", 1)[0] + f"/{database}"
+
+    def initialized(self) -> bool:
+        return (self.data_dir / "PG_VERSION").exists()
+
+    def _initdb(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.pg_dir.mkdir(parents=True, exist_ok=True)
+        self.pg_dir.chmod(0o700)
+        self._own(self.pg_dir)
+        if not self._password_file.exists():
+            fd = os.open(self._password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+        pwfile = self.pg_dir / "initdb-password"
+        pwfile.write_text(self.password)
+        pwfile.chmod(0o600)
+        self._own(pwfile)
+        try:
+            result = self._run(
+                "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=scram-sha-256",
+                f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "--no-instructions",
+            )  # fmt: skip
+            self._check(result, "initdb")
+        finally:
+            pwfile.unlink(missing_ok=True)
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": "''",
+            "max_connections": "200",
+            "logging_collector": "off",
+        }
+        with (self.data_dir / "postgresql.conf").open("a") as f:
+            f.write("\n# added by pglayer\n")
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+
+    def running_port(self) -> int | None:
+        """The port of a server already running on this data directory, if any."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return None
+        status = self._run("pg_ctl", "status", "-D", str(self.data_dir))
+        if status.returncode != 0:
+            return None
+        lines = pid_file.read_text().splitlines()
+        return int(lines[3]) if len(lines) > 3 and lines[3].isdigit() else None
+
+    def start(self) -> str:
+        """Start (or reuse) the server, create the database, and return its URL."""
+        if not self.initialized():
+            log.info("initialising an embedded PostgreSQL cluster in %s", self.data_dir)
+            self._initdb()
+        running = self.running_port()
+        if running is not None:
+            self.port = running
+            log.info("reusing the embedded PostgreSQL already running on port %s", running)
+        else:
+            self.port = self.port or _free_port()
+            settings = dict(_FAST_TEST_SETTINGS if self.fast_unsafe else {})
+            settings.update(self.server_settings)
+            options = " ".join([f"-p {self.port}", *(f"-c {k}={v}" for k, v in settings.items())])
+            # A new session keeps a terminal's Ctrl-C away from the server: we stop it ourselves.
+            result = self._run(
+                "pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log_file),
+                "-w", "-t", "60", "-o", options, start_new_session=True,
+            )  # fmt: skip
+            self._check(result, "pg_ctl start")
+            self.started_here = True
+            log.info("embedded PostgreSQL started on 127.0.0.1:%s", self.port)
+        self.create_database(self.database)
+        return self.url
+
+    def create_database(self, name: str) -> None:
+        """Create database `name` unless it exists."""
+
+        async def create() -> None:
+            conn = await asyncpg.connect(self.admin_url(), timeout=10)
+            try:
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                    await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+
+        # A thread of its own, so that this works whether or not an event loop is running.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create()).result()
+
+    def stop(self, *, force: bool = False, mode: str = "fast") -> None:
+        """Stop the server if this object started it (or if `force`)."""
+        if not (self.started_here or force):
+            return
+        if self.running_port() is None:
+            self.started_here = False
+            return
+        result = self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60")
+        self._check(result, "pg_ctl stop")
+        self.started_here = False
+        log.info("embedded PostgreSQL stopped")
+
+    def restart(self, *, mode: str = "fast") -> None:
+        """Restart the server on the same port (for fault-injection tests)."""
+        result = self._run(
+            "pg_ctl", "restart", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60",
+            "-l", str(self.log_file), start_new_session=True,
+        )  # fmt: skip
+        self._check(result, "pg_ctl restart")
+
+    def destroy(self) -> None:
+        """Stop the server (if running) and delete every file of the cluster."""
+        with contextlib.suppress(EmbeddedPostgresError):
+            self.stop(force=True, mode="immediate")
+        shutil.rmtree(self.pg_dir, ignore_errors=True)
+        self._password_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,239 @@
+"""Errors raised by pglayer, classified by SQLSTATE and never by message text.
+
+    PglayerError
+    ├── ConfigurationError                 bad settings, no URL
+    └── DatabaseError                      .sqlstate .constraint .table; the cause as __cause__
+        ├── TransientError                 retry later (503 + Retry-After)
+        │   ├── ConnectionLostError        08*, 57P01, 57P02, 57P03, socket errors
+        │   ├── TooManyConnectionsError    53300
+        │   ├── SerializationError         40001
+        │   │   └── DeadlockError          40P01
+        │   ├── PoolTimeoutError           no connection within the acquire deadline
+        │   ├── PoolOverloadedError        too many acquirers already waiting
+        │   ├── DatabaseUnavailableError   the pool is not open (yet) or was closed
+        │   └── CommitIndeterminateError   connection lost while COMMIT was in flight
+        ├── IntegrityError
+        │   ├── UniqueViolationError       23505 (409)
+        │   ├── ForeignKeyViolationError   23503 (409)
+        │   ├── CheckViolationError        23514 (422)
+        │   └── NotNullViolationError      23502 (422)
+        ├── InvalidInputError              22*, asyncpg's client-side DataError (422)
+        ├── QueryTimeoutError              57014, 55P03, client-side query deadline (504)
+        └── ProgrammingError               42* (500)
+
+`translate()` is the one place that turns asyncpg and socket errors into these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+
+# asyncpg raises this client-side class (not exported) for arguments it cannot encode,
+# such as an int beyond int64; it is distinct from the server's 22000 `DataError`.
+from asyncpg.exceptions._base import DataError as _ClientDataError
+
+__all__ = [
+    "CheckViolationError",
+    "CommitIndeterminateError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
+    "DeadlockError",
+    "ForeignKeyViolationError",
+    "IntegrityError",
+    "InvalidInputError",
+    "NotNullViolationError",
+    "PglayerError",
+    "PoolOverloadedError",
+    "PoolTimeoutError",
+    "ProgrammingError",
+    "QueryTimeoutError",
+    "SerializationError",
+    "TooManyConnectionsError",
+    "TransientError",
+    "UniqueViolationError",
+    "translate",
+    "translating",
+]
+
+
+class PglayerError(Exception):
+    """Base of every error pglayer raises."""
+
+
+class ConfigurationError(PglayerError):
+    """The settings cannot work (no URL, impossible sizes)."""
+
+
+class DatabaseError(PglayerError):
+    """An error from the database or the way to it."""
+
+    default_message = "database error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        sqlstate: str | None = None,
+        constraint: str | None = None,
+        table: str | None = None,
+        column: str | None = None,
+    ) -> None:
+        super().__init__(message or self.default_message)
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+        self.table = table
+        self.column = column
+
+
+class TransientError(DatabaseError):
+    """Likely to succeed if tried again later."""
+
+    default_message = "the database is temporarily unavailable"
+
+
+class ConnectionLostError(TransientError):
+    default_message = "the connection to the database failed or was lost"
+
+
+class TooManyConnectionsError(TransientError):
+    default_message = "the database has no free connection slots"
+
+
+class SerializationError(TransientError):
+    default_message = "the transaction conflicted with a concurrent one"
+
+
+class DeadlockError(SerializationError):
+    default_message = "the transaction was chosen as a deadlock victim"
+
+
+class PoolTimeoutError(TransientError):
+    default_message = "no database connection became free within the acquire deadline"
+
+
+class PoolOverloadedError(TransientError):
+    default_message = "too many requests are already waiting for a database connection"
+
+
+class DatabaseUnavailableError(TransientError):
+    default_message = "the database pool is not open"
+
+
+class CommitIndeterminateError(TransientError):
+    """The connection died during COMMIT: the transaction may or may not have committed."""
+
+    default_message = "the commit outcome is unknown: the connection was lost during COMMIT"
+
+
+class IntegrityError(DatabaseError):
+    default_message = "the change violates a constraint"
+
+
+class UniqueViolationError(IntegrityError):
+    default_message = "a row with the same unique values already exists"
+
+
+class ForeignKeyViolationError(IntegrityError):
+    default_message = "a referenced row does not exist or is still referenced"
+
+
+class CheckViolationError(IntegrityError):
+    default_message = "a value violates a check constraint"
+
+
+class NotNullViolationError(IntegrityError):
+    default_message = "a required value is missing"
+
+
+class InvalidInputError(DatabaseError):
+    default_message = "a value is not valid for its column type"
+
+
+class QueryTimeoutError(DatabaseError):
+    default_message = "the query did not finish within its deadline"
+
+
+class ProgrammingError(DatabaseError):
+    default_message = "the statement is invalid for this schema"
+
+
+_EXACT: dict[str, type[DatabaseError]] = {
+    "23505": UniqueViolationError,
+    "23503": ForeignKeyViolationError,
+    "23514": CheckViolationError,
+    "23502": NotNullViolationError,
+    "40001": SerializationError,
+    "40P01": DeadlockError,
+    "53300": TooManyConnectionsError,
+    "57P01": ConnectionLostError,  # admin_shutdown
+    "57P02": ConnectionLostError,  # crash_shutdown
+    "57P03": ConnectionLostError,  # cannot_connect_now
+    "57014": QueryTimeoutError,  # query_canceled (statement_timeout)
+    "55P03": QueryTimeoutError,  # lock_not_available (lock_timeout)
+}
+_BY_CLASS: dict[str, type[DatabaseError]] = {
+    "08": ConnectionLostError,
+    "22": InvalidInputError,
+    "23": IntegrityError,
+    "42": ProgrammingError,
+}
+
+
+def class_for_sqlstate(sqlstate: str | None) -> type[DatabaseError]:
+    """The pglayer error class for a five-character SQLSTATE."""
+    if not sqlstate:
+        return DatabaseError
+    exact = _EXACT.get(sqlstate)
+    if exact is not None:
+        return exact
+    return _BY_CLASS.get(sqlstate[:2], DatabaseError)
+
+
+def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseException:
+    """Map a driver or socket error to a pglayer error; anything else is returned as is.
+
+    `connection_closed` tells whether the connection used was closed afterwards: asyncpg
+    reports use of a connection closed under it as a plain InterfaceError.
+    The caller raises the result `from exc`, so the original stays as `__cause__`.
+    """
+    if isinstance(exc, PglayerError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        cls = class_for_sqlstate(exc.sqlstate)
+        return cls(
+            cls.default_message,
+            sqlstate=exc.sqlstate,
+            constraint=getattr(exc, "constraint_name", None),
+            table=getattr(exc, "table_name", None),
+            column=getattr(exc, "column_name", None),
+        )
+    if isinstance(exc, _ClientDataError):
+        return InvalidInputError(InvalidInputError.default_message)
+    # TimeoutError is an OSError subclass, so it must be tested first.
+    if isinstance(exc, TimeoutError):
+        return QueryTimeoutError(QueryTimeoutError.default_message)
+    if isinstance(exc, OSError | asyncpg.exceptions.ConnectionDoesNotExistError):
+        return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08006")
+    if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
+        return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")
+    return exc
+
+
+@contextmanager
+def translating() -> Iterator[None]:
+    """Re-raise driver and socket errors as pglayer errors."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        translated = translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc

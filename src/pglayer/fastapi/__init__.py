@@ -1,0 +1,35 @@
+"""FastAPI integration: lifespan, dependencies, problem responses. The only FastAPI importer."""
+
+from pglayer.fastapi.dependencies import (
+    DbConnection,
+    ReadTransaction,
+    WriteTransaction,
+    get_database,
+    transaction_dependency,
+)
+from pglayer.fastapi.lifespan import database_lifespan, setup
+from pglayer.fastapi.middleware import RequestGuard, current_request_id
+from pglayer.fastapi.problems import (
+    Problem,
+    ProblemDetails,
+    install_problem_handlers,
+    problem_response,
+    problem_responses,
+)
+
+__all__ = [
+    "DbConnection",
+    "Problem",
+    "ProblemDetails",
+    "ReadTransaction",
+    "RequestGuard",
+    "WriteTransaction",
+    "current_request_id",
+    "database_lifespan",
+    "get_database",
+    "install_problem_handlers",
+    "problem_response",
+    "problem_responses",
+    "setup",
+    "transaction_dependency",
+]

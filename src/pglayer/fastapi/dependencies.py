@@ -1,0 +1,68 @@
+"""Dependencies that hand a handler a pooled connection or a transaction.
+
+They use `scope="function"`: FastAPI runs their exit (commit, release) after the handler
+returns and the response is built, but before a byte of it is sent. So a 2xx always means
+committed, and a failed COMMIT becomes an error response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from pglayer.connection import Connection, Isolation
+from pglayer.database import Database
+from pglayer.errors import ConfigurationError
+
+__all__ = [
+    "DbConnection",
+    "ReadTransaction",
+    "WriteTransaction",
+    "get_database",
+    "transaction_dependency",
+]
+
+STATE_KEY = "pglayer_database"
+
+
+def get_database(request: Request) -> Database:
+    """The `Database` bound to this app by `setup()`."""
+    db = getattr(request.app.state, STATE_KEY, None)
+    if not isinstance(db, Database):
+        raise ConfigurationError("no Database bound to this app: call pglayer.fastapi.setup()")
+    return db
+
+
+async def _connection(request: Request) -> AsyncIterator[Connection]:
+    async with get_database(request).connection() as conn:
+        yield conn
+
+
+def transaction_dependency(
+    *, readonly: bool = False, isolation: Isolation | None = None
+) -> Callable[[Request], AsyncIterator[Connection]]:
+    """A dependency yielding a connection inside a transaction with these options."""
+
+    async def dependency(request: Request) -> AsyncIterator[Connection]:
+        async with get_database(request).transaction(
+            readonly=readonly, isolation=isolation
+        ) as conn:
+            yield conn
+
+    return dependency
+
+
+def _depends(dependency: Callable[..., Any]) -> Any:
+    return Depends(dependency, scope="function")
+
+
+DbConnection = Annotated[Connection, _depends(_connection)]
+"""A pooled connection in autocommit mode: one statement, no transaction round trips."""
+
+ReadTransaction = Annotated[Connection, _depends(transaction_dependency(readonly=True))]
+"""A read-only transaction: several reads see one snapshot."""
+
+WriteTransaction = Annotated[Connection, _depends(transaction_dependency())]
+"""A read-write transaction, committed before the response is sent."""

@@ -1,0 +1,44 @@
+"""Binding a `Database` to an app: open on startup, close on shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from pglayer.database import Database
+from pglayer.fastapi.dependencies import STATE_KEY
+from pglayer.fastapi.middleware import RequestGuard
+from pglayer.fastapi.problems import install_problem_handlers
+
+__all__ = ["database_lifespan", "setup"]
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+def database_lifespan(db: Database, inner: Lifespan | None = None) -> Lifespan:
+    """A lifespan that opens `db`, runs the app's own `inner` lifespan, then closes `db`."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        await db.open()
+        try:
+            if inner is None:
+                yield None
+            else:
+                async with inner(app) as state:
+                    yield state
+        finally:
+            await db.close()
+
+    return lifespan
+
+
+def setup(app: FastAPI, db: Database, *, max_body_size: int = 1 << 20) -> None:
+    """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard."""
+    setattr(app.state, STATE_KEY, db)
+    app.router.lifespan_context = database_lifespan(db, app.router.lifespan_context)
+    install_problem_handlers(app)
+    app.add_middleware(RequestGuard, max_body_size=max_body_size)

@@ -1,0 +1,153 @@
+"""`RequestGuard`: request ids, a bound on body size, and cancellation when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from contextvars import ContextVar
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestGuard", "current_request_id"]
+
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_request_id: ContextVar[str] = ContextVar("pglayer_request_id", default="-")
+
+
+def current_request_id() -> str:
+    """The id of the request being handled in this task (`-` outside a request)."""
+    return _request_id.get()
+
+
+def _too_large(max_body_size: int) -> list[Message]:
+    body = orjson.dumps(
+        {
+            "type": "urn:pglayer:problem:payload_too_large",
+            "title": "Payload Too Large",
+            "status": 413,
+            "detail": f"The request body exceeds {max_body_size} bytes.",
+            "code": "payload_too_large",
+        }
+    )
+    return [
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    ]
+
+
+class RequestGuard:
+    """Pure ASGI middleware around every HTTP request.
+
+    - takes `X-Request-ID` (or makes one), exposes it as `request.state.request_id` and
+      returns it on the response;
+    - reads the whole body first and answers 413 past `max_body_size`, so no handler
+      ever holds a pooled connection while a slow client uploads;
+    - cancels the handler when the client disconnects before the response is complete,
+      which cancels its query and returns its connection to the pool.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_size: int = 1 << 20) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self._request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = _request_id.set(request_id)
+        try:
+            await self._handle(scope, receive, send, request_id)
+        finally:
+            _request_id.reset(token)
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate: str = value.decode("latin-1")
+                if _VALID_REQUEST_ID.match(candidate):
+                    return candidate
+                break
+        return uuid.uuid4().hex
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_size:
+                for message in _too_large(self.max_body_size):
+                    await send(message)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_size:
+                for out in _too_large(self.max_body_size):
+                    await send(out)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+
+        task = asyncio.current_task()
+        assert task is not None
+        disconnected = asyncio.Event()
+        completed = False
+        cancelled_here = False
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal completed
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            await send(message)
+
+        async def watch() -> None:
+            nonlocal cancelled_here
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    if not completed:
+                        cancelled_here = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, replay, send_with_id)
+        except asyncio.CancelledError:
+            # Swallow only our own cancellation; a server shutdown must still propagate.
+            if cancelled_here and task.uncancel() == 0:
+                return
+            raise
+        finally:
+            watcher.cancel()

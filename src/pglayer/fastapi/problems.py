@@ -1,0 +1,253 @@
+"""Problem responses (RFC 9457): the one boundary where errors become HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from pglayer.errors import (
+    CheckViolationError,
+    DatabaseError,
+    ForeignKeyViolationError,
+    InvalidInputError,
+    NotNullViolationError,
+    PglayerError,
+    PoolOverloadedError,
+    QueryTimeoutError,
+    TransientError,
+    UniqueViolationError,
+)
+
+__all__ = [
+    "PROBLEM_JSON",
+    "Problem",
+    "ProblemDetails",
+    "install_problem_handlers",
+    "problem_response",
+    "problem_responses",
+]
+
+log = logging.getLogger("pglayer.http")
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = 1
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
+
+# Most specific first: the first class the error is an instance of decides.
+_DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
+    (PoolOverloadedError, 503, "overloaded", "The service is overloaded. Retry later."),
+    (TransientError, 503, "unavailable", "The database is temporarily unavailable. Retry later."),
+    (QueryTimeoutError, 504, "timeout", "The database did not answer within the deadline."),
+    (UniqueViolationError, 409, "conflict", "A resource with these values already exists."),
+    (ForeignKeyViolationError, 409, "conflict", "A referenced resource does not exist."),
+    (CheckViolationError, 422, "validation_error", "A value is outside its allowed range."),
+    (NotNullViolationError, 422, "validation_error", "A required value is missing."),
+    (InvalidInputError, 422, "validation_error", "A value is not valid for its type."),
+)
+
+
+class ProblemDetails(BaseModel):
+    """The body of every error response (for OpenAPI)."""
+
+    type: str = Field(examples=["urn:pglayer:problem:not_found"])
+    title: str
+    status: int
+    detail: str
+    code: str = Field(examples=["not_found"])
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Offending fields, on validation errors"
+    )
+    correlation_id: str | None = Field(default=None, description="On internal errors")
+
+
+_DESCRIPTIONS = {
+    401: "Missing or wrong bearer token (`unauthorized`)",
+    404: "Not found (`not_found`)",
+    409: "Conflict (`conflict`)",
+    413: "Body over 1 MiB (`payload_too_large`)",
+    422: "Invalid input (`validation_error`)",
+    500: "Unexpected error (`internal`), with a correlation id",
+    503: "Database unavailable or overloaded (`unavailable`, `overloaded`); has `Retry-After`",
+    504: "Database deadline exceeded (`timeout`)",
+}
+
+
+def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these statuses, plus 500/503/504 that any route may give.
+
+    `descriptions` overrides by status, as `_409="..."`.
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in (*statuses, 500, 503, 504):
+        description = descriptions.get(f"_{status}", _DESCRIPTIONS.get(status, "Error"))
+        out[status] = {
+            "model": ProblemDetails,
+            "description": description,
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}},
+        }
+    return out
+
+
+class Problem(Exception):
+    """An error that becomes a problem response as it is; raise it from handlers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None = None,
+        detail: str = "",
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or code or str(status))
+        self.status = status
+        self.code = code or _CODES.get(status, "error")
+        self.title = title or _TITLES.get(status, "Error")
+        self.detail = detail or self.title
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_response(problem: Problem) -> Response:
+    """Render a `Problem` as `application/problem+json`."""
+    body = {
+        "type": f"urn:pglayer:problem:{problem.code}",
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "code": problem.code,
+        **problem.extra,
+    }
+    headers = dict(problem.headers)
+    if problem.status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return Response(orjson.dumps(body), problem.status, headers, media_type=PROBLEM_JSON)
+
+
+def problem_for_database_error(exc: PglayerError) -> Problem:
+    """The problem a pglayer error maps to; unknown ones are internal errors."""
+    for cls, status, code, detail in _DATABASE_PROBLEMS:
+        if isinstance(exc, cls):
+            return Problem(status, code, detail)
+    return Problem(500, "internal", "An unexpected error occurred.")
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "-")
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(exc)
+
+
+async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PglayerError)
+    problem = problem_for_database_error(exc)
+    sqlstate = exc.sqlstate if isinstance(exc, DatabaseError) else None
+    if problem.status >= 500:
+        level = logging.ERROR if problem.status == 500 else logging.WARNING
+        log.log(
+            level,
+            "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)",
+            request.method,
+            request.url.path,
+            problem.status,
+            problem.code,
+            type(exc).__name__,
+            sqlstate,
+            _request_id(request),
+            exc_info=problem.status == 500,
+        )
+    if problem.status == 500:
+        problem.extra["correlation_id"] = _request_id(request)
+    return problem_response(problem)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {
+            "loc": list(e.get("loc", ())),
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+    fields = sorted({".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]) for e in errors})
+    detail = "Invalid request: " + ", ".join(fields) if fields else "Invalid request."
+    return problem_response(Problem(422, "validation_error", detail, errors=errors))
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
+    return problem_response(
+        Problem(exc.status_code, detail=detail, headers=dict(exc.headers or {}))
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    request_id = _request_id(request)
+    log.error(
+        "unhandled %s on %s %s (request_id=%s)",
+        type(exc).__name__,
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+    )
+    return problem_response(
+        Problem(
+            500,
+            "internal",
+            "An unexpected error occurred. Quote the correlation id when reporting it.",
+            correlation_id=request_id,
+        )
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every error into a problem response."""
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(PglayerError, _on_pglayer_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,103 @@
+"""Plain-SQL migrations applied in one transaction under a transaction-scoped advisory lock.
+
+Why not Alembic or yoyo: both need a second driver (SQLAlchemy, psycopg) beside asyncpg,
+and both hold their lock across statements on a session. Here the lock is
+`pg_advisory_xact_lock`, released by COMMIT, so several workers starting at once are safe
+and it also works through PgBouncer in transaction mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from pglayer.connection import Connection
+from pglayer.database import Database
+from pglayer.errors import PglayerError
+
+__all__ = ["Migration", "MigrationError", "load_migrations", "migrate"]
+
+log = logging.getLogger("pglayer.migrations")
+
+# Any fixed 64-bit key; it only has to differ from other users of advisory locks.
+LOCK_KEY = 0x70676C61796572  # "pglayer"
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class MigrationError(PglayerError):
+    """A migration file is malformed, or an applied one was changed afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(directory: Path | Traversable) -> list[Migration]:
+    """Read `NNNN_name.sql` files from `directory`, in version order."""
+    found: list[Migration] = []
+    for entry in directory.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _NAME.match(entry.name)
+        if match is None:
+            raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
+        found.append(Migration(match.group(1), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions in {directory}")
+    return found
+
+
+async def migrate(db: Database, migrations: list[Migration]) -> list[str]:
+    """Apply what is not applied yet; return the names applied. Safe to run concurrently."""
+    async with db.transaction(timeout=60) as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS pglayer_migrations (
+                version    text PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        return await _apply(conn, migrations)
+
+
+async def _apply(conn: Connection, migrations: list[Migration]) -> list[str]:
+    rows = await conn.fetch("SELECT version, name, checksum FROM pglayer_migrations")
+    applied = {r["version"]: r for r in rows}
+    done: list[str] = []
+    for m in migrations:
+        previous = applied.get(m.version)
+        if previous is not None:
+            if previous["checksum"] != m.checksum:
+                raise MigrationError(
+                    f"migration {m.name} was changed after it was applied; "
+                    "add a new migration instead"
+                )
+            continue
+        log.info("applying migration %s", m.name)
+        await conn.execute(m.sql)
+        await conn.execute(
+            "INSERT INTO pglayer_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            m.version,
+            m.name,
+            m.checksum,
+        )
+        done.append(m.name)
+    return done

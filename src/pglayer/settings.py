@@ -1,0 +1,54 @@
+"""Settings read from `DATABASE_URL` and `PGLAYER_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DatabaseSettings"]
+
+
+class DatabaseSettings(BaseSettings):
+    """Pool, timeout and connection settings; every duration is in seconds."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGLAYER_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("url", "DATABASE_URL", "PGLAYER_DATABASE_URL")
+    )
+    min_size: int = Field(default=2, ge=0)
+    max_size: int = Field(default=10, ge=1)
+    # Bounded waiting: past `max_waiters` queued acquirers the next is shed at once.
+    max_waiters: int = Field(default=100, ge=0)
+    acquire_timeout: float = Field(default=2.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    # Client-side deadline for one query; the server-side `statement_timeout` fires first.
+    query_timeout: float = Field(default=15.0, gt=0)
+    statement_timeout: float = Field(default=10.0, ge=0)
+    lock_timeout: float = Field(default=5.0, ge=0)
+    idle_in_transaction_timeout: float = Field(default=30.0, ge=0)
+    # PostgreSQL 14+: how often a busy backend checks that its client is still there, so a
+    # query whose connection was cut (pool terminated, client gone) stops on the server too.
+    client_connection_check_interval: float = Field(default=1.0, ge=0)
+    # How long `open()` keeps retrying an unreachable server before it gives up.
+    startup_timeout: float = Field(default=30.0, ge=0)
+    # When false, an app starts while the database is down and becomes ready by itself.
+    require_on_startup: bool = False
+    close_timeout: float = Field(default=10.0, ge=0)
+    max_inactive_connection_lifetime: float = Field(default=300.0, ge=0)
+    statement_cache_size: int = Field(default=1024, ge=0)
+    application_name: str = "pglayer"
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> DatabaseSettings:
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+    def dsn(self) -> str:
+        """The connection string; raises if none is configured."""
+        if self.url is None:
+            raise ValueError("no database URL: set DATABASE_URL")
+        return self.url.get_secret_value()

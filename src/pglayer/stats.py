@@ -1,0 +1,157 @@
+"""Pool statistics: live sizes and counters since start, with stable names."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+__all__ = ["Histogram", "PoolStats"]
+
+# Seconds; the last bucket catches everything slower.
+BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Counts of observations per upper bound (seconds), with their sum."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]  # one more than bounds: the overflow bucket
+    total: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding quantile `q` (0..1); None when empty."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = q * n
+        seen = 0
+        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            seen += c
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of one pool. Sizes are now; counters are since the process started."""
+
+    name: str
+    open: bool
+    min_size: int
+    max_size: int
+    size: int
+    idle: int
+    in_use: int
+    waiting: int
+    acquisitions: int
+    acquire_timeouts: int
+    requests_shed: int
+    connections_opened: int
+    connections_lost: int
+    connections_failed: int
+    acquire_wait: Histogram
+    hold_time: Histogram
+    retries: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class _Recorder:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def snapshot(self) -> Histogram:
+        return Histogram(BUCKETS, tuple(self.counts), self.total)
+
+
+class StatsRecorder:
+    """Mutable counters behind `PoolStats`; cheap enough for every acquire."""
+
+    def __init__(self) -> None:
+        self.acquisitions = 0
+        self.acquire_timeouts = 0
+        self.requests_shed = 0
+        self.connections_opened = 0
+        self.connections_lost = 0
+        self.connections_failed = 0
+        self.in_use = 0
+        self.retries: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self._wait = _Recorder()
+        self._hold = _Recorder()
+
+    def acquired(self, waited: float) -> None:
+        self.acquisitions += 1
+        self.in_use += 1
+        self._wait.observe(waited)
+
+    def released(self, held: float) -> None:
+        self.in_use -= 1
+        self._hold.observe(held)
+
+    def acquire_timed_out(self) -> None:
+        self.acquire_timeouts += 1
+
+    def shed(self) -> None:
+        self.requests_shed += 1
+
+    def connection_opened(self) -> None:
+        self.connections_opened += 1
+
+    def connection_lost(self) -> None:
+        self.connections_lost += 1
+
+    def connection_failed(self) -> None:
+        self.connections_failed += 1
+
+    def retried(self, reason: str) -> None:
+        self.retries[reason] = self.retries.get(reason, 0) + 1
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def snapshot(
+        self,
+        *,
+        name: str,
+        open: bool,
+        min_size: int,
+        max_size: int,
+        size: int,
+        idle: int,
+        waiting: int,
+    ) -> PoolStats:
+        return PoolStats(
+            name=name,
+            open=open,
+            min_size=min_size,
+            max_size=max_size,
+            size=size,
+            idle=idle,
+            in_use=self.in_use,
+            waiting=waiting,
+            acquisitions=self.acquisitions,
+            acquire_timeouts=self.acquire_timeouts,
+            requests_shed=self.requests_shed,
+            connections_opened=self.connections_opened,
+            connections_lost=self.connections_lost,
+            connections_failed=self.connections_failed,
+            acquire_wait=self._wait.snapshot(),
+            hold_time=self._hold.snapshot(),
+            retries=dict(self.retries),
+            errors=dict(self.errors),
+        )

@@ -1,0 +1,28 @@
+"""The shop application factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from pglayer import Database, DatabaseSettings
+from pglayer.fastapi import setup
+from pglayer_shop.routes import accounts, health, users
+from pglayer_shop.settings import ShopSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(db: Database | None = None, settings: ShopSettings | None = None) -> FastAPI:
+    """Build the shop; with no arguments, from `DATABASE_URL` and `PGLAYER_*`."""
+    settings = settings if settings is not None else ShopSettings()
+    db = db if db is not None else Database(DatabaseSettings())
+    app = FastAPI(
+        title="pglayer shop",
+        version="0.1.0",
+        description="The reference service of pglayer. Errors are RFC 9457 problem documents.",
+    )
+    app.state.shop_settings = settings
+    setup(app, db, max_body_size=settings.max_body_size)
+    for module in (users, accounts, health):
+        app.include_router(module.router)
+    return app

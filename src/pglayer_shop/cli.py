@@ -1,0 +1,157 @@
+"""The `pglayer` command: serve the shop, migrate, seed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pglayer import Database, DatabaseSettings, PglayerError
+from pglayer.embedded import EmbeddedPostgres
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, is_empty, seed
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="pglayer: the shop service and its tools.", no_args_is_help=True)
+console = Console(stderr=True)
+log = logging.getLogger("pglayer.cli")
+
+DataDir = Annotated[
+    Path,
+    typer.Option(envvar="PGLAYER_DATA_DIR", help="Embedded PostgreSQL directory (no DATABASE_URL)"),
+]
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _settings() -> DatabaseSettings:
+    # The CLI waits for the database: a migration or seed against nothing is a failure.
+    return DatabaseSettings(require_on_startup=True, min_size=1, max_size=2)
+
+
+async def _migrate(settings: DatabaseSettings) -> list[str]:
+    async with Database(settings) as db:
+        return await apply_migrations(db)
+
+
+async def _seed(settings: DatabaseSettings, counts: SeedCounts, only_if_empty: bool) -> bool:
+    async with Database(settings) as db:
+        if only_if_empty and not await is_empty(db):
+            return False
+        total = counts.users + counts.products + counts.orders
+        with Progress(
+            TextColumn("[bold]seeding[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("rows", total=total)
+
+            def progress(table: str, rows: int) -> None:
+                bar.update(task, advance=rows, description=table)
+
+            await seed(db, counts, progress=progress)
+        return True
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    seed_data: Annotated[
+        bool, typer.Option("--seed/--no-seed", help="Seed an empty database")
+    ] = True,
+    data_dir: DataDir = Path(".pglayer"),
+) -> None:
+    """Serve the shop; with no DATABASE_URL, on an embedded PostgreSQL."""
+    _configure_logging()
+    embedded: EmbeddedPostgres | None = None
+    try:
+        if DatabaseSettings().url is None:
+            embedded = EmbeddedPostgres(data_dir, database="shop")
+            console.print(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
+            # Worker processes read the URL from the environment, as a user's would.
+            os.environ["DATABASE_URL"] = embedded.start()
+        settings = _settings()
+        applied = asyncio.run(_migrate(settings))
+        if applied:
+            console.print(f"applied migrations: {', '.join(applied)}")
+        if seed_data:
+            asyncio.run(_seed(settings, SeedCounts(), only_if_empty=True))
+        console.print(f"serving the shop on http://{host}:{port} (docs at /docs)")
+        uvicorn.run(
+            "pglayer_shop.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=10,
+            log_level="info",
+        )
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the schema to DATABASE_URL (safe from several processes at once)."""
+    _configure_logging()
+    try:
+        applied = asyncio.run(_migrate(_settings()))
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@app.command("seed")
+def seed_command(
+    users: Annotated[int, typer.Option(min=0)] = 1_000,
+    products: Annotated[int, typer.Option(min=0)] = 100,
+    orders: Annotated[int, typer.Option(min=0)] = 5_000,
+) -> None:
+    """Bulk-load demo data into DATABASE_URL with COPY."""
+    _configure_logging()
+    try:
+        counts = SeedCounts(users, products, orders)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    started = time.perf_counter()
+    try:
+        settings = _settings()
+        asyncio.run(_migrate(settings))
+        asyncio.run(_seed(settings, counts, only_if_empty=False))
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"seeded {users} users, {products} products, {orders} orders "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+
+
+def main() -> None:
+    app()

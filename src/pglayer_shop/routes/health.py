@@ -1,0 +1,43 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from pglayer import Database, PglayerError
+from pglayer.fastapi import Problem, get_database, problem_responses
+from pglayer_shop.settings import ShopSettings
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+    pools: dict[str, str] = {}
+
+
+@router.get("/health/live")
+async def live() -> Health:
+    """200 while the process serves requests."""
+    return Health(status="ok")
+
+
+@router.get("/health/ready", responses=problem_responses())
+async def ready(request: Request, db: Annotated[Database, Depends(get_database)]) -> Health:
+    """200 when the database answers `SELECT 1` within its deadline, else 503."""
+    settings: ShopSettings = request.app.state.shop_settings
+    try:
+        await db.ping(timeout=settings.ready_timeout)
+    except PglayerError:
+        raise Problem(
+            503,
+            "unavailable",
+            "The database is not answering.",
+            pools={db.name: "unavailable"},
+        ) from None
+    return Health(status="ok", pools={db.name: "ok"})

@@ -1,0 +1,69 @@
+"""`/users`: read one, list by id, create with its account."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from pydantic import TypeAdapter
+
+from pglayer import UniqueViolationError
+from pglayer.fastapi import DbConnection, Problem, WriteTransaction, problem_responses
+from pglayer_shop.models import Page, User, UserCreate
+from pglayer_shop.pagination import After, Limit, decode_cursor, encode_cursor
+from pglayer_shop.routes.params import UserId
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["users"])
+
+_USER_COLUMNS = "id, name, email, created_at"
+_CURSOR = TypeAdapter(tuple[int])
+
+
+@router.get("/users/{user_id}", responses=problem_responses(404, 422))
+async def get_user(user_id: UserId, conn: DbConnection) -> User:
+    user = await conn.fetch_one(User, f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
+    if user is None:
+        raise Problem(404, "not_found", f"User {user_id} does not exist.")
+    return user
+
+
+@router.get("/users", responses=problem_responses(422))
+async def list_users(conn: DbConnection, limit: Limit = 50, after: After = None) -> Page[User]:
+    after_id = decode_cursor(after, _CURSOR)[0] if after else 0
+    users = await conn.fetch_all(
+        User,
+        f"SELECT {_USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2",
+        after_id,
+        limit + 1,
+    )
+    next_cursor = encode_cursor(users[limit - 1].id) if len(users) > limit else None
+    return Page[User](items=users[:limit], next_cursor=next_cursor)
+
+
+@router.post(
+    "/users",
+    status_code=201,
+    responses=problem_responses(409, 413, 422, _409="Email already registered (`conflict`)"),
+)
+async def create_user(body: UserCreate, conn: WriteTransaction, response: Response) -> User:
+    try:
+        user = await conn.fetch_one(
+            User,
+            f"""
+            WITH new_user AS (
+                INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {_USER_COLUMNS}
+            ), new_account AS (
+                INSERT INTO accounts (user_id) SELECT id FROM new_user
+            )
+            SELECT {_USER_COLUMNS} FROM new_user
+            """,
+            body.name,
+            body.email,
+        )
+    except UniqueViolationError as exc:
+        if exc.constraint == "users_email_key":
+            raise Problem(409, "conflict", "A user with this email already exists.") from exc
+        raise
+    assert user is not None
+    response.headers["Location"] = f"/users/{user.id}"
+    return user

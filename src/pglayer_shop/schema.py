@@ -1,0 +1,20 @@
+"""The shop's schema: its migrations, applied through pglayer's migration runner."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from pglayer import Database
+from pglayer.migrations import Migration, load_migrations, migrate
+
+__all__ = ["apply_migrations", "shop_migrations"]
+
+
+def shop_migrations() -> list[Migration]:
+    """The shop's migrations, in order."""
+    return load_migrations(files("pglayer_shop") / "migrations")
+
+
+async def apply_migrations(db: Database) -> list[str]:
+    """Apply the shop's pending migrations; return their names."""
+    return await migrate(db, shop_migrations())

@@ -1,0 +1,129 @@
+"""Demo data, bulk-loaded with COPY in one transaction."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pglayer import Connection, Database
+
+__all__ = ["SeedCounts", "is_empty", "seed"]
+
+CHUNK = 20_000
+Progress = Callable[[str, int], None]  # (table, rows just written)
+
+
+class SeedCounts:
+    def __init__(self, users: int = 1_000, products: int = 100, orders: int = 5_000) -> None:
+        if min(users, products, orders) < 0:
+            raise ValueError("counts must not be negative")
+        if orders and not (users and products):
+            raise ValueError("orders need users and products")
+        self.users, self.products, self.orders = users, products, orders
+
+
+async def is_empty(db: Database) -> bool:
+    """True when the shop has no users yet."""
+    async with db.connection() as conn:
+        return not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)")
+
+
+def _chunks(rows: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def _next_id(conn: Connection, table: str) -> int:
+    return int(await conn.fetchval(f"SELECT coalesce(max(id), 0) + 1 FROM {table}"))
+
+
+async def _copy(
+    conn: Connection,
+    table: str,
+    columns: list[str],
+    rows: Iterator[tuple[Any, ...]],
+    progress: Progress,
+) -> None:
+    for chunk in _chunks(rows, CHUNK):
+        await conn.copy_records(table, chunk, columns=columns, timeout=600)
+        progress(table, len(chunk))
+    # Ids were given explicitly; move the identity past them.
+    await conn.execute(
+        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+        f"(SELECT coalesce(max(id), 1) FROM {table}))"
+    )
+
+
+async def seed(
+    db: Database, counts: SeedCounts, *, progress: Progress | None = None, rng_seed: int = 42
+) -> None:
+    """Add `counts` users (with funded accounts), products and orders of the last 60 days."""
+    report = progress or (lambda _table, _n: None)
+    rng = random.Random(rng_seed)
+    now = datetime.now(UTC)
+    async with db.transaction(timeout=30) as conn:
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        first_user = await _next_id(conn, "users")
+        first_product = await _next_id(conn, "products")
+        first_order = await _next_id(conn, "orders")
+        user_ids = range(first_user, first_user + counts.users)
+        await _copy(
+            conn,
+            "users",
+            ["id", "name", "email", "created_at"],
+            (
+                (i, f"User {i}", f"user{i}@example.com", now - timedelta(days=90, seconds=i))
+                for i in user_ids
+            ),
+            report,
+        )
+        await conn.execute(
+            "INSERT INTO accounts (user_id, balance) SELECT id, 1000.00 FROM users WHERE id >= $1",
+            first_user,
+        )
+        prices = [Decimal(rng.randint(100, 10_000)) / 100 for _ in range(counts.products)]
+        await _copy(
+            conn,
+            "products",
+            ["id", "name", "price", "stock"],
+            (
+                (first_product + n, f"Product {first_product + n}", price, 1_000_000)
+                for n, price in enumerate(prices)
+            ),
+            report,
+        )
+
+        def orders() -> Iterator[tuple[Any, ...]]:
+            span = 60 * 24 * 3600
+            for n in range(counts.orders):
+                product = rng.randrange(counts.products)
+                quantity = rng.randint(1, 5)
+                price = prices[product]
+                yield (
+                    first_order + n,
+                    first_user + rng.randrange(counts.users),
+                    first_product + product,
+                    quantity,
+                    price,
+                    price * quantity,
+                    now - timedelta(seconds=rng.randrange(span)),
+                )
+
+        await _copy(
+            conn,
+            "orders",
+            ["id", "user_id", "product_id", "quantity", "unit_price", "total", "created_at"],
+            orders(),
+            report,
+        )
+    async with db.connection() as conn:
+        await conn.execute("ANALYZE users, accounts, products, orders", timeout=600)

@@ -1,0 +1,17 @@
+"""The shop's own settings (`PGLAYER_*`); the database's are `pglayer.DatabaseSettings`."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ShopSettings"]
+
+
+class ShopSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
+
+    admin_token: SecretStr | None = None
+    max_body_size: int = Field(default=1 << 20, gt=0)
+    # /health/ready answers 503 when `SELECT 1` takes longer than this.
+    ready_timeout: float = Field(default=1.0, gt=0)

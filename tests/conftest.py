@@ -1,0 +1,214 @@
+"""Test harness: a real PostgreSQL, a migrated template database, and a fresh clone per test.
+
+The server is `PGLAYER_TEST_DATABASE_URL` if set (a superuser URL), else an embedded cluster
+started for the session (fsync off). Each test gets `CREATE DATABASE ... TEMPLATE` of a
+database migrated once, dropped afterwards: full isolation, and `pg_stat_activity` can be
+read per test database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from pglayer import Database, DatabaseSettings
+from pglayer.embedded import EmbeddedPostgres
+from pglayer_shop.app import create_app
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.settings import ShopSettings
+
+REQUIRE_EXTERNAL = os.environ.get("PGLAYER_REQUIRE_EXTERNAL") == "1"
+
+
+def require_external(available: bool, reason: str) -> None:
+    """Skip when an external binary or server is missing; fail instead in CI."""
+    if available:
+        return
+    if REQUIRE_EXTERNAL:
+        pytest.fail(f"PGLAYER_REQUIRE_EXTERNAL=1 but {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class Server:
+    admin_url: str  # superuser, database `postgres`
+    cluster: EmbeddedPostgres | None
+
+    def url_for(self, database: str) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{database}"
+
+
+def make_cluster(prefix: str, **kwargs: Any) -> EmbeddedPostgres:
+    """A throwaway cluster in a directory the unprivileged server user can reach."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    return EmbeddedPostgres(base, database="postgres", fast_unsafe=True, **kwargs)
+
+
+def destroy_cluster(cluster: EmbeddedPostgres) -> None:
+    cluster.destroy()
+    shutil.rmtree(cluster.base_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    url = os.environ.get("PGLAYER_TEST_DATABASE_URL")
+    if url:
+        yield Server(admin_url=url, cluster=None)
+        return
+    cluster = make_cluster("pglayer-test-")
+    cluster.start()
+    try:
+        yield Server(admin_url=cluster.admin_url("postgres"), cluster=cluster)
+    finally:
+        destroy_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+async def admin(server: Server) -> AsyncIterator[asyncpg.Connection[Any]]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server.admin_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    name = f"pglayer_tpl_{os.getpid()}"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    settings = DatabaseSettings(url=server.url_for(name), min_size=1, max_size=1)
+    async with Database(settings) as db:
+        await apply_migrations(db)
+    try:
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def db_name(admin: asyncpg.Connection[Any], template: str) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server: Server, db_name: str) -> str:
+    return server.url_for(db_name)
+
+
+def settings_for(url: str, **overrides: Any) -> DatabaseSettings:
+    values: dict[str, Any] = {
+        "url": url,
+        "min_size": 1,
+        "max_size": 4,
+        "acquire_timeout": 2.0,
+        "application_name": "pglayer-test",
+        "require_on_startup": True,
+        "startup_timeout": 5.0,
+    }
+    values.update(overrides)
+    return DatabaseSettings(**values)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    async with Database(settings_for(db_url)) as database:
+        yield database
+
+
+async def backends(admin: asyncpg.Connection[Any], database: str) -> list[dict[str, Any]]:
+    """Client backends connected to `database`, as pg_stat_activity shows them."""
+    rows = await admin.fetch(
+        """
+        SELECT pid, state, query, application_name FROM pg_stat_activity
+        WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+        """,
+        database,
+    )
+    return [dict(r) for r in rows]
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Poll an async predicate until it returns a truthy value; return that value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value or loop.time() > deadline:
+            return value
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def shop_settings() -> ShopSettings:
+    return ShopSettings(admin_token=None)
+
+
+@pytest.fixture
+async def app(db: Database, shop_settings: ShopSettings) -> AsyncIterator[FastAPI]:
+    application = create_app(db=db, settings=shop_settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def asgi_client(application: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://shop.test")
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(app) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """A real uvicorn server for `application`, in this event loop, on a free port."""
+
+    def __init__(self, application: FastAPI) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            application, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LiveServer:
+        self._task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        assert self._task is not None
+        await self._task

@@ -1,0 +1,193 @@
+"""`Database` against a real server: lifecycle, deadlines, per-connection setup, typed rows."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+from pglayer import (
+    Database,
+    DatabaseUnavailableError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    QueryTimeoutError,
+)
+from tests.conftest import backends, free_port, settings_for, wait_for
+
+
+class Row(BaseModel):
+    id: int
+    label: str
+    at: datetime
+
+
+async def test_fetch_all_and_fetch_one_return_models(db: Database) -> None:
+    async with db.connection() as conn:
+        rows = await conn.fetch_all(
+            Row,
+            "SELECT g AS id, 'row ' || g AS label, now() AS at FROM generate_series(1, 3) g",
+        )
+        missing = await conn.fetch_one(Row, "SELECT 1 AS id, 'x' AS label, now() AS at WHERE false")
+    assert [r.id for r in rows] == [1, 2, 3]
+    assert rows[0].label == "row 1"
+    assert missing is None
+
+
+async def test_connections_carry_server_side_defaults(db_url: str) -> None:
+    settings = settings_for(
+        db_url, statement_timeout=3.0, idle_in_transaction_timeout=7.0, lock_timeout=1.5
+    )
+    async with Database(settings) as db, db.connection() as conn:
+        values = await conn.fetchrow(
+            """
+            SELECT current_setting('application_name') AS app,
+                   current_setting('statement_timeout') AS st,
+                   current_setting('idle_in_transaction_session_timeout') AS idle,
+                   current_setting('lock_timeout') AS lock
+            """
+        )
+    assert values is not None
+    assert dict(values) == {"app": "pglayer-test", "st": "3s", "idle": "7s", "lock": "1500ms"}
+
+
+async def test_json_and_jsonb_decode_to_python(db: Database) -> None:
+    async with db.connection() as conn:
+        value = await conn.fetchval("SELECT $1::jsonb", {"a": [1, "é"]})
+        plain = await conn.fetchval("""SELECT '{"b": null}'::json""")
+    assert value == {"a": [1, "é"]}
+    assert plain == {"b": None}
+
+
+async def test_per_call_timeout_cancels_the_query_and_keeps_the_connection(
+    db: Database, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    async with db.connection() as conn:
+        with pytest.raises(QueryTimeoutError) as info:
+            await conn.execute("SELECT pg_sleep(30)", timeout=0.2)
+        assert isinstance(info.value.__cause__, TimeoutError)
+        assert await conn.fetchval("SELECT 1") == 1
+
+    async def no_sleepers() -> bool:
+        return not any(
+            "pg_sleep" in (b["query"] or "") and b["state"] == "active"
+            for b in await backends(admin, db_name)
+        )
+
+    assert await wait_for(no_sleepers)
+
+
+async def test_statement_timeout_is_a_query_timeout_with_its_sqlstate(db_url: str) -> None:
+    async with Database(settings_for(db_url, statement_timeout=0.1)) as db, db.connection() as conn:
+        with pytest.raises(QueryTimeoutError) as info:
+            await conn.execute("SELECT pg_sleep(5)")
+    assert info.value.sqlstate == "57014"
+
+
+async def test_acquire_waits_at_most_its_deadline(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        async with db.connection():
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(PoolTimeoutError):
+                async with db.connection(timeout=0.2):
+                    pass
+            assert loop.time() - started < 2.0
+        assert db.stats().acquire_timeouts == 1
+
+
+async def test_waiters_beyond_the_bound_are_shed_at_once(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, max_waiters=2)) as db:
+        async with db.connection():
+
+            async def wait_in_line() -> None:
+                async with db.connection(timeout=5):
+                    pass
+
+            waiters = [asyncio.create_task(wait_in_line()) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(PoolOverloadedError):
+                async with db.connection(timeout=5):
+                    pass
+        await asyncio.gather(*waiters)
+        assert db.stats().requests_shed == 1
+
+
+async def test_open_gives_up_after_startup_timeout_and_names_the_masked_target() -> None:
+    port = free_port()
+    url = f"postgresql://app:hunter2@127.0.0.1:{port}/shop"
+    db = Database(settings_for(url, startup_timeout=0.5, connect_timeout=0.2))
+    with pytest.raises(DatabaseUnavailableError) as info:
+        await db.open(wait=True)
+    message = str(info.value)
+    assert f"app@127.0.0.1:{port}/shop" in message
+    assert "hunter2" not in message
+    assert not db.is_open
+
+
+async def test_open_without_wait_fails_fast_then_serves_transient_errors() -> None:
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/shop"
+    db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.2))
+    await db.open()
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            async with db.connection():
+                pass
+    finally:
+        await db.close()
+
+
+async def test_close_waits_for_in_flight_work(db_url: str) -> None:
+    db = Database(settings_for(db_url))
+    await db.open()
+
+    async def work() -> int:
+        async with db.connection() as conn:
+            await conn.execute("SELECT pg_sleep(0.3)")
+            return 1
+
+    task = asyncio.create_task(work())
+    await asyncio.sleep(0.05)
+    await db.close(timeout=5)
+    assert await task == 1
+
+
+async def test_close_terminates_stragglers_after_its_timeout(
+    db_url: str, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    db = Database(settings_for(db_url))
+    await db.open()
+    started = asyncio.Event()
+
+    async def straggler() -> None:
+        async with db.connection() as conn:
+            started.set()
+            await conn.execute("SELECT pg_sleep(30)", timeout=60)
+
+    task = asyncio.create_task(straggler())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+    await db.close(timeout=0.3)
+    assert loop.time() - before < 3
+    with pytest.raises(Exception):  # noqa: B017,PT011  the straggler's connection was cut
+        await task
+
+    async def none_left() -> bool:
+        return not await backends(admin, db_name)
+
+    assert await wait_for(none_left)
+
+
+async def test_acquire_after_close_is_transient(db_url: str) -> None:
+    db = Database(settings_for(db_url))
+    await db.open()
+    await db.close()
+    with pytest.raises(DatabaseUnavailableError):
+        async with db.connection():
+            pass
