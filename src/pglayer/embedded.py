@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import pwd
@@ -73,11 +74,11 @@ def find_binaries() -> Path:
 
 
 def _pgserver_bindir() -> Path | None:
-    try:
-        import pgserver
-    except ImportError:
+    # Located, not imported: importing pgserver has side effects we do not need.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    bindir = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     return bindir if _has_server(bindir) else None
 
 

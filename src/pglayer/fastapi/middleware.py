@@ -10,6 +10,8 @@ from contextvars import ContextVar
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pglayer.fastapi.problems import internal_error_response
+
 __all__ = ["RequestGuard", "current_request_id"]
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -53,7 +55,8 @@ class RequestGuard:
     - reads the whole body first and answers 413 past `max_body_size`, so no handler
       ever holds a pooled connection while a slow client uploads;
     - cancels the handler when the client disconnects before the response is complete,
-      which cancels its query and returns its connection to the pool.
+      which cancels its query and returns its connection to the pool;
+    - answers an unexpected exception with a 500 problem that carries only the request id.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_size: int = 1 << 20) -> None:
@@ -120,9 +123,12 @@ class RequestGuard:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal completed
+            nonlocal completed, started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
@@ -149,5 +155,14 @@ class RequestGuard:
             if cancelled_here and task.uncancel() == 0:
                 return
             raise
+        except Exception as exc:
+            # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the
+            # response carries the request id like every other one.
+            if started:
+                raise
+            response = internal_error_response(
+                exc, scope.get("method", ""), scope.get("path", ""), request_id
+            )
+            await response(scope, replay, send_with_id)
         finally:
             watcher.cancel()

@@ -224,13 +224,15 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    request_id = _request_id(request)
+def internal_error_response(
+    exc: BaseException, method: str, path: str, request_id: str
+) -> Response:
+    """Log `exc` with its traceback; answer 500 with only a correlation id."""
     log.error(
         "unhandled %s on %s %s (request_id=%s)",
         type(exc).__name__,
-        request.method,
-        request.url.path,
+        method,
+        path,
         request_id,
         exc_info=exc,
     )
@@ -242,6 +244,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
             correlation_id=request_id,
         )
     )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    # Only reached without RequestGuard, which answers unexpected errors itself.
+    return internal_error_response(exc, request.method, request.url.path, _request_id(request))
 
 
 def install_problem_handlers(app: FastAPI) -> None:

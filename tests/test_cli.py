@@ -1,0 +1,140 @@
+"""The `pglayer` command end to end, as separate processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pglayer.embedded import EmbeddedPostgres, _pgserver_bindir
+from tests.conftest import free_port, require_external
+
+PGLAYER = str(Path(sys.executable).parent / "pglayer")
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PGLAYER, *args], capture_output=True, text=True, env=env, timeout=180, check=False
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PGLAYER_")
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="pglayer-cli-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        # Stop a server a failed test may have left behind, then remove its files.
+        if (base / "pg" / "data").exists():
+            EmbeddedPostgres(base).destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"serve exited early:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("serve did not become ready")
+
+
+def serve_once(data_dir: Path, env: dict[str, str]) -> tuple[int, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [PGLAYER, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(url, proc)
+        users = httpx.get(f"{url}/users", params={"limit": 1}, timeout=5)
+        assert users.status_code == 200
+        assert users.json()["items"], "an empty database is seeded"
+        created = httpx.post(
+            f"{url}/users", json={"name": "Run", "email": f"run{port}@example.com"}, timeout=5
+        )
+        assert created.status_code == 201
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    return proc.returncode, output
+
+
+def test_serve_without_database_url_runs_on_embedded_postgres_and_stops_it(data_dir: Path) -> None:
+    code, output = serve_once(data_dir, clean_env())
+    assert code == 0, output
+    assert "embedded PostgreSQL started" in output
+    assert "embedded PostgreSQL stopped" in output
+    assert not (data_dir / "pg" / "data" / "postmaster.pid").exists()
+    assert oct((data_dir / "password").stat().st_mode)[-3:] == "600"
+    password = (data_dir / "password").read_text().strip()
+    assert password not in output
+
+    # A second run reuses the cluster and its data instead of seeding again.
+    code, output = serve_once(data_dir, clean_env())
+    assert code == 0, output
+    assert "initialising" not in output
+    assert "seeding" not in output
+
+
+def test_embedded_server_runs_from_the_pgserver_wheel(data_dir: Path) -> None:
+    bindir = _pgserver_bindir()
+    require_external(bindir is not None, "the pgserver wheel is not installed")
+    assert bindir is not None
+    env = clean_env(PGLAYER_PG_BINDIR=str(bindir))
+    code, output = serve_once(data_dir, env)
+    assert code == 0, output
+    assert (data_dir / "pg" / "data" / "PG_VERSION").read_text().strip() == "16"
+
+
+def test_migrate_and_seed_against_database_url(db_url: str) -> None:
+    env = clean_env(DATABASE_URL=db_url)
+    migrated = run_cli("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "up to date" in migrated.stderr
+    seeded = run_cli("seed", "--users", "50", "--products", "5", "--orders", "100", env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "seeded 50 users" in seeded.stderr
+    password = db_url.split(":")[2].split("@")[0]
+    assert password not in seeded.stderr + seeded.stdout
+
+
+def test_unreachable_database_url_fails_with_a_masked_message() -> None:
+    env = clean_env(
+        DATABASE_URL=f"postgresql://app:hunter2@127.0.0.1:{free_port()}/shop",
+        PGLAYER_STARTUP_TIMEOUT="1",
+        PGLAYER_CONNECT_TIMEOUT="0.2",
+    )
+    result = run_cli("migrate", env=env)
+    assert result.returncode == 1
+    assert "not reachable" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout

@@ -1,0 +1,187 @@
+"""Transaction dependencies: commit before the response, rollback on any error, always release."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI, HTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from pglayer import Database
+from pglayer.fastapi import DbConnection, WriteTransaction, setup
+from tests.conftest import LiveServer, asgi_client, backends, settings_for, wait_for
+
+
+def build_app(db: Database) -> FastAPI:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.post("/items/{k}")
+    async def insert(k: int, conn: WriteTransaction) -> dict[str, int]:
+        await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
+        return {"k": k}
+
+    @app.post("/deferred")
+    async def deferred(conn: WriteTransaction) -> dict[str, bool]:
+        # Both rows go in; the deferred unique constraint only fails at COMMIT.
+        await conn.execute("INSERT INTO deferred_items (k) VALUES (1), (1)")
+        return {"ok": True}
+
+    @app.post("/items/{k}/then-http-error")
+    async def then_http_error(k: int, conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
+        raise HTTPException(400, "rejected after the write")
+
+    @app.post("/items/{k}/then-crash")
+    async def then_crash(k: int, conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
+        raise RuntimeError("secret internals: SELECT password FROM vault")
+
+    @app.post("/sleep")
+    async def sleep(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO items (k) VALUES (99)")
+        await conn.execute("SELECT pg_sleep(30)", timeout=60)
+
+    @app.get("/sleep-autocommit")
+    async def sleep_autocommit(conn: DbConnection) -> None:
+        await conn.execute("SELECT pg_sleep(30)", timeout=60)
+
+    return app
+
+
+@pytest.fixture
+async def tx_db(db_url: str) -> AsyncIterator[Database]:
+    async with Database(settings_for(db_url, max_size=2)) as db:
+        async with db.connection() as conn:
+            await conn.execute(
+                """
+                CREATE TABLE items (k int PRIMARY KEY);
+                CREATE TABLE deferred_items (
+                    k int CONSTRAINT deferred_items_k_key UNIQUE DEFERRABLE INITIALLY DEFERRED
+                );
+                """
+            )
+        yield db
+
+
+async def count(admin: asyncpg.Connection[Any], db_url: str, table: str) -> int:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()
+
+
+async def no_leaks(admin: asyncpg.Connection[Any], db_name: str, db: Database) -> bool:
+    """Nothing running or idle in a transaction, and the pool has every connection back."""
+    rows = await backends(admin, db_name)
+    busy = [r for r in rows if r["state"] != "idle"]
+    return not busy and db.stats().in_use == 0
+
+
+async def test_commit_happens_before_the_first_byte_of_the_response(
+    tx_db: Database, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    app = build_app(tx_db)
+    seen_at_response_start: list[int] = []
+
+    async def observing(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_and_look(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen_at_response_start.append(await count(admin, db_url, "items"))
+            await send(message)
+
+        await app(scope, receive, send_and_look)
+
+    transport = httpx.ASGITransport(app=observing)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        response = await client.post("/items/7")
+    assert response.status_code == 200
+    assert seen_at_response_start == [1]
+
+
+async def test_a_commit_that_fails_is_an_error_response_not_a_2xx(
+    tx_db: Database, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        response = await client.post("/deferred")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "conflict"
+    assert await count(admin, db_url, "deferred_items") == 0
+
+
+async def test_http_exception_in_the_handler_rolls_back(
+    tx_db: Database, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        response = await client.post("/items/2/then-http-error")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "rejected after the write"
+    assert await count(admin, db_url, "items") == 0
+
+
+async def test_unexpected_exception_rolls_back_and_hides_internals(
+    tx_db: Database, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        response = await client.post("/items/3/then-crash", headers={"X-Request-ID": "req-42"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["code"] == "internal"
+    assert body["correlation_id"] == "req-42"
+    assert response.headers["x-request-id"] == "req-42"
+    for leak in ("secret", "SELECT", "RuntimeError", "Traceback"):
+        assert leak not in response.text
+    assert await count(admin, db_url, "items") == 0
+
+
+async def test_cancelling_the_request_task_mid_query_releases_everything(
+    tx_db: Database, db_name: str, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        task = asyncio.create_task(client.post("/sleep"))
+
+        async def sleeping() -> bool:
+            return any(
+                "pg_sleep" in (r["query"] or "") and r["state"] == "active"
+                for r in await backends(admin, db_name)
+            )
+
+        assert await wait_for(sleeping)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def released() -> bool:
+        return await no_leaks(admin, db_name, tx_db)
+
+    assert await wait_for(released)
+    assert await count(admin, db_url, "items") == 0
+
+
+@pytest.mark.parametrize("path", ["/sleep", "/sleep-autocommit"])
+async def test_client_disconnect_cancels_the_query_and_releases_the_connection(
+    path: str, tx_db: Database, db_name: str, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    app = build_app(tx_db)
+    async with LiveServer(app) as server:
+        method = "POST" if path == "/sleep" else "GET"
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.request(method, path, timeout=httpx.Timeout(5, read=0.5))
+
+        # pg_sleep(30) would still be running if the disconnect had not cancelled it.
+        async def released() -> bool:
+            return await no_leaks(admin, db_name, tx_db)
+
+        assert await wait_for(released, timeout=5)
+    assert await count(admin, db_url, "items") == 0

@@ -1,0 +1,65 @@
+"""Migrations: applied once under an advisory lock, even from many runners at once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pglayer import Database
+from pglayer.migrations import MigrationError, load_migrations, migrate
+from pglayer_shop.schema import apply_migrations, shop_migrations
+from tests.conftest import Server, settings_for
+
+
+@pytest.fixture
+async def empty_db_url(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.url_for(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_concurrent_runners_apply_each_migration_exactly_once(empty_db_url: str) -> None:
+    async def run() -> list[str]:
+        async with Database(settings_for(empty_db_url, max_size=1)) as db:
+            return await apply_migrations(db)
+
+    results = await asyncio.gather(*(run() for _ in range(6)))
+    expected = [m.name for m in shop_migrations()]
+    assert sorted(results, key=len, reverse=True)[0] == expected
+    assert sum(len(r) for r in results) == len(expected)
+    async with Database(settings_for(empty_db_url)) as db, db.connection() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM pglayer_migrations") == len(expected)
+
+
+async def test_a_changed_applied_migration_is_refused(empty_db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_first.sql"]
+        (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id bigint);")
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(db, load_migrations(tmp_path))
+
+
+async def test_a_failing_migration_leaves_nothing_behind(empty_db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE ok (id int);")
+    (tmp_path / "0002_bad.sql").write_text("CREATE TABLE bad (id int REFERENCES nowhere);")
+    async with Database(settings_for(empty_db_url)) as db:
+        with pytest.raises(Exception):  # noqa: B017,PT011
+            await migrate(db, load_migrations(tmp_path))
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT to_regclass('ok')") is None
+
+
+def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "first.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"0001_name\.sql"):
+        load_migrations(tmp_path)

@@ -1,0 +1,45 @@
+"""Seeding: every row lands, accounts are funded, and ids continue after it."""
+
+from __future__ import annotations
+
+import httpx
+
+from pglayer import Database
+from pglayer_shop.seed import SeedCounts, is_empty, seed
+
+
+async def test_seed_loads_consistent_rows_and_the_api_keeps_working(
+    db: Database, client: httpx.AsyncClient
+) -> None:
+    assert await is_empty(db)
+    written: dict[str, int] = {}
+
+    def progress(table: str, rows: int) -> None:
+        written[table] = written.get(table, 0) + rows
+
+    await seed(db, SeedCounts(users=300, products=20, orders=1_000), progress=progress)
+    assert written == {"users": 300, "products": 20, "orders": 1_000}
+    async with db.connection() as conn:
+        row = await conn.fetchrow(
+            """
+            SELECT (SELECT count(*) FROM users) AS users,
+                   (SELECT count(*) FROM accounts WHERE balance = 1000) AS funded,
+                   (SELECT count(*) FROM orders o JOIN products p ON p.id = o.product_id
+                     WHERE o.total = o.unit_price * o.quantity AND o.unit_price = p.price
+                       AND o.created_at > now() - interval '61 days') AS orders
+            """
+        )
+    assert row is not None
+    assert dict(row) == {"users": 300, "funded": 300, "orders": 1_000}
+    assert not await is_empty(db)
+    # Ids were copied explicitly; a new user must still get a fresh one.
+    response = await client.post("/users", json={"name": "New", "email": "new@example.com"})
+    assert response.status_code == 201
+    assert response.json()["id"] == 301
+
+
+async def test_seeding_twice_appends(db: Database) -> None:
+    await seed(db, SeedCounts(users=10, products=2, orders=5))
+    await seed(db, SeedCounts(users=10, products=2, orders=5))
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT count(DISTINCT email) FROM users") == 20

@@ -1,0 +1,191 @@
+"""The shop's users, accounts and health routes, as CONTRACT.md states them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from pglayer import Database
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import asgi_client, free_port, settings_for
+
+PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body.keys() >= PROBLEM_KEYS
+    assert body["status"] == status
+    assert body["code"] == code
+    return body
+
+
+async def create_user(client: httpx.AsyncClient, name: str, email: str) -> dict[str, Any]:
+    response = await client.post("/users", json={"name": name, "email": email})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_create_user_returns_201_location_and_opens_an_account(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/users", json={"name": "Ada", "email": "ada@example.com"})
+    assert response.status_code == 201
+    user = response.json()
+    assert set(user) == {"id", "name", "email", "created_at"}
+    assert response.headers["location"] == f"/users/{user['id']}"
+    assert (await client.get(f"/users/{user['id']}")).json() == user
+    account = await client.get(f"/accounts/{user['id']}")
+    assert account.status_code == 200
+    assert account.json() == {"user_id": user["id"], "balance": "0.00"}
+
+
+async def test_taken_email_is_a_409_case_insensitively(client: httpx.AsyncClient) -> None:
+    await create_user(client, "Ada", "Ada@Example.com")
+    response = await client.post("/users", json={"name": "Other", "email": "ada@example.COM"})
+    assert_problem(response, 409, "conflict")
+    users = (await client.get("/users")).json()["items"]
+    assert [u["email"] for u in users] == ["Ada@Example.com"]
+
+
+async def test_unicode_round_trips_exactly(client: httpx.AsyncClient) -> None:
+    name = "Zoë 🦊 e\u0301 \u202e naïve 名前"
+    user = await create_user(client, name, "zoë@exämple.com")
+    fetched = (await client.get(f"/users/{user['id']}")).json()
+    assert fetched["name"] == name
+    assert fetched["email"] == "zoë@exämple.com"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "", "email": "a@example.com"},
+        {"name": "x" * 201, "email": "a@example.com"},
+        {"name": "nul\x00byte", "email": "a@example.com"},
+        {"name": "Ada", "email": "not-an-email"},
+        {"name": "Ada", "email": "a" * 250 + "@example.com"},
+        {"name": "Ada", "email": "a\x00@example.com"},
+        {"name": 5, "email": "a@example.com"},
+        {"name": "Ada"},
+        {"name": "Ada", "email": "a@example.com", "admin": True},
+        [],
+    ],
+)
+async def test_invalid_user_bodies_are_422_with_fields(
+    client: httpx.AsyncClient, body: Any
+) -> None:
+    response = await client.post("/users", json=body)
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"], problem
+
+
+async def test_a_body_that_is_not_json_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/users", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 422, "validation_error")
+
+
+async def test_a_body_over_one_mib_is_413(client: httpx.AsyncClient) -> None:
+    big = {"name": "x", "email": "a@example.com", "pad": "y" * (1 << 20)}
+    response = await client.post("/users", json=big)
+    assert_problem(response, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("bad_id", ["0", "-1", str(2**63), "1e3", "abc", "1.5"])
+@pytest.mark.parametrize("route", ["/users/{}", "/accounts/{}"])
+async def test_ids_outside_positive_int64_are_422(
+    client: httpx.AsyncClient, route: str, bad_id: str
+) -> None:
+    response = await client.get(route.format(bad_id))
+    assert_problem(response, 422, "validation_error")
+
+
+@pytest.mark.parametrize("route", ["/users/{}", "/accounts/{}"])
+async def test_unknown_ids_are_404(client: httpx.AsyncClient, route: str) -> None:
+    response = await client.get(route.format(2**63 - 1))
+    assert_problem(response, 404, "not_found")
+
+
+async def test_list_users_walks_every_page_once_in_id_order(client: httpx.AsyncClient) -> None:
+    created = [await create_user(client, f"U{i}", f"u{i}@example.com") for i in range(7)]
+    seen: list[int] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3}
+        if cursor:
+            params["after"] = cursor
+        page = (await client.get("/users", params=params)).json()
+        seen.extend(u["id"] for u in page["items"])
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [u["id"] for u in created]
+    assert pages == 3
+
+
+async def test_a_full_last_page_has_no_next_cursor(client: httpx.AsyncClient) -> None:
+    for i in range(2):
+        await create_user(client, f"U{i}", f"u{i}@example.com")
+    page = (await client.get("/users", params={"limit": 2})).json()
+    assert len(page["items"]) == 2
+    assert page["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 101}, {"limit": "x"}, {"after": "garbage!"}, {"after": "WyJ4Il0"}],
+)
+async def test_bad_paging_parameters_are_422(
+    client: httpx.AsyncClient, params: dict[str, Any]
+) -> None:
+    response = await client.get("/users", params=params)
+    assert_problem(response, 422, "validation_error")
+
+
+async def test_health_live_and_ready(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health/live")).status_code == 200
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["pools"] == {"primary": "ok"}
+
+
+async def test_with_the_database_down_ready_is_503_and_requests_get_503_with_retry_after() -> None:
+    url = f"postgresql://app:secretpw@127.0.0.1:{free_port()}/shop"
+    db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.2))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        ready = await client.get("/health/ready")
+        assert_problem(ready, 503, "unavailable")
+        assert ready.headers["retry-after"].isdigit()
+        response = await client.get("/users/1")
+        assert_problem(response, 503, "unavailable")
+        assert response.headers["retry-after"].isdigit()
+        assert "secretpw" not in response.text
+        assert "asyncpg" not in response.text
+
+
+async def test_openapi_declares_problem_responses_for_every_route(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert "ProblemDetails" in spec["components"]["schemas"]
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            if path == "/health/live":
+                continue
+            responses = operation["responses"]
+            for status in ("500", "503"):
+                assert status in responses, (method, path)
+                assert "application/problem+json" in responses[status]["content"], (method, path)
+    assert "409" in spec["paths"]["/users"]["post"]["responses"]
+    assert "404" in spec["paths"]["/users/{user_id}"]["get"]["responses"]
