@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, NoReturn, TypeVar
@@ -9,6 +10,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 import asyncpg
 from pydantic import BaseModel
 
+from pglayer import deadline
 from pglayer.errors import (
     CommitIndeterminateError,
     ConnectionLostError,
@@ -18,9 +20,19 @@ from pglayer.errors import (
 
 __all__ = ["Connection", "Isolation"]
 
+log = logging.getLogger("pglayer")
+
 M = TypeVar("M", bound=BaseModel)
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 Record = asyncpg.Record
+
+
+def _bounded(timeout: float | None) -> float | None:
+    """The explicit timeout, else what is left of the current deadline, else the default."""
+    if timeout is not None:
+        return timeout
+    left = deadline.remaining()
+    return None if left is None else max(left, 0.001)
 
 
 class Connection:
@@ -44,7 +56,7 @@ class Connection:
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement and return its status tag (`INSERT 0 1`)."""
         try:
-            return await self.raw.execute(query, *args, timeout=timeout)
+            return await self.raw.execute(query, *args, timeout=_bounded(timeout))
         except Exception as exc:
             self._raise(exc)
 
@@ -53,28 +65,28 @@ class Connection:
     ) -> None:
         """Run a statement once for each argument tuple, in one round trip."""
         try:
-            await self.raw.executemany(query, args, timeout=timeout)
+            await self.raw.executemany(query, args, timeout=_bounded(timeout))
         except Exception as exc:
             self._raise(exc)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Record]:
         """All rows as records."""
         try:
-            return await self.raw.fetch(query, *args, timeout=timeout)
+            return await self.raw.fetch(query, *args, timeout=_bounded(timeout))
         except Exception as exc:
             self._raise(exc)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Record | None:
         """The first row, or `None`."""
         try:
-            return await self.raw.fetchrow(query, *args, timeout=timeout)
+            return await self.raw.fetchrow(query, *args, timeout=_bounded(timeout))
         except Exception as exc:
             self._raise(exc)
 
     async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         """The first column of the first row, or `None`."""
         try:
-            return await self.raw.fetchval(query, *args, timeout=timeout)
+            return await self.raw.fetchval(query, *args, timeout=_bounded(timeout))
         except Exception as exc:
             self._raise(exc)
 
@@ -82,7 +94,7 @@ class Connection:
         self, model: type[M], query: str, *args: Any, timeout: float | None = None
     ) -> list[M]:
         """All rows, each validated into `model` by column name."""
-        rows = await self.fetch(query, *args, timeout=timeout)
+        rows = await self.fetch(query, *args, timeout=_bounded(timeout))
         validate = model.model_validate
         return [validate(dict(row)) for row in rows]
 
@@ -90,7 +102,7 @@ class Connection:
         self, model: type[M], query: str, *args: Any, timeout: float | None = None
     ) -> M | None:
         """The first row validated into `model`, or `None`."""
-        row = await self.fetchrow(query, *args, timeout=timeout)
+        row = await self.fetchrow(query, *args, timeout=_bounded(timeout))
         return None if row is None else model.model_validate(dict(row))
 
     async def copy_records(
@@ -104,7 +116,7 @@ class Connection:
         """Bulk-load `records` into `table` with COPY."""
         try:
             return await self.raw.copy_records_to_table(
-                table, records=records, columns=list(columns), timeout=timeout
+                table, records=records, columns=list(columns), timeout=_bounded(timeout)
             )
         except Exception as exc:
             self._raise(exc)
@@ -141,6 +153,10 @@ class Connection:
             if isinstance(translated, ConnectionLostError) or (
                 isinstance(translated, QueryTimeoutError) and translated.sqlstate is None
             ):
+                log.exception(
+                    "COMMIT outcome unknown: the connection failed while COMMIT was in flight; "
+                    "the transaction may or may not have been applied"
+                )
                 raise CommitIndeterminateError() from exc
             self._raise(exc)
 

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import asyncpg
 import orjson
@@ -20,6 +20,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from pglayer import deadline
 from pglayer.connection import Connection, Isolation, Record
 from pglayer.dsn import describe_target
 from pglayer.errors import (
@@ -30,12 +31,14 @@ from pglayer.errors import (
     TransientError,
     translate,
 )
+from pglayer.retry import RetryPolicy, retrying
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import PoolStats, StatsRecorder
 
 __all__ = ["Database"]
 
 log = logging.getLogger("pglayer")
+T = TypeVar("T")
 
 _RELEASE_TIMEOUT = 5.0
 
@@ -80,6 +83,11 @@ class Database:
         self._closing = False
         self._waiting = 0
         self._stats = StatsRecorder()
+        self.retry_policy = RetryPolicy(
+            attempts=self.settings.retry_attempts,
+            initial=self.settings.retry_initial_wait,
+            maximum=self.settings.retry_max_wait,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -221,12 +229,17 @@ class Database:
         if self._waiting >= self.settings.max_waiters:
             self._stats.shed()
             raise PoolOverloadedError()
+        wait = self.settings.acquire_timeout if timeout is None else timeout
+        left = deadline.remaining()
+        if left is not None:
+            if left <= 0:
+                self._stats.acquire_timed_out()
+                raise PoolTimeoutError("the request deadline passed before a connection was free")
+            wait = min(wait, left)
         self._waiting += 1
         started = time.perf_counter()
         try:
-            conn = await pool.acquire(
-                timeout=self.settings.acquire_timeout if timeout is None else timeout
-            )
+            conn = await pool.acquire(timeout=wait)
         except TimeoutError as exc:
             self._stats.acquire_timed_out()
             raise PoolTimeoutError() from exc
@@ -278,6 +291,55 @@ class Database:
             conn.transaction(readonly=readonly, isolation=isolation),
         ):
             yield conn
+
+    async def run(
+        self,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        retry: bool = True,
+        timeout: float | None = None,
+    ) -> T:
+        """Call `fn(conn)` on a pooled connection in autocommit mode; return its result.
+
+        With `retry`, transient failures (connection lost, no connection slots, database
+        not yet open) are retried with jittered backoff within the attempts and the
+        deadline, so `fn` must be safe to run twice: a read, or an idempotent write.
+        """
+
+        async def attempt() -> T:
+            async with self.connection(timeout=timeout) as conn:
+                return await fn(conn)
+
+        if not retry:
+            return await attempt()
+        return await retrying(attempt, self.retry_policy, self._stats, "run")
+
+    async def run_in_transaction(
+        self,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        readonly: bool = False,
+        isolation: Isolation | None = None,
+        retry: bool = True,
+        timeout: float | None = None,
+    ) -> T:
+        """Call `fn(conn)` inside a transaction, commit, and return its result.
+
+        With `retry`, the whole transaction is replayed on serialization failures,
+        deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
+        touch the database through `conn`. A connection lost during COMMIT raises
+        `CommitIndeterminateError` and is never replayed.
+        """
+
+        async def attempt() -> T:
+            async with self.transaction(
+                readonly=readonly, isolation=isolation, timeout=timeout
+            ) as conn:
+                return await fn(conn)
+
+        if not retry:
+            return await attempt()
+        return await retrying(attempt, self.retry_policy, self._stats, "transaction")
 
     async def ping(self, *, timeout: float = 1.0) -> None:
         """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""

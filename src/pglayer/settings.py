@@ -37,6 +37,10 @@ class DatabaseSettings(BaseSettings):
     # When false, an app starts while the database is down and becomes ready by itself.
     require_on_startup: bool = False
     close_timeout: float = Field(default=10.0, ge=0)
+    # Retries of transient failures (reads, whole transactions): attempts include the first.
+    retry_attempts: int = Field(default=3, ge=1)
+    retry_initial_wait: float = Field(default=0.05, ge=0)
+    retry_max_wait: float = Field(default=1.0, ge=0)
     max_inactive_connection_lifetime: float = Field(default=300.0, ge=0)
     statement_cache_size: int = Field(default=1024, ge=0)
     application_name: str = "pglayer"

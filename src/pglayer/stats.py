@@ -60,6 +60,7 @@ class PoolStats:
     acquire_wait: Histogram
     hold_time: Histogram
     retries: dict[str, int] = field(default_factory=dict)
+    give_ups: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -90,6 +91,7 @@ class StatsRecorder:
         self.connections_failed = 0
         self.in_use = 0
         self.retries: dict[str, int] = {}
+        self.give_ups: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self._wait = _Recorder()
         self._hold = _Recorder()
@@ -120,6 +122,9 @@ class StatsRecorder:
 
     def retried(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1
+
+    def gave_up(self, reason: str) -> None:
+        self.give_ups[reason] = self.give_ups.get(reason, 0) + 1
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -153,5 +158,6 @@ class StatsRecorder:
             acquire_wait=self._wait.snapshot(),
             hold_time=self._hold.snapshot(),
             retries=dict(self.retries),
+            give_ups=dict(self.give_ups),
             errors=dict(self.errors),
         )

@@ -36,9 +36,15 @@ def database_lifespan(db: Database, inner: Lifespan | None = None) -> Lifespan:
     return lifespan
 
 
-def setup(app: FastAPI, db: Database, *, max_body_size: int = 1 << 20) -> None:
+def setup(
+    app: FastAPI,
+    db: Database,
+    *,
+    max_body_size: int = 1 << 20,
+    request_timeout: float | None = 30.0,
+) -> None:
     """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard."""
     setattr(app.state, STATE_KEY, db)
     app.router.lifespan_context = database_lifespan(db, app.router.lifespan_context)
     install_problem_handlers(app)
-    app.add_middleware(RequestGuard, max_body_size=max_body_size)
+    app.add_middleware(RequestGuard, max_body_size=max_body_size, request_timeout=request_timeout)

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pglayer.deadline import deadline
 from pglayer.fastapi.problems import internal_error_response
 
 __all__ = ["RequestGuard", "current_request_id"]
@@ -50,6 +51,8 @@ def _too_large(max_body_size: int) -> list[Message]:
 class RequestGuard:
     """Pure ASGI middleware around every HTTP request.
 
+    - bounds the request with `request_timeout` (`pglayer.deadline`): acquires, queries
+      and retries inside share it;
     - takes `X-Request-ID` (or makes one), exposes it as `request.state.request_id` and
       returns it on the response;
     - reads the whole body first and answers 413 past `max_body_size`, so no handler
@@ -59,9 +62,12 @@ class RequestGuard:
     - answers an unexpected exception with a 500 problem that carries only the request id.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_size: int = 1 << 20) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_size: int = 1 << 20, request_timeout: float | None = 30.0
+    ) -> None:
         self.app = app
         self.max_body_size = max_body_size
+        self.request_timeout = request_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,7 +155,8 @@ class RequestGuard:
 
         watcher = asyncio.create_task(watch())
         try:
-            await self.app(scope, replay, send_with_id)
+            with deadline(self.request_timeout):
+                await self.app(scope, replay, send_with_id)
         except asyncio.CancelledError:
             # Swallow only our own cancellation; a server shutdown must still propagate.
             if cancelled_here and task.uncancel() == 0:

@@ -1,0 +1,117 @@
+"""Retries of transient failures: exponential backoff with full jitter, bounded by attempts
+and by the current deadline (`pglayer.deadline`).
+
+Only what is safe to replay is retried: a read, or a whole transaction whose COMMIT was not
+sent. `CommitIndeterminateError` is never retried, nor is a shed or timed-out acquire (the
+caller has already waited, or should not wait at all).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_none,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from pglayer import deadline
+from pglayer.errors import (
+    CommitIndeterminateError,
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    DeadlockError,
+    SerializationError,
+    TooManyConnectionsError,
+)
+
+__all__ = ["RetryHooks", "RetryPolicy", "is_retryable", "reason_for", "retrying", "set_testing"]
+
+log = logging.getLogger("pglayer.retry")
+T = TypeVar("T")
+
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (DeadlockError, "deadlock"),
+    (SerializationError, "serialization_failure"),
+    (ConnectionLostError, "connection_lost"),
+    (TooManyConnectionsError, "too_many_connections"),
+    (DatabaseUnavailableError, "unavailable"),
+)
+_testing = False
+
+
+def set_testing(enabled: bool) -> None:
+    """Skip the waits between attempts (attempt counts stay as configured)."""
+    global _testing
+    _testing = enabled
+
+
+def reason_for(exc: BaseException) -> str | None:
+    """A stable label for a retryable error, or None if it must not be retried."""
+    if isinstance(exc, CommitIndeterminateError):
+        return None
+    for cls, reason in _REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return reason_for(exc) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently to retry; waits grow from `initial` up to `maximum`."""
+
+    attempts: int = 3
+    initial: float = 0.05
+    maximum: float = 1.0
+
+
+class RetryHooks(Protocol):
+    """Instrumentation: told of every retry and every give-up, with the reason."""
+
+    def retried(self, reason: str) -> None: ...
+    def gave_up(self, reason: str) -> None: ...
+
+
+async def retrying(
+    fn: Callable[[], Awaitable[T]], policy: RetryPolicy, hooks: RetryHooks, what: str
+) -> T:
+    """Call `fn` until it succeeds, fails for good, or runs out of attempts or deadline."""
+    stop: stop_base = stop_after_attempt(policy.attempts)
+    left = deadline.remaining()
+    if left is not None:
+        stop = stop | stop_before_delay(max(left, 0.0))
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        reason = reason_for(exc) if exc else None
+        if reason:
+            hooks.retried(reason)
+            log.info("%s: retrying after %s (attempt %d)", what, reason, state.attempt_number)
+
+    retryer = AsyncRetrying(
+        stop=stop,
+        wait=wait_none() if _testing else wait_random_exponential(policy.initial, policy.maximum),
+        retry=retry_if_exception(is_retryable),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        return await retryer(fn)
+    except Exception as exc:
+        reason = reason_for(exc)
+        if reason:
+            hooks.gave_up(reason)
+        raise
