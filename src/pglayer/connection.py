@@ -47,8 +47,16 @@ class Connection:
     def __init__(self, raw: asyncpg.Connection[Record]) -> None:
         self.raw = raw
 
+    def is_closed(self) -> bool:
+        """True when the connection is gone (closed, or already taken back by the pool)."""
+        try:
+            return self.raw.is_closed()
+        except asyncpg.InterfaceError:
+            # asyncpg detaches the pool proxy of a connection that died under it.
+            return True
+
     def _raise(self, exc: Exception) -> NoReturn:
-        translated = translate(exc, connection_closed=self.raw.is_closed())
+        translated = translate(exc, connection_closed=self.is_closed())
         if translated is exc:
             raise exc
         raise translated from exc
@@ -149,7 +157,7 @@ class Connection:
         try:
             await tx.commit()
         except Exception as exc:
-            translated = translate(exc, connection_closed=self.raw.is_closed())
+            translated = translate(exc, connection_closed=self.is_closed())
             if isinstance(translated, ConnectionLostError) or (
                 isinstance(translated, QueryTimeoutError) and translated.sqlstate is None
             ):
@@ -163,8 +171,10 @@ class Connection:
     async def _rollback_quietly(self, tx: Any) -> None:
         # The block's own exception is what the caller must see; a failed rollback only
         # means the connection is broken, and the pool discards broken connections.
+        if self.is_closed():
+            return
         try:
             await tx.rollback()
         except Exception:
-            if not self.raw.is_closed():
+            if not self.is_closed():
                 self.raw.terminate()

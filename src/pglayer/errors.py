@@ -205,6 +205,11 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, PglayerError):
         return exc
     if isinstance(exc, asyncpg.PostgresError):
+        # asyncpg wraps the server's reason for closing (57P01, 57P02) in a 08003 error.
+        if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and isinstance(
+            exc.__cause__, asyncpg.PostgresError
+        ):
+            exc = exc.__cause__
         cls = class_for_sqlstate(exc.sqlstate)
         return cls(
             cls.default_message,

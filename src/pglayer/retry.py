@@ -8,7 +8,9 @@ caller has already waited, or should not wait at all).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -89,7 +91,23 @@ async def retrying(
     fn: Callable[[], Awaitable[T]], policy: RetryPolicy, hooks: RetryHooks, what: str
 ) -> T:
     """Call `fn` until it succeeds, fails for good, or runs out of attempts or deadline."""
-    stop: stop_base = stop_after_attempt(policy.attempts)
+    # The first attempt runs without tenacity's bookkeeping: the common case costs nothing.
+    try:
+        return await fn()
+    except Exception as exc:
+        reason = reason_for(exc)
+        if reason is None:
+            raise
+        first_wait = 0.0 if _testing else random.uniform(0, policy.initial)
+        left = deadline.remaining()
+        if policy.attempts <= 1 or (left is not None and left <= first_wait):
+            hooks.gave_up(reason)
+            raise
+        hooks.retried(reason)
+        log.info("%s: retrying after %s (attempt 2 of %d)", what, reason, policy.attempts)
+    await asyncio.sleep(first_wait)
+
+    stop: stop_base = stop_after_attempt(policy.attempts - 1)
     left = deadline.remaining()
     if left is not None:
         stop = stop | stop_before_delay(max(left, 0.0))
@@ -99,11 +117,20 @@ async def retrying(
         reason = reason_for(exc) if exc else None
         if reason:
             hooks.retried(reason)
-            log.info("%s: retrying after %s (attempt %d)", what, reason, state.attempt_number)
+            log.info(
+                "%s: retrying after %s (attempt %d of %d)",
+                what,
+                reason,
+                state.attempt_number + 2,
+                policy.attempts,
+            )
 
     retryer = AsyncRetrying(
         stop=stop,
-        wait=wait_none() if _testing else wait_random_exponential(policy.initial, policy.maximum),
+        # Full jitter; the window starts where the first wait left off.
+        wait=wait_none()
+        if _testing
+        else wait_random_exponential(multiplier=policy.initial * 2, max=policy.maximum),
         retry=retry_if_exception(is_retryable),
         before_sleep=before_sleep,
         reraise=True,

@@ -1,6 +1,7 @@
 """FastAPI integration: lifespan, dependencies, problem responses. The only FastAPI importer."""
 
 from pglayer.fastapi.dependencies import (
+    Db,
     DbConnection,
     ReadTransaction,
     WriteTransaction,
@@ -18,6 +19,7 @@ from pglayer.fastapi.problems import (
 )
 
 __all__ = [
+    "Db",
     "DbConnection",
     "Problem",
     "ProblemDetails",

@@ -17,6 +17,7 @@ from pglayer.database import Database
 from pglayer.errors import ConfigurationError
 
 __all__ = [
+    "Db",
     "DbConnection",
     "ReadTransaction",
     "WriteTransaction",
@@ -57,6 +58,9 @@ def transaction_dependency(
 def _depends(dependency: Callable[..., Any]) -> Any:
     return Depends(dependency, scope="function")
 
+
+Db = Annotated[Database, Depends(get_database)]
+"""The app's `Database`, for `db.run(...)` (retried reads) and `db.run_in_transaction(...)`."""
 
 DbConnection = Annotated[Connection, _depends(_connection)]
 """A pooled connection in autocommit mode: one statement, no transaction round trips."""

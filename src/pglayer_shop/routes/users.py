@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from pydantic import TypeAdapter
 
 from pglayer import UniqueViolationError
-from pglayer.fastapi import DbConnection, Problem, WriteTransaction, problem_responses
+from pglayer.fastapi import Db, Problem, WriteTransaction, problem_responses
 from pglayer_shop.models import Page, User, UserCreate
 from pglayer_shop.pagination import After, Limit, decode_cursor, encode_cursor
 from pglayer_shop.routes.params import UserId
@@ -20,21 +20,27 @@ _CURSOR = TypeAdapter(tuple[int])
 
 
 @router.get("/users/{user_id}", responses=problem_responses(404, 422))
-async def get_user(user_id: UserId, conn: DbConnection) -> User:
-    user = await conn.fetch_one(User, f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
+async def get_user(user_id: UserId, db: Db) -> User:
+    user = await db.run(
+        lambda conn: conn.fetch_one(
+            User, f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id
+        )
+    )
     if user is None:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
     return user
 
 
 @router.get("/users", responses=problem_responses(422))
-async def list_users(conn: DbConnection, limit: Limit = 50, after: After = None) -> Page[User]:
+async def list_users(db: Db, limit: Limit = 50, after: After = None) -> Page[User]:
     after_id = decode_cursor(after, _CURSOR)[0] if after else 0
-    users = await conn.fetch_all(
-        User,
-        f"SELECT {_USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2",
-        after_id,
-        limit + 1,
+    users = await db.run(
+        lambda conn: conn.fetch_all(
+            User,
+            f"SELECT {_USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2",
+            after_id,
+            limit + 1,
+        )
     )
     next_cursor = encode_cursor(users[limit - 1].id) if len(users) > limit else None
     return Page[User](items=users[:limit], next_cursor=next_cursor)

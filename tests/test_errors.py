@@ -1,0 +1,364 @@
+"""Each SQLSTATE class, produced by a real server, and the problem response it becomes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pglayer import (
+    CheckViolationError,
+    ConnectionLostError,
+    Database,
+    DatabaseError,
+    DeadlockError,
+    ForeignKeyViolationError,
+    InvalidInputError,
+    NotNullViolationError,
+    ProgrammingError,
+    QueryTimeoutError,
+    SerializationError,
+    TooManyConnectionsError,
+    UniqueViolationError,
+)
+from pglayer.errors import class_for_sqlstate, translate
+from pglayer.fastapi import Db, WriteTransaction, setup
+from pglayer.fastapi.problems import problem_for_database_error
+from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
+
+LEAKS = ("asyncpg", "Traceback", "SELECT", "INSERT", "UPDATE", "postgres:", "Error:")
+
+SCHEMA = """
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (
+    id int PRIMARY KEY,
+    parent_id int REFERENCES parent (id),
+    qty int NOT NULL CHECK (qty >= 0)
+);
+INSERT INTO parent VALUES (1), (2);
+INSERT INTO child VALUES (1, 1, 5), (2, 2, 5);
+"""
+
+
+def build_app(db: Database, db_url: str) -> FastAPI:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.post("/unique")
+    async def unique(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO parent VALUES (1)")
+
+    @app.post("/foreign-key")
+    async def foreign_key(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO child VALUES (3, 999, 1)")
+
+    @app.post("/check")
+    async def check(conn: WriteTransaction) -> None:
+        await conn.execute("UPDATE child SET qty = -1 WHERE id = 1")
+
+    @app.post("/not-null")
+    async def not_null(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO child VALUES (4, 1, NULL)")
+
+    @app.get("/division-by-zero")
+    async def division(db: Db) -> None:
+        await db.run(lambda c: c.fetchval("SELECT 1 / 0"))
+
+    @app.get("/bad-cast")
+    async def bad_cast(db: Db) -> None:
+        await db.run(lambda c: c.fetchval("SELECT $1::text::int", "twelve"))
+
+    @app.get("/int64-overflow")
+    async def overflow(db: Db) -> None:
+        await db.run(lambda c: c.fetchval("SELECT $1::int8", 2**63))
+
+    @app.get("/statement-timeout")
+    async def statement_timeout(conn: WriteTransaction) -> None:
+        await conn.execute("SET LOCAL statement_timeout = 50")
+        await conn.execute("SELECT pg_sleep(2)")
+
+    @app.post("/lock-timeout")
+    async def lock_timeout(conn: WriteTransaction) -> None:
+        await conn.execute("SET LOCAL lock_timeout = 50")
+        await conn.execute("UPDATE child SET qty = qty + 1 WHERE id = 2")
+
+    @app.post("/serialization")
+    async def serialization(db: Db) -> None:
+        async with db.transaction(isolation="repeatable_read") as conn:
+            await conn.fetchval("SELECT qty FROM child WHERE id = 1")  # takes the snapshot
+            other: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+            try:
+                await other.execute("UPDATE child SET qty = qty + 1 WHERE id = 1")
+            finally:
+                await other.close()
+            await conn.execute("UPDATE child SET qty = qty + 1 WHERE id = 1")
+
+    @app.post("/deadlock")
+    async def deadlock(conn: WriteTransaction) -> None:
+        # This transaction checks for deadlocks after 10 ms, the other after 5 s: it is
+        # the one PostgreSQL picks as the victim.
+        await conn.execute("SET LOCAL deadlock_timeout = 10")
+        await conn.execute("UPDATE child SET qty = qty WHERE id = 1")
+        other: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        try:
+            await other.execute("SET deadlock_timeout = 5000; BEGIN")
+            await other.execute("UPDATE child SET qty = qty WHERE id = 2")
+            blocked = asyncio.create_task(other.execute("UPDATE child SET qty = qty WHERE id = 1"))
+            await asyncio.sleep(0.1)
+            try:
+                await conn.execute("UPDATE child SET qty = qty WHERE id = 2")
+            finally:
+                await blocked
+                await other.execute("ROLLBACK")
+        finally:
+            await other.close()
+
+    @app.get("/undefined-table")
+    async def undefined_table(db: Db) -> None:
+        await db.run(lambda c: c.fetch("SELECT * FROM no_such_table"))
+
+    @app.get("/sleep")
+    async def sleep(conn: WriteTransaction) -> None:
+        await conn.execute("SELECT pg_sleep(30)")
+
+    return app
+
+
+@pytest.fixture
+async def err_db(db_url: str) -> AsyncIterator[Database]:
+    async with Database(settings_for(db_url, retry_attempts=1)) as db:
+        async with db.connection() as conn:
+            await conn.execute(SCHEMA)
+        yield db
+
+
+@pytest.fixture
+async def err_client(err_db: Database, db_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(build_app(err_db, db_url)) as client:
+        yield client
+
+
+def assert_clean_problem(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["code"] == code
+    for leak in LEAKS:
+        assert leak not in response.text, leak
+    if status == 503:
+        assert int(response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("POST", "/unique", 409, "conflict"),
+        ("POST", "/foreign-key", 409, "conflict"),
+        ("POST", "/check", 422, "validation_error"),
+        ("POST", "/not-null", 422, "validation_error"),
+        ("GET", "/division-by-zero", 422, "validation_error"),
+        ("GET", "/bad-cast", 422, "validation_error"),
+        ("GET", "/int64-overflow", 422, "validation_error"),
+        ("GET", "/statement-timeout", 504, "timeout"),
+        ("POST", "/serialization", 503, "unavailable"),
+        ("POST", "/deadlock", 503, "unavailable"),
+        ("GET", "/undefined-table", 500, "internal"),
+    ],
+)
+async def test_sqlstate_becomes_its_problem_response(
+    err_client: httpx.AsyncClient, method: str, path: str, status: int, code: str
+) -> None:
+    response = await err_client.request(method, path)
+    assert_clean_problem(response, status, code)
+
+
+async def test_lock_timeout_on_a_held_row_lock_is_504(
+    err_client: httpx.AsyncClient, db_url: str
+) -> None:
+    holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        await holder.execute("BEGIN; SELECT 1 FROM child WHERE id = 2 FOR UPDATE")
+        response = await err_client.post("/lock-timeout")
+    finally:
+        await holder.close()
+    assert_clean_problem(response, 504, "timeout")
+
+
+async def test_too_many_connections_for_a_role_is_503(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    role = f"limited_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
+    try:
+        url = f"postgresql://{role}:pw@{server.admin_url.split('@', 1)[1].rsplit('/', 1)[0]}/{db_name}"
+        db = Database(settings_for(url, min_size=0, require_on_startup=False, retry_attempts=1))
+        app = FastAPI()
+        setup(app, db)
+
+        @app.get("/one")
+        async def one(db: Db) -> int:
+            return int(await db.run(lambda c: c.fetchval("SELECT 1")))
+
+        async with app.router.lifespan_context(app), asgi_client(app) as client:
+            response = await client.get("/one")
+        assert_clean_problem(response, 503, "unavailable")
+        assert db.stats().give_ups == {"too_many_connections": 1}
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+
+
+async def test_a_backend_terminated_mid_query_is_503_and_nothing_leaks(
+    err_client: httpx.AsyncClient, err_db: Database, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    request = asyncio.create_task(err_client.get("/sleep"))
+
+    async def sleeper() -> int | None:
+        for b in await backends(admin, db_name):
+            if "pg_sleep" in (b["query"] or ""):
+                return int(b["pid"])
+        return None
+
+    pid = await wait_for(sleeper)
+    assert pid
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    response = await request
+    assert_clean_problem(response, 503, "unavailable")
+    assert err_db.stats().in_use == 0
+
+
+async def test_errors_keep_sqlstate_names_and_cause(err_db: Database) -> None:
+    async with err_db.connection() as conn:
+        with pytest.raises(UniqueViolationError) as unique:
+            await conn.execute("INSERT INTO parent VALUES (1)")
+        with pytest.raises(ForeignKeyViolationError) as fk:
+            await conn.execute("INSERT INTO child VALUES (3, 999, 1)")
+        with pytest.raises(CheckViolationError) as check:
+            await conn.execute("UPDATE child SET qty = -1")
+        with pytest.raises(NotNullViolationError) as not_null:
+            await conn.execute("INSERT INTO child VALUES (4, 1, NULL)")
+        with pytest.raises(InvalidInputError) as client_side:
+            await conn.fetchval("SELECT $1::int8", 2**63)
+        with pytest.raises(ProgrammingError) as programming:
+            await conn.fetch("SELECT nope FROM parent")
+    assert (unique.value.sqlstate, unique.value.constraint, unique.value.table) == (
+        "23505",
+        "parent_pkey",
+        "parent",
+    )
+    assert (fk.value.sqlstate, fk.value.constraint) == ("23503", "child_parent_id_fkey")
+    assert (check.value.sqlstate, check.value.constraint) == ("23514", "child_qty_check")
+    assert (not_null.value.sqlstate, not_null.value.column) == ("23502", "qty")
+    assert programming.value.sqlstate == "42703"
+    assert isinstance(unique.value.__cause__, asyncpg.UniqueViolationError)
+    assert isinstance(client_side.value.__cause__, asyncpg.PostgresError | asyncpg.InterfaceError)
+    # The message is ours, never the server's text.
+    assert "duplicate key" not in str(unique.value)
+
+
+async def test_a_transaction_is_replayed_whole_after_a_serialization_failure(
+    err_db: Database, db_url: str
+) -> None:
+    attempts = 0
+
+    async def body(conn: Any) -> int:
+        nonlocal attempts
+        attempts += 1
+        qty = int(await conn.fetchval("SELECT qty FROM child WHERE id = 1"))
+        if attempts == 1:
+            other: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+            try:
+                await other.execute("UPDATE child SET qty = qty + 100 WHERE id = 1")
+            finally:
+                await other.close()
+        await conn.execute("UPDATE child SET qty = $1 WHERE id = 1", qty + 1)
+        return qty + 1
+
+    db = Database(settings_for(db_url, retry_attempts=3, retry_initial_wait=0.01))
+    async with db:
+        result = await db.run_in_transaction(body, isolation="repeatable_read")
+        assert db.stats().retries == {"serialization_failure": 1}
+    assert attempts == 2
+    assert result == 106  # 5, +100 by the other writer, +1 by the replay: no lost update
+
+
+async def test_retries_stop_at_the_attempt_bound_and_count_the_give_up(
+    err_db: Database,
+) -> None:
+    calls = 0
+
+    async def always_conflicts(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise translate(asyncpg.SerializationError("conflict"))
+
+    db = err_db
+    with pytest.raises(SerializationError):
+        await db.run_in_transaction(always_conflicts)
+    assert calls == 1  # err_db allows one attempt
+    assert db.stats().give_ups == {"serialization_failure": 1}
+
+
+def _all_postgres_error_classes() -> list[type[asyncpg.PostgresError]]:
+    seen: list[type[asyncpg.PostgresError]] = []
+    stack: list[type[asyncpg.PostgresError]] = [asyncpg.PostgresError]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            stack.append(sub)
+            if isinstance(getattr(sub, "sqlstate", None), str):
+                seen.append(sub)
+    return seen
+
+
+@given(st.sampled_from(_all_postgres_error_classes()))
+def test_every_asyncpg_error_class_translates_by_its_sqlstate(
+    cls: type[asyncpg.PostgresError],
+) -> None:
+    exc = cls("message text that must not matter")
+    translated = translate(exc)
+    assert isinstance(translated, DatabaseError)
+    assert type(translated) is class_for_sqlstate(cls.sqlstate)
+    assert translated.sqlstate == cls.sqlstate
+    status = problem_for_database_error(translated).status
+    prefix = cls.sqlstate[:2]
+    if prefix == "08" or cls.sqlstate in ("40001", "40P01"):
+        assert status == 503
+    elif prefix == "22":
+        assert status == 422
+    elif cls.sqlstate in ("23505", "23503"):
+        assert status == 409
+    elif cls.sqlstate in ("23514", "23502"):
+        assert status == 422
+    elif cls.sqlstate in ("57014", "55P03"):
+        assert status == 504
+    elif cls.sqlstate in ("57P01", "57P02", "57P03", "53300"):
+        assert status == 503
+    else:
+        assert status in (409, 500)
+
+
+@given(st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=5))
+def test_classification_depends_only_on_the_sqlstate(sqlstate: str) -> None:
+    cls = class_for_sqlstate(sqlstate)
+    if sqlstate.startswith("08"):
+        assert issubclass(cls, ConnectionLostError)
+    elif sqlstate.startswith("22"):
+        assert cls is InvalidInputError
+    elif sqlstate.startswith("42"):
+        assert cls is ProgrammingError
+    elif sqlstate in ("40001", "40P01"):
+        assert issubclass(cls, SerializationError)
+    elif sqlstate == "53300":
+        assert cls is TooManyConnectionsError
+    elif sqlstate in ("57014", "55P03"):
+        assert cls is QueryTimeoutError
+    if sqlstate == "40P01":
+        assert cls is DeadlockError
