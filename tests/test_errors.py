@@ -198,7 +198,8 @@ async def test_too_many_connections_for_a_role_is_503(
     role = f"limited_{uuid.uuid4().hex[:8]}"
     await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
     try:
-        url = f"postgresql://{role}:pw@{server.admin_url.split('@', 1)[1].rsplit('/', 1)[0]}/{db_name}"
+        host_port = server.admin_url.split("@", 1)[1].rsplit("/", 1)[0]
+        url = f"postgresql://{role}:pw@{host_port}/{db_name}"
         db = Database(settings_for(url, min_size=0, require_on_startup=False, retry_attempts=1))
         app = FastAPI()
         setup(app, db)
@@ -362,3 +363,16 @@ def test_classification_depends_only_on_the_sqlstate(sqlstate: str) -> None:
         assert cls is QueryTimeoutError
     if sqlstate == "40P01":
         assert cls is DeadlockError
+
+
+async def test_a_statement_timeout_frees_its_connection(db_url: str) -> None:
+    db = Database(settings_for(db_url, min_size=1, max_size=1, retry_attempts=1))
+    app = build_app(db, db_url)
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        first = await client.get("/statement-timeout")
+        assert_clean_problem(first, 504, "timeout")
+        # The pool's only connection is back and usable.
+        second = await client.get("/division-by-zero")
+        assert_clean_problem(second, 422, "validation_error")
+        assert db.stats().in_use == 0
+        assert db.stats().acquire_timeouts == 0

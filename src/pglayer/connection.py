@@ -57,6 +57,9 @@ class Connection:
 
     def _raise(self, exc: Exception) -> NoReturn:
         translated = translate(exc, connection_closed=self.is_closed())
+        if isinstance(translated, ConnectionLostError) and not self.is_closed():
+            # Broken but not yet closed: make sure the pool never hands it out again.
+            self.raw.terminate()
         if translated is exc:
             raise exc
         raise translated from exc

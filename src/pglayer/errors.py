@@ -4,7 +4,7 @@
     ├── ConfigurationError                 bad settings, no URL
     └── DatabaseError                      .sqlstate .constraint .table; the cause as __cause__
         ├── TransientError                 retry later (503 + Retry-After)
-        │   ├── ConnectionLostError        08*, 57P01, 57P02, 57P03, socket errors
+        │   ├── ConnectionLostError        08*, 57P01, 57P02, 57P03, socket and protocol errors
         │   ├── TooManyConnectionsError    53300
         │   ├── SerializationError         40001
         │   │   └── DeadlockError          40P01
@@ -224,6 +224,10 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, TimeoutError):
         return QueryTimeoutError(QueryTimeoutError.default_message)
     if isinstance(exc, OSError | asyncpg.exceptions.ConnectionDoesNotExistError):
+        return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08006")
+    if isinstance(exc, asyncpg.InternalClientError):
+        # The protocol is in a state it cannot leave (the server dropped the connection while
+        # idle, e.g. at shutdown); raised before anything is sent, and the connection is dead.
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08006")
     if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")

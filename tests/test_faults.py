@@ -1,0 +1,310 @@
+"""Fault injection on a test-owned cluster: terminated backends, restarts, crashes, shutdowns,
+startup while the database is down, and load shedding.
+
+Recovery times are printed (run with `-s` to see them) and bounded generously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from pglayer import ConnectionLostError, Database, DatabaseUnavailableError
+from pglayer.embedded import EmbeddedPostgres
+from pglayer.errors import translate
+from pglayer.fastapi import Db, setup
+from pglayer_shop.app import create_app
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, seed
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import (
+    LiveServer,
+    asgi_client,
+    backends,
+    destroy_cluster,
+    make_cluster,
+    settings_for,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedPostgres]:
+    own = make_cluster("pglayer-fault-")
+    own.start()
+    try:
+        yield own
+    finally:
+        destroy_cluster(own)
+
+
+@pytest.fixture
+def running(cluster: EmbeddedPostgres) -> Iterator[EmbeddedPostgres]:
+    """The cluster, started again after a test that stopped it."""
+    if cluster.running_port() is None:
+        cluster.start()
+    yield cluster
+    if cluster.running_port() is None:
+        cluster.start()
+
+
+@pytest.fixture
+async def shop_url(running: EmbeddedPostgres) -> AsyncIterator[str]:
+    name = f"shop_{uuid.uuid4().hex[:8]}"
+    running.create_database(name)
+    url = running.admin_url(name)
+    async with Database(settings_for(url)) as db:
+        await apply_migrations(db)
+        await seed(db, SeedCounts(users=20, products=2, orders=10))
+    yield url
+    if running.running_port() is None:  # a test stopped it
+        await asyncio.to_thread(running.start)
+    admin: asyncpg.Connection[Any] = await asyncpg.connect(running.admin_url())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def terminate_pool_backends(url: str, database: str) -> int:
+    admin: asyncpg.Connection[Any] = await asyncpg.connect(url)
+    try:
+        return len(
+            await admin.fetch(
+                """
+                SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                WHERE datname = $1 AND application_name = 'pglayer-test'
+                """,
+                database,
+            )
+        )
+    finally:
+        await admin.close()
+
+
+async def test_terminated_idle_connections_are_replaced_without_a_visible_error(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    database = shop_url.rsplit("/", 1)[1]
+    db = Database(settings_for(shop_url, min_size=4, max_size=4))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert db.stats().size == 4
+        killed = await terminate_pool_backends(running.admin_url(), database)
+        assert killed == 4
+        statuses = [(await client.get(f"/users/{i}")).status_code for i in range(1, 21)]
+        assert statuses == [200] * 20
+        assert db.stats().connections_lost == 4
+
+
+async def test_a_fast_restart_under_load_gives_only_503s_and_recovers(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    db = Database(
+        settings_for(shop_url, min_size=4, max_size=4, acquire_timeout=1, connect_timeout=1)
+    )
+    app = create_app(db=db, settings=ShopSettings())
+    loop = asyncio.get_running_loop()
+    results: list[tuple[float, int, str | None]] = []
+    stop = asyncio.Event()
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+
+        async def worker(n: int) -> None:
+            for i in range(5_000):  # bounded in count as well as by `stop`
+                if stop.is_set():
+                    return
+                response = await client.get(f"/users/{1 + (n + i) % 20}")
+                results.append(
+                    (loop.time(), response.status_code, response.headers.get("retry-after"))
+                )
+                if response.status_code != 200:
+                    await asyncio.sleep(0.01)
+
+        workers = [asyncio.create_task(worker(n)) for n in range(8)]
+        await asyncio.sleep(0.3)
+        opened_before = db.stats().connections_opened
+        restarted_at = loop.time()
+        await asyncio.to_thread(running.restart, mode="fast")
+        accepting_at = loop.time()
+
+        async def served_after_restart() -> bool:
+            return any(t > accepting_at and s == 200 for t, s, _ in results)
+
+        assert await wait_for(served_after_restart, timeout=10)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*workers)
+
+    counts = Counter(s for _, s, _ in results)
+    assert set(counts) <= {200, 503}, counts
+    assert counts[503] > 0, "the restart was not seen by any request"
+    assert all(ra is not None and int(ra) >= 1 for _, s, ra in results if s == 503)
+    first_ok = min(t for t, s, _ in results if t > accepting_at and s == 200)
+    recovery = first_ok - accepting_at
+    print(
+        f"\nrestart: outage {accepting_at - restarted_at:.2f}s, first 2xx {recovery * 1000:.0f} ms "
+        f"after the server accepted connections; statuses {dict(counts)}"
+    )
+    assert recovery < 1.0
+    assert db.stats().connections_opened > opened_before
+    # After recovery every request succeeds: no stale connection was kept.
+    tail = [s for t, s, _ in results if t > first_ok]
+    assert tail
+    assert all(s == 200 for s in tail)
+
+
+async def test_startup_while_the_database_is_down_then_ready_by_itself(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    running.stop(force=True)
+    db = Database(settings_for(shop_url, require_on_startup=False, connect_timeout=0.5))
+    app = create_app(db=db, settings=ShopSettings())
+    loop = asyncio.get_running_loop()
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        assert (await client.get("/health/ready")).status_code == 503
+        response = await client.get("/users/1")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+
+        await asyncio.to_thread(running.start)
+        up_at = loop.time()
+
+        async def ready() -> bool:
+            return (await client.get("/health/ready")).status_code == 200
+
+        assert await wait_for(ready, timeout=10, interval=0.05)
+        print(f"\nready {(loop.time() - up_at) * 1000:.0f} ms after the database came up")
+        assert (await client.get("/users/1")).status_code == 200
+
+
+async def test_a_required_database_that_is_down_stops_startup_with_a_clear_error(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    running.stop(force=True)
+    db = Database(settings_for(shop_url, require_on_startup=True, startup_timeout=0.5))
+    app = create_app(db=db, settings=ShopSettings())
+    with pytest.raises(DatabaseUnavailableError) as info:
+        async with app.router.lifespan_context(app):
+            pass
+    assert "not reachable within 0.5s" in str(info.value)
+    assert running.password not in str(info.value)
+
+
+async def test_cannot_connect_now_while_shutting_down_is_transient(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    holder: asyncpg.Connection[Any] = await asyncpg.connect(shop_url)
+    # A smart shutdown waits for `holder` and refuses new connections meanwhile.
+    stopping = running._run("pg_ctl", "stop", "-D", str(running.data_dir), "-m", "smart", "-W")
+    assert stopping.returncode == 0
+    try:
+
+        async def refused() -> BaseException | None:
+            try:
+                conn = await asyncpg.connect(shop_url)
+            except asyncpg.PostgresError as exc:
+                return exc
+            await conn.close()
+            return None
+
+        exc = await wait_for(refused)
+        translated = translate(exc)
+        assert isinstance(translated, ConnectionLostError)
+        assert translated.sqlstate == "57P03"
+    finally:
+        await holder.close()
+    await asyncio.to_thread(wait_stopped, running)
+
+
+def wait_stopped(cluster: EmbeddedPostgres) -> None:
+    cluster._run("pg_ctl", "stop", "-D", str(cluster.data_dir), "-m", "fast", "-w")
+
+
+async def test_a_crashed_backend_loses_the_others_with_a_transient_error(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    db = Database(settings_for(shop_url, min_size=1, max_size=2, retry_attempts=1))
+    async with db:
+        victim: asyncpg.Connection[Any] = await asyncpg.connect(shop_url)
+        pid = await victim.fetchval("SELECT pg_backend_pid()")
+
+        async def sleep_in_pool() -> None:
+            async with db.connection() as conn:
+                await conn.execute("SELECT pg_sleep(10)")
+
+        sleeper = asyncio.create_task(sleep_in_pool())
+        await asyncio.sleep(0.2)
+        # A backend of our own test cluster, killed by its PID: PostgreSQL then restarts
+        # every other backend with 57P02 (crash shutdown).
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ConnectionLostError) as info:
+            await sleeper
+        victim.terminate()
+        assert info.value.sqlstate in ("57P02", "08003", "08006")
+
+        async def recovered() -> bool:
+            try:
+                await db.ping(timeout=1)
+            except Exception:
+                return False
+            return True
+
+        assert await wait_for(recovered, timeout=15)
+
+
+def slow_app(db: Database) -> FastAPI:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.get("/work")
+    async def work(db: Db) -> int:
+        return int(await db.run(lambda c: c.fetchval("SELECT 1 FROM pg_sleep(0.02)")))
+
+    return app
+
+
+async def test_a_pool_of_two_sheds_load_fast_instead_of_queueing(
+    running: EmbeddedPostgres, shop_url: str
+) -> None:
+    database = shop_url.rsplit("/", 1)[1]
+    db = Database(
+        settings_for(shop_url, min_size=2, max_size=2, max_waiters=16, acquire_timeout=0.5)
+    )
+    app = slow_app(db)
+    async with app.router.lifespan_context(app), LiveServer(app) as server:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+            responses = await asyncio.gather(*(client.get("/work") for _ in range(200)))
+    codes = Counter(
+        (r.status_code, r.json().get("code") if r.status_code != 200 else "ok") for r in responses
+    )
+    print(f"\nload shedding, pool of 2, 200 concurrent: {dict(codes)}")
+    assert {status for status, _ in codes} <= {200, 503}, codes
+    assert codes[(200, "ok")] >= 2
+    assert codes[(503, "overloaded")] >= 1
+    assert all("retry-after" in r.headers for r in responses if r.status_code == 503)
+    assert db.stats().requests_shed == codes[(503, "overloaded")]
+
+    async def clean() -> bool:
+        admin: asyncpg.Connection[Any] = await asyncpg.connect(running.admin_url())
+        try:
+            rows = await backends(admin, database)
+        finally:
+            await admin.close()
+        return not rows  # the pool is closed: nothing may remain
+
+    assert await wait_for(clean)
