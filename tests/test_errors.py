@@ -376,3 +376,67 @@ async def test_a_statement_timeout_frees_its_connection(db_url: str) -> None:
         assert_clean_problem(second, 422, "validation_error")
         assert db.stats().in_use == 0
         assert db.stats().acquire_timeouts == 0
+
+
+SLOW_COMMIT = """
+CREATE TABLE slow (k int);
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(10); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+
+
+async def kill_when_committing(admin: asyncpg.Connection[Any], db_name: str) -> None:
+    async def committing() -> int | None:
+        for b in await backends(admin, db_name):
+            if (b["query"] or "").strip().upper().startswith("COMMIT") and b["state"] == "active":
+                return int(b["pid"])
+        return None
+
+    pid = await wait_for(committing)
+    assert pid
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+
+
+async def test_a_connection_lost_during_commit_is_indeterminate_and_never_replayed(
+    err_db: Database, admin: asyncpg.Connection[Any], db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pglayer import CommitIndeterminateError
+
+    async with err_db.connection() as conn:
+        await conn.execute(SLOW_COMMIT)
+    attempts = 0
+
+    async def body(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("INSERT INTO slow VALUES (1)")
+
+    db = Database(settings_for(err_db.settings.dsn(), retry_attempts=5, retry_initial_wait=0.01))
+    async with db:
+        killer = asyncio.create_task(kill_when_committing(admin, db_name))
+        with pytest.raises(CommitIndeterminateError):
+            await db.run_in_transaction(body)
+        await killer
+    assert attempts == 1
+    assert "COMMIT outcome unknown" in caplog.text
+
+
+async def test_an_indeterminate_commit_answers_503(
+    err_db: Database, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    async with err_db.connection() as conn:
+        await conn.execute(SLOW_COMMIT)
+    app = FastAPI()
+    setup(app, err_db)
+
+    @app.post("/slow")
+    async def slow(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO slow VALUES (1)")
+
+    async with asgi_client(app) as client:
+        killer = asyncio.create_task(kill_when_committing(admin, db_name))
+        response = await client.post("/slow")
+        await killer
+    assert_clean_problem(response, 503, "unavailable")
