@@ -222,7 +222,7 @@ class Database:
 
     # -- connections -----------------------------------------------------------------
 
-    async def _acquire(self, timeout: float | None) -> Any:
+    async def _acquire(self, timeout: float | None) -> tuple[asyncpg.Pool[Record], Any]:
         pool = self._pool
         if pool is None:
             raise DatabaseUnavailableError()
@@ -251,15 +251,11 @@ class Database:
         finally:
             self._waiting -= 1
         self._stats.acquired(time.perf_counter() - started)
-        return conn
+        return pool, conn
 
-    async def _release(self, conn: Any, held_since: float) -> None:
+    async def _release(self, pool: asyncpg.Pool[Record], conn: Any, held_since: float) -> None:
+        # To the pool it came from: during close() that pool is still waiting for it.
         self._stats.released(time.perf_counter() - held_since)
-        pool = self._pool
-        if pool is None:
-            # Closed meanwhile: the pool's close() is waiting on this very connection.
-            conn.terminate()
-            return
         try:
             await pool.release(conn, timeout=_RELEASE_TIMEOUT)
         except Exception:
@@ -270,12 +266,12 @@ class Database:
     @asynccontextmanager
     async def connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
         """A pooled connection in autocommit mode, acquired within `timeout` seconds."""
-        raw = await self._acquire(timeout)
+        pool, raw = await self._acquire(timeout)
         held_since = time.perf_counter()
         try:
             yield Connection(raw)
         finally:
-            await self._release(raw, held_since)
+            await self._release(pool, raw, held_since)
 
     @asynccontextmanager
     async def transaction(
