@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,3 +17,5 @@ class ShopSettings(BaseSettings):
     max_body_size: int = Field(default=1 << 20, gt=0)
     # /health/ready answers 503 when `SELECT 1` takes longer than this.
     ready_timeout: float = Field(default=1.0, gt=0)
+    # How /dashboard gathers its data: one SQL statement, or three queries side by side.
+    dashboard_strategy: Literal["single", "concurrent"] = "single"

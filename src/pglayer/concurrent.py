@@ -1,0 +1,66 @@
+"""Independent queries run at once on separate pooled connections, with structured cancellation.
+
+Use it when the queries are independent and each is slow enough that running them side by
+side beats their sum; for a few fast lookups one SQL statement (one round trip, one
+connection) is usually faster. Either way, measure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
+
+from pglayer.connection import Connection
+from pglayer.database import Database
+
+__all__ = ["gather"]
+
+T1 = TypeVar("T1")
+T2 = TypeVar("T2")
+T3 = TypeVar("T3")
+Query = Callable[[Connection], Awaitable[Any]]
+
+
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    q2: Callable[[Connection], Awaitable[T2]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1, T2]: ...
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    q2: Callable[[Connection], Awaitable[T2]],
+    q3: Callable[[Connection], Awaitable[T3]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1, T2, T3]: ...
+async def gather(db: Database, *queries: Query, max_connections: int = 3) -> tuple[Any, ...]:
+    """Run each `query(conn)` via `db.run` (retried reads) at once; return results in order.
+
+    At most `max_connections` of them hold a connection at once, so one request cannot drain
+    the pool. If any fails, the others are cancelled — their queries are cancelled on the
+    server and their connections released — and that first error is raised as it is.
+    """
+    if max_connections < 1:
+        raise ValueError("max_connections must be at least 1")
+    slots = asyncio.Semaphore(max_connections)
+
+    async def one(query: Query) -> Any:
+        async with slots:
+            return await db.run(query)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(q)) for q in queries]
+    except BaseExceptionGroup as failed:
+        # The first real error is what callers (and the problem handlers) understand.
+        errors = [e for e in failed.exceptions if not isinstance(e, asyncio.CancelledError)]
+        raise (errors or list(failed.exceptions))[0] from None
+    return tuple(t.result() for t in tasks)

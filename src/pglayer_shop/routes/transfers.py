@@ -1,0 +1,96 @@
+"""`/transfers` and deposits: money moves between accounts without deadlocks or overdrafts."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from pglayer import Connection
+from pglayer.fastapi import Db, DbConnection, Problem, problem_responses
+from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
+from pglayer_shop.routes.params import UserId
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["accounts"])
+
+
+@router.post("/accounts/{user_id}/deposits", responses=problem_responses(404, 413, 422))
+async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Account:
+    """Add to the balance; the deposit is recorded in the same statement."""
+    account = await conn.fetch_one(
+        Account,
+        """
+        WITH a AS (
+            UPDATE accounts SET balance = balance + $2, updated_at = now()
+            WHERE user_id = $1 RETURNING user_id, balance
+        ), d AS (
+            INSERT INTO deposits (user_id, amount) SELECT user_id, $2 FROM a
+        )
+        SELECT user_id, balance FROM a
+        """,
+        user_id,
+        body.amount,
+    )
+    if account is None:
+        raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
+    return account
+
+
+async def _transfer(conn: Connection, body: TransferCreate) -> Transfer:
+    # Both rows are locked in user_id order (LockRows runs above the sort), so crossing
+    # transfers A→B and B→A queue up instead of deadlocking.
+    rows = await conn.fetch(
+        """
+        SELECT user_id, balance FROM accounts WHERE user_id = ANY($1::bigint[])
+        ORDER BY user_id FOR UPDATE
+        """,
+        [body.from_user_id, body.to_user_id],
+    )
+    balances = {r["user_id"]: r["balance"] for r in rows}
+    for user_id in (body.from_user_id, body.to_user_id):
+        if user_id not in balances:
+            raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
+    if balances[body.from_user_id] < body.amount:
+        raise Problem(409, "insufficient_funds", "The balance does not cover this transfer.")
+    transfer = await conn.fetch_one(
+        Transfer,
+        """
+        WITH debit AS (
+            UPDATE accounts SET balance = balance - $3, updated_at = now() WHERE user_id = $1
+        ), credit AS (
+            UPDATE accounts SET balance = balance + $3, updated_at = now() WHERE user_id = $2
+        )
+        INSERT INTO transfers (from_user_id, to_user_id, amount) VALUES ($1, $2, $3)
+        RETURNING id, from_user_id, to_user_id, amount, created_at
+        """,
+        body.from_user_id,
+        body.to_user_id,
+        body.amount,
+    )
+    assert transfer is not None
+    return transfer
+
+
+@router.get("/transfers/{transfer_id}", responses=problem_responses(404, 422))
+async def get_transfer(transfer_id: UserId, db: Db) -> Transfer:
+    transfer = await db.run(
+        lambda conn: conn.fetch_one(
+            Transfer,
+            "SELECT id, from_user_id, to_user_id, amount, created_at FROM transfers WHERE id = $1",
+            transfer_id,
+        )
+    )
+    if transfer is None:
+        raise Problem(404, "not_found", f"Transfer {transfer_id} does not exist.")
+    return transfer
+
+
+@router.post(
+    "/transfers",
+    status_code=201,
+    responses=problem_responses(404, 409, 413, 422, _409="`insufficient_funds`; nothing changed"),
+)
+async def create_transfer(body: TransferCreate, db: Db, response: Response) -> Transfer:
+    transfer = await db.run_in_transaction(lambda conn: _transfer(conn, body))
+    response.headers["Location"] = f"/transfers/{transfer.id}"
+    return transfer
