@@ -212,3 +212,53 @@ class LiveServer:
         self.server.should_exit = True
         assert self._task is not None
         await self._task
+
+
+class ServerProcess:
+    """An app factory served by uvicorn in a separate process (uvloop, httptools)."""
+
+    def __init__(self, factory: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._factory = factory
+        self._env = env
+        self._proc: Any = None
+
+    async def __aenter__(self) -> ServerProcess:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "--factory", self._factory,
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+                "--backlog", "4096",
+            ],
+            env=self._env,
+            cwd=str(Path(__file__).parent.parent),
+        )  # fmt: skip
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self._proc.returncode}")
+                try:
+                    if (await client.get(f"{self.url}/health/live")).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    async def __aexit__(self, *exc: object) -> None:
+        import signal
+
+        self._proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+        await asyncio.to_thread(self._proc.wait, 30)
+
+
+def server_env(db_url: str, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGLAYER_")}
+    env["DATABASE_URL"] = db_url
+    env.update(settings)
+    return env
