@@ -228,7 +228,7 @@ class ServerProcess:
         import subprocess
         import sys
 
-        self._proc = subprocess.Popen(
+        self._proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; we poll it below)
             [
                 sys.executable, "-m", "uvicorn", "--factory", self._factory,
                 "--host", "127.0.0.1", "--port", str(self.port),
