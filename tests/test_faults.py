@@ -127,10 +127,12 @@ async def test_a_fast_restart_under_load_gives_only_503s_and_recovers(
             for i in range(5_000):  # bounded in count as well as by `stop`
                 if stop.is_set():
                     return
+                sent_at = loop.time()
                 response = await client.get(f"/users/{1 + (n + i) % 20}")
                 results.append(
                     (loop.time(), response.status_code, response.headers.get("retry-after"))
                 )
+                started.append((sent_at, response.status_code))
                 if response.status_code != 200:
                     await asyncio.sleep(0.01)
 
