@@ -43,10 +43,6 @@ T = TypeVar("T")
 _RELEASE_TIMEOUT = 5.0
 
 
-def _ms(seconds: float) -> str:
-    return str(int(seconds * 1000))
-
-
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
     for pg_type in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -155,13 +151,6 @@ class Database:
 
     async def _create_pool(self) -> asyncpg.Pool[Record]:
         s = self.settings
-        server_settings = {
-            "application_name": s.application_name,
-            "statement_timeout": _ms(s.statement_timeout),
-            "lock_timeout": _ms(s.lock_timeout),
-            "idle_in_transaction_session_timeout": _ms(s.idle_in_transaction_timeout),
-            "client_connection_check_interval": _ms(s.client_connection_check_interval),
-        }
         try:
             pool = await asyncpg.create_pool(
                 s.dsn(),
@@ -171,7 +160,7 @@ class Database:
                 command_timeout=s.query_timeout,
                 statement_cache_size=s.statement_cache_size,
                 timeout=s.connect_timeout,
-                server_settings=server_settings,
+                server_settings=s.server_settings(),
                 init=_init_connection,
                 reset=_no_reset,
                 connect=self._connect,

@@ -51,6 +51,20 @@ class DatabaseSettings(BaseSettings):
             raise ValueError("min_size must not exceed max_size")
         return self
 
+    def server_settings(self) -> dict[str, str]:
+        """Startup parameters for every connection (not `SET`: PgBouncer-safe)."""
+
+        def ms(seconds: float) -> str:
+            return str(int(seconds * 1000))
+
+        return {
+            "application_name": self.application_name,
+            "statement_timeout": ms(self.statement_timeout),
+            "lock_timeout": ms(self.lock_timeout),
+            "idle_in_transaction_session_timeout": ms(self.idle_in_transaction_timeout),
+            "client_connection_check_interval": ms(self.client_connection_check_interval),
+        }
+
     def dsn(self) -> str:
         """The connection string; raises if none is configured."""
         if self.url is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -13,7 +13,7 @@ from pglayer.fastapi.dependencies import STATE_KEY
 from pglayer.fastapi.middleware import RequestGuard
 from pglayer.fastapi.problems import install_problem_handlers
 
-__all__ = ["database_lifespan", "setup"]
+__all__ = ["database_lifespan", "setup", "wrap_lifespan"]
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
@@ -34,6 +34,21 @@ def database_lifespan(db: Database, inner: Lifespan | None = None) -> Lifespan:
             await db.close()
 
     return lifespan
+
+
+def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:
+    """Run `on_shutdown` after the app's current lifespan has ended."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        try:
+            async with inner(app_) as state:
+                yield state
+        finally:
+            await on_shutdown()
+
+    app.router.lifespan_context = lifespan
 
 
 def setup(
