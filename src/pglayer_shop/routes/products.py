@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
-from pydantic import TypeAdapter
 
 from pglayer.fastapi import Db, DbConnection, Problem, problem_responses
 from pglayer_shop.models import MAX_ID, Page, Product, ProductCreate
-from pglayer_shop.pagination import After, Limit, decode_cursor, encode_cursor
+from pglayer_shop.pagination import After, Limit, page_by_id
 
 __all__ = ["router"]
 
@@ -17,7 +16,6 @@ router = APIRouter(tags=["products"])
 
 ProductId = Annotated[int, Path(gt=0, le=MAX_ID, description="A positive 64-bit id")]
 _COLUMNS = "id, name, price, stock"
-_CURSOR = TypeAdapter(tuple[int])
 
 
 @router.get("/products/{product_id}", responses=problem_responses(404, 422))
@@ -34,17 +32,7 @@ async def get_product(product_id: ProductId, db: Db) -> Product:
 
 @router.get("/products", responses=problem_responses(422))
 async def list_products(db: Db, limit: Limit = 50, after: After = None) -> Page[Product]:
-    after_id = decode_cursor(after, _CURSOR)[0] if after else 0
-    products = await db.run(
-        lambda conn: conn.fetch_all(
-            Product,
-            f"SELECT {_COLUMNS} FROM products WHERE id > $1 ORDER BY id LIMIT $2",
-            after_id,
-            limit + 1,
-        )
-    )
-    next_cursor = encode_cursor(products[limit - 1].id) if len(products) > limit else None
-    return Page[Product](items=products[:limit], next_cursor=next_cursor)
+    return await page_by_id(db, Product, _COLUMNS, "products", limit, after)
 
 
 @router.post("/products", status_code=201, responses=problem_responses(413, 422))

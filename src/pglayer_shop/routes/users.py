@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from pydantic import TypeAdapter
 
 from pglayer import UniqueViolationError
 from pglayer.fastapi import Db, Problem, WriteTransaction, problem_responses
 from pglayer_shop.models import Page, User, UserCreate
-from pglayer_shop.pagination import After, Limit, decode_cursor, encode_cursor
+from pglayer_shop.pagination import After, Limit, page_by_id
 from pglayer_shop.routes.params import UserId
 
 __all__ = ["router"]
@@ -16,7 +15,6 @@ __all__ = ["router"]
 router = APIRouter(tags=["users"])
 
 _USER_COLUMNS = "id, name, email, created_at"
-_CURSOR = TypeAdapter(tuple[int])
 
 
 @router.get("/users/{user_id}", responses=problem_responses(404, 422))
@@ -33,17 +31,7 @@ async def get_user(user_id: UserId, db: Db) -> User:
 
 @router.get("/users", responses=problem_responses(422))
 async def list_users(db: Db, limit: Limit = 50, after: After = None) -> Page[User]:
-    after_id = decode_cursor(after, _CURSOR)[0] if after else 0
-    users = await db.run(
-        lambda conn: conn.fetch_all(
-            User,
-            f"SELECT {_USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2",
-            after_id,
-            limit + 1,
-        )
-    )
-    next_cursor = encode_cursor(users[limit - 1].id) if len(users) > limit else None
-    return Page[User](items=users[:limit], next_cursor=next_cursor)
+    return await page_by_id(db, User, _USER_COLUMNS, "users", limit, after)
 
 
 @router.post(
