@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 __all__ = ["Histogram", "PoolStats"]
 
@@ -24,6 +25,27 @@ class Histogram:
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Count, sum, p50/p95/p99 (bucket upper bounds, seconds) and cumulative buckets."""
+        cumulative = 0
+        buckets: dict[str, int] = {}
+        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += c
+            buckets["+Inf" if bound == float("inf") else f"{bound:g}"] = cumulative
+
+        def at(q: float) -> float | str | None:
+            value = self.quantile(q)
+            return "+Inf" if value == float("inf") else value
+
+        return {
+            "count": self.count,
+            "sum_seconds": round(self.total, 6),
+            "p50": at(0.5),
+            "p95": at(0.95),
+            "p99": at(0.99),
+            "buckets": buckets,
+        }
 
     def quantile(self, q: float) -> float | None:
         """Upper bound of the bucket holding quantile `q` (0..1); None when empty."""
@@ -62,6 +84,14 @@ class PoolStats:
     retries: dict[str, int] = field(default_factory=dict)
     give_ups: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view with stable keys (histograms summarised)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.as_dict() if isinstance(value, Histogram) else value
+        return out
 
 
 class _Recorder:

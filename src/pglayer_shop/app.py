@@ -6,7 +6,16 @@ from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import setup
-from pglayer_shop.routes import accounts, dashboard, health, orders, products, transfers, users
+from pglayer_shop.routes import (
+    accounts,
+    admin,
+    dashboard,
+    health,
+    orders,
+    products,
+    transfers,
+    users,
+)
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["create_app"]
@@ -23,6 +32,6 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     )
     app.state.shop_settings = settings
     setup(app, db, max_body_size=settings.max_body_size)
-    for module in (users, accounts, transfers, products, orders, dashboard, health):
+    for module in (users, accounts, transfers, products, orders, dashboard, health, admin):
         app.include_router(module.router)
     return app

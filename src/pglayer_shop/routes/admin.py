@@ -1,0 +1,43 @@
+"""`/admin/db-stats`: pool statistics behind a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from pglayer import Database
+from pglayer.fastapi import Problem, get_database, problem_responses
+from pglayer_shop.settings import ShopSettings
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["admin"])
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """404 when no admin token is configured; 401 unless `Bearer <token>` matches it."""
+    settings: ShopSettings = request.app.state.shop_settings
+    if settings.admin_token is None:
+        raise Problem(404, "not_found", "Not Found")
+    expected = settings.admin_token.get_secret_value().encode()
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest takes the same time wherever the first difference is.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise Problem(
+            401,
+            "unauthorized",
+            "A valid bearer token is required.",
+            headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+        )
+
+
+@router.get(
+    "/admin/db-stats",
+    dependencies=[Depends(require_admin)],
+    responses=problem_responses(401, 404),
+)
+async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
+    """Sizes, idle, in use, waiting; acquire-wait and hold-time histograms; counters since start."""
+    return {"pools": {db.name: db.stats().as_dict()}}

@@ -1,0 +1,60 @@
+"""`/admin/db-stats`: protected by a bearer token; counters move exactly as scripted."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from pglayer import Database
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import asgi_client
+from tests.test_shop_users import assert_problem
+
+TOKEN = "s3cret-admin-token"
+
+
+@pytest.fixture
+async def admin_client(db: Database) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(db=db, settings=ShopSettings(admin_token=TOKEN))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        yield client
+
+
+async def test_no_configured_token_hides_the_route(client: httpx.AsyncClient) -> None:
+    response = await client.get("/admin/db-stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_problem(response, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}],
+)
+async def test_missing_or_wrong_tokens_are_401(
+    admin_client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await admin_client.get("/admin/db-stats", headers=headers)
+    assert_problem(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert TOKEN not in response.text
+
+
+async def test_stats_count_exactly_what_happened(
+    admin_client: httpx.AsyncClient, db: Database
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = (await admin_client.get("/admin/db-stats", headers=auth)).json()["pools"]["primary"]
+    for i in range(5):
+        await admin_client.get(f"/users/{i + 1}")
+    after = (await admin_client.get("/admin/db-stats", headers=auth)).json()["pools"]["primary"]
+    assert after["acquisitions"] - before["acquisitions"] == 5
+    assert after["acquire_wait"]["count"] - before["acquire_wait"]["count"] == 5
+    assert after["hold_time"]["count"] - before["hold_time"]["count"] == 5
+    assert after["in_use"] == 0
+    assert after["waiting"] == 0
+    assert (after["min_size"], after["max_size"]) == (db.settings.min_size, db.settings.max_size)
+    assert after["idle"] == after["size"] >= 1
+    assert set(after["acquire_wait"]) == {"count", "sum_seconds", "p50", "p95", "p99", "buckets"}
+    assert after["acquire_wait"]["buckets"]["+Inf"] == after["acquire_wait"]["count"]
