@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import setup
+from pglayer.fastapi.metrics import setup_metrics
 from pglayer_shop.routes import (
     accounts,
     admin,
@@ -32,6 +33,7 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     )
     app.state.shop_settings = settings
     setup(app, db, max_body_size=settings.max_body_size)
+    app.state.metrics = setup_metrics(app, db)
     for module in (users, accounts, transfers, products, orders, dashboard, health, admin):
         app.include_router(module.router)
     return app

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from pglayer import Database, PglayerError
@@ -41,3 +42,9 @@ async def ready(request: Request, db: Annotated[Database, Depends(get_database)]
             pools={db.name: "unavailable"},
         ) from None
     return Health(status="ok", pools={db.name: "ok"})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition: HTTP requests by route and status, pool state and counters."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

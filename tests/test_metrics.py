@@ -1,0 +1,69 @@
+"""`/metrics`: valid Prometheus text whose values move exactly with traffic."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from pglayer import Database
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):  # raises on invalid text
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_requests_by_route_template_and_status(
+    client: httpx.AsyncClient,
+) -> None:
+    before = await scrape(client)
+    for i in range(3):
+        assert (await client.get(f"/users/{i + 1000}")).status_code == 404
+    assert (await client.get("/users/0")).status_code == 422
+    after = await scrape(client)
+    route = {"method": "GET", "route": "/users/{user_id}"}
+    assert (
+        value(after, "pglayer_http_requests_total", **route, status="404")
+        - value(before, "pglayer_http_requests_total", **route, status="404")
+        == 3
+    )
+    assert value(after, "pglayer_http_requests_total", **route, status="422") == 1
+    assert (
+        value(after, "pglayer_http_request_duration_seconds_count", **route)
+        - value(before, "pglayer_http_request_duration_seconds_count", **route)
+        == 4
+    )
+    # Raw paths never become label values.
+    assert not any("1001" in dict(labels).get("route", "") for _, labels in after)
+
+
+async def test_pool_metrics_mirror_the_pool_statistics(
+    client: httpx.AsyncClient, db: Database
+) -> None:
+    await client.get("/users/1")
+    samples = await scrape(client)
+    stats = db.stats()
+    pool = {"pool": "primary"}
+    assert value(samples, "pglayer_pool_max_size", **pool) == stats.max_size
+    assert value(samples, "pglayer_pool_in_use", **pool) == 0
+    assert value(samples, "pglayer_pool_acquisitions_total", **pool) == stats.acquisitions
+    assert (
+        value(samples, "pglayer_pool_acquire_wait_seconds_count", **pool)
+        == stats.acquire_wait.count
+    )
+    assert (
+        value(samples, "pglayer_pool_acquire_wait_seconds_bucket", **pool, le="+Inf")
+        == stats.acquisitions
+    )
