@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -225,9 +228,6 @@ class ServerProcess:
         self._proc: Any = None
 
     async def __aenter__(self) -> ServerProcess:
-        import subprocess
-        import sys
-
         self._proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; we poll it below)
             [
                 sys.executable, "-m", "uvicorn", "--factory", self._factory,
@@ -251,8 +251,6 @@ class ServerProcess:
         raise RuntimeError("server did not start")
 
     async def __aexit__(self, *exc: object) -> None:
-        import signal
-
         self._proc.send_signal(signal.SIGTERM)  # our own child, by its PID
         await asyncio.to_thread(self._proc.wait, 30)
 

@@ -28,6 +28,7 @@ from pglayer import (
     SerializationError,
     TooManyConnectionsError,
     UniqueViolationError,
+    retry,
 )
 from pglayer.errors import class_for_sqlstate, translate
 from pglayer.fastapi import Db, WriteTransaction, setup
@@ -290,9 +291,7 @@ async def test_a_transaction_is_replayed_whole_after_a_serialization_failure(
     assert result == 106  # 5, +100 by the other writer, +1 by the replay: no lost update
 
 
-async def test_retries_stop_at_the_attempt_bound_and_count_the_give_up(
-    err_db: Database,
-) -> None:
+async def test_retries_stop_at_the_attempt_bound_and_count_the_give_up(db_url: str) -> None:
     calls = 0
 
     async def always_conflicts(conn: Any) -> None:
@@ -300,11 +299,17 @@ async def test_retries_stop_at_the_attempt_bound_and_count_the_give_up(
         calls += 1
         raise translate(asyncpg.SerializationError("conflict"))
 
-    db = err_db
-    with pytest.raises(SerializationError):
-        await db.run_in_transaction(always_conflicts)
-    assert calls == 1  # err_db allows one attempt
-    assert db.stats().give_ups == {"serialization_failure": 1}
+    retry.set_testing(True)
+    try:
+        async with Database(settings_for(db_url, retry_attempts=3)) as db:
+            with pytest.raises(SerializationError):
+                await db.run_in_transaction(always_conflicts)
+            stats = db.stats()
+    finally:
+        retry.set_testing(False)
+    assert calls == 3
+    assert stats.retries == {"serialization_failure": 2}
+    assert stats.give_ups == {"serialization_failure": 1}
 
 
 def _all_postgres_error_classes() -> list[type[asyncpg.PostgresError]]:

@@ -26,10 +26,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import asyncpg
 
 # asyncpg raises this client-side class (not exported) for arguments it cannot encode,
@@ -58,7 +54,6 @@ __all__ = [
     "TransientError",
     "UniqueViolationError",
     "translate",
-    "translating",
 ]
 
 
@@ -232,17 +227,3 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")
     return exc
-
-
-@contextmanager
-def translating() -> Iterator[None]:
-    """Re-raise driver and socket errors as pglayer errors."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        translated = translate(exc)
-        if translated is exc:
-            raise
-        raise translated from exc

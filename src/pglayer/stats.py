@@ -83,7 +83,6 @@ class PoolStats:
     hold_time: Histogram
     retries: dict[str, int] = field(default_factory=dict)
     give_ups: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with stable keys (histograms summarised)."""
@@ -122,7 +121,6 @@ class StatsRecorder:
         self.in_use = 0
         self.retries: dict[str, int] = {}
         self.give_ups: dict[str, int] = {}
-        self.errors: dict[str, int] = {}
         self._wait = _Recorder()
         self._hold = _Recorder()
 
@@ -156,9 +154,6 @@ class StatsRecorder:
     def gave_up(self, reason: str) -> None:
         self.give_ups[reason] = self.give_ups.get(reason, 0) + 1
 
-    def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
     def snapshot(
         self,
         *,
@@ -189,5 +184,4 @@ class StatsRecorder:
             hold_time=self._hold.snapshot(),
             retries=dict(self.retries),
             give_ups=dict(self.give_ups),
-            errors=dict(self.errors),
         )
