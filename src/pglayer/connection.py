@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -17,12 +18,14 @@ from pglayer.errors import (
     QueryTimeoutError,
     translate,
 )
+from pglayer.observer import Observer
 
 __all__ = ["Connection", "Isolation"]
 
 log = logging.getLogger("pglayer")
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 Record = asyncpg.Record
 
@@ -42,10 +45,11 @@ class Connection:
     pool's `query_timeout`. The driver connection is there as `raw` for what is not wrapped.
     """
 
-    __slots__ = ("raw",)
+    __slots__ = ("observer", "raw")
 
-    def __init__(self, raw: asyncpg.Connection[Record]) -> None:
+    def __init__(self, raw: asyncpg.Connection[Record], observer: Observer | None = None) -> None:
         self.raw = raw
+        self.observer = observer
 
     def is_closed(self) -> bool:
         """True when the connection is gone (closed, or already taken back by the pool)."""
@@ -55,51 +59,60 @@ class Connection:
             # asyncpg detaches the pool proxy of a connection that died under it.
             return True
 
-    def _raise(self, exc: Exception) -> NoReturn:
+    def _translate(self, exc: Exception) -> BaseException:
         translated = translate(exc, connection_closed=self.is_closed())
         if isinstance(translated, ConnectionLostError) and not self.is_closed():
             # Broken but not yet closed: make sure the pool never hands it out again.
             self.raw.terminate()
+        return translated
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        translated = self._translate(exc)
+        if self.observer is not None:
+            self.observer.error(translated)
         if translated is exc:
             raise exc
         raise translated from exc
 
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], query: str, args: Any, timeout: float | None
+    ) -> T:
+        observer = self.observer
+        started = time.perf_counter()
+        try:
+            result = await method(query, *args, timeout=_bounded(timeout))
+        except Exception as exc:
+            translated = self._translate(exc)
+            if observer is not None:
+                observer.query_finished(query, time.perf_counter() - started, translated)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if observer is not None:
+            observer.query_finished(query, time.perf_counter() - started)
+        return result
+
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement and return its status tag (`INSERT 0 1`)."""
-        try:
-            return await self.raw.execute(query, *args, timeout=_bounded(timeout))
-        except Exception as exc:
-            self._raise(exc)
+        return await self._call(self.raw.execute, query, args, timeout)
 
     async def executemany(
         self, query: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
         """Run a statement once for each argument tuple, in one round trip."""
-        try:
-            await self.raw.executemany(query, args, timeout=_bounded(timeout))
-        except Exception as exc:
-            self._raise(exc)
+        await self._call(self.raw.executemany, query, (args,), timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Record]:
         """All rows as records."""
-        try:
-            return await self.raw.fetch(query, *args, timeout=_bounded(timeout))
-        except Exception as exc:
-            self._raise(exc)
+        return await self._call(self.raw.fetch, query, args, timeout)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Record | None:
         """The first row, or `None`."""
-        try:
-            return await self.raw.fetchrow(query, *args, timeout=_bounded(timeout))
-        except Exception as exc:
-            self._raise(exc)
+        return await self._call(self.raw.fetchrow, query, args, timeout)
 
     async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
         """The first column of the first row, or `None`."""
-        try:
-            return await self.raw.fetchval(query, *args, timeout=_bounded(timeout))
-        except Exception as exc:
-            self._raise(exc)
+        return await self._call(self.raw.fetchval, query, args, timeout)
 
     async def fetch_all(
         self, model: type[M], query: str, *args: Any, timeout: float | None = None
@@ -125,12 +138,13 @@ class Connection:
         timeout: float | None = None,
     ) -> str:
         """Bulk-load `records` into `table` with COPY."""
-        try:
+
+        async def copy(_statement: str, *, timeout: float | None) -> str:
             return await self.raw.copy_records_to_table(
-                table, records=records, columns=list(columns), timeout=_bounded(timeout)
+                table, records=records, columns=list(columns), timeout=timeout
             )
-        except Exception as exc:
-            self._raise(exc)
+
+        return await self._call(copy, f"COPY {table}", (), timeout)
 
     @asynccontextmanager
     async def transaction(
@@ -168,6 +182,8 @@ class Connection:
                     "COMMIT outcome unknown: the connection failed while COMMIT was in flight; "
                     "the transaction may or may not have been applied"
                 )
+                if self.observer is not None:
+                    self.observer.error(CommitIndeterminateError())
                 raise CommitIndeterminateError() from exc
             self._raise(exc)
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -26,11 +26,14 @@ from pglayer.dsn import describe_target
 from pglayer.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
+    PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
     TransientError,
     translate,
 )
+from pglayer.events import Hook
+from pglayer.observer import Observer
 from pglayer.retry import RetryPolicy, retrying
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import PoolStats, StatsRecorder
@@ -60,6 +63,19 @@ async def _no_reset(conn: asyncpg.Connection[Record]) -> None:
     return None
 
 
+class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs
+    """Remembers a graceful close, so a retirement (idle lifetime, `close()`) is not a loss.
+
+    `terminate()` is not marked: pglayer and asyncpg only terminate connections that broke.
+    """
+
+    closed_by_client = False
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        self.closed_by_client = True
+        await super().close(timeout=timeout)
+
+
 class Database:
     """A pool of PostgreSQL connections.
 
@@ -68,7 +84,13 @@ class Database:
     errors are pglayer errors.
     """
 
-    def __init__(self, settings: DatabaseSettings | None = None, *, name: str = "primary") -> None:
+    def __init__(
+        self,
+        settings: DatabaseSettings | None = None,
+        *,
+        name: str = "primary",
+        hooks: Iterable[Hook] = (),
+    ) -> None:
         self.settings = settings if settings is not None else DatabaseSettings()
         if self.settings.url is None:
             raise ConfigurationError("no database URL configured: set DATABASE_URL")
@@ -79,6 +101,12 @@ class Database:
         self._closing = False
         self._waiting = 0
         self._stats = StatsRecorder()
+        self._observer = Observer(
+            name,
+            self._stats,
+            slow_query_threshold=self.settings.slow_query_threshold,
+            hooks=hooks,
+        )
         self.retry_policy = RetryPolicy(
             attempts=self.settings.retry_attempts,
             initial=self.settings.retry_initial_wait,
@@ -98,6 +126,10 @@ class Database:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def add_hook(self, hook: Hook) -> None:
+        """Call `hook` with every event of this pool from now on (see `pglayer.events`)."""
+        self._observer.hooks.append(hook)
 
     @property
     def is_open(self) -> bool:
@@ -164,6 +196,7 @@ class Database:
                 init=_init_connection,
                 reset=_no_reset,
                 connect=self._connect,
+                connection_class=_TrackedConnection,
             )
         except Exception as exc:
             translated = translate(exc)
@@ -177,15 +210,18 @@ class Database:
         try:
             conn: asyncpg.Connection[Record] = await asyncpg.connect(*args, **kwargs)
         except BaseException:
-            self._stats.connection_failed()
+            self._observer.connection_failed()
             raise
-        self._stats.connection_opened()
+        self._observer.connection_opened()
         conn.add_termination_listener(self._on_connection_closed)  # type: ignore[arg-type]
         return conn
 
     def _on_connection_closed(self, conn: asyncpg.Connection[Record]) -> None:
-        if not self._closing:
-            self._stats.connection_lost()
+        if self._closing or getattr(conn, "closed_by_client", False):
+            # Retired by the pool (idle lifetime, close()) or by pglayer: not a loss.
+            self._observer.connection_closed()
+        else:
+            self._observer.connection_lost()
 
     async def close(self, timeout: float | None = None) -> None:
         """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
@@ -214,37 +250,42 @@ class Database:
     async def _acquire(self, timeout: float | None) -> tuple[asyncpg.Pool[Record], Any]:
         pool = self._pool
         if pool is None:
-            raise DatabaseUnavailableError()
+            raise self._refused(DatabaseUnavailableError())
         if self._waiting >= self.settings.max_waiters:
-            self._stats.shed()
-            raise PoolOverloadedError()
+            raise self._refused(PoolOverloadedError())
         wait = self.settings.acquire_timeout if timeout is None else timeout
         left = deadline.remaining()
         if left is not None:
             if left <= 0:
-                self._stats.acquire_timed_out()
-                raise PoolTimeoutError("the request deadline passed before a connection was free")
+                raise self._refused(
+                    PoolTimeoutError("the request deadline passed before a connection was free")
+                )
             wait = min(wait, left)
         self._waiting += 1
         started = time.perf_counter()
         try:
             conn = await pool.acquire(timeout=wait)
         except TimeoutError as exc:
-            self._stats.acquire_timed_out()
-            raise PoolTimeoutError() from exc
+            raise self._refused(PoolTimeoutError()) from exc
         except Exception as exc:
             translated = translate(exc)
+            if isinstance(translated, PglayerError):
+                self._observer.acquire_failed(translated)
             if translated is exc:
                 raise
             raise translated from exc
         finally:
             self._waiting -= 1
-        self._stats.acquired(time.perf_counter() - started)
+        self._observer.acquired(time.perf_counter() - started)
         return pool, conn
+
+    def _refused(self, error: PglayerError) -> PglayerError:
+        self._observer.acquire_failed(error)
+        return error
 
     async def _release(self, pool: asyncpg.Pool[Record], conn: Any, held_since: float) -> None:
         # To the pool it came from: during close() that pool is still waiting for it.
-        self._stats.released(time.perf_counter() - held_since)
+        self._observer.released(time.perf_counter() - held_since)
         try:
             await pool.release(conn, timeout=_RELEASE_TIMEOUT)
         except Exception:
@@ -258,7 +299,7 @@ class Database:
         pool, raw = await self._acquire(timeout)
         held_since = time.perf_counter()
         try:
-            yield Connection(raw)
+            yield Connection(raw, self._observer)
         finally:
             await self._release(pool, raw, held_since)
 
@@ -297,7 +338,7 @@ class Database:
 
         if not retry:
             return await attempt()
-        return await retrying(attempt, self.retry_policy, self._stats, "run")
+        return await retrying(attempt, self.retry_policy, self._observer, "run")
 
     async def run_in_transaction(
         self,
@@ -324,7 +365,7 @@ class Database:
 
         if not retry:
             return await attempt()
-        return await retrying(attempt, self.retry_policy, self._stats, "transaction")
+        return await retrying(attempt, self.retry_policy, self._observer, "transaction")
 
     async def ping(self, *, timeout: float = 1.0) -> None:
         """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""

@@ -5,11 +5,23 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["describe_target", "mask_dsn"]
+__all__ = ["describe_target", "mask_dsn", "mask_text"]
 
 _MASK = "***"
 # key=value DSNs (libpq style) and URL query parameters may carry the password too.
 _PASSWORD_PARAM = re.compile(r"(?i)(password\s*=\s*)('[^']*'|[^\s&]*)")
+
+
+# Any URL with a password in it, wherever it appears in free text.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
+
+
+def mask_text(text: str) -> str:
+    """Return `text` with the password of every URL or `password=` parameter masked."""
+    if "@" not in text and "assword" not in text and "ASSWORD" not in text:
+        return text
+    text = _URL_PASSWORD.sub(rf"\g<1>:{_MASK}@", text)
+    return _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", text)
 
 
 def mask_dsn(dsn: str) -> str:

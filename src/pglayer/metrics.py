@@ -34,8 +34,10 @@ _COUNTERS = (
     ("acquire_timeouts", "Acquires that passed their deadline"),
     ("requests_shed", "Acquires refused at once because too many were waiting"),
     ("connections_opened", "Connections opened"),
-    ("connections_lost", "Connections closed under the pool"),
+    ("connections_closed", "Connections retired by the pool (idle lifetime, shutdown)"),
+    ("connections_lost", "Connections that broke (server gone, network, killed backend)"),
     ("connections_failed", "Connection attempts that failed"),
+    ("slow_queries", "Statements slower than the slow-query threshold"),
 )
 
 
@@ -66,15 +68,25 @@ class PoolCollector(Collector):
             for s in snapshots:
                 counter.add_metric([s.name], float(getattr(s, field)))
             yield counter
-        for name, doc, attr in (
-            ("retries", "Retries of transient failures", "retries"),
-            ("give_ups", "Transient failures given up on", "give_ups"),
+        for name, doc, attr, label in (
+            ("retries", "Retries of transient failures", "retries", "reason"),
+            ("give_ups", "Transient failures given up on", "give_ups", "reason"),
+            ("errors", "Errors raised, by pglayer error class", "errors", "error"),
         ):
-            by_reason = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", "reason"])
+            by_key = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", label])
             for s in snapshots:
-                for reason, value in getattr(s, attr).items():
-                    by_reason.add_metric([s.name, reason], float(value))
-            yield by_reason
+                for key, value in getattr(s, attr).items():
+                    by_key.add_metric([s.name, key], float(value))
+            yield by_key
+        queries = HistogramMetricFamily(
+            "pglayer_query_duration_seconds",
+            "Statement durations by operation (route template or pglayer.operation name)",
+            labels=["pool", "operation"],
+        )
+        for s in snapshots:
+            for op, per_op in s.query_time.items():
+                queries.add_metric([s.name, op], _buckets(per_op), sum_value=per_op.total)
+        yield queries
         for name, doc, attr in (
             ("acquire_wait_seconds", "Time waited for a connection", "acquire_wait"),
             ("hold_seconds", "Time a connection was held", "hold_time"),

@@ -43,6 +43,8 @@ class DatabaseSettings(BaseSettings):
     retry_max_wait: float = Field(default=1.0, ge=0)
     max_inactive_connection_lifetime: float = Field(default=300.0, ge=0)
     statement_cache_size: int = Field(default=1024, ge=0)
+    # Statements slower than this are logged (SQL text only, no parameters); 0 turns it off.
+    slow_query_threshold: float = Field(default=0.5, ge=0)
     application_name: str = "pglayer"
 
     @model_validator(mode="after")

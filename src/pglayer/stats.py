@@ -77,19 +77,27 @@ class PoolStats:
     acquire_timeouts: int
     requests_shed: int
     connections_opened: int
+    connections_closed: int
     connections_lost: int
     connections_failed: int
+    slow_queries: int
     acquire_wait: Histogram
     hold_time: Histogram
     retries: dict[str, int] = field(default_factory=dict)
     give_ups: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    query_time: dict[str, Histogram] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with stable keys (histograms summarised)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.as_dict() if isinstance(value, Histogram) else value
+            if isinstance(value, Histogram):
+                value = value.as_dict()
+            elif f.name == "query_time":
+                value = {op: h.as_dict() for op, h in value.items()}
+            out[f.name] = value
         return out
 
 
@@ -108,6 +116,11 @@ class _Recorder:
         return Histogram(BUCKETS, tuple(self.counts), self.total)
 
 
+# Query durations are kept per operation; past this many distinct names the rest share one.
+MAX_OPERATIONS = 200
+OTHER_OPERATIONS = "other"
+
+
 class StatsRecorder:
     """Mutable counters behind `PoolStats`; cheap enough for every acquire."""
 
@@ -116,13 +129,17 @@ class StatsRecorder:
         self.acquire_timeouts = 0
         self.requests_shed = 0
         self.connections_opened = 0
+        self.connections_closed = 0
         self.connections_lost = 0
         self.connections_failed = 0
+        self.slow_queries = 0
         self.in_use = 0
         self.retries: dict[str, int] = {}
         self.give_ups: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
         self._wait = _Recorder()
         self._hold = _Recorder()
+        self._queries: dict[str, _Recorder] = {}
 
     def acquired(self, waited: float) -> None:
         self.acquisitions += 1
@@ -142,8 +159,25 @@ class StatsRecorder:
     def connection_opened(self) -> None:
         self.connections_opened += 1
 
+    def connection_closed(self) -> None:
+        self.connections_closed += 1
+
     def connection_lost(self) -> None:
         self.connections_lost += 1
+
+    def query(self, operation: str, seconds: float) -> None:
+        recorder = self._queries.get(operation)
+        if recorder is None:
+            if len(self._queries) >= MAX_OPERATIONS:
+                operation = OTHER_OPERATIONS
+            recorder = self._queries.setdefault(operation, _Recorder())
+        recorder.observe(seconds)
+
+    def slow_query(self) -> None:
+        self.slow_queries += 1
+
+    def error(self, name: str) -> None:
+        self.errors[name] = self.errors.get(name, 0) + 1
 
     def connection_failed(self) -> None:
         self.connections_failed += 1
@@ -178,10 +212,14 @@ class StatsRecorder:
             acquire_timeouts=self.acquire_timeouts,
             requests_shed=self.requests_shed,
             connections_opened=self.connections_opened,
+            connections_closed=self.connections_closed,
             connections_lost=self.connections_lost,
             connections_failed=self.connections_failed,
+            slow_queries=self.slow_queries,
             acquire_wait=self._wait.snapshot(),
             hold_time=self._hold.snapshot(),
             retries=dict(self.retries),
             give_ups=dict(self.give_ups),
+            errors=dict(self.errors),
+            query_time={op: r.snapshot() for op, r in self._queries.items()},
         )

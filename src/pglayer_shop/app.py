@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import setup
 from pglayer.fastapi.metrics import setup_metrics
+from pglayer.logs import configure_logging
 from pglayer_shop.routes import (
     accounts,
     admin,
@@ -31,9 +32,11 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         version="0.1.0",
         description="The reference service of pglayer. Errors are RFC 9457 problem documents.",
     )
+    if settings.log_format is not None:
+        configure_logging(format=settings.log_format, level=settings.log_level)
     app.state.shop_settings = settings
-    setup(app, db, max_body_size=settings.max_body_size)
-    app.state.metrics = setup_metrics(app, db)
+    setup(app, db, max_body_size=settings.max_body_size, access_log=settings.access_log)
+    app.state.metrics = setup_metrics(app, db, http=settings.metrics)
     for module in (users, accounts, transfers, products, orders, dashboard, health, admin):
         app.include_router(module.router)
     return app

@@ -19,3 +19,10 @@ class ShopSettings(BaseSettings):
     ready_timeout: float = Field(default=1.0, gt=0)
     # How /dashboard gathers its data: one SQL statement, or three queries side by side.
     dashboard_strategy: Literal["single", "concurrent"] = "single"
+    # Logs: None leaves logging to the host (tests, an embedding app); `pglayer serve`
+    # defaults to text. One line per request on `pglayer.access` when `access_log`.
+    log_format: Literal["text", "json"] | None = None
+    log_level: str = "INFO"
+    access_log: bool = False
+    # Prometheus HTTP metrics (pool metrics are read at scrape time and cost nothing).
+    metrics: bool = True

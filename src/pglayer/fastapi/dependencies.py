@@ -28,8 +28,9 @@ __all__ = [
 STATE_KEY = "pglayer_database"
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     """The `Database` bound to this app by `setup()`."""
+    # async: FastAPI runs a sync dependency in a thread, a hop that costs every request.
     db = getattr(request.app.state, STATE_KEY, None)
     if not isinstance(db, Database):
         raise ConfigurationError("no Database bound to this app: call pglayer.fastapi.setup()")
@@ -37,7 +38,7 @@ def get_database(request: Request) -> Database:
 
 
 async def _connection(request: Request) -> AsyncIterator[Connection]:
-    async with get_database(request).connection() as conn:
+    async with (await get_database(request)).connection() as conn:
         yield conn
 
 
@@ -47,7 +48,7 @@ def transaction_dependency(
     """A dependency yielding a connection inside a transaction with these options."""
 
     async def dependency(request: Request) -> AsyncIterator[Connection]:
-        async with get_database(request).transaction(
+        async with (await get_database(request)).transaction(
             readonly=readonly, isolation=isolation
         ) as conn:
             yield conn

@@ -57,9 +57,15 @@ def setup(
     *,
     max_body_size: int = 1 << 20,
     request_timeout: float | None = 30.0,
+    access_log: bool = False,
 ) -> None:
     """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard."""
     setattr(app.state, STATE_KEY, db)
     app.router.lifespan_context = database_lifespan(db, app.router.lifespan_context)
     install_problem_handlers(app)
-    app.add_middleware(RequestGuard, max_body_size=max_body_size, request_timeout=request_timeout)
+    app.add_middleware(
+        RequestGuard,
+        max_body_size=max_body_size,
+        request_timeout=request_timeout,
+        access_log=access_log,
+    )

@@ -63,9 +63,10 @@ class HttpMetrics:
             self.duration.labels(method, route).observe(time.perf_counter() - started)
 
 
-def setup_metrics(app: FastAPI, db: Database) -> CollectorRegistry:
-    """Add request metrics to `app` and pool metrics of `db`; return the registry to expose."""
+def setup_metrics(app: FastAPI, db: Database, *, http: bool = True) -> CollectorRegistry:
+    """Add pool metrics of `db` (and, with `http`, request metrics); return the registry."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PoolCollector([db]))
-    app.add_middleware(HttpMetrics, registry=registry)
+    if http:
+        app.add_middleware(HttpMetrics, registry=registry)
     return registry

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 import uuid
-from contextvars import ContextVar
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pglayer import context
+from pglayer.context import current_request_id
 from pglayer.deadline import deadline
 from pglayer.fastapi.problems import internal_error_response
 
 __all__ = ["RequestGuard", "current_request_id"]
 
+access_log = logging.getLogger("pglayer.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_request_id: ContextVar[str] = ContextVar("pglayer_request_id", default="-")
 
 
-def current_request_id() -> str:
-    """The id of the request being handled in this task (`-` outside a request)."""
-    return _request_id.get()
+def _route_of(scope: Scope) -> str:
+    # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
+    return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
 def _too_large(max_body_size: int) -> list[Message]:
@@ -59,15 +62,22 @@ class RequestGuard:
       ever holds a pooled connection while a slow client uploads;
     - cancels the handler when the client disconnects before the response is complete,
       which cancels its query and returns its connection to the pool;
-    - answers an unexpected exception with a 500 problem that carries only the request id.
+    - answers an unexpected exception with a 500 problem that carries only the request id;
+    - with `access_log`, logs one line per request on `pglayer.access`, with its request id.
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_body_size: int = 1 << 20, request_timeout: float | None = 30.0
+        self,
+        app: ASGIApp,
+        *,
+        max_body_size: int = 1 << 20,
+        request_timeout: float | None = 30.0,
+        access_log: bool = False,
     ) -> None:
         self.app = app
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,11 +85,37 @@ class RequestGuard:
             return
         request_id = self._request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        token = _request_id.set(request_id)
-        try:
-            await self._handle(scope, receive, send, request_id)
-        finally:
-            _request_id.reset(token)
+        with context.request_id(request_id), context.operation(lambda: _route_of(scope)):
+            if not self.access_log:
+                await self._handle(scope, receive, send, request_id)
+                return
+            started = time.perf_counter()
+            status = 0
+
+            async def send_noting_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self._handle(scope, receive, send_noting_status, request_id)
+            finally:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                access_log.info(
+                    '"%s %s" %s %.1fms',
+                    scope["method"],
+                    scope["path"],
+                    status or "-",
+                    elapsed_ms,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": _route_of(scope),
+                        "status": status or None,
+                        "duration_ms": round(elapsed_ms, 2),
+                    },
+                )
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
