@@ -1,8 +1,10 @@
 """pglayer: a production async PostgreSQL layer for FastAPI, built on asyncpg."""
 
+from pglayer import context
 from pglayer.connection import Connection, Isolation
+from pglayer.context import current_operation, current_request_id, operation
 from pglayer.database import Database
-from pglayer.dsn import describe_target, mask_dsn
+from pglayer.dsn import describe_target, mask_dsn, mask_text
 from pglayer.errors import (
     CheckViolationError,
     CommitIndeterminateError,
@@ -25,6 +27,8 @@ from pglayer.errors import (
     TransientError,
     UniqueViolationError,
 )
+from pglayer.events import Event, Hook, PoolEvent, QueryEvent, RetryEvent, log_events
+from pglayer.logs import configure_logging
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import Histogram, PoolStats
 
@@ -39,22 +43,34 @@ __all__ = [
     "DatabaseSettings",
     "DatabaseUnavailableError",
     "DeadlockError",
+    "Event",
     "ForeignKeyViolationError",
     "Histogram",
+    "Hook",
     "IntegrityError",
     "InvalidInputError",
     "Isolation",
     "NotNullViolationError",
     "PglayerError",
+    "PoolEvent",
     "PoolOverloadedError",
     "PoolStats",
     "PoolTimeoutError",
     "ProgrammingError",
+    "QueryEvent",
     "QueryTimeoutError",
+    "RetryEvent",
     "SerializationError",
     "TooManyConnectionsError",
     "TransientError",
     "UniqueViolationError",
+    "configure_logging",
+    "context",
+    "current_operation",
+    "current_request_id",
     "describe_target",
+    "log_events",
     "mask_dsn",
+    "mask_text",
+    "operation",
 ]

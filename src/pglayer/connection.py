@@ -63,7 +63,7 @@ class Connection:
         translated = translate(exc, connection_closed=self.is_closed())
         if isinstance(translated, ConnectionLostError) and not self.is_closed():
             # Broken but not yet closed: make sure the pool never hands it out again.
-            self.raw.terminate()
+            getattr(self.raw, "terminate_broken", self.raw.terminate)()
         return translated
 
     def _raise(self, exc: Exception) -> NoReturn:

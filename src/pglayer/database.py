@@ -64,9 +64,10 @@ async def _no_reset(conn: asyncpg.Connection[Record]) -> None:
 
 
 class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs
-    """Remembers a graceful close, so a retirement (idle lifetime, `close()`) is not a loss.
+    """Remembers that the client closed it, so a retirement is not counted as a loss.
 
-    `terminate()` is not marked: pglayer and asyncpg only terminate connections that broke.
+    The pool retires idle connections with `terminate()`; a connection pglayer finds broken
+    is ended with `terminate_broken()` and still counts as lost.
     """
 
     closed_by_client = False
@@ -74,6 +75,13 @@ class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs
     async def close(self, *, timeout: float | None = None) -> None:
         self.closed_by_client = True
         await super().close(timeout=timeout)
+
+    def terminate(self) -> None:
+        self.closed_by_client = True
+        super().terminate()
+
+    def terminate_broken(self) -> None:
+        super().terminate()
 
 
 class Database:

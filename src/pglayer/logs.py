@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -13,7 +14,13 @@ import orjson
 from pglayer.context import current_request_id
 from pglayer.dsn import mask_text
 
-__all__ = ["JsonFormatter", "MaskSecrets", "TextFormatter", "configure_logging"]
+__all__ = [
+    "JsonFormatter",
+    "MaskSecrets",
+    "TextFormatter",
+    "configure_logging",
+    "install_request_id",
+]
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
@@ -27,9 +34,25 @@ class MaskSecrets(logging.Filter):
         masked = mask_text(message)
         if masked is not message:
             record.msg, record.args = masked, None
-        if not hasattr(record, "request_id"):
-            record.request_id = current_request_id()
         return True
+
+
+def _with_request_id(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        # Read when the record is made: a handler may format it later, in another task.
+        record.request_id = current_request_id()
+        return record
+
+    make.pglayer = True  # type: ignore[attr-defined]
+    return make
+
+
+def install_request_id() -> None:
+    """Give every log record the request id of the task that made it (idempotent)."""
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "pglayer", False):
+        logging.setLogRecordFactory(_with_request_id(factory))
 
 
 class TextFormatter(logging.Formatter):
@@ -39,6 +62,8 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record.request_id = "-"
         line = super().format(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
         if extra:
@@ -59,16 +84,18 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD:
-                out[key] = value
+                out[key] = mask_text(value) if isinstance(value, str) else value
         if record.exc_info:
-            out["exception"] = "".join(traceback.format_exception(*record.exc_info))
-        return mask_text(orjson.dumps(out, default=str).decode())
+            out["exception"] = mask_text("".join(traceback.format_exception(*record.exc_info)))
+        out["message"] = mask_text(out["message"])
+        return orjson.dumps(out, default=str).decode()
 
 
 def configure_logging(
     *, format: Literal["text", "json"] = "text", level: str | int = "INFO"
 ) -> logging.Handler:
     """Send all logs (pglayer's, uvicorn's, the app's) to stderr in one format; masked."""
+    install_request_id()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(MaskSecrets())
     handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
