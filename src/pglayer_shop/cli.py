@@ -13,8 +13,10 @@ import typer
 import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from pglayer import Database, DatabaseSettings, PglayerError
+from pglayer.doctor import diagnose
 from pglayer.embedded import EmbeddedPostgres
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, is_empty, seed
@@ -151,6 +153,41 @@ def seed_command(
         f"seeded {users} users, {products} products, {orders} orders "
         f"in {time.perf_counter() - started:.1f}s"
     )
+
+
+@app.command()
+def doctor(
+    workers: Annotated[
+        int, typer.Option(min=1, envvar="WEB_CONCURRENCY", help="Worker processes planned")
+    ] = 1,
+    reserve: Annotated[
+        int, typer.Option(min=0, help="Connections to keep free for admins, migrations, cron")
+    ] = 5,
+) -> None:
+    """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
+    settings = DatabaseSettings()
+    if settings.url is None:
+        raise _fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")
+    diagnosis = asyncio.run(diagnose(settings, workers=workers, reserve=reserve))
+    table = Table(title=f"pglayer doctor: {diagnosis.target}", show_lines=False)
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail", overflow="fold")
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    for finding in diagnosis.findings:
+        table.add_row(finding.check, marks[finding.level], finding.detail)
+    out = Console()
+    out.print(table)
+    if not diagnosis.failed and diagnosis.findings:
+        out.print(
+            "pglayer will use: "
+            f"pool {settings.min_size}..{settings.max_size} per worker, "
+            f"statement_cache_size={settings.statement_cache_size}, "
+            f"acquire_timeout={settings.acquire_timeout:g}s, "
+            f"statement_timeout={settings.statement_timeout:g}s"
+        )
+    if diagnosis.failed:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -1,0 +1,221 @@
+"""`diagnose()`: what will happen when this configuration meets this server, in plain words.
+
+Every check is a `Finding` (ok / warn / fail). A `fail` means something will break in
+production, and `pglayer doctor` exits non-zero for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from pglayer.dsn import describe_target
+from pglayer.settings import DatabaseSettings
+
+__all__ = ["Diagnosis", "Finding", "diagnose", "explain_connect_error"]
+
+Level = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    check: str
+    level: Level
+    detail: str
+
+
+@dataclass(slots=True)
+class Diagnosis:
+    target: str
+    findings: list[Finding] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, check: str, level: Level, detail: str) -> None:
+        self.findings.append(Finding(check, level, detail))
+
+    @property
+    def failed(self) -> bool:
+        return any(f.level == "fail" for f in self.findings)
+
+
+def explain_connect_error(exc: BaseException, target: str) -> str:
+    """Why a connection attempt failed, in words an operator can act on (no secrets)."""
+    if isinstance(exc, socket.gaierror):
+        return f"the host name of {target} does not resolve"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing is listening at {target} (connection refused): is the server running?"
+    if isinstance(exc, TimeoutError):
+        return f"{target} did not answer in time (a firewall, or the server is overloaded)"
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"{target} rejected the user or password"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"the database of {target} does not exist"
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return f"{target} has no free connection slots (max_connections reached)"
+    if isinstance(exc, asyncpg.CannotConnectNowError):
+        return f"{target} is starting up, shutting down or in recovery"
+    if isinstance(exc, OSError):
+        return f"cannot reach {target}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
+    return f"cannot connect to {target} ({type(exc).__name__})"
+
+
+async def _connect(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> Any:
+    return await asyncpg.connect(
+        dsn,
+        timeout=settings.connect_timeout,
+        statement_cache_size=kwargs.pop("statement_cache_size", 0),
+        server_settings={"application_name": f"{settings.application_name}-doctor"},
+        **kwargs,
+    )
+
+
+async def _pool_mode(dsn: str, settings: DatabaseSettings) -> str:
+    """`transaction`, `session` or `statement`: how a pooler hands out server connections."""
+    first = await _connect(dsn, settings)
+    second = await _connect(dsn, settings)
+    try:
+        try:
+            async with first.transaction():
+                await first.execute("SELECT 1")
+                await first.execute("SELECT 2")
+        except asyncpg.PostgresError:
+            return "statement"  # multi-statement transactions are refused
+        async with first.transaction():
+            pid = await first.fetchval("SELECT pg_backend_pid()")
+        # A transaction pooler gives the server connection `first` just released to the
+        # next client (PgBouncer reuses the most recent one); a session pooler cannot.
+        async with second.transaction():
+            other = await second.fetchval("SELECT pg_backend_pid()")
+        return "transaction" if other == pid else "session"
+    finally:
+        await asyncio.gather(first.close(), second.close(), return_exceptions=True)
+
+
+async def _prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool:
+    """Whether asyncpg's named prepared statements survive the pooler (PgBouncer ≥ 1.21)."""
+    conns = [await _connect(dsn, settings, statement_cache_size=100) for _ in range(2)]
+    first, holder = conns
+    query = "SELECT $1::int + 0 * pg_backend_pid()"
+    safe = True
+    try:
+        async with first.transaction():
+            await first.fetchval(query, 1)  # prepared on the server connection S1
+        # `holder` takes S1 and keeps it, so `first` must run its cached statement on
+        # another server connection, where only a pooler that tracks statements has it.
+        async with holder.transaction():
+            await holder.execute("SELECT 1")
+            async with first.transaction():
+                await first.fetchval(query, 2)
+    except asyncpg.PostgresError:
+        safe = False
+    finally:
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+    return safe
+
+
+async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int = 5) -> Diagnosis:
+    """Check `settings` against the server it points at."""
+    dsn = settings.dsn()
+    target = describe_target(dsn)
+    result = Diagnosis(target)
+    try:
+        conn = await _connect(dsn, settings)
+    except Exception as exc:
+        result.add("reachable", "fail", explain_connect_error(exc, target))
+        return result
+    try:
+        row = await conn.fetchrow(
+            """
+            SELECT current_setting('server_version') AS version,
+                   current_setting('max_connections')::int AS max_connections,
+                   current_setting('superuser_reserved_connections')::int AS reserved,
+                   (SELECT count(*) FROM pg_stat_activity
+                     WHERE backend_type = 'client backend')::int AS in_use,
+                   (SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1)::int AS ours,
+                   inet_server_port() AS server_port,
+                   pg_is_in_recovery() AS in_recovery
+            """,
+            settings.application_name,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    result.facts.update(dict(row))
+    result.add("reachable", "ok", f"connected to {target}")
+    major = int(str(row["version"]).split(".")[0])
+    result.add(
+        "server version",
+        "ok" if major >= 14 else "warn",
+        f"PostgreSQL {row['version']}"
+        + ("" if major >= 14 else " (client_connection_check_interval needs 14+)"),
+    )
+    if row["in_recovery"]:
+        result.add("primary", "fail", "this server is a read-only standby, not a primary")
+
+    port = urlsplit(dsn).port or 5432
+    pooled = row["server_port"] is not None and row["server_port"] != port
+    result.facts["pooler"] = None
+    if pooled:
+        mode = await _pool_mode(dsn, settings)
+        result.facts["pooler"] = mode
+        result.add(
+            "pooler",
+            "ok" if mode != "statement" else "fail",
+            f"a connection pooler sits between (client port {port}, server port "
+            f"{row['server_port']}), in {mode} mode"
+            + (": transactions cannot work" if mode == "statement" else ""),
+        )
+        if mode == "transaction":
+            safe = await _prepared_statements_safe(dsn, settings)
+            result.facts["prepared_statements"] = safe
+            if safe:
+                result.add(
+                    "prepared statements",
+                    "ok",
+                    "they survive the pooler (PgBouncer ≥ 1.21 with max_prepared_statements)",
+                )
+            elif settings.statement_cache_size:
+                result.add(
+                    "prepared statements",
+                    "fail",
+                    "the pooler loses prepared statements: set "
+                    "PGLAYER_POOLER=pgbouncer-transaction (statement_cache_size=0)",
+                )
+            else:
+                result.add(
+                    "prepared statements",
+                    "ok",
+                    "not used (statement_cache_size=0), as this pooler requires",
+                )
+    else:
+        result.add("pooler", "ok", "none: connected straight to PostgreSQL")
+
+    budget = workers * settings.max_size + reserve
+    free = row["max_connections"] - row["reserved"] - (row["in_use"] - row["ours"])
+    result.facts.update(budget=budget, free=free)
+    detail = (
+        f"{workers} worker(s) x max_size {settings.max_size} + reserve {reserve} = {budget}; "
+        f"the server allows {row['max_connections']} - {row['reserved']} reserved - "
+        f"{row['in_use'] - row['ours']} used by others = {free}"
+    )
+    if pooled:
+        result.add("connection budget", "ok", f"{detail} (the pooler's own limits apply)")
+    else:
+        result.add("connection budget", "ok" if budget <= free else "fail", detail)
+    result.add(
+        "in use now",
+        "ok",
+        f"{row['ours']} connection(s) by application_name {settings.application_name!r}, "
+        f"{row['in_use']} client connection(s) in all",
+    )
+    return result

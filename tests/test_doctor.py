@@ -1,0 +1,61 @@
+"""`pglayer doctor` against the test server, an unreachable address, and a real PgBouncer."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Server, free_port, require_external
+from tests.pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
+from tests.test_cli import clean_env, run_cli
+
+
+def doctor(url: str, *args: str, **env: str) -> tuple[int, str]:
+    result = run_cli("doctor", *args, env=clean_env(DATABASE_URL=url, COLUMNS="200", **env))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_doctor_reports_a_healthy_direct_connection(db_url: str) -> None:
+    code, out = doctor(db_url)
+    assert code == 0, out
+    assert "connected to" in out
+    assert "PostgreSQL 1" in out
+    assert "none: connected straight to PostgreSQL" in out
+    assert "statement_cache_size=1024" in out
+
+
+def test_doctor_explains_an_unreachable_server_and_fails() -> None:
+    code, out = doctor(f"postgresql://u:topsecret@127.0.0.1:{free_port()}/x")
+    assert code == 1
+    assert "nothing is listening" in out
+    assert "topsecret" not in out
+
+
+def test_doctor_fails_when_workers_times_pool_size_exceed_max_connections(db_url: str) -> None:
+    code, out = doctor(db_url, "--workers", "50")
+    assert code == 1
+    assert "50 worker(s) x max_size 10" in out
+
+
+@pytest.fixture
+def bouncer_for() -> type[PgBouncer]:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    return PgBouncer
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_doctor_detects_pgbouncer_and_its_pool_mode(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer], mode: PoolMode
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode=mode) as bouncer:
+        code, out = doctor(bouncer.url(db_name), PGLAYER_STATEMENT_CACHE_SIZE="0")
+    assert code == 0, out
+    assert f"in {mode} mode" in out
+
+
+def test_doctor_fails_when_prepared_statements_would_break_behind_pgbouncer(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer]
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        code, out = doctor(bouncer.url(db_name))
+    assert code == 1, out
+    assert "loses prepared statements" in out
