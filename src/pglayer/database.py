@@ -21,6 +21,7 @@ from tenacity import (
 )
 
 from pglayer import deadline
+from pglayer.budget import read_budget
 from pglayer.connection import Connection, Isolation, Record
 from pglayer.dsn import describe_target
 from pglayer.errors import (
@@ -163,14 +164,40 @@ class Database:
                     f"database {self.target} not reachable within "
                     f"{self.settings.startup_timeout:g}s: {exc}"
                 ) from exc
+        else:
+            try:
+                self._pool = await self._create_pool()
+            except TransientError as exc:
+                log.warning(
+                    "database %s not reachable (%s); retrying in the background", self.target, exc
+                )
+                self._opener = asyncio.create_task(self._open_in_background())
+                return
+        await self._check_budget()
+
+    async def _check_budget(self) -> None:
+        s = self.settings
+        if s.on_budget_exceeded == "ignore":
             return
         try:
-            self._pool = await self._create_pool()
-        except TransientError as exc:
-            log.warning(
-                "database %s not reachable (%s); retrying in the background", self.target, exc
-            )
-            self._opener = asyncio.create_task(self._open_in_background())
+            async with self.connection() as conn:
+                budget = await read_budget(
+                    conn,
+                    application_name=s.application_name,
+                    workers=s.workers,
+                    max_size=s.max_size,
+                    reserve=s.connection_reserve,
+                )
+        except PglayerError as exc:
+            log.warning("database %s: connection budget not checked: %s", self.target, exc)
+            return
+        if budget.fits:
+            return
+        message = f"database {self.target}: connection budget exceeded: {budget.describe()}"
+        if s.on_budget_exceeded == "refuse":
+            await self.close()
+            raise ConfigurationError(message)
+        log.warning(message)
 
     async def _open_with_retry(self, deadline: float) -> None:
         async for attempt in AsyncRetrying(

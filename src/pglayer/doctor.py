@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from pglayer.budget import read_budget
 from pglayer.dsn import describe_target
 from pglayer.settings import DatabaseSettings
 
@@ -147,6 +148,13 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
             """,
             settings.application_name,
         )
+        budget = await read_budget(
+            conn,
+            application_name=settings.application_name,
+            workers=workers,
+            max_size=settings.max_size,
+            reserve=reserve,
+        )
     finally:
         await conn.close()
     assert row is not None
@@ -200,18 +208,13 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
     else:
         result.add("pooler", "ok", "none: connected straight to PostgreSQL")
 
-    budget = workers * settings.max_size + reserve
-    free = row["max_connections"] - row["reserved"] - (row["in_use"] - row["ours"])
-    result.facts.update(budget=budget, free=free)
-    detail = (
-        f"{workers} worker(s) x max_size {settings.max_size} + reserve {reserve} = {budget}; "
-        f"the server allows {row['max_connections']} - {row['reserved']} reserved - "
-        f"{row['in_use'] - row['ours']} used by others = {free}"
-    )
+    result.facts["budget"] = asdict(budget)
     if pooled:
-        result.add("connection budget", "ok", f"{detail} (the pooler's own limits apply)")
+        result.add(
+            "connection budget", "ok", f"{budget.describe()} (the pooler's own limits apply)"
+        )
     else:
-        result.add("connection budget", "ok" if budget <= free else "fail", detail)
+        result.add("connection budget", "ok" if budget.fits else "fail", budget.describe())
     result.add(
         "in use now",
         "ok",

@@ -6,8 +6,15 @@ costs one snapshot and a request costs nothing extra.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
+import orjson
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,9 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pglayer.database import Database
-from pglayer.stats import Histogram
+from pglayer.stats import Histogram, PoolStats
 
-__all__ = ["PoolCollector"]
+__all__ = ["PoolCollector", "SharedPoolCollector"]
 
 _GAUGES = (
     ("size", "Connections open in the pool"),
@@ -56,43 +63,126 @@ class PoolCollector(Collector):
     def __init__(self, databases: Iterable[Database]) -> None:
         self.databases = list(databases)
 
+    def snapshots(self) -> list[tuple[PoolStats, str | None]]:
+        return [(db.stats(), None) for db in self.databases]
+
     def collect(self) -> Iterator[Metric]:
-        snapshots = [db.stats() for db in self.databases]
-        for field, doc in _GAUGES:
-            gauge = GaugeMetricFamily(f"pglayer_pool_{field}", doc, labels=["pool"])
-            for s in snapshots:
-                gauge.add_metric([s.name], float(getattr(s, field)))
-            yield gauge
-        for field, doc in _COUNTERS:
-            counter = CounterMetricFamily(f"pglayer_pool_{field}", doc, labels=["pool"])
-            for s in snapshots:
-                counter.add_metric([s.name], float(getattr(s, field)))
-            yield counter
-        for name, doc, attr, label in (
-            ("retries", "Retries of transient failures", "retries", "reason"),
-            ("give_ups", "Transient failures given up on", "give_ups", "reason"),
-            ("errors", "Errors raised, by pglayer error class", "errors", "error"),
-        ):
-            by_key = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", label])
-            for s in snapshots:
-                for key, value in getattr(s, attr).items():
-                    by_key.add_metric([s.name, key], float(value))
-            yield by_key
-        queries = HistogramMetricFamily(
-            "pglayer_query_duration_seconds",
-            "Statement durations by operation (route template or pglayer.operation name)",
-            labels=["pool", "operation"],
-        )
-        for s in snapshots:
-            for op, per_op in s.query_time.items():
-                queries.add_metric([s.name, op], _buckets(per_op), sum_value=per_op.total)
-        yield queries
-        for name, doc, attr in (
-            ("acquire_wait_seconds", "Time waited for a connection", "acquire_wait"),
-            ("hold_seconds", "Time a connection was held", "hold_time"),
-        ):
-            hist = HistogramMetricFamily(f"pglayer_pool_{name}", doc, labels=["pool"])
-            for s in snapshots:
-                h: Histogram = getattr(s, attr)
-                hist.add_metric([s.name], _buckets(h), sum_value=h.total)
-            yield hist
+        yield from _families(self.snapshots())
+
+
+def _stats_to_json(stats: PoolStats) -> dict[str, Any]:
+    return asdict(stats)
+
+
+def _stats_from_json(data: dict[str, Any]) -> PoolStats:
+    def hist(h: dict[str, Any]) -> Histogram:
+        return Histogram(tuple(h["bounds"]), tuple(h["counts"]), h["total"])
+
+    data = dict(data)
+    data["acquire_wait"] = hist(data["acquire_wait"])
+    data["hold_time"] = hist(data["hold_time"])
+    data["query_time"] = {op: hist(h) for op, h in data["query_time"].items()}
+    return PoolStats(**data)
+
+
+class SharedPoolCollector(PoolCollector):
+    """Pool metrics of every worker process, from snapshots they write to `directory`.
+
+    Each worker has its own pool, so each keeps its own series, labelled `worker` (its
+    PID); sum them in queries (`sum without (worker) (...)`). A worker refreshes its file
+    every `interval` seconds and when it is scraped; files of exited workers are ignored.
+    """
+
+    def __init__(
+        self, databases: Iterable[Database], directory: str | Path, *, interval: float = 1.0
+    ) -> None:
+        super().__init__(databases)
+        self.directory = Path(directory)
+        self.interval = interval
+        self._path = self.directory / f"pglayer-pools-{os.getpid()}.json"
+
+    def write(self) -> None:
+        """Publish this worker's snapshot (atomically, for concurrent readers)."""
+        body = orjson.dumps([_stats_to_json(db.stats()) for db in self.databases])
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_bytes(body)
+        tmp.replace(self._path)
+
+    def remove(self) -> None:
+        self._path.unlink(missing_ok=True)
+
+    async def publish_forever(self) -> None:
+        """Write the snapshot every `interval` seconds until cancelled."""
+        while True:
+            self.write()
+            await asyncio.sleep(self.interval)
+
+    def snapshots(self) -> list[tuple[PoolStats, str | None]]:
+        self.write()
+        out: list[tuple[PoolStats, str | None]] = []
+        stale_before = time.time() - max(10 * self.interval, 10.0)
+        for path in sorted(self.directory.glob("pglayer-pools-*.json")):
+            pid = path.stem.rsplit("-", 1)[1]
+            try:
+                if path.stat().st_mtime < stale_before or not _alive(int(pid)):
+                    continue
+                items = orjson.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue  # removed or half-written meanwhile: next scrape has it
+            out.extend((_stats_from_json(item), pid) for item in items)
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iterator[Metric]:
+    per_worker = any(worker is not None for _, worker in snapshots_with_worker)
+    extra = ["worker"] if per_worker else []
+    snapshots = [s for s, _ in snapshots_with_worker]
+    workers = [[w] if per_worker and w is not None else [] for _, w in snapshots_with_worker]
+    for field, doc in _GAUGES:
+        gauge = GaugeMetricFamily(f"pglayer_pool_{field}", doc, labels=["pool", *extra])
+        for s, w in zip(snapshots, workers, strict=True):
+            gauge.add_metric([s.name, *w], float(getattr(s, field)))
+        yield gauge
+    for field, doc in _COUNTERS:
+        counter = CounterMetricFamily(f"pglayer_pool_{field}", doc, labels=["pool", *extra])
+        for s, w in zip(snapshots, workers, strict=True):
+            counter.add_metric([s.name, *w], float(getattr(s, field)))
+        yield counter
+    for name, doc, attr, label in (
+        ("retries", "Retries of transient failures", "retries", "reason"),
+        ("give_ups", "Transient failures given up on", "give_ups", "reason"),
+        ("errors", "Errors raised, by pglayer error class", "errors", "error"),
+    ):
+        by_key = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", label, *extra])
+        for s, w in zip(snapshots, workers, strict=True):
+            for key, value in getattr(s, attr).items():
+                by_key.add_metric([s.name, key, *w], float(value))
+        yield by_key
+    queries = HistogramMetricFamily(
+        "pglayer_query_duration_seconds",
+        "Statement durations by operation (route template or pglayer.operation name)",
+        labels=["pool", "operation", *extra],
+    )
+    for s, w in zip(snapshots, workers, strict=True):
+        for op, per_op in s.query_time.items():
+            queries.add_metric([s.name, op, *w], _buckets(per_op), sum_value=per_op.total)
+    yield queries
+    for name, doc, attr in (
+        ("acquire_wait_seconds", "Time waited for a connection", "acquire_wait"),
+        ("hold_seconds", "Time a connection was held", "hold_time"),
+    ):
+        hist = HistogramMetricFamily(f"pglayer_pool_{name}", doc, labels=["pool", *extra])
+        for s, w in zip(snapshots, workers, strict=True):
+            h: Histogram = getattr(s, attr)
+            hist.add_metric([s.name, *w], _buckets(h), sum_value=h.total)
+        yield hist

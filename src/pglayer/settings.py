@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,6 +48,15 @@ class DatabaseSettings(BaseSettings):
     # Statements slower than this are logged (SQL text only, no parameters); 0 turns it off.
     slow_query_threshold: float = Field(default=0.5, ge=0)
     application_name: str = "pglayer"
+    # The connection budget checked at open(): `workers` processes each with up to
+    # `max_size` connections, plus `connection_reserve` for admins, migrations and cron.
+    workers: int = Field(
+        default=1,
+        ge=1,
+        validation_alias=AliasChoices("workers", "PGLAYER_WORKERS", "WEB_CONCURRENCY"),
+    )
+    connection_reserve: int = Field(default=5, ge=0)
+    on_budget_exceeded: Literal["warn", "refuse", "ignore"] = "warn"
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,8 +20,10 @@ from rich.table import Table
 from pglayer import Database, DatabaseSettings, PglayerError
 from pglayer.doctor import diagnose
 from pglayer.embedded import EmbeddedPostgres
+from pglayer.logs import configure_logging
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, is_empty, seed
+from pglayer_shop.settings import ShopSettings
 
 __all__ = ["app", "main"]
 
@@ -34,14 +38,15 @@ DataDir = Annotated[
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    shop = ShopSettings()
+    configure_logging(format=shop.log_format or "text", level=shop.log_level)
 
 
 def _settings() -> DatabaseSettings:
     # The CLI waits for the database: a migration or seed against nothing is a failure.
-    return DatabaseSettings(require_on_startup=True, min_size=1, max_size=2)
+    return DatabaseSettings(
+        require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore"
+    )
 
 
 async def _migrate(settings: DatabaseSettings) -> list[str]:
@@ -86,8 +91,17 @@ def serve(
     data_dir: DataDir = Path(".pglayer"),
 ) -> None:
     """Serve the shop; with no DATABASE_URL, on an embedded PostgreSQL."""
+    # Every worker process builds its app from the environment, as a user's would.
+    os.environ.setdefault("PGLAYER_LOG_FORMAT", "text")
+    os.environ.setdefault("PGLAYER_ACCESS_LOG", "true")
+    os.environ["PGLAYER_WORKERS"] = str(workers)
     _configure_logging()
     embedded: EmbeddedPostgres | None = None
+    metrics_dir: Path | None = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Any worker answers /metrics for all of them (see pglayer.fastapi.metrics).
+        metrics_dir = Path(tempfile.mkdtemp(prefix="pglayer-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         if DatabaseSettings().url is None:
             embedded = EmbeddedPostgres(data_dir, database="shop")
@@ -110,13 +124,16 @@ def serve(
             loop="uvloop",
             http="httptools",
             timeout_graceful_shutdown=10,
-            log_level="info",
+            log_config=None,
+            access_log=False,  # pglayer's own access log carries the request id
         )
     except PglayerError as exc:
         raise _fail(str(exc)) from None
     finally:
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

@@ -1,0 +1,62 @@
+"""The connection budget: do `workers * max_size` (+ a reserve) fit in the server's limit?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ConnectionBudget", "read_budget"]
+
+_QUERY = """
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS reserved,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend')::int AS in_use,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND application_name = $1)::int AS ours
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBudget:
+    workers: int
+    max_size: int
+    reserve: int
+    max_connections: int
+    superuser_reserved: int
+    used_by_others: int  # client connections with another application_name
+
+    @property
+    def needed(self) -> int:
+        return self.workers * self.max_size + self.reserve
+
+    @property
+    def available(self) -> int:
+        return self.max_connections - self.superuser_reserved - self.used_by_others
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.available
+
+    def describe(self) -> str:
+        return (
+            f"{self.workers} worker(s) x max_size {self.max_size} + reserve {self.reserve} = "
+            f"{self.needed}; the server allows {self.max_connections} - "
+            f"{self.superuser_reserved} reserved - {self.used_by_others} used by others = "
+            f"{self.available}"
+        )
+
+
+async def read_budget(
+    conn: Any, *, application_name: str, workers: int, max_size: int, reserve: int
+) -> ConnectionBudget:
+    """Read the server's limits over `conn` (an asyncpg or pglayer connection)."""
+    row = await conn.fetchrow(_QUERY, application_name)
+    return ConnectionBudget(
+        workers=workers,
+        max_size=max_size,
+        reserve=reserve,
+        max_connections=row["max_connections"],
+        superuser_reserved=row["reserved"],
+        used_by_others=row["in_use"] - row["ours"],
+    )

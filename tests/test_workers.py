@@ -1,0 +1,87 @@
+"""`pglayer serve --workers 2`: one pool per worker, metrics for all from any, a clean drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import tempfile
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import backends, free_port, wait_for
+from tests.test_cli import PGLAYER, clean_env, wait_ready
+
+
+def samples(text: str) -> list[Any]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+async def test_two_workers_share_metrics_log_json_and_drain_on_sigterm(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(
+        DATABASE_URL=db_url,
+        PGLAYER_LOG_FORMAT="json",
+        PGLAYER_APPLICATION_NAME="pglayer-workers",
+        PGLAYER_MIN_SIZE="2",
+    )
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; polled below)
+            [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_ready(url, proc)
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+                async def both_pools_open() -> bool:
+                    rows = await backends(admin, db_name)
+                    return sum(r["application_name"] == "pglayer-workers" for r in rows) >= 4
+
+                assert await wait_for(both_pools_open, timeout=20)
+                for i in range(40):
+                    response = await client.get("/users/1", headers={"X-Request-ID": f"multi-{i}"})
+                    assert response.status_code == 404
+                # Whichever worker answers the scrape reports what both served.
+                await asyncio.sleep(1.2)  # one publishing interval of the workers
+                for _ in range(4):
+                    text = (await client.get("/metrics")).text
+                    parsed = samples(text)
+                    served = sum(
+                        s.value
+                        for s in parsed
+                        if s.name == "pglayer_http_requests_total"
+                        and s.labels.get("route") == "/users/{user_id}"
+                    )
+                    assert served == 40
+                    acquisitions = [
+                        s for s in parsed if s.name == "pglayer_pool_acquisitions_total"
+                    ]
+                    assert len({s.labels["worker"] for s in acquisitions}) == 2
+                    assert sum(s.value for s in acquisitions) >= 40
+        finally:
+            proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+            code = proc.wait(30)
+        log_file.seek(0)
+        lines = log_file.read().splitlines()
+    assert code == 0, "\n".join(lines[-30:])
+    records = [orjson.loads(line) for line in lines if line.startswith("{")]
+    access = [r for r in records if r["logger"] == "pglayer.access"]
+    assert {r["request_id"] for r in access} >= {f"multi-{i}" for i in range(40)}
+    assert all(r["route"] == "/users/{user_id}" for r in access if r["path"] == "/users/1")
+
+    async def pools_closed() -> bool:
+        rows = await backends(admin, db_name)
+        return not any(r["application_name"] == "pglayer-workers" for r in rows)
+
+    assert await wait_for(pools_closed, timeout=10)
