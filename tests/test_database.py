@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from pglayer import (
+    ConfigurationError,
     Database,
     DatabaseUnavailableError,
     PoolOverloadedError,
@@ -191,3 +192,23 @@ async def test_acquire_after_close_is_transient(db_url: str) -> None:
     with pytest.raises(DatabaseUnavailableError):
         async with db.connection():
             pass
+
+
+async def test_open_refuses_a_pool_budget_beyond_max_connections(db_url: str) -> None:
+    settings = settings_for(db_url, workers=500, on_budget_exceeded="refuse")
+    db = Database(settings)
+    with pytest.raises(ConfigurationError, match=r"500 worker\(s\) x max_size 4"):
+        await db.open()
+    assert not db.is_open
+
+
+async def test_open_warns_about_a_pool_budget_beyond_max_connections(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Database(settings_for(db_url, workers=500)) as db:
+        assert db.is_open
+    assert any("connection budget exceeded" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    async with Database(settings_for(db_url, workers=2)):
+        pass
+    assert not any("connection budget" in r.getMessage() for r in caplog.records)

@@ -46,7 +46,7 @@ async def test_two_workers_share_metrics_log_json_and_drain_on_sigterm(
 
                 async def both_pools_open() -> bool:
                     rows = await backends(admin, db_name)
-                    return sum(r["application_name"] == "pglayer-workers" for r in rows) >= 4
+                    return len([r for r in rows if r["application_name"] == "pglayer-workers"]) >= 4
 
                 assert await wait_for(both_pools_open, timeout=20)
                 for i in range(40):

@@ -179,8 +179,12 @@ class Database:
         s = self.settings
         if s.on_budget_exceeded == "ignore":
             return
+        pool = self._pool
+        if pool is None:
+            return
         try:
-            async with self.connection() as conn:
+            # Straight from the pool: a startup check is not traffic to count in stats.
+            async with pool.acquire(timeout=s.acquire_timeout) as conn:
                 budget = await read_budget(
                     conn,
                     application_name=s.application_name,
@@ -188,8 +192,10 @@ class Database:
                     max_size=s.max_size,
                     reserve=s.connection_reserve,
                 )
-        except PglayerError as exc:
-            log.warning("database %s: connection budget not checked: %s", self.target, exc)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.warning(
+                "database %s: connection budget not checked: %s", self.target, type(exc).__name__
+            )
             return
         if budget.fits:
             return
