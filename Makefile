@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required (python3.11, python3.12 or python3.13 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,sqlalchemy]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,sqlalchemy,bench]'
 	@touch $@
 
 run: $(BIN)/.installed

@@ -5,8 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
-__all__ = ["current_operation", "current_request_id", "operation", "request_id", "set_operation"]
+__all__ = [
+    "current_operation",
+    "current_request_id",
+    "enter",
+    "leave",
+    "operation",
+    "request_id",
+    "set_operation",
+]
 
 _request_id: ContextVar[str] = ContextVar("pglayer_request_id", default="-")
 # A name, or a function giving one when a query finishes: a web request's route is only
@@ -51,3 +60,13 @@ def operation(name: str | Callable[[], str]) -> Iterator[None]:
 def set_operation(name: str | Callable[[], str]) -> None:
     """Like `operation()`, for the rest of the current task; a callable is asked lazily."""
     _operation.set(name)
+
+
+def enter(request_id_value: str, operation_name: str | Callable[[], str]) -> tuple[Any, Any]:
+    """Set both for the current task; undo with `leave()` (the per-request fast path)."""
+    return _request_id.set(request_id_value), _operation.set(operation_name)
+
+
+def leave(tokens: tuple[Any, Any]) -> None:
+    _request_id.reset(tokens[0])
+    _operation.reset(tokens[1])

@@ -35,7 +35,13 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     if settings.log_format is not None:
         configure_logging(format=settings.log_format, level=settings.log_level)
     app.state.shop_settings = settings
-    setup(app, db, max_body_size=settings.max_body_size, access_log=settings.access_log)
+    setup(
+        app,
+        db,
+        max_body_size=settings.max_body_size,
+        access_log=settings.access_log,
+        freeze_gc=settings.freeze_gc,
+    )
     app.state.metrics = setup_metrics(app, db, http=settings.metrics)
     for module in (users, accounts, transfers, products, orders, dashboard, health, admin):
         app.include_router(module.router)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +96,7 @@ def serve(
     # Every worker process builds its app from the environment, as a user's would.
     os.environ.setdefault("PGLAYER_LOG_FORMAT", "text")
     os.environ.setdefault("PGLAYER_ACCESS_LOG", "true")
+    os.environ.setdefault("PGLAYER_FREEZE_GC", "true")
     os.environ["PGLAYER_WORKERS"] = str(workers)
     _configure_logging()
     embedded: EmbeddedPostgres | None = None
@@ -170,6 +173,20 @@ def seed_command(
         f"seeded {users} users, {products} products, {orders} orders "
         f"in {time.perf_counter() - started:.1f}s"
     )
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """The load benchmark (benchmarks/ in a checkout); `pglayer bench --help` for options."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "run.py").exists():
+        raise _fail("pglayer bench runs from a source checkout (benchmarks/ not found)")
+    # A child process: the benchmark starts and stops servers and must own its signals.
+    code = subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root)
+    raise typer.Exit(code=code)
 
 
 @app.command()

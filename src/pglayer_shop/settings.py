@@ -26,3 +26,5 @@ class ShopSettings(BaseSettings):
     access_log: bool = False
     # Prometheus HTTP metrics (pool metrics are read at scrape time and cost nothing).
     metrics: bool = True
+    # See pglayer.fastapi.setup(freeze_gc=...): fewer and shorter GC pauses under load.
+    freeze_gc: bool = False  # `pglayer serve` turns it on

@@ -44,6 +44,7 @@ class HttpMetrics:
             registry=registry,
             buckets=_BUCKETS,
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,9 +64,18 @@ class HttpMetrics:
         finally:
             # The template ("/users/{user_id}"), never the raw path: bounded label values.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
-            self.requests.labels(method, route, str(status)).inc()
-            self.duration.labels(method, route).observe(time.perf_counter() - started)
+            key = (scope["method"], route, status)
+            children = self._children.get(key)
+            if children is None:
+                # labels() takes a lock and builds a key each call; a bounded set of
+                # (method, route template, status) makes caching the children safe.
+                children = (
+                    self.requests.labels(key[0], route, str(status)),
+                    self.duration.labels(key[0], route),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
 
 def setup_metrics(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,10 @@ from pglayer.fastapi.problems import internal_error_response
 __all__ = ["RequestGuard", "current_request_id"]
 
 access_log = logging.getLogger("pglayer.access")
+_WATCH_AFTER = 0.02  # seconds
+# Generated ids: random per process, then a counter; unique without a syscall per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -85,7 +90,9 @@ class RequestGuard:
             return
         request_id = self._request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        with context.request_id(request_id), context.operation(lambda: _route_of(scope)):
+        # Plain set/reset rather than context managers: this runs on every request.
+        tokens = context.enter(request_id, lambda: _route_of(scope))
+        try:
             if not self.access_log:
                 await self._handle(scope, receive, send, request_id)
                 return
@@ -116,6 +123,8 @@ class RequestGuard:
                         "duration_ms": round(elapsed_ms, 2),
                     },
                 )
+        finally:
+            context.leave(tokens)
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -125,17 +134,22 @@ class RequestGuard:
                 if _VALID_REQUEST_ID.match(candidate):
                     return candidate
                 break
-        return uuid.uuid4().hex
+        return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        has_body = False
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_size:
-                for message in _too_large(self.max_body_size):
-                    await send(message)
-                return
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.max_body_size:
+                    for message in _too_large(self.max_body_size):
+                        await send(message)
+                    return
+                has_body = value != b"0"
+            elif name == b"transfer-encoding":
+                has_body = True
         chunks: list[bytes] = []
         size = 0
-        while True:
+        while has_body:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
@@ -189,7 +203,16 @@ class RequestGuard:
                         task.cancel()
                     return
 
-        watcher = asyncio.create_task(watch())
+        # Most requests finish sooner than _WATCH_AFTER; only slower ones pay for a task that
+        # waits for a disconnect. A client that left earlier is noticed when it starts.
+        loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
+
+        def start_watching() -> None:
+            nonlocal watcher
+            watcher = loop.create_task(watch())
+
+        timer = loop.call_later(_WATCH_AFTER, start_watching)
         try:
             with deadline(self.request_timeout):
                 await self.app(scope, replay, send_with_id)
@@ -208,4 +231,6 @@ class RequestGuard:
             )
             await response(scope, replay, send_with_id)
         finally:
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()

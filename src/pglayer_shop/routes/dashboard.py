@@ -17,7 +17,7 @@ __all__ = ["router"]
 router = APIRouter(tags=["dashboard"])
 
 # One round trip. Money leaves the database as text so no float ever touches it.
-_DASHBOARD = """
+DASHBOARD_SQL = """
 SELECT u.id, u.name, u.email, u.created_at, a.balance,
        coalesce((
            SELECT json_agg(json_build_object(
@@ -40,7 +40,7 @@ ORDER BY created_at DESC, id DESC LIMIT 20
 
 
 async def _single(db: Database, user_id: int) -> Dashboard | None:
-    row = await db.run(lambda conn: conn.fetchrow(_DASHBOARD, user_id))
+    row = await db.run(lambda conn: conn.fetchrow(DASHBOARD_SQL, user_id))
     if row is None:
         return None
     return Dashboard(

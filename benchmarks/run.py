@@ -1,0 +1,445 @@
+"""`pglayer bench`: the shop against a naive baseline and the framework floor, under load.
+
+Starts PostgreSQL if needed (DATABASE_URL, else the embedded server), seeds a fixed data
+set once, serves each app with uvicorn (uvloop + httptools) in its own processes, warms it,
+drives load (wrk + Lua, else the asyncio generator), and writes a table, JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import orjson
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.load import LoadResult, run_asyncio, run_wrk, wrk_available
+from pglayer import Database, DatabaseSettings
+from pglayer.embedded import EmbeddedPostgres
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, seed
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+console = Console()
+
+APPS = {
+    "shop": ["--factory", "pglayer_shop.app:create_app"],
+    "baseline": ["benchmarks.baselines.naive:app"],
+    "floor": ["benchmarks.floor:app"],
+}
+# What each app implements; the floor only does the reads.
+SCENARIOS = {
+    "users": ("shop", "baseline", "floor"),
+    "dashboard": ("shop", "baseline", "floor"),
+    "orders": ("shop", "baseline"),
+    "mix": ("shop", "baseline"),
+}
+POOL_MAX = 10  # every app gets 10 connections per worker
+SHOP_DEFAULT_WAITERS = 100
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    workers: list[int]
+    concurrency: list[int]
+    duration: float
+    warmup: float
+    scenarios: list[str]
+    servers: list[str]
+    generator: str
+    overload: bool
+    metrics_overhead: bool
+
+
+# -- the database ----------------------------------------------------------------------
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+
+
+async def _prepare(url: str, counts: SeedCounts) -> int:
+    """Create and seed the benchmark database once; return the id of the ample product."""
+    name = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    settings = DatabaseSettings(url=url, min_size=1, max_size=2, require_on_startup=True)
+    async with Database(settings) as db:
+        await apply_migrations(db)
+        have = await db.run(lambda c: c.fetchval("SELECT count(*) FROM users"))
+        if have < counts.users:
+            console.print(f"seeding {counts.users} users, {counts.orders} orders into {name}")
+            started = time.perf_counter()
+            await seed(db, counts)
+            console.print(f"seeded in {time.perf_counter() - started:.1f}s")
+        async with db.transaction() as conn:
+            # Orders must never fail for stock or money, whatever the run length.
+            await conn.execute("UPDATE accounts SET balance = 1000000000 WHERE balance < 1000000")
+            product = await conn.fetchval(
+                "SELECT id FROM products WHERE name = 'bench: ample stock'"
+            ) or await conn.fetchval(
+                "INSERT INTO products (name, price, stock)"
+                " VALUES ('bench: ample stock', 0.01, 1000000000) RETURNING id"
+            )
+            await conn.execute("UPDATE products SET stock = 1000000000 WHERE id = $1", product)
+        await db.run(lambda c: c.execute("VACUUM ANALYZE"), retry=False)
+    return int(product)
+
+
+# -- the servers -----------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of each process in a server's tree, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.peak: dict[int, int] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.2):
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
+
+    def peak_worker_mib(self) -> float:
+        values = [v for pid, v in self.peak.items() if pid != self.root.pid] or list(
+            self.peak.values()
+        )
+        return max(values, default=0) / 2**20
+
+
+class Server:
+    def __init__(self, app: str, workers: int, url: str, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.workers = workers
+        self.env = {**os.environ, **env, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", *APPS[self.app],
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", str(self.workers), "--loop", "uvloop", "--http", "httptools",
+                "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+            ],
+            env=self.env, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.app} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/users/1", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.app} did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+def _load(
+    plan: Plan, url: str, scenario: str, c: int, seconds: float, max_id: int, product: int
+) -> LoadResult:
+    if plan.generator == "wrk":
+        return run_wrk(url, scenario, c, seconds, max_id, product)
+    return run_asyncio(url, scenario, c, seconds, max_id, product)
+
+
+def _row(
+    server: str, scenario: str, workers: int, c: int, r: LoadResult, rss: float
+) -> dict[str, Any]:
+    out = asdict(r)
+    out.update(server=server, scenario=scenario, workers=workers, concurrency=c,
+               rps=round(r.rps, 1), rss_mib=round(rss, 1))  # fmt: skip
+    return out
+
+
+def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    base_env = {
+        "PGLAYER_MAX_SIZE": str(POOL_MAX),
+        "PGLAYER_MIN_SIZE": str(POOL_MAX),
+        "PGLAYER_ACCESS_LOG": "false",
+        "PGLAYER_LOG_LEVEL": "WARNING",
+        "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
+        "PGLAYER_FREEZE_GC": "true",  # as `pglayer serve` runs it
+    }
+    # Sized for the offered load, as an operator would: up to 1024 clients may queue.
+    normal_env = {**base_env, "PGLAYER_MAX_WAITERS": "4096", "PGLAYER_ACQUIRE_TIMEOUT": "5"}
+    servers = list(plan.servers)
+    if plan.metrics_overhead and "shop" in servers:
+        servers.append("shop-nometrics")
+    for workers in plan.workers:
+        for name in servers:
+            app = "shop" if name.startswith("shop") else name
+            env = dict(normal_env)
+            if name == "shop-nometrics":
+                env["PGLAYER_METRICS"] = "false"
+            with Server(app, workers, url, env) as server:
+                _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
+                _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
+                for scenario in plan.scenarios:
+                    if app not in SCENARIOS[scenario]:
+                        continue
+                    for c in plan.concurrency:
+                        assert server.proc is not None
+                        sampler = RssSampler(server.proc.pid)
+                        sampler.start()
+                        result = _load(
+                            plan, server.url, scenario, c, plan.duration, max_id, product
+                        )
+                        sampler.stopped.set()
+                        sampler.join()
+                        rows.append(
+                            _row(name, scenario, workers, c, result, sampler.peak_worker_mib())
+                        )
+                        _print_progress(rows[-1])
+        if plan.overload:
+            rows.extend(_overload(plan, url, workers, base_env, max_id, product))
+    return rows
+
+
+def _overload(
+    plan: Plan, url: str, workers: int, env: dict[str, str], max_id: int, product: int
+) -> list[dict[str, Any]]:
+    """4x what the shop's pools can hold (connections + bounded waiters), default bounds."""
+    c = 4 * workers * (POOL_MAX + SHOP_DEFAULT_WAITERS)
+    rows = []
+    for name in ("shop", "baseline"):
+        with Server(name, workers, url, env) as server:
+            assert server.proc is not None
+            sampler = RssSampler(server.proc.pid)
+            sampler.start()
+            result = run_asyncio(server.url, "dashboard", c, plan.duration, max_id, product)
+            sampler.stopped.set()
+            sampler.join()
+        rows.append(_row(name, "overload", workers, c, result, sampler.peak_worker_mib()))
+        _print_progress(rows[-1])
+    return rows
+
+
+def _print_progress(row: dict[str, Any]) -> None:
+    console.print(
+        f"  {row['scenario']:<9} {row['server']:<14} w={row['workers']} c={row['concurrency']:<5}"
+        f" {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
+        f"  non-2xx {row['non2xx']}  sock {row['socket_errors']}  rss {row['rss_mib']} MiB"
+    )
+
+
+# -- reporting -------------------------------------------------------------------------
+
+
+def _ratio(rows: list[dict[str, Any]], row: dict[str, Any], other: str, key: str) -> float | None:
+    for r in rows:
+        if (r["server"], r["scenario"], r["workers"], r["concurrency"]) == (
+            other,
+            row["scenario"],
+            row["workers"],
+            row["concurrency"],
+        ):
+            return row[key] / r[key] if r[key] else None
+    return None
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    table = Table(title="pglayer bench")
+    columns = (
+        "scenario", "w", "conc", "server", "req/s", "p50 ms", "p99 ms", "max ms",
+        "non-2xx", "sock err", "RSS MiB", "rps/baseline", "rps/floor", "p99/baseline",
+    )  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="right")
+
+    def fmt(x: float | None, spec: str = ".2f") -> str:
+        return "" if x is None else format(x, spec)
+
+    for r in rows:
+        is_shop = r["server"] == "shop"
+        table.add_row(
+            r["scenario"], str(r["workers"]), str(r["concurrency"]), r["server"],
+            f"{r['rps']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.0f}",
+            str(r["non2xx"]), str(r["socket_errors"]), f"{r['rss_mib']:.0f}",
+            fmt(_ratio(rows, r, "baseline", "rps")) if is_shop else "",
+            fmt(_ratio(rows, r, "floor", "rps")) if is_shop else "",
+            fmt(_ratio(rows, r, "baseline", "p99_ms")) if is_shop else "",
+        )  # fmt: skip
+    console.print(table)
+    for r in rows:
+        if r["scenario"] == "overload":
+            served = sum(n for s, n in r["statuses"].items() if int(s) < 300)
+            console.print(
+                f"overload {r['server']} w={r['workers']} c={r['concurrency']}: served {served}"
+                f" (p99 {fmt(r['served_p99_ms'], '.0f')} ms), shed/failed {r['non2xx']}"
+                f" (503 p99 {fmt(r['shed_p99_ms'], '.1f')} ms, with Retry-After:"
+                f" {r['shed_with_retry_after']}), statuses {r['statuses']}"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"bench-{stamp}.json"
+    path.write_bytes(
+        orjson.dumps(
+            {"meta": meta, "rows": rows}, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+        )
+    )
+    png = _chart(rows, path.with_suffix(".png"))
+    console.print(f"results: {path}" + (f" and {png}" if png else ""))
+    return path
+
+
+def _chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["scenario"], r["workers"]) for r in rows if r["scenario"] != "overload"})
+    if not groups:
+        return None
+    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 7), squeeze=False)
+    for i, (scenario, workers) in enumerate(groups):
+        for server in sorted({r["server"] for r in rows}):
+            pts = sorted(
+                (r["concurrency"], r["rps"], r["p99_ms"]) for r in rows
+                if (r["scenario"], r["workers"], r["server"]) == (scenario, workers, server)
+            )  # fmt: skip
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            axes[0][i].plot(xs, [p[1] for p in pts], marker="o", label=server)
+            axes[1][i].plot(xs, [p[2] for p in pts], marker="o", label=server)
+        axes[0][i].set_title(f"{scenario}, {workers} worker(s)")
+        axes[0][i].set_ylabel("req/s")
+        axes[1][i].set_ylabel("p99 ms")
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pglayer bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
+    parser.add_argument("--workers", default=None, help="comma list, e.g. 1,2")
+    parser.add_argument("--concurrency", default=None, help="comma list, e.g. 64,256,1024")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--servers", default="shop,baseline,floor")
+    parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
+    parser.add_argument("--no-overload", action="store_true")
+    parser.add_argument("--metrics-overhead", action="store_true",
+                        help="also run the shop with Prometheus HTTP metrics off")  # fmt: skip
+    parser.add_argument("--data-dir", default=str(ROOT / ".pglayer"))
+    args = parser.parse_args(argv)
+    quick = args.quick
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if wrk_available() else "asyncio"
+    plan = Plan(
+        quick=quick,
+        workers=_ints(args.workers or ("1" if quick else "1,2")),
+        concurrency=_ints(args.concurrency or ("64" if quick else "64,256,1024")),
+        duration=args.duration or (2.0 if quick else 10.0),
+        warmup=1.0 if quick else 3.0,
+        scenarios=[s for s in args.scenarios.split(",") if s],
+        servers=[s for s in args.servers.split(",") if s],
+        generator=generator,
+        overload=not args.no_overload,
+        metrics_overhead=args.metrics_overhead,
+    )
+    counts = SeedCounts(5_000, 100, 20_000) if quick else SeedCounts(100_000, 1_000, 500_000)
+    database = "pglayer_bench_quick" if quick else "pglayer_bench"
+    embedded = None
+    base_url = os.environ.get("DATABASE_URL")
+    if not base_url:
+        embedded = EmbeddedPostgres(Path(args.data_dir), database=database)
+        base_url = embedded.start()
+    url = _with_database(base_url, database)
+    try:
+        product = asyncio.run(_prepare(url, counts))
+        console.print(
+            f"generator: {generator}; workers {plan.workers}; concurrency {plan.concurrency};"
+            f" {plan.duration:g}s per run"
+        )
+        rows = run(plan, url, counts.users, product)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    meta = {
+        "plan": asdict(plan),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "wrk": shutil.which("wrk"),
+        },
+        "dataset": {"users": counts.users, "products": counts.products, "orders": counts.orders},
+    }
+    report(rows, meta)
