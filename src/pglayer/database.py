@@ -35,6 +35,7 @@ from pglayer.errors import (
 )
 from pglayer.events import Hook
 from pglayer.observer import Observer
+from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer.retry import RetryPolicy, retrying
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import PoolStats, StatsRecorder
@@ -110,6 +111,7 @@ class Database:
         self._closing = False
         self._waiting = 0
         self._gate = asyncio.Semaphore(self.settings.max_size)
+        self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self._stats = StatsRecorder()
         self._observer = Observer(
             name,
@@ -178,8 +180,8 @@ class Database:
 
     async def _check_budget(self) -> None:
         s = self.settings
-        if s.on_budget_exceeded == "ignore":
-            return
+        if s.on_budget_exceeded == "ignore" or (self.pooler and self.pooler.mode != "none"):
+            return  # behind a pooler the server's limit is the pooler's business
         pool = self._pool
         if pool is None:
             return
@@ -223,18 +225,47 @@ class Database:
         finally:
             self._opener = None
 
+    async def _resolve_pooler(self) -> PoolerInfo:
+        kind = self.settings.pooler
+        if kind == "none":
+            return PoolerInfo("none", prepared_statements=True)
+        if kind == "pgbouncer-session":
+            return PoolerInfo("session", prepared_statements=True)
+        if kind == "pgbouncer-transaction":
+            # Told, not probed: assume PgBouncer < 1.21 unless the probe says otherwise.
+            safe = await prepared_statements_safe(self.settings.dsn(), self.settings)
+            return PoolerInfo("transaction", prepared_statements=safe)
+        return await detect_pooler(self.settings)
+
     async def _create_pool(self) -> asyncpg.Pool[Record]:
         s = self.settings
         try:
+            if self.pooler is None:
+                self.pooler = await self._resolve_pooler()
+                if self.pooler.mode != "none":
+                    log.info(
+                        "database %s: behind a pooler in %s mode; prepared statements %s",
+                        self.target,
+                        self.pooler.mode,
+                        "kept" if self.pooler.prepared_statements else "off",
+                    )
+            pooled = self.pooler.mode in ("transaction", "statement")
+            server_settings = s.server_settings()
+            if self.pooler.mode != "none":
+                # PgBouncer refuses unknown startup parameters: keep what it forwards and
+                # set the timeouts on the role instead (see the README).
+                server_settings = {"application_name": s.application_name}
             pool = await asyncpg.create_pool(
                 s.dsn(),
                 min_size=s.min_size,
                 max_size=s.max_size,
                 max_inactive_connection_lifetime=s.max_inactive_connection_lifetime,
                 command_timeout=s.query_timeout,
-                statement_cache_size=s.statement_cache_size,
+                statement_cache_size=(
+                    0 if pooled and not self.pooler.prepared_statements else s.statement_cache_size
+                ),
                 timeout=s.connect_timeout,
-                server_settings=s.server_settings(),
+                server_settings=server_settings,
                 init=_init_connection,
                 reset=_no_reset,
                 connect=self._connect,
@@ -397,8 +428,14 @@ class Database:
         """
 
         async def attempt() -> T:
-            async with self.connection(timeout=timeout) as conn:
-                return await fn(conn)
+            # connection() spelled out: this is every read's path, and a generator-based
+            # context manager costs more than the rest of this function.
+            pool, raw = await self._acquire(timeout)
+            held_since = time.perf_counter()
+            try:
+                return await fn(Connection(raw, self._observer))
+            finally:
+                await self._release(pool, raw, held_since)
 
         if not retry:
             return await attempt()

@@ -6,7 +6,6 @@ production, and `pglayer doctor` exits non-zero for it.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -16,6 +15,7 @@ import asyncpg
 
 from pglayer.budget import read_budget
 from pglayer.dsn import describe_target
+from pglayer.pooler import connect_plain, pool_mode, prepared_statements_safe
 from pglayer.settings import DatabaseSettings
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "explain_connect_error"]
@@ -69,67 +69,13 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     return f"cannot connect to {target} ({type(exc).__name__})"
 
 
-async def _connect(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> Any:
-    return await asyncpg.connect(
-        dsn,
-        timeout=settings.connect_timeout,
-        statement_cache_size=kwargs.pop("statement_cache_size", 0),
-        server_settings={"application_name": f"{settings.application_name}-doctor"},
-        **kwargs,
-    )
-
-
-async def _pool_mode(dsn: str, settings: DatabaseSettings) -> str:
-    """`transaction`, `session` or `statement`: how a pooler hands out server connections."""
-    first = await _connect(dsn, settings)
-    second = await _connect(dsn, settings)
-    try:
-        try:
-            async with first.transaction():
-                await first.execute("SELECT 1")
-                await first.execute("SELECT 2")
-        except asyncpg.PostgresError:
-            return "statement"  # multi-statement transactions are refused
-        async with first.transaction():
-            pid = await first.fetchval("SELECT pg_backend_pid()")
-        # A transaction pooler gives the server connection `first` just released to the
-        # next client (PgBouncer reuses the most recent one); a session pooler cannot.
-        async with second.transaction():
-            other = await second.fetchval("SELECT pg_backend_pid()")
-        return "transaction" if other == pid else "session"
-    finally:
-        await asyncio.gather(first.close(), second.close(), return_exceptions=True)
-
-
-async def _prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool:
-    """Whether asyncpg's named prepared statements survive the pooler (PgBouncer ≥ 1.21)."""
-    conns = [await _connect(dsn, settings, statement_cache_size=100) for _ in range(2)]
-    first, holder = conns
-    query = "SELECT $1::int + 0 * pg_backend_pid()"
-    safe = True
-    try:
-        async with first.transaction():
-            await first.fetchval(query, 1)  # prepared on the server connection S1
-        # `holder` takes S1 and keeps it, so `first` must run its cached statement on
-        # another server connection, where only a pooler that tracks statements has it.
-        async with holder.transaction():
-            await holder.execute("SELECT 1")
-            async with first.transaction():
-                await first.fetchval(query, 2)
-    except asyncpg.PostgresError:
-        safe = False
-    finally:
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-    return safe
-
-
 async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int = 5) -> Diagnosis:
     """Check `settings` against the server it points at."""
     dsn = settings.dsn()
     target = describe_target(dsn)
     result = Diagnosis(target)
     try:
-        conn = await _connect(dsn, settings)
+        conn = await connect_plain(dsn, settings)
     except Exception as exc:
         result.add("reachable", "fail", explain_connect_error(exc, target))
         return result
@@ -174,7 +120,7 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
     pooled = row["server_port"] is not None and row["server_port"] != port
     result.facts["pooler"] = None
     if pooled:
-        mode = await _pool_mode(dsn, settings)
+        mode = await pool_mode(dsn, settings)
         result.facts["pooler"] = mode
         result.add(
             "pooler",
@@ -184,7 +130,7 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
             + (": transactions cannot work" if mode == "statement" else ""),
         )
         if mode == "transaction":
-            safe = await _prepared_statements_safe(dsn, settings)
+            safe = await prepared_statements_safe(dsn, settings)
             result.facts["prepared_statements"] = safe
             if safe:
                 result.add(

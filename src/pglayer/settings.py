@@ -57,6 +57,11 @@ class DatabaseSettings(BaseSettings):
     )
     connection_reserve: int = Field(default=5, ge=0)
     on_budget_exceeded: Literal["warn", "refuse", "ignore"] = "warn"
+    # What sits between pglayer and PostgreSQL. `auto` looks at open(): a server port that
+    # differs from the URL's means a pooler, then its mode and whether prepared statements
+    # survive it are probed. Transaction pooling turns the statement cache off (unless
+    # PgBouncer >= 1.21 keeps statements) and sends no timeouts as startup parameters.
+    pooler: Literal["auto", "none", "pgbouncer-transaction", "pgbouncer-session"] = "auto"
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:

@@ -1,0 +1,180 @@
+"""Through a real PgBouncer (Debian's 1.18): transaction and session mode, PAUSE, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from pglayer import Database, PglayerError
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import Server, asgi_client, require_external, settings_for
+from tests.pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
+from tests.test_shop_orders import funded_user, make_product
+
+
+@pytest.fixture(params=["transaction", "session"])
+def bouncer(request: pytest.FixtureRequest, server: Server) -> Iterator[PgBouncer]:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    mode: PoolMode = request.param
+    # Session pooling pins a server connection per client connection: it needs as many
+    # as the pool may open (8 below). Transaction pooling shares 3 among them.
+    with PgBouncer(
+        server.admin_url, pool_mode=mode, pool_size=3 if mode == "transaction" else 10
+    ) as b:
+        yield b
+
+
+@pytest.fixture
+def tx_bouncer(server: Server) -> Iterator[PgBouncer]:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    with PgBouncer(server.admin_url, pool_mode="transaction", pool_size=3) as b:
+        yield b
+
+
+@asynccontextmanager
+async def shop_through(bouncer: PgBouncer, db_name: str) -> AsyncIterator[httpx.AsyncClient]:
+    db = Database(settings_for(bouncer.url(db_name), min_size=2, max_size=8))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        yield client
+
+
+@pytest.fixture
+async def bouncer_client(bouncer: PgBouncer, db_name: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with shop_through(bouncer, db_name) as client:
+        yield client
+
+
+async def console(bouncer: PgBouncer, command: str) -> None:
+    conn = await asyncpg.connect(bouncer.url("pgbouncer"), statement_cache_size=0)
+    try:
+        # The admin console speaks the simple protocol only, which execute() without
+        # arguments uses.
+        await conn.execute(command, timeout=10)
+    finally:
+        await conn.close()
+
+
+async def test_the_pooler_is_detected_and_prepared_statements_follow_it(
+    bouncer: PgBouncer, db_name: str
+) -> None:
+    async with Database(settings_for(bouncer.url(db_name))) as db:
+        assert db.pooler is not None
+        assert db.pooler.mode == bouncer.pool_mode
+        # Debian's 1.18 loses named statements across transactions; session mode keeps them.
+        assert db.pooler.prepared_statements is (bouncer.pool_mode == "session")
+
+
+async def test_the_shop_works_through_pgbouncer(bouncer_client: httpx.AsyncClient) -> None:
+    client = bouncer_client
+    user = await funded_user(client, f"pgb-{id(client)}@example.com", "100.00")
+    product = await make_product(client, "10.00", 5)
+    headers = {"Idempotency-Key": "pgb-1"}
+    body = {"user_id": user, "product_id": product, "quantity": 2}
+    first = await client.post("/orders", json=body, headers=headers)
+    again = await client.post("/orders", json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (await client.get(f"/accounts/{user}")).json()["balance"] == "80.00"
+    dashboard = await client.get(f"/dashboard/{user}")
+    assert dashboard.status_code == 200
+    assert [o["id"] for o in dashboard.json()["recent_orders"]] == [first.json()["id"]]
+    assert (await client.get("/users", params={"limit": 1})).status_code == 200
+
+
+async def load(client: httpx.AsyncClient, seconds: float, workers: int = 16) -> Counter[int]:
+    statuses: Counter[int] = Counter()
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + seconds
+
+    async def one(i: int) -> None:
+        n = 0
+        while loop.time() < stop and n < 2000:
+            n += 1
+            response = await client.get(f"/users/{1 + (i + n) % 3}")
+            statuses[response.status_code] += 1
+
+    await asyncio.gather(*(one(i) for i in range(workers)))
+    return statuses
+
+
+async def seed_users(client: httpx.AsyncClient) -> None:
+    for i in range(3):
+        response = await client.post(
+            "/users", json={"name": f"U{i}", "email": f"load{i}@example.com"}
+        )
+        assert response.status_code == 201
+
+
+async def test_concurrent_load_has_no_errors(bouncer_client: httpx.AsyncClient) -> None:
+    await seed_users(bouncer_client)
+    statuses = await load(bouncer_client, 1.5)
+    assert set(statuses) == {200}
+    assert statuses[200] > 100
+
+
+async def test_pause_and_resume_under_load_lose_nothing(
+    tx_bouncer: PgBouncer, db_name: str
+) -> None:
+    # Transaction mode only: in session mode PAUSE waits for every client to disconnect.
+    async with shop_through(tx_bouncer, db_name) as client:
+        await seed_users(client)
+
+        async def pause_then_resume() -> None:
+            await asyncio.sleep(0.3)
+            await console(tx_bouncer, "PAUSE")
+            await asyncio.sleep(0.5)
+            await console(tx_bouncer, "RESUME")
+
+        statuses, _ = await asyncio.gather(load(client, 2.0), pause_then_resume())
+    assert set(statuses) == {200}
+
+
+async def test_reconnect_and_a_restart_give_only_503s_then_recover(
+    bouncer: PgBouncer, bouncer_client: httpx.AsyncClient
+) -> None:
+    await seed_users(bouncer_client)
+
+    async def disrupt() -> None:
+        await asyncio.sleep(0.3)
+        await console(bouncer, "RECONNECT")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(bouncer.stop)
+        await asyncio.sleep(0.4)
+        await asyncio.to_thread(bouncer.start)
+
+    statuses, _ = await asyncio.gather(load(bouncer_client, 2.5), disrupt())
+    assert set(statuses) <= {200, 503}, statuses
+    after = await load(bouncer_client, 0.5, workers=4)
+    assert set(after) == {200}
+
+
+async def test_without_the_pooler_setting_prepared_statements_break(
+    tx_bouncer: PgBouncer, db_name: str
+) -> None:
+    bouncer = tx_bouncer
+    # Misconfigured on purpose: told "session" while PgBouncer pools transactions, so the
+    # statement cache stays on.
+    settings = settings_for(
+        bouncer.url(db_name), pooler="pgbouncer-session", max_size=8, retry_attempts=1
+    )
+    failures = 0
+    async with Database(settings) as db:
+
+        async def query(i: int) -> Any:
+            return await db.run(lambda c: c.fetchval("SELECT $1::int", i), retry=False)
+
+        for result in await asyncio.gather(*(query(i) for i in range(200)), return_exceptions=True):
+            if isinstance(result, PglayerError | asyncpg.PostgresError):
+                failures += 1
+    # This is what pooler="auto" (the default) prevents; see the test above.
+    assert failures > 0
