@@ -20,6 +20,7 @@ from pglayer.errors import (
     NotNullViolationError,
     PglayerError,
     PoolOverloadedError,
+    PoolTimeoutError,
     QueryTimeoutError,
     TransientError,
     UniqueViolationError,
@@ -183,7 +184,14 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
     problem = problem_for_database_error(exc)
     sqlstate = exc.sqlstate if isinstance(exc, DatabaseError) else None
     if problem.status >= 500:
-        level = logging.ERROR if problem.status == 500 else logging.WARNING
+        # Shed and timed-out acquires are counted in the pool's metrics; a warning per
+        # request would add log volume exactly when the process is overloaded.
+        if problem.status == 500:
+            level = logging.ERROR
+        elif isinstance(exc, PoolOverloadedError | PoolTimeoutError):
+            level = logging.INFO
+        else:
+            level = logging.WARNING
         log.log(
             level,
             "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)",
