@@ -38,7 +38,7 @@ from pglayer_shop.seed import SeedCounts, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-console = Console()
+console = Console(width=200)
 
 APPS = {
     "shop": ["--factory", "pglayer_shop.app:create_app"],

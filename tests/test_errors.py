@@ -201,7 +201,9 @@ async def test_too_many_connections_for_a_role_is_503(
     try:
         host_port = server.admin_url.split("@", 1)[1].rsplit("/", 1)[0]
         url = f"postgresql://{role}:pw@{host_port}/{db_name}"
-        db = Database(settings_for(url, min_size=0, require_on_startup=False, retry_attempts=1))
+        db = Database(
+            settings_for(url, min_size=0, require_on_startup=False, retry_attempts=1, pooler="none")
+        )
         app = FastAPI()
         setup(app, db)
 

@@ -192,3 +192,21 @@ async def test_concurrent_requests_keep_their_own_request_ids(
             )
         )
     assert {rid: seen.get(rid) for rid in ids} == dict.fromkeys(ids, "/users/{user_id}")
+
+
+async def test_a_saturated_pool_sheds_before_routing_but_serves_health(db_url: str) -> None:
+    db = Database(settings_for(db_url, min_size=1, max_size=1, max_waiters=1))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        async with db.connection():  # the only connection, held
+            waiter = asyncio.create_task(client.get("/users/1"))  # the one allowed to wait
+            await wait_for(lambda: asyncio.sleep(0, db.saturated()))
+            shed = await client.get("/users/2", headers={"X-Request-ID": "shed-1"})
+            live = await client.get("/health/live")
+        assert (await waiter).status_code == 404
+    assert shed.status_code == 503
+    assert shed.json()["code"] == "overloaded"
+    assert shed.headers["retry-after"]
+    assert shed.headers["x-request-id"] == "shed-1"
+    assert live.status_code == 200
+    assert db.stats().requests_shed == 1

@@ -372,6 +372,14 @@ class Database:
         self._observer.acquired(time.perf_counter() - started)
         return pool, conn
 
+    def saturated(self) -> bool:
+        """True while an acquire would be shed: `max_waiters` are already waiting."""
+        return self._gate.locked() and self._waiting >= self.settings.max_waiters
+
+    def count_shed(self) -> None:
+        """Count a request refused for `saturated()` before it asked for a connection."""
+        self._observer.acquire_failed(PoolOverloadedError())
+
     def _refused(self, error: PglayerError) -> PglayerError:
         self._observer.acquire_failed(error)
         return error

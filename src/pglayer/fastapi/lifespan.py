@@ -82,4 +82,5 @@ def setup(
         max_body_size=max_body_size,
         request_timeout=request_timeout,
         access_log=access_log,
+        database=db,
     )

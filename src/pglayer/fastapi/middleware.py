@@ -14,8 +14,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pglayer import context
 from pglayer.context import current_request_id
+from pglayer.database import Database
 from pglayer.deadline import deadline
-from pglayer.fastapi.problems import internal_error_response
+from pglayer.errors import PoolOverloadedError
+from pglayer.fastapi.problems import (
+    internal_error_response,
+    problem_for_database_error,
+    problem_response,
+)
 
 __all__ = ["RequestGuard", "current_request_id"]
 
@@ -56,6 +62,16 @@ def _too_large(max_body_size: int) -> list[Message]:
     ]
 
 
+def _overloaded(request_id: str) -> list[Message]:
+    response = problem_response(problem_for_database_error(PoolOverloadedError()))
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+    headers.append((b"x-request-id", request_id.encode()))
+    return [
+        {"type": "http.response.start", "status": response.status_code, "headers": headers},
+        {"type": "http.response.body", "body": response.body},
+    ]
+
+
 class RequestGuard:
     """Pure ASGI middleware around every HTTP request.
 
@@ -68,7 +84,9 @@ class RequestGuard:
     - cancels the handler when the client disconnects before the response is complete,
       which cancels its query and returns its connection to the pool;
     - answers an unexpected exception with a 500 problem that carries only the request id;
-    - with `access_log`, logs one line per request on `pglayer.access`, with its request id.
+    - with `access_log`, logs one line per request on `pglayer.access`, with its request id;
+    - with `database`, sheds a request before routing (503 `overloaded`) while that pool
+      already has `max_waiters` waiting; `shed_exempt` path prefixes are always served.
     """
 
     def __init__(
@@ -78,8 +96,12 @@ class RequestGuard:
         max_body_size: int = 1 << 20,
         request_timeout: float | None = 30.0,
         access_log: bool = False,
+        database: Database | None = None,
+        shed_exempt: tuple[str, ...] = ("/health/", "/metrics"),
     ) -> None:
         self.app = app
+        self.database = database
+        self.shed_exempt = shed_exempt
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
         self.access_log = access_log
@@ -87,6 +109,14 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        db = self.database
+        if db is not None and db.saturated() and not scope["path"].startswith(self.shed_exempt):
+            # Already as many waiting as allowed: answer before routing and validation, so
+            # that under a flood shedding costs little and the admitted requests keep the CPU.
+            db.count_shed()
+            for message in _overloaded(self._request_id(scope)):
+                await send(message)
             return
         request_id = self._request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id

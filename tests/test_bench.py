@@ -1,0 +1,46 @@
+"""`pglayer bench --quick` end to end: the smoke run CI executes (no thresholds asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Server, require_external
+from tests.test_cli import PGLAYER, clean_env
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def test_quick_bench_runs_every_server_and_scenario_and_writes_results(server: Server) -> None:
+    require_external(shutil.which("wrk") is not None, "wrk is not installed")
+    before = set(RESULTS.glob("bench-*.json")) if RESULTS.exists() else set()
+    result = subprocess.run(
+        [PGLAYER, "bench", "--quick", "--duration", "1", "--concurrency", "16"],
+        env=clean_env(DATABASE_URL=server.admin_url, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [new] = set(RESULTS.glob("bench-*.json")) - before
+    try:
+        report = json.loads(new.read_text())
+        assert new.with_suffix(".png").stat().st_size > 0
+        seen = {(r["scenario"], r["server"]) for r in report["rows"]}
+        for scenario in ("users", "dashboard"):
+            assert {(scenario, s) for s in ("shop", "baseline", "floor")} <= seen
+        for scenario in ("orders", "mix", "overload"):
+            assert {(scenario, s) for s in ("shop", "baseline")} <= seen
+        for row in report["rows"]:
+            assert row["requests"] > 0, row
+            if row["scenario"] != "overload":
+                assert row["socket_errors"] == 0, row
+        assert "rps/baseline" in result.stdout
+    finally:
+        if not os.environ.get("PGLAYER_KEEP_BENCH_RESULTS"):
+            new.unlink()
+            new.with_suffix(".png").unlink(missing_ok=True)
