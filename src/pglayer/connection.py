@@ -11,7 +11,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 import asyncpg
 from pydantic import BaseModel
 
-from pglayer import deadline
+from pglayer import context, deadline
 from pglayer.errors import (
     CommitIndeterminateError,
     ConnectionLostError,
@@ -173,6 +173,8 @@ class Connection:
         # On cancellation nothing is sent here: the pool's reset on release rolls back.
         try:
             await tx.commit()
+            if not readonly:
+                context.mark_wrote()
         except Exception as exc:
             translated = translate(exc, connection_closed=self.is_closed())
             if isinstance(translated, ConnectionLostError) or (

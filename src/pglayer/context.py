@@ -8,13 +8,18 @@ from contextvars import ContextVar
 from typing import Any
 
 __all__ = [
+    "RequestWrites",
     "current_operation",
     "current_request_id",
     "enter",
     "leave",
+    "mark_wrote",
     "operation",
+    "reads_need_primary",
     "request_id",
     "set_operation",
+    "track_writes",
+    "untrack_writes",
 ]
 
 _request_id: ContextVar[str] = ContextVar("pglayer_request_id", default="-")
@@ -70,3 +75,42 @@ def enter(request_id_value: str, operation_name: str | Callable[[], str]) -> tup
 def leave(tokens: tuple[Any, Any]) -> None:
     _request_id.reset(tokens[0])
     _operation.reset(tokens[1])
+
+
+class RequestWrites:
+    """Per request: whether it committed a write, and whether its client wrote recently."""
+
+    __slots__ = ("recent", "wrote")
+
+    def __init__(self, *, recent: bool = False) -> None:
+        self.wrote = False
+        self.recent = recent
+
+    @property
+    def needs_primary(self) -> bool:
+        return self.wrote or self.recent
+
+
+_writes: ContextVar[RequestWrites | None] = ContextVar("pglayer_writes", default=None)
+
+
+def track_writes(writes: RequestWrites) -> Any:
+    """Track the writes of the current task in `writes`; returns a token for `untrack`."""
+    return _writes.set(writes)
+
+
+def untrack_writes(token: Any) -> None:
+    _writes.reset(token)
+
+
+def mark_wrote() -> None:
+    """Record that this task committed a write: its later reads go to the primary."""
+    writes = _writes.get()
+    if writes is not None:
+        writes.wrote = True
+
+
+def reads_need_primary() -> bool:
+    """True when this task (or its client, recently) wrote: replicas may not have it yet."""
+    writes = _writes.get()
+    return writes is not None and writes.needs_primary

@@ -20,7 +20,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from pglayer import deadline
+from pglayer import context, deadline
 from pglayer.budget import read_budget
 from pglayer.connection import Connection, Isolation, Record
 from pglayer.dsn import describe_target
@@ -36,6 +36,7 @@ from pglayer.errors import (
 from pglayer.events import Hook
 from pglayer.observer import Observer
 from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
+from pglayer.replicas import ReplicaSet
 from pglayer.retry import RetryPolicy, retrying
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import PoolStats, StatsRecorder
@@ -112,6 +113,16 @@ class Database:
         self._waiting = 0
         self._gate = asyncio.Semaphore(self.settings.max_size)
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
+        self.replicas: ReplicaSet | None = None
+        if self.settings.replica_urls:
+            self.replicas = ReplicaSet(
+                [
+                    Database(self.settings.for_replica(url), name=f"replica-{i}", hooks=hooks)
+                    for i, url in enumerate(self.settings.replica_urls, start=1)
+                ],
+                max_lag=self.settings.replica_max_lag,
+                interval=self.settings.replica_check_interval,
+            )
         self._stats = StatsRecorder()
         self._observer = Observer(
             name,
@@ -177,6 +188,8 @@ class Database:
                 self._opener = asyncio.create_task(self._open_in_background())
                 return
         await self._check_budget()
+        if self.replicas is not None:
+            await self.replicas.open()
 
     async def _check_budget(self) -> None:
         s = self.settings
@@ -299,6 +312,8 @@ class Database:
     async def close(self, timeout: float | None = None) -> None:
         """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
         self._closing = True
+        if self.replicas is not None:
+            await self.replicas.close(timeout)
         if self._opener is not None:
             self._opener.cancel()
             with contextlib.suppress(asyncio.CancelledError, TransientError):
@@ -448,6 +463,53 @@ class Database:
         if not retry:
             return await attempt()
         return await retrying(attempt, self.retry_policy, self._observer, "run")
+
+    def _read_target(self) -> Database:
+        if self.replicas is None or context.reads_need_primary():
+            return self
+        return self.replicas.choose() or self
+
+    async def read(
+        self, fn: Callable[[Connection], Awaitable[T]], *, timeout: float | None = None
+    ) -> T:
+        """Like `run(fn)`, on a healthy replica when there is one.
+
+        Falls back to the primary when no replica is healthy, when this request (or its
+        client, recently) wrote, or when the replica fails; `fn` must only read.
+        """
+        target = self._read_target()
+        if target is self:
+            return await self.run(fn, timeout=timeout)
+        try:
+            return await target.run(fn, retry=False, timeout=timeout)
+        except TransientError:
+            assert self.replicas is not None
+            self.replicas.mark_failed(target)
+            return await self.run(fn, timeout=timeout)
+
+    @asynccontextmanager
+    async def read_connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
+        """A connection of a healthy replica (else of the primary), for reads only."""
+        target = self._read_target()
+        if target is not self:
+            try:
+                pool, raw = await target._acquire(timeout)
+            except TransientError:
+                assert self.replicas is not None
+                self.replicas.mark_failed(target)
+            else:
+                held_since = time.perf_counter()
+                try:
+                    yield Connection(raw, target._observer)
+                finally:
+                    await target._release(pool, raw, held_since)
+                return
+        async with self.connection(timeout=timeout) as conn:
+            yield conn
+
+    def pools(self) -> list[Database]:
+        """This pool and its replicas' pools."""
+        return [self, *(self.replicas.replicas if self.replicas else [])]
 
     async def run_in_transaction(
         self,

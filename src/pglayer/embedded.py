@@ -131,6 +131,7 @@ class EmbeddedPostgres:
     port: int | None = None
     server_settings: dict[str, str] = field(default_factory=dict)
     fast_unsafe: bool = False  # fsync off: for throwaway test clusters only
+    standby: bool = False  # a read-only replica: no database is created at start
     started_here: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -275,8 +276,32 @@ class EmbeddedPostgres:
             self._check(result, "pg_ctl start")
             self.started_here = True
             log.info("embedded PostgreSQL started on 127.0.0.1:%s", self.port)
-        self.create_database(self.database)
+        if not self.standby:
+            self.create_database(self.database)
         return self.url
+
+    def make_standby_of(self, primary: EmbeddedPostgres) -> None:
+        """Fill this (uninitialised) directory with a streaming standby of `primary`.
+
+        `pg_basebackup -R` copies the running primary and writes `primary_conninfo`, so
+        `start()` then runs a hot standby that follows it.
+        """
+        if self.initialized():
+            raise EmbeddedPostgresError(f"{self.data_dir} already holds a cluster")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.pg_dir.mkdir(parents=True, exist_ok=True)
+        self.pg_dir.chmod(0o700)
+        self._own(self.pg_dir)
+        fd = os.open(self._password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(primary.password)
+        result = self._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+            "-D", str(self.data_dir), "-R", "-X", "stream", "--checkpoint=fast",
+            env={"PGPASSWORD": primary.password},
+        )  # fmt: skip
+        self._check(result, "pg_basebackup")
+        self.standby = True
 
     def create_database(self, name: str) -> None:
         """Create database `name` unless it exists."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DatabaseSettings"]
 
@@ -62,6 +62,21 @@ class DatabaseSettings(BaseSettings):
     # survive it are probed. Transaction pooling turns the statement cache off (unless
     # PgBouncer >= 1.21 keeps statements) and sends no timeouts as startup parameters.
     pooler: Literal["auto", "none", "pgbouncer-transaction", "pgbouncer-session"] = "auto"
+    # Read replicas (comma-separated URLs). Reads that ask for one go to a healthy replica,
+    # round-robin; a replica more than `replica_max_lag` seconds behind, unreachable, or
+    # not in recovery is skipped, and with none left reads go to the primary.
+    replica_urls: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    replica_max_lag: float = Field(default=5.0, ge=0)
+    replica_check_interval: float = Field(default=1.0, gt=0)
+    # After a write, the same client reads from the primary for this long (a cookie).
+    read_your_writes_window: float = Field(default=5.0, ge=0)
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:
@@ -82,6 +97,10 @@ class DatabaseSettings(BaseSettings):
             "idle_in_transaction_session_timeout": ms(self.idle_in_transaction_timeout),
             "client_connection_check_interval": ms(self.client_connection_check_interval),
         }
+
+    def for_replica(self, url: SecretStr) -> DatabaseSettings:
+        """These settings for one replica: its URL, no replicas of its own."""
+        return self.model_copy(update={"url": url, "replica_urls": []})
 
     def dsn(self) -> str:
         """The connection string; raises if none is configured."""

@@ -50,7 +50,7 @@ async def page_by_id(
 ) -> Page[M]:
     """One page of `table` in id order, as `model`s, after the cursor `after`."""
     after_id = decode_cursor(after, _ID_CURSOR)[0] if after else 0
-    rows = await db.run(
+    rows = await db.read(
         lambda conn: conn.fetch_all(
             model,
             f"SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2",

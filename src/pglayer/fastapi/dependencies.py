@@ -20,6 +20,7 @@ __all__ = [
     "Db",
     "DbConnection",
     "ReadTransaction",
+    "ReplicaConnection",
     "WriteTransaction",
     "get_database",
     "transaction_dependency",
@@ -39,6 +40,11 @@ async def get_database(request: Request) -> Database:
 
 async def _connection(request: Request) -> AsyncIterator[Connection]:
     async with (await get_database(request)).connection() as conn:
+        yield conn
+
+
+async def _replica_connection(request: Request) -> AsyncIterator[Connection]:
+    async with (await get_database(request)).read_connection() as conn:
         yield conn
 
 
@@ -71,3 +77,6 @@ ReadTransaction = Annotated[Connection, _depends(transaction_dependency(readonly
 
 WriteTransaction = Annotated[Connection, _depends(transaction_dependency())]
 """A read-write transaction, committed before the response is sent."""
+
+ReplicaConnection = Annotated[Connection, _depends(_replica_connection)]
+"""A connection of a healthy read replica (the primary when none is, or after a write)."""

@@ -90,10 +90,10 @@ def setup_metrics(
     directory = multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     registry = CollectorRegistry(auto_describe=True)
     if directory is None:
-        registry.register(PoolCollector([db]))
+        registry.register(PoolCollector(db.pools()))
     else:
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        pools = SharedPoolCollector([db], directory)
+        pools = SharedPoolCollector(db.pools(), directory)
         registry.register(pools)
         _publish_during_lifespan(app, pools)
     if http:

@@ -62,6 +62,28 @@ def _too_large(max_body_size: int) -> list[Message]:
     ]
 
 
+_RYW_COOKIE = b"pglayer_rw="
+
+
+def _wrote_recently(scope: Scope) -> bool:
+    # The cookie expires by itself (Max-Age): present means "wrote within the window".
+    return any(name == b"cookie" and _RYW_COOKIE in value for name, value in scope["headers"])
+
+
+def _with_write_cookie(send: Send, writes: context.RequestWrites, window: float) -> Send:
+    cookie = f"pglayer_rw=1; Max-Age={max(int(window), 1)}; Path=/; HttpOnly; SameSite=Lax"
+
+    async def send_with_cookie(message: Message) -> None:
+        # Read-your-writes across requests: after a commit this client reads the primary
+        # until replicas have surely caught up.
+        if message["type"] == "http.response.start" and writes.wrote:
+            headers = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_cookie
+
+
 def _overloaded(request_id: str) -> list[Message]:
     response = problem_response(problem_for_database_error(PoolOverloadedError()))
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
@@ -122,6 +144,11 @@ class RequestGuard:
         scope.setdefault("state", {})["request_id"] = request_id
         # Plain set/reset rather than context managers: this runs on every request.
         tokens = context.enter(request_id, lambda: _route_of(scope))
+        writes_token = None
+        if db is not None and db.replicas is not None:
+            writes = context.RequestWrites(recent=_wrote_recently(scope))
+            writes_token = context.track_writes(writes)
+            send = _with_write_cookie(send, writes, db.settings.read_your_writes_window)
         try:
             if not self.access_log:
                 await self._handle(scope, receive, send, request_id)
@@ -155,6 +182,8 @@ class RequestGuard:
                 )
         finally:
             context.leave(tokens)
+            if writes_token is not None:
+                context.untrack_writes(writes_token)
 
     @staticmethod
     def _request_id(scope: Scope) -> str:

@@ -15,7 +15,7 @@ router = APIRouter(tags=["accounts"])
 
 @router.get("/accounts/{user_id}", responses=problem_responses(404, 422))
 async def get_account(user_id: UserId, db: Db) -> Account:
-    account = await db.run(
+    account = await db.read(
         lambda conn: conn.fetch_one(
             Account, "SELECT user_id, balance FROM accounts WHERE user_id = $1", user_id
         )

@@ -39,5 +39,15 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
     responses=problem_responses(401, 404),
 )
 async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
-    """Sizes, idle, in use, waiting; acquire-wait and hold-time histograms; counters since start."""
-    return {"pools": {db.name: db.stats().as_dict()}}
+    """Each pool (primary, replicas): sizes, waiting, histograms, counters; replica health."""
+    pools: dict[str, Any] = {}
+    for pool in db.pools():
+        pools[pool.name] = pool.stats().as_dict()
+        if db.replicas is not None and pool.name in db.replicas.health:
+            health = db.replicas.health[pool.name]
+            pools[pool.name]["replica"] = {
+                "healthy": health.healthy,
+                "reason": health.reason,
+                "lag_seconds": health.lag_seconds,
+            }
+    return {"pools": pools}

@@ -40,7 +40,7 @@ ORDER BY created_at DESC, id DESC LIMIT 20
 
 
 async def _single(db: Database, user_id: int) -> Dashboard | None:
-    row = await db.run(lambda conn: conn.fetchrow(DASHBOARD_SQL, user_id))
+    row = await db.read(lambda conn: conn.fetchrow(DASHBOARD_SQL, user_id))
     if row is None:
         return None
     return Dashboard(

@@ -41,7 +41,11 @@ async def ready(request: Request, db: Annotated[Database, Depends(get_database)]
             "The database is not answering.",
             pools={db.name: "unavailable"},
         ) from None
-    return Health(status="ok", pools={db.name: "ok"})
+    pools = {db.name: "ok"}
+    if db.replicas is not None:
+        # Replicas are reported, not required: reads fall back to the primary.
+        pools.update({name: h.reason for name, h in db.replicas.health.items()})
+    return Health(status="ok", pools=pools)
 
 
 @router.get("/metrics", response_class=Response)

@@ -63,7 +63,7 @@ async def create_order(
 
 @router.get("/orders/{order_id}", responses=problem_responses(404, 422))
 async def get_order(order_id: OrderId, db: Db) -> Order:
-    order = await db.run(
+    order = await db.read(
         lambda conn: conn.fetch_one(
             Order, f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id
         )
@@ -99,7 +99,7 @@ async def list_user_orders(
         )
         return orders, exists
 
-    orders, exists = await db.run(read)
+    orders, exists = await db.read(read)
     if not exists:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
     next_cursor = None

@@ -20,7 +20,7 @@ _COLUMNS = "id, name, price, stock"
 
 @router.get("/products/{product_id}", responses=problem_responses(404, 422))
 async def get_product(product_id: ProductId, db: Db) -> Product:
-    product = await db.run(
+    product = await db.read(
         lambda conn: conn.fetch_one(
             Product, f"SELECT {_COLUMNS} FROM products WHERE id = $1", product_id
         )

@@ -19,7 +19,7 @@ _USER_COLUMNS = "id, name, email, created_at"
 
 @router.get("/users/{user_id}", responses=problem_responses(404, 422))
 async def get_user(user_id: UserId, db: Db) -> User:
-    user = await db.run(
+    user = await db.read(
         lambda conn: conn.fetch_one(
             User, f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id
         )

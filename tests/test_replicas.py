@@ -1,0 +1,198 @@
+"""Read replicas against a real streaming standby (`pg_basebackup -R`) of a test-owned primary."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pglayer import Database
+from pglayer.embedded import EmbeddedPostgres
+from pglayer_shop.app import create_app
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import asgi_client, settings_for, wait_for
+
+DB = "shop_replicated"
+
+
+def _cluster(prefix: str) -> EmbeddedPostgres:
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    # Not fast_unsafe: a base backup needs full_page_writes; fsync off is still fine here.
+    return EmbeddedPostgres(
+        base, database="postgres", server_settings={"fsync": "off", "synchronous_commit": "off"}
+    )
+
+
+@pytest.fixture(scope="module")
+def clusters() -> Iterator[tuple[EmbeddedPostgres, EmbeddedPostgres]]:
+    primary = _cluster("pglayer-primary-")
+    standby = _cluster("pglayer-standby-")
+    try:
+        primary.start()
+        primary.create_database(DB)
+
+        async def migrate() -> None:
+            settings = settings_for(primary.admin_url(DB), min_size=1, max_size=1)
+            async with Database(settings) as db:
+                await apply_migrations(db)
+
+        asyncio.run(migrate())
+        standby.make_standby_of(primary)
+        standby.start()
+        yield primary, standby
+    finally:
+        for cluster in (standby, primary):
+            cluster.destroy()
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def primary(clusters: tuple[EmbeddedPostgres, EmbeddedPostgres]) -> EmbeddedPostgres:
+    return clusters[0]
+
+
+@pytest.fixture
+def standby(clusters: tuple[EmbeddedPostgres, EmbeddedPostgres]) -> EmbeddedPostgres:
+    return clusters[1]
+
+
+def replicated_settings(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres, **overrides: Any
+) -> Any:
+    values: dict[str, Any] = {
+        "replica_urls": [standby.admin_url(DB)],
+        "replica_check_interval": 0.2,
+        "replica_max_lag": 0.5,
+    }
+    values.update(overrides)
+    return settings_for(primary.admin_url(DB), **values)
+
+
+@asynccontextmanager
+async def replay_paused(standby: EmbeddedPostgres) -> AsyncIterator[None]:
+    conn = await asyncpg.connect(standby.admin_url("postgres"))
+    try:
+        await conn.execute("SELECT pg_wal_replay_pause()")
+        yield
+    finally:
+        await conn.execute("SELECT pg_wal_replay_resume()")
+        await conn.close()
+
+
+async def in_recovery(db: Database) -> bool:
+    return bool(await db.read(lambda c: c.fetchval("SELECT pg_is_in_recovery()")))
+
+
+async def test_reads_go_to_the_replica_and_writes_to_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert await in_recovery(db)
+        assert not await db.run(lambda c: c.fetchval("SELECT pg_is_in_recovery()"))
+        async with db.read_connection() as conn:
+            assert await conn.fetchval("SELECT pg_is_in_recovery()")
+        names = {p.name for p in db.pools()}
+        assert names == {"primary", "replica-1"}
+        assert db.replicas is not None
+        assert db.replicas.health["replica-1"].reason == "ok"
+
+
+async def test_a_lagging_replica_is_skipped_until_it_catches_up(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert db.replicas is not None
+        async with replay_paused(standby):
+            for _ in range(3):
+                await db.run(
+                    lambda c: c.execute(
+                        "INSERT INTO products (name, price, stock) VALUES ('lag', 1, 1)"
+                    )
+                )
+                await asyncio.sleep(0.4)
+
+            async def lagging() -> bool:
+                return (
+                    db.replicas is not None and db.replicas.health["replica-1"].reason == "lagging"
+                )
+
+            assert await wait_for(lagging, timeout=10)
+            assert not await in_recovery(db)  # served by the primary
+
+        async def healthy() -> bool:
+            return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(healthy, timeout=10)
+        assert await in_recovery(db)
+
+
+async def test_a_client_reads_its_own_writes_from_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # Replay paused but within the lag bound: the replica stays in rotation without the row.
+    db = Database(replicated_settings(primary, standby, replica_max_lag=600))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), replay_paused(standby):
+        async with asgi_client(app) as writer:
+            created = await writer.post("/users", json={"name": "W", "email": "ryw@example.com"})
+            assert created.status_code == 201
+            assert "pglayer_rw=1" in created.headers["set-cookie"]
+            user_id = created.json()["id"]
+            assert (await writer.get(f"/users/{user_id}")).status_code == 200
+        async with asgi_client(app) as stranger:  # no cookie: the (stale) replica answers
+            assert (await stranger.get(f"/users/{user_id}")).status_code == 404
+
+
+async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    db = Database(replicated_settings(primary, standby))
+    app = create_app(db=db, settings=ShopSettings())
+    statuses: Counter[int] = Counter()
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        created = await client.post("/users", json={"name": "L", "email": "load@example.com"})
+        user_id = created.json()["id"]
+
+        async def caught_up() -> bool:
+            return (
+                await in_recovery(db)
+                and await db.read(
+                    lambda c: c.fetchval("SELECT count(*) FROM users WHERE id = $1", user_id)
+                )
+                == 1
+            )
+
+        assert await wait_for(caught_up, timeout=10)
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + 2.5
+
+        async def reader() -> None:
+            n = 0
+            while loop.time() < stop_at and n < 2000:
+                n += 1
+                statuses[(await client.get(f"/users/{user_id}")).status_code] += 1
+
+        async def stop_standby() -> None:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(standby.stop, force=True)
+
+        await asyncio.gather(*(reader() for _ in range(8)), stop_standby())
+        assert set(statuses) == {200}, statuses
+        assert not await in_recovery(db)  # the primary, while the standby is down
+
+        await asyncio.to_thread(standby.start)
+
+        async def back() -> bool:
+            return await in_recovery(db)
+
+        assert await wait_for(back, timeout=20)
