@@ -68,6 +68,7 @@ class Plan:
     generator: str
     overload: bool
     metrics_overhead: bool
+    via_pgbouncer: bool
 
 
 # -- the database ----------------------------------------------------------------------
@@ -142,6 +143,34 @@ class RssSampler(threading.Thread):
         return max(values, default=0) / 2**20
 
 
+class ConnectionSampler(threading.Thread):
+    """Peak number of server connections (client backends) to the benchmark database."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        super().__init__(daemon=True)
+        self.admin_url = admin_url
+        self.database = database
+        self.peak = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._sample())
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            while not self.stopped.is_set():
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    self.database,
+                )
+                self.peak = max(self.peak, int(n))
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
+
+
 class Server:
     def __init__(self, app: str, workers: int, url: str, env: dict[str, str]) -> None:
         self.port = _free_port()
@@ -203,11 +232,12 @@ def _load(
 
 
 def _row(
-    server: str, scenario: str, workers: int, c: int, r: LoadResult, rss: float
-) -> dict[str, Any]:
+    server: str, scenario: str, workers: int, c: int, r: LoadResult, rss: float,
+    conns: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     out = asdict(r)
     out.update(server=server, scenario=scenario, workers=workers, concurrency=c,
-               rps=round(r.rps, 1), rss_mib=round(rss, 1))  # fmt: skip
+               rps=round(r.rps, 1), rss_mib=round(rss, 1), server_connections=conns)  # fmt: skip
     return out
 
 
@@ -226,13 +256,26 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
     servers = list(plan.servers)
     if plan.metrics_overhead and "shop" in servers:
         servers.append("shop-nometrics")
+    bouncer = None
+    if plan.via_pgbouncer:
+        from tests.pgbouncer import PgBouncer
+
+        # Transaction pooling, 5 server connections for all workers' pools together.
+        bouncer = PgBouncer(url, pool_mode="transaction", pool_size=5).start()
+        servers.append("shop-pgbouncer")
+    database = urlsplit(url).path.lstrip("/")
+    admin_url = _with_database(url, "postgres")
     for workers in plan.workers:
         for name in servers:
             app = "shop" if name.startswith("shop") else name
             env = dict(normal_env)
             if name == "shop-nometrics":
                 env["PGLAYER_METRICS"] = "false"
-            with Server(app, workers, url, env) as server:
+            target = url
+            if name == "shop-pgbouncer":
+                assert bouncer is not None
+                target = bouncer.url(database)
+            with Server(app, workers, target, env) as server:
                 _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
                 _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
                 for scenario in plan.scenarios:
@@ -241,18 +284,22 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
                     for c in plan.concurrency:
                         assert server.proc is not None
                         sampler = RssSampler(server.proc.pid)
+                        conns = ConnectionSampler(admin_url, database)
                         sampler.start()
+                        conns.start()
                         result = _load(
                             plan, server.url, scenario, c, plan.duration, max_id, product
                         )
-                        sampler.stopped.set()
-                        sampler.join()
-                        rows.append(
-                            _row(name, scenario, workers, c, result, sampler.peak_worker_mib())
-                        )
+                        for thread in (sampler, conns):
+                            thread.stopped.set()
+                            thread.join()
+                        rss = sampler.peak_worker_mib()
+                        rows.append(_row(name, scenario, workers, c, result, rss, conns.peak))
                         _print_progress(rows[-1])
         if plan.overload:
             rows.extend(_overload(plan, url, workers, base_env, max_id, product))
+    if bouncer is not None:
+        bouncer.close()
     return rows
 
 
@@ -280,6 +327,7 @@ def _print_progress(row: dict[str, Any]) -> None:
         f"  {row['scenario']:<9} {row['server']:<14} w={row['workers']} c={row['concurrency']:<5}"
         f" {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
         f"  non-2xx {row['non2xx']}  sock {row['socket_errors']}  rss {row['rss_mib']} MiB"
+        f"  server conns {row.get('server_connections')}"
     )
 
 
@@ -302,7 +350,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     table = Table(title="pglayer bench")
     columns = (
         "scenario", "w", "conc", "server", "req/s", "p50 ms", "p99 ms", "max ms",
-        "non-2xx", "sock err", "RSS MiB", "rps/baseline", "rps/floor", "p99/baseline",
+        "non-2xx", "sock err", "RSS MiB", "server conns", "rps/baseline", "rps/floor",
+        "p99/baseline",
     )  # fmt: skip
     for col in columns:
         table.add_column(col, justify="right")
@@ -316,6 +365,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
             r["scenario"], str(r["workers"]), str(r["concurrency"]), r["server"],
             f"{r['rps']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.0f}",
             str(r["non2xx"]), str(r["socket_errors"]), f"{r['rss_mib']:.0f}",
+            str(r.get("server_connections") or ""),
             fmt(_ratio(rows, r, "baseline", "rps")) if is_shop else "",
             fmt(_ratio(rows, r, "floor", "rps")) if is_shop else "",
             fmt(_ratio(rows, r, "baseline", "p99_ms")) if is_shop else "",
@@ -396,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-overload", action="store_true")
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="also run the shop with Prometheus HTTP metrics off")  # fmt: skip
+    parser.add_argument("--via-pgbouncer", action="store_true",
+                        help="also run the shop through PgBouncer (transaction mode)")  # fmt: skip
     parser.add_argument("--data-dir", default=str(ROOT / ".pglayer"))
     args = parser.parse_args(argv)
     quick = args.quick
@@ -413,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         generator=generator,
         overload=not args.no_overload,
         metrics_overhead=args.metrics_overhead,
+        via_pgbouncer=args.via_pgbouncer,
     )
     counts = SeedCounts(5_000, 100, 20_000) if quick else SeedCounts(100_000, 1_000, 500_000)
     database = "pglayer_bench_quick" if quick else "pglayer_bench"
