@@ -69,6 +69,7 @@ class Plan:
     overload: bool
     metrics_overhead: bool
     via_pgbouncer: bool
+    granian: bool
 
 
 # -- the database ----------------------------------------------------------------------
@@ -172,7 +173,10 @@ class ConnectionSampler(threading.Thread):
 
 
 class Server:
-    def __init__(self, app: str, workers: int, url: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, app: str, workers: int, url: str, env: dict[str, str], asgi_server: str = "uvicorn"
+    ) -> None:
+        self.asgi_server = asgi_server
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
@@ -181,15 +185,23 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(
-            [
+        if self.asgi_server == "granian":
+            target = APPS[self.app][-1]
+            factory = ["--factory"] if "--factory" in APPS[self.app] else []
+            cmd = [
+                sys.executable, "-m", "granian", "--interface", "asgi", *factory,
+                "--loop", "uvloop", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
+                "--backlog", "4096", target,
+            ]  # fmt: skip
+        else:
+            cmd = [
                 sys.executable, "-m", "uvicorn", *APPS[self.app],
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", str(self.workers), "--loop", "uvloop", "--http", "httptools",
                 "--no-access-log", "--log-level", "warning", "--backlog", "4096",
-            ],
-            env=self.env, cwd=ROOT,
-        )  # fmt: skip
+            ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -257,6 +269,8 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
     if plan.metrics_overhead and "shop" in servers:
         servers.append("shop-nometrics")
     bouncer = None
+    if plan.granian:
+        servers.append("shop-granian")
     if plan.via_pgbouncer:
         from tests.pgbouncer import PgBouncer
 
@@ -275,7 +289,8 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
             if name == "shop-pgbouncer":
                 assert bouncer is not None
                 target = bouncer.url(database)
-            with Server(app, workers, target, env) as server:
+            asgi_server = "granian" if name == "shop-granian" else "uvicorn"
+            with Server(app, workers, target, env, asgi_server) as server:
                 _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
                 _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
                 for scenario in plan.scenarios:
@@ -448,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the shop with Prometheus HTTP metrics off")  # fmt: skip
     parser.add_argument("--via-pgbouncer", action="store_true",
                         help="also run the shop through PgBouncer (transaction mode)")  # fmt: skip
+    parser.add_argument("--granian", action="store_true",
+                        help="also serve the shop with granian instead of uvicorn")  # fmt: skip
     parser.add_argument("--data-dir", default=str(ROOT / ".pglayer"))
     args = parser.parse_args(argv)
     quick = args.quick
@@ -466,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         overload=not args.no_overload,
         metrics_overhead=args.metrics_overhead,
         via_pgbouncer=args.via_pgbouncer,
+        granian=args.granian,
     )
     counts = SeedCounts(5_000, 100, 20_000) if quick else SeedCounts(100_000, 1_000, 500_000)
     database = "pglayer_bench_quick" if quick else "pglayer_bench"
