@@ -53,7 +53,9 @@ SCENARIOS = {
     "mix": ("shop", "baseline"),
 }
 POOL_MAX = 10  # every app gets 10 connections per worker
-SHOP_DEFAULT_WAITERS = 100
+# The overload run uses a small wait bound, so that 4x (pool + bound) is a load the
+# generator can offer on 2 cores; the default (1000) would need 4,040 clients per worker.
+OVERLOAD_WAITERS = 100
 
 
 @dataclass(frozen=True)
@@ -321,9 +323,10 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
 def _overload(
     plan: Plan, url: str, workers: int, env: dict[str, str], max_id: int, product: int
 ) -> list[dict[str, Any]]:
-    """4x what the shop's pools can hold (connections + bounded waiters), default bounds."""
-    c = 4 * workers * (POOL_MAX + SHOP_DEFAULT_WAITERS)
+    """4x what the shop's pools can hold (10 connections + 100 waiters per worker)."""
+    c = 4 * workers * (POOL_MAX + OVERLOAD_WAITERS)
     rows = []
+    env = {**env, "PGLAYER_MAX_WAITERS": str(OVERLOAD_WAITERS)}
     for name in ("shop", "baseline"):
         with Server(name, workers, url, env) as server:
             assert server.proc is not None

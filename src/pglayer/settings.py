@@ -23,7 +23,7 @@ class DatabaseSettings(BaseSettings):
     min_size: int = Field(default=2, ge=0)
     max_size: int = Field(default=10, ge=1)
     # Bounded waiting: past `max_waiters` queued acquirers the next is shed at once.
-    max_waiters: int = Field(default=100, ge=0)
+    max_waiters: int = Field(default=1000, ge=0)
     acquire_timeout: float = Field(default=2.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     # Client-side deadline for one query; the server-side `statement_timeout` fires first.

@@ -65,6 +65,7 @@ def setup(
     request_timeout: float | None = 30.0,
     access_log: bool = False,
     freeze_gc: bool = False,
+    shed_exempt: tuple[str, ...] = ("/health/", "/metrics"),
 ) -> None:
     """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard.
 
@@ -83,4 +84,5 @@ def setup(
         request_timeout=request_timeout,
         access_log=access_log,
         database=db,
+        shed_exempt=shed_exempt,
     )
