@@ -20,6 +20,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import asgi_client, settings_for, wait_for
+from tests.test_doctor import doctor
 
 DB = "shop_replicated"
 
@@ -196,3 +197,18 @@ async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
             return await in_recovery(db)
 
         assert await wait_for(back, timeout=20)
+
+
+def test_doctor_reports_each_replica_and_its_lag(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+
+    code, out = doctor(
+        primary.admin_url(DB),
+        PGLAYER_REPLICA_URLS=f"{standby.admin_url(DB)},postgresql://u:p@127.0.0.1:1/x",
+    )
+    assert code == 0, out
+    assert "replica-1" in out
+    assert "streaming" in out
+    assert "replica-2" in out
+    assert "reads use the primary" in out

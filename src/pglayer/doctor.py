@@ -16,6 +16,7 @@ import asyncpg
 from pglayer.budget import read_budget
 from pglayer.dsn import describe_target
 from pglayer.pooler import connect_plain, pool_mode, prepared_statements_safe
+from pglayer.replicas import REPLICA_HEALTH_SQL
 from pglayer.settings import DatabaseSettings
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "explain_connect_error"]
@@ -161,6 +162,7 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
         )
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", budget.describe())
+    await _check_replicas(settings, result)
     result.add(
         "in use now",
         "ok",
@@ -168,3 +170,33 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
         f"{row['in_use']} client connection(s) in all",
     )
     return result
+
+
+async def _check_replicas(settings: DatabaseSettings, result: Diagnosis) -> None:
+    """Each replica: reachable, a standby, and how far behind (reads skip it past the bound)."""
+    for i, url in enumerate(settings.replica_urls, start=1):
+        name = f"replica-{i}"
+        dsn = url.get_secret_value()
+        target = describe_target(dsn)
+        try:
+            conn = await connect_plain(dsn, settings)
+        except Exception as exc:
+            result.add(name, "warn", explain_connect_error(exc, target) + "; reads use the primary")
+            continue
+        try:
+            row = await conn.fetchrow(REPLICA_HEALTH_SQL)
+        finally:
+            await conn.close()
+        assert row is not None
+        if not row["standby"]:
+            result.add(name, "warn", f"{target} is not a standby; it will not serve reads")
+        elif row["lag"] is None or row["lag"] > settings.replica_max_lag:
+            lag = "unknown" if row["lag"] is None else f"{row['lag']:.1f}s"
+            result.add(
+                name,
+                "warn",
+                f"{target} is behind by {lag} (bound {settings.replica_max_lag:g}s): "
+                "reads go to the primary until it catches up",
+            )
+        else:
+            result.add(name, "ok", f"{target} streaming, {row['lag']:.1f}s behind")

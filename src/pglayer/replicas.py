@@ -14,12 +14,12 @@ from pglayer.errors import PglayerError
 if TYPE_CHECKING:
     from pglayer.database import Database
 
-__all__ = ["ReplicaHealth", "ReplicaSet"]
+__all__ = ["REPLICA_HEALTH_SQL", "ReplicaHealth", "ReplicaSet"]
 
 log = logging.getLogger("pglayer.replicas")
 
 # Caught up (everything received is replayed): no lag, however long ago the last write was.
-_HEALTH = """
+REPLICA_HEALTH_SQL = """
 SELECT pg_is_in_recovery() AS standby,
        CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
@@ -84,7 +84,7 @@ class ReplicaSet:
     async def _check_one(self, replica: Database) -> ReplicaHealth:
         try:
             row = await replica.run(
-                lambda c: c.fetchrow(_HEALTH, timeout=self.interval),
+                lambda c: c.fetchrow(REPLICA_HEALTH_SQL, timeout=self.interval),
                 retry=False,
                 timeout=self.interval,
             )

@@ -213,11 +213,18 @@ def doctor(
     out = Console()
     out.print(table)
     if not diagnosis.failed and diagnosis.findings:
+        cache = settings.statement_cache_size
+        pooler = diagnosis.facts.get("pooler")
+        if pooler in ("transaction", "statement") and not diagnosis.facts.get(
+            "prepared_statements", True
+        ):
+            cache = 0
         out.print(
             "pglayer will use: "
             f"pool {settings.min_size}..{settings.max_size} per worker, "
-            f"statement_cache_size={settings.statement_cache_size}, "
-            f"acquire_timeout={settings.acquire_timeout:g}s, "
+            f"statement_cache_size={cache}, "
+            + ("only application_name as startup parameter, " if pooler else "")
+            + f"acquire_timeout={settings.acquire_timeout:g}s, "
             f"statement_timeout={settings.statement_timeout:g}s"
         )
     if diagnosis.failed:
