@@ -102,6 +102,7 @@ class Database:
         name: str = "primary",
         hooks: Iterable[Hook] = (),
     ) -> None:
+        hooks = list(hooks)  # shared with the replicas' pools
         self.settings = settings if settings is not None else DatabaseSettings()
         if self.settings.url is None:
             raise ConfigurationError("no database URL configured: set DATABASE_URL")
