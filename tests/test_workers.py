@@ -85,3 +85,68 @@ async def test_two_workers_share_metrics_log_json_and_drain_on_sigterm(
         return not any(r["application_name"] == "pglayer-workers" for r in rows)
 
     assert await wait_for(pools_closed, timeout=10)
+
+
+async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_LEVEL="WARNING")
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; polled below)
+            [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_ready(url, proc)
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                user = (
+                    await client.post("/users", json={"name": "T", "email": "term@example.com"})
+                ).json()["id"]
+                assert (
+                    await client.post(f"/accounts/{user}/deposits", json={"amount": "50.00"})
+                ).status_code == 200
+                product = (
+                    await client.post("/products", json={"name": "P", "price": "5.00", "stock": 3})
+                ).json()["id"]
+                locker: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+                try:
+                    # Hold the product's row lock: the order waits on it, in flight.
+                    tx = locker.transaction()
+                    await tx.start()
+                    await locker.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", product)
+                    order = asyncio.create_task(
+                        client.post(
+                            "/orders", json={"user_id": user, "product_id": product, "quantity": 1}
+                        )
+                    )
+
+                    async def waiting_on_the_lock() -> bool:
+                        rows = await admin.fetch(
+                            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                            " AND datname = $1",
+                            db_name,
+                        )
+                        return bool(rows)
+
+                    assert await wait_for(waiting_on_the_lock, timeout=4)
+                    proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+                    await asyncio.sleep(0.5)
+                    assert proc.poll() is None, "exited with a request in flight"
+                    await tx.rollback()  # the order proceeds now
+                finally:
+                    await locker.close()
+                response = await order
+            code = await asyncio.to_thread(proc.wait, 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log_file.seek(0)
+        output = log_file.read()
+    assert response.status_code == 201, response.text
+    assert code == 0, output[-3000:]
