@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -84,13 +85,23 @@ def _with_write_cookie(send: Send, writes: context.RequestWrites, window: float)
     return send_with_cookie
 
 
-def _overloaded(request_id: str) -> list[Message]:
+@functools.cache
+def _overloaded_response() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    # Built once: under a flood this is what most requests get.
     response = problem_response(problem_for_database_error(PoolOverloadedError()))
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
-    headers.append((b"x-request-id", request_id.encode()))
+    headers = tuple(response.headers.raw)
+    return response.status_code, headers, bytes(response.body)
+
+
+def _overloaded(request_id: str) -> list[Message]:
+    status, headers, body = _overloaded_response()
     return [
-        {"type": "http.response.start", "status": response.status_code, "headers": headers},
-        {"type": "http.response.body", "body": response.body},
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"x-request-id", request_id.encode())],
+        },
+        {"type": "http.response.body", "body": body},
     ]
 
 
