@@ -6,7 +6,7 @@ import asyncio
 import signal
 import subprocess
 import tempfile
-from typing import Any
+from typing import IO, Any
 
 import asyncpg
 import httpx
@@ -15,6 +15,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import backends, free_port, wait_for
 from tests.test_cli import PGLAYER, clean_env, wait_ready
+
+
+def serve_two_workers(port: int, env: dict[str, str], log_file: IO[str]) -> subprocess.Popen[str]:
+    """`pglayer serve --workers 2`, its output to `log_file`; returns at once."""
+    return subprocess.Popen(
+        [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def samples(text: str) -> list[Any]:
@@ -33,13 +44,7 @@ async def test_two_workers_share_metrics_log_json_and_drain_on_sigterm(
         PGLAYER_MIN_SIZE="2",
     )
     with tempfile.TemporaryFile(mode="w+") as log_file:
-        proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; polled below)
-            [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = serve_two_workers(port, env, log_file)
         try:
             wait_ready(url, proc)
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -94,13 +99,7 @@ async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
     url = f"http://127.0.0.1:{port}"
     env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_LEVEL="WARNING")
     with tempfile.TemporaryFile(mode="w+") as log_file:
-        proc = subprocess.Popen(  # noqa: ASYNC220  (starts at once; polled below)
-            [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = serve_two_workers(port, env, log_file)
         try:
             wait_ready(url, proc)
             async with httpx.AsyncClient(base_url=url, timeout=20) as client:

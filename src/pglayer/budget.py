@@ -24,7 +24,12 @@ class ConnectionBudget:
     reserve: int
     max_connections: int
     superuser_reserved: int
-    used_by_others: int  # client connections with another application_name
+    in_use: int  # client connections now, all applications
+    ours: int  # client connections now with this application_name
+
+    @property
+    def used_by_others(self) -> int:
+        return self.in_use - self.ours
 
     @property
     def needed(self) -> int:
@@ -58,5 +63,6 @@ async def read_budget(
         reserve=reserve,
         max_connections=row["max_connections"],
         superuser_reserved=row["reserved"],
-        used_by_others=row["in_use"] - row["ours"],
+        in_use=row["in_use"],
+        ours=row["ours"],
     )

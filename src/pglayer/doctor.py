@@ -84,16 +84,9 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
         row = await conn.fetchrow(
             """
             SELECT current_setting('server_version') AS version,
-                   current_setting('max_connections')::int AS max_connections,
-                   current_setting('superuser_reserved_connections')::int AS reserved,
-                   (SELECT count(*) FROM pg_stat_activity
-                     WHERE backend_type = 'client backend')::int AS in_use,
-                   (SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = $1)::int AS ours,
                    inet_server_port() AS server_port,
                    pg_is_in_recovery() AS in_recovery
-            """,
-            settings.application_name,
+            """
         )
         budget = await read_budget(
             conn,
@@ -166,8 +159,8 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
     result.add(
         "in use now",
         "ok",
-        f"{row['ours']} connection(s) by application_name {settings.application_name!r}, "
-        f"{row['in_use']} client connection(s) in all",
+        f"{budget.ours} connection(s) by application_name {settings.application_name!r}, "
+        f"{budget.in_use} client connection(s) in all",
     )
     return result
 

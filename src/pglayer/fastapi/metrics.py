@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, multiprocess
 from prometheus_client import Histogram as PromHistogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pglayer.database import Database
+from pglayer.fastapi.middleware import StatusNotingSend, route_template
 from pglayer.metrics import PoolCollector, SharedPoolCollector
 
 __all__ = ["HttpMetrics", "setup_metrics"]
@@ -51,19 +52,13 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noting = StatusNotingSend(send)
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, noting)
         finally:
+            status = noting.status or 500  # nothing sent: the app raised
             # The template ("/users/{user_id}"), never the raw path: bounded label values.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = route_template(scope)
             key = (scope["method"], route, status)
             children = self._children.get(key)
             if children is None:

@@ -24,7 +24,7 @@ from pglayer.fastapi.problems import (
     problem_response,
 )
 
-__all__ = ["RequestGuard", "current_request_id"]
+__all__ = ["RequestGuard", "StatusNotingSend", "current_request_id", "route_template"]
 
 access_log = logging.getLogger("pglayer.access")
 _WATCH_AFTER = 0.02  # seconds
@@ -34,7 +34,8 @@ _id_counter = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def _route_of(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
+    """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
@@ -91,6 +92,21 @@ def _overloaded_response() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]
     response = problem_response(problem_for_database_error(PoolOverloadedError()))
     headers = tuple(response.headers.raw)
     return response.status_code, headers, bytes(response.body)
+
+
+class StatusNotingSend:
+    """An ASGI `send` that remembers the response status (0 until one is sent)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
 
 
 def _overloaded(request_id: str) -> list[Message]:
@@ -154,7 +170,7 @@ class RequestGuard:
         request_id = self._request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         # Plain set/reset rather than context managers: this runs on every request.
-        tokens = context.enter(request_id, lambda: _route_of(scope))
+        tokens = context.enter(request_id, lambda: route_template(scope))
         writes_token = None
         if db is not None and db.replicas is not None:
             writes = context.RequestWrites(recent=_wrote_recently(scope))
@@ -165,17 +181,11 @@ class RequestGuard:
                 await self._handle(scope, receive, send, request_id)
                 return
             started = time.perf_counter()
-            status = 0
-
-            async def send_noting_status(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
+            noting = StatusNotingSend(send)
             try:
-                await self._handle(scope, receive, send_noting_status, request_id)
+                await self._handle(scope, receive, noting, request_id)
             finally:
+                status = noting.status
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 access_log.info(
                     '"%s %s" %s %.1fms',
@@ -186,7 +196,7 @@ class RequestGuard:
                     extra={
                         "method": scope["method"],
                         "path": scope["path"],
-                        "route": _route_of(scope),
+                        "route": route_template(scope),
                         "status": status or None,
                         "duration_ms": round(elapsed_ms, 2),
                     },
