@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pglayer_shop.routes.dashboard import DASHBOARD_SQL
+from benchmarks.queries import DASHBOARD_SQL, USER_SQL
 
 pool: Any = None
 
@@ -47,10 +47,7 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 async def user(request: Request) -> Response:
-    row = await pool.fetchrow(
-        "SELECT id, name, email, created_at FROM users WHERE id = $1",
-        int(request.path_params["user_id"]),
-    )
+    row = await pool.fetchrow(USER_SQL, int(request.path_params["user_id"]))
     if row is None:
         return _json({"status": 404}, 404)
     return _json(dict(row))

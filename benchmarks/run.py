@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -448,6 +449,36 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
 # -- entry point -----------------------------------------------------------------------
 
 
+def _counts(quick: bool) -> SeedCounts:
+    return SeedCounts(5_000, 100, 20_000) if quick else SeedCounts(100_000, 1_000, 500_000)
+
+
+def prepare_database(
+    *, quick: bool, data_dir: Path = ROOT / ".pglayer"
+) -> tuple[str, int, int, Callable[[], None]]:
+    """The seeded benchmark database: its URL, the highest user id, the ample product, and
+    a function that stops the embedded server if one was started for it."""
+    counts = _counts(quick)
+    database = "pglayer_bench_quick" if quick else "pglayer_bench"
+    embedded = None
+    base_url = os.environ.get("DATABASE_URL")
+    if not base_url:
+        embedded = EmbeddedPostgres(data_dir, database=database)
+        base_url = embedded.start()
+    url = _with_database(base_url, database)
+
+    def stop() -> None:
+        if embedded is not None:
+            embedded.stop()
+
+    try:
+        product = asyncio.run(_prepare(url, counts))
+    except BaseException:
+        stop()
+        raise
+    return url, counts.users, product, stop
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -488,24 +519,16 @@ def main(argv: list[str] | None = None) -> None:
         via_pgbouncer=args.via_pgbouncer,
         granian=args.granian,
     )
-    counts = SeedCounts(5_000, 100, 20_000) if quick else SeedCounts(100_000, 1_000, 500_000)
-    database = "pglayer_bench_quick" if quick else "pglayer_bench"
-    embedded = None
-    base_url = os.environ.get("DATABASE_URL")
-    if not base_url:
-        embedded = EmbeddedPostgres(Path(args.data_dir), database=database)
-        base_url = embedded.start()
-    url = _with_database(base_url, database)
+    counts = _counts(quick)
+    url, max_id, product, stop = prepare_database(quick=quick, data_dir=Path(args.data_dir))
     try:
-        product = asyncio.run(_prepare(url, counts))
         console.print(
             f"generator: {generator}; workers {plan.workers}; concurrency {plan.concurrency};"
             f" {plan.duration:g}s per run"
         )
-        rows = run(plan, url, counts.users, product)
+        rows = run(plan, url, max_id, product)
     finally:
-        if embedded is not None:
-            embedded.stop()
+        stop()
     meta = {
         "plan": asdict(plan),
         "machine": {

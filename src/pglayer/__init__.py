@@ -1,7 +1,7 @@
 """pglayer: a production async PostgreSQL layer for FastAPI, built on asyncpg."""
 
 from pglayer import context
-from pglayer.connection import Connection, Isolation
+from pglayer.connection import Connection, Isolation, Record
 from pglayer.context import current_operation, current_request_id, operation
 from pglayer.database import Database
 from pglayer.dsn import describe_target, mask_dsn, mask_text
@@ -59,6 +59,7 @@ __all__ = [
     "ProgrammingError",
     "QueryEvent",
     "QueryTimeoutError",
+    "Record",
     "RetryEvent",
     "SerializationError",
     "TooManyConnectionsError",

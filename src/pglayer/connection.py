@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
 
-from pglayer import context, deadline
+from pglayer import context
+from pglayer.context import RequestContext
 from pglayer.errors import (
     CommitIndeterminateError,
     ConnectionLostError,
@@ -19,6 +21,9 @@ from pglayer.errors import (
     translate,
 )
 from pglayer.observer import Observer
+
+if TYPE_CHECKING:
+    from pglayer._pool import Pool, Slot
 
 __all__ = ["Connection", "Isolation"]
 
@@ -30,67 +35,106 @@ Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 Record = asyncpg.Record
 
 
-def _bounded(timeout: float | None) -> float | None:
-    """The explicit timeout, else what is left of the current deadline, else the default."""
-    if timeout is not None:
-        return timeout
-    left = deadline.remaining()
-    return None if left is None else max(left, 0.001)
+class _TimedOut(Exception):
+    """A statement passed its deadline (raised in place of the clock's cancellation)."""
 
 
 class Connection:
     """A pooled asyncpg connection whose errors are pglayer errors.
 
     `timeout` on every method is the client-side deadline in seconds; `None` uses the
-    pool's `query_timeout`. The driver connection is there as `raw` for what is not wrapped.
+    pool's `query_timeout`, and a request's deadline caps both. The driver connection is
+    there as `raw` for what is not wrapped. It is valid until it goes back to the pool.
     """
 
-    __slots__ = ("observer", "raw")
+    __slots__ = ("_ctx", "_pool", "_slot", "raw")
 
-    def __init__(self, raw: asyncpg.Connection[Record], observer: Observer | None = None) -> None:
-        self.raw = raw
-        self.observer = observer
+    def __init__(self, slot: Slot, pool: Pool, ctx: RequestContext | None = None) -> None:
+        self._slot: Slot | None = slot
+        self._pool = pool
+        self._ctx = ctx
+        self.raw = slot.raw
+
+    @property
+    def observer(self) -> Observer:
+        return self._pool.observer
 
     def is_closed(self) -> bool:
-        """True when the connection is gone (closed, or already taken back by the pool)."""
-        try:
-            return self.raw.is_closed()
-        except asyncpg.InterfaceError:
-            # asyncpg detaches the pool proxy of a connection that died under it.
-            return True
+        """True when the connection is gone (closed, or already given back to the pool)."""
+        return self._slot is None or self.raw.is_closed()
 
     def _translate(self, exc: Exception) -> BaseException:
-        translated = translate(exc, connection_closed=self.is_closed())
-        if isinstance(translated, ConnectionLostError) and not self.is_closed():
+        if isinstance(exc, _TimedOut):
+            return QueryTimeoutError()
+        closed = self.raw.is_closed()
+        translated = translate(exc, connection_closed=closed)
+        if isinstance(translated, ConnectionLostError) and not closed:
             # Broken but not yet closed: make sure the pool never hands it out again.
             getattr(self.raw, "terminate_broken", self.raw.terminate)()
         return translated
 
     def _raise(self, exc: Exception) -> NoReturn:
         translated = self._translate(exc)
-        if self.observer is not None:
-            self.observer.error(translated)
+        self._pool.observer.error(translated)
         if translated is exc:
             raise exc
         raise translated from exc
 
+    def _arm(self, timeout: float | None) -> tuple[Slot, float]:
+        """Start a statement's deadline; the pool's clock cancels the task past it."""
+        slot = self._slot
+        if slot is None:
+            raise RuntimeError("this connection was already given back to the pool")
+        now = time.monotonic()
+        due = now + (self._pool.query_timeout if timeout is None else timeout)
+        ctx = self._ctx
+        if ctx is not None and ctx.deadline is not None and ctx.deadline < due:
+            due = ctx.deadline
+        if due <= now:
+            raise _TimedOut("the deadline passed before the statement was sent")
+        slot.query_deadline = due
+        slot.query_task = asyncio.current_task()
+        return slot, now
+
+    @staticmethod
+    def _timed_out(slot: Slot) -> bool:
+        """After a CancelledError: True if it was the clock's, now taken back."""
+        if not slot.timed_out:
+            return False
+        slot.timed_out = False
+        task = asyncio.current_task()
+        # Cancelled for another reason too (shutdown, client gone): that one wins.
+        return task is None or not task.uncancel()
+
     async def _call(
         self, method: Callable[..., Awaitable[T]], query: str, args: Any, timeout: float | None
     ) -> T:
-        observer = self.observer
-        started = time.perf_counter()
         try:
-            result = await method(query, *args, timeout=_bounded(timeout))
+            slot, started = self._arm(timeout)
+        except _TimedOut as exc:
+            self._raise(exc)
+        try:
+            result = await method(query, *args)
+        except asyncio.CancelledError:
+            slot.query_deadline = 0.0
+            if not self._timed_out(slot):
+                raise
+            error = QueryTimeoutError()
+            self._finished(query, time.monotonic() - started, error)
+            raise error from TimeoutError("the statement passed its deadline")
         except Exception as exc:
+            slot.query_deadline = 0.0
             translated = self._translate(exc)
-            if observer is not None:
-                observer.query_finished(query, time.perf_counter() - started, translated)
+            self._finished(query, time.monotonic() - started, translated)
             if translated is exc:
                 raise
             raise translated from exc
-        if observer is not None:
-            observer.query_finished(query, time.perf_counter() - started)
+        slot.query_deadline = 0.0
+        self._finished(query, time.monotonic() - started, None)
         return result
+
+    def _finished(self, query: str, seconds: float, error: BaseException | None) -> None:
+        self._pool.observer.query_finished(query, seconds, error, self._ctx)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         """Run a statement and return its status tag (`INSERT 0 1`)."""
@@ -118,7 +162,7 @@ class Connection:
         self, model: type[M], query: str, *args: Any, timeout: float | None = None
     ) -> list[M]:
         """All rows, each validated into `model` by column name."""
-        rows = await self.fetch(query, *args, timeout=_bounded(timeout))
+        rows = await self._call(self.raw.fetch, query, args, timeout)
         validate = model.model_validate
         return [validate(dict(row)) for row in rows]
 
@@ -126,7 +170,7 @@ class Connection:
         self, model: type[M], query: str, *args: Any, timeout: float | None = None
     ) -> M | None:
         """The first row validated into `model`, or `None`."""
-        row = await self.fetchrow(query, *args, timeout=_bounded(timeout))
+        row = await self._call(self.raw.fetchrow, query, args, timeout)
         return None if row is None else model.model_validate(dict(row))
 
     async def copy_records(
@@ -139,12 +183,28 @@ class Connection:
     ) -> str:
         """Bulk-load `records` into `table` with COPY."""
 
-        async def copy(_statement: str, *, timeout: float | None) -> str:
+        async def copy(_statement: str) -> str:
             return await self.raw.copy_records_to_table(
-                table, records=records, columns=list(columns), timeout=timeout
+                table, records=records, columns=list(columns)
             )
 
         return await self._call(copy, f"COPY {table}", (), timeout)
+
+    async def _control(self, step: Callable[[], Awaitable[None]]) -> None:
+        """BEGIN, COMMIT or ROLLBACK under the same deadline as any statement.
+
+        Raises driver errors as they are (the caller decides what they mean); a deadline
+        passed raises `_TimedOut`.
+        """
+        slot, _ = self._arm(None)
+        try:
+            await step()
+        except asyncio.CancelledError:
+            if self._timed_out(slot):
+                raise _TimedOut("no answer within the deadline") from None
+            raise
+        finally:
+            slot.query_deadline = 0.0
 
     @asynccontextmanager
     async def transaction(
@@ -162,7 +222,7 @@ class Connection:
         """
         tx = self.raw.transaction(isolation=isolation, readonly=readonly, deferrable=deferrable)
         try:
-            await tx.start()
+            await self._control(tx.start)
         except Exception as exc:
             self._raise(exc)
         try:
@@ -170,13 +230,13 @@ class Connection:
         except Exception:
             await self._rollback_quietly(tx)
             raise
-        # On cancellation nothing is sent here: the pool's reset on release rolls back.
+        # On cancellation nothing is sent here: the pool rolls back before reuse.
         try:
-            await tx.commit()
+            await self._control(tx.commit)
             if not readonly:
                 context.mark_wrote()
         except Exception as exc:
-            translated = translate(exc, connection_closed=self.is_closed())
+            translated = self._translate(exc)
             if isinstance(translated, ConnectionLostError) or (
                 isinstance(translated, QueryTimeoutError) and translated.sqlstate is None
             ):
@@ -184,8 +244,7 @@ class Connection:
                     "COMMIT outcome unknown: the connection failed while COMMIT was in flight; "
                     "the transaction may or may not have been applied"
                 )
-                if self.observer is not None:
-                    self.observer.error(CommitIndeterminateError())
+                self._pool.observer.error(CommitIndeterminateError())
                 raise CommitIndeterminateError() from exc
             self._raise(exc)
 
@@ -195,7 +254,7 @@ class Connection:
         if self.is_closed():
             return
         try:
-            await tx.rollback()
+            await self._control(tx.rollback)
         except Exception:
-            if not self.is_closed():
-                self.raw.terminate()
+            if not self.raw.is_closed():
+                getattr(self.raw, "terminate_broken", self.raw.terminate)()

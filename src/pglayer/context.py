@@ -1,14 +1,21 @@
-"""Per-task context that logs and metrics carry: the request id and the operation name."""
+"""The context of the work in progress: request id, operation, deadline, and writes made.
+
+All of it lives in one `RequestContext` behind one context variable: a request sets it
+once, and a query reads it once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 __all__ = [
-    "RequestWrites",
+    "RequestContext",
+    "Writes",
+    "current",
     "current_operation",
     "current_request_id",
     "enter",
@@ -18,35 +25,103 @@ __all__ = [
     "reads_need_primary",
     "request_id",
     "set_operation",
-    "track_writes",
-    "untrack_writes",
 ]
 
-_request_id: ContextVar[str] = ContextVar("pglayer_request_id", default="-")
-# A name, or a function giving one when a query finishes: a web request's route is only
-# known after routing, which happens after the middleware that sets this.
-_operation: ContextVar[str | Callable[[], str]] = ContextVar("pglayer_operation", default="-")
+
+class Writes:
+    """Whether a request committed a write, and whether its client wrote recently."""
+
+    __slots__ = ("recent", "wrote")
+
+    def __init__(self, *, recent: bool = False) -> None:
+        self.wrote = False
+        self.recent = recent
+
+
+class RequestContext:
+    """One unit of work: its id, deadline (`time.monotonic()`), operation and writes.
+
+    `operation` is a fixed name, or None to use the route template of `scope` (known only
+    after routing, so it is read when a query finishes).
+    """
+
+    __slots__ = ("deadline", "operation", "request_id", "scope", "writes")
+
+    def __init__(
+        self,
+        request_id: str = "-",
+        *,
+        deadline: float | None = None,
+        operation: str | Callable[[], str] | None = None,
+        scope: MutableMapping[str, Any] | None = None,
+        writes: Writes | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.deadline = deadline
+        self.operation = operation
+        self.scope = scope
+        self.writes = writes
+
+    def derive(self, **changes: Any) -> RequestContext:
+        """A copy with `changes`; the writes record stays shared with this one."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        request_id = values.pop("request_id")
+        return RequestContext(request_id, **values)
+
+    def operation_name(self) -> str:
+        name = self.operation
+        if name is None:
+            route = None if self.scope is None else self.scope.get("route")
+            return getattr(route, "path", None) or "-"
+        return name if isinstance(name, str) else name()
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("pglayer_context", default=None)
+_OUTSIDE = RequestContext()
+
+
+def current() -> RequestContext | None:
+    """The context of the running task, or None outside any request or block."""
+    return _current.get()
+
+
+def enter(ctx: RequestContext) -> Token[RequestContext | None]:
+    """Make `ctx` current for this task; undo with `leave()` (the per-request path)."""
+    return _current.set(ctx)
+
+
+def leave(token: Token[RequestContext | None]) -> None:
+    _current.reset(token)
+
+
+@contextmanager
+def _changed(**changes: Any) -> Iterator[RequestContext]:
+    ctx = (_current.get() or _OUTSIDE).derive(**changes)
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
 
 
 def current_request_id() -> str:
     """The id of the request being handled in this task (`-` outside a request)."""
-    return _request_id.get()
+    ctx = _current.get()
+    return "-" if ctx is None else ctx.request_id
 
 
 def current_operation() -> str:
     """The operation queries are attributed to: a route template, a name, or `-`."""
-    value = _operation.get()
-    return value if isinstance(value, str) else value()
+    ctx = _current.get()
+    return "-" if ctx is None else ctx.operation_name()
 
 
 @contextmanager
 def request_id(value: str) -> Iterator[None]:
     """Attribute everything logged in this block to request `value`."""
-    token = _request_id.set(value)
-    try:
+    with _changed(request_id=value):
         yield
-    finally:
-        _request_id.reset(token)
 
 
 @contextmanager
@@ -55,62 +130,47 @@ def operation(name: str | Callable[[], str]) -> Iterator[None]:
 
     Keep names few and fixed (`"nightly-report"`), never built from data: each is a label.
     """
-    token = _operation.set(name)
-    try:
+    with _changed(operation=name):
         yield
-    finally:
-        _operation.reset(token)
 
 
 def set_operation(name: str | Callable[[], str]) -> None:
-    """Like `operation()`, for the rest of the current task; a callable is asked lazily."""
-    _operation.set(name)
+    """Like `operation()`, for the rest of the current task."""
+    _current.set((_current.get() or _OUTSIDE).derive(operation=name))
 
 
-def enter(request_id_value: str, operation_name: str | Callable[[], str]) -> tuple[Any, Any]:
-    """Set both for the current task; undo with `leave()` (the per-request fast path)."""
-    return _request_id.set(request_id_value), _operation.set(operation_name)
+@contextmanager
+def bounded(seconds: float | None) -> Iterator[None]:
+    """Bound the work inside to `seconds` from now (a tighter outer deadline still wins)."""
+    if seconds is None:
+        yield
+        return
+    at = time.monotonic() + seconds
+    outer = _current.get()
+    if outer is not None and outer.deadline is not None:
+        at = min(at, outer.deadline)
+    with _changed(deadline=at):
+        yield
 
 
-def leave(tokens: tuple[Any, Any]) -> None:
-    _request_id.reset(tokens[0])
-    _operation.reset(tokens[1])
-
-
-class RequestWrites:
-    """Per request: whether it committed a write, and whether its client wrote recently."""
-
-    __slots__ = ("recent", "wrote")
-
-    def __init__(self, *, recent: bool = False) -> None:
-        self.wrote = False
-        self.recent = recent
-
-    @property
-    def needs_primary(self) -> bool:
-        return self.wrote or self.recent
-
-
-_writes: ContextVar[RequestWrites | None] = ContextVar("pglayer_writes", default=None)
-
-
-def track_writes(writes: RequestWrites) -> Any:
-    """Track the writes of the current task in `writes`; returns a token for `untrack`."""
-    return _writes.set(writes)
-
-
-def untrack_writes(token: Any) -> None:
-    _writes.reset(token)
+def remaining() -> float | None:
+    """Seconds left before the current deadline (may be negative), or None without one."""
+    ctx = _current.get()
+    if ctx is None or ctx.deadline is None:
+        return None
+    return ctx.deadline - time.monotonic()
 
 
 def mark_wrote() -> None:
-    """Record that this task committed a write: its later reads go to the primary."""
-    writes = _writes.get()
-    if writes is not None:
-        writes.wrote = True
+    """Record that this task wrote: its later reads (and its client's) go to the primary."""
+    ctx = _current.get()
+    if ctx is not None and ctx.writes is not None:
+        ctx.writes.wrote = True
 
 
 def reads_need_primary() -> bool:
     """True when this task (or its client, recently) wrote: replicas may not have it yet."""
-    writes = _writes.get()
-    return writes is not None and writes.needs_primary
+    ctx = _current.get()
+    if ctx is None or ctx.writes is None:
+        return False
+    return ctx.writes.wrote or ctx.writes.recent

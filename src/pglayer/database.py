@@ -1,4 +1,11 @@
-"""`Database`: the pool's lifecycle, deadlines on acquire, bounded waiting, and statistics."""
+"""`Database`: one server's pool behind a small facade, with its replicas and retries.
+
+The pool (`_pool.Pool`) lends connections; the replica set (`replicas.ReplicaSet`) picks
+where a read goes; this facade opens and closes them, translates settings, and runs the
+caller's work with the retry policy. Every way to run work (`run`, `read`,
+`run_in_transaction`, `connection()`) goes through `_call` or `_Lease`: one acquire, one
+release, one place that decides about retries.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -20,24 +27,23 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from pglayer import context, deadline
+from pglayer._pool import Pool, Slot
 from pglayer.budget import read_budget
 from pglayer.connection import Connection, Isolation, Record
+from pglayer.context import RequestContext, current, reads_need_primary
 from pglayer.dsn import describe_target
 from pglayer.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     PglayerError,
     PoolOverloadedError,
-    PoolTimeoutError,
     TransientError,
-    translate,
 )
 from pglayer.events import Hook
 from pglayer.observer import Observer
 from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer.replicas import ReplicaSet
-from pglayer.retry import RetryPolicy, retrying
+from pglayer.retry import RetryPolicy, retry_after
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import PoolStats, StatsRecorder
 
@@ -46,7 +52,8 @@ __all__ = ["Database"]
 log = logging.getLogger("pglayer")
 T = TypeVar("T")
 
-_RELEASE_TIMEOUT = 5.0
+Work = Callable[[Connection], Awaitable[T]]
+_Tx = tuple[bool, Isolation | None]  # readonly, isolation
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
@@ -59,18 +66,11 @@ async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
         )
 
 
-async def _no_reset(conn: asyncpg.Connection[Record]) -> None:
-    # asyncpg's default reset sends `RESET ALL; UNLISTEN *; ...` on every release: a round
-    # trip per request. pglayer never changes session state (it uses SET LOCAL), and an open
-    # transaction is still rolled back by asyncpg before this hook runs.
-    return None
-
-
 class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs
     """Remembers that the client closed it, so a retirement is not counted as a loss.
 
-    The pool retires idle connections with `terminate()`; a connection pglayer finds broken
-    is ended with `terminate_broken()` and still counts as lost.
+    The pool retires idle connections with `close()` or `terminate()`; a connection pglayer
+    finds broken is ended with `terminate_broken()` and still counts as lost.
     """
 
     closed_by_client = False
@@ -108,11 +108,8 @@ class Database:
             raise ConfigurationError("no database URL configured: set DATABASE_URL")
         self.name = name
         self.target = describe_target(self.settings.dsn())
-        self._pool: asyncpg.Pool[Record] | None = None
+        self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
-        self._closing = False
-        self._waiting = 0
-        self._gate = asyncio.Semaphore(self.settings.max_size)
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
         if self.settings.replica_urls:
@@ -170,7 +167,6 @@ class Database:
         """
         if self._pool is not None or self._opener is not None:
             return
-        self._closing = False
         if wait if wait is not None else self.settings.require_on_startup:
             try:
                 await self._open_with_retry(self.settings.startup_timeout)
@@ -196,12 +192,9 @@ class Database:
         s = self.settings
         if s.on_budget_exceeded == "ignore" or (self.pooler and self.pooler.mode != "none"):
             return  # behind a pooler the server's limit is the pooler's business
-        pool = self._pool
-        if pool is None:
-            return
+        assert self._pool is not None
         try:
-            # Straight from the pool: a startup check is not traffic to count in stats.
-            async with pool.acquire(timeout=s.acquire_timeout) as conn:
+            async with self._pool.borrowed() as conn:
                 budget = await read_budget(
                     conn,
                     application_name=s.application_name,
@@ -209,7 +202,7 @@ class Database:
                     max_size=s.max_size,
                     reserve=s.connection_reserve,
                 )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             log.warning(
                 "database %s: connection budget not checked: %s", self.target, type(exc).__name__
             )
@@ -251,68 +244,66 @@ class Database:
             return PoolerInfo("transaction", prepared_statements=safe)
         return await detect_pooler(self.settings)
 
-    async def _create_pool(self) -> asyncpg.Pool[Record]:
+    async def _create_pool(self) -> Pool:
         s = self.settings
-        try:
-            if self.pooler is None:
+        if self.pooler is None:
+            try:
                 self.pooler = await self._resolve_pooler()
-                if self.pooler.mode != "none":
-                    log.info(
-                        "database %s: behind a pooler in %s mode; prepared statements %s",
-                        self.target,
-                        self.pooler.mode,
-                        "kept" if self.pooler.prepared_statements else "off",
-                    )
-            pooled = self.pooler.mode in ("transaction", "statement")
-            server_settings = s.server_settings()
+            except Exception as exc:
+                raise _translated(exc) from exc
             if self.pooler.mode != "none":
-                # PgBouncer refuses unknown startup parameters: keep what it forwards and
-                # set the timeouts on the role instead (see the README).
-                server_settings = {"application_name": s.application_name}
-            pool = await asyncpg.create_pool(
-                s.dsn(),
-                min_size=s.min_size,
-                max_size=s.max_size,
-                max_inactive_connection_lifetime=s.max_inactive_connection_lifetime,
-                command_timeout=s.query_timeout,
-                statement_cache_size=(
-                    0 if pooled and not self.pooler.prepared_statements else s.statement_cache_size
-                ),
-                timeout=s.connect_timeout,
-                server_settings=server_settings,
-                init=_init_connection,
-                reset=_no_reset,
-                connect=self._connect,
-                connection_class=_TrackedConnection,
-            )
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-        assert pool is not None
+                log.info(
+                    "database %s: behind a pooler in %s mode; prepared statements %s",
+                    self.target,
+                    self.pooler.mode,
+                    "kept" if self.pooler.prepared_statements else "off",
+                )
+        pool = Pool(
+            self._connector(self.pooler),
+            name=self.name,
+            min_size=s.min_size,
+            max_size=s.max_size,
+            max_waiters=s.max_waiters,
+            acquire_timeout=s.acquire_timeout,
+            query_timeout=s.query_timeout,
+            max_idle=s.max_inactive_connection_lifetime,
+            connect_timeout=s.connect_timeout,
+            observer=self._observer,
+        )
+        await pool.start()
         return pool
 
-    async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection[Record]:
-        try:
-            conn: asyncpg.Connection[Record] = await asyncpg.connect(*args, **kwargs)
-        except BaseException:
-            self._observer.connection_failed()
-            raise
-        self._observer.connection_opened()
-        conn.add_termination_listener(self._on_connection_closed)  # type: ignore[arg-type]
-        return conn
+    def _connector(self, pooler: PoolerInfo) -> Callable[[], Awaitable[asyncpg.Connection]]:
+        s = self.settings
+        pooled = pooler.mode in ("transaction", "statement")
+        server_settings = s.server_settings()
+        if pooler.mode != "none":
+            # PgBouncer refuses unknown startup parameters: keep what it forwards and
+            # set the timeouts on the role instead (see the README).
+            server_settings = {"application_name": s.application_name}
+        cache = 0 if pooled and not pooler.prepared_statements else s.statement_cache_size
 
-    def _on_connection_closed(self, conn: asyncpg.Connection[Record]) -> None:
-        if self._closing or getattr(conn, "closed_by_client", False):
-            # Retired by the pool (idle lifetime, close()) or by pglayer: not a loss.
-            self._observer.connection_closed()
-        else:
-            self._observer.connection_lost()
+        async def connect() -> asyncpg.Connection:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                s.dsn(),
+                timeout=s.connect_timeout,
+                # Deadlines are pglayer's (see _clock): no driver timer per statement.
+                command_timeout=None,
+                statement_cache_size=cache,
+                server_settings=server_settings,
+                connection_class=_TrackedConnection,
+            )
+            try:
+                await _init_connection(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            return conn
+
+        return connect
 
     async def close(self, timeout: float | None = None) -> None:
         """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
-        self._closing = True
         if self.replicas is not None:
             await self.replicas.close(timeout)
         if self._opener is not None:
@@ -323,104 +314,117 @@ class Database:
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        grace = self.settings.close_timeout if timeout is None else timeout
-        try:
-            await asyncio.wait_for(pool.close(), grace)
-        except TimeoutError:
-            log.warning(
-                "database %s: connections still in use after %.1fs; terminating them",
-                self.target,
-                grace,
-            )
-            pool.terminate()
+        await pool.close(self.settings.close_timeout if timeout is None else timeout)
 
-    # -- connections -----------------------------------------------------------------
+    # -- running work ----------------------------------------------------------------
 
-    async def _acquire(self, timeout: float | None) -> tuple[asyncpg.Pool[Record], Any]:
-        pool = self._pool
-        if pool is None:
-            raise self._refused(DatabaseUnavailableError())
-        wait = self.settings.acquire_timeout if timeout is None else timeout
-        left = deadline.remaining()
-        if left is not None:
-            if left <= 0:
-                raise self._refused(
-                    PoolTimeoutError("the request deadline passed before a connection was free")
-                )
-            wait = min(wait, left)
-        started = time.perf_counter()
-        gate = self._gate
-        # The gate admits max_size holders in arrival order. asyncpg's own queue lets a
-        # newcomer take a connection a woken waiter was about to get, which under load
-        # starves some requests for hundreds of milliseconds.
-        if gate.locked():
-            if self._waiting >= self.settings.max_waiters:
-                raise self._refused(PoolOverloadedError())
-            self._waiting += 1
-            try:
-                async with asyncio.timeout(wait):
-                    await gate.acquire()
-            except TimeoutError as exc:
-                raise self._refused(PoolTimeoutError()) from exc
-            finally:
-                self._waiting -= 1
-        else:
-            await gate.acquire()  # free: returns without suspending
-        # Past the gate a connection is free; only a new one (pool below max_size) may need
-        # connecting, bounded by what is left of the wait.
-        full = pool.get_size() >= self.settings.max_size
-        try:
-            conn = await pool.acquire(
-                timeout=None if full else max(wait - (time.perf_counter() - started), 0.001)
-            )
-        except BaseException as exc:
-            gate.release()
-            if isinstance(exc, TimeoutError):
-                raise self._refused(PoolTimeoutError()) from exc
-            if not isinstance(exc, Exception):
-                raise
-            translated = translate(exc)
-            if isinstance(translated, PglayerError):
-                self._observer.acquire_failed(translated)
-            if translated is exc:
-                raise
-            raise translated from exc
-        self._observer.acquired(time.perf_counter() - started)
-        return pool, conn
-
-    def saturated(self) -> bool:
-        """True while an acquire would be shed: `max_waiters` are already waiting."""
-        return self._gate.locked() and self._waiting >= self.settings.max_waiters
-
-    def count_shed(self) -> None:
-        """Count a request refused for `saturated()` before it asked for a connection."""
-        self._observer.acquire_failed(PoolOverloadedError())
-
-    def _refused(self, error: PglayerError) -> PglayerError:
+    def _unavailable(self) -> DatabaseUnavailableError:
+        error = DatabaseUnavailableError()
         self._observer.acquire_failed(error)
         return error
 
-    async def _release(self, pool: asyncpg.Pool[Record], conn: Any, held_since: float) -> None:
-        # To the pool it came from: during close() that pool is still waiting for it.
-        self._observer.released(time.perf_counter() - held_since)
+    async def _call(
+        self,
+        target: Database,
+        fn: Work[T],
+        retry: bool,
+        timeout: float | None,
+        tx: _Tx | None,
+    ) -> T:
+        # Every read and write in one coroutine: acquire, run, release; retries and the
+        # replica fallback only on the `except` path.
+        ctx = current()
+        pool = target._pool
+        if pool is None:
+            return await self._recover(target._unavailable(), target, fn, retry, timeout, tx)
         try:
-            await pool.release(conn, timeout=_RELEASE_TIMEOUT)
-        except Exception:
-            # asyncpg has already terminated a connection it could not reset; the error
-            # must not mask the block's own outcome.
-            log.debug("connection reset failed on release; it was discarded", exc_info=True)
+            slot = pool.take() or await pool.acquire(timeout, None if ctx is None else ctx.deadline)
+        except Exception as exc:
+            return await self._recover(exc, target, fn, retry, timeout, tx)
+        conn = Connection(slot, pool, ctx)
+        held_since = time.monotonic()
+        try:
+            if tx is None:
+                return await fn(conn)
+            async with conn.transaction(readonly=tx[0], isolation=tx[1]):
+                return await fn(conn)
+        except Exception as exc:
+            error = exc
         finally:
-            self._gate.release()
+            conn._slot = None
+            pool.release(slot, time.monotonic() - held_since)
+        return await self._recover(error, target, fn, retry, timeout, tx)
 
-    @asynccontextmanager
-    async def connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
+    async def _recover(
+        self,
+        error: Exception,
+        target: Database,
+        fn: Work[T],
+        retry: bool,
+        timeout: float | None,
+        tx: _Tx | None,
+    ) -> T:
+        if target is not self:
+            # A replica failed: take it out of rotation and read from the primary.
+            if not isinstance(error, TransientError) or self.replicas is None:
+                raise error
+            self.replicas.mark_failed(target)
+            return await self._call(self, fn, True, timeout, tx)
+        if not retry:
+            raise error
+        return await retry_after(
+            error,
+            lambda: self._call(self, fn, False, timeout, tx),
+            self.retry_policy,
+            self._observer,
+            "run" if tx is None else "transaction",
+        )
+
+    def run(
+        self, fn: Work[T], *, retry: bool = True, timeout: float | None = None
+    ) -> Coroutine[Any, Any, T]:
+        """Call `fn(conn)` on a pooled connection in autocommit mode; return its result.
+
+        With `retry`, transient failures (connection lost, no connection slots, database
+        not yet open) are retried with jittered backoff within the attempts and the
+        deadline, so `fn` must be safe to run twice: a read, or an idempotent write.
+        """
+        return self._call(self, fn, retry, timeout, None)
+
+    def read(self, fn: Work[T], *, timeout: float | None = None) -> Coroutine[Any, Any, T]:
+        """Like `run(fn)`, on a healthy replica when there is one.
+
+        Falls back to the primary when no replica is healthy, when this request (or its
+        client, recently) wrote, or when the replica fails; `fn` must only read.
+        """
+        return self._call(self._read_target(), fn, True, timeout, None)
+
+    def run_in_transaction(
+        self,
+        fn: Work[T],
+        *,
+        readonly: bool = False,
+        isolation: Isolation | None = None,
+        retry: bool = True,
+        timeout: float | None = None,
+    ) -> Coroutine[Any, Any, T]:
+        """Call `fn(conn)` inside a transaction, commit, and return its result.
+
+        With `retry`, the whole transaction is replayed on serialization failures,
+        deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
+        touch the database through `conn`. A connection lost during COMMIT raises
+        `CommitIndeterminateError` and is never replayed.
+        """
+        return self._call(self, fn, retry, timeout, (readonly, isolation))
+
+    def _read_target(self) -> Database:
+        if self.replicas is None or reads_need_primary():
+            return self
+        return self.replicas.choose() or self
+
+    def connection(self, *, timeout: float | None = None) -> _Lease:
         """A pooled connection in autocommit mode, acquired within `timeout` seconds."""
-        pool, raw = await self._acquire(timeout)
-        held_since = time.perf_counter()
-        try:
-            yield Connection(raw, self._observer)
-        finally:
-            await self._release(pool, raw, held_since)
+        return _Lease(self, timeout)
 
     @asynccontextmanager
     async def transaction(
@@ -437,73 +441,22 @@ class Database:
         ):
             yield conn
 
-    async def run(
-        self,
-        fn: Callable[[Connection], Awaitable[T]],
-        *,
-        retry: bool = True,
-        timeout: float | None = None,
-    ) -> T:
-        """Call `fn(conn)` on a pooled connection in autocommit mode; return its result.
-
-        With `retry`, transient failures (connection lost, no connection slots, database
-        not yet open) are retried with jittered backoff within the attempts and the
-        deadline, so `fn` must be safe to run twice: a read, or an idempotent write.
-        """
-
-        async def attempt() -> T:
-            # connection() spelled out: this is every read's path, and a generator-based
-            # context manager costs more than the rest of this function.
-            pool, raw = await self._acquire(timeout)
-            held_since = time.perf_counter()
-            try:
-                return await fn(Connection(raw, self._observer))
-            finally:
-                await self._release(pool, raw, held_since)
-
-        if not retry:
-            return await attempt()
-        return await retrying(attempt, self.retry_policy, self._observer, "run")
-
-    def _read_target(self) -> Database:
-        if self.replicas is None or context.reads_need_primary():
-            return self
-        return self.replicas.choose() or self
-
-    async def read(
-        self, fn: Callable[[Connection], Awaitable[T]], *, timeout: float | None = None
-    ) -> T:
-        """Like `run(fn)`, on a healthy replica when there is one.
-
-        Falls back to the primary when no replica is healthy, when this request (or its
-        client, recently) wrote, or when the replica fails; `fn` must only read.
-        """
-        target = self._read_target()
-        if target is self:
-            return await self.run(fn, timeout=timeout)
-        try:
-            return await target.run(fn, retry=False, timeout=timeout)
-        except TransientError:
-            assert self.replicas is not None
-            self.replicas.mark_failed(target)
-            return await self.run(fn, timeout=timeout)
-
     @asynccontextmanager
     async def read_connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
         """A connection of a healthy replica (else of the primary), for reads only."""
         target = self._read_target()
         if target is not self:
+            lease = target.connection(timeout=timeout)
             try:
-                pool, raw = await target._acquire(timeout)
+                conn = await lease.__aenter__()
             except TransientError:
                 assert self.replicas is not None
                 self.replicas.mark_failed(target)
             else:
-                held_since = time.perf_counter()
                 try:
-                    yield Connection(raw, target._observer)
+                    yield conn
                 finally:
-                    await target._release(pool, raw, held_since)
+                    await lease.__aexit__(None, None, None)
                 return
         async with self.connection(timeout=timeout) as conn:
             yield conn
@@ -512,53 +465,83 @@ class Database:
         """This pool and its replicas' pools."""
         return [self, *(self.replicas.replicas if self.replicas else [])]
 
-    async def run_in_transaction(
-        self,
-        fn: Callable[[Connection], Awaitable[T]],
-        *,
-        readonly: bool = False,
-        isolation: Isolation | None = None,
-        retry: bool = True,
-        timeout: float | None = None,
-    ) -> T:
-        """Call `fn(conn)` inside a transaction, commit, and return its result.
-
-        With `retry`, the whole transaction is replayed on serialization failures,
-        deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
-        touch the database through `conn`. A connection lost during COMMIT raises
-        `CommitIndeterminateError` and is never replayed.
-        """
-
-        async def attempt() -> T:
-            async with self.transaction(
-                readonly=readonly, isolation=isolation, timeout=timeout
-            ) as conn:
-                return await fn(conn)
-
-        if not retry:
-            return await attempt()
-        return await retrying(attempt, self.retry_policy, self._observer, "transaction")
-
     async def ping(self, *, timeout: float = 1.0) -> None:
         """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""
         deadline = time.monotonic() + timeout
         async with self.connection(timeout=timeout) as conn:
             await conn.fetchval("SELECT 1", timeout=max(deadline - time.monotonic(), 0.001))
 
+    # -- load ------------------------------------------------------------------------
+
+    def saturated(self) -> bool:
+        """True while an acquire would be shed: `max_waiters` are already waiting."""
+        pool = self._pool
+        return pool is not None and pool.saturated()
+
+    def count_shed(self) -> None:
+        """Count a request refused for `saturated()` before it asked for a connection."""
+        self._observer.acquire_failed(PoolOverloadedError())
+
     # -- statistics ------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of the pool's sizes and counters."""
         pool = self._pool
-        size = idle = 0
-        if pool is not None:
-            size, idle = pool.get_size(), pool.get_idle_size()
         return self._stats.snapshot(
             name=self.name,
             open=pool is not None,
             min_size=self.settings.min_size,
             max_size=self.settings.max_size,
-            size=size,
-            idle=idle,
-            waiting=self._waiting,
+            size=0 if pool is None else pool.size,
+            idle=0 if pool is None else pool.idle,
+            in_use=0 if pool is None else pool.in_use,
+            waiting=0 if pool is None else pool.waiting,
         )
+
+
+class _Lease:
+    """`async with db.connection() as conn`: one connection, given back on exit."""
+
+    __slots__ = ("_conn", "_db", "_held_since", "_pool", "_slot", "_timeout")
+
+    def __init__(self, db: Database, timeout: float | None) -> None:
+        self._db = db
+        self._timeout = timeout
+        self._pool: Pool | None = None
+        self._slot: Slot | None = None
+        self._conn: Connection | None = None
+        self._held_since = 0.0
+
+    async def __aenter__(self) -> Connection:
+        pool = self._db._pool
+        if pool is None:
+            raise self._db._unavailable()
+        ctx: RequestContext | None = current()
+        slot = pool.take() or await pool.acquire(
+            self._timeout, None if ctx is None else ctx.deadline
+        )
+        self._pool, self._slot = pool, slot
+        self._conn = Connection(slot, pool, ctx)
+        self._held_since = time.monotonic()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pool, slot, conn = self._pool, self._slot, self._conn
+        assert pool is not None
+        assert slot is not None
+        assert conn is not None
+        conn._slot = None
+        self._slot = None
+        # To the pool it came from: during close() that pool is still waiting for it.
+        pool.release(slot, time.monotonic() - self._held_since)
+
+
+def _translated(exc: Exception) -> BaseException:
+    from pglayer.errors import translate
+
+    return translate(exc)

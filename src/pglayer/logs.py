@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -12,9 +13,11 @@ from typing import Any, Literal
 import orjson
 
 from pglayer.context import current_request_id
+from pglayer.context import request_id as request_id_of
 from pglayer.dsn import mask_text
 
 __all__ = [
+    "AccessLog",
     "JsonFormatter",
     "MaskSecrets",
     "TextFormatter",
@@ -91,12 +94,127 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def escape(text: str) -> str:
+    """`text` with control characters (CR, LF, ESC...) written as escapes: one line, inert."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Clock:
+    """Wall-clock stamps as the formatters write them, recomputed once a second."""
+
+    __slots__ = ("_iso", "_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+        self._iso = ""
+
+    def stamps(self, now: float) -> tuple[str, str, int]:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._iso = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return self._text, self._iso, int((now - second) * 1000)
+
+
+class AccessLog:
+    """One INFO line per request on `pglayer.access`, with the request id.
+
+    When the line goes only to the handler `configure_logging()` installed (the `serve`
+    default), it is formatted here exactly as that handler would, without building a
+    `LogRecord` (40 µs a line here, most of a request's budget); otherwise it goes through
+    `logging` like any other record. Client-controlled text is escaped either way.
+    """
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("pglayer.access")
+        self._root = logging.getLogger()
+        self._clock = _Clock()
+
+    def _direct(self) -> StreamHandlerWithFormat | None:
+        access = self.logger
+        if access.handlers or access.filters or not access.propagate or access.disabled:
+            return None
+        handlers = self._root.handlers
+        if len(handlers) != 1 or not isinstance(handlers[0], StreamHandlerWithFormat):
+            return None
+        handler = handlers[0]
+        plain = len(handler.filters) == 1 and isinstance(handler.filters[0], MaskSecrets)
+        return handler if plain and handler.level <= logging.INFO else None
+
+    def write(
+        self, method: str, path: str, route: str, status: int, seconds: float, request_id: str
+    ) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        method, path = escape(method), escape(path)
+        ms = seconds * 1000
+        message = f'"{method} {path}" {status or "-"} {ms:.1f}ms'
+        handler = self._direct()
+        if handler is None:
+            with request_id_of(request_id):  # the request's own context has ended
+                self.logger.info(
+                    message,
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "route": route,
+                        "status": status or None,
+                        "duration_ms": round(ms, 2),
+                    },
+                )
+            return
+        now = time.time()
+        text, iso, msecs = self._clock.stamps(now)
+        if handler.format_name == "json":
+            line = orjson.dumps(
+                {
+                    "time": f"{iso}.{msecs:03d}+00:00",
+                    "level": "info",
+                    "logger": "pglayer.access",
+                    "message": mask_text(message),
+                    "request_id": request_id,
+                    "method": method,
+                    "path": mask_text(path),
+                    "route": route,
+                    "status": status or None,
+                    "duration_ms": round(ms, 2),
+                }
+            ).decode()
+        else:
+            line = mask_text(
+                f"{text},{msecs:03d} INFO pglayer.access [{request_id}] {message} "
+                f"method={method} path={path} route={route} status={status or None} "
+                f"duration_ms={round(ms, 2)}"
+            )
+        handler.write_line(line)
+
+
+class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging()` installs; it knows its format by name."""
+
+    def __init__(self, format_name: str) -> None:
+        super().__init__(sys.stderr)
+        self.format_name = format_name
+
+    def write_line(self, line: str) -> None:
+        self.acquire()
+        try:
+            self.stream.write(line + self.terminator)
+            self.flush()
+        finally:
+            self.release()
+
+
 def configure_logging(
     *, format: Literal["text", "json"] = "text", level: str | int = "INFO"
 ) -> logging.Handler:
     """Send all logs (pglayer's, uvicorn's, the app's) to stderr in one format; masked."""
     install_request_id()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StreamHandlerWithFormat(format)
     handler.addFilter(MaskSecrets())
     handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
     root = logging.getLogger()

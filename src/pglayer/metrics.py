@@ -24,9 +24,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pglayer.database import Database
-from pglayer.stats import Histogram, PoolStats
+from pglayer.stats import Histogram, PoolStats, RequestSeries, RequestStats
 
-__all__ = ["PoolCollector", "SharedPoolCollector"]
+__all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
 
 _GAUGES = (
     ("size", "Connections open in the pool"),
@@ -57,32 +57,52 @@ def _buckets(h: Histogram) -> list[tuple[str, float]]:
     return out
 
 
+Snapshot = tuple[list[PoolStats], list[RequestSeries]]
+
+
 class PoolCollector(Collector):
-    """Exposes `pglayer_pool_*` metrics for each database, labelled by pool name."""
+    """Exposes `pglayer_pool_*` metrics for each database, labelled by pool name, and
+    `pglayer_http_*` from `requests` (the guard's per-request records) when given."""
 
-    def __init__(self, databases: Iterable[Database]) -> None:
+    def __init__(self, databases: Iterable[Database], requests: RequestStats | None = None) -> None:
         self.databases = list(databases)
+        self.requests = requests
 
-    def snapshots(self) -> list[tuple[PoolStats, str | None]]:
-        return [(db.stats(), None) for db in self.databases]
+    def snapshot(self) -> Snapshot:
+        http = self.requests.snapshot() if self.requests is not None else []
+        return [db.stats() for db in self.databases], http
+
+    def snapshots(self) -> list[tuple[Snapshot, str | None]]:
+        return [(self.snapshot(), None)]
 
     def collect(self) -> Iterator[Metric]:
-        yield from _families(self.snapshots())
+        per_worker = self.snapshots()
+        yield from _families([(s, w) for (pools, _), w in per_worker for s in pools])
+        yield from _http_families([(r, w) for (_, http), w in per_worker for r in http])
 
 
-def _stats_to_json(stats: PoolStats) -> dict[str, Any]:
-    return asdict(stats)
+def _hist(h: dict[str, Any]) -> Histogram:
+    return Histogram(tuple(h["bounds"]), tuple(h["counts"]), h["total"])
 
 
-def _stats_from_json(data: dict[str, Any]) -> PoolStats:
-    def hist(h: dict[str, Any]) -> Histogram:
-        return Histogram(tuple(h["bounds"]), tuple(h["counts"]), h["total"])
+def _snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
+    pools, http = snapshot
+    return {"pools": [asdict(s) for s in pools], "http": [asdict(r) for r in http]}
 
-    data = dict(data)
-    data["acquire_wait"] = hist(data["acquire_wait"])
-    data["hold_time"] = hist(data["hold_time"])
-    data["query_time"] = {op: hist(h) for op, h in data["query_time"].items()}
-    return PoolStats(**data)
+
+def _snapshot_from_json(data: dict[str, Any]) -> Snapshot:
+    pools = []
+    for item in data["pools"]:
+        item = dict(item)
+        item["acquire_wait"] = _hist(item["acquire_wait"])
+        item["hold_time"] = _hist(item["hold_time"])
+        item["query_time"] = {op: _hist(h) for op, h in item["query_time"].items()}
+        pools.append(PoolStats(**item))
+    http = [
+        RequestSeries(r["method"], r["route"], r["status"], _hist(r["duration"]))
+        for r in data["http"]
+    ]
+    return pools, http
 
 
 class SharedPoolCollector(PoolCollector):
@@ -94,16 +114,21 @@ class SharedPoolCollector(PoolCollector):
     """
 
     def __init__(
-        self, databases: Iterable[Database], directory: str | Path, *, interval: float = 1.0
+        self,
+        databases: Iterable[Database],
+        directory: str | Path,
+        *,
+        requests: RequestStats | None = None,
+        interval: float = 1.0,
     ) -> None:
-        super().__init__(databases)
+        super().__init__(databases, requests)
         self.directory = Path(directory)
         self.interval = interval
         self._path = self.directory / f"pglayer-pools-{os.getpid()}.json"
 
     def write(self) -> None:
         """Publish this worker's snapshot (atomically, for concurrent readers)."""
-        body = orjson.dumps([_stats_to_json(db.stats()) for db in self.databases])
+        body = orjson.dumps(_snapshot_to_json(self.snapshot()))
         tmp = self._path.with_suffix(".tmp")
         tmp.write_bytes(body)
         tmp.replace(self._path)
@@ -117,19 +142,19 @@ class SharedPoolCollector(PoolCollector):
             self.write()
             await asyncio.sleep(self.interval)
 
-    def snapshots(self) -> list[tuple[PoolStats, str | None]]:
+    def snapshots(self) -> list[tuple[Snapshot, str | None]]:
         self.write()
-        out: list[tuple[PoolStats, str | None]] = []
+        out: list[tuple[Snapshot, str | None]] = []
         stale_before = time.time() - max(10 * self.interval, 10.0)
         for path in sorted(self.directory.glob("pglayer-pools-*.json")):
             pid = path.stem.rsplit("-", 1)[1]
             try:
                 if path.stat().st_mtime < stale_before or not _alive(int(pid)):
                     continue
-                items = orjson.loads(path.read_bytes())
-            except (OSError, ValueError):
-                continue  # removed or half-written meanwhile: next scrape has it
-            out.extend((_stats_from_json(item), pid) for item in items)
+                snapshot = _snapshot_from_json(orjson.loads(path.read_bytes()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # removed, half-written or from an older version: skip it
+            out.append((snapshot, pid))
         return out
 
 
@@ -186,3 +211,33 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
             h: Histogram = getattr(s, attr)
             hist.add_metric([s.name, *w], _buckets(h), sum_value=h.total)
         yield hist
+
+
+def _http_families(series: list[tuple[RequestSeries, str | None]]) -> Iterator[Metric]:
+    per_worker = any(worker is not None for _, worker in series)
+    extra = ["worker"] if per_worker else []
+    requests = CounterMetricFamily(
+        "pglayer_http_requests",
+        "HTTP requests answered, by method, route template and status",
+        labels=["method", "route", "status", *extra],
+    )
+    # Durations by (method, route): the statuses' histograms added up.
+    durations: dict[tuple[str, ...], list[Histogram]] = {}
+    for r, worker in series:
+        w = [worker] if per_worker and worker is not None else []
+        requests.add_metric([r.method, r.route, str(r.status), *w], float(r.duration.count))
+        durations.setdefault((r.method, r.route, *w), []).append(r.duration)
+    yield requests
+    seconds = HistogramMetricFamily(
+        "pglayer_http_request_duration_seconds",
+        "Time to answer an HTTP request, by method and route template",
+        labels=["method", "route", *extra],
+    )
+    for labels, hists in durations.items():
+        total = Histogram(
+            hists[0].bounds,
+            tuple(sum(c) for c in zip(*(h.counts for h in hists), strict=True)),
+            sum(h.total for h in hists),
+        )
+        seconds.add_metric(list(labels), _buckets(total), sum_value=total.total)
+    yield seconds

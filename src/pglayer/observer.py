@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from pglayer.context import current_operation, current_request_id
+from pglayer.context import RequestContext
 from pglayer.errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 from pglayer.events import Event, Hook, PoolEvent, PoolEventKind, QueryEvent, RetryEvent
 from pglayer.stats import StatsRecorder
@@ -107,10 +107,14 @@ class Observer:
         self.stats.error(type(error).__name__)
 
     def query_finished(
-        self, statement: str, seconds: float, error: BaseException | None = None
+        self,
+        statement: str,
+        seconds: float,
+        error: BaseException | None = None,
+        ctx: RequestContext | None = None,
     ) -> None:
-        """Count a statement's duration under the current operation; log it if slow."""
-        operation = current_operation()
+        """Count a statement's duration under its context's operation; log it if slow."""
+        operation = "-" if ctx is None else ctx.operation_name()
         self.stats.query(operation, seconds)
         if error is not None:
             self.stats.error(type(error).__name__)
@@ -137,7 +141,7 @@ class Observer:
                     statement=statement,
                     seconds=seconds,
                     operation=operation,
-                    request_id=current_request_id(),
+                    request_id="-" if ctx is None else ctx.request_id,
                     error=None if error is None else type(error).__name__,
                     sqlstate=getattr(error, "sqlstate", None),
                 )

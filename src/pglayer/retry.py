@@ -36,7 +36,15 @@ from pglayer.errors import (
     TooManyConnectionsError,
 )
 
-__all__ = ["RetryHooks", "RetryPolicy", "is_retryable", "reason_for", "retrying", "set_testing"]
+__all__ = [
+    "RetryHooks",
+    "RetryPolicy",
+    "is_retryable",
+    "reason_for",
+    "retry_after",
+    "retrying",
+    "set_testing",
+]
 
 log = logging.getLogger("pglayer.retry")
 T = TypeVar("T")
@@ -91,20 +99,34 @@ async def retrying(
     fn: Callable[[], Awaitable[T]], policy: RetryPolicy, hooks: RetryHooks, what: str
 ) -> T:
     """Call `fn` until it succeeds, fails for good, or runs out of attempts or deadline."""
-    # The first attempt runs without tenacity's bookkeeping: the common case costs nothing.
     try:
         return await fn()
     except Exception as exc:
-        reason = reason_for(exc)
-        if reason is None:
-            raise
-        first_wait = 0.0 if _testing else random.uniform(0, policy.initial)
-        left = deadline.remaining()
-        if policy.attempts <= 1 or (left is not None and left <= first_wait):
-            hooks.gave_up(reason)
-            raise
-        hooks.retried(reason)
-        log.info("%s: retrying after %s (attempt 2 of %d)", what, reason, policy.attempts)
+        first = exc
+    return await retry_after(first, fn, policy, hooks, what)
+
+
+async def retry_after(
+    first: Exception,
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    hooks: RetryHooks,
+    what: str,
+) -> T:
+    """`fn`'s first attempt failed with `first`: retry it if that is safe and time allows.
+
+    Entered only from the caller's `except` path, so the common case costs nothing.
+    """
+    reason = reason_for(first)
+    if reason is None:
+        raise first
+    first_wait = 0.0 if _testing else random.uniform(0, policy.initial)
+    left = deadline.remaining()
+    if policy.attempts <= 1 or (left is not None and left <= first_wait):
+        hooks.gave_up(reason)
+        raise first
+    hooks.retried(reason)
+    log.info("%s: retrying after %s (attempt 2 of %d)", what, reason, policy.attempts)
     await asyncio.sleep(first_wait)
 
     stop: stop_base = stop_after_attempt(policy.attempts - 1)
@@ -135,8 +157,12 @@ async def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+    async def attempt() -> T:
+        # A coroutine function, so that tenacity awaits what `fn` returns.
+        return await fn()
+
     try:
-        return await retryer(fn)
+        return await retryer(attempt)
     except Exception as exc:
         reason = reason_for(exc)
         if reason:

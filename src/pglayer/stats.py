@@ -6,7 +6,7 @@ import bisect
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["Histogram", "PoolStats"]
+__all__ = ["Histogram", "PoolStats", "RequestSeries", "RequestStats"]
 
 # Seconds; the last bucket catches everything slower.
 BUCKETS: tuple[float, ...] = (
@@ -133,7 +133,6 @@ class StatsRecorder:
         self.connections_lost = 0
         self.connections_failed = 0
         self.slow_queries = 0
-        self.in_use = 0
         self.retries: dict[str, int] = {}
         self.give_ups: dict[str, int] = {}
         self.errors: dict[str, int] = {}
@@ -143,11 +142,9 @@ class StatsRecorder:
 
     def acquired(self, waited: float) -> None:
         self.acquisitions += 1
-        self.in_use += 1
         self._wait.observe(waited)
 
     def released(self, held: float) -> None:
-        self.in_use -= 1
         self._hold.observe(held)
 
     def acquire_timed_out(self) -> None:
@@ -197,6 +194,7 @@ class StatsRecorder:
         max_size: int,
         size: int,
         idle: int,
+        in_use: int,
         waiting: int,
     ) -> PoolStats:
         return PoolStats(
@@ -206,7 +204,7 @@ class StatsRecorder:
             max_size=max_size,
             size=size,
             idle=idle,
-            in_use=self.in_use,
+            in_use=in_use,
             waiting=waiting,
             acquisitions=self.acquisitions,
             acquire_timeouts=self.acquire_timeouts,
@@ -223,3 +221,43 @@ class StatsRecorder:
             errors=dict(self.errors),
             query_time={op: r.snapshot() for op, r in self._queries.items()},
         )
+
+
+# HTTP series are kept per (method, route template, status); past this many the rest share
+# the route `other`, so a flood of unmatched methods cannot grow memory without bound.
+MAX_HTTP_SERIES = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSeries:
+    """Requests answered with one (method, route template, status), and their durations."""
+
+    method: str
+    route: str
+    status: int
+    duration: Histogram
+
+
+class RequestStats:
+    """HTTP requests by method, route template and status; one dict lookup per request."""
+
+    __slots__ = ("_series",)
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, int], _Recorder] = {}
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        recorder = self._series.get(key)
+        if recorder is None:
+            if len(self._series) >= MAX_HTTP_SERIES:
+                key = (method, OTHER_OPERATIONS, status)
+            recorder = self._series.setdefault(key, _Recorder())
+        recorder.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        recorder.total += seconds
+
+    def snapshot(self) -> list[RequestSeries]:
+        return [
+            RequestSeries(method, route, status, recorder.snapshot())
+            for (method, route, status), recorder in list(self._series.items())
+        ]

@@ -8,16 +8,7 @@ from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import setup
 from pglayer.fastapi.metrics import setup_metrics
 from pglayer.logs import configure_logging
-from pglayer_shop.routes import (
-    accounts,
-    admin,
-    dashboard,
-    health,
-    orders,
-    products,
-    transfers,
-    users,
-)
+from pglayer_shop.routes import router
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["create_app"]
@@ -45,6 +36,5 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         shed_exempt=("/health/", "/metrics", "/admin/"),
     )
     app.state.metrics = setup_metrics(app, db, http=settings.metrics)
-    for module in (users, accounts, transfers, products, orders, dashboard, health, admin):
-        app.include_router(module.router)
+    app.include_router(router)
     return app

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
-from pglayer import Connection
+from pglayer import Connection, Record
 from pglayer.fastapi import Problem
-from pglayer_shop.models import Order, OrderCreate
+from pglayer_shop.models import OrderCreate
 
 __all__ = ["ORDER_COLUMNS", "place_order", "request_hash"]
 
-ORDER_COLUMNS = "id, user_id, product_id, quantity, unit_price, total, created_at"
+_ORDER_FIELDS = ("id", "user_id", "product_id", "quantity", "unit_price", "total", "created_at")
+ORDER_COLUMNS = ", ".join(_ORDER_FIELDS)
 
 # One round trip. Each decrement is conditional, so concurrent orders can never oversell or
 # overdraw: under READ COMMITTED a blocked UPDATE re-checks its WHERE on the newest row.
@@ -59,7 +61,7 @@ async def _explain_failure(conn: Connection, body: OrderCreate, stock_ok: bool) 
     return Problem(409, "insufficient_funds", "The balance does not cover this order.")
 
 
-async def _replay(conn: Connection, key: str, digest: str) -> Order:
+async def _replay(conn: Connection, key: str, digest: str) -> Record:
     stored = await conn.fetchrow(
         "SELECT request_hash, order_id FROM idempotency_keys WHERE key = $1", key
     )
@@ -71,14 +73,16 @@ async def _replay(conn: Connection, key: str, digest: str) -> Order:
             "idempotency_key_reused",
             "This Idempotency-Key was used with a different request body.",
         )
-    order = await conn.fetch_one(
-        Order, f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", stored["order_id"]
+    order = await conn.fetchrow(
+        f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", stored["order_id"]
     )
     assert order is not None
     return order
 
 
-async def place_order(conn: Connection, body: OrderCreate, key: str | None) -> tuple[Order, bool]:
+async def place_order(
+    conn: Connection, body: OrderCreate, key: str | None
+) -> tuple[Record | dict[str, Any], bool]:
     """Place the order inside the caller's transaction; return it and whether it is a replay.
 
     A key is inserted first: a concurrent request with the same key waits on that row until
@@ -101,9 +105,9 @@ async def place_order(conn: Connection, body: OrderCreate, key: str | None) -> t
     assert row is not None
     if row["id"] is None:
         raise await _explain_failure(conn, body, row["stock_ok"])
-    order = Order.model_validate(dict(row))
+    order = {name: row[name] for name in _ORDER_FIELDS}
     if key is not None:
         await conn.execute(
-            "UPDATE idempotency_keys SET order_id = $2 WHERE key = $1", key, order.id
+            "UPDATE idempotency_keys SET order_id = $2 WHERE key = $1", key, order["id"]
         )
     return order, False

@@ -8,16 +8,14 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Query
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from pglayer import Database
 from pglayer.fastapi import Problem
-from pglayer_shop.models import Page
 
-__all__ = ["After", "Limit", "decode_cursor", "encode_cursor", "page_by_id"]
+__all__ = ["After", "Limit", "decode_cursor", "encode_cursor", "page", "page_by_id"]
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
 _ID_CURSOR = TypeAdapter(tuple[int])
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1..100")]
@@ -45,20 +43,23 @@ def decode_cursor(cursor: str, key_type: TypeAdapter[T]) -> T:
         ) from None
 
 
+def page(rows: list[Any], limit: int, key: Any) -> dict[str, Any]:
+    """`{"items", "next_cursor"}` from up to `limit + 1` rows; `key(row)` is the sort key."""
+    if len(rows) <= limit:
+        return {"items": rows, "next_cursor": None}
+    return {"items": rows[:limit], "next_cursor": encode_cursor(*key(rows[limit - 1]))}
+
+
 async def page_by_id(
-    db: Database, model: type[M], columns: str, table: str, limit: int, after: str | None
-) -> Page[M]:
-    """One page of `table` in id order, as `model`s, after the cursor `after`."""
+    db: Database, columns: str, table: str, limit: int, after: str | None
+) -> dict[str, Any]:
+    """One page of `table` in id order (rows as records), after the cursor `after`."""
     after_id = decode_cursor(after, _ID_CURSOR)[0] if after else 0
     rows = await db.read(
-        lambda conn: conn.fetch_all(
-            model,
+        lambda conn: conn.fetch(
             f"SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2",
             after_id,
             limit + 1,
         )
     )
-    if len(rows) <= limit:
-        return Page(items=rows, next_cursor=None)
-    last_id = rows[limit - 1].model_dump(include={"id"})["id"]
-    return Page(items=rows[:limit], next_cursor=encode_cursor(last_id))
+    return page(rows, limit, lambda row: (row["id"],))

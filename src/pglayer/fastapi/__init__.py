@@ -18,6 +18,8 @@ from pglayer.fastapi.problems import (
     problem_response,
     problem_responses,
 )
+from pglayer.fastapi.responses import json_bytes, json_response
+from pglayer.fastapi.routing import Route, with_database
 
 __all__ = [
     "Db",
@@ -27,13 +29,17 @@ __all__ = [
     "ReadTransaction",
     "ReplicaConnection",
     "RequestGuard",
+    "Route",
     "WriteTransaction",
     "current_request_id",
     "database_lifespan",
     "get_database",
     "install_problem_handlers",
+    "json_bytes",
+    "json_response",
     "problem_response",
     "problem_responses",
     "setup",
     "transaction_dependency",
+    "with_database",
 ]

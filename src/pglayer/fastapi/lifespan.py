@@ -8,11 +8,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from pglayer.database import Database
 from pglayer.fastapi.dependencies import STATE_KEY
 from pglayer.fastapi.middleware import RequestGuard
 from pglayer.fastapi.problems import install_problem_handlers
+from pglayer.fastapi.routing import Route
 
 __all__ = ["database_lifespan", "setup", "wrap_lifespan"]
 
@@ -77,6 +79,8 @@ def setup(
     app.router.lifespan_context = database_lifespan(
         db, app.router.lifespan_context, freeze_gc=freeze_gc
     )
+    if app.router.route_class is APIRoute:
+        app.router.route_class = Route  # `Db` without dependency solving, from here on
     install_problem_handlers(app)
     app.add_middleware(
         RequestGuard,

@@ -1,37 +1,58 @@
-"""`RequestGuard`: request ids, a bound on body size, and cancellation when the client leaves."""
+"""`RequestGuard`: the one ASGI layer around every HTTP request.
+
+It owns what every request needs from pglayer, with one `send` wrapper and one timing:
+
+- a deadline (`request_timeout`) that acquires, queries and retries inside share;
+- the request id (`X-Request-ID`, or a new one), returned on the response and on every
+  log line of the request;
+- the body, read whole first and bounded (`max_body_size`, else 413), so no handler holds
+  a pooled connection while a slow client uploads;
+- cancellation of the handler when the client disconnects, which cancels its query and
+  gives its connection back; requests that finish within `WATCH_AFTER` never pay for it:
+  one clock per process starts a watcher only for requests still running by then;
+- shedding before routing (503 `overloaded`) while `database` is saturated;
+- a 500 problem carrying only the request id for anything unexpected;
+- HTTP metrics (`stats`) and the access log (`access_log`), from the same timing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import itertools
-import logging
 import os
 import re
 import time
+from collections import deque
+from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pglayer import context
-from pglayer.context import current_request_id
+from pglayer._clock import Clock, clock
+from pglayer.context import RequestContext, current_request_id
 from pglayer.database import Database
-from pglayer.deadline import deadline
 from pglayer.errors import PoolOverloadedError
 from pglayer.fastapi.problems import (
     internal_error_response,
     problem_for_database_error,
     problem_response,
 )
+from pglayer.logs import AccessLog
+from pglayer.stats import RequestStats
 
-__all__ = ["RequestGuard", "StatusNotingSend", "current_request_id", "route_template"]
+__all__ = ["STATS_KEY", "WATCH_AFTER", "RequestGuard", "current_request_id", "route_template"]
 
-access_log = logging.getLogger("pglayer.access")
-_WATCH_AFTER = 0.02  # seconds
+STATS_KEY = "pglayer_request_stats"  # app.state attribute holding the app's RequestStats
+
+WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a disconnect
 # Generated ids: random per process, then a counter; unique without a syscall per request.
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_RYW_COOKIE = b"pglayer_rw="
+_DISCONNECT: Message = {"type": "http.disconnect"}
 
 
 def route_template(scope: Scope) -> str:
@@ -40,7 +61,30 @@ def route_template(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
-def _too_large(max_body_size: int) -> list[Message]:
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            if _VALID_REQUEST_ID.match(candidate):
+                return candidate
+            break
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
+
+
+def _wrote_recently(scope: Scope) -> bool:
+    # The cookie expires by itself (Max-Age): present means "wrote within the window".
+    return any(name == b"cookie" and _RYW_COOKIE in value for name, value in scope["headers"])
+
+
+@functools.cache
+def _overloaded() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    # Built once: under a flood this is what most requests get.
+    response = problem_response(problem_for_database_error(PoolOverloadedError()))
+    return response.status_code, tuple(response.headers.raw), bytes(response.body)
+
+
+@functools.cache
+def _too_large(max_body_size: int) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
     body = orjson.dumps(
         {
             "type": "urn:pglayer:problem:payload_too_large",
@@ -50,93 +94,105 @@ def _too_large(max_body_size: int) -> list[Message]:
             "code": "payload_too_large",
         }
     )
-    return [
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        },
-        {"type": "http.response.body", "body": body},
-    ]
+    headers = (
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    )
+    return 413, headers, body
 
 
-_RYW_COOKIE = b"pglayer_rw="
+class _Exchange:
+    """One request as the guard sees it: replayed body, noted status, disconnect watch."""
 
+    __slots__ = (
+        "body",
+        "completed",
+        "cookie",
+        "delivered",
+        "done",
+        "gone",
+        "receive_from_client",
+        "request_id",
+        "send_to_client",
+        "started",
+        "status",
+        "stopped_by_us",
+        "task",
+        "watcher",
+        "writes",
+    )
 
-def _wrote_recently(scope: Scope) -> bool:
-    # The cookie expires by itself (Max-Age): present means "wrote within the window".
-    return any(name == b"cookie" and _RYW_COOKIE in value for name, value in scope["headers"])
-
-
-def _with_write_cookie(send: Send, writes: context.RequestWrites, window: float) -> Send:
-    cookie = f"pglayer_rw=1; Max-Age={max(int(window), 1)}; Path=/; HttpOnly; SameSite=Lax"
-
-    async def send_with_cookie(message: Message) -> None:
-        # Read-your-writes across requests: after a commit this client reads the primary
-        # until replicas have surely caught up.
-        if message["type"] == "http.response.start" and writes.wrote:
-            headers = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return send_with_cookie
-
-
-@functools.cache
-def _overloaded_response() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-    # Built once: under a flood this is what most requests get.
-    response = problem_response(problem_for_database_error(PoolOverloadedError()))
-    headers = tuple(response.headers.raw)
-    return response.status_code, headers, bytes(response.body)
-
-
-class StatusNotingSend:
-    """An ASGI `send` that remembers the response status (0 until one is sent)."""
-
-    __slots__ = ("send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
+    def __init__(self, receive: Receive, send: Send, request_id: str, started: float) -> None:
+        self.receive_from_client = receive
+        self.send_to_client = send
+        self.request_id = request_id
+        self.started = started
+        self.body = b""
+        self.delivered = False
         self.status = 0
+        self.completed = False
+        self.done = False
+        self.stopped_by_us = False
+        self.gone: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.writes: context.Writes | None = None
+        self.cookie = b""
 
-    async def __call__(self, message: Message) -> None:
+    async def receive(self) -> Message:
+        if not self.delivered:
+            self.delivered = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        # The app waits for the client to leave (a streaming response): watch from now on.
+        self.watch()
+        if self.gone is None:
+            self.gone = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self.gone)
+        return _DISCONNECT
+
+    async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-        await self.send(message)
+            headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
+            writes = self.writes
+            if writes is not None and writes.wrote:
+                headers.append((b"set-cookie", self.cookie))
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.completed = True
+        await self.send_to_client(message)
 
+    async def reply(self, answer: tuple[int, tuple[tuple[bytes, bytes], ...], bytes]) -> None:
+        status, headers, body = answer
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
 
-def _overloaded(request_id: str) -> list[Message]:
-    status, headers, body = _overloaded_response()
-    return [
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"x-request-id", request_id.encode())],
-        },
-        {"type": "http.response.body", "body": body},
-    ]
+    def watch(self) -> None:
+        """Start noticing a disconnect (once); the handler is cancelled if it comes first."""
+        if self.watcher is None and not self.done:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive_from_client()
+            if message["type"] == "http.disconnect":
+                break
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
+        if not self.completed and not self.done and self.task is not None:
+            self.stopped_by_us = True
+            self.task.cancel()
+
+    def finish(self) -> None:
+        self.done = True
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class RequestGuard:
-    """Pure ASGI middleware around every HTTP request.
-
-    - bounds the request with `request_timeout` (`pglayer.deadline`): acquires, queries
-      and retries inside share it;
-    - takes `X-Request-ID` (or makes one), exposes it as `request.state.request_id` and
-      returns it on the response;
-    - reads the whole body first and answers 413 past `max_body_size`, so no handler
-      ever holds a pooled connection while a slow client uploads;
-    - cancels the handler when the client disconnects before the response is complete,
-      which cancels its query and returns its connection to the pool;
-    - answers an unexpected exception with a 500 problem that carries only the request id;
-    - with `access_log`, logs one line per request on `pglayer.access`, with its request id;
-    - with `database`, sheds a request before routing (503 `overloaded`) while that pool
-      already has `max_waiters` waiting; `shed_exempt` path prefixes are always served.
-    """
+    """Pure ASGI middleware: deadline, request id, body bound, disconnects, shedding,
+    500s, HTTP metrics and the access log (see the module docstring)."""
 
     def __init__(
         self,
@@ -146,171 +202,142 @@ class RequestGuard:
         request_timeout: float | None = 30.0,
         access_log: bool = False,
         database: Database | None = None,
-        shed_exempt: tuple[str, ...] = ("/health/", "/metrics"),
+        shed_exempt: tuple[str, ...] = (),
+        stats: RequestStats | None = None,
     ) -> None:
         self.app = app
         self.database = database
         self.shed_exempt = shed_exempt
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
-        self.access_log = access_log
+        # HTTP metrics: given here, or found on the app once (see `setup_metrics`).
+        self.stats = stats
+        self._stats_known = stats is not None
+        self.access_log = AccessLog() if access_log else None
+        self._pending: deque[_Exchange] = deque()  # in arrival order, not yet watched
+        self._clock: Clock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        db = self.database
-        if db is not None and db.saturated() and not scope["path"].startswith(self.shed_exempt):
-            # Already as many waiting as allowed: answer before routing and validation, so
-            # that under a flood shedding costs little and the admitted requests keep the CPU.
-            db.count_shed()
-            for message in _overloaded(self._request_id(scope)):
-                await send(message)
-            return
-        request_id = self._request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        # Plain set/reset rather than context managers: this runs on every request.
-        tokens = context.enter(request_id, lambda: route_template(scope))
-        writes_token = None
-        if db is not None and db.replicas is not None:
-            writes = context.RequestWrites(recent=_wrote_recently(scope))
-            writes_token = context.track_writes(writes)
-            send = _with_write_cookie(send, writes, db.settings.read_your_writes_window)
+        started = time.monotonic()
+        ex = _Exchange(receive, send, _request_id(scope), started)
         try:
-            if not self.access_log:
-                await self._handle(scope, receive, send, request_id)
+            db = self.database
+            if db is not None and db.saturated() and not scope["path"].startswith(self.shed_exempt):
+                # Answered before routing and validation: under a flood shedding costs
+                # little, and the admitted requests keep the CPU.
+                db.count_shed()
+                await ex.reply(_overloaded())
                 return
-            started = time.perf_counter()
-            noting = StatusNotingSend(send)
-            try:
-                await self._handle(scope, receive, noting, request_id)
-            finally:
-                status = noting.status
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                access_log.info(
-                    '"%s %s" %s %.1fms',
-                    scope["method"],
-                    scope["path"],
-                    status or "-",
-                    elapsed_ms,
-                    extra={
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "route": route_template(scope),
-                        "status": status or None,
-                        "duration_ms": round(elapsed_ms, 2),
-                    },
-                )
+            if not await self._read_body(scope, ex):
+                return
+            await self._handle(scope, ex)
         finally:
-            context.leave(tokens)
-            if writes_token is not None:
-                context.untrack_writes(writes_token)
+            self._account(scope, ex)
 
-    @staticmethod
-    def _request_id(scope: Scope) -> str:
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate: str = value.decode("latin-1")
-                if _VALID_REQUEST_ID.match(candidate):
-                    return candidate
-                break
-        return f"{_ID_PREFIX}{next(_id_counter):010x}"
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def _read_body(self, scope: Scope, ex: _Exchange) -> bool:
+        """Read the whole body into `ex`; False if the request was answered (413) or gone."""
         has_body = False
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 if int(value) > self.max_body_size:
-                    for message in _too_large(self.max_body_size):
-                        await send(message)
-                    return
+                    await ex.reply(_too_large(self.max_body_size))
+                    return False
                 has_body = value != b"0"
             elif name == b"transfer-encoding":
                 has_body = True
+        if not has_body:
+            return True
         chunks: list[bytes] = []
         size = 0
-        while has_body:
-            message = await receive()
+        while True:
+            message = await ex.receive_from_client()
             if message["type"] == "http.disconnect":
-                return
+                return False
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_size:
-                for out in _too_large(self.max_body_size):
-                    await send(out)
-                return
+                await ex.reply(_too_large(self.max_body_size))
+                return False
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        ex.body = b"".join(chunks)
+        return True
 
-        task = asyncio.current_task()
-        assert task is not None
-        disconnected = asyncio.Event()
-        completed = False
-        cancelled_here = False
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnected.wait()
-            return {"type": "http.disconnect"}
-
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal completed, started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                completed = True
-            await send(message)
-
-        async def watch() -> None:
-            nonlocal cancelled_here
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected.set()
-                    if not completed:
-                        cancelled_here = True
-                        task.cancel()
-                    return
-
-        # Most requests finish sooner than _WATCH_AFTER; only slower ones pay for a task that
-        # waits for a disconnect. A client that left earlier is noticed when it starts.
-        loop = asyncio.get_running_loop()
-        watcher: asyncio.Task[None] | None = None
-
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = loop.create_task(watch())
-
-        timer = loop.call_later(_WATCH_AFTER, start_watching)
+    async def _handle(self, scope: Scope, ex: _Exchange) -> None:
+        scope.setdefault("state", {})["request_id"] = ex.request_id
+        timeout = self.request_timeout
+        ctx = RequestContext(
+            ex.request_id,
+            deadline=None if timeout is None else ex.started + timeout,
+            scope=scope,
+        )
+        db = self.database
+        if db is not None and db.replicas is not None:
+            ctx.writes = ex.writes = context.Writes(recent=_wrote_recently(scope))
+            window = max(int(db.settings.read_your_writes_window), 1)
+            # Read-your-writes across requests: after a commit this client reads the
+            # primary until replicas have surely caught up.
+            ex.cookie = f"pglayer_rw=1; Max-Age={window}; Path=/; HttpOnly; SameSite=Lax".encode()
+        ex.task = asyncio.current_task()
+        self._watch_later(ex)
+        token = context.enter(ctx)
         try:
-            with deadline(self.request_timeout):
-                await self.app(scope, replay, send_with_id)
+            await self.app(scope, ex.receive, ex.send)
         except asyncio.CancelledError:
             # Swallow only our own cancellation; a server shutdown must still propagate.
-            if cancelled_here and task.uncancel() == 0:
+            if ex.stopped_by_us and ex.task is not None and ex.task.uncancel() == 0:
                 return
             raise
         except Exception as exc:
             # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the
             # response carries the request id like every other one.
-            if started:
+            if ex.status:
                 raise
             response = internal_error_response(
-                exc, scope.get("method", ""), scope.get("path", ""), request_id
+                exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
             )
-            await response(scope, replay, send_with_id)
+            await response(scope, ex.receive, ex.send)
         finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            ex.finish()
+            context.leave(token)
+
+    def _watch_later(self, ex: _Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._clock = clock()
+            self._clock.subscribe(self._tick)
+            self._pending.clear()
+        self._pending.append(ex)
+        assert self._clock is not None
+        self._clock.wake()
+
+    def _tick(self, now: float) -> bool:
+        pending = self._pending
+        cutoff = now - WATCH_AFTER
+        while pending and pending[0].started <= cutoff:
+            pending.popleft().watch()
+        return bool(pending)
+
+    def _account(self, scope: Scope, ex: _Exchange) -> None:
+        if not self._stats_known:
+            self._stats_known = True
+            app = scope.get("app")
+            self.stats = getattr(getattr(app, "state", None), STATS_KEY, None)
+        stats, access_log = self.stats, self.access_log
+        if stats is None and access_log is None:
+            return
+        seconds = time.monotonic() - ex.started
+        route = route_template(scope)
+        if stats is not None:
+            # Nothing sent means the app raised past us: the server answers 500.
+            stats.record(scope["method"], route, ex.status or 500, seconds)
+        if access_log is not None:
+            access_log.write(
+                scope["method"], scope["path"], route, ex.status, seconds, ex.request_id
+            )

@@ -5,15 +5,14 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import Depends, Header, Request
 
 from pglayer import Database
 from pglayer.fastapi import Problem, get_database, problem_responses
+from pglayer_shop.routes import router
 from pglayer_shop.settings import ShopSettings
 
-__all__ = ["router"]
-
-router = APIRouter(tags=["admin"])
+__all__: list[str] = []
 
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -35,6 +34,7 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
 
 @router.get(
     "/admin/db-stats",
+    tags=["admin"],
     dependencies=[Depends(require_admin)],
     responses=problem_responses(401, 404),
 )

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from pglayer import Database, PglayerError
 from pglayer.fastapi import Problem, get_database, problem_responses
+from pglayer_shop.routes import router
 from pglayer_shop.settings import ShopSettings
 
-__all__ = ["router"]
-
-router = APIRouter(tags=["health"])
+__all__: list[str] = []
 
 
 class Health(BaseModel):
@@ -22,13 +21,13 @@ class Health(BaseModel):
     pools: dict[str, str] = {}
 
 
-@router.get("/health/live")
+@router.get("/health/live", tags=["health"])
 async def live() -> Health:
     """200 while the process serves requests."""
     return Health(status="ok")
 
 
-@router.get("/health/ready", responses=problem_responses())
+@router.get("/health/ready", tags=["health"], responses=problem_responses())
 async def ready(request: Request, db: Annotated[Database, Depends(get_database)]) -> Health:
     """200 when the database answers `SELECT 1` within its deadline, else 503."""
     settings: ShopSettings = request.app.state.shop_settings
@@ -48,7 +47,7 @@ async def ready(request: Request, db: Annotated[Database, Depends(get_database)]
     return Health(status="ok", pools=pools)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: HTTP requests by route and status, pool state and counters."""
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

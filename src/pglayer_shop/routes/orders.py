@@ -5,19 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Response
+from fastapi import Header, Path, Response
 from pydantic import TypeAdapter
 
-from pglayer import Connection
-from pglayer.fastapi import Db, Problem, problem_responses
+from pglayer import Connection, Record
+from pglayer.fastapi import Db, Problem, json_response, problem_responses
 from pglayer_shop.models import MAX_ID, Order, OrderCreate, Page
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
-from pglayer_shop.pagination import After, Limit, decode_cursor, encode_cursor
+from pglayer_shop.pagination import After, Limit, decode_cursor, page
+from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
 
-__all__ = ["router"]
-
-router = APIRouter(tags=["orders"])
+__all__: list[str] = []
 
 OrderId = Annotated[int, Path(gt=0, le=MAX_ID, description="A positive 64-bit id")]
 IdempotencyKey = Annotated[
@@ -34,7 +33,9 @@ _CURSOR = TypeAdapter(tuple[datetime, int])
 
 @router.post(
     "/orders",
+    tags=["orders"],
     status_code=201,
+    response_model=Order,
     responses=problem_responses(
         404,
         409,
@@ -45,8 +46,8 @@ _CURSOR = TypeAdapter(tuple[datetime, int])
     ),
 )
 async def create_order(
-    body: OrderCreate, db: Db, response: Response, idempotency_key: IdempotencyKey = None
-) -> Order:
+    body: OrderCreate, db: Db, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Decrement stock, debit the balance and write the order, in one transaction."""
     if idempotency_key is not None and "\x00" in idempotency_key:
         raise Problem(422, "validation_error", "Idempotency-Key must not contain NUL.")
@@ -55,34 +56,41 @@ async def create_order(
     order, replayed = await db.run_in_transaction(
         lambda conn: place_order(conn, body, idempotency_key)
     )
+    headers = {"Location": f"/orders/{order['id']}"}
     if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/orders/{order.id}"
-    return order
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(order, status_code=201, headers=headers)
 
 
-@router.get("/orders/{order_id}", responses=problem_responses(404, 422))
-async def get_order(order_id: OrderId, db: Db) -> Order:
+@router.get(
+    "/orders/{order_id}",
+    tags=["orders"],
+    response_model=Order,
+    responses=problem_responses(404, 422),
+)
+async def get_order(order_id: OrderId, db: Db) -> Response:
     order = await db.read(
-        lambda conn: conn.fetch_one(
-            Order, f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id
-        )
+        lambda conn: conn.fetchrow(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", order_id)
     )
     if order is None:
         raise Problem(404, "not_found", f"Order {order_id} does not exist.")
-    return order
+    return json_response(order)
 
 
-@router.get("/users/{user_id}/orders", responses=problem_responses(404, 422))
+@router.get(
+    "/users/{user_id}/orders",
+    tags=["orders"],
+    response_model=Page[Order],
+    responses=problem_responses(404, 422),
+)
 async def list_user_orders(
     user_id: UserId, db: Db, limit: Limit = 50, after: After = None
-) -> Page[Order]:
+) -> Response:
     """The user's orders, newest first (served by `orders_user_recent_idx`)."""
     at, last_id = decode_cursor(after, _CURSOR) if after else (None, 0)
 
-    async def read(conn: Connection) -> tuple[list[Order], bool]:
-        orders = await conn.fetch_all(
-            Order,
+    async def read(conn: Connection) -> tuple[list[Record], bool]:
+        orders = await conn.fetch(
             f"""
             SELECT {ORDER_COLUMNS} FROM orders
             WHERE user_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
@@ -102,8 +110,4 @@ async def list_user_orders(
     orders, exists = await db.read(read)
     if not exists:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
-    next_cursor = None
-    if len(orders) > limit:
-        last = orders[limit - 1]
-        next_cursor = encode_cursor(last.created_at.isoformat(), last.id)
-    return Page[Order](items=orders[:limit], next_cursor=next_cursor)
+    return json_response(page(orders, limit, lambda o: (o["created_at"].isoformat(), o["id"])))

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
-from pglayer import Connection
-from pglayer.fastapi import Db, DbConnection, Problem, problem_responses
+from pglayer import Connection, Record
+from pglayer.fastapi import Db, DbConnection, Problem, json_response, problem_responses
 from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
+from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
 
-__all__ = ["router"]
+__all__: list[str] = []
 
-router = APIRouter(tags=["accounts"])
+_TRANSFER_COLUMNS = "id, from_user_id, to_user_id, amount, created_at"
 
 
-@router.post("/accounts/{user_id}/deposits", responses=problem_responses(404, 413, 422))
-async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Account:
+@router.post(
+    "/accounts/{user_id}/deposits",
+    tags=["accounts"],
+    response_model=Account,
+    responses=problem_responses(404, 413, 422),
+)
+async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Response:
     """Add to the balance; the deposit is recorded in the same statement."""
-    account = await conn.fetch_one(
-        Account,
+    account = await conn.fetchrow(
         """
         WITH a AS (
             UPDATE accounts SET balance = balance + $2, updated_at = now()
@@ -33,10 +38,10 @@ async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Account
     )
     if account is None:
         raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
-    return account
+    return json_response(account)
 
 
-async def _transfer(conn: Connection, body: TransferCreate) -> Transfer:
+async def _transfer(conn: Connection, body: TransferCreate) -> Record:
     # Both rows are locked in user_id order (LockRows runs above the sort), so crossing
     # transfers A→B and B→A queue up instead of deadlocking.
     rows = await conn.fetch(
@@ -52,16 +57,15 @@ async def _transfer(conn: Connection, body: TransferCreate) -> Transfer:
             raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
     if balances[body.from_user_id] < body.amount:
         raise Problem(409, "insufficient_funds", "The balance does not cover this transfer.")
-    transfer = await conn.fetch_one(
-        Transfer,
-        """
+    transfer = await conn.fetchrow(
+        f"""
         WITH debit AS (
             UPDATE accounts SET balance = balance - $3, updated_at = now() WHERE user_id = $1
         ), credit AS (
             UPDATE accounts SET balance = balance + $3, updated_at = now() WHERE user_id = $2
         )
         INSERT INTO transfers (from_user_id, to_user_id, amount) VALUES ($1, $2, $3)
-        RETURNING id, from_user_id, to_user_id, amount, created_at
+        RETURNING {_TRANSFER_COLUMNS}
         """,
         body.from_user_id,
         body.to_user_id,
@@ -71,26 +75,33 @@ async def _transfer(conn: Connection, body: TransferCreate) -> Transfer:
     return transfer
 
 
-@router.get("/transfers/{transfer_id}", responses=problem_responses(404, 422))
-async def get_transfer(transfer_id: UserId, db: Db) -> Transfer:
+@router.get(
+    "/transfers/{transfer_id}",
+    tags=["accounts"],
+    response_model=Transfer,
+    responses=problem_responses(404, 422),
+)
+async def get_transfer(transfer_id: UserId, db: Db) -> Response:
+    # From the primary: a client follows the Location of a transfer it just made.
     transfer = await db.run(
-        lambda conn: conn.fetch_one(
-            Transfer,
-            "SELECT id, from_user_id, to_user_id, amount, created_at FROM transfers WHERE id = $1",
-            transfer_id,
+        lambda conn: conn.fetchrow(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = $1", transfer_id
         )
     )
     if transfer is None:
         raise Problem(404, "not_found", f"Transfer {transfer_id} does not exist.")
-    return transfer
+    return json_response(transfer)
 
 
 @router.post(
     "/transfers",
+    tags=["accounts"],
     status_code=201,
+    response_model=Transfer,
     responses=problem_responses(404, 409, 413, 422, _409="`insufficient_funds`; nothing changed"),
 )
-async def create_transfer(body: TransferCreate, db: Db, response: Response) -> Transfer:
+async def create_transfer(body: TransferCreate, db: Db) -> Response:
     transfer = await db.run_in_transaction(lambda conn: _transfer(conn, body))
-    response.headers["Location"] = f"/transfers/{transfer.id}"
-    return transfer
+    return json_response(
+        transfer, status_code=201, headers={"Location": f"/transfers/{transfer['id']}"}
+    )

@@ -2,40 +2,39 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from pglayer import UniqueViolationError
-from pglayer.fastapi import Db, Problem, WriteTransaction, problem_responses
+from pglayer.fastapi import Db, Problem, WriteTransaction, json_response, problem_responses
 from pglayer_shop.models import Page, User, UserCreate
 from pglayer_shop.pagination import After, Limit, page_by_id
+from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
 
-__all__ = ["router"]
+__all__ = ["USER_COLUMNS"]
 
-router = APIRouter(tags=["users"])
+USER_COLUMNS = "id, name, email, created_at"
+_GET = f"SELECT {USER_COLUMNS} FROM users WHERE id = $1"
 
-_USER_COLUMNS = "id, name, email, created_at"
 
-
-@router.get("/users/{user_id}", responses=problem_responses(404, 422))
-async def get_user(user_id: UserId, db: Db) -> User:
-    user = await db.read(
-        lambda conn: conn.fetch_one(
-            User, f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id
-        )
-    )
-    if user is None:
+@router.get(
+    "/users/{user_id}", tags=["users"], response_model=User, responses=problem_responses(404, 422)
+)
+async def get_user(user_id: UserId, db: Db) -> Response:
+    row = await db.read(lambda conn: conn.fetchrow(_GET, user_id))
+    if row is None:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
-    return user
+    return json_response(row)
 
 
-@router.get("/users", responses=problem_responses(422))
-async def list_users(db: Db, limit: Limit = 50, after: After = None) -> Page[User]:
-    return await page_by_id(db, User, _USER_COLUMNS, "users", limit, after)
+@router.get("/users", tags=["users"], response_model=Page[User], responses=problem_responses(422))
+async def list_users(db: Db, limit: Limit = 50, after: After = None) -> Response:
+    return json_response(await page_by_id(db, USER_COLUMNS, "users", limit, after))
 
 
 @router.post(
     "/users",
+    tags=["users"],
     status_code=201,
     responses=problem_responses(409, 413, 422, _409="Email already registered (`conflict`)"),
 )
@@ -45,11 +44,11 @@ async def create_user(body: UserCreate, conn: WriteTransaction, response: Respon
             User,
             f"""
             WITH new_user AS (
-                INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {_USER_COLUMNS}
+                INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {USER_COLUMNS}
             ), new_account AS (
                 INSERT INTO accounts (user_id) SELECT id FROM new_user
             )
-            SELECT {_USER_COLUMNS} FROM new_user
+            SELECT {USER_COLUMNS} FROM new_user
             """,
             body.name,
             body.email,

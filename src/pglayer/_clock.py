@@ -1,0 +1,72 @@
+"""`Clock`: one coarse periodic tick per event loop that drives pglayer's deadlines.
+
+A loop timer armed and cancelled per query or per request costs about 3 µs on uvloop, more
+than the work it guards when that work finishes in time, which it nearly always does. So
+deadlines are plain numbers written where the work starts (a pooled connection's query
+deadline, a waiter's acquire deadline, a request's start), and one tick every `TICK`
+seconds looks at the few that can have passed. The tick runs only while some subscriber
+has work in flight; a subscriber that gets some calls `wake()`, which is a no-op while the
+tick is already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable
+
+__all__ = ["TICK", "Clock", "clock"]
+
+log = logging.getLogger("pglayer")
+
+TICK = 0.01  # seconds; deadlines fire at most this late
+
+Tick = Callable[[float], bool]  # gets `time.monotonic()`; returns whether it has work left
+
+
+class Clock:
+    """Calls every subscriber each `TICK` while any of them reports work in flight."""
+
+    __slots__ = ("_handle", "_loop", "_subscribers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._subscribers: list[Tick] = []
+
+    def subscribe(self, tick: Tick) -> None:
+        self._subscribers.append(tick)
+
+    def unsubscribe(self, tick: Tick) -> None:
+        if tick in self._subscribers:
+            self._subscribers.remove(tick)
+
+    def wake(self) -> None:
+        """Make sure the tick runs (cheap when it already does)."""
+        if self._handle is None:
+            self._handle = self._loop.call_later(TICK, self._run)
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        busy = False
+        for tick in list(self._subscribers):
+            try:
+                busy = tick(now) or busy
+            except Exception:
+                # A broken subscriber must not stop the deadlines of the others.
+                log.exception("pglayer clock subscriber %r failed", tick)
+        self._handle = self._loop.call_later(TICK, self._run) if busy else None
+
+
+_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clock] = weakref.WeakKeyDictionary()
+
+
+def clock() -> Clock:
+    """The clock of the running event loop."""
+    loop = asyncio.get_running_loop()
+    found = _clocks.get(loop)
+    if found is None:
+        found = _clocks[loop] = Clock(loop)
+    return found

@@ -1,0 +1,502 @@
+"""`Pool`: asyncpg connections to one server behind one waiter queue.
+
+The queue owns fairness, the bound on waiting and the acquire deadline, as psycopg_pool's
+does: a connection given back goes straight to the oldest waiter, never to whoever asks
+next, and nobody skips the queue while it is not empty. The pool counts its connections
+instead of scanning them, and a release is a plain function call unless the connection
+needs a rollback (then it is reset in the background and rejoins the pool afterwards).
+
+Deadlines (a waiter's, a running query's) are numbers that `Clock` checks every tick, so
+the common case (a free connection, a query that answers in time) arms no timer at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import asyncpg
+
+from pglayer._clock import Clock, clock
+from pglayer.errors import (
+    DatabaseUnavailableError,
+    PglayerError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    translate,
+)
+from pglayer.observer import Observer
+
+__all__ = ["Pool", "Slot"]
+
+log = logging.getLogger("pglayer")
+
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+_RESET_TIMEOUT = 5.0
+_MAINTENANCE_INTERVAL = 1.0
+_REFILL_BACKOFF_MAX = 5.0
+
+
+class Slot:
+    """One pooled connection, and the deadline of the query running on it (0: none)."""
+
+    __slots__ = ("gone", "query_deadline", "query_task", "raw", "released_at", "timed_out")
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self.raw = raw
+        self.query_deadline = 0.0
+        self.query_task: asyncio.Task[Any] | None = None
+        self.timed_out = False
+        self.released_at = time.monotonic()
+        self.gone = False
+
+    def expire(self) -> None:
+        """Cancel the running query: its deadline passed (see `Connection`)."""
+        task, self.query_task = self.query_task, None
+        self.query_deadline = 0.0
+        if task is not None and not task.done():
+            self.timed_out = True
+            task.cancel()
+
+
+def _needs_reset(raw: Any) -> bool:
+    # A transaction left open, a query cancelled mid-flight (asyncpg's pool asks the same
+    # private question), or LISTEN registrations: not fit for the next borrower as it is.
+    protocol = raw._protocol
+    return (
+        raw.is_in_transaction()
+        or protocol._is_cancelling()
+        or bool(raw._listeners)
+        or bool(raw._log_listeners)
+    )
+
+
+class Pool:
+    """Up to `max_size` connections made by `connect`; at most `max_waiters` waiting.
+
+    `open()` makes `min_size` connections (serving with fewer if the server refuses some,
+    and filling up in the background); `close(timeout)` waits for connections in use.
+    """
+
+    def __init__(
+        self,
+        connect: Connect,
+        *,
+        name: str,
+        min_size: int,
+        max_size: int,
+        max_waiters: int,
+        acquire_timeout: float,
+        query_timeout: float,
+        max_idle: float,
+        connect_timeout: float,
+        observer: Observer,
+    ) -> None:
+        self.name = name
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_waiters = max_waiters
+        self.acquire_timeout = acquire_timeout
+        self.query_timeout = query_timeout
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self.observer = observer
+        self._connect = connect
+        self._slots: list[Slot] = []  # every open connection
+        self._idle: deque[Slot] = deque()  # most recently used at the right
+        self._size = 0  # open connections plus those being made
+        self._in_use = 0
+        self._waiters: deque[asyncio.Future[Slot]] = deque()
+        self._waiting = 0  # queued and not yet given a connection or an error
+        self._deadlines: list[tuple[float, int, asyncio.Future[Slot]]] = []
+        self._order = itertools.count()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._clock: Clock | None = None
+        self._drained: asyncio.Event | None = None
+        self.open = False
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Make up to `min_size` connections; return how many. Raises if none could be made
+        while `min_size` > 0 (the cause is the first connection error, translated)."""
+        self._clock = clock()
+        self._clock.subscribe(self._tick)
+        self.closed = False
+        wanted = self.min_size
+        self._size += wanted
+        results = await asyncio.gather(
+            *(self._new_slot() for _ in range(wanted)), return_exceptions=True
+        )
+        made = 0
+        first_error: BaseException | None = None
+        for result in results:
+            if isinstance(result, Slot):
+                made += 1
+                self._idle.append(result)
+            else:
+                self._size -= 1
+                first_error = first_error or result
+        if wanted and not made:
+            self._clock.unsubscribe(self._tick)
+            assert first_error is not None
+            raise first_error
+        self.open = True
+        if made < wanted:
+            log.warning(
+                "pool %s: %d of min_size %d connections made (%s); filling in the background",
+                self.name,
+                made,
+                wanted,
+                type(first_error).__name__,
+            )
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+        return made
+
+    async def close(self, timeout: float) -> None:
+        """Stop lending; wait up to `timeout` for connections in use, then terminate them."""
+        if self.closed:
+            return
+        self.closed = True
+        self.open = False
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        self._fail_waiters(DatabaseUnavailableError())
+        idle, self._idle = list(self._idle), deque()
+        await asyncio.gather(*(self._close_slot(s) for s in idle), return_exceptions=True)
+        if self._in_use or self._background:
+            self._drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    while self._in_use or self._background:
+                        self._drained.clear()
+                        await self._drained.wait()
+            except TimeoutError:
+                log.warning(
+                    "pool %s: connections still in use after %.1fs; terminating them",
+                    self.name,
+                    timeout,
+                )
+        for slot in list(self._slots):
+            slot.raw.terminate()
+        for task in list(self._background):
+            task.cancel()
+        if self._clock is not None:
+            self._clock.unsubscribe(self._tick)
+
+    # -- lending ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def borrowed(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for pglayer's own checks at open: not counted as traffic."""
+        slot = self._idle.pop() if self._idle else None
+        if slot is None:
+            self._size += 1
+            try:
+                slot = await self._new_slot()
+            except BaseException:
+                self._size -= 1
+                raise
+        try:
+            yield slot.raw
+        finally:
+            self._give_back(slot)
+
+    def take(self) -> Slot | None:
+        """A free connection at once, or None (then `acquire()` waits in line)."""
+        if self._waiting:
+            return None
+        idle = self._idle
+        while idle:
+            slot = idle.pop()
+            if slot.raw.is_closed():
+                self._forget(slot)
+                continue
+            self._in_use += 1
+            self.observer.acquired(0.0)
+            clk = self._clock
+            if clk is not None:
+                clk.wake()
+            return slot
+        return None
+
+    async def acquire(self, timeout: float | None = None, deadline: float | None = None) -> Slot:
+        """A connection within `timeout` (default `acquire_timeout`) and before `deadline`."""
+        slot = self.take()
+        if slot is not None:
+            return slot
+        if not self.open:
+            raise self._refused(DatabaseUnavailableError())
+        started = time.monotonic()
+        wait = self.acquire_timeout if timeout is None else timeout
+        if deadline is not None:
+            left = deadline - started
+            if left <= 0:
+                raise self._refused(
+                    PoolTimeoutError("the request deadline passed before a connection was free")
+                )
+            wait = min(wait, left)
+        if self._size < self.max_size and not self._waiting:
+            slot = await self._grow_for_caller(wait)
+        else:
+            slot = await self._wait_in_line(started + wait)
+        self._in_use += 1
+        self.observer.acquired(time.monotonic() - started)
+        assert self._clock is not None
+        self._clock.wake()
+        return slot
+
+    async def _grow_for_caller(self, wait: float) -> Slot:
+        self._size += 1
+        try:
+            return await self._new_slot(min(wait, self.connect_timeout))
+        except BaseException as exc:
+            self._size -= 1
+            if isinstance(exc, PglayerError):
+                self.observer.acquire_failed(exc)
+            raise
+
+    async def _wait_in_line(self, until: float) -> Slot:
+        if self._waiting >= self.max_waiters:
+            raise self._refused(PoolOverloadedError())
+        waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._waiting += 1
+        heapq.heappush(self._deadlines, (until, next(self._order), waiter))
+        if self._size < self.max_size:
+            self._grow_for_waiters()
+        assert self._clock is not None
+        self._clock.wake()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                self._waiting -= 1  # nobody answered it: it leaves the line itself
+            elif waiter.exception() is None:
+                self._give_back(waiter.result())  # handed one just as it was cancelled
+            raise
+
+    def release(self, slot: Slot, held: float) -> None:
+        """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first."""
+        self._in_use -= 1
+        self.observer.released(held)
+        self._give_back(slot)
+
+    def _give_back(self, slot: Slot) -> None:
+        slot.query_task = None
+        raw = slot.raw
+        if raw.is_closed():
+            self._forget(slot)
+        elif self.closed:
+            self._spawn(self._close_slot(slot))
+        elif _needs_reset(raw):
+            self._spawn(self._reset(slot))
+        else:
+            self._put(slot)
+        if self._drained is not None and not self._in_use:
+            self._drained.set()
+
+    def _put(self, slot: Slot) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self._waiting -= 1
+                waiter.set_result(slot)
+                return
+        slot.released_at = time.monotonic()
+        self._idle.append(slot)
+
+    def _fail_head(self, error: BaseException) -> bool:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self._waiting -= 1
+                waiter.set_exception(error)
+                return True
+        return False
+
+    def _fail_waiters(self, error: PglayerError) -> None:
+        while self._fail_head(error):
+            self.observer.acquire_failed(error)
+
+    def _refused(self, error: PglayerError) -> PglayerError:
+        self.observer.acquire_failed(error)
+        return error
+
+    # -- connections -----------------------------------------------------------------
+
+    async def _new_slot(self, timeout: float | None = None) -> Slot:
+        """Connect (the caller has already counted it in `_size`)."""
+        try:
+            raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
+        except Exception as exc:
+            self.observer.connection_failed()
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if self.closed:
+            raw.terminate()
+            raise DatabaseUnavailableError()
+        slot = Slot(raw)
+        raw.add_termination_listener(lambda _raw: self._forget(slot))
+        self._slots.append(slot)
+        self.observer.connection_opened()
+        return slot
+
+    def _grow_for_waiters(self) -> None:
+        self._size += 1
+        self._spawn(self._connect_for_waiters())
+
+    async def _connect_for_waiters(self) -> None:
+        try:
+            slot = await self._new_slot()
+        except Exception as exc:
+            self._size -= 1
+            # The oldest waiter learns why at once (no slots, server down) and may retry;
+            # the others keep their place, and the next attempt is for them.
+            if self._fail_head(exc):
+                if isinstance(exc, PglayerError):
+                    self.observer.acquire_failed(exc)
+                if self._waiting and self._size < self.max_size and not self.closed:
+                    self._grow_for_waiters()
+            return
+        self._put(slot)
+
+    def _forget(self, slot: Slot) -> None:
+        """`slot`'s connection is closed: stop counting it (once), replace it if needed."""
+        if slot.gone:
+            return
+        slot.gone = True
+        self._size -= 1
+        if self.closed or getattr(slot.raw, "closed_by_client", False):
+            self.observer.connection_closed()  # retired: idle lifetime, shutdown
+        else:
+            self.observer.connection_lost()
+        with contextlib.suppress(ValueError):
+            self._slots.remove(slot)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(slot)
+        if self._waiting and self._size < self.max_size and not self.closed:
+            self._grow_for_waiters()
+
+    async def _reset(self, slot: Slot) -> None:
+        raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
+        try:
+            async with asyncio.timeout(_RESET_TIMEOUT):
+                # ROLLBACK first waits for a cancelled query to finish; outside a
+                # transaction it only warns.
+                await raw.execute("ROLLBACK")
+                if raw._listeners or raw._log_listeners:
+                    await raw.execute("UNLISTEN *")
+                    raw._listeners.clear()
+                    raw._log_listeners.clear()
+        except (Exception, asyncio.CancelledError):
+            log.debug("pool %s: reset failed; connection discarded", self.name, exc_info=True)
+            getattr(raw, "terminate_broken", raw.terminate)()
+            self._forget(slot)
+            return
+        if self.closed:
+            await self._close_slot(slot)
+        else:
+            self._put(slot)
+
+    async def _close_slot(self, slot: Slot) -> None:
+        try:
+            await slot.raw.close(timeout=_RESET_TIMEOUT)
+        except Exception:
+            slot.raw.terminate()
+        self._forget(slot)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if self._drained is not None and not self._background:
+            self._drained.set()
+
+    # -- upkeep ----------------------------------------------------------------------
+
+    def _tick(self, now: float) -> bool:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            waiter = heapq.heappop(deadlines)[2]
+            if not waiter.done():
+                self._waiting -= 1
+                waiter.set_exception(self._refused(PoolTimeoutError()))
+        for slot in self._slots:
+            due = slot.query_deadline
+            if due and due <= now:
+                slot.expire()
+        return bool(self._in_use or self._waiting)
+
+    async def _maintain(self) -> None:
+        """Close connections idle past `max_idle` (above `min_size`); refill to `min_size`."""
+        backoff = 0.1
+        while True:
+            await asyncio.sleep(_MAINTENANCE_INTERVAL)
+            self._shrink(time.monotonic())
+            while self._size < self.min_size and not self.closed:
+                self._size += 1
+                try:
+                    slot = await self._new_slot()
+                except Exception as exc:
+                    self._size -= 1
+                    log.info("pool %s: refill failed (%s)", self.name, type(exc).__name__)
+                    await asyncio.sleep(random.uniform(0, backoff))
+                    backoff = min(backoff * 2, _REFILL_BACKOFF_MAX)
+                    continue
+                backoff = 0.1
+                self._put(slot)
+
+    def _shrink(self, now: float) -> None:
+        if not self.max_idle:
+            return
+        cutoff = now - self.max_idle
+        idle = self._idle
+        excess = self._size - self.min_size
+        while idle and excess > 0 and idle[0].released_at < cutoff:
+            excess -= 1
+            self._spawn(self._close_slot(idle.popleft()))
+
+    # -- numbers ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Open connections (those being made are not counted)."""
+        return len(self._slots)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def saturated(self) -> bool:
+        """True while a new acquirer would be refused for `max_waiters`."""
+        return self._waiting >= self.max_waiters and not self._idle

@@ -1,0 +1,61 @@
+"""Answers serialised once: rows straight to JSON bytes, or JSON that PostgreSQL built.
+
+A handler that returns a Pydantic model has it validated and serialised again by FastAPI
+against the route's response model. Returning `json_response(...)` skips both; declare
+`response_model=` on the route so OpenAPI still describes the body, and make sure the
+rows match it (the route's tests are where that is checked)::
+
+    @router.get("/users/{user_id}", response_model=User)
+    async def get_user(user_id: int, db: Db) -> Response:
+        row = await db.read(lambda c: c.fetchrow("SELECT id, name FROM users WHERE id = $1",
+                                                 user_id))
+        return json_response(row)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import BaseModel
+from starlette.responses import Response
+
+__all__ = ["json_bytes", "json_response"]
+
+# Datetimes as Pydantic writes them ("…Z" for UTC), so both paths answer the same text.
+_OPTIONS = orjson.OPT_UTC_Z
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, asyncpg.Record):
+        return dict(value)
+    if isinstance(value, Decimal):
+        return str(value)  # money stays exact: "12.50", never a float
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_bytes(content: Any) -> bytes:
+    """`content` as JSON: records, mappings, lists, models, Decimals (as strings), datetimes.
+
+    `str` or `bytes` are taken to be JSON already (say, built by PostgreSQL) and pass as
+    they are.
+    """
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode()
+    return orjson.dumps(content, default=_default, option=_OPTIONS)
+
+
+def json_response(
+    content: Any, *, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """An `application/json` response of `content`, serialised once (see `json_bytes`)."""
+    return Response(json_bytes(content), status_code, headers, media_type="application/json")
