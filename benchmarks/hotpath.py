@@ -9,9 +9,10 @@ is not counted. Apps: the shop (as `serve` runs it: metrics and access log on, t
 written to /dev/null), the shop with both off, the naive baseline, the bare FastAPI route
 (`bare.py`, the ceiling) and bare Starlette (`floor.py`).
 
-CPU is `time.process_time()` over `--requests` requests after a warm-up, the least of
-five rounds, with `--concurrency` requests in flight (fewer than the pool's connections, so
-nothing waits for one); calls are
+All apps of a route run in one process, measured in interleaved rounds of `--requests`
+requests (shuffled order each round, so drift and noise hit them alike); CPU is
+`time.process_time()` per request, the least of the rounds, with `--concurrency` requests
+in flight (fewer than the pool's connections, so nothing waits for one); calls are
 cProfile's count (Python functions and C calls) over a tenth of them. `--by-package`
 also splits the CPU of each app by the package whose code ran (cProfile's own time).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import importlib
@@ -58,7 +60,7 @@ ROUTES = {
     "dashboard": ("shop", "shop-quiet", "baseline", "bare", "floor"),
     "orders": ("shop", "shop-quiet", "baseline"),
 }
-ROUNDS = 5
+ROUNDS = 7
 COMMON_ENV = {
     "PGLAYER_MAX_SIZE": "10",
     "PGLAYER_MIN_SIZE": "10",
@@ -171,39 +173,12 @@ def _split_by_package(stats: pstats.Stats, n: int) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def _load(target: str) -> Any:
+def _load(name: str) -> Any:
+    target, env = APPS[name]
+    os.environ.update(env)  # the shop reads its settings when it is built
     module, _, attr = target.partition(":")
     obj = getattr(importlib.import_module(module), attr)
     return obj() if target.endswith("create_app") else obj
-
-
-async def _measure(
-    name: str, route: str, requests: list[Request], warmup: list[Request], concurrency: int
-) -> Figures:
-    target, env = APPS[name]
-    os.environ.update(env)
-    app = _load(target)
-    _silence_logs()
-    lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] = app.router.lifespan_context
-    statuses: dict[int, int] = {}
-    async with lifespan(app):
-        await _drive(app, warmup, {}, concurrency)
-        rounds = []
-        for _ in range(ROUNDS):
-            gc.collect()
-            started = time.process_time()
-            await _drive(app, requests, statuses, concurrency)
-            rounds.append(time.process_time() - started)
-        cpu = min(rounds)  # the least disturbed round: others only add noise
-        sample = requests[: max(len(requests) // 10, 50)]
-        profile = cProfile.Profile()
-        profile.enable()
-        await _drive(app, sample, {}, concurrency)
-        profile.disable()
-    stats = pstats.Stats(profile)
-    calls = stats.total_calls / len(sample)  # type: ignore[attr-defined]
-    by_package = _split_by_package(stats, len(sample))
-    return Figures(name, route, cpu * 1e6 / len(requests), calls, statuses, by_package)
 
 
 def _silence_logs() -> None:
@@ -215,23 +190,58 @@ def _silence_logs() -> None:
             handler.setStream(sink)
 
 
-def _run_one(
-    name: str, route: str, n: int, max_id: int, product: int, concurrency: int
-) -> Figures:
+async def _measure(
+    names: list[str], route: str, requests: list[Request], concurrency: int
+) -> list[Figures]:
+    """All apps in one process, measured in interleaved rounds: drift hits them alike."""
+    apps = {name: _load(name) for name in names}
+    _silence_logs()
+    cpu: dict[str, float] = {}
+    statuses: dict[str, dict[int, int]] = {name: {} for name in names}
+    async with contextlib.AsyncExitStack() as stack:
+        for app in apps.values():
+            await stack.enter_async_context(app.router.lifespan_context(app))
+        for name, app in apps.items():
+            await _drive(app, requests[: len(requests) // 5], {}, concurrency)
+        order = list(names)
+        for _ in range(ROUNDS):
+            random.shuffle(order)
+            for name in order:
+                gc.collect()
+                started = time.process_time()
+                await _drive(apps[name], requests, statuses[name], concurrency)
+                spent = (time.process_time() - started) * 1e6 / len(requests)
+                cpu[name] = min(cpu.get(name, spent), spent)
+        figures = []
+        sample = requests[: max(len(requests) // 10, 50)]
+        for name, app in apps.items():
+            profile = cProfile.Profile()
+            profile.enable()
+            await _drive(app, sample, {}, concurrency)
+            profile.disable()
+            stats = pstats.Stats(profile)
+            calls = stats.total_calls / len(sample)  # type: ignore[attr-defined]
+            by_package = _split_by_package(stats, len(sample))
+            figures.append(Figures(name, route, cpu[name], calls, statuses[name], by_package))
+    return figures
+
+
+def _run_route(
+    names: list[str], route: str, n: int, max_id: int, product: int, concurrency: int
+) -> list[Figures]:
     requests = _requests(route, n, max_id, product)
-    warmup = _requests(route, max(n // 5, 200), max_id, product)
-    runner: Callable[[Awaitable[Figures]], Figures] = uvloop.run  # type: ignore[assignment]
-    return runner(_measure(name, route, requests, warmup, concurrency))
+    runner: Callable[[Awaitable[list[Figures]]], list[Figures]] = uvloop.run  # type: ignore[assignment]
+    return runner(_measure(names, route, requests, concurrency))
 
 
-def _child(name: str, route: str, args: tuple[int, int, int, int]) -> dict[str, Any]:
-    """Measure in a fresh process: each app's imports and GC state are its own."""
+def _child(names: list[str], route: str, args: tuple[int, int, int, int]) -> list[dict[str, Any]]:
+    """Measure in a fresh process per route: imports and GC state start alike."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        figures = pool.apply(_run_one, (name, route, *args))
-    return figures.__dict__
+        figures = pool.apply(_run_route, (names, route, *args))
+    return [f.__dict__ for f in figures]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     try:
         for route in [r for r in args.routes.split(",") if r]:
-            for name in [a for a in args.apps.split(",") if a in ROUTES[route]]:
-                figures = (args.requests, max_id, product, args.concurrency)
-                rows.append(_child(name, route, figures))
+            names = [a for a in args.apps.split(",") if a in ROUTES[route]]
+            figures = (args.requests, max_id, product, args.concurrency)
+            rows.extend(_child(names, route, figures))
     finally:
         stop()
     _print(rows, args.by_package)

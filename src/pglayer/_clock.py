@@ -17,7 +17,12 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["TICK", "Clock", "clock"]
+__all__ = ["TICK", "Clock", "clock", "current_task"]
+
+try:  # the C function itself: on 3.11 `asyncio.current_task` adds a Python frame
+    from _asyncio import current_task  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    from asyncio import current_task
 
 log = logging.getLogger("pglayer")
 

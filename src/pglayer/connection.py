@@ -13,6 +13,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from pglayer import context
+from pglayer._clock import current_task
 from pglayer.context import RequestContext
 from pglayer.errors import (
     CommitIndeterminateError,
@@ -93,7 +94,7 @@ class Connection:
         if due <= now:
             raise _TimedOut("the deadline passed before the statement was sent")
         slot.query_deadline = due
-        slot.query_task = asyncio.current_task()
+        slot.query_task = current_task()
         return slot, now
 
     @staticmethod
@@ -102,7 +103,7 @@ class Connection:
         if not slot.timed_out:
             return False
         slot.timed_out = False
-        task = asyncio.current_task()
+        task = current_task()
         # Cancelled for another reason too (shutdown, client gone): that one wins.
         return task is None or not task.uncancel()
 

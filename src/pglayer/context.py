@@ -50,7 +50,6 @@ class RequestContext:
     def __init__(
         self,
         request_id: str = "-",
-        *,
         deadline: float | None = None,
         operation: str | Callable[[], str] | None = None,
         scope: MutableMapping[str, Any] | None = None,
@@ -86,13 +85,10 @@ def current() -> RequestContext | None:
     return _current.get()
 
 
-def enter(ctx: RequestContext) -> Token[RequestContext | None]:
-    """Make `ctx` current for this task; undo with `leave()` (the per-request path)."""
-    return _current.set(ctx)
-
-
-def leave(token: Token[RequestContext | None]) -> None:
-    _current.reset(token)
+# Make a context current for this task, and undo it with the token (the per-request path;
+# the variable's own methods, so no Python frame is added).
+enter: Callable[[RequestContext], Token[RequestContext | None]] = _current.set
+leave: Callable[[Token[RequestContext | None]], None] = _current.reset
 
 
 @contextmanager

@@ -157,6 +157,7 @@ async def retry_after(
         before_sleep=before_sleep,
         reraise=True,
     )
+
     async def attempt() -> T:
         # A coroutine function, so that tenacity awaits what `fn` returns.
         return await fn()

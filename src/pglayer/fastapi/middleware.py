@@ -30,7 +30,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pglayer import context
-from pglayer._clock import Clock, clock
+from pglayer._clock import Clock, clock, current_task
 from pglayer.context import RequestContext, current_request_id
 from pglayer.database import Database
 from pglayer.errors import PoolOverloadedError
@@ -50,7 +50,7 @@ WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a discon
 # Generated ids: random per process, then a counter; unique without a syscall per request.
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
 
@@ -59,21 +59,6 @@ def route_template(scope: Scope) -> str:
     """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
     return getattr(scope.get("route"), "path", None) or "unmatched"
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate: str = value.decode("latin-1")
-            if _VALID_REQUEST_ID.match(candidate):
-                return candidate
-            break
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
-
-
-def _wrote_recently(scope: Scope) -> bool:
-    # The cookie expires by itself (Max-Age): present means "wrote within the window".
-    return any(name == b"cookie" and _RYW_COOKIE in value for name, value in scope["headers"])
 
 
 @functools.cache
@@ -105,40 +90,46 @@ def _too_large(max_body_size: int) -> tuple[int, tuple[tuple[bytes, bytes], ...]
 class _Exchange:
     """One request as the guard sees it: replayed body, noted status, disconnect watch."""
 
-    __slots__ = (
-        "body",
-        "completed",
-        "cookie",
-        "delivered",
-        "done",
-        "gone",
-        "receive_from_client",
-        "request_id",
-        "send_to_client",
-        "started",
-        "status",
-        "stopped_by_us",
-        "task",
-        "watcher",
-        "writes",
-    )
+    # Defaults live on the class: a request sets only what differs (cheaper than slots).
+    body = b""
+    length = -1  # Content-Length, -1 without one
+    chunked = False
+    wrote_recently = False
+    delivered = False
+    status = 0
+    completed = False
+    done = False
+    stopped_by_us = False
+    gone: asyncio.Future[None] | None = None
+    task: asyncio.Task[Any] | None = None
+    watcher: asyncio.Task[None] | None = None
+    writes: context.Writes | None = None
+    cookie = b""
 
-    def __init__(self, receive: Receive, send: Send, request_id: str, started: float) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         self.receive_from_client = receive
         self.send_to_client = send
-        self.request_id = request_id
         self.started = started
-        self.body = b""
-        self.delivered = False
-        self.status = 0
-        self.completed = False
-        self.done = False
-        self.stopped_by_us = False
-        self.gone: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[Any] | None = None
-        self.watcher: asyncio.Task[None] | None = None
-        self.writes: context.Writes | None = None
-        self.cookie = b""
+        # One pass over the headers for everything the guard reads from them.
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if request_id is None and _VALID_REQUEST_ID.match(value):
+                    request_id = value
+            elif name == b"content-length":
+                # 19 digits are already past any bound; int() refuses 4,300+ digits.
+                self.length = int(value[:19]) if value.isdigit() else -1
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"cookie" and _RYW_COOKIE in value:
+                # Expires by itself (Max-Age): present means "wrote within the window".
+                self.wrote_recently = True
+        if request_id is None:
+            self.request_id = f"{_ID_PREFIX}{next(_id_counter):010x}"
+            self.id_header = (b"x-request-id", self.request_id.encode())
+        else:
+            self.request_id = request_id.decode("ascii")
+            self.id_header = (b"x-request-id", request_id)
 
     async def receive(self) -> Message:
         if not self.delivered:
@@ -154,7 +145,7 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
+            headers = [*message.get("headers", ()), self.id_header]
             writes = self.writes
             if writes is not None and writes.wrote:
                 headers.append((b"set-cookie", self.cookie))
@@ -186,8 +177,12 @@ class _Exchange:
 
     def finish(self) -> None:
         self.done = True
+        # The task holds this exchange through its frames: break the cycle, so the
+        # request's objects are freed now rather than by the cyclic garbage collector.
+        self.task = None
         if self.watcher is not None:
             self.watcher.cancel()
+            self.watcher = None
 
 
 class RequestGuard:
@@ -222,8 +217,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.monotonic()
-        ex = _Exchange(receive, send, _request_id(scope), started)
+        ex = _Exchange(scope, receive, send, time.monotonic())
         try:
             db = self.database
             if db is not None and db.saturated() and not scope["path"].startswith(self.shed_exempt):
@@ -232,25 +226,36 @@ class RequestGuard:
                 db.count_shed()
                 await ex.reply(_overloaded())
                 return
-            if not await self._read_body(scope, ex):
+            if (ex.length > 0 or ex.chunked) and not await self._read_body(ex):
                 return
-            await self._handle(scope, ex)
+            token = context.enter(self._begin(scope, ex))
+            try:
+                await self.app(scope, ex.receive, ex.send)
+            except asyncio.CancelledError:
+                # Swallow only our own cancellation; a server shutdown must still propagate.
+                if ex.stopped_by_us and ex.task is not None and ex.task.uncancel() == 0:
+                    return
+                raise
+            except Exception as exc:
+                # Answered here rather than by Starlette's outer ServerErrorMiddleware, so
+                # the response carries the request id like every other one.
+                if ex.status:
+                    raise
+                response = internal_error_response(
+                    exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
+                )
+                await response(scope, ex.receive, ex.send)
+            finally:
+                ex.finish()
+                context.leave(token)
         finally:
             self._account(scope, ex)
 
-    async def _read_body(self, scope: Scope, ex: _Exchange) -> bool:
+    async def _read_body(self, ex: _Exchange) -> bool:
         """Read the whole body into `ex`; False if the request was answered (413) or gone."""
-        has_body = False
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit():
-                if int(value) > self.max_body_size:
-                    await ex.reply(_too_large(self.max_body_size))
-                    return False
-                has_body = value != b"0"
-            elif name == b"transfer-encoding":
-                has_body = True
-        if not has_body:
-            return True
+        if ex.length > self.max_body_size:
+            await ex.reply(_too_large(self.max_body_size))
+            return False
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -268,45 +273,21 @@ class RequestGuard:
         ex.body = b"".join(chunks)
         return True
 
-    async def _handle(self, scope: Scope, ex: _Exchange) -> None:
+    def _begin(self, scope: Scope, ex: _Exchange) -> RequestContext:
+        """The request's context; and from now on, its disconnect may cancel it."""
         scope.setdefault("state", {})["request_id"] = ex.request_id
         timeout = self.request_timeout
         ctx = RequestContext(
-            ex.request_id,
-            deadline=None if timeout is None else ex.started + timeout,
-            scope=scope,
+            ex.request_id, None if timeout is None else ex.started + timeout, None, scope
         )
         db = self.database
         if db is not None and db.replicas is not None:
-            ctx.writes = ex.writes = context.Writes(recent=_wrote_recently(scope))
+            ctx.writes = ex.writes = context.Writes(recent=ex.wrote_recently)
             window = max(int(db.settings.read_your_writes_window), 1)
             # Read-your-writes across requests: after a commit this client reads the
             # primary until replicas have surely caught up.
             ex.cookie = f"pglayer_rw=1; Max-Age={window}; Path=/; HttpOnly; SameSite=Lax".encode()
-        ex.task = asyncio.current_task()
-        self._watch_later(ex)
-        token = context.enter(ctx)
-        try:
-            await self.app(scope, ex.receive, ex.send)
-        except asyncio.CancelledError:
-            # Swallow only our own cancellation; a server shutdown must still propagate.
-            if ex.stopped_by_us and ex.task is not None and ex.task.uncancel() == 0:
-                return
-            raise
-        except Exception as exc:
-            # Answered here rather than by Starlette's outer ServerErrorMiddleware, so the
-            # response carries the request id like every other one.
-            if ex.status:
-                raise
-            response = internal_error_response(
-                exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
-            )
-            await response(scope, ex.receive, ex.send)
-        finally:
-            ex.finish()
-            context.leave(token)
-
-    def _watch_later(self, ex: _Exchange) -> None:
+        ex.task = current_task()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop = loop
@@ -316,6 +297,7 @@ class RequestGuard:
         self._pending.append(ex)
         assert self._clock is not None
         self._clock.wake()
+        return ctx
 
     def _tick(self, now: float) -> bool:
         pending = self._pending
