@@ -6,11 +6,11 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint typecheck unit bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required (python3.11, python3.12 or python3.13 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,sqlalchemy,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,embedded,sqlalchemy,bench]'
 	@touch $@
 
 run: $(BIN)/.installed

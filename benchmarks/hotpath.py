@@ -31,7 +31,6 @@ import pstats
 import random
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +200,7 @@ async def _measure(
     async with contextlib.AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
-        for name, app in apps.items():
+        for app in apps.values():
             await _drive(app, requests[: len(requests) // 5], {}, concurrency)
         order = list(names)
         for _ in range(ROUNDS):
@@ -271,15 +270,15 @@ def main(argv: list[str] | None = None) -> None:
         stop()
     _print(rows, args.by_package)
     if args.json:
-        Path(args.json).write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+        Path(args.json).write_bytes(
+            orjson.dumps(rows, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        )
 
 
 def _print(rows: list[dict[str, Any]], by_package: bool) -> None:
     print(f"{'route':<10} {'app':<11} {'CPU µs/req':>10} {'calls/req':>9}  vs bare  statuses")
     for row in rows:
-        bare = next(
-            (r for r in rows if r["route"] == row["route"] and r["app"] == "bare"), None
-        )
+        bare = next((r for r in rows if r["route"] == row["route"] and r["app"] == "bare"), None)
         ratio = f"{row['cpu_us'] / bare['cpu_us']:.2f}x" if bare else ""
         print(
             f"{row['route']:<10} {row['app']:<11} {row['cpu_us']:>10.1f} {row['calls']:>9.0f}"

@@ -1,10 +1,13 @@
 """What each of pglayer's layers costs per request, by difference between small apps.
 
-    python -m benchmarks.layers [--requests 3000]
+    python -m benchmarks.layers [--requests 3000] [--instructions]
 
-Each variant is a one-route FastAPI app that differs from the one before it by one layer;
-all run in one process on uvloop, in interleaved rounds (the least CPU of the rounds
-counts), driven like `hotpath.py`. Only public API is used, so the same file measures an
+Each variant is a one-route FastAPI app that differs from another by one layer, driven
+like `hotpath.py` on uvloop. By default all run in one process in interleaved rounds (the
+least CPU of the rounds counts); on a shared 2-core machine that is noisy to a few µs.
+`--instructions` counts instead, under valgrind's callgrind, the instructions each variant
+executes per request ((N requests - 0 requests) / N, each in its own process): slow, but
+the same to 0.1% from run to run. Only public API is used, so the same file measures an
 older checkout (`PYTHONPATH=<checkout>/src`).
 
 | layer | measured as |
@@ -19,12 +22,14 @@ older checkout (`PYTHONPATH=<checkout>/src`).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import concurrent.futures
 import contextlib
 import gc
-import logging
 import os
 import random
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -167,29 +172,69 @@ async def _measure(n: int) -> dict[str, float]:
     return cpu
 
 
+async def _run_one(name: str, n: int) -> None:
+    app = _app(name)
+    requests = [("GET", f"/r/{random.randint(1, 1000)}", b"") for _ in range(max(n, 200))]
+    async with app.router.lifespan_context(app):
+        _silence_logs()
+        await _drive(app, requests[:200], {}, 4)
+        if n:
+            await _drive(app, requests[:n], {}, 4)
+
+
+def _instructions(name: str, n: int) -> int:
+    """Instructions of one process that serves `n` requests of `name` (after a warm-up)."""
+    out = subprocess.run(
+        [
+            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+            sys.executable, "-m", "benchmarks.layers", "--one", name, str(n),
+        ],
+        capture_output=True, text=True, check=True, timeout=1800,
+    ).stderr  # fmt: skip
+    match = re.search(r"Collected : (\d+)", out)
+    if match is None:
+        raise RuntimeError(f"callgrind printed no count:\n{out[-2000:]}")
+    return int(match.group(1))
+
+
+def _count(n: int) -> dict[str, float]:
+    jobs = [(name, k) for name in VARIANTS for k in (0, n)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: _instructions(*job), jobs), strict=True))
+    return {name: (counts[name, n] - counts[name, 0]) / n / 1000 for name in VARIANTS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__)
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--instructions", action="store_true", help="count, under callgrind")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    configure_logging(format="text")
+    if args.one:
+        uvloop.run(_run_one(args.one[0], int(args.one[1])))
+        return
     from benchmarks.run import prepare_database
 
     url, _, _, stop = prepare_database(quick=True)
     os.environ["DATABASE_URL"] = url
-    configure_logging(format="text")
     try:
-        cpu = uvloop.run(_measure(args.requests))
+        if args.instructions:
+            figures, unit = _count(min(args.requests, 2000)), "k instr/req"
+        else:
+            figures, unit = uvloop.run(_measure(args.requests)), "CPU µs/req"
     finally:
         stop()
-    print(f"{'variant':<24} {'CPU µs/req':>10}")
+    print(f"{'variant':<24} {unit:>12}")
     for name in VARIANTS:
-        print(f"{name:<24} {cpu[name]:>10.1f}")
+        print(f"{name:<24} {figures[name]:>12.1f}")
     print()
-    print(f"{'layer':<40} {'µs/req':>7}")
+    print(f"{'layer':<40} {unit:>12}")
     for label, a, b, *rest in LAYERS:
-        cost = cpu[a] - cpu[b]
+        cost = figures[a] - figures[b]
         if rest:
-            cost -= cpu[rest[0]] - cpu[rest[1]]
-        print(f"{label:<40} {cost:>7.1f}")
+            cost -= figures[rest[0]] - figures[rest[1]]
+        print(f"{label:<40} {cost:>12.1f}")
 
 
 if __name__ == "__main__":

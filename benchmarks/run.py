@@ -1,4 +1,5 @@
-"""`pglayer bench`: the shop against a naive baseline and the framework floor, under load.
+"""`pglayer bench`: the shop against a naive baseline, the bare FastAPI route and the
+framework floor, under load.
 
 Starts PostgreSQL if needed (DATABASE_URL, else the embedded server), seeds a fixed data
 set once, serves each app with uvicorn (uvloop + httptools) in its own processes, warms it,
@@ -15,12 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,12 +46,13 @@ console = Console(width=200)
 APPS = {
     "shop": ["--factory", "pglayer_shop.app:create_app"],
     "baseline": ["benchmarks.baselines.naive:app"],
+    "bare": ["benchmarks.bare:app"],
     "floor": ["benchmarks.floor:app"],
 }
 # What each app implements; the floor only does the reads.
 SCENARIOS = {
-    "users": ("shop", "baseline", "floor"),
-    "dashboard": ("shop", "baseline", "floor"),
+    "users": ("shop", "baseline", "bare", "floor"),
+    "dashboard": ("shop", "baseline", "bare", "floor"),
     "orders": ("shop", "baseline"),
     "mix": ("shop", "baseline"),
 }
@@ -186,6 +189,8 @@ class Server:
         self.workers = workers
         self.env = {**os.environ, **env, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
         self.proc: subprocess.Popen[bytes] | None = None
+        # The shop's access log goes here (written as `serve` writes it, then thrown away).
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed in __exit__)
 
     def __enter__(self) -> Server:
         if self.asgi_server == "granian":
@@ -204,11 +209,13 @@ class Server:
                 "--workers", str(self.workers), "--loop", "uvloop", "--http", "httptools",
                 "--no-access-log", "--log-level", "warning", "--backlog", "4096",
             ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stderr=self.log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.app} exited with {self.proc.returncode}")
+                self.log.seek(0)
+                tail = self.log.read()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"{self.app} exited with {self.proc.returncode}:\n{tail}")
             try:
                 if httpx.get(f"{self.url}/users/1", timeout=1).status_code == 200:
                     return self
@@ -218,6 +225,10 @@ class Server:
         raise RuntimeError(f"{self.app} did not start")
 
     def __exit__(self, *exc: object) -> None:
+        self._stop()
+        self.log.close()
+
+    def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # our own child, by its PID
             try:
@@ -261,16 +272,18 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
     base_env = {
         "PGLAYER_MAX_SIZE": str(POOL_MAX),
         "PGLAYER_MIN_SIZE": str(POOL_MAX),
-        "PGLAYER_ACCESS_LOG": "false",
-        "PGLAYER_LOG_LEVEL": "WARNING",
+        # As `pglayer serve` runs it: access log (text), metrics, frozen GC.
+        "PGLAYER_ACCESS_LOG": "true",
+        "PGLAYER_LOG_FORMAT": "text",
+        "PGLAYER_LOG_LEVEL": "INFO",
         "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
-        "PGLAYER_FREEZE_GC": "true",  # as `pglayer serve` runs it
+        "PGLAYER_FREEZE_GC": "true",
     }
     # Sized for the offered load, as an operator would: up to 1024 clients may queue.
     normal_env = {**base_env, "PGLAYER_MAX_WAITERS": "4096", "PGLAYER_ACQUIRE_TIMEOUT": "5"}
     servers = list(plan.servers)
     if plan.metrics_overhead and "shop" in servers:
-        servers.append("shop-nometrics")
+        servers.append("shop-quiet")
     bouncer = None
     if plan.granian:
         servers.append("shop-granian")
@@ -286,8 +299,8 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
         for name in servers:
             app = "shop" if name.startswith("shop") else name
             env = dict(normal_env)
-            if name == "shop-nometrics":
-                env["PGLAYER_METRICS"] = "false"
+            if name == "shop-quiet":
+                env["PGLAYER_METRICS"] = env["PGLAYER_ACCESS_LOG"] = "false"
             target = url
             if name == "shop-pgbouncer":
                 assert bouncer is not None
@@ -369,8 +382,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     table = Table(title="pglayer bench")
     columns = (
         "scenario", "w", "conc", "server", "req/s", "p50 ms", "p99 ms", "max ms",
-        "non-2xx", "sock err", "RSS MiB", "server conns", "rps/baseline", "rps/floor",
-        "p99/baseline",
+        "non-2xx", "sock err", "RSS MiB", "server conns", "rps/baseline", "rps/bare",
+        "rps/floor", "p99/baseline",
     )  # fmt: skip
     for col in columns:
         table.add_column(col, justify="right")
@@ -386,6 +399,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
             str(r["non2xx"]), str(r["socket_errors"]), f"{r['rss_mib']:.0f}",
             str(r.get("server_connections") or ""),
             fmt(_ratio(rows, r, "baseline", "rps")) if is_shop else "",
+            fmt(_ratio(rows, r, "bare", "rps")) if is_shop else "",
             fmt(_ratio(rows, r, "floor", "rps")) if is_shop else "",
             fmt(_ratio(rows, r, "baseline", "p99_ms")) if is_shop else "",
         )  # fmt: skip
@@ -490,11 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", default=None, help="comma list, e.g. 64,256,1024")
     parser.add_argument("--duration", type=float, default=None, help="seconds per run")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--servers", default="shop,baseline,floor")
+    parser.add_argument("--servers", default="shop,baseline,bare,floor")
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
     parser.add_argument("--no-overload", action="store_true")
     parser.add_argument("--metrics-overhead", action="store_true",
-                        help="also run the shop with Prometheus HTTP metrics off")  # fmt: skip
+                        help="also run the shop with metrics and the access log off")  # fmt: skip
     parser.add_argument("--via-pgbouncer", action="store_true",
                         help="also run the shop through PgBouncer (transaction mode)")  # fmt: skip
     parser.add_argument("--granian", action="store_true",

@@ -231,6 +231,13 @@ class Database:
             log.info("database %s is reachable; pool open", self.target)
         finally:
             self._opener = None
+        try:
+            await self._check_budget()
+        except ConfigurationError:
+            log.exception("database %s: pool closed", self.target)  # budget refused
+            return
+        if self.replicas is not None:
+            await self.replicas.open()
 
     async def _resolve_pooler(self) -> PoolerInfo:
         kind = self.settings.pooler

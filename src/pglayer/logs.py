@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -133,6 +134,9 @@ class AccessLog:
         self.logger = logging.getLogger("pglayer.access")
         self._root = logging.getLogger()
         self._clock = _Clock()
+        # Lines of one event-loop iteration, written together right after it: one lock,
+        # one write and one flush for many requests under load, none held back when idle.
+        self._batch: list[str] = []
 
     def _direct(self) -> StreamHandlerWithFormat | None:
         access = self.logger
@@ -190,7 +194,17 @@ class AccessLog:
                 f"method={method} path={path} route={route} status={status or None} "
                 f"duration_ms={round(ms, 2)}"
             )
-        handler.write_line(line)
+        if not self._batch:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush, handler)
+            except RuntimeError:  # no event loop: write it now
+                handler.write_lines([line])
+                return
+        self._batch.append(line)
+
+    def _flush(self, handler: StreamHandlerWithFormat) -> None:
+        lines, self._batch = self._batch, []
+        handler.write_lines(lines)
 
 
 class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
@@ -200,11 +214,12 @@ class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(sys.stderr)
         self.format_name = format_name
 
-    def write_line(self, line: str) -> None:
+    def write_lines(self, lines: list[str]) -> None:
+        text = self.terminator.join(lines) + self.terminator
         self.acquire()
         try:
-            self.stream.write(line + self.terminator)
-            self.flush()
+            self.stream.write(text)
+            self.stream.flush()
         finally:
             self.release()
 

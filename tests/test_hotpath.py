@@ -1,0 +1,115 @@
+"""The request path's cost, guarded without a clock: Python calls per `GET /users/{id}`.
+
+Timing belongs to the benchmarks (`benchmarks/hotpath.py`); a call count is deterministic
+for given library versions (pinned in `constraints.txt`), so it can fail a test. It is
+counted as production runs: on uvloop, with the access log and metrics on. The budget is
+below what the naive baseline (`benchmarks/baselines/naive.py`, the tutorial pattern) makes
+for the same request, counted the same way: 493 calls with FastAPI 0.165, Starlette 1.10,
+asyncpg 0.32, uvloop 0.23 (cProfile counts a coroutine once per resumption, and C calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import logging
+import os
+import pstats
+from collections.abc import Iterator
+from typing import IO, Any
+
+import pytest
+import uvloop
+from fastapi import FastAPI
+
+from pglayer import Database
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import settings_for
+
+CALL_BUDGET = 480  # per request; the naive baseline: 493 (the shop: 473 when written)
+REQUESTS = 50
+
+
+@pytest.fixture
+def log_sink() -> Iterator[IO[str]]:
+    """A sink for the log lines of the test; the root logger is restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with open(os.devnull, "w") as sink:
+        try:
+            yield sink
+        finally:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
+
+
+async def _get(app: Any, path: str) -> int:
+    status = 0
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.get_running_loop().create_future()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000")],
+        "state": {},
+    }
+    await app(scope, receive, send)
+    return status
+
+
+def test_a_user_read_makes_fewer_calls_than_the_tutorial_pattern(
+    db_url: str, log_sink: IO[str]
+) -> None:
+    calls = uvloop.run(_calls_per_user_read(db_url, log_sink))
+    assert calls <= CALL_BUDGET, f"{calls:.0f} calls per request, budget {CALL_BUDGET}"
+
+
+async def _calls_per_user_read(db_url: str, log_sink: IO[str]) -> float:
+    # As `serve` runs it: metrics and the access log on, logs formatted by pglayer.
+    settings = ShopSettings(admin_token=None, access_log=True, log_format="text")
+    app: FastAPI = create_app(db=Database(settings_for(db_url)), settings=settings)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(log_sink)
+    async with app.router.lifespan_context(app):
+        db: Database = app.state.pglayer_database
+        user_id = await db.run(
+            lambda c: c.fetchval(
+                "INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id"
+            )
+        )
+        path = f"/users/{user_id}"
+        for _ in range(10):  # warm: statement cache, route caches
+            assert await _get(app, path) == 200
+        profile = cProfile.Profile()
+        profile.enable()
+        statuses = [await _get(app, path) for _ in range(REQUESTS)]
+        profile.disable()
+    assert statuses == [200] * REQUESTS
+    return float(pstats.Stats(profile).total_calls) / REQUESTS  # type: ignore[attr-defined]
