@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from pglayer import (
     ConfigurationError,
+    Connection,
     Database,
     DatabaseUnavailableError,
     PoolOverloadedError,
@@ -212,3 +213,26 @@ async def test_open_warns_about_a_pool_budget_beyond_max_connections(
     async with Database(settings_for(db_url, workers=2)):
         pass
     assert not any("connection budget" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_transaction_cancelled_mid_query_leaves_its_connection_fit_for_the_next(
+    db_url: str,
+) -> None:
+    # One connection: the next transaction gets the very one whose task was cancelled.
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        started = asyncio.Event()
+
+        async def slow(conn: Connection) -> None:
+            started.set()
+            await conn.execute("SELECT pg_sleep(5)")
+
+        task = asyncio.create_task(db.run_in_transaction(slow))
+        await started.wait()
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3):
+            assert await db.run_in_transaction(lambda c: c.fetchval("SELECT 1")) == 1
+            async with db.transaction() as conn:
+                assert await conn.fetchval("SELECT 2") == 2

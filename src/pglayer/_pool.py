@@ -69,12 +69,13 @@ class Slot:
 
 
 def _needs_reset(raw: Any) -> bool:
-    # A transaction left open, a query cancelled mid-flight (asyncpg's pool asks the same
-    # private question), or LISTEN registrations: not fit for the next borrower as it is.
-    protocol = raw._protocol
+    # A transaction left open (on the server, or in asyncpg's bookkeeping: a task cancelled
+    # inside `transaction()` leaves both), a query cancelled mid-flight (asyncpg's pool asks
+    # the same private questions), or LISTEN registrations: unfit for the next borrower.
     return (
         raw.is_in_transaction()
-        or protocol._is_cancelling()
+        or raw._top_xact is not None
+        or raw._protocol._is_cancelling()
         or bool(raw._listeners)
         or bool(raw._log_listeners)
     )
@@ -403,6 +404,7 @@ class Pool:
                 # ROLLBACK first waits for a cancelled query to finish; outside a
                 # transaction it only warns.
                 await raw.execute("ROLLBACK")
+                raw._top_xact = None
                 if raw._listeners or raw._log_listeners:
                     await raw.execute("UNLISTEN *")
                     raw._listeners.clear()
