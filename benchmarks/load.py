@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -37,6 +38,8 @@ class LoadResult:
     served_p99_ms: float | None = None
     shed_p99_ms: float | None = None
     shed_with_retry_after: int | None = None
+    codes: dict[str, int] = field(default_factory=dict)  # "503 busy": count, non-2xx only
+    goodput: float | None = None  # 2xx per second
 
     @property
     def rps(self) -> float:
@@ -104,37 +107,52 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _run_asyncio(
-    host: str, port: int, scenario: str, concurrency: int, duration: float, max_id: int,
-    product: int,
-) -> LoadResult:  # fmt: skip
-    latencies: dict[int, list[float]] = {}
-    retry_after = 0
-    socket_errors = 0
+@dataclass(frozen=True)
+class Group:
+    """Clients that send the same kind of request: `concurrency` keep-alive connections."""
+
+    name: str
+    scenario: str
+    concurrency: int
+
+
+_CODE = re.compile(rb'"code":\s*"([a-z_]+)"')
+
+
+async def _run_groups(
+    host: str, port: int, groups: list[Group], duration: float, max_id: int, product: int
+) -> dict[str, LoadResult]:
+    latencies: dict[str, dict[int, list[float]]] = {g.name: {} for g in groups}
+    codes: dict[str, dict[str, int]] = {g.name: {} for g in groups}
+    retry_after = dict.fromkeys(latencies, 0)
+    socket_errors = dict.fromkeys(latencies, 0)
     stop_at = time.perf_counter() + duration
 
-    async def worker() -> None:
-        nonlocal retry_after, socket_errors
-        reader = writer = None
+    async def worker(group: Group) -> None:
+        mine, reader, writer = latencies[group.name], None, None
         while time.perf_counter() < stop_at:
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
                 assert reader is not None
                 started = time.perf_counter()
-                writer.write(_request(scenario, f"{host}:{port}", max_id, product))
+                writer.write(_request(group.scenario, f"{host}:{port}", max_id, product))
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
                 status = int(head[9:12])
                 length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
-                await reader.readexactly(length)
-                latencies.setdefault(status, []).append(time.perf_counter() - started)
+                body = await reader.readexactly(length)
+                mine.setdefault(status, []).append(time.perf_counter() - started)
+                if status >= 300:
+                    match = _CODE.search(body)
+                    code = f"{status} {match.group(1).decode() if match else '-'}"
+                    codes[group.name][code] = codes[group.name].get(code, 0) + 1
                 if status == 503 and b"retry-after" in head.lower():
-                    retry_after += 1
+                    retry_after[group.name] += 1
                 if b"connection: close" in head.lower():
                     writer.close()
                     writer = None
             except (OSError, asyncio.IncompleteReadError, TimeoutError):
-                socket_errors += 1
+                socket_errors[group.name] += 1
                 if writer is not None:
                     writer.close()
                 writer = None
@@ -143,8 +161,21 @@ async def _run_asyncio(
             writer.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(g) for g in groups for _ in range(g.concurrency)))
     elapsed = time.perf_counter() - started
+    return {
+        name: _result(by_status, elapsed, socket_errors[name], retry_after[name], codes[name])
+        for name, by_status in latencies.items()
+    }
+
+
+def _result(
+    latencies: dict[int, list[float]],
+    elapsed: float,
+    socket_errors: int,
+    retry_after: int,
+    codes: dict[str, int],
+) -> LoadResult:
     everything = [x for values in latencies.values() for x in values]
     served = [x for status, values in latencies.items() if status < 300 for x in values]
     shed = latencies.get(503, [])
@@ -161,17 +192,28 @@ async def _run_asyncio(
         served_p99_ms=_percentile(served, 0.99) * 1000,
         shed_p99_ms=_percentile(shed, 0.99) * 1000 if shed else None,
         shed_with_retry_after=retry_after,
+        codes=codes,
+        goodput=len(served) / elapsed if elapsed else 0.0,
     )
+
+
+def _runner() -> Any:
+    import uvloop  # uvicorn[standard] brings it
+
+    return uvloop.run
+
+
+def run_groups(
+    url: str, groups: list[Group], duration: float, max_id: int, product: int
+) -> dict[str, LoadResult]:
+    """Several groups of clients at once, each with its own result."""
+    host, port = url.removeprefix("http://").split(":")
+    return _runner()(_run_groups(host, int(port), groups, duration, max_id, product))  # type: ignore[no-any-return]
 
 
 def run_asyncio(
     url: str, scenario: str, concurrency: int, duration: float, max_id: int, product: int
 ) -> LoadResult:
-    host, port = url.removeprefix("http://").split(":")
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    return runner(_run_asyncio(host, int(port), scenario, concurrency, duration, max_id, product))
+    """One group of `concurrency` clients, each sending its next request at once."""
+    groups = [Group("all", scenario, concurrency)]
+    return run_groups(url, groups, duration, max_id, product)["all"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shutil
@@ -151,12 +152,13 @@ class RssSampler(threading.Thread):
 
 
 class ConnectionSampler(threading.Thread):
-    """Peak number of server connections (client backends) to the benchmark database."""
+    """Peak number of server connections (client backends) of one application."""
 
-    def __init__(self, admin_url: str, database: str) -> None:
+    def __init__(self, admin_url: str, database: str, application_name: str) -> None:
         super().__init__(daemon=True)
         self.admin_url = admin_url
         self.database = database
+        self.application_name = application_name
         self.peak = 0
         self.stopped = threading.Event()
 
@@ -169,8 +171,9 @@ class ConnectionSampler(threading.Thread):
             while not self.stopped.is_set():
                 n = await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
-                    " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    " AND backend_type = 'client backend' AND application_name = $2",
                     self.database,
+                    self.application_name,
                 )
                 self.peak = max(self.peak, int(n))
                 await asyncio.sleep(0.2)
@@ -238,6 +241,19 @@ class Server:
                 self.proc.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a server's processes (its workers included) so far."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _free_port() -> int:
     import socket
 
@@ -296,36 +312,49 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
     database = urlsplit(url).path.lstrip("/")
     admin_url = _with_database(url, "postgres")
     for workers in plan.workers:
-        for name in servers:
-            app = "shop" if name.startswith("shop") else name
-            env = dict(normal_env)
-            if name == "shop-quiet":
-                env["PGLAYER_METRICS"] = env["PGLAYER_ACCESS_LOG"] = "false"
-            target = url
-            if name == "shop-pgbouncer":
-                assert bouncer is not None
-                target = bouncer.url(database)
-            asgi_server = "granian" if name == "shop-granian" else "uvicorn"
-            with Server(app, workers, target, env, asgi_server) as server:
+        with contextlib.ExitStack() as stack:
+            # Every server at once, and each point measured for each in turn (the order
+            # rotating): a slower moment of a shared machine hits them all alike.
+            running: dict[str, Server] = {}
+            for name in servers:
+                app = "shop" if name.startswith("shop") else name
+                env = {**normal_env, "PGLAYER_APPLICATION_NAME": f"bench-{name}"}
+                if name == "shop-quiet":
+                    env["PGLAYER_METRICS"] = env["PGLAYER_ACCESS_LOG"] = "false"
+                target = url
+                if name == "shop-pgbouncer":
+                    assert bouncer is not None
+                    target = bouncer.url(database)
+                asgi_server = "granian" if name == "shop-granian" else "uvicorn"
+                running[name] = stack.enter_context(Server(app, workers, target, env, asgi_server))
+            for server in running.values():
                 _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
                 _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
-                for scenario in plan.scenarios:
-                    if app not in SCENARIOS[scenario]:
-                        continue
-                    for c in plan.concurrency:
+            turn = 0
+            for scenario in plan.scenarios:
+                for c in plan.concurrency:
+                    names = [n for n in servers if running[n].app in SCENARIOS[scenario]]
+                    turn += 1
+                    for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                        server = running[name]
                         assert server.proc is not None
                         sampler = RssSampler(server.proc.pid)
-                        conns = ConnectionSampler(admin_url, database)
+                        conns = ConnectionSampler(admin_url, database, f"bench-{name}")
                         sampler.start()
                         conns.start()
+                        cpu = _cpu_seconds(server.proc.pid)
                         result = _load(
                             plan, server.url, scenario, c, plan.duration, max_id, product
                         )
+                        cpu = _cpu_seconds(server.proc.pid) - cpu
                         for thread in (sampler, conns):
                             thread.stopped.set()
                             thread.join()
                         rss = sampler.peak_worker_mib()
-                        rows.append(_row(name, scenario, workers, c, result, rss, conns.peak))
+                        peak = conns.peak if name.startswith("shop") else None
+                        row = _row(name, scenario, workers, c, result, rss, peak)
+                        row["cpu_us_per_request"] = round(cpu * 1e6 / max(result.requests, 1), 1)
+                        rows.append(row)
                         _print_progress(rows[-1])
         if plan.overload:
             rows.extend(_overload(plan, url, workers, base_env, max_id, product))
@@ -359,6 +388,7 @@ def _print_progress(row: dict[str, Any]) -> None:
         f"  {row['scenario']:<9} {row['server']:<14} w={row['workers']} c={row['concurrency']:<5}"
         f" {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
         f"  non-2xx {row['non2xx']}  sock {row['socket_errors']}  rss {row['rss_mib']} MiB"
+        f"  cpu {row.get('cpu_us_per_request')} µs/req"
         f"  server conns {row.get('server_connections')}"
     )
 
@@ -382,7 +412,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     table = Table(title="pglayer bench")
     columns = (
         "scenario", "w", "conc", "server", "req/s", "p50 ms", "p99 ms", "max ms",
-        "non-2xx", "sock err", "RSS MiB", "server conns", "rps/baseline", "rps/bare",
+        "non-2xx", "sock err", "RSS MiB", "CPU µs/req", "server conns", "rps/baseline", "rps/bare",
         "rps/floor", "p99/baseline",
     )  # fmt: skip
     for col in columns:
@@ -397,6 +427,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
             r["scenario"], str(r["workers"]), str(r["concurrency"]), r["server"],
             f"{r['rps']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.0f}",
             str(r["non2xx"]), str(r["socket_errors"]), f"{r['rss_mib']:.0f}",
+            str(r.get("cpu_us_per_request", "")),
             str(r.get("server_connections") or ""),
             fmt(_ratio(rows, r, "baseline", "rps")) if is_shop else "",
             fmt(_ratio(rows, r, "bare", "rps")) if is_shop else "",

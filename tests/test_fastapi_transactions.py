@@ -185,3 +185,40 @@ async def test_client_disconnect_cancels_the_query_and_releases_the_connection(
 
         assert await wait_for(released, timeout=5)
     assert await count(admin, db_url, "items") == 0
+
+
+async def test_a_server_without_uvicorns_disconnect_flag_is_watched_with_a_task(
+    tx_db: Database, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    app = build_app(tx_db)
+    delivered = False
+
+    async def receive() -> Message:
+        # A plain function, not uvicorn's request cycle: the guard must await it.
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(0.3)
+        return {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "GET", "scheme": "http", "path": "/sleep-autocommit", "raw_path": b"",
+        "root_path": "", "query_string": b"", "headers": [], "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80), "state": {},
+    }  # fmt: skip
+    async with app.router.lifespan_context(app):
+        # pg_sleep(30) inside: only the disconnect can end this within the wait below.
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    assert not any(m["type"] == "http.response.body" for m in sent)
+
+    async def released() -> bool:
+        return await no_leaks(admin, db_name, tx_db)
+
+    assert await wait_for(released)

@@ -9,7 +9,8 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
   a pooled connection while a slow client uploads;
 - cancellation of the handler when the client disconnects, which cancels its query and
   gives its connection back; requests that finish within `WATCH_AFTER` never pay for it:
-  one clock per process starts a watcher only for requests still running by then;
+  one clock per process watches only requests still running by then (under uvicorn by
+  reading its own disconnect flag every 50 ms; under other servers with a task each);
 - shedding before routing (503 `overloaded`) while `database` is saturated;
 - a 500 problem carrying only the request id for anything unexpected;
 - HTTP metrics (`stats`) and the access log (`access_log`), from the same timing.
@@ -53,6 +54,7 @@ _id_counter = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
+_POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 
 
 def route_template(scope: Scope) -> str:
@@ -105,11 +107,16 @@ class _Exchange:
     watcher: asyncio.Task[None] | None = None
     writes: context.Writes | None = None
     cookie = b""
+    cycle: Any = None
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         self.receive_from_client = receive
         self.send_to_client = send
         self.started = started
+        # uvicorn's request cycle flags a vanished client itself: reading that flag from the
+        # clock's tick costs far less than a task per slow request waiting on receive().
+        cycle = getattr(receive, "__self__", None)
+        self.cycle = cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
         # One pass over the headers for everything the guard reads from them.
         request_id = None
         for name, value in scope["headers"]:
@@ -169,6 +176,18 @@ class _Exchange:
             message = await self.receive_from_client()
             if message["type"] == "http.disconnect":
                 break
+        self._left()
+
+    def still_here(self) -> bool:
+        """Polled: False once the request is over or its client has gone (then stopped)."""
+        if self.done:
+            return False
+        if self.cycle.disconnected:
+            self._left()
+            return False
+        return True
+
+    def _left(self) -> None:
         if self.gone is not None and not self.gone.done():
             self.gone.set_result(None)
         if not self.completed and not self.done and self.task is not None:
@@ -210,6 +229,8 @@ class RequestGuard:
         self._stats_known = stats is not None
         self.access_log = AccessLog() if access_log else None
         self._pending: deque[_Exchange] = deque()  # in arrival order, not yet watched
+        self._polled: list[_Exchange] = []  # watched by looking at the server's flag
+        self._ticks = 0
         self._clock: Clock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -303,8 +324,17 @@ class RequestGuard:
         pending = self._pending
         cutoff = now - WATCH_AFTER
         while pending and pending[0].started <= cutoff:
-            pending.popleft().watch()
-        return bool(pending)
+            ex = pending.popleft()
+            if ex.done:
+                continue
+            if ex.cycle is not None:
+                self._polled.append(ex)
+            else:
+                ex.watch()
+        self._ticks += 1
+        if self._polled and self._ticks % _POLL_EVERY == 0:
+            self._polled = [ex for ex in self._polled if ex.still_here()]
+        return bool(pending or self._polled)
 
     def _account(self, scope: Scope, ex: _Exchange) -> None:
         if not self._stats_known:
