@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import shutil
@@ -34,7 +35,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.load import LoadResult, run_asyncio, run_wrk, wrk_available
+from benchmarks.load import Group, LoadResult, run_asyncio, run_groups, run_wrk, wrk_available
 from pglayer import Database, DatabaseSettings
 from pglayer.embedded import EmbeddedPostgres
 from pglayer_shop.schema import apply_migrations
@@ -74,6 +75,8 @@ class Plan:
     servers: list[str]
     generator: str
     overload: bool
+    storm: bool
+    hotrow: bool
     metrics_overhead: bool
     via_pgbouncer: bool
     granian: bool
@@ -358,6 +361,17 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
                         _print_progress(rows[-1])
         if plan.overload:
             rows.extend(_overload(plan, url, workers, base_env, max_id, product))
+        if plan.storm:
+            # Each server's peak: its users req/s at the lowest concurrency measured (64).
+            lowest = min(plan.concurrency)
+            peaks = {
+                r["server"]: r["rps"]
+                for r in rows
+                if (r["scenario"], r["workers"], r["concurrency"]) == ("users", workers, lowest)
+            }
+            rows.extend(_storm(plan, url, workers, base_env, max_id, product, peaks))
+        if plan.hotrow:
+            rows.extend(_hotrow(plan, url, workers, base_env, max_id, product))
     if bouncer is not None:
         bouncer.close()
     return rows
@@ -381,6 +395,96 @@ def _overload(
         rows.append(_row(name, "overload", workers, c, result, sampler.peak_worker_mib()))
         _print_progress(rows[-1])
     return rows
+
+
+# The storm's acquire deadline: short, as a latency-sensitive service would set it, so that
+# the predicted wait can exceed it twice over with fewer than ~1,500 clients.
+STORM_ACQUIRE_TIMEOUT = 0.25
+STORM_MAX_CLIENTS = 1500
+
+
+def _storm(
+    plan: Plan, url: str, workers: int, env: dict[str, str], max_id: int, product: int,
+    peaks: dict[str, float],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Clients that retry at once on any answer, enough of them that the queue would be twice
+    the acquire deadline long: `2 x peak req/s x deadline` (the shop's users peak)."""
+    peak = peaks.get("shop") or 2000.0
+    c = min(STORM_MAX_CLIENTS, math.ceil(2 * peak * STORM_ACQUIRE_TIMEOUT) + POOL_MAX * workers)
+    env = {**env, "PGLAYER_ACQUIRE_TIMEOUT": str(STORM_ACQUIRE_TIMEOUT)}
+    rows = []
+    for name in ("shop", "baseline"):
+        with Server(name, workers, url, env) as server:
+            assert server.proc is not None
+            sampler = RssSampler(server.proc.pid)
+            sampler.start()
+            result = run_groups(
+                server.url, [Group("all", "users", c)], plan.duration, max_id, product
+            )["all"]
+            sampler.stopped.set()
+            sampler.join()
+        row = _row(name, "storm", workers, c, result, sampler.peak_worker_mib())
+        row["peak_rps"] = peaks.get(name)
+        rows.append(row)
+        _print_progress(row)
+    return rows
+
+
+HOTROW_CLIENTS = 64  # per group
+
+
+def _hotrow(
+    plan: Plan, url: str, workers: int, env: dict[str, str], max_id: int, product: int
+) -> list[dict[str, Any]]:
+    """One product row locked by another connection for the whole run, while one group of
+    clients orders that product and another reads users."""
+    rows = []
+    groups = [
+        Group("orders", "orders", HOTROW_CLIENTS),
+        Group("reads", "users", HOTROW_CLIENTS),
+    ]
+    for name in ("shop", "baseline"):
+        with Server(name, workers, url, env) as server, RowLock(url, product):
+            results = run_groups(server.url, groups, plan.duration, max_id, product)
+        for group, result in results.items():
+            row = _row(name, f"hotrow-{group}", workers, HOTROW_CLIENTS, result, 0.0)
+            rows.append(row)
+            _print_progress(row)
+    return rows
+
+
+class RowLock(threading.Thread):
+    """One product row held locked by a connection of its own, until the block ends."""
+
+    def __init__(self, url: str, product: int) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.product = product
+        self.locked = threading.Event()
+        self.stopped = threading.Event()
+
+    def __enter__(self) -> RowLock:
+        self.start()
+        if not self.locked.wait(30):
+            raise RuntimeError("the row lock was not taken")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join(30)
+
+    def run(self) -> None:
+        asyncio.run(self._hold())
+
+    async def _hold(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", self.product)
+            self.locked.set()
+            await asyncio.to_thread(self.stopped.wait)
+        finally:
+            await conn.close()
 
 
 def _print_progress(row: dict[str, Any]) -> None:
@@ -444,6 +548,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
                 f" (503 p99 {fmt(r['shed_p99_ms'], '.1f')} ms, with Retry-After:"
                 f" {r['shed_with_retry_after']}), statuses {r['statuses']}"
             )
+    _report_storm(rows)
+    _report_hotrow(rows)
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"bench-{stamp}.json"
@@ -457,13 +563,55 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     return path
 
 
+def _report_storm(rows: list[dict[str, Any]]) -> None:
+    storm = [r for r in rows if r["scenario"] == "storm"]
+    if not storm:
+        return
+    table = Table(title=f"storm: clients retry at once (acquire deadline {STORM_ACQUIRE_TIMEOUT}s)")
+    for col in (
+        "server", "w", "clients", "goodput 2xx/s", "peak req/s (c=64)", "goodput/peak",
+        "served p99 ms", "refused", "refusal p99 ms", "with Retry-After", "statuses",
+    ):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in storm:
+        peak = r.get("peak_rps")
+        table.add_row(
+            r["server"], str(r["workers"]), str(r["concurrency"]), f"{r['goodput']:.0f}",
+            f"{peak:.0f}" if peak else "", f"{r['goodput'] / peak:.2f}" if peak else "",
+            f"{r['served_p99_ms']:.0f}", str(r["non2xx"]),
+            f"{r['shed_p99_ms']:.0f}" if r["shed_p99_ms"] is not None else "",
+            str(r["shed_with_retry_after"]), str(r["statuses"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _report_hotrow(rows: list[dict[str, Any]]) -> None:
+    hot = [r for r in rows if r["scenario"].startswith("hotrow-")]
+    if not hot:
+        return
+    table = Table(title="hotrow: one product row locked by another connection all along")
+    for col in (
+        "server", "w", "group", "req/s", "p50 ms", "p99 ms", "max ms", "statuses", "codes",
+        "503 with Retry-After", "sock err",
+    ):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in hot:
+        table.add_row(
+            r["server"], str(r["workers"]), r["scenario"].removeprefix("hotrow-"),
+            f"{r['rps']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.0f}",
+            str(r["statuses"]), str(r["codes"]), str(r["shed_with_retry_after"]),
+            str(r["socket_errors"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 def _chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["scenario"], r["workers"]) for r in rows if r["scenario"] != "overload"})
+    groups = sorted({(r["scenario"], r["workers"]) for r in rows if r["scenario"] in SCENARIOS})
     if not groups:
         return None
     fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 7), squeeze=False)
@@ -538,6 +686,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", default="shop,baseline,bare,floor")
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
     parser.add_argument("--no-overload", action="store_true")
+    parser.add_argument("--no-storm", action="store_true",
+                        help="skip the retry storm (clients that retry at once)")  # fmt: skip
+    parser.add_argument("--no-hotrow", action="store_true",
+                        help="skip the locked-row scenario")  # fmt: skip
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="also run the shop with metrics and the access log off")  # fmt: skip
     parser.add_argument("--via-pgbouncer", action="store_true",
@@ -560,6 +712,8 @@ def main(argv: list[str] | None = None) -> None:
         servers=[s for s in args.servers.split(",") if s],
         generator=generator,
         overload=not args.no_overload,
+        storm=not args.no_storm,
+        hotrow=not args.no_hotrow,
         metrics_overhead=args.metrics_overhead,
         via_pgbouncer=args.via_pgbouncer,
         granian=args.granian,

@@ -22,6 +22,7 @@ from pglayer import (
     DeadlockError,
     ForeignKeyViolationError,
     InvalidInputError,
+    LockTimeoutError,
     NotNullViolationError,
     ProgrammingError,
     QueryTimeoutError,
@@ -181,7 +182,7 @@ async def test_sqlstate_becomes_its_problem_response(
     assert_clean_problem(response, status, code)
 
 
-async def test_lock_timeout_on_a_held_row_lock_is_504(
+async def test_lock_timeout_on_a_held_row_lock_is_503_busy(
     err_client: httpx.AsyncClient, db_url: str
 ) -> None:
     holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
@@ -190,7 +191,8 @@ async def test_lock_timeout_on_a_held_row_lock_is_504(
         response = await err_client.post("/lock-timeout")
     finally:
         await holder.close()
-    assert_clean_problem(response, 504, "timeout")
+    assert_clean_problem(response, 503, "busy")
+    assert response.headers["retry-after"] == "1"
 
 
 async def test_too_many_connections_for_a_role_is_503(
@@ -345,9 +347,9 @@ def test_every_asyncpg_error_class_translates_by_its_sqlstate(
         assert status == 409
     elif cls.sqlstate in ("23514", "23502"):
         assert status == 422
-    elif cls.sqlstate in ("57014", "55P03"):
+    elif cls.sqlstate == "57014":
         assert status == 504
-    elif cls.sqlstate in ("57P01", "57P02", "57P03", "53300"):
+    elif cls.sqlstate in ("57P01", "57P02", "57P03", "53300", "55P03"):
         assert status == 503
     else:
         assert status in (409, 500)
@@ -366,8 +368,10 @@ def test_classification_depends_only_on_the_sqlstate(sqlstate: str) -> None:
         assert issubclass(cls, SerializationError)
     elif sqlstate == "53300":
         assert cls is TooManyConnectionsError
-    elif sqlstate in ("57014", "55P03"):
+    elif sqlstate == "57014":
         assert cls is QueryTimeoutError
+    elif sqlstate == "55P03":
+        assert cls is LockTimeoutError
     if sqlstate == "40P01":
         assert cls is DeadlockError
 

@@ -200,7 +200,7 @@ async def test_a_saturated_pool_sheds_before_routing_but_serves_health(db_url: s
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         async with db.connection():  # the only connection, held
             waiter = asyncio.create_task(client.get("/users/1"))  # the one allowed to wait
-            await wait_for(lambda: asyncio.sleep(0, db.saturated()))
+            await wait_for(lambda: asyncio.sleep(0, db.saturated() is not None))
             shed = await client.get("/users/2", headers={"X-Request-ID": "shed-1"})
             live = await client.get("/health/live")
         assert (await waiter).status_code == 404

@@ -8,6 +8,13 @@ needs a rollback (then it is reset in the background and rejoins the pool afterw
 
 Deadlines (a waiter's, a running query's) are numbers that `Clock` checks every tick, so
 the common case (a free connection, a query that answers in time) arms no timer at all.
+
+Work is classed into bulkheads (`Lane`: reads, writes, or any name the caller gives), each
+with a cap on the connections it may hold at once, so writes stuck behind a lock cannot take
+the connections reads need. Admission is by predicted wait: a newcomer that would wait
+longer than its deadline anyway is refused at once (after a short pause that slows clients
+which retry at once), and under a standing queue the newest waiter is served first, so
+that what is served still has its deadline left (adaptive LIFO, "Fail at Scale", 2015).
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, NoReturn
 
 import asyncpg
 
@@ -49,10 +56,19 @@ _REFILL_BACKOFF_MAX = 5.0
 class Slot:
     """One pooled connection, and the deadline of the query running on it (0: none)."""
 
-    __slots__ = ("gone", "query_deadline", "query_task", "raw", "released_at", "timed_out")
+    __slots__ = (
+        "gone",
+        "lane",
+        "query_deadline",
+        "query_task",
+        "raw",
+        "released_at",
+        "timed_out",
+    )
 
     def __init__(self, raw: asyncpg.Connection) -> None:
         self.raw = raw
+        self.lane: Lane | None = None  # the bulkhead holding it, while lent
         self.query_deadline = 0.0
         self.query_task: asyncio.Task[Any] | None = None
         self.timed_out = False
@@ -66,6 +82,47 @@ class Slot:
         if task is not None and not task.done():
             self.timed_out = True
             task.cancel()
+
+
+class Lane:
+    """One bulkhead: a kind of work, the connections it may hold at once, its waiters."""
+
+    __slots__ = ("cap", "hold", "in_use", "name", "refused", "timeouts", "waiters", "waiting")
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = name
+        self.cap = cap
+        self.in_use = 0
+        self.waiters: deque[_Waiter] = deque()  # oldest at the left
+        self.waiting = 0  # queued and not yet given a connection or an error
+        self.hold = 0.0  # recent time a connection is held (moving average, seconds)
+        self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
+        self.timeouts = 0  # waited, and the deadline came first
+
+    def head(self) -> _Waiter | None:
+        waiters = self.waiters
+        while waiters and waiters[0].future.done():
+            waiters.popleft()  # left the line already (cancelled, timed out)
+        return waiters[0] if waiters else None
+
+    def newest(self) -> _Waiter | None:
+        waiters = self.waiters
+        while waiters and waiters[-1].future.done():
+            waiters.pop()
+        return waiters[-1] if waiters else None
+
+
+class _Waiter:
+    __slots__ = ("future", "lane", "since", "until")
+
+    def __init__(self, future: asyncio.Future[Slot], lane: Lane, since: float, until: float):
+        self.future = future
+        self.lane = lane
+        self.since = since
+        self.until = until
+
+
+_HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold times
 
 
 def _needs_reset(raw: Any) -> bool:
@@ -101,6 +158,8 @@ class Pool:
         max_idle: float,
         connect_timeout: float,
         observer: Observer,
+        bulkheads: Mapping[str, int] | None = None,
+        refusal_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.min_size = min_size
@@ -116,9 +175,13 @@ class Pool:
         self._idle: deque[Slot] = deque()  # most recently used at the right
         self._size = 0  # open connections plus those being made
         self._in_use = 0
-        self._waiters: deque[asyncio.Future[Slot]] = deque()
-        self._waiting = 0  # queued and not yet given a connection or an error
-        self._deadlines: list[tuple[float, int, asyncio.Future[Slot]]] = []
+        self.refusal_delay = refusal_delay
+        # Unnamed work is a read or a write; other names come from the caller (`bulkhead=`).
+        caps = {"read": max_size, "write": max_size, **(bulkheads or {})}
+        self._lanes = {name: Lane(name, min(cap, max_size)) for name, cap in caps.items()}
+        self._waiting = 0  # in every lane
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._paced: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._order = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
@@ -217,9 +280,16 @@ class Pool:
         finally:
             self._give_back(slot)
 
-    def take(self) -> Slot | None:
+    def lane(self, name: str) -> Lane:
+        """The bulkhead `name` (one not configured may use the whole pool)."""
+        found = self._lanes.get(name)
+        if found is None:
+            found = self._lanes[name] = Lane(name, self.max_size)
+        return found
+
+    def take(self, lane: Lane) -> Slot | None:
         """A free connection at once, or None (then `acquire()` waits in line)."""
-        if self._waiting:
+        if lane.waiting or lane.in_use >= lane.cap:
             return None
         idle = self._idle
         while idle:
@@ -227,7 +297,7 @@ class Pool:
             if slot.raw.is_closed():
                 self._forget(slot)
                 continue
-            self._in_use += 1
+            self._lend(slot, lane)
             self.observer.acquired(0.0)
             clk = self._clock
             if clk is not None:
@@ -235,9 +305,17 @@ class Pool:
             return slot
         return None
 
-    async def acquire(self, timeout: float | None = None, deadline: float | None = None) -> Slot:
-        """A connection within `timeout` (default `acquire_timeout`) and before `deadline`."""
-        slot = self.take()
+    def _lend(self, slot: Slot, lane: Lane) -> None:
+        slot.lane = lane
+        lane.in_use += 1
+        self._in_use += 1
+
+    async def acquire(
+        self, lane: Lane, timeout: float | None = None, deadline: float | None = None
+    ) -> Slot:
+        """A connection for `lane` within `timeout` (default `acquire_timeout`) and before
+        `deadline`; refused at once when it would not come in time anyway."""
+        slot = self.take(lane)
         if slot is not None:
             return slot
         if not self.open:
@@ -251,11 +329,11 @@ class Pool:
                     PoolTimeoutError("the request deadline passed before a connection was free")
                 )
             wait = min(wait, left)
-        if self._size < self.max_size and not self._waiting:
+        if self._size < self.max_size and not self._waiting and lane.in_use < lane.cap:
             slot = await self._grow_for_caller(wait)
+            self._lend(slot, lane)
         else:
-            slot = await self._wait_in_line(started + wait)
-        self._in_use += 1
+            slot = await self._wait_in_line(lane, started, wait)
         self.observer.acquired(time.monotonic() - started)
         assert self._clock is not None
         self._clock.wake()
@@ -271,34 +349,81 @@ class Pool:
                 self.observer.acquire_failed(exc)
             raise
 
-    async def _wait_in_line(self, until: float) -> Slot:
+    def predicted_wait(self, lane: Lane) -> float:
+        """How long a newcomer to `lane` would wait: the waiters ahead of it, at the pace
+        the connections it may use come free (its recent hold time each)."""
+        ahead = 1 + sum(
+            other.waiting
+            for other in self._lanes.values()
+            if other is lane or other.in_use < other.cap
+        )
+        usable = min(lane.cap, self.max_size - (self._in_use - lane.in_use))
+        return ahead * lane.hold / max(usable, 1)
+
+    async def _wait_in_line(self, lane: Lane, since: float, wait: float) -> Slot:
         if self._waiting >= self.max_waiters:
-            raise self._refused(PoolOverloadedError())
-        waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+            await self._refuse(lane, PoolOverloadedError(retry_after=self.predicted_wait(lane)))
+        predicted = self.predicted_wait(lane)
+        if predicted > wait:
+            # It would not get a connection in time: say so now, not after the wait.
+            await self._refuse(lane, PoolOverloadedError(retry_after=predicted))
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), lane, since, since + wait)
+        lane.waiters.append(waiter)
+        lane.waiting += 1
         self._waiting += 1
-        heapq.heappush(self._deadlines, (until, next(self._order), waiter))
+        heapq.heappush(self._deadlines, (waiter.until, next(self._order), waiter))
         if self._size < self.max_size:
             self._grow_for_waiters()
         assert self._clock is not None
         self._clock.wake()
         try:
-            return await waiter
+            return await waiter.future
         except asyncio.CancelledError:
-            if waiter.cancelled():
-                self._waiting -= 1  # nobody answered it: it leaves the line itself
-            elif waiter.exception() is None:
-                self._give_back(waiter.result())  # handed one just as it was cancelled
+            future = waiter.future
+            if future.cancelled():  # nobody answered it: it leaves the line itself
+                lane.waiting -= 1
+                self._waiting -= 1
+            elif future.exception() is None:
+                self._return_unused(future.result())  # handed one just as it was cancelled
             raise
+
+    async def _refuse(self, lane: Lane, error: PglayerError) -> NoReturn:
+        """Count and raise `error`, after `refusal_delay`: a client that retries at once
+        then retries a little later, at no cost to the server (no timer; see `_tick`)."""
+        lane.refused += 1
+        self._refused(error)
+        await self.pause_refusal()
+        raise error
+
+    async def pause_refusal(self) -> None:
+        """Wait `refusal_delay` (the clock ends the pause: no timer of its own)."""
+        if not self.refusal_delay or self._clock is None:
+            return
+        paused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._paced.append((time.monotonic() + self.refusal_delay, paused))
+        self._clock.wake()
+        await paused
 
     def release(self, slot: Slot, held: float) -> None:
         """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first."""
+        lane = slot.lane
+        assert lane is not None
+        lane.in_use -= 1
         self._in_use -= 1
+        lane.hold += (held - lane.hold) * _HOLD_WEIGHT if lane.hold else held
         self.observer.released(held)
+        self._give_back(slot)
+
+    def _return_unused(self, slot: Slot) -> None:
+        lane = slot.lane
+        assert lane is not None
+        lane.in_use -= 1
+        self._in_use -= 1
         self._give_back(slot)
 
     def _give_back(self, slot: Slot) -> None:
         slot.query_task = None
+        slot.lane = None
         raw = slot.raw
         if raw.is_closed():
             self._forget(slot)
@@ -311,26 +436,50 @@ class Pool:
         if self._drained is not None and not self._in_use:
             self._drained.set()
 
+    def _next_waiter(self) -> _Waiter | None:
+        """Whom a free connection goes to: the oldest waiter of a lane below its cap; but
+        once that one has used half its wait, the newest of its lane (adaptive LIFO)."""
+        if not self._waiting:
+            return None
+        oldest = None
+        for lane in self._lanes.values():
+            if lane.waiting and lane.in_use < lane.cap:
+                head = lane.head()
+                if head is not None and (oldest is None or head.since < oldest.since):
+                    oldest = head
+        if oldest is None:
+            return None
+        lane = oldest.lane
+        standing = time.monotonic() - oldest.since > (oldest.until - oldest.since) / 2
+        chosen = lane.newest() if standing else oldest
+        assert chosen is not None
+        (lane.waiters.pop if chosen is not oldest else lane.waiters.popleft)()
+        lane.waiting -= 1
+        self._waiting -= 1
+        return chosen
+
     def _put(self, slot: Slot) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                self._waiting -= 1
-                waiter.set_result(slot)
-                return
-        slot.released_at = time.monotonic()
-        self._idle.append(slot)
+        waiter = self._next_waiter()
+        if waiter is None:
+            slot.released_at = time.monotonic()
+            self._idle.append(slot)
+            return
+        self._lend(slot, waiter.lane)
+        waiter.future.set_result(slot)
 
     def _fail_head(self, error: BaseException) -> bool:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                self._waiting -= 1
-                waiter.set_exception(error)
-                return True
-        return False
+        oldest = None
+        for lane in self._lanes.values():
+            head = lane.head()
+            if head is not None and (oldest is None or head.since < oldest.since):
+                oldest = head
+        if oldest is None:
+            return False
+        oldest.lane.waiters.popleft()
+        oldest.lane.waiting -= 1
+        self._waiting -= 1
+        oldest.future.set_exception(error)
+        return True
 
     def _fail_waiters(self, error: PglayerError) -> None:
         while self._fail_head(error):
@@ -442,14 +591,21 @@ class Pool:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             waiter = heapq.heappop(deadlines)[2]
-            if not waiter.done():
+            if not waiter.future.done():
+                waiter.lane.waiting -= 1
+                waiter.lane.timeouts += 1
                 self._waiting -= 1
-                waiter.set_exception(self._refused(PoolTimeoutError()))
+                waiter.future.set_exception(self._refused(PoolTimeoutError()))
+        paced = self._paced
+        while paced and paced[0][0] <= now:
+            paused = paced.popleft()[1]
+            if not paused.done():
+                paused.set_result(None)
         for slot in self._slots:
             due = slot.query_deadline
             if due and due <= now:
                 slot.expire()
-        return bool(self._in_use or self._waiting)
+        return bool(self._in_use or self._waiting or paced)
 
     async def _maintain(self) -> None:
         """Close connections idle past `max_idle` (above `min_size`); refill to `min_size`."""
@@ -499,6 +655,16 @@ class Pool:
     def waiting(self) -> int:
         return self._waiting
 
-    def saturated(self) -> bool:
-        """True while a new acquirer would be refused for `max_waiters`."""
-        return self._waiting >= self.max_waiters and not self._idle
+    def saturated(self) -> float | None:
+        """While a new read would be refused (its predicted wait past `acquire_timeout`, or
+        `max_waiters` waiting), that predicted wait in seconds; else None."""
+        if not self._waiting:
+            return None
+        lane = self._lanes["read"]
+        predicted = self.predicted_wait(lane)
+        if predicted > self.acquire_timeout or self._waiting >= self.max_waiters:
+            return predicted
+        return None
+
+    def lanes(self) -> list[Lane]:
+        return list(self._lanes.values())

@@ -19,6 +19,7 @@ from pglayer.errors import (
     CommitIndeterminateError,
     ConnectionLostError,
     QueryTimeoutError,
+    TransactionAbortedError,
     translate,
 )
 from pglayer.observer import Observer
@@ -48,12 +49,13 @@ class Connection:
     there as `raw` for what is not wrapped. It is valid until it goes back to the pool.
     """
 
-    __slots__ = ("_ctx", "_pool", "_slot", "raw")
+    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "raw")
 
     def __init__(self, slot: Slot, pool: Pool, ctx: RequestContext | None = None) -> None:
         self._slot: Slot | None = slot
         self._pool = pool
         self._ctx = ctx
+        self._depth = 0  # transactions open: 1 is BEGIN, more are savepoints
         self.raw = slot.raw
 
     @property
@@ -191,15 +193,16 @@ class Connection:
 
         return await self._call(copy, f"COPY {table}", (), timeout)
 
-    async def _control(self, step: Callable[[], Awaitable[None]]) -> None:
-        """BEGIN, COMMIT or ROLLBACK under the same deadline as any statement.
+    async def _control(self, statement: str) -> str:
+        """BEGIN, COMMIT, ROLLBACK or a savepoint, under the same deadline as any statement.
 
-        Raises driver errors as they are (the caller decides what they mean); a deadline
-        passed raises `_TimedOut`.
+        Sent as a simple query (so `BEGIN; SET LOCAL ...` is one round trip); raises driver
+        errors as they are (the caller decides what they mean); past the deadline,
+        `_TimedOut`.
         """
         slot, _ = self._arm(None)
         try:
-            await step()
+            return await self.raw.execute(statement)
         except asyncio.CancelledError:
             if self._timed_out(slot):
                 raise _TimedOut("no answer within the deadline") from None
@@ -214,28 +217,42 @@ class Connection:
         readonly: bool = False,
         isolation: Isolation | None = None,
         deferrable: bool = False,
+        lock_timeout: float | None = None,
     ) -> AsyncIterator[Connection]:
         """A transaction (a savepoint when nested) that commits when the block succeeds.
 
         Any exception in the block rolls back. A commit that fails raises (a deferred
         constraint, say); one whose connection is lost mid-flight raises
         `CommitIndeterminateError`, since it may or may not have been applied.
+        `lock_timeout` (seconds) bounds each lock wait inside; past it, `LockTimeoutError`.
         """
-        tx = self.raw.transaction(isolation=isolation, readonly=readonly, deferrable=deferrable)
+        self._depth += 1
+        savepoint = f"pglayer_{self._depth}" if self._depth > 1 else None
         try:
-            await self._control(tx.start)
-        except Exception as exc:
-            self._raise(exc)
+            begin = _begin(readonly, isolation, deferrable, lock_timeout, savepoint)
+            try:
+                await self._control(begin)
+            except Exception as exc:
+                self._raise(exc)
+            try:
+                yield self
+            except Exception:
+                await self._rollback_quietly(savepoint)
+                raise
+            # On cancellation nothing is sent here: the pool rolls back before reuse.
+            if savepoint is None:
+                await self._commit(readonly)
+            else:
+                try:
+                    await self._control(f"RELEASE SAVEPOINT {savepoint}")
+                except Exception as exc:
+                    self._raise(exc)
+        finally:
+            self._depth -= 1
+
+    async def _commit(self, readonly: bool) -> None:
         try:
-            yield self
-        except Exception:
-            await self._rollback_quietly(tx)
-            raise
-        # On cancellation nothing is sent here: the pool rolls back before reuse.
-        try:
-            await self._control(tx.commit)
-            if not readonly:
-                context.mark_wrote()
+            status = await self._control("COMMIT")
         except Exception as exc:
             translated = self._translate(exc)
             if isinstance(translated, ConnectionLostError) or (
@@ -248,14 +265,53 @@ class Connection:
                 self._pool.observer.error(CommitIndeterminateError())
                 raise CommitIndeterminateError() from exc
             self._raise(exc)
+        if status != "COMMIT":
+            # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error:
+            # a statement failed inside and its error was swallowed. Nothing was applied.
+            error = TransactionAbortedError()
+            self._pool.observer.error(error)
+            raise error
+        if not readonly:
+            context.mark_wrote()
 
-    async def _rollback_quietly(self, tx: Any) -> None:
+    async def _rollback_quietly(self, savepoint: str | None) -> None:
         # The block's own exception is what the caller must see; a failed rollback only
         # means the connection is broken, and the pool discards broken connections.
         if self.is_closed():
             return
+        statement = "ROLLBACK" if savepoint is None else f"ROLLBACK TO SAVEPOINT {savepoint}"
         try:
-            await self._control(tx.rollback)
+            await self._control(statement)
         except Exception:
             if not self.raw.is_closed():
                 getattr(self.raw, "terminate_broken", self.raw.terminate)()
+
+
+_ISOLATION = {
+    "read_committed": "READ COMMITTED",
+    "repeatable_read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+}
+
+
+def _begin(
+    readonly: bool,
+    isolation: Isolation | None,
+    deferrable: bool,
+    lock_timeout: float | None,
+    savepoint: str | None,
+) -> str:
+    """The statement(s) that open a transaction or a savepoint, as one simple query."""
+    if savepoint is not None:
+        statement = f"SAVEPOINT {savepoint}"
+    else:
+        statement = "BEGIN"
+        if isolation is not None:
+            statement += f" ISOLATION LEVEL {_ISOLATION[isolation]}"
+        if readonly:
+            statement += " READ ONLY"
+        if deferrable:
+            statement += " DEFERRABLE"
+    if lock_timeout is not None:
+        statement += f"; SET LOCAL lock_timeout = {max(int(lock_timeout * 1000), 1)}"
+    return statement

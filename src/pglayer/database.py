@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -45,7 +46,7 @@ from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer.replicas import ReplicaSet
 from pglayer.retry import RetryPolicy, retry_after
 from pglayer.settings import DatabaseSettings
-from pglayer.stats import PoolStats, StatsRecorder
+from pglayer.stats import BulkheadStats, PoolStats, StatsRecorder
 
 __all__ = ["Database"]
 
@@ -53,7 +54,13 @@ log = logging.getLogger("pglayer")
 T = TypeVar("T")
 
 Work = Callable[[Connection], Awaitable[T]]
-_Tx = tuple[bool, Isolation | None]  # readonly, isolation
+
+
+@dataclass(frozen=True, slots=True)
+class _Tx:
+    readonly: bool = False
+    isolation: Isolation | None = None
+    lock_timeout: float | None = None
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
@@ -276,6 +283,8 @@ class Database:
             max_idle=s.max_inactive_connection_lifetime,
             connect_timeout=s.connect_timeout,
             observer=self._observer,
+            bulkheads=s.bulkhead_caps(),
+            refusal_delay=s.refusal_delay,
         )
         await pool.start()
         return pool
@@ -337,30 +346,37 @@ class Database:
         retry: bool,
         timeout: float | None,
         tx: _Tx | None,
+        bulkhead: str,
     ) -> T:
         # Every read and write in one coroutine: acquire, run, release; retries and the
         # replica fallback only on the `except` path.
         ctx = current()
         pool = target._pool
         if pool is None:
-            return await self._recover(target._unavailable(), target, fn, retry, timeout, tx)
+            error: Exception = target._unavailable()
+            return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
+        lane = pool.lane(bulkhead)
         try:
-            slot = pool.take() or await pool.acquire(timeout, None if ctx is None else ctx.deadline)
+            slot = pool.take(lane) or await pool.acquire(
+                lane, timeout, None if ctx is None else ctx.deadline
+            )
         except Exception as exc:
-            return await self._recover(exc, target, fn, retry, timeout, tx)
+            return await self._recover(exc, target, fn, retry, timeout, tx, bulkhead)
         conn = Connection(slot, pool, ctx)
         held_since = time.monotonic()
         try:
             if tx is None:
                 return await fn(conn)
-            async with conn.transaction(readonly=tx[0], isolation=tx[1]):
+            async with conn.transaction(
+                readonly=tx.readonly, isolation=tx.isolation, lock_timeout=tx.lock_timeout
+            ):
                 return await fn(conn)
         except Exception as exc:
             error = exc
         finally:
             conn._slot = None
             pool.release(slot, time.monotonic() - held_since)
-        return await self._recover(error, target, fn, retry, timeout, tx)
+        return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
 
     async def _recover(
         self,
@@ -370,41 +386,50 @@ class Database:
         retry: bool,
         timeout: float | None,
         tx: _Tx | None,
+        bulkhead: str,
     ) -> T:
         if target is not self:
             # A replica failed: take it out of rotation and read from the primary.
             if not isinstance(error, TransientError) or self.replicas is None:
                 raise error
             self.replicas.mark_failed(target)
-            return await self._call(self, fn, True, timeout, tx)
+            return await self._call(self, fn, True, timeout, tx, bulkhead)
         if not retry:
             raise error
         return await retry_after(
             error,
-            lambda: self._call(self, fn, False, timeout, tx),
+            lambda: self._call(self, fn, False, timeout, tx, bulkhead),
             self.retry_policy,
             self._observer,
             "run" if tx is None else "transaction",
         )
 
     def run(
-        self, fn: Work[T], *, retry: bool = True, timeout: float | None = None
+        self,
+        fn: Work[T],
+        *,
+        retry: bool = True,
+        timeout: float | None = None,
+        bulkhead: str = "write",
     ) -> Coroutine[Any, Any, T]:
         """Call `fn(conn)` on a pooled connection in autocommit mode; return its result.
 
         With `retry`, transient failures (connection lost, no connection slots, database
         not yet open) are retried with jittered backoff within the attempts and the
         deadline, so `fn` must be safe to run twice: a read, or an idempotent write.
+        `bulkhead` names the connections it counts against (see `DatabaseSettings`).
         """
-        return self._call(self, fn, retry, timeout, None)
+        return self._call(self, fn, retry, timeout, None, bulkhead)
 
-    def read(self, fn: Work[T], *, timeout: float | None = None) -> Coroutine[Any, Any, T]:
+    def read(
+        self, fn: Work[T], *, timeout: float | None = None, bulkhead: str = "read"
+    ) -> Coroutine[Any, Any, T]:
         """Like `run(fn)`, on a healthy replica when there is one.
 
         Falls back to the primary when no replica is healthy, when this request (or its
         client, recently) wrote, or when the replica fails; `fn` must only read.
         """
-        return self._call(self._read_target(), fn, True, timeout, None)
+        return self._call(self._read_target(), fn, True, timeout, None, bulkhead)
 
     def run_in_transaction(
         self,
@@ -412,26 +437,31 @@ class Database:
         *,
         readonly: bool = False,
         isolation: Isolation | None = None,
+        lock_timeout: float | None = None,
         retry: bool = True,
         timeout: float | None = None,
+        bulkhead: str | None = None,
     ) -> Coroutine[Any, Any, T]:
         """Call `fn(conn)` inside a transaction, commit, and return its result.
 
         With `retry`, the whole transaction is replayed on serialization failures,
         deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
         touch the database through `conn`. A connection lost during COMMIT raises
-        `CommitIndeterminateError` and is never replayed.
+        `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every
+        lock wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`.
         """
-        return self._call(self, fn, retry, timeout, (readonly, isolation))
+        tx = _Tx(readonly, isolation, lock_timeout)
+        lane = bulkhead or ("read" if readonly else "write")
+        return self._call(self, fn, retry, timeout, tx, lane)
 
     def _read_target(self) -> Database:
         if self.replicas is None or reads_need_primary():
             return self
         return self.replicas.choose() or self
 
-    def connection(self, *, timeout: float | None = None) -> _Lease:
+    def connection(self, *, timeout: float | None = None, bulkhead: str = "write") -> _Lease:
         """A pooled connection in autocommit mode, acquired within `timeout` seconds."""
-        return _Lease(self, timeout)
+        return _Lease(self, timeout, bulkhead)
 
     @asynccontextmanager
     async def transaction(
@@ -439,21 +469,26 @@ class Database:
         *,
         readonly: bool = False,
         isolation: Isolation | None = None,
+        lock_timeout: float | None = None,
         timeout: float | None = None,
+        bulkhead: str | None = None,
     ) -> AsyncIterator[Connection]:
         """A pooled connection inside a transaction that commits when the block succeeds."""
+        lane = bulkhead or ("read" if readonly else "write")
         async with (
-            self.connection(timeout=timeout) as conn,
-            conn.transaction(readonly=readonly, isolation=isolation),
+            self.connection(timeout=timeout, bulkhead=lane) as conn,
+            conn.transaction(readonly=readonly, isolation=isolation, lock_timeout=lock_timeout),
         ):
             yield conn
 
     @asynccontextmanager
-    async def read_connection(self, *, timeout: float | None = None) -> AsyncIterator[Connection]:
+    async def read_connection(
+        self, *, timeout: float | None = None, bulkhead: str = "read"
+    ) -> AsyncIterator[Connection]:
         """A connection of a healthy replica (else of the primary), for reads only."""
         target = self._read_target()
         if target is not self:
-            lease = target.connection(timeout=timeout)
+            lease = target.connection(timeout=timeout, bulkhead=bulkhead)
             try:
                 conn = await lease.__aenter__()
             except TransientError:
@@ -465,7 +500,7 @@ class Database:
                 finally:
                     await lease.__aexit__(None, None, None)
                 return
-        async with self.connection(timeout=timeout) as conn:
+        async with self.connection(timeout=timeout, bulkhead=bulkhead) as conn:
             yield conn
 
     def pools(self) -> list[Database]:
@@ -480,14 +515,20 @@ class Database:
 
     # -- load ------------------------------------------------------------------------
 
-    def saturated(self) -> bool:
-        """True while an acquire would be shed: `max_waiters` are already waiting."""
+    def saturated(self) -> float | None:
+        """While even a read would be refused at once, its predicted wait (seconds)."""
         pool = self._pool
-        return pool is not None and pool.saturated()
+        return None if pool is None else pool.saturated()
 
     def count_shed(self) -> None:
         """Count a request refused for `saturated()` before it asked for a connection."""
         self._observer.acquire_failed(PoolOverloadedError())
+
+    async def pause_refusal(self) -> None:
+        """Wait `refusal_delay` before answering a refusal (see `DatabaseSettings`)."""
+        pool = self._pool
+        if pool is not None:
+            await pool.pause_refusal()
 
     # -- statistics ------------------------------------------------------------------
 
@@ -503,17 +544,31 @@ class Database:
             idle=0 if pool is None else pool.idle,
             in_use=0 if pool is None else pool.in_use,
             waiting=0 if pool is None else pool.waiting,
+            bulkheads={}
+            if pool is None
+            else {
+                lane.name: BulkheadStats(
+                    cap=lane.cap,
+                    in_use=lane.in_use,
+                    waiting=lane.waiting,
+                    refused=lane.refused,
+                    acquire_timeouts=lane.timeouts,
+                    hold_seconds=round(lane.hold, 6),
+                )
+                for lane in pool.lanes()
+            },
         )
 
 
 class _Lease:
     """`async with db.connection() as conn`: one connection, given back on exit."""
 
-    __slots__ = ("_conn", "_db", "_held_since", "_pool", "_slot", "_timeout")
+    __slots__ = ("_bulkhead", "_conn", "_db", "_held_since", "_pool", "_slot", "_timeout")
 
-    def __init__(self, db: Database, timeout: float | None) -> None:
+    def __init__(self, db: Database, timeout: float | None, bulkhead: str) -> None:
         self._db = db
         self._timeout = timeout
+        self._bulkhead = bulkhead
         self._pool: Pool | None = None
         self._slot: Slot | None = None
         self._conn: Connection | None = None
@@ -524,8 +579,9 @@ class _Lease:
         if pool is None:
             raise self._db._unavailable()
         ctx: RequestContext | None = current()
-        slot = pool.take() or await pool.acquire(
-            self._timeout, None if ctx is None else ctx.deadline
+        lane = pool.lane(self._bulkhead)
+        slot = pool.take(lane) or await pool.acquire(
+            lane, self._timeout, None if ctx is None else ctx.deadline
         )
         self._pool, self._slot = pool, slot
         self._conn = Connection(slot, pool, ctx)

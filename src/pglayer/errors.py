@@ -9,7 +9,8 @@
         │   ├── SerializationError         40001
         │   │   └── DeadlockError          40P01
         │   ├── PoolTimeoutError           no connection within the acquire deadline
-        │   ├── PoolOverloadedError        too many acquirers already waiting
+        │   ├── PoolOverloadedError        refused at once: would wait past its deadline
+        │   ├── LockTimeoutError           55P03: a lock held past the lock bound (busy)
         │   ├── DatabaseUnavailableError   the pool is not open (yet) or was closed
         │   └── CommitIndeterminateError   connection lost while COMMIT was in flight
         ├── IntegrityError
@@ -18,7 +19,8 @@
         │   ├── CheckViolationError        23514 (422)
         │   └── NotNullViolationError      23502 (422)
         ├── InvalidInputError              22*, asyncpg's client-side DataError (422)
-        ├── QueryTimeoutError              57014, 55P03, client-side query deadline (504)
+        ├── QueryTimeoutError              57014, client-side query deadline (504)
+        ├── TransactionAbortedError        COMMIT answered ROLLBACK: an error was swallowed
         └── ProgrammingError               42* (500)
 
 `translate()` is the one place that turns asyncpg and socket errors into these.
@@ -43,6 +45,7 @@ __all__ = [
     "ForeignKeyViolationError",
     "IntegrityError",
     "InvalidInputError",
+    "LockTimeoutError",
     "NotNullViolationError",
     "PglayerError",
     "PoolOverloadedError",
@@ -51,6 +54,7 @@ __all__ = [
     "QueryTimeoutError",
     "SerializationError",
     "TooManyConnectionsError",
+    "TransactionAbortedError",
     "TransientError",
     "UniqueViolationError",
     "translate",
@@ -113,7 +117,22 @@ class PoolTimeoutError(TransientError):
 
 
 class PoolOverloadedError(TransientError):
-    default_message = "too many requests are already waiting for a database connection"
+    """Refused without waiting: the predicted wait exceeds the deadline, or the wait bound.
+
+    `retry_after` is the predicted wait in seconds, when there is one.
+    """
+
+    default_message = "the database is overloaded: a connection would not come in time"
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LockTimeoutError(TransientError):
+    """A row or table stayed locked past `lock_timeout` (55P03): busy, try again later."""
+
+    default_message = "a lock was held by another transaction past the lock bound"
 
 
 class DatabaseUnavailableError(TransientError):
@@ -154,6 +173,16 @@ class QueryTimeoutError(DatabaseError):
     default_message = "the query did not finish within its deadline"
 
 
+class TransactionAbortedError(DatabaseError):
+    """COMMIT found the transaction failed (an error inside was caught and ignored), so
+    PostgreSQL rolled it back: nothing was applied."""
+
+    default_message = "the transaction had failed and was rolled back at COMMIT"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, sqlstate="25P02")
+
+
 class ProgrammingError(DatabaseError):
     default_message = "the statement is invalid for this schema"
 
@@ -170,7 +199,7 @@ _EXACT: dict[str, type[DatabaseError]] = {
     "57P02": ConnectionLostError,  # crash_shutdown
     "57P03": ConnectionLostError,  # cannot_connect_now
     "57014": QueryTimeoutError,  # query_canceled (statement_timeout)
-    "55P03": QueryTimeoutError,  # lock_not_available (lock_timeout)
+    "55P03": LockTimeoutError,  # lock_not_available (lock_timeout, NOWAIT)
 }
 _BY_CLASS: dict[str, type[DatabaseError]] = {
     "08": ConnectionLostError,

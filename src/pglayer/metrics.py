@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pglayer.database import Database
-from pglayer.stats import Histogram, PoolStats, RequestSeries, RequestStats
+from pglayer.stats import BulkheadStats, Histogram, PoolStats, RequestSeries, RequestStats
 
 __all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
 
@@ -46,6 +46,18 @@ _COUNTERS = (
     ("connections_failed", "Connection attempts that failed"),
     ("slow_queries", "Statements slower than the slow-query threshold"),
 )
+
+
+_BULKHEAD_SERIES = (
+    ("cap", "Most connections the bulkhead may hold at once", "cap", "gauge"),
+    ("in_use", "Connections the bulkhead holds now", "in_use", "gauge"),
+    ("waiting", "Callers of the bulkhead waiting for a connection", "waiting", "gauge"),
+    ("hold_seconds", "Recent time a connection is held (moving average)", "hold_seconds", "gauge"),
+    ("refused", "Acquires refused at once (predicted wait past the deadline, or the bound)",
+     "refused", "counter"),
+    ("acquire_timeouts", "Acquires that waited past their deadline", "acquire_timeouts",
+     "counter"),
+)  # fmt: skip
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -97,6 +109,7 @@ def _snapshot_from_json(data: dict[str, Any]) -> Snapshot:
         item["acquire_wait"] = _hist(item["acquire_wait"])
         item["hold_time"] = _hist(item["hold_time"])
         item["query_time"] = {op: _hist(h) for op, h in item["query_time"].items()}
+        item["bulkheads"] = {n: BulkheadStats(**b) for n, b in item["bulkheads"].items()}
         pools.append(PoolStats(**item))
     http = [
         RequestSeries(r["method"], r["route"], r["status"], _hist(r["duration"]))
@@ -193,6 +206,14 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
             for key, value in getattr(s, attr).items():
                 by_key.add_metric([s.name, key, *w], float(value))
         yield by_key
+    for name, doc, attr, kind in _BULKHEAD_SERIES:
+        family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+            f"pglayer_bulkhead_{name}", doc, labels=["pool", "bulkhead", *extra]
+        )
+        for s, w in zip(snapshots, workers, strict=True):
+            for bulkhead, b in s.bulkheads.items():
+                family.add_metric([s.name, bulkhead, *w], float(getattr(b, attr)))
+        yield family
     queries = HistogramMetricFamily(
         "pglayer_query_duration_seconds",
         "Statement durations by operation (route template or pglayer.operation name)",

@@ -22,8 +22,16 @@ class DatabaseSettings(BaseSettings):
     )
     min_size: int = Field(default=2, ge=0)
     max_size: int = Field(default=10, ge=1)
-    # Bounded waiting: past `max_waiters` queued acquirers the next is shed at once.
-    max_waiters: int = Field(default=1000, ge=0)
+    # A hard cap on queued acquirers (memory); below it, a newcomer is refused at once only
+    # when its predicted wait exceeds its deadline (see the README, "Overload").
+    max_waiters: int = Field(default=2048, ge=0)
+    # Bulkheads: the most connections each kind of work may hold at once, as JSON
+    # (`{"write": 6, "reports": 2}`). Unnamed work is `read` or `write`; by default writes may
+    # hold all but a quarter of the pool, so reads keep some however writes are stuck.
+    bulkheads: dict[str, int] = Field(default_factory=dict)
+    # A refusal (503 `overloaded`) is answered after this pause, which slows clients that
+    # retry at once without costing the server anything.
+    refusal_delay: float = Field(default=0.025, ge=0, le=1.0)
     acquire_timeout: float = Field(default=2.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     # Client-side deadline for one query; the server-side `statement_timeout` fires first.
@@ -82,7 +90,15 @@ class DatabaseSettings(BaseSettings):
     def _check_sizes(self) -> DatabaseSettings:
         if self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
+        if any(cap < 1 for cap in self.bulkheads.values()):
+            raise ValueError("every bulkhead needs at least one connection")
         return self
+
+    def bulkhead_caps(self) -> dict[str, int]:
+        """Each bulkhead's cap: the configured ones over the defaults."""
+        reserved_for_reads = max(1, self.max_size // 4) if self.max_size > 1 else 0
+        defaults = {"read": self.max_size, "write": self.max_size - reserved_for_reads}
+        return {**defaults, **self.bulkheads}
 
     def server_settings(self) -> dict[str, str]:
         """Startup parameters for every connection (not `SET`: PgBouncer-safe)."""

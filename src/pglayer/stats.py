@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["Histogram", "PoolStats", "RequestSeries", "RequestStats"]
+__all__ = ["BulkheadStats", "Histogram", "PoolStats", "RequestSeries", "RequestStats"]
 
 # Seconds; the last bucket catches everything slower.
 BUCKETS: tuple[float, ...] = (
@@ -62,6 +62,18 @@ class Histogram:
 
 
 @dataclass(frozen=True, slots=True)
+class BulkheadStats:
+    """One kind of work in a pool: its cap, what it holds and awaits now, refusals so far."""
+
+    cap: int
+    in_use: int
+    waiting: int
+    refused: int  # at once: predicted to wait past the deadline, or the wait bound
+    acquire_timeouts: int  # waited, and the deadline came first
+    hold_seconds: float  # recent time a connection is held (moving average)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStats:
     """A snapshot of one pool. Sizes are now; counters are since the process started."""
 
@@ -87,6 +99,7 @@ class PoolStats:
     give_ups: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     query_time: dict[str, Histogram] = field(default_factory=dict)
+    bulkheads: dict[str, BulkheadStats] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with stable keys (histograms summarised)."""
@@ -97,6 +110,8 @@ class PoolStats:
                 value = value.as_dict()
             elif f.name == "query_time":
                 value = {op: h.as_dict() for op, h in value.items()}
+            elif f.name == "bulkheads":
+                value = {name: asdict(b) for name, b in value.items()}
             out[f.name] = value
         return out
 
@@ -196,6 +211,7 @@ class StatsRecorder:
         idle: int,
         in_use: int,
         waiting: int,
+        bulkheads: dict[str, BulkheadStats] | None = None,
     ) -> PoolStats:
         return PoolStats(
             name=name,
@@ -220,6 +236,7 @@ class StatsRecorder:
             give_ups=dict(self.give_ups),
             errors=dict(self.errors),
             query_time={op: r.snapshot() for op, r in self._queries.items()},
+            bulkheads=bulkheads or {},
         )
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import setup
 from pglayer.fastapi.metrics import setup_metrics
 from pglayer.logs import configure_logging
+from pglayer_shop.orders import sweep_forever
 from pglayer_shop.routes import router
 from pglayer_shop.settings import ShopSettings
 
@@ -18,7 +24,22 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     """Build the shop; with no arguments, from `DATABASE_URL` and `PGLAYER_*`."""
     settings = settings if settings is not None else ShopSettings()
     db = db if db is not None else Database(DatabaseSettings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Runs inside pglayer's lifespan (see `setup`): the pool is open here.
+        sweep = asyncio.create_task(
+            sweep_forever(db, settings.idempotency_key_ttl, settings.idempotency_sweep_interval)
+        )
+        try:
+            yield
+        finally:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
+
     app = FastAPI(
+        lifespan=lifespan,
         # The routes themselves, not an included router: FastAPI matches an included
         # router's routes through an extra layer on every request.
         routes=router.routes,

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from typing import Any
 
-from pglayer import Connection, Record
+from pglayer import Connection, Database, PglayerError, Record
 from pglayer.fastapi import Problem
 from pglayer_shop.models import OrderCreate
 
-__all__ = ["ORDER_COLUMNS", "place_order", "request_hash"]
+__all__ = [
+    "ORDER_COLUMNS",
+    "expire_idempotency_keys",
+    "place_order",
+    "request_hash",
+    "sweep_forever",
+]
+
+log = logging.getLogger("pglayer_shop")
 
 _ORDER_FIELDS = ("id", "user_id", "product_id", "quantity", "unit_price", "total", "created_at")
 ORDER_COLUMNS = ", ".join(_ORDER_FIELDS)
@@ -81,23 +91,28 @@ async def _replay(conn: Connection, key: str, digest: str) -> Record:
 
 
 async def place_order(
-    conn: Connection, body: OrderCreate, key: str | None
+    conn: Connection, body: OrderCreate, key: str | None, key_ttl: float
 ) -> tuple[Record | dict[str, Any], bool]:
     """Place the order inside the caller's transaction; return it and whether it is a replay.
 
     A key is inserted first: a concurrent request with the same key waits on that row until
     this transaction ends, then finds it and replays the stored order. If this transaction
-    rolls back, so does the key, and the request can be sent again.
+    rolls back, so does the key, and the request can be sent again. A key older than
+    `key_ttl` seconds counts as gone (the sweep deletes it later): it is taken over.
     """
     digest = request_hash(body)
     if key is not None:
         fresh = await conn.fetchval(
             """
             INSERT INTO idempotency_keys (key, request_hash) VALUES ($1, $2)
-            ON CONFLICT (key) DO NOTHING RETURNING true
+            ON CONFLICT (key) DO UPDATE
+                SET request_hash = EXCLUDED.request_hash, order_id = NULL, created_at = now()
+                WHERE idempotency_keys.created_at < now() - make_interval(secs => $3)
+            RETURNING true
             """,
             key,
             digest,
+            key_ttl,
         )
         if not fresh:
             return await _replay(conn, key, digest), True
@@ -111,3 +126,43 @@ async def place_order(
             "UPDATE idempotency_keys SET order_id = $2 WHERE key = $1", key, order["id"]
         )
     return order, False
+
+
+_SWEEP = """
+WITH doomed AS (
+    SELECT key FROM idempotency_keys
+    WHERE created_at < now() - make_interval(secs => $1)
+    ORDER BY created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM idempotency_keys AS k USING doomed WHERE k.key = doomed.key RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def expire_idempotency_keys(db: Database, ttl: float, *, batch: int = 500) -> int:
+    """Delete keys older than `ttl` seconds, `batch` at a time, each batch its own short
+    transaction that skips keys in use (so no request waits on the sweep); return how many."""
+    deleted = 0
+    while True:
+        count: int = await db.run(lambda conn: conn.fetchval(_SWEEP, ttl, batch), retry=False)
+        deleted += count
+        if count < batch:
+            return deleted
+        await asyncio.sleep(0)  # let requests in between batches
+
+
+async def sweep_forever(db: Database, ttl: float, interval: float) -> None:
+    """`expire_idempotency_keys` every `interval` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            deleted = await expire_idempotency_keys(db, ttl)
+        except PglayerError as exc:
+            log.warning("idempotency key sweep failed (%s); next in %gs", type(exc).__name__,
+                        interval)  # fmt: skip
+            continue
+        if deleted:
+            log.info("deleted %d expired idempotency keys", deleted)

@@ -14,6 +14,13 @@ class ShopSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
 
     admin_token: SecretStr | None = None
+    # Orders and transfers wait at most this long for a row another request holds locked,
+    # then answer 503 `busy` (well below the request deadline: a user is waiting).
+    write_lock_timeout: float = Field(default=1.0, gt=0)
+    # Idempotency keys are kept this long; a key resent later is a new order. Expired keys
+    # are deleted in small batches every `idempotency_sweep_interval` seconds.
+    idempotency_key_ttl: float = Field(default=86_400.0, gt=0)
+    idempotency_sweep_interval: float = Field(default=60.0, gt=0)
     max_body_size: int = Field(default=1 << 20, gt=0)
     # /health/ready answers 503 when `SELECT 1` takes longer than this.
     ready_timeout: float = Field(default=1.0, gt=0)

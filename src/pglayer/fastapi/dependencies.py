@@ -49,13 +49,21 @@ async def _replica_connection(request: Request) -> AsyncIterator[Connection]:
 
 
 def transaction_dependency(
-    *, readonly: bool = False, isolation: Isolation | None = None
+    *,
+    readonly: bool = False,
+    isolation: Isolation | None = None,
+    lock_timeout: float | None = None,
+    bulkhead: str | None = None,
 ) -> Callable[[Request], AsyncIterator[Connection]]:
-    """A dependency yielding a connection inside a transaction with these options."""
+    """A dependency yielding a connection inside a transaction with these options.
+
+    `lock_timeout` bounds each lock wait (503 `busy` past it); `bulkhead` names the
+    connections it counts against (default `read` or `write`).
+    """
 
     async def dependency(request: Request) -> AsyncIterator[Connection]:
         async with (await get_database(request)).transaction(
-            readonly=readonly, isolation=isolation
+            readonly=readonly, isolation=isolation, lock_timeout=lock_timeout, bulkhead=bulkhead
         ) as conn:
             yield conn
 

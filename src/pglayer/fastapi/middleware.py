@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import math
 import os
 import re
 import time
@@ -63,10 +64,12 @@ def route_template(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
-@functools.cache
-def _overloaded() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-    # Built once: under a flood this is what most requests get.
-    response = problem_response(problem_for_database_error(PoolOverloadedError()))
+@functools.lru_cache(maxsize=64)
+def _overloaded(retry_after: float) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    # Built once per Retry-After (whole seconds): under a flood most requests get this.
+    response = problem_response(
+        problem_for_database_error(PoolOverloadedError(retry_after=retry_after))
+    )
     return response.status_code, tuple(response.headers.raw), bytes(response.body)
 
 
@@ -241,11 +244,14 @@ class RequestGuard:
         ex = _Exchange(scope, receive, send, time.monotonic())
         try:
             db = self.database
-            if db is not None and db.saturated() and not scope["path"].startswith(self.shed_exempt):
-                # Answered before routing and validation: under a flood shedding costs
-                # little, and the admitted requests keep the CPU.
+            predicted = None if db is None else db.saturated()
+            if predicted is not None and not scope["path"].startswith(self.shed_exempt):
+                # Even a read would wait past its deadline: refused before routing and
+                # validation, so refusing costs little and admitted requests keep the CPU.
+                assert db is not None
                 db.count_shed()
-                await ex.reply(_overloaded())
+                await db.pause_refusal()
+                await ex.reply(_overloaded(float(math.ceil(predicted))))
                 return
             if (ex.length > 0 or ex.chunked) and not await self._read_body(ex):
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from pglayer.errors import (
     DatabaseError,
     ForeignKeyViolationError,
     InvalidInputError,
+    LockTimeoutError,
     NotNullViolationError,
     PglayerError,
     PoolOverloadedError,
@@ -72,6 +74,7 @@ _CODES = {
 # Most specific first: the first class the error is an instance of decides.
 _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (PoolOverloadedError, 503, "overloaded", "The service is overloaded. Retry later."),
+    (LockTimeoutError, 503, "busy", "The resource is busy with another request. Retry later."),
     (TransientError, 503, "unavailable", "The database is temporarily unavailable. Retry later."),
     (QueryTimeoutError, 504, "timeout", "The database did not answer within the deadline."),
     (UniqueViolationError, 409, "conflict", "A resource with these values already exists."),
@@ -103,7 +106,8 @@ _DESCRIPTIONS = {
     413: "Body over 1 MiB (`payload_too_large`)",
     422: "Invalid input (`validation_error`)",
     500: "Unexpected error (`internal`), with a correlation id",
-    503: "Database unavailable or overloaded (`unavailable`, `overloaded`); has `Retry-After`",
+    503: "Database unavailable, overloaded or a row busy (`unavailable`, `overloaded`, `busy`);"
+    " has `Retry-After`",
     504: "Database deadline exceeded (`timeout`)",
 }
 
@@ -162,11 +166,19 @@ def problem_response(problem: Problem) -> Response:
     return Response(orjson.dumps(body), problem.status, headers, media_type=PROBLEM_JSON)
 
 
+def retry_after(seconds: float | None) -> str:
+    """A `Retry-After` value: whole seconds, at least 1."""
+    return str(max(math.ceil(seconds or 0), RETRY_AFTER_SECONDS))
+
+
 def problem_for_database_error(exc: PglayerError) -> Problem:
     """The problem a pglayer error maps to; unknown ones are internal errors."""
     for cls, status, code, detail in _DATABASE_PROBLEMS:
         if isinstance(exc, cls):
-            return Problem(status, code, detail)
+            headers = None
+            if isinstance(exc, PoolOverloadedError):
+                headers = {"Retry-After": retry_after(exc.retry_after)}
+            return Problem(status, code, detail, headers=headers)
     return Problem(500, "internal", "An unexpected error occurred.")
 
 
@@ -188,7 +200,7 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         # request would add log volume exactly when the process is overloaded.
         if problem.status == 500:
             level = logging.ERROR
-        elif isinstance(exc, PoolOverloadedError | PoolTimeoutError):
+        elif isinstance(exc, PoolOverloadedError | PoolTimeoutError | LockTimeoutError):
             level = logging.INFO
         else:
             level = logging.WARNING

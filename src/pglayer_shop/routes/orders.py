@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Header, Path, Response
+from fastapi import Header, Path, Request, Response
 from pydantic import TypeAdapter
 
 from pglayer import Connection, Record
@@ -15,6 +15,7 @@ from pglayer_shop.orders import ORDER_COLUMNS, place_order
 from pglayer_shop.pagination import After, Limit, decode_cursor, page
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
+from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
@@ -42,19 +43,24 @@ _CURSOR = TypeAdapter(tuple[datetime, int])
         413,
         422,
         _409="`insufficient_stock` or `insufficient_funds`; nothing changed",
+        _503="`busy`: the product's row stayed locked past the bound; or `overloaded`,"
+        " `unavailable`; with `Retry-After`",
         _422="Invalid body, or `idempotency_key_reused` with a different body",
     ),
 )
 async def create_order(
-    body: OrderCreate, db: Db, idempotency_key: IdempotencyKey = None
+    body: OrderCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Decrement stock, debit the balance and write the order, in one transaction."""
     if idempotency_key is not None and "\x00" in idempotency_key:
         raise Problem(422, "validation_error", "Idempotency-Key must not contain NUL.")
+    settings: ShopSettings = request.app.state.shop_settings
     # Replayed whole on serialization failures, deadlocks or a connection lost before
-    # COMMIT; committed before the response is sent.
+    # COMMIT; committed before the response is sent. A row locked past the bound is 503
+    # `busy` (no connection is held longer).
     order, replayed = await db.run_in_transaction(
-        lambda conn: place_order(conn, body, idempotency_key)
+        lambda conn: place_order(conn, body, idempotency_key, settings.idempotency_key_ttl),
+        lock_timeout=settings.write_lock_timeout,
     )
     headers = {"Location": f"/orders/{order['id']}"}
     if replayed:

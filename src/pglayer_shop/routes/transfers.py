@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import Response
+from fastapi import Request, Response
 
 from pglayer import Connection, Record
 from pglayer.fastapi import Db, DbConnection, Problem, json_response, problem_responses
 from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
+from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
@@ -86,7 +87,8 @@ async def get_transfer(transfer_id: UserId, db: Db) -> Response:
     transfer = await db.run(
         lambda conn: conn.fetchrow(
             f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = $1", transfer_id
-        )
+        ),
+        bulkhead="read",
     )
     if transfer is None:
         raise Problem(404, "not_found", f"Transfer {transfer_id} does not exist.")
@@ -100,8 +102,11 @@ async def get_transfer(transfer_id: UserId, db: Db) -> Response:
     response_model=Transfer,
     responses=problem_responses(404, 409, 413, 422, _409="`insufficient_funds`; nothing changed"),
 )
-async def create_transfer(body: TransferCreate, db: Db) -> Response:
-    transfer = await db.run_in_transaction(lambda conn: _transfer(conn, body))
+async def create_transfer(body: TransferCreate, db: Db, request: Request) -> Response:
+    settings: ShopSettings = request.app.state.shop_settings
+    transfer = await db.run_in_transaction(
+        lambda conn: _transfer(conn, body), lock_timeout=settings.write_lock_timeout
+    )
     return json_response(
         transfer, status_code=201, headers={"Location": f"/transfers/{transfer['id']}"}
     )

@@ -1,0 +1,262 @@
+"""Overload and contention: admission by predicted wait, adaptive LIFO, bulkheads, lock bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pglayer import Database, LockTimeoutError, PoolOverloadedError, PoolTimeoutError
+from pglayer._pool import Pool, Slot
+from pglayer_shop.app import create_app
+from pglayer_shop.orders import expire_idempotency_keys
+from pglayer_shop.settings import ShopSettings
+from tests.conftest import asgi_client, backends, settings_for, wait_for
+
+
+def _pool(db: Database) -> Pool:
+    pool = db._pool
+    assert pool is not None
+    return pool
+
+
+async def _hold(db: Database, seconds: float, times: int) -> None:
+    """Teach the write lane's estimate: connections held `seconds` each."""
+    for _ in range(times):
+        async with db.connection():
+            await asyncio.sleep(seconds)
+
+
+async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
+        await _hold(db, 0.1, 3)
+        pool = _pool(db)
+        lane = pool.lane("write")
+        assert 0.05 < lane.hold < 0.5
+        async with db.connection():  # the only connection, held
+            # One ahead is about one hold: well inside a 5 s deadline, so it waits in line.
+            first = asyncio.create_task(pool.acquire(lane, timeout=5.0))
+            await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
+            predicted = pool.predicted_wait(lane)
+            assert predicted == pytest.approx(2 * lane.hold)
+            # A newcomer whose deadline is shorter than that is refused without waiting.
+            with pytest.raises(PoolOverloadedError) as refused:
+                await pool.acquire(lane, timeout=predicted / 2)
+            assert refused.value.retry_after == pytest.approx(predicted)
+            assert lane.refused == 1
+            assert lane.waiting == 1
+            assert lane.timeouts == 0
+            # One whose deadline covers the predicted wait is admitted.
+            second = asyncio.create_task(pool.acquire(lane, timeout=predicted * 10))
+            await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+            assert lane.refused == 1
+        for task in (first, second):
+            slot: Slot = await task
+            pool.release(slot, 0.0)
+    assert db.stats().bulkheads["write"].refused == 1
+    assert db.stats().requests_shed == 1
+
+
+async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        held = await pool.acquire(lane)
+        old = asyncio.create_task(pool.acquire(lane, timeout=1.0))
+        await asyncio.sleep(0.6)  # the oldest has used more than half its wait
+        new = asyncio.create_task(pool.acquire(lane, timeout=5.0))
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+        pool.release(held, 0.0)
+        served = await new
+        assert not old.done()
+        with pytest.raises(PoolTimeoutError):
+            await old  # its deadline came first
+        pool.release(served, 0.0)
+        assert lane.timeouts == 1
+
+
+async def test_a_bulkhead_at_its_cap_waits_while_others_take_connections(db_url: str) -> None:
+    settings = settings_for(db_url, min_size=4, max_size=4, bulkheads={"write": 2})
+    async with Database(settings) as db:
+        pool = _pool(db)
+        write, read = pool.lane("write"), pool.lane("read")
+        held = [await pool.acquire(write), await pool.acquire(write)]
+        assert pool.take(write) is None  # at its cap, with idle connections left
+        with pytest.raises(PoolTimeoutError):
+            await pool.acquire(write, timeout=0.2)
+        reads = [await pool.acquire(read), await pool.acquire(read)]  # reads still get theirs
+        assert (write.in_use, read.in_use, pool.in_use) == (2, 2, 4)
+        stats = db.stats().bulkheads
+        assert (stats["write"].cap, stats["write"].in_use, stats["write"].acquire_timeouts) == (
+            2,
+            2,
+            1,
+        )
+        assert (stats["read"].cap, stats["read"].in_use) == (4, 2)
+        for slot in held + reads:
+            pool.release(slot, 0.0)
+        assert (write.in_use, read.in_use, pool.in_use) == (0, 0, 0)
+
+
+async def test_the_default_bulkheads_keep_a_quarter_of_the_pool_for_reads(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=8)) as db:
+        caps = {name: b.cap for name, b in db.stats().bulkheads.items()}
+    assert caps == {"read": 8, "write": 6}
+
+
+async def test_writes_stuck_on_a_lock_leave_reads_their_connections(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=4, max_size=4)) as db:
+        await db.run(lambda c: c.execute("CREATE TABLE hot (id int PRIMARY KEY)"))
+        await db.run(lambda c: c.execute("INSERT INTO hot VALUES (1)"))
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute("BEGIN; SELECT 1 FROM hot WHERE id = 1 FOR UPDATE")
+        try:
+            stuck = [
+                asyncio.create_task(
+                    db.run_in_transaction(
+                        lambda c: c.execute("UPDATE hot SET id = 1 WHERE id = 1"), retry=False
+                    )
+                )
+                for _ in range(6)
+            ]
+            await wait_for(lambda: asyncio.sleep(0, _pool(db).lane("write").in_use == 3))
+            for _ in range(20):  # reads keep the quarter writes may not take
+                assert await db.read(lambda c: c.fetchval("SELECT 1"), timeout=0.5) == 1
+        finally:
+            await holder.close()
+        # Once the lock is gone the writes go through (or their waiters' deadline passed).
+        for outcome in await asyncio.gather(*stuck, return_exceptions=True):
+            assert outcome == "UPDATE 1" or isinstance(outcome, PoolTimeoutError), outcome
+
+
+async def test_a_lock_held_past_the_bound_is_busy_and_gives_the_connection_back(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=2)) as db:
+        await db.run(lambda c: c.execute("CREATE TABLE hot (id int PRIMARY KEY)"))
+        await db.run(lambda c: c.execute("INSERT INTO hot VALUES (1)"))
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute("BEGIN; SELECT 1 FROM hot WHERE id = 1 FOR UPDATE")
+        try:
+            with pytest.raises(LockTimeoutError) as info:
+                await db.run_in_transaction(
+                    lambda c: c.execute("UPDATE hot SET id = 1 WHERE id = 1"), lock_timeout=0.2
+                )
+            assert info.value.sqlstate == "55P03"
+            # Still locked by the other connection; ours are all back in the pool.
+            locked = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND granted"
+                " AND pid = pg_backend_pid()"
+            )
+            assert locked == 1
+            assert db.stats().in_use == 0
+        finally:
+            await holder.close()
+
+
+async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
+    db: Database, db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=0.2))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        user = (await client.post("/users", json={"name": "A", "email": "a@example.com"})).json()
+        await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
+        product = (
+            await client.post("/products", json={"name": "P", "price": "1.00", "stock": 5})
+        ).json()
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product['id']} FOR UPDATE")
+        try:
+            order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
+            response = await client.post("/orders", json=order)
+        finally:
+            await holder.close()
+        assert response.status_code == 503
+        assert response.json()["code"] == "busy"
+        assert int(response.headers["retry-after"]) >= 1
+        assert db.stats().in_use == 0
+        assert not [b for b in await backends(admin, db_name) if "transaction" in b["state"]]
+        # Once the row is free the same order goes through.
+        assert (await client.post("/orders", json=order)).status_code == 201
+
+
+async def test_a_refusal_before_routing_carries_the_predicted_wait(db_url: str) -> None:
+    db = Database(
+        settings_for(db_url, min_size=1, max_size=1, acquire_timeout=0.5, refusal_delay=0)
+    )
+    app = create_app(db=db, settings=ShopSettings(admin_token=None))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        pool = _pool(db)
+        pool.lane("read").hold = 2.0  # as if each read held its connection 2 s
+        async with db.connection():  # the only connection, held
+            waiter = asyncio.create_task(pool.acquire(pool.lane("read"), timeout=30))
+            await wait_for(lambda: asyncio.sleep(0, pool.waiting == 1))
+            shed = await client.get("/users/1")
+            live = await client.get("/health/live")
+        pool.release(await waiter, 0.0)
+    assert shed.status_code == 503
+    assert shed.json()["code"] == "overloaded"
+    assert shed.headers["retry-after"] == "4"  # two reads ahead, 2 s each, one connection
+    assert live.status_code == 200
+
+
+async def test_bulkheads_are_in_admin_stats_and_metrics(db: Database) -> None:
+    app = create_app(db=db, settings=ShopSettings(admin_token="t"))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        stats = await client.get("/admin/db-stats", headers={"Authorization": "Bearer t"})
+        text = (await client.get("/metrics")).text
+    write = stats.json()["pools"]["primary"]["bulkheads"]["write"]
+    assert set(write) == {"cap", "in_use", "waiting", "refused", "acquire_timeouts", "hold_seconds"}
+    names = {
+        (s.name, s.labels.get("bulkhead"))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    for series in ("cap", "in_use", "waiting", "refused_total", "acquire_timeouts_total"):
+        assert (f"pglayer_bulkhead_{series}", "write") in names
+
+
+async def test_expiry_deletes_only_expired_keys(db: Database) -> None:
+    await db.run(
+        lambda c: c.execute(
+            """
+            INSERT INTO idempotency_keys (key, request_hash, created_at)
+            SELECT 'old-' || g, 'h', now() - interval '2 days' FROM generate_series(1, 1200) g
+            UNION ALL
+            SELECT 'new-' || g, 'h', now() - interval '1 hour' FROM generate_series(1, 30) g
+            """
+        )
+    )
+    assert await expire_idempotency_keys(db, 86_400, batch=500) == 1200
+    left = await db.run(lambda c: c.fetch("SELECT key FROM idempotency_keys"))
+    assert sorted(r["key"] for r in left) == sorted(f"new-{g}" for g in range(1, 31))
+
+
+async def test_a_key_resent_after_expiry_makes_a_new_order(client: httpx.AsyncClient) -> None:
+    user = (await client.post("/users", json={"name": "B", "email": "b@example.com"})).json()
+    await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
+    product = (
+        await client.post("/products", json={"name": "Q", "price": "1.00", "stock": 5})
+    ).json()
+    order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
+    headers = {"Idempotency-Key": "k-expiring"}
+    first = await client.post("/orders", json=order, headers=headers)
+    replay = await client.post("/orders", json=order, headers=headers)
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert replay.json()["id"] == first.json()["id"]
+    app: Any = client._transport.app  # type: ignore[attr-defined]
+    db: Database = app.state.pglayer_database
+    await db.run(
+        lambda c: c.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours'"
+            " WHERE key = 'k-expiring'"
+        )
+    )
+    again = await client.post("/orders", json=order, headers=headers)
+    assert again.status_code == 201
+    assert "idempotent-replayed" not in again.headers
+    assert again.json()["id"] != first.json()["id"]
