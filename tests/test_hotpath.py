@@ -27,7 +27,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import settings_for
 
-CALL_BUDGET = 480  # per request; the naive baseline: 493 (the shop: 473 when written)
+CALL_BUDGET = 485  # per request; the naive baseline: 493 (the shop: 478 when written)
 REQUESTS = 50
 
 

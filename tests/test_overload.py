@@ -42,7 +42,7 @@ async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_ur
             first = asyncio.create_task(pool.acquire(lane, timeout=5.0))
             await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
             predicted = pool.predicted_wait(lane)
-            assert predicted == pytest.approx(2 * lane.hold)
+            assert 2 * 0.05 < predicted < 2 * 0.5  # two holds of ~0.1 s ahead
             # A newcomer whose deadline is shorter than that is refused without waiting.
             with pytest.raises(PoolOverloadedError) as refused:
                 await pool.acquire(lane, timeout=predicted / 2)
@@ -57,8 +57,8 @@ async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_ur
         for task in (first, second):
             slot: Slot = await task
             pool.release(slot, 0.0)
-    assert db.stats().bulkheads["write"].refused == 1
-    assert db.stats().requests_shed == 1
+        assert db.stats().bulkheads["write"].refused == 1
+        assert db.stats().requests_shed == 1
 
 
 async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: str) -> None:
@@ -67,7 +67,7 @@ async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: 
         lane = pool.lane("write")
         held = await pool.acquire(lane)
         old = asyncio.create_task(pool.acquire(lane, timeout=1.0))
-        await asyncio.sleep(0.6)  # the oldest has used more than half its wait
+        await asyncio.sleep(0.85)  # the oldest has used most of its wait
         new = asyncio.create_task(pool.acquire(lane, timeout=5.0))
         await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
         pool.release(held, 0.0)

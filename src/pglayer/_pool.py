@@ -87,7 +87,18 @@ class Slot:
 class Lane:
     """One bulkhead: a kind of work, the connections it may hold at once, its waiters."""
 
-    __slots__ = ("cap", "hold", "in_use", "name", "refused", "timeouts", "waiters", "waiting")
+    __slots__ = (
+        "cap",
+        "hold",
+        "in_use",
+        "name",
+        "rate",
+        "refused",
+        "released",
+        "timeouts",
+        "waiters",
+        "waiting",
+    )
 
     def __init__(self, name: str, cap: int) -> None:
         self.name = name
@@ -96,6 +107,8 @@ class Lane:
         self.waiters: deque[_Waiter] = deque()  # oldest at the left
         self.waiting = 0  # queued and not yet given a connection or an error
         self.hold = 0.0  # recent time a connection is held (moving average, seconds)
+        self.released = 0  # connections given back so far
+        self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
 
@@ -123,6 +136,13 @@ class _Waiter:
 
 
 _HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold times
+# A queue is standing, and served newest first, once its oldest waiter has used this much of
+# its wait: admission keeps the line short enough to be served in time, so this happens only
+# when the pace drops after admission (a lock, a slow server), not under mere load, where
+# FIFO keeps the tail short.
+_STANDING = 0.8
+_RATE_INTERVAL = 0.1  # seconds between measures of each lane's release rate
+_RATE_WEIGHT = 0.2  # of the newest interval in that moving average (~0.5 s of memory)
 
 
 def _needs_reset(raw: Any) -> bool:
@@ -179,9 +199,11 @@ class Pool:
         # Unnamed work is a read or a write; other names come from the caller (`bulkhead=`).
         caps = {"read": max_size, "write": max_size, **(bulkheads or {})}
         self._lanes = {name: Lane(name, min(cap, max_size)) for name, cap in caps.items()}
+        self.lanes_by_name = self._lanes  # read-only view for the per-request lookup
         self._waiting = 0  # in every lane
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._paced: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._measured_at = time.monotonic()
         self._order = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
@@ -297,7 +319,9 @@ class Pool:
             if slot.raw.is_closed():
                 self._forget(slot)
                 continue
-            self._lend(slot, lane)
+            slot.lane = lane  # _lend, spelled out: every request passes here
+            lane.in_use += 1
+            self._in_use += 1
             self.observer.acquired(0.0)
             clk = self._clock
             if clk is not None:
@@ -357,8 +381,14 @@ class Pool:
             for other in self._lanes.values()
             if other is lane or other.in_use < other.cap
         )
-        usable = min(lane.cap, self.max_size - (self._in_use - lane.in_use))
-        return ahead * lane.hold / max(usable, 1)
+        usable = max(min(lane.cap, self.max_size - (self._in_use - lane.in_use)), 1)
+        if not lane.hold:
+            return 0.0  # nothing known yet: let it wait
+        # The pace at which this lane's connections come free: measured over the last
+        # second or so when it is busy, which a pause (GC, a slow moment) does not distort;
+        # else from hold times. Whichever is faster.
+        pace = max(lane.rate, usable / lane.hold)
+        return ahead / pace
 
     async def _wait_in_line(self, lane: Lane, since: float, wait: float) -> Slot:
         if self._waiting >= self.max_waiters:
@@ -409,6 +439,7 @@ class Pool:
         lane = slot.lane
         assert lane is not None
         lane.in_use -= 1
+        lane.released += 1
         self._in_use -= 1
         lane.hold += (held - lane.hold) * _HOLD_WEIGHT if lane.hold else held
         self.observer.released(held)
@@ -438,7 +469,7 @@ class Pool:
 
     def _next_waiter(self) -> _Waiter | None:
         """Whom a free connection goes to: the oldest waiter of a lane below its cap; but
-        once that one has used half its wait, the newest of its lane (adaptive LIFO)."""
+        once that one has used most of its wait, the newest of its lane (adaptive LIFO)."""
         if not self._waiting:
             return None
         oldest = None
@@ -450,7 +481,7 @@ class Pool:
         if oldest is None:
             return None
         lane = oldest.lane
-        standing = time.monotonic() - oldest.since > (oldest.until - oldest.since) / 2
+        standing = time.monotonic() - oldest.since > (oldest.until - oldest.since) * _STANDING
         chosen = lane.newest() if standing else oldest
         assert chosen is not None
         (lane.waiters.pop if chosen is not oldest else lane.waiters.popleft)()
@@ -459,7 +490,7 @@ class Pool:
         return chosen
 
     def _put(self, slot: Slot) -> None:
-        waiter = self._next_waiter()
+        waiter = self._next_waiter() if self._waiting else None
         if waiter is None:
             slot.released_at = time.monotonic()
             self._idle.append(slot)
@@ -605,7 +636,18 @@ class Pool:
             due = slot.query_deadline
             if due and due <= now:
                 slot.expire()
+        if now - self._measured_at >= _RATE_INTERVAL:
+            self._measure(now)
         return bool(self._in_use or self._waiting or paced)
+
+    def _measure(self, now: float) -> None:
+        """Each lane's rate of releases, a moving average over intervals of ~0.1 s."""
+        interval = now - self._measured_at
+        self._measured_at = now
+        for lane in self._lanes.values():
+            done, lane.released = lane.released, 0
+            if interval < 10 * _RATE_INTERVAL:  # a stale interval (idle pool) says nothing
+                lane.rate += (done / interval - lane.rate) * _RATE_WEIGHT
 
     async def _maintain(self) -> None:
         """Close connections idle past `max_idle` (above `min_size`); refill to `min_size`."""

@@ -355,7 +355,7 @@ class Database:
         if pool is None:
             error: Exception = target._unavailable()
             return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
-        lane = pool.lane(bulkhead)
+        lane = pool.lanes_by_name.get(bulkhead) or pool.lane(bulkhead)
         try:
             slot = pool.take(lane) or await pool.acquire(
                 lane, timeout, None if ctx is None else ctx.deadline

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp
 
 from pglayer.database import Database
 from pglayer.fastapi.dependencies import STATE_KEY
@@ -82,11 +83,19 @@ def setup(
     if app.router.route_class is APIRoute:
         app.router.route_class = Route  # `Db` without dependency solving, from here on
     install_problem_handlers(app)
-    app.add_middleware(
-        RequestGuard,
-        max_body_size=max_body_size,
-        request_timeout=request_timeout,
-        access_log=access_log,
-        database=db,
-        shed_exempt=shed_exempt,
-    )
+    build = app.build_middleware_stack
+
+    def build_with_guard() -> ASGIApp:
+        # Outside every other layer (Starlette's and FastAPI's own): a refusal under a flood
+        # then costs the least, and every answer, errors included, carries the request id.
+        return RequestGuard(
+            build(),
+            max_body_size=max_body_size,
+            request_timeout=request_timeout,
+            access_log=access_log,
+            database=db,
+            shed_exempt=shed_exempt,
+            app_state=app.state,
+        )
+
+    app.build_middleware_stack = build_with_guard  # type: ignore[method-assign]

@@ -221,6 +221,7 @@ class RequestGuard:
         database: Database | None = None,
         shed_exempt: tuple[str, ...] = (),
         stats: RequestStats | None = None,
+        app_state: Any = None,
     ) -> None:
         self.app = app
         self.database = database
@@ -230,6 +231,7 @@ class RequestGuard:
         # HTTP metrics: given here, or found on the app once (see `setup_metrics`).
         self.stats = stats
         self._stats_known = stats is not None
+        self._app_state = app_state
         self.access_log = AccessLog() if access_log else None
         self._pending: deque[_Exchange] = deque()  # in arrival order, not yet watched
         self._polled: list[_Exchange] = []  # watched by looking at the server's flag
@@ -264,8 +266,9 @@ class RequestGuard:
                     return
                 raise
             except Exception as exc:
-                # Answered here rather than by Starlette's outer ServerErrorMiddleware, so
-                # the response carries the request id like every other one.
+                if ex.completed:
+                    # Answered (and logged) inside, by the app's handler for `Exception`.
+                    return
                 if ex.status:
                     raise
                 response = internal_error_response(
@@ -345,8 +348,8 @@ class RequestGuard:
     def _account(self, scope: Scope, ex: _Exchange) -> None:
         if not self._stats_known:
             self._stats_known = True
-            app = scope.get("app")
-            self.stats = getattr(getattr(app, "state", None), STATS_KEY, None)
+            state = self._app_state or getattr(scope.get("app"), "state", None)
+            self.stats = getattr(state, STATS_KEY, None)
         stats, access_log = self.stats, self.access_log
         if stats is None and access_log is None:
             return

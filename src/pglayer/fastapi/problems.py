@@ -267,7 +267,8 @@ def internal_error_response(
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    # Only reached without RequestGuard, which answers unexpected errors itself.
+    # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
+    # outside it, has put the request id in the state.
     return internal_error_response(exc, request.method, request.url.path, _request_id(request))
 
 
