@@ -434,7 +434,7 @@ async def test_a_connection_lost_during_commit_is_indeterminate_and_never_replay
     assert "COMMIT outcome unknown" in caplog.text
 
 
-async def test_an_indeterminate_commit_answers_503(
+async def test_an_indeterminate_commit_answers_500_commit_unknown_without_retry_after(
     err_db: Database, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:
     async with err_db.connection() as conn:
@@ -450,4 +450,6 @@ async def test_an_indeterminate_commit_answers_503(
         killer = asyncio.create_task(kill_when_committing(admin, db_name))
         response = await client.post("/slow")
         await killer
-    assert_clean_problem(response, 503, "unavailable")
+    assert_clean_problem(response, 500, "commit_unknown")
+    assert "retry-after" not in response.headers
+    assert "Idempotency-Key" in response.json()["detail"]
