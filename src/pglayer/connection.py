@@ -251,8 +251,15 @@ class Connection:
             self._depth -= 1
 
     async def _commit(self, readonly: bool) -> None:
+        if self.raw.is_closed():
+            # Lost before COMMIT was written (asyncpg checks and writes without yielding):
+            # nothing was applied, so the caller may replay the whole transaction.
+            self._raise(ConnectionLostError(sqlstate="08003"))
         try:
             status = await self._control("COMMIT")
+        except asyncpg.InternalClientError as exc:
+            # The protocol refused to start COMMIT ("cannot switch to state"): not sent.
+            self._raise(exc)
         except Exception as exc:
             translated = self._translate(exc)
             if isinstance(translated, ConnectionLostError) or (

@@ -11,8 +11,8 @@
         │   ├── PoolTimeoutError           no connection within the acquire deadline
         │   ├── PoolOverloadedError        refused at once: would wait past its deadline
         │   ├── LockTimeoutError           55P03: a lock held past the lock bound (busy)
-        │   ├── DatabaseUnavailableError   the pool is not open (yet) or was closed
-        │   └── CommitIndeterminateError   connection lost while COMMIT was in flight
+        │   └── DatabaseUnavailableError   the pool is not open (yet) or was closed
+        ├── CommitIndeterminateError       lost after COMMIT was sent: outcome unknown (500)
         ├── IntegrityError
         │   ├── UniqueViolationError       23505 (409)
         │   ├── ForeignKeyViolationError   23503 (409)
@@ -139,8 +139,12 @@ class DatabaseUnavailableError(TransientError):
     default_message = "the database pool is not open"
 
 
-class CommitIndeterminateError(TransientError):
-    """The connection died during COMMIT: the transaction may or may not have committed."""
+class CommitIndeterminateError(DatabaseError):
+    """The connection died after COMMIT was sent: it may or may not have committed.
+
+    Not transient: replaying could apply the work twice. Read the outcome back, or resend
+    with the same idempotency key.
+    """
 
     default_message = "the commit outcome is unknown: the connection was lost during COMMIT"
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from pglayer.errors import (
     CheckViolationError,
+    CommitIndeterminateError,
     DatabaseError,
     ForeignKeyViolationError,
     InvalidInputError,
@@ -76,6 +77,14 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (PoolOverloadedError, 503, "overloaded", "The service is overloaded. Retry later."),
     (LockTimeoutError, 503, "busy", "The resource is busy with another request. Retry later."),
     (TransientError, 503, "unavailable", "The database is temporarily unavailable. Retry later."),
+    (
+        CommitIndeterminateError,
+        500,
+        "commit_unknown",
+        "The connection to the database was lost while the change was being committed, so"
+        " it may or may not have been applied. Read the resource back, or resend the request"
+        " with the same Idempotency-Key.",
+    ),
     (QueryTimeoutError, 504, "timeout", "The database did not answer within the deadline."),
     (UniqueViolationError, 409, "conflict", "A resource with these values already exists."),
     (ForeignKeyViolationError, 409, "conflict", "A referenced resource does not exist."),
@@ -105,7 +114,8 @@ _DESCRIPTIONS = {
     409: "Conflict (`conflict`)",
     413: "Body over 1 MiB (`payload_too_large`)",
     422: "Invalid input (`validation_error`)",
-    500: "Unexpected error (`internal`), with a correlation id",
+    500: "Unexpected error (`internal`), with a correlation id; or a commit whose outcome is"
+    " unknown (`commit_unknown`, no `Retry-After`)",
     503: "Database unavailable, overloaded or a row busy (`unavailable`, `overloaded`, `busy`);"
     " has `Retry-After`",
     504: "Database deadline exceeded (`timeout`)",
