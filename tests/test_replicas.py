@@ -154,6 +154,30 @@ async def test_a_client_reads_its_own_writes_from_the_primary(
             assert (await stranger.get(f"/users/{user_id}")).status_code == 404
 
 
+async def test_autocommit_writes_mark_the_client_too(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    db = Database(replicated_settings(primary, standby, replica_max_lag=600))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app):
+        async with asgi_client(app) as client:
+            user = (await client.post("/users", json={"name": "D", "email": "dep@example.com"}))
+            user_id = user.json()["id"]
+        async with replay_paused(standby), asgi_client(app) as client:
+            deposit = await client.post(f"/accounts/{user_id}/deposits", json={"amount": "5.00"})
+            assert deposit.status_code == 200
+            assert "pglayer_rw=1" in deposit.headers.get("set-cookie", "")
+            balance = (await client.get(f"/accounts/{user_id}")).json()["balance"]
+            assert balance == "5.00"  # from the primary: the replica has not replayed it
+        async with replay_paused(standby), asgi_client(app) as client:
+            product = {"name": "P", "price": "1.00", "stock": 1}
+            created = await client.post("/products", json=product)
+            assert created.status_code == 201
+            assert "pglayer_rw=1" in created.headers.get("set-cookie", "")
+            reread = await client.get(created.headers["location"])
+            assert reread.status_code == 200
+
+
 async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
     primary: EmbeddedPostgres, standby: EmbeddedPostgres
 ) -> None:
