@@ -161,7 +161,7 @@ async def test_autocommit_writes_mark_the_client_too(
     app = create_app(db=db, settings=ShopSettings())
     async with app.router.lifespan_context(app):
         async with asgi_client(app) as client:
-            user = (await client.post("/users", json={"name": "D", "email": "dep@example.com"}))
+            user = await client.post("/users", json={"name": "D", "email": "dep@example.com"})
             user_id = user.json()["id"]
         async with replay_paused(standby), asgi_client(app) as client:
             deposit = await client.post(f"/accounts/{user_id}/deposits", json={"amount": "5.00"})

@@ -49,13 +49,18 @@ class Connection:
     there as `raw` for what is not wrapped. It is valid until it goes back to the pool.
     """
 
-    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "raw")
+    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "_writes", "raw")
 
-    def __init__(self, slot: Slot, pool: Pool, ctx: RequestContext | None = None) -> None:
+    def __init__(
+        self, slot: Slot, pool: Pool, ctx: RequestContext | None = None, *, writer: bool = False
+    ) -> None:
         self._slot: Slot | None = slot
         self._pool = pool
         self._ctx = ctx
         self._depth = 0  # transactions open: 1 is BEGIN, more are savepoints
+        # A primary connection lent for writing: every autocommit statement may write, so
+        # each one marks the request for read-your-writes (transactions mark at COMMIT).
+        self._writes = ctx.writes if writer and ctx is not None else None
         self.raw = slot.raw
 
     @property
@@ -133,6 +138,8 @@ class Connection:
                 raise
             raise translated from exc
         slot.query_deadline = 0.0
+        if self._writes is not None and self._depth == 0:
+            self._writes.wrote = True
         self._finished(query, time.monotonic() - started, None)
         return result
 

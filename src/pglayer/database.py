@@ -362,7 +362,7 @@ class Database:
             )
         except Exception as exc:
             return await self._recover(exc, target, fn, retry, timeout, tx, bulkhead)
-        conn = Connection(slot, pool, ctx)
+        conn = Connection(slot, pool, ctx, writer=target is self and bulkhead != "read")
         held_since = time.monotonic()
         try:
             if tx is None:
@@ -461,7 +461,7 @@ class Database:
 
     def connection(self, *, timeout: float | None = None, bulkhead: str = "write") -> _Lease:
         """A pooled connection in autocommit mode, acquired within `timeout` seconds."""
-        return _Lease(self, timeout, bulkhead)
+        return _Lease(self, timeout, bulkhead, writer=True)
 
     @asynccontextmanager
     async def transaction(
@@ -488,7 +488,7 @@ class Database:
         """A connection of a healthy replica (else of the primary), for reads only."""
         target = self._read_target()
         if target is not self:
-            lease = target.connection(timeout=timeout, bulkhead=bulkhead)
+            lease = _Lease(target, timeout, bulkhead, writer=False)
             try:
                 conn = await lease.__aenter__()
             except TransientError:
@@ -500,7 +500,7 @@ class Database:
                 finally:
                     await lease.__aexit__(None, None, None)
                 return
-        async with self.connection(timeout=timeout, bulkhead=bulkhead) as conn:
+        async with _Lease(self, timeout, bulkhead, writer=False) as conn:
             yield conn
 
     def pools(self) -> list[Database]:
@@ -563,12 +563,22 @@ class Database:
 class _Lease:
     """`async with db.connection() as conn`: one connection, given back on exit."""
 
-    __slots__ = ("_bulkhead", "_conn", "_db", "_held_since", "_pool", "_slot", "_timeout")
+    __slots__ = (
+        "_bulkhead",
+        "_conn",
+        "_db",
+        "_held_since",
+        "_pool",
+        "_slot",
+        "_timeout",
+        "_writer",
+    )
 
-    def __init__(self, db: Database, timeout: float | None, bulkhead: str) -> None:
+    def __init__(self, db: Database, timeout: float | None, bulkhead: str, writer: bool) -> None:
         self._db = db
         self._timeout = timeout
         self._bulkhead = bulkhead
+        self._writer = writer
         self._pool: Pool | None = None
         self._slot: Slot | None = None
         self._conn: Connection | None = None
@@ -584,7 +594,7 @@ class _Lease:
             lane, self._timeout, None if ctx is None else ctx.deadline
         )
         self._pool, self._slot = pool, slot
-        self._conn = Connection(slot, pool, ctx)
+        self._conn = Connection(slot, pool, ctx, writer=self._writer)
         self._held_since = time.monotonic()
         return self._conn
 
