@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from typing import Any
 
 import asyncpg
@@ -15,7 +17,9 @@ from pglayer import (
     TransientError,
     retry,
 )
-from tests.conftest import settings_for
+from pglayer.budget import read_budget
+from pglayer.settings import DatabaseSettings
+from tests.conftest import Server, free_port, server_env
 
 TABLE = "CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, body text NOT NULL)"
 
@@ -66,3 +70,99 @@ async def test_a_connection_lost_before_commit_without_retry_is_a_lost_connectio
 def test_an_unknown_commit_outcome_is_not_transient() -> None:
     assert not issubclass(CommitIndeterminateError, TransientError)
     assert not retry.is_retryable(CommitIndeterminateError())
+
+
+def test_the_default_application_name_is_distinct_per_application() -> None:
+    from pglayer.settings import default_application_name
+
+    shop = default_application_name(["/v/bin/uvicorn", "shop.app:app"], "/srv/shop")
+    billing = default_application_name(["/v/bin/uvicorn", "billing.main:app"], "/srv/billing")
+    assert shop != billing
+    assert shop.startswith("pglayer:")
+    assert "shop.app" in shop
+    assert len(shop.encode()) <= 63
+    assert shop.isascii()
+    assert shop.isprintable()
+    assert DatabaseSettings(url="postgresql://h/d").application_name != "pglayer"
+
+
+async def test_the_budget_counts_as_ours_only_this_databases_connections(
+    db_url: str, server: Server
+) -> None:
+    name = "pglayer:budget-test"
+    other = await asyncpg.connect(
+        server.url_for("postgres"), server_settings={"application_name": name}
+    )
+    try:
+        conn = await asyncpg.connect(db_url, server_settings={"application_name": name})
+        try:
+            budget = await read_budget(
+                conn, application_name=name, workers=1, max_size=1, reserve=0
+            )
+        finally:
+            await conn.close()
+    finally:
+        await other.close()
+    assert budget.ours == 1  # the connection in `postgres` belongs to another service
+    assert budget.used_by_others >= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["/v/bin/uvicorn", "m:app", "--workers", "3"], {}, (3, "uvicorn --workers")),
+        (["/v/uvicorn/__main__.py", "m:app", "--workers=2"], {}, (2, "uvicorn --workers")),
+        (["/v/bin/gunicorn", "-w", "4", "m:app"], {}, (4, "gunicorn --workers")),
+        (["/v/bin/gunicorn", "-w5", "m:app"], {}, (5, "gunicorn --workers")),
+        (
+            ["/v/bin/gunicorn", "m:app"],
+            {"GUNICORN_CMD_ARGS": "--workers 6"},
+            (6, "GUNICORN_CMD_ARGS"),
+        ),
+        (["/v/bin/uvicorn", "m:app"], {"UVICORN_WORKERS": "7"}, (7, "UVICORN_WORKERS")),
+        (["/v/bin/uvicorn", "m:app"], {"WEB_CONCURRENCY": "8"}, (8, "WEB_CONCURRENCY")),
+        (["/v/bin/uvicorn", "m:app"], {}, (1, "none detected")),
+    ],
+)
+def test_workers_are_detected_from_the_server_command_line(
+    argv: list[str], environ: dict[str, str], expected: tuple[int, str]
+) -> None:
+    from pglayer.settings import detect_workers
+
+    assert detect_workers(argv, environ) == expected
+
+
+def test_an_explicit_worker_count_wins_and_is_said() -> None:
+    settings = DatabaseSettings(url="postgresql://h/d", workers=3)
+    assert settings.worker_count() == (3, "PGLAYER_WORKERS")
+
+
+async def test_uvicorn_workers_are_counted_in_the_budget(db_url: str) -> None:
+    # 2 x 100 + 5 exceed the test server's 200 connections; 1 x 100 + 5 would fit.
+    env = server_env(
+        db_url, PGLAYER_MAX_SIZE="100", PGLAYER_MIN_SIZE="1", PGLAYER_ON_BUDGET_EXCEEDED="refuse"
+    )
+    env.pop("WEB_CONCURRENCY", None)
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", "pglayer_shop.app:create_app",
+        "--port", str(free_port()), "--workers", "2",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                while b"budget exceeded" not in output:
+                    line = await proc.stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        break
+                    output += line
+    finally:
+        proc.terminate()  # our own child, by its PID
+        await proc.wait()
+    text = output.decode(errors="replace")
+    assert "budget exceeded" in text, text[-2000:]
+    assert "2 worker(s)" in text
+    assert "uvicorn --workers" in text
