@@ -19,7 +19,7 @@ from pglayer import (
 )
 from pglayer.budget import read_budget
 from pglayer.settings import DatabaseSettings
-from tests.conftest import Server, free_port, server_env
+from tests.conftest import Server, free_port, server_env, settings_for
 
 TABLE = "CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, body text NOT NULL)"
 
@@ -121,7 +121,7 @@ async def test_the_budget_counts_as_ours_only_this_databases_connections(
         ),
         (["/v/bin/uvicorn", "m:app"], {"UVICORN_WORKERS": "7"}, (7, "UVICORN_WORKERS")),
         (["/v/bin/uvicorn", "m:app"], {"WEB_CONCURRENCY": "8"}, (8, "WEB_CONCURRENCY")),
-        (["/v/bin/uvicorn", "m:app"], {}, (1, "none detected")),
+        (["/v/bin/uvicorn", "m:app"], {}, (1, "none detected; set PGLAYER_WORKERS")),
     ],
 )
 def test_workers_are_detected_from_the_server_command_line(
@@ -166,3 +166,29 @@ async def test_uvicorn_workers_are_counted_in_the_budget(db_url: str) -> None:
     assert "budget exceeded" in text, text[-2000:]
     assert "2 worker(s)" in text
     assert "uvicorn --workers" in text
+
+
+async def test_doctor_counts_another_services_connections_in_another_database(
+    db_url: str, server: Server
+) -> None:
+    from pglayer.doctor import diagnose
+
+    name = "pglayer:doctor-test"
+    others = [
+        await asyncpg.connect(
+            server.url_for("postgres"), server_settings={"application_name": name}
+        )
+        for _ in range(2)
+    ]
+    try:
+        diagnosis = await diagnose(settings_for(db_url, application_name=name, workers=2))
+    finally:
+        for conn in others:
+            await conn.close()
+    budget = diagnosis.facts["budget"]
+    assert budget["used_by_others"] >= 2
+    assert budget["workers"] == 2
+    details = {f.check: f.detail for f in diagnosis.findings}
+    assert "2 worker(s)" in details["connection budget"]
+    assert "PGLAYER_WORKERS" in details["connection budget"]
+    assert f"2 by {name!r} in 'postgres'" in details["in use now"]

@@ -13,7 +13,8 @@ SELECT current_setting('max_connections')::int AS max_connections,
        (SELECT count(*) FROM pg_stat_activity
          WHERE backend_type = 'client backend')::int AS in_use,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND application_name = $1)::int AS ours
+         WHERE backend_type = 'client backend' AND application_name = $1
+           AND datname = current_database())::int AS ours
 """
 
 
@@ -25,7 +26,7 @@ class ConnectionBudget:
     max_connections: int
     superuser_reserved: int
     in_use: int  # client connections now, all applications
-    ours: int  # client connections now with this application_name
+    ours: int  # client connections now with this application_name, in this database
 
     @property
     def used_by_others(self) -> int:

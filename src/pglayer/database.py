@@ -200,12 +200,16 @@ class Database:
         if s.on_budget_exceeded == "ignore" or (self.pooler and self.pooler.mode != "none"):
             return  # behind a pooler the server's limit is the pooler's business
         assert self._pool is not None
+        workers, source = s.worker_count()
+        log.info(
+            "database %s: connection budget assumes %d worker(s) (%s)", self.target, workers, source
+        )
         try:
             async with self._pool.borrowed() as conn:
                 budget = await read_budget(
                     conn,
                     application_name=s.application_name,
-                    workers=s.workers,
+                    workers=workers,
                     max_size=s.max_size,
                     reserve=s.connection_reserve,
                 )
@@ -216,7 +220,10 @@ class Database:
             return
         if budget.fits:
             return
-        message = f"database {self.target}: connection budget exceeded: {budget.describe()}"
+        message = (
+            f"database {self.target}: connection budget exceeded: {budget.describe()}"
+            f" (workers: {source})"
+        )
         if s.on_budget_exceeded == "refuse":
             await self.close()
             raise ConfigurationError(message)

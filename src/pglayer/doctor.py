@@ -70,8 +70,18 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     return f"cannot connect to {target} ({type(exc).__name__})"
 
 
-async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int = 5) -> Diagnosis:
-    """Check `settings` against the server it points at."""
+_GROUPS = """
+SELECT coalesce(datname, '') AS database, application_name, count(*)::int AS connections
+  FROM pg_stat_activity WHERE backend_type = 'client backend'
+ GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 8
+"""
+
+
+async def diagnose(
+    settings: DatabaseSettings, *, workers: int | None = None, reserve: int = 5
+) -> Diagnosis:
+    """Check `settings` against the server it points at (`workers`: else as the app would)."""
+    workers, source = (workers, "given") if workers is not None else settings.worker_count()
     dsn = settings.dsn()
     target = describe_target(dsn)
     result = Diagnosis(target)
@@ -95,6 +105,7 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
             max_size=settings.max_size,
             reserve=reserve,
         )
+        groups = await conn.fetch(_GROUPS)
     finally:
         await conn.close()
     assert row is not None
@@ -148,19 +159,23 @@ async def diagnose(settings: DatabaseSettings, *, workers: int = 1, reserve: int
     else:
         result.add("pooler", "ok", "none: connected straight to PostgreSQL")
 
-    result.facts["budget"] = asdict(budget)
+    result.facts["budget"] = {**asdict(budget), "used_by_others": budget.used_by_others}
+    described = f"{budget.describe()}; workers: {source}"
     if pooled:
-        result.add(
-            "connection budget", "ok", f"{budget.describe()} (the pooler's own limits apply)"
-        )
+        result.add("connection budget", "ok", f"{described} (the pooler's own limits apply)")
     else:
-        result.add("connection budget", "ok" if budget.fits else "fail", budget.describe())
+        result.add("connection budget", "ok" if budget.fits else "fail", described)
     await _check_replicas(settings, result)
+    result.facts["connections"] = [dict(row) for row in groups]
+    listed = ", ".join(
+        f"{row['connections']} by {row['application_name']!r} in {row['database']!r}"
+        for row in groups
+    )
     result.add(
         "in use now",
         "ok",
-        f"{budget.ours} connection(s) by application_name {settings.application_name!r}, "
-        f"{budget.in_use} client connection(s) in all",
+        f"{budget.ours} connection(s) are this app's ({settings.application_name!r} in this"
+        f" database), {budget.in_use} client connection(s) in all: {listed}",
     )
     return result
 

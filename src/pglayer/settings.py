@@ -2,12 +2,80 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DatabaseSettings"]
+__all__ = ["DatabaseSettings", "default_application_name", "detect_workers"]
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/-]")
+_SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian")
+
+
+def default_application_name(argv: Sequence[str] | None = None, cwd: str | None = None) -> str:
+    """`pglayer:<app>:<hash>`, the same in every worker of one app and distinct between apps.
+
+    `<app>` is the `module:attr` the server was given (else the program's name); the hash
+    adds the working directory, so two checkouts of one app are told apart too.
+    """
+    argv = sys.argv if argv is None else argv
+    cwd = os.getcwd() if cwd is None else cwd
+    target = next((a for a in argv[1:] if ":" in a and not a.startswith("-")), None)
+    label = _UNSAFE_NAME.sub("_", target or Path(argv[0] if argv else "python").stem)
+    digest = hashlib.blake2s(f"{cwd}\0{label}".encode(), digest_size=3).hexdigest()
+    return f"pglayer:{label[:45]}:{digest}"
+
+
+def _flag_value(args: Sequence[str], long: str, short: str | None) -> str | None:
+    for i, arg in enumerate(args):
+        if arg in (long, short) and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(long + "="):
+            return arg.split("=", 1)[1]
+        if short and arg.startswith(short) and len(arg) > len(short):
+            return arg[len(short) :]
+    return None
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value and value.isascii() and value.isdigit() and int(value) > 0 else None
+
+
+def detect_workers(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """How many worker processes this app's server runs, and where that was read.
+
+    Looks at the server's command line (uvicorn, gunicorn, hypercorn, granian
+    `--workers`/`-w`), then `GUNICORN_CMD_ARGS`, `UVICORN_WORKERS` and `WEB_CONCURRENCY`.
+    """
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    program = Path(argv[0]).parent.name if argv and argv[0].endswith("__main__.py") else ""
+    program = program or (Path(argv[0]).name if argv else "")
+    server = next((name for name in _SERVERS if name in program), None)
+    if server is not None:
+        short = None if server == "uvicorn" else "-w"
+        found = _count(_flag_value(argv[1:], "--workers", short))
+        if found:
+            return found, f"{server} --workers"
+    gunicorn_args = environ.get("GUNICORN_CMD_ARGS", "")
+    found = _count(_flag_value(shlex.split(gunicorn_args), "--workers", "-w"))
+    if found:
+        return found, "GUNICORN_CMD_ARGS"
+    for name in ("UVICORN_WORKERS", "WEB_CONCURRENCY"):
+        found = _count(environ.get(name))
+        if found:
+            return found, name
+    return 1, "none detected; set PGLAYER_WORKERS"
 
 
 class DatabaseSettings(BaseSettings):
@@ -55,13 +123,20 @@ class DatabaseSettings(BaseSettings):
     statement_cache_size: int = Field(default=1024, ge=0)
     # Statements slower than this are logged (SQL text only, no parameters); 0 turns it off.
     slow_query_threshold: float = Field(default=0.5, ge=0)
-    application_name: str = "pglayer"
+    application_name: str = Field(
+        default_factory=default_application_name,
+        max_length=63,
+        description="Names this app's connections in pg_stat_activity; the connection budget"
+        " counts connections with this name in this database as its own. Default:"
+        " `pglayer:<module:attr>:<hash of the working directory>`, the same in every worker.",
+    )
     # The connection budget checked at open(): `workers` processes each with up to
     # `max_size` connections, plus `connection_reserve` for admins, migrations and cron.
-    workers: int = Field(
-        default=1,
+    workers: int | None = Field(
+        default=None,
         ge=1,
-        validation_alias=AliasChoices("workers", "PGLAYER_WORKERS", "WEB_CONCURRENCY"),
+        description="Worker processes sharing the server's connections. Default: detected"
+        " from the server's command line and environment (see `detect_workers`), else 1.",
     )
     connection_reserve: int = Field(default=5, ge=0)
     on_budget_exceeded: Literal["warn", "refuse", "ignore"] = "warn"
@@ -93,6 +168,12 @@ class DatabaseSettings(BaseSettings):
         if any(cap < 1 for cap in self.bulkheads.values()):
             raise ValueError("every bulkhead needs at least one connection")
         return self
+
+    def worker_count(self) -> tuple[int, str]:
+        """The workers assumed by the connection budget, and where that came from."""
+        if self.workers is not None:
+            return self.workers, "PGLAYER_WORKERS"
+        return detect_workers()
 
     def bulkhead_caps(self) -> dict[str, int]:
         """Each bulkhead's cap: the configured ones over the defaults."""

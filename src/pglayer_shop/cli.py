@@ -192,8 +192,11 @@ def bench(ctx: typer.Context) -> None:
 @app.command()
 def doctor(
     workers: Annotated[
-        int, typer.Option(min=1, envvar="WEB_CONCURRENCY", help="Worker processes planned")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1, help="Worker processes planned (default: PGLAYER_WORKERS, else detected)"
+        ),
+    ] = None,
     reserve: Annotated[
         int, typer.Option(min=0, help="Connections to keep free for admins, migrations, cron")
     ] = 5,
