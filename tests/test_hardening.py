@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -18,8 +19,17 @@ from pglayer import (
     retry,
 )
 from pglayer.budget import read_budget
+from pglayer.embedded import EmbeddedPostgres
 from pglayer.settings import DatabaseSettings
-from tests.conftest import Server, free_port, server_env, settings_for
+from tests.conftest import (
+    Server,
+    destroy_cluster,
+    free_port,
+    make_cluster,
+    server_env,
+    settings_for,
+    wait_for,
+)
 
 TABLE = "CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, body text NOT NULL)"
 
@@ -192,3 +202,40 @@ async def test_doctor_counts_another_services_connections_in_another_database(
     assert "2 worker(s)" in details["connection budget"]
     assert "PGLAYER_WORKERS" in details["connection budget"]
     assert f"2 by {name!r} in 'postgres'" in details["in use now"]
+
+
+@pytest.fixture
+def tiny_server() -> Iterator[EmbeddedPostgres]:
+    cluster = make_cluster(
+        "pglayer-tiny-",
+        server_settings={"max_connections": "5", "superuser_reserved_connections": "0"},
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        destroy_cluster(cluster)
+
+
+async def test_a_pool_opens_with_the_connections_it_can_get_and_fills_later(
+    tiny_server: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = tiny_server.admin_url("postgres")
+    held = [await asyncpg.connect(url) for _ in range(3)]  # 2 of 5 slots left
+    settings = settings_for(url, min_size=4, max_size=4, on_budget_exceeded="ignore")
+    try:
+        async with Database(settings) as db:
+            assert db.stats().size == 2
+            assert "2 of min_size 4" in caplog.text
+            assert await db.run(lambda conn: conn.fetchval("SELECT 1")) == 1
+            for conn in held:
+                await conn.close()
+            held = []
+
+            async def filled() -> bool:
+                return db.stats().size == 4
+
+            assert await wait_for(filled, timeout=10)
+    finally:
+        for conn in held:
+            await conn.close()
