@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -95,3 +96,48 @@ async def test_a_failing_commit_through_sqlalchemy_is_not_a_2xx(
         assert await conn.fetchval("SELECT count(*) FROM sa_deferred") == 0
     finally:
         await conn.close()
+
+
+async def test_the_engine_is_counted_in_the_pools_stats(db_url: str) -> None:
+    settings = settings_for(db_url)
+    async with Database(settings) as db:
+        engine = create_engine(settings, database=db, pool_size=3)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                engine_stats = db.stats().external["sqlalchemy"]
+                assert engine_stats.max_size == 3
+                assert engine_stats.in_use == 1
+            assert db.stats().external["sqlalchemy"].idle == 1
+            assert db.stats().as_dict()["external"]["sqlalchemy"]["max_size"] == 3
+        finally:
+            await engine.dispose()
+
+
+async def test_the_engine_is_counted_in_the_connection_budget(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(db_url, max_size=60, workers=2, on_budget_exceeded="warn")
+    db = Database(settings)
+    engine = create_engine(settings, database=db, pool_size=60)  # 2 x (60 + 60) > 200
+    try:
+        async with db:
+            pass
+    finally:
+        await engine.dispose()
+    assert "connection budget exceeded" in caplog.text
+    assert "+ sqlalchemy 60" in caplog.text
+
+
+async def test_the_engine_recovers_from_lost_connections_without_failing_a_request(
+    sa_client: httpx.AsyncClient, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    await sa_client.post("/sa/users", json={"name": "Ada", "email": "ada@example.com"})
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = $1 AND pid <> pg_backend_pid()",
+        db_name,
+    )
+    await asyncio.sleep(0.2)
+    response = await sa_client.post("/sa/users", json={"name": "Bob", "email": "bob@example.com"})
+    assert response.status_code == 201, response.text
