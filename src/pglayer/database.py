@@ -46,7 +46,7 @@ from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer.replicas import ReplicaSet
 from pglayer.retry import RetryPolicy, retry_after
 from pglayer.settings import DatabaseSettings
-from pglayer.stats import BulkheadStats, PoolStats, StatsRecorder
+from pglayer.stats import BulkheadStats, ExternalPoolStats, PoolStats, StatsRecorder
 
 __all__ = ["Database"]
 
@@ -135,6 +135,7 @@ class Database:
             slow_query_threshold=self.settings.slow_query_threshold,
             hooks=hooks,
         )
+        self._external: dict[str, tuple[int, Callable[[], ExternalPoolStats]]] = {}
         self.retry_policy = RetryPolicy(
             attempts=self.settings.retry_attempts,
             initial=self.settings.retry_initial_wait,
@@ -158,6 +159,16 @@ class Database:
     def add_hook(self, hook: Hook) -> None:
         """Call `hook` with every event of this pool from now on (see `pglayer.events`)."""
         self._observer.hooks.append(hook)
+
+    def count_external_pool(
+        self, name: str, max_size: int, stats: Callable[[], ExternalPoolStats]
+    ) -> None:
+        """Count another pool of this app on this server (an ORM's) in the budget and stats.
+
+        Its `max_size` connections per worker join this pool's in the connection budget
+        (checked at `open()`), and `stats()` reports it under `external[name]`.
+        """
+        self._external[name] = (max_size, stats)
 
     @property
     def is_open(self) -> bool:
@@ -210,7 +221,7 @@ class Database:
                     conn,
                     application_name=s.application_name,
                     workers=workers,
-                    max_size=s.max_size,
+                    max_size=s.max_size + sum(size for size, _ in self._external.values()),
                     reserve=s.connection_reserve,
                 )
         except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -222,12 +233,15 @@ class Database:
             return
         message = (
             f"database {self.target}: connection budget exceeded: {budget.describe()}"
-            f" (workers: {source})"
+            f" (max_size {s.max_size}{self._external_sizes()}; workers: {source})"
         )
         if s.on_budget_exceeded == "refuse":
             await self.close()
             raise ConfigurationError(message)
         log.warning(message)
+
+    def _external_sizes(self) -> str:
+        return "".join(f" + {name} {size}" for name, (size, _) in self._external.items())
 
     async def _open_with_retry(self, deadline: float) -> None:
         async for attempt in AsyncRetrying(
@@ -564,6 +578,7 @@ class Database:
                 )
                 for lane in pool.lanes()
             },
+            external={name: stats() for name, (_, stats) in self._external.items()},
         )
 
 

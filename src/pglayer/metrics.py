@@ -24,7 +24,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pglayer.database import Database
-from pglayer.stats import BulkheadStats, Histogram, PoolStats, RequestSeries, RequestStats
+from pglayer.stats import (
+    BulkheadStats,
+    ExternalPoolStats,
+    Histogram,
+    PoolStats,
+    RequestSeries,
+    RequestStats,
+)
 
 __all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
 
@@ -110,6 +117,7 @@ def _snapshot_from_json(data: dict[str, Any]) -> Snapshot:
         item["hold_time"] = _hist(item["hold_time"])
         item["query_time"] = {op: _hist(h) for op, h in item["query_time"].items()}
         item["bulkheads"] = {n: BulkheadStats(**b) for n, b in item["bulkheads"].items()}
+        item["external"] = {n: ExternalPoolStats(**e) for n, e in item.get("external", {}).items()}
         pools.append(PoolStats(**item))
     http = [
         RequestSeries(r["method"], r["route"], r["status"], _hist(r["duration"]))

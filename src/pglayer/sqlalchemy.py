@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
@@ -20,27 +21,54 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from pglayer.database import Database
 from pglayer.errors import ConnectionLostError, PoolTimeoutError, translate
 from pglayer.settings import DatabaseSettings
+from pglayer.stats import ExternalPoolStats
 
-__all__ = ["create_engine", "session_transaction", "translate_sqlalchemy"]
+__all__ = ["count_engine", "create_engine", "session_transaction", "translate_sqlalchemy"]
 
 
-def create_engine(settings: DatabaseSettings) -> AsyncEngine:
-    """An asyncpg-backed engine whose pool has pglayer's sizes, deadlines and settings."""
+def create_engine(
+    settings: DatabaseSettings, *, database: Database | None = None, pool_size: int | None = None
+) -> AsyncEngine:
+    """An asyncpg-backed engine with pglayer's deadlines and startup parameters.
+
+    Its pool is a second pool on the server: `pool_size` (default `settings.max_size`)
+    connections per worker. Pass the app's `database` so they count in its connection
+    budget and show in its `stats()`. Connections are pinged before use, so one lost while
+    idle (a restart, a failover) is replaced instead of failing a request.
+    """
+    size = settings.max_size if pool_size is None else pool_size
     url = make_url(settings.dsn()).set(drivername="postgresql+asyncpg")
-    return create_async_engine(
+    engine = create_async_engine(
         url,
-        pool_size=settings.max_size,
+        pool_size=size,
         max_overflow=0,
         pool_timeout=settings.acquire_timeout,
         pool_recycle=settings.max_inactive_connection_lifetime,
+        pool_pre_ping=True,
         connect_args={
             "server_settings": settings.server_settings(),
             "command_timeout": settings.query_timeout,
             "timeout": settings.connect_timeout,
         },
     )
+    if database is not None:
+        count_engine(database, engine)
+    return engine
+
+
+def count_engine(database: Database, engine: AsyncEngine) -> None:
+    """Count `engine`'s pool in `database`'s connection budget and `stats()`."""
+    pool: Any = engine.pool  # a QueuePool: size and counters, read without a lock
+    size = int(pool.size()) + max(int(getattr(pool, "_max_overflow", 0)), 0)
+
+    def stats() -> ExternalPoolStats:
+        idle, in_use = pool.checkedin(), pool.checkedout()
+        return ExternalPoolStats(max_size=size, size=idle + in_use, idle=idle, in_use=in_use)
+
+    database.count_external_pool("sqlalchemy", size, stats)
 
 
 def translate_sqlalchemy(exc: BaseException) -> BaseException:

@@ -6,7 +6,14 @@ import bisect
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["BulkheadStats", "Histogram", "PoolStats", "RequestSeries", "RequestStats"]
+__all__ = [
+    "BulkheadStats",
+    "ExternalPoolStats",
+    "Histogram",
+    "PoolStats",
+    "RequestSeries",
+    "RequestStats",
+]
 
 # Seconds; the last bucket catches everything slower.
 BUCKETS: tuple[float, ...] = (
@@ -74,6 +81,16 @@ class BulkheadStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalPoolStats:
+    """Another pool of this app on the same server (a SQLAlchemy engine's), as it reports."""
+
+    max_size: int
+    size: int
+    idle: int
+    in_use: int
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStats:
     """A snapshot of one pool. Sizes are now; counters are since the process started."""
 
@@ -100,6 +117,7 @@ class PoolStats:
     errors: dict[str, int] = field(default_factory=dict)
     query_time: dict[str, Histogram] = field(default_factory=dict)
     bulkheads: dict[str, BulkheadStats] = field(default_factory=dict)
+    external: dict[str, ExternalPoolStats] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with stable keys (histograms summarised)."""
@@ -110,7 +128,7 @@ class PoolStats:
                 value = value.as_dict()
             elif f.name == "query_time":
                 value = {op: h.as_dict() for op, h in value.items()}
-            elif f.name == "bulkheads":
+            elif f.name in ("bulkheads", "external"):
                 value = {name: asdict(b) for name, b in value.items()}
             out[f.name] = value
         return out
@@ -212,6 +230,7 @@ class StatsRecorder:
         in_use: int,
         waiting: int,
         bulkheads: dict[str, BulkheadStats] | None = None,
+        external: dict[str, ExternalPoolStats] | None = None,
     ) -> PoolStats:
         return PoolStats(
             name=name,
@@ -237,6 +256,7 @@ class StatsRecorder:
             errors=dict(self.errors),
             query_time={op: r.snapshot() for op, r in self._queries.items()},
             bulkheads=bulkheads or {},
+            external=external or {},
         )
 
 

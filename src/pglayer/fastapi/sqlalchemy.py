@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from pglayer.database import Database
 from pglayer.errors import ConfigurationError
+from pglayer.fastapi.dependencies import STATE_KEY
 from pglayer.fastapi.lifespan import wrap_lifespan
-from pglayer.sqlalchemy import session_transaction
+from pglayer.sqlalchemy import count_engine, session_transaction
 
 __all__ = ["SqlSession", "setup_sqlalchemy"]
 
@@ -18,8 +20,14 @@ _STATE_KEY = "pglayer_sessions"
 
 
 def setup_sqlalchemy(app: FastAPI, engine: AsyncEngine) -> None:
-    """Bind `engine` to `app` (disposed at shutdown); use with `setup()` for problem responses."""
+    """Bind `engine` to `app` (disposed at shutdown); use with `setup()` for problem responses.
+
+    After `setup(app, db)`, the engine's pool counts in `db`'s budget and stats.
+    """
     setattr(app.state, _STATE_KEY, async_sessionmaker(engine, expire_on_commit=False))
+    db = getattr(app.state, STATE_KEY, None)
+    if isinstance(db, Database):
+        count_engine(db, engine)
 
     async def dispose() -> None:
         await engine.dispose()
