@@ -15,6 +15,7 @@ from pglayer import (
     CommitIndeterminateError,
     ConnectionLostError,
     Database,
+    PglayerError,
     TransientError,
     retry,
 )
@@ -239,3 +240,25 @@ async def test_a_pool_opens_with_the_connections_it_can_get_and_fills_later(
     finally:
         for conn in held:
             await conn.close()
+
+
+async def test_a_missing_database_at_startup_is_said_in_words(server: Server) -> None:
+    settings = settings_for(server.url_for("no_such_database"), startup_timeout=1.0)
+    with pytest.raises(PglayerError) as caught:
+        await Database(settings).open()
+    message = str(caught.value)
+    assert "does not exist" in message
+    assert "no_such_database" in message
+    assert "database error" not in message
+
+
+async def test_a_missing_database_in_the_background_is_logged_in_words(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(server.url_for("no_such_database"), require_on_startup=False)
+    db = Database(settings)
+    await db.open()
+    try:
+        assert "does not exist" in caplog.text
+    finally:
+        await db.close()
