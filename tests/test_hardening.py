@@ -13,9 +13,9 @@ import pytest
 
 from pglayer import (
     CommitIndeterminateError,
+    ConfigurationError,
     ConnectionLostError,
     Database,
-    PglayerError,
     TransientError,
     retry,
 )
@@ -242,23 +242,14 @@ async def test_a_pool_opens_with_the_connections_it_can_get_and_fills_later(
             await conn.close()
 
 
-async def test_a_missing_database_at_startup_is_said_in_words(server: Server) -> None:
+@pytest.mark.parametrize("wait", [True, False])
+async def test_a_missing_database_at_startup_is_said_in_words(server: Server, wait: bool) -> None:
     settings = settings_for(server.url_for("no_such_database"), startup_timeout=1.0)
-    with pytest.raises(PglayerError) as caught:
-        await Database(settings).open()
+    db = Database(settings)
+    with pytest.raises(ConfigurationError) as caught:
+        await db.open(wait=wait)
+    await db.close()
     message = str(caught.value)
     assert "does not exist" in message
     assert "no_such_database" in message
     assert "database error" not in message
-
-
-async def test_a_missing_database_in_the_background_is_logged_in_words(
-    server: Server, caplog: pytest.LogCaptureFixture
-) -> None:
-    settings = settings_for(server.url_for("no_such_database"), require_on_startup=False)
-    db = Database(settings)
-    await db.open()
-    try:
-        assert "does not exist" in caplog.text
-    finally:
-        await db.close()

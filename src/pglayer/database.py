@@ -35,10 +35,13 @@ from pglayer.context import RequestContext, current, reads_need_primary
 from pglayer.dsn import describe_target
 from pglayer.errors import (
     ConfigurationError,
+    DatabaseError,
     DatabaseUnavailableError,
     PglayerError,
     PoolOverloadedError,
     TransientError,
+    explain_connect_error,
+    translate,
 )
 from pglayer.events import Hook
 from pglayer.observer import Observer
@@ -285,7 +288,7 @@ class Database:
             try:
                 self.pooler = await self._resolve_pooler()
             except Exception as exc:
-                raise _translated(exc) from exc
+                raise self._startup_error(exc) from exc
             if self.pooler.mode != "none":
                 log.info(
                     "database %s: behind a pooler in %s mode; prepared statements %s",
@@ -307,8 +310,22 @@ class Database:
             bulkheads=s.bulkhead_caps(),
             refusal_delay=s.refusal_delay,
         )
-        await pool.start()
+        try:
+            await pool.start()
+        except Exception as exc:
+            raise self._startup_error(exc) from exc
         return pool
+
+    def _startup_error(self, exc: Exception) -> BaseException:
+        """A failed first connection, said in words; transient failures stay retryable."""
+        cause = exc.__cause__ if isinstance(exc, PglayerError) and exc.__cause__ else exc
+        translated = translate(cause)
+        reason = explain_connect_error(cause, self.target)
+        if isinstance(translated, TransientError):
+            return type(translated)(reason, sqlstate=translated.sqlstate)
+        if isinstance(translated, DatabaseError):
+            return ConfigurationError(f"database {self.target}: {reason}")
+        return translated
 
     def _connector(self, pooler: PoolerInfo) -> Callable[[], Awaitable[asyncpg.Connection]]:
         s = self.settings
@@ -634,9 +651,3 @@ class _Lease:
         self._slot = None
         # To the pool it came from: during close() that pool is still waiting for it.
         pool.release(slot, time.monotonic() - self._held_since)
-
-
-def _translated(exc: Exception) -> BaseException:
-    from pglayer.errors import translate
-
-    return translate(exc)

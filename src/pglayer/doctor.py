@@ -6,15 +6,13 @@ production, and `pglayer doctor` exits non-zero for it.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from pglayer.budget import read_budget
 from pglayer.dsn import describe_target
+from pglayer.errors import explain_connect_error
 from pglayer.pooler import connect_plain, pool_mode, prepared_statements_safe
 from pglayer.replicas import REPLICA_HEALTH_SQL
 from pglayer.settings import DatabaseSettings
@@ -43,31 +41,6 @@ class Diagnosis:
     @property
     def failed(self) -> bool:
         return any(f.level == "fail" for f in self.findings)
-
-
-def explain_connect_error(exc: BaseException, target: str) -> str:
-    """Why a connection attempt failed, in words an operator can act on (no secrets)."""
-    if isinstance(exc, socket.gaierror):
-        return f"the host name of {target} does not resolve"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"nothing is listening at {target} (connection refused): is the server running?"
-    if isinstance(exc, TimeoutError):
-        return f"{target} did not answer in time (a firewall, or the server is overloaded)"
-    if isinstance(
-        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
-    ):
-        return f"{target} rejected the user or password"
-    if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return f"the database of {target} does not exist"
-    if isinstance(exc, asyncpg.TooManyConnectionsError):
-        return f"{target} has no free connection slots (max_connections reached)"
-    if isinstance(exc, asyncpg.CannotConnectNowError):
-        return f"{target} is starting up, shutting down or in recovery"
-    if isinstance(exc, OSError):
-        return f"cannot reach {target}: {exc.strerror or type(exc).__name__}"
-    if isinstance(exc, asyncpg.PostgresError):
-        return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
-    return f"cannot connect to {target} ({type(exc).__name__})"
 
 
 _GROUPS = """

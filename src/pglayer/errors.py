@@ -28,6 +28,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import asyncpg
 
 # asyncpg raises this client-side class (not exported) for arguments it cannot encode,
@@ -57,6 +59,7 @@ __all__ = [
     "TransactionAbortedError",
     "TransientError",
     "UniqueViolationError",
+    "explain_connect_error",
     "translate",
 ]
 
@@ -260,3 +263,28 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")
     return exc
+
+
+def explain_connect_error(exc: BaseException, target: str) -> str:
+    """Why a connection attempt failed, in words an operator can act on (no secrets)."""
+    if isinstance(exc, socket.gaierror):
+        return f"the host name of {target} does not resolve"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing is listening at {target} (connection refused): is the server running?"
+    if isinstance(exc, TimeoutError):
+        return f"{target} did not answer in time (a firewall, or the server is overloaded)"
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"{target} rejected the user or password"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"the database of {target} does not exist"
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return f"{target} has no free connection slots (max_connections reached)"
+    if isinstance(exc, asyncpg.CannotConnectNowError):
+        return f"{target} is starting up, shutting down or in recovery"
+    if isinstance(exc, OSError):
+        return f"cannot reach {target}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
+    return f"cannot connect to {target} ({type(exc).__name__})"
