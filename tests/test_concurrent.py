@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, assert_type
 
 import asyncpg
 import pytest
@@ -59,3 +59,15 @@ async def test_one_failure_cancels_the_others_and_releases_everything(
             return not busy and db.stats().in_use == 0
 
         assert await wait_for(released, timeout=3)
+
+
+async def test_gather_keeps_each_results_type(db: Database) -> None:
+    async def number(conn: Connection) -> int:
+        return int(await conn.fetchval("SELECT 1"))
+
+    async def word(conn: Connection) -> str:
+        return str(await conn.fetchval("SELECT 'a'"))
+
+    result = await gather(db, number, word, number, word)
+    assert_type(result, tuple[int, str, int, str])  # checked by mypy
+    assert result == (1, "a", 1, "a")

@@ -16,12 +16,25 @@ from pglayer.database import Database
 
 __all__ = ["gather"]
 
+T = TypeVar("T")
 T1 = TypeVar("T1")
 T2 = TypeVar("T2")
 T3 = TypeVar("T3")
+T4 = TypeVar("T4")
+T5 = TypeVar("T5")
+T6 = TypeVar("T6")
 Query = Callable[[Connection], Awaitable[Any]]
 
 
+# As typeshed types asyncio.gather: one overload per arity keeps each result's type.
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1]: ...
 @overload
 async def gather(
     db: Database,
@@ -41,6 +54,48 @@ async def gather(
     *,
     max_connections: int = ...,
 ) -> tuple[T1, T2, T3]: ...
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    q2: Callable[[Connection], Awaitable[T2]],
+    q3: Callable[[Connection], Awaitable[T3]],
+    q4: Callable[[Connection], Awaitable[T4]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1, T2, T3, T4]: ...
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    q2: Callable[[Connection], Awaitable[T2]],
+    q3: Callable[[Connection], Awaitable[T3]],
+    q4: Callable[[Connection], Awaitable[T4]],
+    q5: Callable[[Connection], Awaitable[T5]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1, T2, T3, T4, T5]: ...
+@overload
+async def gather(
+    db: Database,
+    q1: Callable[[Connection], Awaitable[T1]],
+    q2: Callable[[Connection], Awaitable[T2]],
+    q3: Callable[[Connection], Awaitable[T3]],
+    q4: Callable[[Connection], Awaitable[T4]],
+    q5: Callable[[Connection], Awaitable[T5]],
+    q6: Callable[[Connection], Awaitable[T6]],
+    /,
+    *,
+    max_connections: int = ...,
+) -> tuple[T1, T2, T3, T4, T5, T6]: ...
+@overload
+async def gather(
+    db: Database,
+    *queries: Callable[[Connection], Awaitable[T]],
+    max_connections: int = ...,
+) -> tuple[T, ...]: ...
 async def gather(db: Database, *queries: Query, max_connections: int = 3) -> tuple[Any, ...]:
     """Run each `query(conn)` via `db.run` (retried reads) at once; return results in order.
 
