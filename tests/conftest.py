@@ -34,6 +34,8 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
 
+pytest_plugins = ["pytester"]
+
 REQUIRE_EXTERNAL = os.environ.get("PGLAYER_REQUIRE_EXTERNAL") == "1"
 
 

@@ -63,3 +63,35 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "first.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"0001_name\.sql"):
         load_migrations(tmp_path)
+
+
+async def test_each_history_is_versioned_apart(empty_db_url: str, tmp_path: Path) -> None:
+    shop, mine = tmp_path / "shop", tmp_path / "mine"
+    for directory, table in ((shop, "shop_things"), (mine, "my_things")):
+        directory.mkdir()
+        (directory / "0001_schema.sql").write_text(f"CREATE TABLE {table} (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(shop), history="shop") == ["0001_schema.sql"]
+        assert await migrate(db, load_migrations(mine), history="mine") == ["0001_schema.sql"]
+        assert await migrate(db, load_migrations(mine), history="mine") == []
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT to_regclass('my_things')") is not None
+
+
+async def test_a_history_table_from_before_histories_is_upgraded(empty_db_url: str) -> None:
+    async with Database(settings_for(empty_db_url)) as db, db.connection() as conn:
+        await conn.execute(
+            "CREATE TABLE pglayer_migrations (version text PRIMARY KEY, name text NOT NULL,"
+            " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        first = shop_migrations()[0]
+        await conn.execute(
+            "INSERT INTO pglayer_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            first.version,
+            first.name,
+            first.checksum,
+        )
+        await conn.execute(first.sql)
+        applied = await migrate(db, shop_migrations())
+        assert first.name not in applied
+        assert applied == [m.name for m in shop_migrations()[1:]]

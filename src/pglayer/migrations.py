@@ -60,26 +60,51 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return found
 
 
-async def migrate(db: Database, migrations: list[Migration]) -> list[str]:
-    """Apply what is not applied yet; return the names applied. Safe to run concurrently."""
+_HISTORY_TABLE = """
+CREATE TABLE IF NOT EXISTS pglayer_migrations (
+    history    text NOT NULL DEFAULT 'default',
+    version    text NOT NULL,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (history, version)
+);
+-- Tables made before histories existed: their rows belong to the `default` history.
+ALTER TABLE pglayer_migrations ADD COLUMN IF NOT EXISTS history text NOT NULL DEFAULT 'default';
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a
+            ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+         WHERE i.indrelid = 'pglayer_migrations'::regclass AND i.indisprimary
+           AND a.attname = 'history'
+    ) THEN
+        ALTER TABLE pglayer_migrations DROP CONSTRAINT pglayer_migrations_pkey;
+        ALTER TABLE pglayer_migrations ADD PRIMARY KEY (history, version);
+    END IF;
+END $$;
+"""
+
+
+async def migrate(
+    db: Database, migrations: list[Migration], *, history: str = "default"
+) -> list[str]:
+    """Apply what is not applied yet; return the names applied. Safe to run concurrently.
+
+    Each `history` (one per migration directory) is versioned apart, so two applications'
+    `0001_...` files on one database never collide.
+    """
     async with db.transaction(timeout=60) as conn:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         await conn.execute("SET LOCAL statement_timeout = 0")
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS pglayer_migrations (
-                version    text PRIMARY KEY,
-                name       text NOT NULL,
-                checksum   text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        )
-        return await _apply(conn, migrations)
+        await conn.execute(_HISTORY_TABLE)
+        return await _apply(conn, migrations, history)
 
 
-async def _apply(conn: Connection, migrations: list[Migration]) -> list[str]:
-    rows = await conn.fetch("SELECT version, name, checksum FROM pglayer_migrations")
+async def _apply(conn: Connection, migrations: list[Migration], history: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
+    )
     applied = {r["version"]: r for r in rows}
     done: list[str] = []
     for m in migrations:
@@ -94,7 +119,9 @@ async def _apply(conn: Connection, migrations: list[Migration]) -> list[str]:
         log.info("applying migration %s", m.name)
         await conn.execute(m.sql)
         await conn.execute(
-            "INSERT INTO pglayer_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            "INSERT INTO pglayer_migrations (history, version, name, checksum)"
+            " VALUES ($1, $2, $3, $4)",
+            history,
             m.version,
             m.name,
             m.checksum,

@@ -1,0 +1,164 @@
+"""A pytest plugin for applications built on pglayer: a fresh, migrated database per test.
+
+Enable it in your `conftest.py` with `pytest_plugins = ["pglayer.testing"]`, name your
+migration directories in the pytest configuration, and define a `pglayer_app` fixture:
+
+    [tool.pytest.ini_options]
+    pglayer_migrations = ["migrations"]
+
+The server is `PGLAYER_TEST_DATABASE_URL` (a superuser URL) when set, else an embedded
+PostgreSQL started once for the session (`pip install 'pglayer[embedded]'` where the machine
+has no PostgreSQL). The migrations are applied once, to a template database; each test gets
+`CREATE DATABASE ... TEMPLATE` of it (milliseconds), dropped afterwards.
+
+Fixtures: `pglayer_server_url`, `pglayer_template`, `pglayer_database_url`,
+`pglayer_settings`, `pglayer_db` (an open `Database`) and `pglayer_client` (an
+`httpx.AsyncClient` for your `pglayer_app`, its lifespan running). Async fixtures need
+pytest-asyncio (`pip install 'pglayer[testing]'`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from pglayer.database import Database
+from pglayer.migrations import load_migrations, migrate
+from pglayer.settings import DatabaseSettings
+
+__all__ = ["database_url_for"]
+
+_SERVER_ENV = "PGLAYER_TEST_DATABASE_URL"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "pglayer_migrations",
+        "Directories of SQL migrations applied to the test template, in order",
+        type="paths",
+        default=[],
+    )
+
+
+def database_url_for(server_url: str, database: str) -> str:
+    """`server_url` with its database replaced by `database`."""
+    base, _, query = server_url.partition("?")
+    url = base.rsplit("/", 1)[0] + f"/{database}"
+    return f"{url}?{query}" if query else url
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _admin(server_url: str, *statements: str) -> None:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pglayer_server_url() -> Iterator[str]:
+    """A superuser URL: `PGLAYER_TEST_DATABASE_URL`, else an embedded server for the session."""
+    url = os.environ.get(_SERVER_ENV)
+    if url:
+        yield url
+        return
+    from pglayer.embedded import EmbeddedPostgres
+
+    base = Path(tempfile.mkdtemp(prefix="pglayer-testing-"))
+    base.chmod(0o755)  # the unprivileged server user must reach it
+    cluster = EmbeddedPostgres(base, database="postgres", fast_unsafe=True)
+    cluster.start()
+    try:
+        yield cluster.admin_url("postgres")
+    finally:
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pglayer_migration_dirs(pytestconfig: pytest.Config) -> list[Path]:
+    """The directories named by `pglayer_migrations`; override to choose them in code."""
+    return list(pytestconfig.getini("pglayer_migrations"))
+
+
+@pytest.fixture(scope="session")
+def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]) -> Iterator[str]:
+    """A database with every migration applied, cloned by each test."""
+    name = f"pglayer_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+    async def build() -> None:
+        await _admin(pglayer_server_url, f"CREATE DATABASE {_quoted(name)}")
+        settings = DatabaseSettings(
+            url=database_url_for(pglayer_server_url, name), min_size=1, max_size=1
+        )
+        async with Database(settings) as db:
+            for directory in pglayer_migration_dirs:
+                await migrate(db, load_migrations(directory), history=directory.name)
+
+    asyncio.run(build())
+    try:
+        yield name
+    finally:
+        drop = f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)"
+        asyncio.run(_admin(pglayer_server_url, drop))
+
+
+@pytest.fixture
+def pglayer_database_url(pglayer_server_url: str, pglayer_template: str) -> Iterator[str]:
+    """The URL of a database of this test's own, cloned from the template."""
+    name = f"pglayer_t_{uuid.uuid4().hex[:16]}"
+    create = f"CREATE DATABASE {_quoted(name)} TEMPLATE {_quoted(pglayer_template)}"
+    asyncio.run(_admin(pglayer_server_url, create))
+    try:
+        yield database_url_for(pglayer_server_url, name)
+    finally:
+        drop = f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)"
+        asyncio.run(_admin(pglayer_server_url, drop))
+
+
+@pytest.fixture
+def pglayer_settings(pglayer_database_url: str) -> DatabaseSettings:
+    """Settings for the test's database: a small pool that must open at once."""
+    return DatabaseSettings(
+        url=pglayer_database_url,
+        min_size=1,
+        max_size=4,
+        require_on_startup=True,
+        application_name="pglayer-testing",
+    )
+
+
+@pytest_asyncio.fixture
+async def pglayer_db(pglayer_settings: DatabaseSettings) -> AsyncIterator[Database]:
+    """An open `Database` on the test's database."""
+    async with Database(pglayer_settings) as db:
+        yield db
+
+
+@pytest_asyncio.fixture
+async def pglayer_client(pglayer_app: Any) -> AsyncIterator[Any]:
+    """An `httpx.AsyncClient` for your `pglayer_app` fixture, with its lifespan running."""
+    import httpx
+
+    app = pglayer_app
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        yield client
