@@ -253,3 +253,8 @@ async def test_a_missing_database_at_startup_is_said_in_words(server: Server, wa
     assert "does not exist" in message
     assert "no_such_database" in message
     assert "database error" not in message
+
+
+def test_every_setting_is_described() -> None:
+    undescribed = [n for n, f in DatabaseSettings.model_fields.items() if not f.description]
+    assert undescribed == []

@@ -86,43 +86,103 @@ class DatabaseSettings(BaseSettings):
     )
 
     url: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("url", "DATABASE_URL", "PGLAYER_DATABASE_URL")
+        default=None,
+        validation_alias=AliasChoices("url", "DATABASE_URL", "PGLAYER_DATABASE_URL"),
+        description="The primary's URL (`DATABASE_URL`); masked wherever it is shown.",
     )
-    min_size: int = Field(default=2, ge=0)
-    max_size: int = Field(default=10, ge=1)
-    # A hard cap on queued acquirers (memory); below it, a newcomer is refused at once only
-    # when its predicted wait exceeds its deadline (see the README, "Overload").
-    max_waiters: int = Field(default=2048, ge=0)
-    # Bulkheads: the most connections each kind of work may hold at once, as JSON
-    # (`{"write": 6, "reports": 2}`). Unnamed work is `read` or `write`; by default writes may
-    # hold all but a quarter of the pool, so reads keep some however writes are stuck.
-    bulkheads: dict[str, int] = Field(default_factory=dict)
-    # A refusal (503 `overloaded`) is answered after this pause, which slows clients that
-    # retry at once without costing the server anything.
-    refusal_delay: float = Field(default=0.025, ge=0, le=1.0)
-    acquire_timeout: float = Field(default=2.0, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    # Client-side deadline for one query; the server-side `statement_timeout` fires first.
-    query_timeout: float = Field(default=15.0, gt=0)
-    statement_timeout: float = Field(default=10.0, ge=0)
-    lock_timeout: float = Field(default=5.0, ge=0)
-    idle_in_transaction_timeout: float = Field(default=30.0, ge=0)
-    # PostgreSQL 14+: how often a busy backend checks that its client is still there, so a
-    # query whose connection was cut (pool terminated, client gone) stops on the server too.
-    client_connection_check_interval: float = Field(default=1.0, ge=0)
-    # How long `open()` keeps retrying an unreachable server before it gives up.
-    startup_timeout: float = Field(default=30.0, ge=0)
-    # When false, an app starts while the database is down and becomes ready by itself.
-    require_on_startup: bool = False
-    close_timeout: float = Field(default=10.0, ge=0)
-    # Retries of transient failures (reads, whole transactions): attempts include the first.
-    retry_attempts: int = Field(default=3, ge=1)
-    retry_initial_wait: float = Field(default=0.05, ge=0)
-    retry_max_wait: float = Field(default=1.0, ge=0)
-    max_inactive_connection_lifetime: float = Field(default=300.0, ge=0)
-    statement_cache_size: int = Field(default=1024, ge=0)
-    # Statements slower than this are logged (SQL text only, no parameters); 0 turns it off.
-    slow_query_threshold: float = Field(default=0.5, ge=0)
+    min_size: int = Field(
+        default=2, ge=0, description="Connections kept open; made at open(), refilled later."
+    )
+    max_size: int = Field(default=10, ge=1, description="Most connections this pool opens.")
+    max_waiters: int = Field(
+        default=2048,
+        ge=0,
+        description="A hard cap on queued acquirers (memory). Below it a newcomer is refused"
+        " at once only when its predicted wait exceeds its deadline.",
+    )
+    bulkheads: dict[str, int] = Field(
+        default_factory=dict,
+        description='Most connections each kind of work may hold, as JSON (`{"write": 6}`).'
+        " Unnamed work is `read` or `write`; by default writes may hold all but a quarter of"
+        " the pool, so reads keep some however writes are stuck.",
+    )
+    refusal_delay: float = Field(
+        default=0.025,
+        ge=0,
+        le=1.0,
+        description="Pause before a refusal (503 `overloaded`) is answered: slows clients that"
+        " retry at once, at no cost to the server.",
+    )
+    acquire_timeout: float = Field(
+        default=2.0, gt=0, description="Longest wait for a pooled connection (seconds)."
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Longest wait to open one connection (seconds)."
+    )
+    query_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="Client-side deadline of one statement (seconds); the server's"
+        " `statement_timeout` fires first.",
+    )
+    statement_timeout: float = Field(
+        default=10.0, ge=0, description="Server-side `statement_timeout` (seconds; 0: none)."
+    )
+    lock_timeout: float = Field(
+        default=5.0, ge=0, description="Server-side `lock_timeout` (seconds; 0: none)."
+    )
+    idle_in_transaction_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="`idle_in_transaction_session_timeout` (seconds): a transaction left open"
+        " by a stuck client is ended by the server.",
+    )
+    client_connection_check_interval: float = Field(
+        default=1.0,
+        ge=0,
+        description="PostgreSQL 14+: how often a busy backend checks its client is still there,"
+        " so a query whose connection was cut stops on the server too (seconds).",
+    )
+    startup_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long open() keeps retrying an unreachable server (with"
+        " `require_on_startup`).",
+    )
+    require_on_startup: bool = Field(
+        default=False,
+        description="Fail startup when the database is unreachable; when false the app starts"
+        " and becomes ready by itself.",
+    )
+    close_timeout: float = Field(
+        default=10.0, ge=0, description="How long close() waits for connections in use."
+    )
+    retry_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts (the first included) for transient failures of reads and of"
+        " whole transactions.",
+    )
+    retry_initial_wait: float = Field(
+        default=0.05, ge=0, description="First backoff between attempts (seconds, jittered)."
+    )
+    retry_max_wait: float = Field(
+        default=1.0, ge=0, description="Longest backoff between attempts (seconds)."
+    )
+    max_inactive_connection_lifetime: float = Field(
+        default=300.0, ge=0, description="Idle connections above `min_size` close after this."
+    )
+    statement_cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="Prepared statements cached per connection (0 behind a transaction pooler"
+        " that loses them).",
+    )
+    slow_query_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        description="Statements slower than this are logged, SQL text only (seconds; 0: off).",
+    )
     application_name: str = Field(
         default_factory=default_application_name,
         max_length=63,
@@ -130,29 +190,44 @@ class DatabaseSettings(BaseSettings):
         " counts connections with this name in this database as its own. Default:"
         " `pglayer:<module:attr>:<hash of the working directory>`, the same in every worker.",
     )
-    # The connection budget checked at open(): `workers` processes each with up to
-    # `max_size` connections, plus `connection_reserve` for admins, migrations and cron.
     workers: int | None = Field(
         default=None,
         ge=1,
         description="Worker processes sharing the server's connections. Default: detected"
         " from the server's command line and environment (see `detect_workers`), else 1.",
     )
-    connection_reserve: int = Field(default=5, ge=0)
-    on_budget_exceeded: Literal["warn", "refuse", "ignore"] = "warn"
-    # What sits between pglayer and PostgreSQL. `auto` looks at open(): a server port that
-    # differs from the URL's means a pooler, then its mode and whether prepared statements
-    # survive it are probed. Transaction pooling turns the statement cache off (unless
-    # PgBouncer >= 1.21 keeps statements) and sends no timeouts as startup parameters.
-    pooler: Literal["auto", "none", "pgbouncer-transaction", "pgbouncer-session"] = "auto"
-    # Read replicas (comma-separated URLs). Reads that ask for one go to a healthy replica,
-    # round-robin; a replica more than `replica_max_lag` seconds behind, unreachable, or
-    # not in recovery is skipped, and with none left reads go to the primary.
-    replica_urls: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    replica_max_lag: float = Field(default=5.0, ge=0)
-    replica_check_interval: float = Field(default=1.0, gt=0)
-    # After a write, the same client reads from the primary for this long (a cookie).
-    read_your_writes_window: float = Field(default=5.0, ge=0)
+    connection_reserve: int = Field(
+        default=5,
+        ge=0,
+        description="Connections the budget leaves free for admins, migrations and cron.",
+    )
+    on_budget_exceeded: Literal["warn", "refuse", "ignore"] = Field(
+        default="warn",
+        description="What open() does when workers x max_size + reserve exceed what the server"
+        " allows: log a warning, refuse to open, or nothing.",
+    )
+    pooler: Literal["auto", "none", "pgbouncer-transaction", "pgbouncer-session"] = Field(
+        default="auto",
+        description="What sits between pglayer and PostgreSQL. `auto` probes at open(): a"
+        " server port unlike the URL's means a pooler, then its mode and whether prepared"
+        " statements survive it.",
+    )
+    replica_urls: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Read replicas, comma-separated; reads that ask for one go to a healthy"
+        " replica, round-robin.",
+    )
+    replica_max_lag: float = Field(
+        default=5.0, ge=0, description="A replica further behind than this is skipped."
+    )
+    replica_check_interval: float = Field(
+        default=1.0, gt=0, description="How often each replica's health and lag are read."
+    )
+    read_your_writes_window: float = Field(
+        default=5.0,
+        ge=0,
+        description="After a write, the same client reads from the primary this long (a cookie).",
+    )
 
     @field_validator("replica_urls", mode="before")
     @classmethod

@@ -1,0 +1,5 @@
+"""`python -m pglayer`: the `pglayer` command."""
+
+from pglayer._cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The `pglayer` command, for any app built on pglayer: serve, migrate, doctor."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+try:
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
+
+from pglayer._serve import apply_directories, cli_settings, serve_app
+from pglayer.doctor import Diagnosis, diagnose
+from pglayer.errors import PglayerError
+from pglayer.logs import configure_logging
+from pglayer.settings import DatabaseSettings
+
+__all__ = ["app", "main", "print_diagnosis", "print_settings"]
+
+app = typer.Typer(help="pglayer: serve, migrate and check an app built on pglayer.")
+console = Console(stderr=True)
+
+Migrations = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--migrations",
+        exists=True,
+        file_okay=False,
+        help="A directory of NNNN_name.sql migrations to apply first (repeatable)",
+    ),
+]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `message` as an error; the exit to raise."""
+    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(metavar="APP", help="The ASGI app, as module:attr")],
+    migrations: Migrations = None,
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    factory: Annotated[bool, typer.Option(help="APP is a function that returns the app")] = False,
+    data_dir: Annotated[
+        Path,
+        typer.Option(envvar="PGLAYER_DATA_DIR", help="Embedded PostgreSQL directory"),
+    ] = Path(".pglayer"),
+) -> None:
+    """Serve APP; with no DATABASE_URL, on an embedded PostgreSQL, migrations applied first."""
+    configure_logging(format="text", level="INFO")
+    database = target.split(":", 1)[0].rsplit(".", 1)[-1] or "app"
+    try:
+        serve_app(
+            target,
+            factory=factory,
+            host=host,
+            port=port,
+            workers=workers,
+            migrations=migrations or [],
+            data_dir=data_dir,
+            database=database,
+            say=console.print,
+        )
+    except PglayerError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def migrate(
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir", exists=True, file_okay=False, help="The directory of NNNN_name.sql files"
+        ),
+    ],
+) -> None:
+    """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name."""
+    configure_logging(format="text", level="WARNING")
+    if DatabaseSettings().url is None:
+        raise fail("no DATABASE_URL set")
+    try:
+        applied = asyncio.run(apply_directories(cli_settings(), [directory]))
+    except PglayerError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"applied: {', '.join(applied)}" if applied else "up to date")
+
+
+@app.command()
+def doctor(
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes planned (default: PGLAYER_WORKERS, else 1)"),
+    ] = None,
+    reserve: Annotated[
+        int, typer.Option(min=0, help="Connections to keep free for admins, migrations, cron")
+    ] = 5,
+    settings_only: Annotated[
+        bool, typer.Option("--settings", help="Print every setting and its value, and stop")
+    ] = False,
+) -> None:
+    """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
+    settings = DatabaseSettings()
+    if settings_only:
+        print_settings(settings)
+        return
+    if settings.url is None:
+        raise fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")
+    diagnosis = asyncio.run(diagnose(settings, workers=workers, reserve=reserve))
+    print_diagnosis(diagnosis, settings)
+    if diagnosis.failed:
+        raise typer.Exit(code=1)
+
+
+def print_settings(settings: DatabaseSettings) -> None:
+    """Every setting: its variable, its effective value (secrets masked), what it does."""
+    table = Table(title="pglayer settings", show_lines=False)
+    for column in ("variable", "value", "meaning"):
+        table.add_column(column, overflow="fold")
+    for name, field in type(settings).model_fields.items():
+        table.add_row(
+            f"PGLAYER_{name.upper()}" if name != "url" else "DATABASE_URL",
+            _shown(name, getattr(settings, name)),
+            field.description or "",
+        )
+    Console().print(table)
+
+
+def _shown(name: str, value: object) -> str:
+    from pydantic import SecretStr
+
+    from pglayer.dsn import mask_dsn
+
+    if isinstance(value, SecretStr):
+        return mask_dsn(value.get_secret_value())
+    if isinstance(value, list) and all(isinstance(v, SecretStr) for v in value):
+        return ", ".join(mask_dsn(v.get_secret_value()) for v in value) or "(none)"
+    return "(not set)" if value is None else repr(value)
+
+
+def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
+    """The findings as a table, and the pool pglayer will use when nothing failed."""
+    table = Table(title=f"pglayer doctor: {diagnosis.target}", show_lines=False)
+    table.add_column("check")
+    table.add_column("")
+    table.add_column("detail", overflow="fold")
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    for finding in diagnosis.findings:
+        table.add_row(finding.check, marks[finding.level], finding.detail)
+    out = Console()
+    out.print(table)
+    if diagnosis.failed or not diagnosis.findings:
+        return
+    cache = settings.statement_cache_size
+    pooler = diagnosis.facts.get("pooler")
+    if pooler in ("transaction", "statement") and not diagnosis.facts.get(
+        "prepared_statements", True
+    ):
+        cache = 0
+    out.print(
+        "pglayer will use: "
+        f"pool {settings.min_size}..{settings.max_size} per worker, "
+        f"statement_cache_size={cache}, "
+        + ("only application_name as startup parameter, " if pooler else "")
+        + f"acquire_timeout={settings.acquire_timeout:g}s, "
+        f"statement_timeout={settings.statement_timeout:g}s"
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,116 @@
+"""Serving an ASGI app as `pglayer serve` does: a database (embedded if none is given), its
+migrations applied, then uvicorn with pglayer's defaults and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from pglayer.database import Database
+from pglayer.migrations import load_migrations, migrate
+from pglayer.settings import DatabaseSettings
+
+__all__ = ["apply_directories", "cli_settings", "serve_app"]
+
+log = logging.getLogger("pglayer.cli")
+
+Prepare = Callable[[Database], Awaitable[None]]
+
+
+def cli_settings() -> DatabaseSettings:
+    """Settings for a command's own work: a small pool that must reach the database."""
+    return DatabaseSettings(
+        require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore"
+    )
+
+
+async def apply_directories(
+    settings: DatabaseSettings, directories: Sequence[Path], prepare: Prepare | None = None
+) -> list[str]:
+    """Apply each directory's migrations (each its own history), then `prepare(db)`."""
+    applied: list[str] = []
+    async with Database(settings) as db:
+        for directory in directories:
+            names = await migrate(db, load_migrations(directory), history=directory.name)
+            applied += [f"{directory.name}/{name}" for name in names]
+        if prepare is not None:
+            await prepare(db)
+    return applied
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _fastest(module: str, fallback: str = "auto") -> str:
+    return module if importlib.util.find_spec(module) is not None else fallback
+
+
+def serve_app(
+    app: str,
+    *,
+    factory: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    migrations: Sequence[Path] = (),
+    data_dir: Path = Path(".pglayer"),
+    database: str = "app",
+    prepare: Prepare | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Serve `app` (`module:attr`) until Ctrl-C or SIGTERM, then drain and stop what started.
+
+    With no `DATABASE_URL`, an embedded PostgreSQL in `data_dir` (database `database`) is
+    started (or reused) and stopped at the end if this call started it.
+    """
+    import uvicorn
+
+    from pglayer.embedded import EmbeddedPostgres
+
+    # Worker processes build their app from the environment, as a user's would.
+    os.environ["PGLAYER_WORKERS"] = str(workers)
+    embedded: EmbeddedPostgres | None = None
+    metrics_dir: Path | None = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Any worker answers /metrics for all of them (see pglayer.fastapi.metrics).
+        metrics_dir = Path(tempfile.mkdtemp(prefix="pglayer-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # uvicorn drains, then re-raises the signal it caught; SIGTERM's default action would end
+    # the process before the embedded server is stopped below.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if DatabaseSettings().url is None:
+            embedded = EmbeddedPostgres(data_dir, database=database)
+            say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
+            os.environ["DATABASE_URL"] = embedded.start()
+        applied = asyncio.run(apply_directories(cli_settings(), migrations, prepare))
+        if applied:
+            say(f"applied migrations: {', '.join(applied)}")
+        say(f"serving {app} on http://{host}:{port}")
+        uvicorn.run(
+            app,
+            factory=factory,
+            host=host,
+            port=port,
+            workers=workers,
+            loop=_fastest("uvloop"),
+            http=_fastest("httptools", "h11"),
+            timeout_graceful_shutdown=10,
+            log_config=None,
+            access_log=False,  # pglayer's own access log carries the request id
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if embedded is not None:
+            embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

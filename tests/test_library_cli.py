@@ -1,0 +1,113 @@
+"""`pglayer serve APP`, `pglayer migrate --dir`, `pglayer doctor --settings`: for any app."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from pglayer.embedded import EmbeddedPostgres
+from tests.conftest import free_port
+from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
+
+PGLAYER = [sys.executable, "-m", "pglayer"]
+
+APP = """
+from fastapi import FastAPI
+
+from pglayer import Database
+from pglayer.fastapi import Db, setup
+
+app = FastAPI()
+setup(app, Database())
+
+
+@app.get("/notes/count")
+async def count(db: Db) -> int:
+    return await db.read(lambda conn: conn.fetchval("SELECT count(*) FROM notes"))
+"""
+
+
+def run(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PGLAYER, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def write_migrations(directory: Path, table: str) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "0001_schema.sql").write_text(f"CREATE TABLE {table} (id int);")
+    return directory
+
+
+async def test_migrate_keeps_each_directorys_history_apart(db_url: str, tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=db_url)
+    first = run("migrate", "--dir", str(write_migrations(tmp_path / "billing", "bills")), env=env)
+    assert first.returncode == 0, first.stderr
+    second = run("migrate", "--dir", str(write_migrations(tmp_path / "notes", "notes")), env=env)
+    assert second.returncode == 0, second.stderr
+    assert "notes/0001_schema.sql" in second.stderr
+    again = run("migrate", "--dir", str(tmp_path / "notes"), env=env)
+    assert "up to date" in again.stderr
+    conn = await asyncpg.connect(db_url)
+    try:
+        histories = await conn.fetch(
+            "SELECT history FROM pglayer_migrations WHERE version = '0001' ORDER BY history"
+        )
+    finally:
+        await conn.close()
+    assert [r["history"] for r in histories] == ["billing", "default", "notes"]
+
+
+def test_doctor_settings_prints_every_setting_masked() -> None:
+    env = clean_env(DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app", COLUMNS="200")
+    result = run("doctor", "--settings", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    for name in ("DATABASE_URL", "PGLAYER_MAX_SIZE", "PGLAYER_ACQUIRE_TIMEOUT", "PGLAYER_WORKERS"):
+        assert name in result.stdout
+
+
+def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
+    tmp_path: Path,
+    data_dir: Path,  # noqa: F811
+) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    write_migrations(tmp_path / "migrations", "notes")
+    port = free_port()
+    command = [
+        *PGLAYER, "serve", "notesapp:app", "--migrations", "migrations",
+        "--port", str(port), "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        answer = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/notes/count", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert answer is not None, proc.stdout.read() if proc.stdout else ""
+        assert answer.status_code == 200
+        assert answer.json() == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
