@@ -38,6 +38,7 @@ from pglayer.errors import (
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
+    raise_translated,
     translate,
 )
 from pglayer.observer import Observer
@@ -528,10 +529,7 @@ class Pool:
             raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
         except Exception as exc:
             self.observer.connection_failed()
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+            raise_translated(exc, translate(exc))
         if self.closed:
             raw.terminate()
             raise DatabaseUnavailableError()

@@ -20,6 +20,7 @@ from pglayer.errors import (
     ConnectionLostError,
     QueryTimeoutError,
     TransactionAbortedError,
+    raise_translated,
     translate,
 )
 from pglayer.observer import Observer
@@ -84,9 +85,7 @@ class Connection:
     def _raise(self, exc: Exception) -> NoReturn:
         translated = self._translate(exc)
         self._pool.observer.error(translated)
-        if translated is exc:
-            raise exc
-        raise translated from exc
+        raise_translated(exc, translated)
 
     def _arm(self, timeout: float | None) -> tuple[Slot, float]:
         """Start a statement's deadline; the pool's clock cancels the task past it."""
@@ -134,9 +133,7 @@ class Connection:
             slot.query_deadline = 0.0
             translated = self._translate(exc)
             self._finished(query, time.monotonic() - started, translated)
-            if translated is exc:
-                raise
-            raise translated from exc
+            raise_translated(exc, translated)
         slot.query_deadline = 0.0
         if self._writes is not None and self._depth == 0:
             self._writes.wrote = True

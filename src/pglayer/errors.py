@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import socket
+from typing import NoReturn
 
 import asyncpg
 
@@ -60,6 +61,7 @@ __all__ = [
     "TransientError",
     "UniqueViolationError",
     "explain_connect_error",
+    "raise_translated",
     "translate",
 ]
 
@@ -224,6 +226,16 @@ def class_for_sqlstate(sqlstate: str | None) -> type[DatabaseError]:
     if exact is not None:
         return exact
     return _BY_CLASS.get(sqlstate[:2], DatabaseError)
+
+
+def raise_translated(exc: BaseException, translated: BaseException) -> NoReturn:
+    """Raise `translated` from `exc`, or `exc` unchanged when translation kept it.
+
+    The one way a foreign error leaves pglayer: the original stays as `__cause__`.
+    """
+    if translated is exc:
+        raise exc
+    raise translated from exc
 
 
 def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseException:

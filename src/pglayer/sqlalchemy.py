@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from pglayer.database import Database
-from pglayer.errors import ConnectionLostError, PoolTimeoutError, translate
+from pglayer.errors import ConnectionLostError, PoolTimeoutError, raise_translated, translate
 from pglayer.settings import DatabaseSettings
 from pglayer.stats import ExternalPoolStats
 
@@ -96,7 +96,4 @@ async def session_transaction(
         async with sessions() as session, session.begin():
             yield session
     except Exception as exc:
-        translated = translate_sqlalchemy(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
+        raise_translated(exc, translate_sqlalchemy(exc))
