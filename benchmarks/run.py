@@ -307,7 +307,7 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
     if plan.granian:
         servers.append("shop-granian")
     if plan.via_pgbouncer:
-        from tests.pgbouncer import PgBouncer
+        from pglayer._pgbouncer import PgBouncer
 
         # Transaction pooling, 5 server connections for all workers' pools together.
         bouncer = PgBouncer(url, pool_mode="transaction", pool_size=5).start()

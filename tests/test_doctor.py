@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, free_port, require_external
-from tests.pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
 from tests.test_cli import clean_env, run_cli
 
 

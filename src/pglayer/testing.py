@@ -32,11 +32,12 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
 from pglayer.database import Database
 from pglayer.migrations import load_migrations, migrate
 from pglayer.settings import DatabaseSettings
 
-__all__ = ["database_url_for"]
+__all__ = ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"]
 
 _SERVER_ENV = "PGLAYER_TEST_DATABASE_URL"
 

@@ -1,4 +1,7 @@
-"""A real PgBouncer (Debian's package) in front of a test server, started and stopped by PID."""
+"""A real PgBouncer (Debian's package) in front of a server, started and stopped by PID.
+
+For tests and benchmarks of an app behind a transaction pooler; `pglayer.testing` exports it.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from tests.conftest import free_port
+__all__ = ["PgBouncer", "PoolMode", "pgbouncer_binary"]
 
 PoolMode = Literal["transaction", "session", "statement"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def pgbouncer_binary() -> str | None:
@@ -50,7 +59,7 @@ class PgBouncer:
         self.password = parts.password or ""
         self.server_host = parts.hostname or "127.0.0.1"
         self.server_port = parts.port or 5432
-        self.port = free_port()
+        self.port = _free_port()
         self.pool_mode = pool_mode
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
