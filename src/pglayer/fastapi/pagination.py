@@ -1,0 +1,95 @@
+"""Keyset pagination: `limit`/`after` parameters and opaque, tamper-checked cursors.
+
+A cursor is the last row's sort key, signed with a key only the server knows, so a client
+can pass it back but not forge or alter one: anything else is a 422 naming `after`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Generic, TypeVar
+
+import orjson
+from fastapi import Query
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from pglayer.fastapi.problems import Problem
+
+__all__ = ["After", "Cursors", "Limit", "Page"]
+
+T = TypeVar("T")
+K = TypeVar("K")
+
+Limit = Annotated[
+    int, Query(ge=1, le=100, description="Page size, 1..100 (default 50)", examples=[50])
+]
+"""The `limit` query parameter: 1..100."""
+
+After = Annotated[
+    str | None,
+    Query(max_length=512, description="`next_cursor` of the previous page; omit for the first"),
+]
+"""The `after` query parameter: an opaque cursor from a previous page."""
+
+_TAG = 16  # bytes of HMAC-SHA256 kept: forging one is a 2^-128 guess
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list: its items, and the cursor of the next page (null on the last)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+def _invalid(reason: str) -> Problem:
+    return Problem(
+        422,
+        "validation_error",
+        "Invalid cursor: pass `next_cursor` of a previous page.",
+        errors=[{"loc": ["query", "after"], "msg": reason, "type": "value_error"}],
+    )
+
+
+class Cursors:
+    """Signs and checks cursors with `secret` (every worker of one app must share it)."""
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret.encode() if isinstance(secret, str) else secret
+        if not raw:
+            raise ValueError("a cursor secret must not be empty")
+        self._key = hashlib.sha256(b"pglayer-cursor\0" + raw).digest()
+
+    def _tag(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_TAG]
+
+    def encode(self, *key: Any) -> str:
+        """An opaque cursor for a sort key (JSON-serialisable values)."""
+        payload = orjson.dumps(key)
+        token = self._tag(payload) + payload
+        return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+    def decode(self, cursor: str, key_type: TypeAdapter[K]) -> K:
+        """The sort key in `cursor`, validated by `key_type`; anything else is a 422."""
+        try:
+            token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except (binascii.Error, ValueError):
+            raise _invalid("not a cursor") from None
+        tag, payload = token[:_TAG], token[_TAG:]
+        if len(tag) < _TAG or not hmac.compare_digest(tag, self._tag(payload)):
+            raise _invalid("not a cursor of this service")
+        try:
+            return key_type.validate_python(orjson.loads(payload))
+        except (ValidationError, orjson.JSONDecodeError):
+            raise _invalid("a cursor of another list") from None
+
+    def page(
+        self, rows: Sequence[T], limit: int, key: Callable[[T], Sequence[Any]]
+    ) -> dict[str, Any]:
+        """`{"items", "next_cursor"}` from up to `limit + 1` rows fetched in key order."""
+        if len(rows) <= limit:
+            return {"items": list(rows), "next_cursor": None}
+        return {"items": list(rows[:limit]), "next_cursor": self.encode(*key(rows[limit - 1]))}

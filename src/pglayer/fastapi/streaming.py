@@ -1,0 +1,82 @@
+"""Streaming a large result as NDJSON with bounded memory.
+
+The rows come from a server-side cursor inside a read-only REPEATABLE READ transaction (one
+consistent snapshot), `batch` rows at a time, each fetch under the query deadline; each batch
+is written to the client before the next is fetched, so memory stays at one batch whatever
+the table's size. The connection is taken and the first batch fetched before the response
+starts, so a database that is down or overloaded still gets a problem response. When the
+client goes away the response is cancelled: the transaction rolls back, the cursor closes
+with it, and the connection goes back to the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pglayer.database import Database
+from pglayer.errors import raise_translated, translate
+
+__all__ = ["NDJSON", "ndjson_response"]
+
+NDJSON = "application/x-ndjson"
+
+
+def _lines(rows: list[Any]) -> bytes:
+    return b"".join(orjson.dumps(dict(row)) + b"\n" for row in rows)
+
+
+class _CursorStream(StreamingResponse):
+    """Closes the transaction after the last chunk, or whenever the response ends."""
+
+    def __init__(self, exits: AsyncExitStack, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type=NDJSON)
+        self._exits = exits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._exits.aclose()
+
+
+async def ndjson_response(
+    db: Database, query: str, *args: Any, batch: int = 500, bulkhead: str = "read"
+) -> StreamingResponse:
+    """A response streaming `query`'s rows as NDJSON lines, `batch` rows per chunk."""
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    timeout = db.settings.query_timeout
+    exits = AsyncExitStack()
+    try:
+        conn = await exits.enter_async_context(
+            db.transaction(readonly=True, isolation="repeatable_read", bulkhead=bulkhead)
+        )
+    except BaseException:
+        await exits.aclose()
+        raise
+    try:
+        cursor = await conn.raw.cursor(query, *args)
+        first = await cursor.fetch(batch, timeout=timeout)
+    except Exception as exc:
+        await exits.aclose()
+        raise_translated(exc, translate(exc))
+    except BaseException:
+        await exits.aclose()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        rows = first
+        while True:
+            if rows:
+                yield _lines(rows)
+            if len(rows) < batch:
+                return
+            rows = await cursor.fetch(batch, timeout=timeout)
+
+    return _CursorStream(exits, body())

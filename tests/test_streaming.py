@@ -1,0 +1,72 @@
+"""`ndjson_response`: every row, one batch in memory, released when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from pglayer import Database
+from pglayer.fastapi import setup
+from pglayer.fastapi.streaming import ndjson_response
+from tests.conftest import LiveServer, asgi_client
+
+ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"
+
+
+def streaming_app(db: Database) -> FastAPI:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.get("/rows")
+    async def rows(n: int, batch: int = 100) -> Response:
+        return await ndjson_response(db, ROWS, n, batch=batch)
+
+    return app
+
+
+async def test_every_row_is_streamed_as_one_json_line(db: Database) -> None:
+    async with asgi_client(streaming_app(db)) as client:
+        response = await client.get("/rows", params={"n": 1234})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = response.content.splitlines()
+    assert len(lines) == 1234
+    assert orjson.loads(lines[-1]) == {"id": 1234, "name": "row 1234"}
+    assert db.stats().in_use == 0
+
+
+async def test_rows_arrive_one_batch_per_chunk(db: Database) -> None:
+    async with (
+        LiveServer(streaming_app(db)) as server,
+        httpx.AsyncClient() as client,
+        client.stream("GET", f"{server.url}/rows", params={"n": 1000}) as response,
+    ):
+        chunks = [chunk async for chunk in response.aiter_raw()]
+    sizes = [chunk.count(b"\n") for chunk in chunks if chunk]
+    assert sum(sizes) == 1000
+    assert max(sizes) <= 100  # never more than one batch at once
+
+
+async def test_a_client_that_leaves_releases_the_connection(db: Database) -> None:
+    async with LiveServer(streaming_app(db)) as server, httpx.AsyncClient() as client:
+        async with client.stream(
+            "GET", f"{server.url}/rows", params={"n": 1_000_000, "batch": 1000}
+        ) as response:
+            async for _ in response.aiter_raw():
+                break  # read one chunk, then hang up
+        for _ in range(100):
+            if db.stats().in_use == 0:
+                break
+            await asyncio.sleep(0.05)
+    assert db.stats().in_use == 0
+    count = await db.run(
+        lambda conn: conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+            " AND datname = current_database()"
+        )
+    )
+    assert count == 0
