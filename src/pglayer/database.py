@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -64,6 +65,7 @@ class _Tx:
     readonly: bool = False
     isolation: Isolation | None = None
     lock_timeout: float | None = None
+    attempts: int | None = None  # replays allowed, the first included; None: the policy's
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
@@ -434,10 +436,13 @@ class Database:
             return await self._call(self, fn, True, timeout, tx, bulkhead)
         if not retry:
             raise error
+        policy = self.retry_policy
+        if tx is not None and tx.attempts is not None:
+            policy = dataclasses.replace(policy, attempts=tx.attempts)
         return await retry_after(
             error,
             lambda: self._call(self, fn, False, timeout, tx, bulkhead),
-            self.retry_policy,
+            policy,
             self._observer,
             "run" if tx is None else "transaction",
         )
@@ -477,6 +482,7 @@ class Database:
         isolation: Isolation | None = None,
         lock_timeout: float | None = None,
         retry: bool = True,
+        attempts: int | None = None,
         timeout: float | None = None,
         bulkhead: str | None = None,
     ) -> Coroutine[Any, Any, T]:
@@ -487,8 +493,9 @@ class Database:
         touch the database through `conn`. A connection lost during COMMIT raises
         `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every
         lock wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`.
+        `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
-        tx = _Tx(readonly, isolation, lock_timeout)
+        tx = _Tx(readonly, isolation, lock_timeout, attempts)
         lane = bulkhead or ("read" if readonly else "write")
         return self._call(self, fn, retry, timeout, tx, lane)
 

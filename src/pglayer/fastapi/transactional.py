@@ -1,0 +1,95 @@
+"""Transactional routes: the whole handler is the transaction, replayed when it must be.
+
+`@transactional()` runs a handler's database work in one transaction at the chosen isolation
+(SERIALIZABLE by default) and, on a serialization failure or a deadlock (40001, 40P01) or a
+connection lost before COMMIT was sent, runs the *whole handler* again, with jittered
+backoff, until it commits or the request's deadline passes. So a plain read-modify-write
+handler, written as a tutorial writes it, can neither oversell nor answer 503 for a conflict
+it could have survived. The handler must therefore have no side effects outside the
+database (no e-mails, no calls to other services): they would happen once per attempt.
+
+    @app.post("/orders", status_code=201)
+    @transactional()
+    async def order(body: OrderIn, conn: Connection) -> OrderOut:
+        stock = await conn.fetchval("SELECT stock FROM products WHERE id = $1", body.product_id)
+        ...
+
+The handler receives its connection in the parameter annotated `Connection`; FastAPI never
+sees that parameter. COMMIT happens before the response is sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from pglayer.connection import Connection, Isolation
+from pglayer.fastapi.dependencies import get_database
+
+__all__ = ["transactional"]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_REQUEST = "pglayer_request__"
+_DEFAULT_ATTEMPTS = 50  # the request's deadline is the real bound
+
+
+def _connection_parameter(hints: dict[str, Any], handler: Callable[..., Any]) -> str:
+    names = [name for name, hint in hints.items() if hint is Connection and name != "return"]
+    if len(names) != 1:
+        raise TypeError(
+            f"@transactional handler {handler.__qualname__} needs exactly one parameter"
+            " annotated `Connection`"
+        )
+    return names[0]
+
+
+def transactional(
+    *,
+    isolation: Isolation = "serializable",
+    lock_timeout: float | None = None,
+    attempts: int = _DEFAULT_ATTEMPTS,
+    bulkhead: str | None = None,
+) -> Callable[[F], F]:
+    """Run the handler in one transaction at `isolation`; replay it whole on conflicts."""
+
+    def decorate(handler: F) -> F:
+        # Resolved here: FastAPI would evaluate string annotations in this module's globals.
+        hints = typing.get_type_hints(handler, include_extras=True)
+        conn_name = _connection_parameter(hints, handler)
+        signature = inspect.signature(handler)
+        visible = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values()
+            if p.name != conn_name
+        ]
+        request = inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+
+        @functools.wraps(handler)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            db = await get_database(kwargs.pop(_REQUEST))
+
+            def attempt(conn: Connection) -> Awaitable[Any]:
+                return handler(*args, **kwargs, **{conn_name: conn})
+
+            return await db.run_in_transaction(
+                attempt,
+                isolation=isolation,
+                lock_timeout=lock_timeout,
+                attempts=attempts,
+                bulkhead=bulkhead,
+            )
+
+        # FastAPI reads the signature: without the connection, with the request it needs.
+        endpoint.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*visible, request],
+            return_annotation=hints.get("return", signature.return_annotation),
+        )
+        return endpoint  # type: ignore[return-value]
+
+    return decorate
