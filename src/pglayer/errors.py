@@ -2,6 +2,7 @@
 
     PglayerError
     ├── ConfigurationError                 bad settings, no URL
+    ├── IdempotencyKeyReusedError          a key sent again with another body (422)
     └── DatabaseError                      .sqlstate .constraint .table; the cause as __cause__
         ├── TransientError                 retry later (503 + Retry-After)
         │   ├── ConnectionLostError        08*, 57P01, 57P02, 57P03, socket and protocol errors
@@ -46,6 +47,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DeadlockError",
     "ForeignKeyViolationError",
+    "IdempotencyKeyReusedError",
     "IntegrityError",
     "InvalidInputError",
     "LockTimeoutError",
@@ -72,6 +74,13 @@ class PglayerError(Exception):
 
 class ConfigurationError(PglayerError):
     """The settings cannot work (no URL, impossible sizes)."""
+
+
+class IdempotencyKeyReusedError(PglayerError):
+    """An idempotency key was sent again with a different request body."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or "this idempotency key was used with a different request")
 
 
 class DatabaseError(PglayerError):

@@ -18,6 +18,7 @@ from pglayer.errors import (
     CommitIndeterminateError,
     DatabaseError,
     ForeignKeyViolationError,
+    IdempotencyKeyReusedError,
     InvalidInputError,
     LockTimeoutError,
     NotNullViolationError,
@@ -91,6 +92,12 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (CheckViolationError, 422, "validation_error", "A value is outside its allowed range."),
     (NotNullViolationError, 422, "validation_error", "A required value is missing."),
     (InvalidInputError, 422, "validation_error", "A value is not valid for its type."),
+    (
+        IdempotencyKeyReusedError,
+        422,
+        "idempotency_key_reused",
+        "This Idempotency-Key was used with a different request body.",
+    ),
 )
 
 

@@ -1,0 +1,125 @@
+"""Idempotency keys for any write: the same key and body give the same answer, once.
+
+The key is inserted first, in the write's own transaction. A concurrent request with the same
+key waits on that row until the first one's transaction ends, then finds the stored response
+and replays it; if the first one rolled back, so did its key, and the retry does the work. A
+key sent with another body is refused (`IdempotencyKeyReusedError`, 422). Keys older than
+`ttl` count as gone and are taken over; `expire()` deletes them in small batches.
+
+Call `install(db)` once (`pglayer serve` and `pglayer.testing` do it) to create the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Any, TypeVar
+
+import orjson
+
+from pglayer.connection import Connection
+from pglayer.database import Database
+from pglayer.errors import IdempotencyKeyReusedError, PglayerError
+from pglayer.migrations import load_migrations, migrate
+
+__all__ = ["IdempotencyKeys", "body_hash", "install"]
+
+log = logging.getLogger("pglayer.idempotency")
+T = TypeVar("T")
+
+_CLAIM = """
+INSERT INTO pglayer_idempotency_keys (scope, key, request_hash) VALUES ($1, $2, $3)
+ON CONFLICT (scope, key) DO UPDATE
+    SET request_hash = EXCLUDED.request_hash, response = NULL, created_at = now()
+    WHERE pglayer_idempotency_keys.created_at < now() - make_interval(secs => $4)
+RETURNING true
+"""
+_STORED = (
+    "SELECT request_hash, response FROM pglayer_idempotency_keys WHERE scope = $1 AND key = $2"
+)
+_STORE = "UPDATE pglayer_idempotency_keys SET response = $3 WHERE scope = $1 AND key = $2"
+_SWEEP = """
+WITH doomed AS (
+    SELECT scope, key FROM pglayer_idempotency_keys
+    WHERE created_at < now() - make_interval(secs => $1)
+    ORDER BY created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM pglayer_idempotency_keys AS k USING doomed
+    WHERE k.scope = doomed.scope AND k.key = doomed.key RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def install(db: Database) -> list[str]:
+    """Create pglayer's own tables (the `pglayer` migration history); safe to repeat."""
+    return await migrate(db, load_migrations(files("pglayer") / "_sql"), history="pglayer")
+
+
+def body_hash(body: Any) -> str:
+    """What a key is bound to: a digest of the request body (bytes, or JSON-serialisable)."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
+class IdempotencyKeys:
+    """Runs writes at most once per (scope, key), storing each one's JSON response."""
+
+    def __init__(self, *, ttl: float = 86_400.0) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self.ttl = ttl
+
+    async def run(
+        self,
+        conn: Connection,
+        scope: str,
+        key: str | None,
+        request_hash: str,
+        work: Callable[[Connection], Awaitable[T]],
+    ) -> tuple[T, bool]:
+        """`work(conn)` inside the caller's transaction, or the stored result; and whether
+        it was replayed. The result must be JSON-serialisable (it is stored as `jsonb`)."""
+        if key is None:
+            return await work(conn), False
+        fresh = await conn.fetchval(_CLAIM, scope, key, request_hash, self.ttl)
+        if not fresh:
+            stored = await conn.fetchrow(_STORED, scope, key)
+            assert stored is not None  # the claim's row, committed by the first request
+            if stored["request_hash"] != request_hash:
+                raise IdempotencyKeyReusedError()
+            response: T = stored["response"]
+            return response, True
+        result = await work(conn)
+        await conn.execute(_STORE, scope, key, result)  # the pool encodes jsonb with orjson
+        return result, False
+
+    async def expire(self, db: Database, *, batch: int = 500) -> int:
+        """Delete keys older than `ttl`, `batch` at a time, each batch its own transaction that
+        skips keys in use (no request waits on it); return how many."""
+        deleted = 0
+        while True:
+            count: int = await db.run(
+                lambda conn: conn.fetchval(_SWEEP, self.ttl, batch), retry=False
+            )
+            deleted += count
+            if count < batch:
+                return deleted
+            await asyncio.sleep(0)  # let requests in between batches
+
+    async def sweep_forever(self, db: Database, interval: float = 60.0) -> None:
+        """`expire(db)` every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                deleted = await self.expire(db)
+            except PglayerError as exc:
+                log.warning("idempotency key sweep failed (%s)", type(exc).__name__)
+                continue
+            if deleted:
+                log.info("deleted %d expired idempotency keys", deleted)

@@ -1,0 +1,89 @@
+"""`pglayer.idempotency`: a key and body give one write and the same answer, even at once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pglayer import Connection, Database
+from pglayer.errors import IdempotencyKeyReusedError
+from pglayer.idempotency import IdempotencyKeys, body_hash, install
+
+NOTES = "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL)"
+
+
+async def add_note(conn: Connection) -> dict[str, Any]:
+    note_id = await conn.fetchval("INSERT INTO notes (body) VALUES ('x') RETURNING id")
+    await asyncio.sleep(0.05)  # hold the key's row lock while others arrive
+    return {"id": note_id}
+
+
+@pytest.fixture
+async def keys(db: Database) -> IdempotencyKeys:
+    await install(db)
+    await db.run(lambda conn: conn.execute(NOTES))
+    return IdempotencyKeys(ttl=60)
+
+
+async def test_concurrent_requests_with_one_key_write_once(
+    db: Database, keys: IdempotencyKeys
+) -> None:
+    digest = body_hash({"body": "x"})
+
+    async def request() -> tuple[dict[str, Any], bool]:
+        return await db.run_in_transaction(
+            lambda conn: keys.run(conn, "notes", "k-1", digest, add_note)
+        )
+
+    results = await asyncio.gather(*(request() for _ in range(8)))
+    assert {result["id"] for result, _ in results} == {1}
+    assert sorted(replayed for _, replayed in results) == [False] + [True] * 7
+    assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM notes")) == 1
+
+
+async def test_a_key_with_another_body_is_refused(db: Database, keys: IdempotencyKeys) -> None:
+    await db.run_in_transaction(lambda c: keys.run(c, "notes", "k", body_hash(b"a"), add_note))
+    with pytest.raises(IdempotencyKeyReusedError):
+        await db.run_in_transaction(lambda c: keys.run(c, "notes", "k", body_hash(b"b"), add_note))
+
+
+async def test_scopes_do_not_share_keys(db: Database, keys: IdempotencyKeys) -> None:
+    for scope in ("notes", "other"):
+        _, replayed = await db.run_in_transaction(
+            lambda c, s=scope: keys.run(c, s, "k", body_hash(b"a"), add_note)  # type: ignore[misc]
+        )
+        assert not replayed
+
+
+async def test_a_rolled_back_write_leaves_no_key(db: Database, keys: IdempotencyKeys) -> None:
+    async def failing(conn: Connection) -> dict[str, Any]:
+        await add_note(conn)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await db.run_in_transaction(lambda c: keys.run(c, "notes", "k", body_hash(b"a"), failing))
+    _, replayed = await db.run_in_transaction(
+        lambda c: keys.run(c, "notes", "k", body_hash(b"a"), add_note)
+    )
+    assert not replayed
+
+
+async def test_expired_keys_are_taken_over_and_swept(db: Database, keys: IdempotencyKeys) -> None:
+    await db.run_in_transaction(lambda c: keys.run(c, "notes", "old", body_hash(b"a"), add_note))
+    await db.run(
+        lambda conn: conn.execute(
+            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '2 minutes'"
+        )
+    )
+    _, replayed = await db.run_in_transaction(
+        lambda c: keys.run(c, "notes", "old", body_hash(b"b"), add_note)
+    )
+    assert not replayed  # a new body is fine once the key expired
+    await db.run(
+        lambda conn: conn.execute(
+            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '2 minutes'"
+        )
+    )
+    assert await keys.expire(db, batch=1) == 1
