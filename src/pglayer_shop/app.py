@@ -59,5 +59,5 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         # What an operator needs while the pool is saturated is never shed.
         shed_exempt=("/health/", "/metrics", "/admin/"),
     )
-    app.state.metrics = setup_metrics(app, db, http=settings.metrics)
+    app.state.metrics = setup_metrics(app, db, path=None, http=settings.metrics)
     return app

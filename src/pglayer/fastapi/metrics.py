@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
 
 from pglayer.database import Database
 from pglayer.fastapi.middleware import STATS_KEY
@@ -26,13 +27,19 @@ __all__ = ["setup_metrics"]
 
 
 def setup_metrics(
-    app: FastAPI, db: Database, *, http: bool = True, multiprocess_dir: str | None = None
+    app: FastAPI,
+    db: Database,
+    *,
+    path: str | None = "/metrics",
+    http: bool = True,
+    multiprocess_dir: str | None = None,
 ) -> CollectorRegistry:
-    """Add pool metrics of `db` (and, with `http`, request metrics); return the registry.
+    """Expose pool metrics of `db` (and, with `http`, request metrics) at `path`.
 
-    With several worker processes (`multiprocess_dir`, default `PROMETHEUS_MULTIPROC_DIR`),
-    any worker answers for all: each publishes its snapshot there every second, and every
-    series carries the label `worker` (its PID); sum them in queries.
+    Returns the registry (`path=None` mounts no route: serve it yourself). With several
+    worker processes (`multiprocess_dir`, default `PROMETHEUS_MULTIPROC_DIR`), any worker
+    answers for all: each publishes its snapshot there every second, and every series
+    carries the label `worker` (its PID); sum them in queries.
     """
     directory = multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     requests = RequestStats() if http else None
@@ -45,7 +52,17 @@ def setup_metrics(
         shared = SharedPoolCollector(db.pools(), directory, requests=requests)
         registry.register(shared)
         _publish_during_lifespan(app, shared)
+    if path is not None:
+        _mount(app, path, registry)
     return registry
+
+
+def _mount(app: FastAPI, path: str, registry: CollectorRegistry) -> None:
+    async def metrics() -> Response:
+        """Prometheus text exposition: pool state and counters, HTTP requests by route."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route(path, metrics, methods=["GET"], tags=["health"], response_class=Response)
 
 
 def _publish_during_lifespan(app: FastAPI, pools: SharedPoolCollector) -> None:

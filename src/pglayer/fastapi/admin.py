@@ -1,0 +1,81 @@
+"""Token-protected operator routes: `app.include_router(admin_router(token=...))`.
+
+No token configured: every admin route is a 404 (it does not exist). A token configured: a
+request without `Authorization: Bearer <token>`, or with another token, is a 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+
+from pglayer.database import Database
+from pglayer.fastapi.dependencies import get_database
+from pglayer.fastapi.problems import Problem, problem_responses
+
+__all__ = ["admin_guard", "admin_router"]
+
+# Declares the bearer scheme in OpenAPI; answers None rather than its own 403 (ours: 404/401).
+_BEARER = HTTPBearer(auto_error=False, description="`PGLAYER_ADMIN_TOKEN`")
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+
+def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]:
+    """A dependency: 404 without a configured `token`, 401 unless the bearer token matches."""
+    expected = None
+    if token is not None:
+        raw = token.get_secret_value() if isinstance(token, SecretStr) else token
+        expected = raw.encode() if raw else None
+
+    async def require_admin(credentials: Credentials) -> None:
+        if expected is None:
+            raise Problem(404, "not_found", "Not Found")
+        given = b"" if credentials is None else credentials.credentials.strip().encode()
+        # compare_digest takes the same time wherever the first difference is.
+        if not hmac.compare_digest(given, expected):
+            raise Problem(
+                401,
+                "unauthorized",
+                "A valid bearer token is required.",
+                headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+            )
+
+    return require_admin
+
+
+def admin_router(*, token: SecretStr | str | None, prefix: str = "/admin") -> APIRouter:
+    """`GET {prefix}/db-stats`: every pool's sizes, waits, counters and replica health."""
+    router = APIRouter(
+        prefix=prefix,
+        tags=["admin"],
+        dependencies=[Depends(admin_guard(token))],
+        responses=problem_responses(401, 404),
+    )
+
+    @router.get("/db-stats")
+    async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
+        """Each pool (primary, replicas): sizes, waiting, histograms, counters; replica health."""
+        return {"pools": pool_stats(db)}
+
+    return router
+
+
+def pool_stats(db: Database) -> dict[str, Any]:
+    """Every pool's statistics as JSON-ready dicts, with each replica's health."""
+    pools: dict[str, Any] = {}
+    for pool in db.pools():
+        pools[pool.name] = pool.stats().as_dict()
+        if db.replicas is not None and pool.name in db.replicas.health:
+            health = db.replicas.health[pool.name]
+            pools[pool.name]["replica"] = {
+                "healthy": health.healthy,
+                "reason": health.reason,
+                "lag_seconds": health.lag_seconds,
+            }
+    return pools

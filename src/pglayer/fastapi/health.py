@@ -1,0 +1,49 @@
+"""Liveness and readiness routes for any app on pglayer: `app.include_router(health_router())`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from pglayer.database import Database
+from pglayer.errors import PglayerError
+from pglayer.fastapi.dependencies import get_database
+from pglayer.fastapi.problems import Problem, problem_responses
+
+__all__ = ["Health", "health_router"]
+
+
+class Health(BaseModel):
+    """`ok`, and each pool's state (replicas are reported, not required)."""
+
+    status: str = Field(examples=["ok"])
+    pools: dict[str, str] = Field(default_factory=dict)
+
+
+def health_router(*, prefix: str = "/health", ready_timeout: float = 1.0) -> APIRouter:
+    """`GET {prefix}/live` (200 while serving) and `{prefix}/ready` (200 when the database
+    answers `SELECT 1` within `ready_timeout` seconds, else 503). Never shed under load."""
+    router = APIRouter(prefix=prefix, tags=["health"])
+
+    @router.get("/live", response_model=Health)
+    async def live() -> Health:
+        """200 while the process serves requests."""
+        return Health(status="ok")
+
+    @router.get("/ready", response_model=Health, responses=problem_responses())
+    async def ready(db: Annotated[Database, Depends(get_database)]) -> Health:
+        """200 when the database answers within its deadline, else 503."""
+        try:
+            await db.ping(timeout=ready_timeout)
+        except PglayerError:
+            raise Problem(
+                503, "unavailable", "The database is not answering.", pools={db.name: "down"}
+            ) from None
+        pools = {db.name: "ok"}
+        if db.replicas is not None:
+            pools.update({name: h.reason for name, h in db.replicas.health.items()})
+        return Health(status="ok", pools=pools)
+
+    return router
