@@ -69,7 +69,7 @@ async def test_migrate_keeps_each_directorys_history_apart(db_url: str, tmp_path
         )
     finally:
         await conn.close()
-    assert [r["history"] for r in histories] == ["billing", "default", "notes"]
+    assert [r["history"] for r in histories] == ["billing", "default", "notes", "pglayer"]
 
 
 def test_doctor_settings_prints_every_setting_masked() -> None:

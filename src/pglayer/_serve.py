@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from pglayer.database import Database
+from pglayer.idempotency import install
 from pglayer.migrations import load_migrations, migrate
 from pglayer.settings import DatabaseSettings
 
@@ -35,9 +36,11 @@ def cli_settings() -> DatabaseSettings:
 async def apply_directories(
     settings: DatabaseSettings, directories: Sequence[Path], prepare: Prepare | None = None
 ) -> list[str]:
-    """Apply each directory's migrations (each its own history), then `prepare(db)`."""
+    """Apply pglayer's own tables, each directory's migrations (each its own history), then
+    `prepare(db)`."""
     applied: list[str] = []
     async with Database(settings) as db:
+        applied += [f"pglayer/{name}" for name in await install(db)]
         for directory in directories:
             names = await migrate(db, load_migrations(directory), history=directory.name)
             applied += [f"{directory.name}/{name}" for name in names]

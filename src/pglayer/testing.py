@@ -34,6 +34,7 @@ import pytest_asyncio
 
 from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
 from pglayer.database import Database
+from pglayer.idempotency import install
 from pglayer.migrations import load_migrations, migrate
 from pglayer.settings import DatabaseSettings
 
@@ -108,6 +109,7 @@ def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]
             url=database_url_for(pglayer_server_url, name), min_size=1, max_size=1
         )
         async with Database(settings) as db:
+            await install(db)
             for directory in pglayer_migration_dirs:
                 await migrate(db, load_migrations(directory), history=directory.name)
 
