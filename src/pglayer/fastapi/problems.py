@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -29,9 +30,11 @@ from pglayer.errors import (
 )
 
 __all__ = [
+    "MAX_ERRORS",
     "PROBLEM_JSON",
     "Problem",
     "ProblemDetails",
+    "field_error",
     "install_problem_handlers",
     "problem_response",
     "problem_responses",
@@ -41,6 +44,12 @@ log = logging.getLogger("pglayer.http")
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 1
+MAX_ERRORS = 20  # field errors listed in a 422; `detail` gives the full count
+MAX_PROBLEM_BYTES = 16 * 1024
+OMITTED_ERRORS = "pglayer.omitted_errors"  # scope key: errors not validated, but counted
+_CLIP = 64  # characters of a name the client chose (a key, a header) echoed back
+_CLIP_MSG = 200
+_CLIP_LOC = 8  # parts of an error's location
 
 _TITLES = {
     400: "Bad Request",
@@ -163,7 +172,51 @@ def problem_response(problem: Problem) -> Response:
     headers = dict(problem.headers)
     if problem.status == 503:
         headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-    return Response(orjson.dumps(body), problem.status, headers, media_type=PROBLEM_JSON)
+    data = orjson.dumps(body)
+    if len(data) > MAX_PROBLEM_BYTES:
+        data = _shrunk(body)
+    return Response(data, problem.status, headers, media_type=PROBLEM_JSON)
+
+
+def _shrunk(body: dict[str, Any]) -> bytes:
+    # Whatever an app put in a problem, the answer stays small: long texts are cut first,
+    # then field errors are dropped from the end.
+    body = {k: clip(v, _CLIP_MSG * 4) if isinstance(v, str) else v for k, v in body.items()}
+    data = orjson.dumps(body)
+    while len(data) > MAX_PROBLEM_BYTES:
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            body["errors"] = errors[:-1]
+        else:
+            body = {k: body[k] for k in ("type", "title", "status", "detail", "code")}
+        data = orjson.dumps(body)
+    return data
+
+
+def clip(text: str, limit: int = _CLIP) -> str:
+    """`text` cut to `limit` characters, marked with an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def field_error(loc: Sequence[Any], msg: str, type: str = "value_error") -> dict[str, Any]:
+    """One entry of a 422's `errors`, with the client's names and text cut short."""
+    parts: list[str | int] = [
+        p if isinstance(p, int) and not isinstance(p, bool) else clip(str(p))
+        for p in loc[:_CLIP_LOC]
+    ]
+    if len(loc) > _CLIP_LOC:
+        parts.append("…")
+    return {"loc": parts, "msg": clip(msg, _CLIP_MSG), "type": clip(type)}
+
+
+def validation_problem(errors: Iterable[dict[str, Any]], total: int) -> Problem:
+    """A 422 listing at most `MAX_ERRORS` of `errors` (already `field_error`s) of `total`."""
+    listed = list(errors)[:MAX_ERRORS]
+    names = ", ".join(dict.fromkeys(".".join(map(str, e["loc"])) or "request" for e in listed))
+    detail = f"{total} invalid value{'' if total == 1 else 's'}"
+    if total > len(listed):
+        detail += f" (the first {len(listed)} are listed in `errors`)"
+    return Problem(422, "validation_error", f"{detail}: {names}.", errors=listed)
 
 
 def retry_after(seconds: float | None) -> str:
@@ -223,17 +276,14 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {
-            "loc": list(e.get("loc", ())),
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
-        }
-        for e in exc.errors()
-    ]
-    fields = sorted({".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]) for e in errors})
-    detail = "Invalid request: " + ", ".join(fields) if fields else "Invalid request."
-    return problem_response(Problem(422, "validation_error", detail, errors=errors))
+    errors = exc.errors()
+    # Keys left out before validation (see `pglayer.fastapi.bodies`) still count.
+    total = len(errors) + int(request.scope.get(OMITTED_ERRORS, 0))
+    listed = (
+        field_error(e.get("loc", ()), str(e.get("msg", "")), str(e.get("type", "")))
+        for e in errors[:MAX_ERRORS]
+    )
+    return problem_response(validation_problem(listed, total))
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
