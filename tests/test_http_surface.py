@@ -175,6 +175,64 @@ async def test_json_content_types_are_accepted(http: httpx.AsyncClient, content_
     assert response.status_code == 201, response.text
 
 
+# -- 10: methods, Allow and HEAD ---------------------------------------------------------------
+
+ALLOWED = {
+    "/users": {"GET", "HEAD", "POST"},
+    "/products": {"GET", "HEAD", "POST"},
+    "/users/{user}": {"GET", "HEAD"},
+    "/users/{user}/orders": {"GET", "HEAD"},
+    "/products/{product}": {"GET", "HEAD"},
+    "/orders": {"POST"},
+    "/orders/{order}": {"GET", "HEAD"},
+    "/accounts/{user}": {"GET", "HEAD"},
+    "/accounts/{user}/deposits": {"POST"},
+    "/transfers": {"POST"},
+    "/transfers/{transfer}": {"GET", "HEAD"},
+    "/dashboard/{user}": {"GET", "HEAD"},
+    "/admin/db-stats": {"GET", "HEAD"},
+    "/health/live": {"GET", "HEAD"},
+    "/health/ready": {"GET", "HEAD"},
+    "/metrics": {"GET", "HEAD"},
+    "/openapi.json": {"GET", "HEAD"},
+}
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [(path, m) for path, allowed in ALLOWED.items() for m in METHODS if m not in allowed],
+)
+async def test_an_unsupported_method_is_405_allowing_every_method_of_the_path(
+    http: httpx.AsyncClient, rows: dict[str, int], path: str, method: str
+) -> None:
+    response = await http.request(method, path.format(**rows), headers=AUTH)
+    assert_problem(response, 405, "method_not_allowed")
+    allow = {m.strip() for m in response.headers["allow"].split(",")}
+    assert allow == ALLOWED[path]
+
+
+@pytest.mark.parametrize("path", [path for path, allowed in ALLOWED.items() if "GET" in allowed])
+async def test_head_answers_as_get_does_without_a_body(
+    http: httpx.AsyncClient, rows: dict[str, int], path: str
+) -> None:
+    url = path.format(**rows)
+    got = await http.get(url, headers=AUTH)
+    head = await http.head(url, headers=AUTH)
+    assert head.status_code == got.status_code == 200, (head.status_code, got.text)
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    if path != "/metrics":  # its counters move between the two requests
+        assert head.headers["content-length"] == got.headers["content-length"]
+
+
+async def test_head_on_a_path_without_get_is_405(http: httpx.AsyncClient) -> None:
+    response = await http.head("/orders")
+    assert response.status_code == 405
+    assert response.content == b""
+    assert {m.strip() for m in response.headers["allow"].split(",")} == {"POST"}
+
+
 # -- 14: error lists are bounded, and so is the work behind them ---------------------------------
 
 

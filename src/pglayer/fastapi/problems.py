@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from pglayer.errors import (
     CheckViolationError,
@@ -50,6 +52,7 @@ OMITTED_ERRORS = "pglayer.omitted_errors"  # scope key: errors not validated, bu
 _CLIP = 64  # characters of a name the client chose (a key, a header) echoed back
 _CLIP_MSG = 200
 _CLIP_LOC = 8  # parts of an error's location
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 _TITLES = {
     400: "Bad Request",
@@ -286,12 +289,28 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     return problem_response(validation_problem(listed, total))
 
 
+def allowed_methods(scope: Scope) -> str:
+    """`Allow` for the request's path: every method of every route that matches it."""
+    methods: set[str] = set()
+    for route in getattr(scope.get("router"), "routes", ()):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(scope)[0] is not Match.NONE:
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
+    order = {m: i for i, m in enumerate(_METHOD_ORDER)}
+    return ", ".join(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
-    return problem_response(
-        Problem(exc.status_code, detail=detail, headers=dict(exc.headers or {}))
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route that matched the path.
+        allow = headers["Allow"] = allowed_methods(request.scope)
+        detail = f"{clip(request.method, 16)} is not supported here; this path supports {allow}."
+    return problem_response(Problem(exc.status_code, detail=detail, headers=headers))
 
 
 def internal_error_response(
