@@ -5,7 +5,9 @@ One app and one database for the module: these tests read and create their own r
 
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +18,10 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from fastapi import FastAPI
 
-from pglayer import Database
+from pglayer import Database, InvalidInputError
+from pglayer.fastapi import setup
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import Server, asgi_client, settings_for
@@ -233,6 +237,106 @@ async def test_head_on_a_path_without_get_is_405(http: httpx.AsyncClient) -> Non
     assert {m.strip() for m in response.headers["allow"].split(",")} == {"POST"}
 
 
+# -- 11: ids and limits in canonical decimal only ----------------------------------------------
+
+NON_CANONICAL = ["1_0", "1.0", "+7", "01", "%201", "1%20", "0", "-1", "1e3", str(2**63),
+                 "\u0663", "\uff11", "0x1", "abc", "10.00"]  # fmt: skip
+ID_ROUTES = [
+    ("GET", "/users/{}"),
+    ("GET", "/users/{}/orders"),
+    ("GET", "/accounts/{}"),
+    ("POST", "/accounts/{}/deposits"),
+    ("GET", "/products/{}"),
+    ("GET", "/orders/{}"),
+    ("GET", "/transfers/{}"),
+    ("GET", "/dashboard/{}"),
+]
+
+
+@pytest.mark.parametrize(("method", "route"), ID_ROUTES)
+@pytest.mark.parametrize("bad_id", NON_CANONICAL)
+async def test_a_path_id_not_in_canonical_decimal_is_422(
+    http: httpx.AsyncClient, method: str, route: str, bad_id: str
+) -> None:
+    body = {"amount": "1.00"} if method == "POST" else None
+    response = await http.request(method, route.format(bad_id), json=body)
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"][0] == "path", problem
+
+
+@pytest.mark.parametrize("route", ["/users/{}", "/orders/{}", "/accounts/{}"])
+async def test_the_largest_id_is_canonical(http: httpx.AsyncClient, route: str) -> None:
+    assert_problem(await http.get(route.format(MAX_ID)), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "limit", ["1.0", "%2B5", "05", "1_0", "%205", "5%20", "0", "101", "", "1e1", "\u0665"]
+)
+@pytest.mark.parametrize("route", ["/users", "/products", "/users/{user}/orders"])
+async def test_a_limit_not_in_canonical_decimal_or_outside_1_to_100_is_422(
+    http: httpx.AsyncClient, rows: dict[str, int], route: str, limit: str
+) -> None:
+    response = await http.get(f"{route.format(**rows)}?limit={limit}")
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["query", "limit"], problem
+
+
+@pytest.mark.parametrize("limit", ["1", "100"])
+async def test_limits_at_the_bounds_are_accepted(http: httpx.AsyncClient, limit: str) -> None:
+    assert (await http.get(f"/users?limit={limit}")).status_code == 200
+
+
+@pytest.mark.parametrize("bad_id", ["1", 1.0, True, 2**63, 0, -1, 1e3, None, [1]])
+@pytest.mark.parametrize("field", ["from_user_id", "to_user_id"])
+async def test_a_body_id_must_be_a_json_integer_in_range(
+    http: httpx.AsyncClient, rows: dict[str, int], field: str, bad_id: Any
+) -> None:
+    body: dict[str, Any] = {"from_user_id": rows["user"], "to_user_id": rows["user"] + 1,
+                            "amount": "1.00"}  # fmt: skip
+    body[field] = bad_id
+    response = await http.post("/transfers", json=body)
+    problem = assert_problem(response, 422, "validation_error")
+    assert ["body", field] in [e["loc"] for e in problem["errors"]], problem
+
+
+# -- 12: money in ASCII decimal only -------------------------------------------------------------
+
+BAD_MONEY = ["\u0661\u0662", "\uff11", "\u0663.\u0665\u0660", "1.00\n", "\n1.00", " 1.00",
+             "1.00 ", "1,00", "1.", ".5", "1e2", "+1", "-1", "1.001", "0x1", "", 12, 12.5,
+             None]  # fmt: skip
+
+
+@pytest.mark.parametrize("amount", BAD_MONEY)
+async def test_a_deposit_amount_outside_ascii_decimal_is_422(
+    http: httpx.AsyncClient, amount: Any
+) -> None:
+    user = await new_user(http)
+    response = await http.post(f"/accounts/{user}/deposits", json={"amount": amount})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["body", "amount"], problem
+    assert await balance(http, user) == 0
+
+
+@pytest.mark.parametrize("price", ["\u0663.\u0665\u0660", "3.50\n", "\uff13"])
+async def test_a_product_price_outside_ascii_decimal_is_422(
+    http: httpx.AsyncClient, price: str
+) -> None:
+    response = await http.post("/products", json={"name": "P", "price": price, "stock": 1})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["body", "price"], problem
+
+
+@pytest.mark.parametrize(("amount", "credited"), [("12", "12.00"), ("0.5", "0.50"),
+                                                  ("1000000", "1000000.00")])  # fmt: skip
+async def test_ascii_decimal_amounts_are_credited_exactly(
+    http: httpx.AsyncClient, amount: str, credited: str
+) -> None:
+    user = await new_user(http)
+    response = await http.post(f"/accounts/{user}/deposits", json={"amount": amount})
+    assert response.status_code == 200, response.text
+    assert response.json()["balance"] == credited
+
+
 # -- 14: error lists are bounded, and so is the work behind them ---------------------------------
 
 
@@ -327,3 +431,97 @@ async def test_duplicate_keys_in_a_user_body_are_422(http: httpx.AsyncClient) ->
     body = f'{{"name":"A: b","email":"{email}","name":"C"}}'.encode()
     response = await http.post("/users", content=body, headers=JSON)
     assert_problem(response, 422, "validation_error")
+
+
+# -- 17: Idempotency-Key -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["ключ".encode(), "café".encode(), b"caf\xe9", b"\x01abc", b"a\tb", b"a\x7fb", b"k" * 201],
+)
+async def test_an_idempotency_key_outside_printable_ascii_is_422(
+    http: httpx.AsyncClient, rows: dict[str, int], key: bytes
+) -> None:
+    body = {"user_id": rows["user"], "product_id": rows["product"], "quantity": 1}
+    response = await http.post("/orders", json=body, headers={b"Idempotency-Key": key})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["header", "Idempotency-Key"], problem
+
+
+@pytest.mark.parametrize("key", ["a b ~!", "K" * 200, "x"])
+async def test_printable_ascii_idempotency_keys_are_accepted(
+    http: httpx.AsyncClient, rows: dict[str, int], key: str
+) -> None:
+    body = {"user_id": rows["user"], "product_id": rows["product"], "quantity": 1}
+    key = f"{key[:-1]}{uuid.uuid4().hex[:1]}"
+    response = await http.post("/orders", json=body, headers={"Idempotency-Key": key})
+    assert response.status_code == 201, response.text
+
+
+# -- 18: 422s found by the database name their field --------------------------------------------
+
+
+def cursor(*key: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("route", "after"),
+    [
+        ("/users", cursor(2**63)),
+        ("/users", cursor(-1)),
+        ("/products", cursor(2**64)),
+        ("/users/{user}/orders", cursor("2024-01-01T00:00:00+00:00", 2**63)),
+        ("/users/{user}/orders", cursor("2024-01-01T00:00:00+00:00", -5)),
+        ("/users/{user}/orders", cursor("0001-01-01T00:00:00", 1)),
+    ],
+)
+async def test_a_cursor_that_decodes_to_nonsense_is_422_naming_after(
+    http: httpx.AsyncClient, rows: dict[str, int], route: str, after: str
+) -> None:
+    response = await http.get(route.format(**rows), params={"after": after})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["query", "after"], problem
+
+
+async def test_a_deposit_that_would_overflow_the_balance_is_422_naming_amount(
+    http: httpx.AsyncClient, surface_db: Database
+) -> None:
+    user = await new_user(http)
+    async with surface_db.connection() as conn:
+        await conn.execute("UPDATE accounts SET balance = 999999999999.00 WHERE user_id = $1", user)
+    response = await http.post(f"/accounts/{user}/deposits", json={"amount": "1000000"})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["body", "amount"], problem
+    assert await balance(http, user) == Decimal("999999999999.00")
+
+
+async def test_a_transfer_that_would_overflow_the_balance_is_422_naming_amount(
+    http: httpx.AsyncClient, surface_db: Database
+) -> None:
+    rich, full = await new_user(http), await new_user(http)
+    async with surface_db.connection() as conn:
+        await conn.execute("UPDATE accounts SET balance = 999999999999.00 WHERE user_id = $1", full)
+        await conn.execute("UPDATE accounts SET balance = 10.00 WHERE user_id = $1", rich)
+    response = await http.post(
+        "/transfers", json={"from_user_id": rich, "to_user_id": full, "amount": "5.00"}
+    )
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["body", "amount"], problem
+    assert await balance(http, rich) == Decimal("10.00")
+
+
+async def test_a_database_422_the_app_did_not_map_still_lists_errors(surface_db: Database) -> None:
+    app = FastAPI()
+    setup(app, surface_db)  # its lifespan is not run: the database is already open
+
+    @app.get("/refused")
+    async def refused() -> None:
+        raise InvalidInputError(sqlstate="22003", column="balance")
+
+    async with asgi_client(app) as client:
+        problem = assert_problem(await client.get("/refused"), 422, "validation_error")
+    assert problem["errors"] == [
+        {"loc": ["balance"], "msg": problem["detail"], "type": "database_value_error"}
+    ]

@@ -274,6 +274,11 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         )
     if problem.status == 500:
         problem.extra["correlation_id"] = _request_id(request)
+    elif problem.status == 422:
+        # The app did not say which field the database refused: the column, when known.
+        column = exc.column if isinstance(exc, DatabaseError) else None
+        loc = [column] if column else []
+        problem.extra["errors"] = [field_error(loc, problem.detail, "database_value_error")]
     return problem_response(problem)
 
 
