@@ -525,3 +525,160 @@ async def test_a_database_422_the_app_did_not_map_still_lists_errors(surface_db:
     assert problem["errors"] == [
         {"loc": ["balance"], "msg": problem["detail"], "type": "database_value_error"}
     ]
+
+
+# -- 19: OpenAPI ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def spec_text(http: httpx.AsyncClient) -> str:
+    response = await http.get("/openapi.json")
+    assert response.status_code == 200
+    return response.text
+
+
+@pytest.fixture(scope="module")
+def spec(spec_text: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(spec_text)
+    return parsed
+
+
+def resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def walk(node: Any) -> list[tuple[str, Any]]:
+    """Every (key, value) pair in a JSON document."""
+    out: list[tuple[str, Any]] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            out.extend(item.items())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
+
+
+MONEY_FIELDS = [
+    ("Deposit", "amount"),
+    ("ProductCreate", "price"),
+    ("TransferCreate", "amount"),
+    ("Account", "balance"),
+    ("Product", "price"),
+    ("Order", "unit_price"),
+    ("Order", "total"),
+    ("Transfer", "amount"),
+    ("Dashboard", "balance"),
+]
+
+
+@pytest.mark.parametrize(("model", "field"), MONEY_FIELDS)
+def test_openapi_money_is_a_string_with_the_contract_pattern(
+    spec: dict[str, Any], model: str, field: str
+) -> None:
+    schema = spec["components"]["schemas"][model]["properties"][field]
+    assert schema["type"] == "string", schema
+    assert schema["pattern"] == MONEY_PATTERN
+    assert not {"anyOf", "gt", "ge", "lt", "le"} & schema.keys(), schema
+
+
+def test_openapi_numbers_are_integers_in_the_json_text(
+    spec_text: str, spec: dict[str, Any]
+) -> None:
+    assert "e+18" not in spec_text
+    assert str(MAX_ID) in spec_text
+    for key, value in walk(spec):
+        if key in ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum"):
+            assert type(value) is int, (key, value)
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [("OrderCreate", "user_id"), ("OrderCreate", "product_id"),
+     ("TransferCreate", "from_user_id"), ("TransferCreate", "to_user_id")],
+)  # fmt: skip
+def test_openapi_body_ids_are_int64(spec: dict[str, Any], model: str, field: str) -> None:
+    schema = spec["components"]["schemas"][model]["properties"][field]
+    assert schema["type"] == "integer"
+    assert schema["maximum"] == MAX_ID
+    assert schema.get("minimum") == 1 or schema.get("exclusiveMinimum") == 0
+
+
+def test_openapi_path_ids_and_limits_are_integers_with_bounds(spec: dict[str, Any]) -> None:
+    seen = 0
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                schema = param["schema"]
+                if param["in"] == "path":
+                    assert schema["type"] == "integer", (path, schema)
+                    assert schema["maximum"] == MAX_ID
+                    assert schema["minimum"] == 1
+                    seen += 1
+                elif param["name"] == "limit":
+                    assert (schema["type"], schema["minimum"], schema["maximum"]) == (
+                        "integer", 1, 100,
+                    )  # fmt: skip
+    assert seen >= 8
+
+
+def test_openapi_declares_the_admin_bearer_scheme(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    bearer = [name for name, s in schemes.items() if s == {"type": "http", "scheme": "bearer"}]
+    assert bearer, schemes
+    operation = spec["paths"]["/admin/db-stats"]["get"]
+    assert operation["security"] == [{bearer[0]: []}]
+    assert not [p for p in operation.get("parameters", []) if p["name"].lower() == "authorization"]
+    for path, operations in spec["paths"].items():
+        if not path.startswith("/admin/"):
+            assert all("security" not in op for op in operations.values()), path
+
+
+def test_openapi_email_has_format_email(spec: dict[str, Any]) -> None:
+    assert spec["components"]["schemas"]["UserCreate"]["properties"]["email"]["format"] == "email"
+    assert spec["components"]["schemas"]["User"]["properties"]["email"]["format"] == "email"
+
+
+def expected_statuses(path: str, method: str, operation: dict[str, Any]) -> set[str]:
+    statuses = {"405", "413", "500"}
+    if "requestBody" in operation:
+        statuses |= {"415", "422"}
+    if operation.get("parameters"):
+        statuses.add("422")
+    if not path.startswith(("/health/", "/metrics", "/admin/")):
+        statuses.add("503")
+    if path.startswith("/admin/"):
+        statuses |= {"401", "404"}
+    if "{" in path:
+        statuses.add("404")
+    if path in ("/users", "/orders", "/transfers") and method == "post":
+        statuses.add("409")
+    if path == "/health/ready":
+        statuses.add("503")
+    return statuses
+
+
+def test_openapi_declares_every_problem_status_as_problem_json(spec: dict[str, Any]) -> None:
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            missing = expected_statuses(path, method, operation) - responses.keys()
+            assert not missing, (method, path, missing)
+            for status, response in responses.items():
+                if int(status) < 400:
+                    continue
+                content = response["content"]
+                assert set(content) == {"application/problem+json"}, (method, path, status)
+                schema = resolve(spec, content["application/problem+json"]["schema"])
+                assert schema["title"] == "ProblemDetails", (method, path, status)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def test_openapi_declares_the_field_errors_of_a_problem(spec: dict[str, Any]) -> None:
+    problem = spec["components"]["schemas"]["ProblemDetails"]
+    assert {"type", "title", "status", "detail", "code"} <= set(problem["required"])
+    assert "errors" in problem["properties"]

@@ -18,6 +18,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     PlainSerializer,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -25,6 +26,7 @@ from pydantic_core import core_schema
 
 __all__ = [
     "MAX_ID",
+    "MONEY_PATTERN",
     "Account",
     "Dashboard",
     "DecimalInt",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 MAX_ID = 2**63 - 1
+MONEY_PATTERN = r"^[0-9]+(\.[0-9]{1,2})?$"
 T = TypeVar("T")
 
 
@@ -64,9 +67,11 @@ def _email(value: str) -> str:
 
 
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
+_EMAIL_SCHEMA = Field(json_schema_extra={"format": "email"})
 Email = Annotated[
     str,
     Field(strict=True, min_length=3, max_length=254),
+    _EMAIL_SCHEMA,
     AfterValidator(_no_nul),
     AfterValidator(_email),
 ]
@@ -74,6 +79,7 @@ Email = Annotated[
 # would allow a final newline).
 _MONEY = re.compile(r"[0-9]+(?:\.[0-9]{1,2})?", re.ASCII)
 _MONEY_DIGITS = 15  # integer digits past any amount's bound: refused before Decimal()
+_MONEY_SCHEMA = WithJsonSchema({"type": "string", "pattern": MONEY_PATTERN, "examples": ["12.50"]})
 
 
 def _parse_money(value: object) -> Decimal:
@@ -121,11 +127,11 @@ class DecimalInt:
 
 Id = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id in a JSON body: a JSON integer (not a string, float or bool), 1..2^63-1."""
-MoneyIn = Annotated[Decimal, BeforeValidator(_parse_money), Field(examples=["12.50"])]
+MoneyIn = Annotated[Decimal, BeforeValidator(_parse_money), _MONEY_SCHEMA]
 Money = Annotated[
     Decimal,
     PlainSerializer(lambda d: f"{d:.2f}", return_type=str, when_used="always"),
-    Field(examples=["12.50"]),
+    _MONEY_SCHEMA,
 ]
 
 
@@ -139,7 +145,7 @@ class UserCreate(BaseModel):
 class User(BaseModel):
     id: int
     name: str
-    email: str
+    email: Annotated[str, _EMAIL_SCHEMA]
     created_at: datetime
 
 
@@ -159,7 +165,9 @@ class ProductCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    price: Annotated[MoneyIn, Field(gt=0, le=Decimal("9999999999.99"))]
+    price: Annotated[
+        MoneyIn, Field(gt=0, le=Decimal("9999999999.99"), description="> 0, ≤ 9999999999.99")
+    ]
     stock: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 
 
@@ -191,7 +199,7 @@ class Order(BaseModel):
 class Deposit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: Annotated[MoneyIn, Field(gt=0, le=Decimal(1_000_000))]
+    amount: Annotated[MoneyIn, Field(gt=0, le=Decimal(1_000_000), description="> 0, ≤ 1000000")]
 
 
 class TransferCreate(BaseModel):
@@ -199,7 +207,10 @@ class TransferCreate(BaseModel):
 
     from_user_id: Id
     to_user_id: Id
-    amount: Annotated[MoneyIn, Field(gt=0, le=Decimal("999999999999.99"))]
+    amount: Annotated[
+        MoneyIn,
+        Field(gt=0, le=Decimal("999999999999.99"), description="> 0, ≤ 999999999999.99"),
+    ]
 
     @model_validator(mode="after")
     def _distinct(self) -> TransferCreate:

@@ -34,6 +34,7 @@ from pglayer.errors import (
 __all__ = [
     "MAX_ERRORS",
     "PROBLEM_JSON",
+    "FieldError",
     "Problem",
     "ProblemDetails",
     "field_error",
@@ -97,6 +98,14 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
 )
 
 
+class FieldError(BaseModel):
+    """One offending field of a 422: where, what, and pydantic's error type."""
+
+    loc: list[str | int] = Field(examples=[["body", "amount"]])
+    msg: str
+    type: str = Field(examples=["value_error"])
+
+
 class ProblemDetails(BaseModel):
     """The body of every error response (for OpenAPI)."""
 
@@ -105,8 +114,10 @@ class ProblemDetails(BaseModel):
     status: int
     detail: str
     code: str = Field(examples=["not_found"])
-    errors: list[dict[str, Any]] | None = Field(
-        default=None, description="Offending fields, on validation errors"
+    errors: list[FieldError] | None = Field(
+        default=None,
+        description=f"Offending fields, on validation errors: at most {MAX_ERRORS}",
+        max_length=MAX_ERRORS,
     )
     correlation_id: str | None = Field(default=None, description="On internal errors")
 
@@ -114,8 +125,12 @@ class ProblemDetails(BaseModel):
 _DESCRIPTIONS = {
     401: "Missing or wrong bearer token (`unauthorized`)",
     404: "Not found (`not_found`)",
+    405: "Method not supported on this path (`method_not_allowed`); `Allow` lists those it"
+    " supports",
     409: "Conflict (`conflict`)",
     413: "Body over 1 MiB (`payload_too_large`)",
+    415: "Body not sent as `application/json`, or with a `Content-Encoding`"
+    " (`unsupported_media_type`)",
     422: "Invalid input (`validation_error`)",
     500: "Unexpected error (`internal`), with a correlation id",
     503: "Database unavailable, overloaded or a row busy (`unavailable`, `overloaded`, `busy`);"
