@@ -24,7 +24,7 @@ from pglayer import Database, InvalidInputError
 from pglayer.fastapi import setup
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
-from tests.conftest import Server, asgi_client, settings_for
+from tests.conftest import LiveServer, Server, asgi_client, settings_for
 from tests.test_shop_users import assert_problem
 
 TOKEN = "surface-admin-token"
@@ -48,9 +48,15 @@ async def surface_db(
 
 
 @pytest.fixture(scope="module")
-async def http(surface_db: Database) -> AsyncIterator[httpx.AsyncClient]:
+async def surface_app(surface_db: Database) -> AsyncIterator[FastAPI]:
     app = create_app(db=surface_db, settings=ShopSettings(admin_token=TOKEN))
-    async with app.router.lifespan_context(app), asgi_client(app) as client:
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+async def http(surface_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(surface_app) as client:
         yield client
 
 
@@ -235,6 +241,17 @@ async def test_head_on_a_path_without_get_is_405(http: httpx.AsyncClient) -> Non
     assert response.status_code == 405
     assert response.content == b""
     assert {m.strip() for m in response.headers["allow"].split(",")} == {"POST"}
+
+
+async def test_head_through_uvicorn_keeps_the_headers_of_get(
+    surface_app: FastAPI, rows: dict[str, int]
+) -> None:
+    async with LiveServer(surface_app) as live, httpx.AsyncClient(base_url=live.url) as client:
+        for path in (f"/users/{rows['user']}", "/users?limit=2", "/orders"):
+            got, head = await client.get(path), await client.head(path)
+            assert head.status_code == got.status_code, path
+            assert head.content == b""
+            assert head.headers["content-length"] == got.headers["content-length"], path
 
 
 # -- 11: ids and limits in canonical decimal only ----------------------------------------------
