@@ -8,17 +8,20 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Query
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from pglayer import Database
-from pglayer.fastapi import Problem
+from pglayer.fastapi import Problem, field_error
+from pglayer_shop.models import MAX_ID, DecimalInt
 
-__all__ = ["After", "Limit", "decode_cursor", "encode_cursor", "page", "page_by_id"]
+__all__ = ["After", "CursorId", "Limit", "decode_cursor", "encode_cursor", "page", "page_by_id"]
 
 T = TypeVar("T")
-_ID_CURSOR = TypeAdapter(tuple[int])
+CursorId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
+"""An id inside a cursor: what we wrote there, so anything else is a tampered cursor."""
+_ID_CURSOR = TypeAdapter(tuple[CursorId])
 
-Limit = Annotated[int, Query(ge=1, le=100, description="Page size, 1..100")]
+Limit = Annotated[int, Query(description="Page size, 1..100"), DecimalInt(1, 100)]
 After = Annotated[
     str | None, Query(max_length=200, description="`next_cursor` of the previous page")
 ]
@@ -30,7 +33,7 @@ def encode_cursor(*key: Any) -> str:
 
 
 def decode_cursor(cursor: str, key_type: TypeAdapter[T]) -> T:
-    """The sort key in `cursor`; a cursor that is not ours is a 422."""
+    """The sort key in `cursor`; a cursor that is not ours (or out of range) is a 422."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         return key_type.validate_python(orjson.loads(raw))
@@ -39,7 +42,7 @@ def decode_cursor(cursor: str, key_type: TypeAdapter[T]) -> T:
             422,
             "validation_error",
             "Invalid cursor: pass `next_cursor` of a previous page.",
-            errors=[{"loc": ["query", "after"], "msg": "invalid cursor", "type": "value_error"}],
+            errors=[field_error(["query", "after"], "not a cursor this API issued")],
         ) from None
 
 

@@ -14,6 +14,7 @@ from pglayer.fastapi.middleware import RequestGuard, current_request_id
 from pglayer.fastapi.problems import (
     Problem,
     ProblemDetails,
+    field_error,
     install_problem_handlers,
     problem_response,
     problem_responses,
@@ -33,6 +34,7 @@ __all__ = [
     "WriteTransaction",
     "current_request_id",
     "database_lifespan",
+    "field_error",
     "get_database",
     "install_problem_handlers",
     "json_bytes",

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from pglayer.database import Database
 from pglayer.fastapi.dependencies import STATE_KEY
 from pglayer.fastapi.middleware import RequestGuard
+from pglayer.fastapi.openapi import complete_openapi
 from pglayer.fastapi.problems import install_problem_handlers
 from pglayer.fastapi.routing import Route
 
@@ -70,7 +71,8 @@ def setup(
     freeze_gc: bool = False,
     shed_exempt: tuple[str, ...] = ("/health/", "/metrics"),
 ) -> None:
-    """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard.
+    """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard,
+    and the OpenAPI document completed with what these answer (`pglayer.fastapi.openapi`).
 
     `freeze_gc` moves everything alive after startup (modules, the app, its schemas) out of
     the garbage collector's reach: full collections then scan only per-request objects,
@@ -83,6 +85,7 @@ def setup(
     if app.router.route_class is APIRoute:
         app.router.route_class = Route  # `Db` without dependency solving, from here on
     install_problem_handlers(app)
+    complete_openapi(app, shed_exempt=shed_exempt)
     build = app.build_middleware_stack
 
     def build_with_guard() -> ASGIApp:

@@ -11,6 +11,8 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
   gives its connection back; requests that finish within `WATCH_AFTER` never pay for it:
   one clock per process watches only requests still running by then (under uvicorn by
   reading its own disconnect flag every 50 ms; under other servers with a task each);
+- `HEAD` wherever `GET` is: the app sees a GET, the client gets its status and headers
+  without the body;
 - shedding before routing (503 `overloaded`) while `database` is saturated;
 - a 500 problem carrying only the request id for anything unexpected;
 - HTTP metrics (`stats`) and the access log (`access_log`), from the same timing.
@@ -100,6 +102,7 @@ class _Exchange:
     length = -1  # Content-Length, -1 without one
     chunked = False
     wrote_recently = False
+    head = False
     delivered = False
     status = 0
     completed = False
@@ -160,8 +163,11 @@ class _Exchange:
             if writes is not None and writes.wrote:
                 headers.append((b"set-cookie", self.cookie))
             message = {**message, "headers": headers}
-        elif message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.completed = True
+        elif message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                self.completed = True
+            if self.head:
+                message = {**message, "body": b""}
         await self.send_to_client(message)
 
     async def reply(self, answer: tuple[int, tuple[tuple[bytes, bytes], ...], bytes]) -> None:
@@ -244,6 +250,10 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         ex = _Exchange(scope, receive, send, time.monotonic())
+        if scope["method"] == "HEAD":
+            # A copy: the server keeps seeing HEAD (uvicorn then expects no body).
+            scope = {**scope, "method": "GET"}
+            ex.head = True
         try:
             db = self.database
             predicted = None if db is None else db.saturated()
@@ -355,10 +365,9 @@ class RequestGuard:
             return
         seconds = time.monotonic() - ex.started
         route = route_template(scope)
+        method = "HEAD" if ex.head else scope["method"]
         if stats is not None:
             # Nothing sent means the app raised past us: the server answers 500.
-            stats.record(scope["method"], route, ex.status or 500, seconds)
+            stats.record(method, route, ex.status or 500, seconds)
         if access_log is not None:
-            access_log.write(
-                scope["method"], scope["path"], route, ex.status, seconds, ex.request_id
-            )
+            access_log.write(method, scope["path"], route, ex.status, seconds, ex.request_id)

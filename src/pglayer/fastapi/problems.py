@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -12,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from pglayer.errors import (
     CheckViolationError,
@@ -31,9 +34,12 @@ from pglayer.errors import (
 )
 
 __all__ = [
+    "MAX_ERRORS",
     "PROBLEM_JSON",
+    "FieldError",
     "Problem",
     "ProblemDetails",
+    "field_error",
     "install_problem_handlers",
     "problem_response",
     "problem_responses",
@@ -43,6 +49,13 @@ log = logging.getLogger("pglayer.http")
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 1
+MAX_ERRORS = 20  # field errors listed in a 422; `detail` gives the full count
+MAX_PROBLEM_BYTES = 16 * 1024
+OMITTED_ERRORS = "pglayer.omitted_errors"  # scope key: errors not validated, but counted
+_CLIP = 64  # characters of a name the client chose (a key, a header) echoed back
+_CLIP_MSG = 200
+_CLIP_LOC = 8  # parts of an error's location
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 _TITLES = {
     400: "Bad Request",
@@ -101,6 +114,14 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
 )
 
 
+class FieldError(BaseModel):
+    """One offending field of a 422: where, what, and pydantic's error type."""
+
+    loc: list[str | int] = Field(examples=[["body", "amount"]])
+    msg: str
+    type: str = Field(examples=["value_error"])
+
+
 class ProblemDetails(BaseModel):
     """The body of every error response (for OpenAPI)."""
 
@@ -109,8 +130,10 @@ class ProblemDetails(BaseModel):
     status: int
     detail: str
     code: str = Field(examples=["not_found"])
-    errors: list[dict[str, Any]] | None = Field(
-        default=None, description="Offending fields, on validation errors"
+    errors: list[FieldError] | None = Field(
+        default=None,
+        description=f"Offending fields, on validation errors: at most {MAX_ERRORS}",
+        max_length=MAX_ERRORS,
     )
     correlation_id: str | None = Field(default=None, description="On internal errors")
 
@@ -118,8 +141,12 @@ class ProblemDetails(BaseModel):
 _DESCRIPTIONS = {
     401: "Missing or wrong bearer token (`unauthorized`)",
     404: "Not found (`not_found`)",
+    405: "Method not supported on this path (`method_not_allowed`); `Allow` lists those it"
+    " supports",
     409: "Conflict (`conflict`)",
     413: "Body over 1 MiB (`payload_too_large`)",
+    415: "Body not sent as `application/json`, or with a `Content-Encoding`"
+    " (`unsupported_media_type`)",
     422: "Invalid input (`validation_error`)",
     500: "Unexpected error (`internal`), with a correlation id; or a commit whose outcome is"
     " unknown (`commit_unknown`, no `Retry-After`)",
@@ -180,7 +207,51 @@ def problem_response(problem: Problem) -> Response:
     headers = dict(problem.headers)
     if problem.status == 503:
         headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-    return Response(orjson.dumps(body), problem.status, headers, media_type=PROBLEM_JSON)
+    data = orjson.dumps(body)
+    if len(data) > MAX_PROBLEM_BYTES:
+        data = _shrunk(body)
+    return Response(data, problem.status, headers, media_type=PROBLEM_JSON)
+
+
+def _shrunk(body: dict[str, Any]) -> bytes:
+    # Whatever an app put in a problem, the answer stays small: long texts are cut first,
+    # then field errors are dropped from the end.
+    body = {k: clip(v, _CLIP_MSG * 4) if isinstance(v, str) else v for k, v in body.items()}
+    data = orjson.dumps(body)
+    while len(data) > MAX_PROBLEM_BYTES:
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            body["errors"] = errors[:-1]
+        else:
+            body = {k: body[k] for k in ("type", "title", "status", "detail", "code")}
+        data = orjson.dumps(body)
+    return data
+
+
+def clip(text: str, limit: int = _CLIP) -> str:
+    """`text` cut to `limit` characters, marked with an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def field_error(loc: Sequence[Any], msg: str, type: str = "value_error") -> dict[str, Any]:
+    """One entry of a 422's `errors`, with the client's names and text cut short."""
+    parts: list[str | int] = [
+        p if isinstance(p, int) and not isinstance(p, bool) else clip(str(p))
+        for p in loc[:_CLIP_LOC]
+    ]
+    if len(loc) > _CLIP_LOC:
+        parts.append("…")
+    return {"loc": parts, "msg": clip(msg, _CLIP_MSG), "type": clip(type)}
+
+
+def validation_problem(errors: Iterable[dict[str, Any]], total: int) -> Problem:
+    """A 422 listing at most `MAX_ERRORS` of `errors` (already `field_error`s) of `total`."""
+    listed = list(errors)[:MAX_ERRORS]
+    names = ", ".join(dict.fromkeys(".".join(map(str, e["loc"])) or "request" for e in listed))
+    detail = f"{total} invalid value{'' if total == 1 else 's'}"
+    if total > len(listed):
+        detail += f" (the first {len(listed)} are listed in `errors`)"
+    return Problem(422, "validation_error", f"{detail}: {names}.", errors=listed)
 
 
 def retry_after(seconds: float | None) -> str:
@@ -235,30 +306,48 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         )
     if problem.status == 500:
         problem.extra["correlation_id"] = _request_id(request)
+    elif problem.status == 422:
+        # The app did not say which field the database refused: the column, when known.
+        column = exc.column if isinstance(exc, DatabaseError) else None
+        loc = [column] if column else []
+        problem.extra["errors"] = [field_error(loc, problem.detail, "database_value_error")]
     return problem_response(problem)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {
-            "loc": list(e.get("loc", ())),
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
-        }
-        for e in exc.errors()
-    ]
-    fields = sorted({".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]) for e in errors})
-    detail = "Invalid request: " + ", ".join(fields) if fields else "Invalid request."
-    return problem_response(Problem(422, "validation_error", detail, errors=errors))
+    errors = exc.errors()
+    # Keys left out before validation (see `pglayer.fastapi.bodies`) still count.
+    total = len(errors) + int(request.scope.get(OMITTED_ERRORS, 0))
+    listed = (
+        field_error(e.get("loc", ()), str(e.get("msg", "")), str(e.get("type", "")))
+        for e in errors[:MAX_ERRORS]
+    )
+    return problem_response(validation_problem(listed, total))
+
+
+def allowed_methods(scope: Scope) -> str:
+    """`Allow` for the request's path: every method of every route that matches it."""
+    methods: set[str] = set()
+    for route in getattr(scope.get("router"), "routes", ()):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(scope)[0] is not Match.NONE:
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
+    order = {m: i for i, m in enumerate(_METHOD_ORDER)}
+    return ", ".join(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
-    return problem_response(
-        Problem(exc.status_code, detail=detail, headers=dict(exc.headers or {}))
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route that matched the path.
+        allow = headers["Allow"] = allowed_methods(request.scope)
+        detail = f"{clip(request.method, 16)} is not supported here; this path supports {allow}."
+    return problem_response(Problem(exc.status_code, detail=detail, headers=headers))
 
 
 def internal_error_response(

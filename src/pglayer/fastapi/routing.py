@@ -6,18 +6,23 @@ endpoint is wrapped once, at startup: its `Db` parameters are dropped from what 
 sees, replaced by the `Request` (which FastAPI passes for free), and the wrapper fills them
 in from the app's state. Use it per router, `APIRouter(route_class=Route)`; `setup()` makes
 it the default for routes declared on the app itself afterwards.
+
+A `Route` with a JSON body also takes it only as `pglayer.fastapi.bodies` describes: plain
+JSON, parsed strictly (415 or 422 otherwise), and at most a few unknown keys validated.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, params
 from fastapi.routing import APIRoute
+from starlette.responses import Response
 
+from pglayer.fastapi.bodies import json_body_handler, known_keys
 from pglayer.fastapi.dependencies import STATE_KEY, Db
 
 __all__ = ["Route", "with_database"]
@@ -59,7 +64,16 @@ def with_database(endpoint: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Route(APIRoute):
-    """An `APIRoute` whose endpoint gets `Db` without dependency solving."""
+    """An `APIRoute` whose endpoint gets `Db` without dependency solving, and whose JSON
+    body is parsed by pglayer's rules."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, with_database(endpoint), **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        field = self.body_field
+        if field is None or isinstance(field.field_info, params.Form):
+            return handler  # routes without a body pay nothing
+        known = None if self._embed_body_fields else known_keys(field)
+        return json_body_handler(handler, known)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pglayer import Database
 from pglayer.fastapi import Problem, get_database, problem_responses
@@ -15,15 +16,22 @@ from pglayer_shop.settings import ShopSettings
 __all__: list[str] = []
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+# Declares the scheme in OpenAPI; answers None rather than its own 403 (ours: 404 or 401).
+_BEARER = HTTPBearer(auto_error=False)
+
+
+async def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> None:
     """404 when no admin token is configured; 401 unless `Bearer <token>` matches it."""
     settings: ShopSettings = request.app.state.shop_settings
     if settings.admin_token is None:
         raise Problem(404, "not_found", "Not Found")
     expected = settings.admin_token.get_secret_value().encode()
-    scheme, _, given = (authorization or "").partition(" ")
+    given = b"" if credentials is None else credentials.credentials.strip().encode()
     # compare_digest takes the same time wherever the first difference is.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+    if credentials is None or not hmac.compare_digest(given, expected):
         raise Problem(
             401,
             "unauthorized",

@@ -2,34 +2,36 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from fastapi import Header, Path, Request, Response
-from pydantic import TypeAdapter
+from fastapi import Header, Request, Response
+from pydantic import AwareDatetime, TypeAdapter
 
 from pglayer import Connection, Record
 from pglayer.fastapi import Db, Problem, json_response, problem_responses
-from pglayer_shop.models import MAX_ID, Order, OrderCreate, Page
+from pglayer_shop.models import Order, OrderCreate, Page
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
-from pglayer_shop.pagination import After, Limit, decode_cursor, page
+from pglayer_shop.pagination import After, CursorId, Limit, decode_cursor, page
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import UserId
+from pglayer_shop.routes.params import OrderId, UserId
 from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
-OrderId = Annotated[int, Path(gt=0, le=MAX_ID, description="A positive 64-bit id")]
 IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
         min_length=1,
         max_length=200,
-        description="Send the same key again to get the same order back, never a second one",
+        # Printable ASCII, space included: no control characters, and nothing a server
+        # would decode as Latin-1 and count in bytes.
+        pattern=r"^[\x20-\x7E]{1,200}$",
+        description="1..200 printable ASCII characters (0x20-0x7E). Send the same key again"
+        " to get the same order back, never a second one",
     ),
 ]
-_CURSOR = TypeAdapter(tuple[datetime, int])
+_CURSOR = TypeAdapter(tuple[AwareDatetime, CursorId])
 
 
 @router.post(
@@ -52,8 +54,6 @@ async def create_order(
     body: OrderCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Decrement stock, debit the balance and write the order, in one transaction."""
-    if idempotency_key is not None and "\x00" in idempotency_key:
-        raise Problem(422, "validation_error", "Idempotency-Key must not contain NUL.")
     settings: ShopSettings = request.app.state.shop_settings
     # Replayed whole on serialization failures, deadlocks or a connection lost before
     # COMMIT; committed before the response is sent. A row locked past the bound is 503

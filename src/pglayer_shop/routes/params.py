@@ -1,4 +1,4 @@
-"""Path parameters shared by routes."""
+"""Path parameters shared by routes: ids in canonical decimal (`models.DecimalInt`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ from typing import Annotated
 
 from fastapi import Path
 
-from pglayer_shop.models import MAX_ID
+from pglayer_shop.models import MAX_ID, DecimalInt
 
-__all__ = ["UserId"]
+__all__ = ["OrderId", "ProductId", "TransferId", "UserId"]
 
-UserId = Annotated[int, Path(gt=0, le=MAX_ID, description="A positive 64-bit id")]
+_ID_PARAM = DecimalInt(1, MAX_ID)
+_ID = "A positive 64-bit id, in decimal"
+
+UserId = Annotated[int, Path(description=_ID), _ID_PARAM]
+ProductId = Annotated[int, Path(description=_ID), _ID_PARAM]
+OrderId = Annotated[int, Path(description=_ID), _ID_PARAM]
+TransferId = Annotated[int, Path(description=_ID), _ID_PARAM]

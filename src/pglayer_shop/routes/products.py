@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Path, Response
+from fastapi import Response
 
 from pglayer.fastapi import Db, DbConnection, Problem, json_response, problem_responses
-from pglayer_shop.models import MAX_ID, Page, Product, ProductCreate
+from pglayer_shop.models import Page, Product, ProductCreate
 from pglayer_shop.pagination import After, Limit, page_by_id
 from pglayer_shop.routes import router
+from pglayer_shop.routes.params import ProductId
 
 __all__: list[str] = []
 
-ProductId = Annotated[int, Path(gt=0, le=MAX_ID, description="A positive 64-bit id")]
 _COLUMNS = "id, name, price, stock"
 _GET = f"SELECT {_COLUMNS} FROM products WHERE id = $1"
 

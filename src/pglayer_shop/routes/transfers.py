@@ -4,16 +4,44 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
-from pglayer import Connection, Record
-from pglayer.fastapi import Db, DbConnection, Problem, json_response, problem_responses
+from pglayer import Connection, InvalidInputError, Record
+from pglayer.fastapi import (
+    Db,
+    DbConnection,
+    Problem,
+    field_error,
+    json_response,
+    problem_responses,
+)
 from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import UserId
+from pglayer_shop.routes.params import TransferId, UserId
 from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
 _TRANSFER_COLUMNS = "id, from_user_id, to_user_id, amount, created_at"
+_DEPOSIT = """
+WITH a AS (
+    UPDATE accounts SET balance = balance + $2, updated_at = now()
+    WHERE user_id = $1 RETURNING user_id, balance
+), d AS (
+    INSERT INTO deposits (user_id, amount) SELECT user_id, $2 FROM a
+)
+SELECT user_id, balance FROM a
+"""
+_OUT_OF_RANGE = "22003"  # numeric_value_out_of_range: a balance past numeric(14, 2)
+
+
+def _overflow() -> Problem:
+    """The 422 naming `amount` for a balance that would overflow."""
+    detail = "The amount would take the balance past its maximum (999999999999.99)."
+    return Problem(
+        422,
+        "validation_error",
+        detail,
+        errors=[field_error(["body", "amount"], detail, "balance_overflow")],
+    )
 
 
 @router.post(
@@ -24,19 +52,12 @@ _TRANSFER_COLUMNS = "id, from_user_id, to_user_id, amount, created_at"
 )
 async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Response:
     """Add to the balance; the deposit is recorded in the same statement."""
-    account = await conn.fetchrow(
-        """
-        WITH a AS (
-            UPDATE accounts SET balance = balance + $2, updated_at = now()
-            WHERE user_id = $1 RETURNING user_id, balance
-        ), d AS (
-            INSERT INTO deposits (user_id, amount) SELECT user_id, $2 FROM a
-        )
-        SELECT user_id, balance FROM a
-        """,
-        user_id,
-        body.amount,
-    )
+    try:
+        account = await conn.fetchrow(_DEPOSIT, user_id, body.amount)
+    except InvalidInputError as exc:
+        if exc.sqlstate != _OUT_OF_RANGE:
+            raise
+        raise _overflow() from None
     if account is None:
         raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
     return json_response(account)
@@ -82,7 +103,7 @@ async def _transfer(conn: Connection, body: TransferCreate) -> Record:
     response_model=Transfer,
     responses=problem_responses(404, 422),
 )
-async def get_transfer(transfer_id: UserId, db: Db) -> Response:
+async def get_transfer(transfer_id: TransferId, db: Db) -> Response:
     # From the primary: a client follows the Location of a transfer it just made.
     transfer = await db.run(
         lambda conn: conn.fetchrow(
@@ -104,9 +125,14 @@ async def get_transfer(transfer_id: UserId, db: Db) -> Response:
 )
 async def create_transfer(body: TransferCreate, db: Db, request: Request) -> Response:
     settings: ShopSettings = request.app.state.shop_settings
-    transfer = await db.run_in_transaction(
-        lambda conn: _transfer(conn, body), lock_timeout=settings.write_lock_timeout
-    )
+    try:
+        transfer = await db.run_in_transaction(
+            lambda conn: _transfer(conn, body), lock_timeout=settings.write_lock_timeout
+        )
+    except InvalidInputError as exc:
+        if exc.sqlstate != _OUT_OF_RANGE:
+            raise
+        raise _overflow() from None
     return json_response(
         transfer, status_code=201, headers={"Location": f"/transfers/{transfer['id']}"}
     )
