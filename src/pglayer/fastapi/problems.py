@@ -27,6 +27,7 @@ from pglayer.errors import (
     TransientError,
     UniqueViolationError,
 )
+from pglayer.logs import escape
 
 __all__ = [
     "PROBLEM_JSON",
@@ -207,8 +208,8 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         log.log(
             level,
             "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)",
-            request.method,
-            request.url.path,
+            escape(request.method),
+            escape(request.scope.get("path", "")),
             problem.status,
             problem.code,
             type(exc).__name__,
@@ -251,8 +252,8 @@ def internal_error_response(
     log.error(
         "unhandled %s on %s %s (request_id=%s)",
         type(exc).__name__,
-        method,
-        path,
+        escape(method),
+        escape(path),
         request_id,
         exc_info=exc,
     )
@@ -269,7 +270,9 @@ def internal_error_response(
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
     # outside it, has put the request id in the state.
-    return internal_error_response(exc, request.method, request.url.path, _request_id(request))
+    return internal_error_response(
+        exc, request.method, request.scope.get("path", ""), _request_id(request)
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:
