@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Generic, TypeVar
@@ -52,7 +53,8 @@ def _email(value: str) -> str:
         validate_email(value, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
-    return value  # stored exactly as given; uniqueness ignores case
+    # Stored NFC-normalised, case kept; unique by its key (see migration 0004_email_keys).
+    return unicodedata.normalize("NFC", value)
 
 
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
