@@ -17,6 +17,7 @@ from pglayer.errors import (
     CheckViolationError,
     DatabaseError,
     ForeignKeyViolationError,
+    IntegrityError,
     InvalidInputError,
     LockTimeoutError,
     NotNullViolationError,
@@ -83,6 +84,8 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (CheckViolationError, 422, "validation_error", "A value is outside its allowed range."),
     (NotNullViolationError, 422, "validation_error", "A required value is missing."),
     (InvalidInputError, 422, "validation_error", "A value is not valid for its type."),
+    # Any other constraint (exclusion, restrict): the data conflicts with what is stored.
+    (IntegrityError, 409, "conflict", "The change conflicts with existing data."),
 )
 
 
