@@ -111,14 +111,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_size = 0
 
-    def on_url(self, url: bytes) -> None:
-        if not self._refused:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._refused:
-            super().on_header(name, value)
-
+    # After a refusal, the rest of that read is still parsed (url and headers are collected,
+    # at most one read's worth), but no request starts.
     def on_headers_complete(self) -> None:
         if self._refused:
             return
