@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from pglayer import ConnectionLostError, Database
 from pglayer.fastapi.middleware import _Exchange
-from pglayer.logs import TextFormatter, escape
+from pglayer.logs import JsonFormatter, TextFormatter, configure_logging, escape
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import LiveServer
@@ -224,3 +224,28 @@ def test_a_request_id_with_a_trailing_newline_is_replaced() -> None:
         assert _Exchange(scope, nothing, nothing, 0.0).request_id.isalnum()
     scope = {"type": "http", "headers": [(b"x-request-id", b"req-1.a:b_c")]}
     assert _Exchange(scope, nothing, nothing, 0.0).request_id == "req-1.a:b_c"
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_configuring_logs_again_keeps_uvicorns_access_log_off_when_it_was_turned_off() -> None:
+    access = logging.getLogger("uvicorn.access")
+    before = (list(access.handlers), access.propagate)
+    try:
+        access.handlers, access.propagate = [], False  # uvicorn's `access_log=False`
+        configure_logging(format="text")  # the app, built after the server's config
+        assert not access.hasHandlers()
+        access.handlers, access.propagate = [logging.NullHandler()], False  # uvicorn's default
+        configure_logging(format="text")
+        assert access.propagate  # one format for every logger
+        assert not access.handlers
+    finally:
+        access.handlers, access.propagate = before
+
+
+def test_uvicorns_colour_variant_of_a_message_is_not_logged() -> None:
+    record = logging.makeLogRecord(
+        {"name": "uvicorn.error", "levelname": "INFO", "msg": "Started server process [%d]",
+         "args": (7,), "color_message": "Started server process [\x1b[36m%d\x1b[0m]"}
+    )  # fmt: skip
+    assert TextFormatter().format(record).endswith("[-] Started server process [7]")
+    assert "color_message" not in orjson.loads(JsonFormatter().format(record))

@@ -278,3 +278,10 @@ async def test_a_body_that_arrives_in_time_is_served(served: Served) -> None:
     finally:
         writer.close()
     assert parse(answer)[0] == 201, answer
+
+
+async def test_serve_logs_no_second_access_line_from_uvicorn(served: Served) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{served.port}/health/live")).is_success
+    await asyncio.sleep(0.1)
+    assert "uvicorn.access" not in served.log.read_text()

@@ -27,7 +27,13 @@ __all__ = [
 ]
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+# uvicorn's `color_message` repeats the message with terminal colours: never logged.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class MaskSecrets(logging.Filter):
@@ -291,6 +297,8 @@ def configure_logging(
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
+        if not logger.handlers and not logger.propagate:
+            continue  # turned off (uvicorn's `access_log=False`), before the app was built
         logger.handlers.clear()
         logger.propagate = True
     return handler
