@@ -50,7 +50,8 @@ def _no_nul(value: str) -> str:
 
 def _email(value: str) -> str:
     try:
-        validate_email(value, check_deliverability=False)
+        # `test_environment`: `.test` domains (RFC 6761) are well-formed addresses too.
+        validate_email(value, check_deliverability=False, test_environment=True)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
     # Stored NFC-normalised, case kept; unique by its key (see migration 0004_email_keys).
@@ -60,7 +61,7 @@ def _email(value: str) -> str:
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
 Email = Annotated[
     str,
-    Field(strict=True, min_length=3, max_length=254),
+    Field(strict=True, min_length=3, max_length=254, json_schema_extra={"format": "email"}),
     AfterValidator(_no_nul),
     AfterValidator(_email),
 ]
