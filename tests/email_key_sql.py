@@ -115,8 +115,18 @@ $check$;
 
 DROP INDEX users_email_key;
 UPDATE users SET email = normalize(email, NFC) WHERE email IS NOT NFC NORMALIZED;
-ALTER TABLE users ADD CONSTRAINT users_email_nfc CHECK (email IS NFC NORMALIZED);
-CREATE UNIQUE INDEX users_email_key ON users (shop_email_key(email));\n"""
+CREATE UNIQUE INDEX users_email_key ON users (shop_email_key(email));
+
+-- Stored NFC-normalised (case kept), whoever writes: the API, COPY, plain SQL.
+CREATE FUNCTION shop_users_email_nfc() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    NEW.email := normalize(NEW.email, NFC);
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER users_email_nfc BEFORE INSERT OR UPDATE OF email ON users
+FOR EACH ROW EXECUTE FUNCTION shop_users_email_nfc();\n"""
 
 
 if __name__ == "__main__":

