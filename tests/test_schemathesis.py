@@ -1,12 +1,14 @@
 """The shop against its own OpenAPI document: schemathesis, every check, on a real server.
 
-Bounded and repeatable: a fixed number of cases per operation and phase, deterministic
-generation, one worker, so the same requests run every time (about a minute here).
+Bounded and repeatable: at most MAX_EXAMPLES cases per operation and phase, deterministic
+generation, one worker, so the same requests run every time (about 2,000 cases in 20 s
+here). Contract rules no schema can state are applied by tests/schemathesis_hooks.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -18,8 +20,9 @@ from pglayer_shop.seed import SeedCounts, seed
 from tests.conftest import ServerProcess, server_env, settings_for
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+HOOKS = Path(__file__).with_name("schemathesis_hooks.py")  # contract rules no schema states
 ADMIN_TOKEN = "schemathesis-admin-token"
-MAX_EXAMPLES = 50
+MAX_EXAMPLES = 100
 # A cursor is opaque: only one the server issued is valid, which no schema can say, so
 # generated requests carry real ones (invalid cursors are tested in test_shop_users.py).
 CONFIG = f"""
@@ -30,13 +33,6 @@ parameters = {{ "query.after" = "{encode_cursor(1)}" }}
 [[operations]]
 include-name = "GET /users/{{user_id}}/orders"
 parameters = {{ "query.after" = "{encode_cursor(datetime(2026, 1, 1, tzinfo=UTC), 1)}" }}
-
-# `from_user_id` = `to_user_id` is valid for the schema and refused (422) by the contract.
-[[operations]]
-include-name = "POST /transfers"
-checks.positive_data_acceptance.expected-statuses = [
-    "2xx", 401, 403, 404, 409, 422, 429, "5xx",
-]
 """
 
 
@@ -54,6 +50,9 @@ def command(url: str, config: Path) -> list[str]:
         "--max-examples",
         str(MAX_EXAMPLES),
         "--generation-deterministic",
+        # NUL in text is refused (422) by the contract; tested in test_shop_users.py.
+        "--generation-allow-x00",
+        "false",
         "--workers",
         "1",
         "--request-timeout",
@@ -80,5 +79,6 @@ async def test_the_api_conforms_to_its_openapi_document(db_url: str, tmp_path: P
             timeout=600,
             check=False,
             cwd=tmp_path,  # anything it writes goes there
+            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)},
         )
     assert result.returncode == 0, result.stdout[-40000:] + result.stderr[-5000:]
