@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pglayer import (
@@ -21,6 +21,7 @@ from pglayer import (
     DatabaseError,
     DeadlockError,
     ForeignKeyViolationError,
+    IntegrityError,
     InvalidInputError,
     LockTimeoutError,
     NotNullViolationError,
@@ -33,7 +34,7 @@ from pglayer import (
 )
 from pglayer.errors import class_for_sqlstate, translate
 from pglayer.fastapi import Db, WriteTransaction, setup
-from pglayer.fastapi.problems import problem_for_database_error
+from pglayer.fastapi.problems import problem_for_database_error, problem_response
 from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
 
 LEAKS = ("asyncpg", "Traceback", "SELECT", "INSERT", "UPDATE", "postgres:", "Error:")
@@ -325,55 +326,102 @@ def _all_postgres_error_classes() -> list[type[asyncpg.PostgresError]]:
             stack.append(sub)
             if isinstance(getattr(sub, "sqlstate", None), str):
                 seen.append(sub)
-    return seen
+    return sorted(seen, key=lambda c: (c.sqlstate, c.__name__))
 
 
-@given(st.sampled_from(_all_postgres_error_classes()))
-def test_every_asyncpg_error_class_translates_by_its_sqlstate(
+ALL_ERROR_CLASSES = _all_postgres_error_classes()
+KNOWN_SQLSTATES = sorted({cls.sqlstate for cls in ALL_ERROR_CLASSES})
+
+# What each SQLSTATE must become, from the documented hierarchy (errors.py, the README's
+# table), not from the code under test: (pglayer class, HTTP status, problem code).
+Expected = tuple[type[DatabaseError], int, str]
+UNAVAILABLE: Expected = (ConnectionLostError, 503, "unavailable")
+EXPECTED_BY_CODE: dict[str, Expected] = {
+    "23505": (UniqueViolationError, 409, "conflict"),
+    "23503": (ForeignKeyViolationError, 409, "conflict"),
+    "23514": (CheckViolationError, 422, "validation_error"),
+    "23502": (NotNullViolationError, 422, "validation_error"),
+    "40001": (SerializationError, 503, "unavailable"),
+    "40P01": (DeadlockError, 503, "unavailable"),
+    "53300": (TooManyConnectionsError, 503, "unavailable"),
+    "55P03": (LockTimeoutError, 503, "busy"),
+    "57014": (QueryTimeoutError, 504, "timeout"),
+    "57P01": UNAVAILABLE,  # admin shutdown
+    "57P02": UNAVAILABLE,  # crash shutdown
+    "57P03": UNAVAILABLE,  # cannot connect now
+}
+EXPECTED_BY_CLASS: dict[str, Expected] = {
+    "08": UNAVAILABLE,
+    "22": (InvalidInputError, 422, "validation_error"),
+    # Any other integrity violation (exclusion, restrict) is a conflict with stored data.
+    "23": (IntegrityError, 409, "conflict"),
+    "42": (ProgrammingError, 500, "internal"),
+}
+EXPECTED_OTHERWISE: Expected = (DatabaseError, 500, "internal")
+
+
+def expected_for(sqlstate: str) -> Expected:
+    return (
+        EXPECTED_BY_CODE.get(sqlstate) or EXPECTED_BY_CLASS.get(sqlstate[:2]) or EXPECTED_OTHERWISE
+    )
+
+
+def test_the_expectations_cover_every_documented_mapping() -> None:
+    # Every exact code and class above is one asyncpg knows: no expectation tests nothing.
+    assert set(EXPECTED_BY_CODE) <= set(KNOWN_SQLSTATES)
+    assert set(EXPECTED_BY_CLASS) <= {code[:2] for code in KNOWN_SQLSTATES}
+    assert len(ALL_ERROR_CLASSES) >= 250
+
+
+@pytest.mark.parametrize("cls", ALL_ERROR_CLASSES, ids=lambda c: f"{c.sqlstate}-{c.__name__}")
+def test_every_asyncpg_error_class_translates_to_its_documented_error_and_status(
     cls: type[asyncpg.PostgresError],
 ) -> None:
-    exc = cls("message text that must not matter")
-    translated = translate(exc)
-    assert isinstance(translated, DatabaseError)
-    assert type(translated) is class_for_sqlstate(cls.sqlstate)
-    assert translated.sqlstate == cls.sqlstate
-    status = problem_for_database_error(translated).status
-    prefix = cls.sqlstate[:2]
-    if prefix == "08" or cls.sqlstate in ("40001", "40P01"):
-        assert status == 503
-    elif prefix == "22":
-        assert status == 422
-    elif cls.sqlstate in ("23505", "23503"):
-        assert status == 409
-    elif cls.sqlstate in ("23514", "23502"):
-        assert status == 422
-    elif cls.sqlstate == "57014":
-        assert status == 504
-    elif cls.sqlstate in ("57P01", "57P02", "57P03", "53300", "55P03"):
-        assert status == 503
-    else:
-        assert status in (409, 500)
+    error_class, status, code = expected_for(cls.sqlstate)
+    for message in ("message text that must not matter", "connection refused: deadlock"):
+        translated = translate(cls(message))
+        assert type(translated) is error_class
+        assert isinstance(translated, DatabaseError)
+        assert translated.sqlstate == cls.sqlstate
+        assert message not in str(translated)
+        problem = problem_for_database_error(translated)
+        assert (problem.status, problem.code) == (status, code)
+        assert ("Retry-After" in problem_response(problem).headers) == (status == 503)
 
 
-@given(st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=5))
+# Codes drawn from the real table (so that exact matches are hit), or of a known class with
+# any subclass, or of any valid shape: two then three characters of [0-9A-Z].
+_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+sqlstates = st.one_of(
+    st.sampled_from(KNOWN_SQLSTATES),
+    st.sampled_from(sorted({*EXPECTED_BY_CLASS, *(c[:2] for c in EXPECTED_BY_CODE)})).flatmap(
+        lambda prefix: st.text(_CHARS, min_size=3, max_size=3).map(lambda rest: prefix + rest)
+    ),
+    st.text(_CHARS, min_size=5, max_size=5),
+)
+
+
+def _with_every_expectation(test: Callable[[str], None]) -> Callable[[str], None]:
+    # Every exact code and class is tried on each run, whatever the draw.
+    for sqlstate in [*EXPECTED_BY_CODE, *(prefix + "000" for prefix in EXPECTED_BY_CLASS)]:
+        test = example(sqlstate)(test)
+    return test
+
+
+@settings(max_examples=300)
+@_with_every_expectation
+@given(sqlstates)
 def test_classification_depends_only_on_the_sqlstate(sqlstate: str) -> None:
-    cls = class_for_sqlstate(sqlstate)
-    if sqlstate.startswith("08"):
-        assert issubclass(cls, ConnectionLostError)
-    elif sqlstate.startswith("22"):
-        assert cls is InvalidInputError
-    elif sqlstate.startswith("42"):
-        assert cls is ProgrammingError
-    elif sqlstate in ("40001", "40P01"):
-        assert issubclass(cls, SerializationError)
-    elif sqlstate == "53300":
-        assert cls is TooManyConnectionsError
-    elif sqlstate == "57014":
-        assert cls is QueryTimeoutError
-    elif sqlstate == "55P03":
-        assert cls is LockTimeoutError
-    if sqlstate == "40P01":
-        assert cls is DeadlockError
+    error_class, status, code = expected_for(sqlstate)
+    assert class_for_sqlstate(sqlstate) is error_class
+    # As the driver builds it from the server's message, known code or not.
+    for message in ("", "deadlock detected; connection lost"):
+        raised = asyncpg.PostgresError.new({"C": sqlstate, "M": message})
+        translated = translate(raised)
+        assert type(translated) is error_class
+        assert isinstance(translated, DatabaseError)
+        problem = problem_for_database_error(translated)
+        assert (problem.status, problem.code) == (status, code)
 
 
 async def test_a_statement_timeout_frees_its_connection(db_url: str) -> None:

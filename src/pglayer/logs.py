@@ -27,7 +27,13 @@ __all__ = [
 ]
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+# uvicorn's `color_message` repeats the message with terminal colours: never logged.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class MaskSecrets(logging.Filter):
@@ -60,7 +66,11 @@ def install_request_id() -> None:
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger [request id] message`, then any extra fields as key=value."""
+    """`time level logger [request id] message`, then any extra fields as key=value.
+
+    A record is one line, whatever its message holds; a traceback follows on lines
+    indented by two spaces, so no text inside a record can pass for the start of another.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
@@ -68,10 +78,17 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
             record.request_id = "-"
-        line = super().format(record)
+        record.message = _one_line(record.getMessage().rstrip("\n"))
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
         if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items() if k != "statement")
+            line += " " + " ".join(f"{k}={_value(v)}" for k, v in extra.items() if k != "statement")
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                line += "".join(f"\n  {_one_line(part)}" for part in block.splitlines())
         return mask_text(line)
 
 
@@ -88,18 +105,58 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD:
-                out[key] = mask_text(value) if isinstance(value, str) else value
+                out[key] = _json_safe(mask_text(value)) if isinstance(value, str) else value
         if record.exc_info:
-            out["exception"] = mask_text("".join(traceback.format_exception(*record.exc_info)))
-        out["message"] = mask_text(out["message"])
+            exception = "".join(traceback.format_exception(*record.exc_info))
+            out["exception"] = _json_safe(mask_text(exception))
+        out["message"] = _json_safe(mask_text(out["message"]))
         return orjson.dumps(out, default=str).decode()
 
 
 def escape(text: str) -> str:
-    """`text` with control characters (CR, LF, ESC...) written as escapes: one line, inert."""
+    r"""Client-controlled `text` made safe for a log line: printable, one line, unambiguous.
+
+    Control and other unprintable characters (CR, LF, ESC, NEL, U+2028...) become Python
+    escapes (`\n`, `\x1b`, `\u2028`), and so do `\` and `"`, so the original can always
+    be read back. Text that needs none of it is returned as is, at the cost of one scan.
+    """
+    if text.isprintable() and "\\" not in text and '"' not in text:
+        return text
+    return "".join(_ESCAPES.get(c) or (c if c.isprintable() else _escape_one(c)) for c in text)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+
+
+def _escape_one(char: str) -> str:
+    code = ord(char)
+    if char in "\n\r\t":
+        return repr(char)[1:-1]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _one_line(text: str) -> str:
+    # Any text in a text-format line: unprintable characters escaped, backslashes kept (a
+    # safety net for text nobody marked as the client's; `escape` is the exact form).
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(c if c.isprintable() else _escape_one(c) for c in text)
+
+
+def _value(value: object) -> str:
+    # key=value: a value with a space is quoted, so it cannot pass for further pairs.
+    text = _one_line(str(value))
+    return f'"{text}"' if " " in text else text
+
+
+def _json_safe(text: str) -> str:
+    # JSON escapes only characters below U+0020 itself; NEL, U+2028, C1 controls would
+    # otherwise reach the line raw.
+    if text.isascii() or text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c < "\x7f" else _escape_one(c) for c in text)
 
 
 class _Clock:
@@ -189,9 +246,10 @@ class AccessLog:
                 }
             ).decode()
         else:
+            quoted = f'"{path}"' if " " in path else path  # as `_value` writes it
             line = mask_text(
                 f"{text},{msecs:03d} INFO pglayer.access [{request_id}] {message} "
-                f"method={method} path={path} route={route} status={status or None} "
+                f"method={method} path={quoted} route={route} status={status or None} "
                 f"duration_ms={round(ms, 2)}"
             )
         if not self._batch:
@@ -239,6 +297,8 @@ def configure_logging(
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
+        if not logger.handlers and not logger.propagate:
+            continue  # turned off (uvicorn's `access_log=False`), before the app was built
         logger.handlers.clear()
         logger.propagate = True
     return handler

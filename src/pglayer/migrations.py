@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+import asyncpg
+
 from pglayer.connection import Connection
 from pglayer.database import Database
-from pglayer.errors import PglayerError
+from pglayer.errors import DatabaseError, PglayerError, TransientError
 
 __all__ = ["Migration", "MigrationError", "load_migrations", "migrate"]
 
@@ -101,6 +103,16 @@ async def migrate(
         return await _apply(conn, migrations, history)
 
 
+def _server_reason(exc: DatabaseError) -> str:
+    # The operator needs the server's own words here (a migration may explain itself with
+    # RAISE); pglayer's errors carry only their class's message.
+    cause = exc.__cause__
+    if not isinstance(cause, asyncpg.PostgresError):
+        return str(exc)
+    hint = getattr(cause, "hint", None)
+    return f"{cause.args[0] if cause.args else exc} ({exc.sqlstate})" + (f" {hint}" if hint else "")
+
+
 async def _apply(conn: Connection, migrations: list[Migration], history: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
@@ -117,7 +129,12 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
                 )
             continue
         log.info("applying migration %s", m.name)
-        await conn.execute(m.sql)
+        try:
+            await conn.execute(m.sql)
+        except DatabaseError as exc:
+            if isinstance(exc, TransientError):
+                raise
+            raise MigrationError(f"migration {m.name} failed: {_server_reason(exc)}") from exc
         await conn.execute(
             "INSERT INTO pglayer_migrations (history, version, name, checksum)"
             " VALUES ($1, $2, $3, $4)",

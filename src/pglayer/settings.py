@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DatabaseSettings", "default_application_name", "detect_workers"]
+__all__ = ["DatabaseSettings", "ServerSettings", "default_application_name", "detect_workers"]
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/-]")
 _SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian")
@@ -279,3 +279,29 @@ class DatabaseSettings(BaseSettings):
         if self.url is None:
             raise ValueError("no database URL: set DATABASE_URL")
         return self.url.get_secret_value()
+
+
+class ServerSettings(BaseSettings):
+    """Bounds the HTTP server of `pglayer serve` puts on every request (`pglayer._http`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
+
+    max_header_size: int = Field(
+        default=65536,
+        ge=1024,
+        description="Most bytes a request line and its headers may take; a larger head "
+        "gets 431 and the connection is closed.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a request line and its headers may take to arrive, from the "
+        "connection's start (or the request's first byte on a kept-alive connection); "
+        "later gets 408 and the connection is closed.",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive after its headers; later "
+        "gets 408 and the connection is closed.",
+    )

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pglayer import Database, DatabaseSettings, PglayerError
+from pglayer._http import PROTOCOL as BOUNDED_HTTP
 from pglayer.doctor import diagnose
 from pglayer.embedded import EmbeddedPostgres
 from pglayer.logs import configure_logging
@@ -125,7 +126,7 @@ def serve(
             port=port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            http=BOUNDED_HTTP,  # httptools with header size, header and body time bounds
             timeout_graceful_shutdown=10,
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id

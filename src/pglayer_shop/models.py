@@ -60,10 +60,11 @@ def _no_nul(value: str) -> str:
 
 def _email(value: str) -> str:
     try:
-        validate_email(value, check_deliverability=False)
+        # `test_environment`: `.test` domains (RFC 6761) are well-formed addresses too.
+        validate_email(value, check_deliverability=False, test_environment=True)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
-    return value  # stored exactly as given; uniqueness ignores case
+    return value  # stored NFC-normalised, unique by its key: migration 0004_email_keys
 
 
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]

@@ -54,7 +54,7 @@ WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a discon
 # Generated ids: random per process, then a counter; unique without a syscall per request.
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
-_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
@@ -127,7 +127,7 @@ class _Exchange:
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                if request_id is None and _VALID_REQUEST_ID.match(value):
+                if request_id is None and _VALID_REQUEST_ID.fullmatch(value):
                     request_id = value
             elif name == b"content-length":
                 # 19 digits are already past any bound; int() refuses 4,300+ digits.

@@ -22,6 +22,7 @@ from pglayer.errors import (
     DatabaseError,
     ForeignKeyViolationError,
     IdempotencyKeyReusedError,
+    IntegrityError,
     InvalidInputError,
     LockTimeoutError,
     NotNullViolationError,
@@ -32,6 +33,7 @@ from pglayer.errors import (
     TransientError,
     UniqueViolationError,
 )
+from pglayer.logs import escape
 
 __all__ = [
     "MAX_ERRORS",
@@ -105,6 +107,8 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (CheckViolationError, 422, "validation_error", "A value is outside its allowed range."),
     (NotNullViolationError, 422, "validation_error", "A required value is missing."),
     (InvalidInputError, 422, "validation_error", "A value is not valid for its type."),
+    # Any other constraint (exclusion, restrict): the data conflicts with what is stored.
+    (IntegrityError, 409, "conflict", "The change conflicts with existing data."),
     (
         IdempotencyKeyReusedError,
         422,
@@ -295,8 +299,8 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         log.log(
             level,
             "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)",
-            request.method,
-            request.url.path,
+            escape(request.method),
+            escape(request.scope.get("path", "")),
             problem.status,
             problem.code,
             type(exc).__name__,
@@ -357,8 +361,8 @@ def internal_error_response(
     log.error(
         "unhandled %s on %s %s (request_id=%s)",
         type(exc).__name__,
-        method,
-        path,
+        escape(method),
+        escape(path),
         request_id,
         exc_info=exc,
     )
@@ -375,7 +379,9 @@ def internal_error_response(
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
     # outside it, has put the request id in the state.
-    return internal_error_response(exc, request.method, request.url.path, _request_id(request))
+    return internal_error_response(
+        exc, request.method, request.scope.get("path", ""), _request_id(request)
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:

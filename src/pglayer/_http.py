@@ -1,0 +1,204 @@
+"""uvicorn's httptools protocol with bounds on how big and how slow a request may be.
+
+uvicorn bounds neither the size of a request's head nor the time its head or body take
+to arrive (its keep-alive timeout covers only the idle time between requests, and is
+reset by every byte), so one client dripping bytes holds a connection forever. Here:
+
+- a head (request line and headers) over `max_header_size` bytes gets 431;
+- a head not complete `header_timeout` seconds after the connection opened, or after its
+  first byte on a kept-alive connection, gets 408 (a connection that sent nothing is
+  just closed);
+- a body not complete `body_timeout` seconds after its head gets 408 (the app sees the
+  client leave), or the connection is closed if the response has already started.
+
+Each refusal is a problem document, then the connection closes after a short linger, so
+the client can read it even while it is still sending. A request that arrives whole in
+one read, as almost all do, costs one comparison and no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pglayer.settings import ServerSettings
+
+__all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
+
+# For `uvicorn.run(http=...)`: an import string, so worker processes find it too.
+PROTOCOL = "pglayer._http:BoundedHttpToolsProtocol"
+_LINGER = 1.0  # seconds a refused connection keeps reading (and dropping) before it closes
+
+
+@functools.cache
+def _limits() -> ServerSettings:
+    return ServerSettings()
+
+
+def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, bytes]:
+    """A problem response's status line and headers (unterminated), and its body."""
+    body = orjson.dumps(
+        {
+            "type": f"urn:pglayer:problem:{code}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "code": code,
+        }
+    )
+    head = (
+        f"HTTP/1.1 {status} {title}\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n"
+    )
+    return head.encode(), body
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` with the bounds of `ServerSettings` (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = _limits()
+        self._max_head = limits.max_header_size
+        self._head_timeout = limits.header_timeout
+        self._body_timeout = limits.body_timeout
+        self._in_head = False  # a request's first byte arrived, its headers have not ended
+        self._head_size = 0  # bytes of the reads that began inside the current head
+        self._read_size = 0
+        self._body_pending = False
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        # Also bounds a connection that never sends a byte.
+        self._head_timer = self.loop.call_later(self._head_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: read and dropped
+        began_in_head = self._in_head
+        self._read_size = len(data)
+        super().data_received(data)
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_head:
+            if began_in_head:
+                # A head spread over reads: its size so far. The read it began in is not
+                # counted (it may hold the previous request's body); reads are bounded.
+                self._head_size += len(data)
+                if self._head_size > self._max_head:
+                    self._refuse_head_too_large()
+                    return
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self._head_timeout, self._head_too_slow)
+        elif self._body_pending and self._body_timer is None:
+            self._body_timer = self.loop.call_later(self._body_timeout, self._body_too_slow)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_size = 0
+
+    # After a refusal, the rest of that read is still parsed (url and headers are collected,
+    # at most one read's worth), but no request starts.
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        # Only a head that spans reads, or came in a read bigger than the bound, can exceed it.
+        if (self._head_size or self._read_size > self._max_head) and self._head_bytes() > (
+            self._max_head
+        ):
+            self._refuse_head_too_large()
+            return
+        super().on_headers_complete()
+        self._body_pending = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._body_pending = False
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    def _head_bytes(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport.get_protocol() is not self or self.transport.is_closing():
+            return
+        if not self._in_head:
+            self.transport.close()  # connected and sent nothing
+            return
+        detail = f"The request headers did not arrive within {self._head_timeout:g} seconds."
+        self._refuse(_problem(408, "Request Timeout", "timeout", detail))
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if self.transport.get_protocol() is not self or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self._abandon_cycle()
+            self.transport.close()
+            return
+        detail = f"The request body did not arrive within {self._body_timeout:g} seconds."
+        self._refuse(_problem(408, "Request Timeout", "timeout", detail))
+
+    def _refuse_head_too_large(self) -> None:
+        detail = f"The request line and headers exceed {self._max_head} bytes."
+        self._refuse(_problem(431, "Request Header Fields Too Large", "payload_too_large", detail))
+
+    def _refuse(self, response: tuple[bytes, bytes]) -> None:
+        """Answer `response` and close; reads in between are dropped, so the client can
+        read the answer even while it is still sending (no reset)."""
+        self._refused = True
+        self._cancel_timers()
+        self._abandon_cycle()
+        head, body = response
+        extra = b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        )
+        self.transport.write(b"".join((head, extra, b"\r\n", body)))
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(_LINGER, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _abandon_cycle(self) -> None:
+        # As if the client had left: the app's receive() answers `http.disconnect` and
+        # whatever it sends is dropped.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.waiting_for_100_continue = False
+            cycle.message_event.set()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None

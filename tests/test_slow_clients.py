@@ -1,0 +1,287 @@
+"""Slow and oversized requests against `pglayer serve`: bounded in size and in time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Server, free_port
+
+PGLAYER = str(Path(sys.executable).parent / "pglayer")
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.5
+MAX_HEADER_SIZE = 8192
+SLACK = 3.0  # a loaded two-core machine: how late a timeout may still fire
+
+
+@dataclass
+class Served:
+    port: int
+    log: Path
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+@pytest.fixture(scope="module")
+async def module_db_url(server: Server, admin: asyncpg.Connection[Any], template: str) -> Any:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield server.url_for(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def served(module_db_url: str) -> Iterator[Served]:
+    """`pglayer serve` as a user runs it, with short limits, stopped by its PID."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGLAYER_")}
+    env.update(
+        DATABASE_URL=module_db_url,
+        PGLAYER_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
+        PGLAYER_BODY_TIMEOUT=str(BODY_TIMEOUT),
+        PGLAYER_MAX_HEADER_SIZE=str(MAX_HEADER_SIZE),
+        PGLAYER_ACCESS_LOG="false",
+    )
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="pglayer-serve-", suffix=".log")[1])
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [PGLAYER, "serve", "--port", str(port), "--no-seed"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "serve did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield Served(port, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.unlink()
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
+    """Everything the server sends until it closes; fails if it is still open `within`."""
+    data = b""
+    async with asyncio.timeout(within):
+        try:
+            while chunk := await reader.read(65536):
+                data += chunk
+                assert len(data) < 1 << 20
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+def assert_problem(response: bytes, status: int, code: str) -> None:
+    got, headers, body = parse(response)
+    assert got == status, response[:300]
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    problem = orjson.loads(body)
+    assert (problem["status"], problem["code"]) == (status, code)
+
+
+async def test_a_connection_that_sends_nothing_is_closed(served: Served) -> None:
+    reader, writer = await served.open()
+    started = time.monotonic()
+    try:
+        assert await read_until_closed(reader, HEADER_TIMEOUT + SLACK) == b""
+    finally:
+        writer.close()
+    assert time.monotonic() - started >= HEADER_TIMEOUT * 0.9
+
+
+async def answered_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sends within `seconds` (b"" if nothing); waiting is the pacing."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await reader.read(65536) or b"closed"
+    except TimeoutError:
+        return b""
+    except ConnectionResetError:
+        return b"reset"
+
+
+async def drip(served: Served, first: bytes, piece: bytes, every: float, count: int) -> bytes:
+    """Send `first`, then `piece` each `every` seconds until the server answers or closes."""
+    reader, writer = await served.open()
+    try:
+        writer.write(first)
+        answer = b""
+        for _ in range(count):
+            answer = await answered_within(reader, every)
+            if answer:
+                break
+            writer.write(piece)
+        return answer + await read_until_closed(reader, HEADER_TIMEOUT + SLACK)
+    finally:
+        writer.close()
+
+
+async def drip_headers(served: Served, every: float, count: int) -> tuple[bytes, float]:
+    """A request line, then one header each `every` seconds; the answer and its delay."""
+    started = time.monotonic()
+    first = b"GET /health/live HTTP/1.1\r\nHost: shop.test\r\n"
+    answer = await drip(served, first, b"X-Drip: aaaaaaaaaa\r\n", every, count)
+    return answer, time.monotonic() - started
+
+
+async def test_headers_dripped_past_the_header_timeout_get_408(served: Served) -> None:
+    answer, took = await drip_headers(served, every=0.2, count=40)
+    assert_problem(answer, 408, "timeout")
+    assert HEADER_TIMEOUT * 0.9 <= took <= HEADER_TIMEOUT + SLACK
+
+
+async def test_fifty_dripping_connections_are_all_closed(served: Served) -> None:
+    results = await asyncio.gather(*(drip_headers(served, 0.3, 40) for _ in range(50)))
+    for answer, took in results:
+        assert parse(answer)[0] == 408
+        assert took <= HEADER_TIMEOUT + 2 * SLACK
+    async with httpx.AsyncClient() as client:
+        live = await client.get(f"http://127.0.0.1:{served.port}/health/live")
+    assert live.status_code == 200
+
+
+async def test_headers_that_arrive_in_time_are_served_however_slowly(served: Served) -> None:
+    reader, writer = await served.open()
+    try:
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: shop.test\r\n")
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            writer.write(b"X-Slow: yes\r\n")
+        writer.write(b"Connection: close\r\n\r\n")
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert parse(answer)[0] == 200
+
+
+async def test_an_idle_keep_alive_connection_is_not_a_slow_request(served: Served) -> None:
+    reader, writer = await served.open()
+    request = b"GET /health/live HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+    try:
+        for _ in range(2):
+            writer.write(request)
+            async with asyncio.timeout(SLACK):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, headers, _ = parse(head)
+                await reader.readexactly(int(headers["content-length"]))
+            assert status == 200
+            await asyncio.sleep(HEADER_TIMEOUT * 1.5)  # past the header timeout, idle
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"X-Big: " + b"a" * (1 << 20) + b"\r\n",  # 1 MiB in one header
+        b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 90) for i in range(200)),  # 20 KB in 200
+    ],
+    ids=["one-huge-header", "many-headers"],
+)
+async def test_headers_over_the_size_bound_get_431(served: Served, head: bytes) -> None:
+    reader, writer = await served.open()
+    try:
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: shop.test\r\n")
+        for start in range(0, len(head), 4096):  # in pieces, as a network delivers it
+            if reader.at_eof():
+                break
+            writer.write(head[start : start + 4096])
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+        if not reader.at_eof():
+            writer.write(b"\r\n")
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert_problem(answer, 431, "payload_too_large")
+
+
+async def test_headers_under_the_size_bound_are_served(served: Served) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"http://127.0.0.1:{served.port}/health/live",
+            headers={"X-Fill": "c" * (MAX_HEADER_SIZE - 1024)},
+        )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_that_does_not_arrive_in_time_gets_408(served: Served, chunked: bool) -> None:
+    head = b"POST /users HTTP/1.1\r\nHost: shop.test\r\nContent-Type: application/json\r\n"
+    started = time.monotonic()
+    if chunked:  # a byte every 0.2 s: never done in time
+        first = head + b"Transfer-Encoding: chunked\r\n\r\n"
+        answer = await drip(served, first, b"1\r\n \r\n", 0.2, 40)
+    else:
+        answer = await drip(served, head + b'Content-Length: 100\r\n\r\n{"name": ', b"", 1, 0)
+    assert_problem(answer, 408, "timeout")
+    assert BODY_TIMEOUT * 0.9 <= time.monotonic() - started <= BODY_TIMEOUT + SLACK
+
+
+async def test_a_body_that_arrives_in_time_is_served(served: Served) -> None:
+    reader, writer = await served.open()
+    body = orjson.dumps({"name": "Slow", "email": "slow@example.com"})
+    try:
+        writer.write(
+            b"POST /users HTTP/1.1\r\nHost: shop.test\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for start in range(0, len(body), 10):
+            await asyncio.sleep(0.05)
+            writer.write(body[start : start + 10])
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert parse(answer)[0] == 201, answer
+
+
+async def test_serve_logs_no_second_access_line_from_uvicorn(served: Served) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{served.port}/health/live")).is_success
+    await asyncio.sleep(0.1)
+    assert "uvicorn.access" not in served.log.read_text()
