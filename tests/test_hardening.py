@@ -258,3 +258,39 @@ async def test_a_missing_database_at_startup_is_said_in_words(server: Server, wa
 def test_every_setting_is_described() -> None:
     undescribed = [n for n, f in DatabaseSettings.model_fields.items() if not f.description]
     assert undescribed == []
+
+
+async def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(db: Database) -> None:
+    from fastapi import FastAPI
+
+    from pglayer.fastapi import setup
+    from pglayer.fastapi.metrics import setup_metrics
+
+    app = FastAPI()
+    setup(app, db)
+    setup_metrics(app, db)
+
+    @app.post("/things")
+    async def things() -> None:
+        raise AssertionError("never reached: the body did not arrive")
+
+    messages: Iterator[dict[str, Any]] = iter(
+        [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+    )
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError(f"nothing may be sent to a client that left: {message}")
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "path": "/things", "raw_path": b"/things", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http",
+    }  # fmt: skip
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        stats = app.state.pglayer_request_stats.snapshot()
+    assert [s.status for s in stats] == [499]

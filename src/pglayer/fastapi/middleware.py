@@ -301,6 +301,7 @@ class RequestGuard:
         while True:
             message = await ex.receive_from_client()
             if message["type"] == "http.disconnect":
+                ex.stopped_by_us = True  # the client left (or the server timed the body out)
                 return False
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -367,7 +368,9 @@ class RequestGuard:
         route = route_template(scope)
         method = "HEAD" if ex.head else scope["method"]
         if stats is not None:
-            # Nothing sent means the app raised past us: the server answers 500.
-            stats.record(method, route, ex.status or 500, seconds)
+            # Nothing sent: the client left first (499, as nginx logs it), or the app raised
+            # past us and the server answers 500.
+            stats.record(method, route, ex.status or (499 if ex.stopped_by_us else 500), seconds)
         if access_log is not None:
-            access_log.write(method, scope["path"], route, ex.status, seconds, ex.request_id)
+            status = ex.status or (499 if ex.stopped_by_us else 0)
+            access_log.write(method, scope["path"], route, status, seconds, ex.request_id)
