@@ -81,4 +81,7 @@ async def test_the_api_conforms_to_its_openapi_document(db_url: str, tmp_path: P
             cwd=tmp_path,  # anything it writes goes there
             env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)},
         )
+    # The run's summary, for a closing note or a curious reader (default: the test's tmp dir).
+    summary = Path(os.environ.get("PGLAYER_SCHEMATHESIS_SUMMARY", tmp_path / "summary.txt"))
+    summary.write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-40000:] + result.stderr[-5000:]
