@@ -44,9 +44,9 @@ from pydantic import BaseModel
 
 from benchmarks.hotpath import _drive, _silence_logs
 from pglayer import Database, DatabaseSettings
+from pglayer._logs import configure_logging
 from pglayer.fastapi import Db, setup
-from pglayer.fastapi.metrics import setup_metrics
-from pglayer.logs import configure_logging
+from pglayer.fastapi._metrics import setup_metrics
 
 ROUNDS = 9
 SQL = "SELECT 1"

@@ -37,7 +37,7 @@ from rich.table import Table
 
 from benchmarks.load import Group, LoadResult, run_asyncio, run_groups, run_wrk, wrk_available
 from pglayer import Database, DatabaseSettings
-from pglayer.embedded import EmbeddedPostgres
+from pglayer._embedded import EmbeddedPostgres
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, seed
 

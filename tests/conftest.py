@@ -29,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
-from pglayer.embedded import EmbeddedPostgres
+from pglayer._embedded import EmbeddedPostgres
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings

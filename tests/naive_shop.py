@@ -10,7 +10,7 @@ import asyncio
 from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
-from pglayer.fastapi import DbConnection, Problem, setup
+from pglayer.fastapi import Problem, WriteConnection, setup
 from pglayer_shop.models import OrderCreate
 
 
@@ -23,7 +23,7 @@ def create_app() -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/orders", status_code=201)
-    async def naive_order(body: OrderCreate, conn: DbConnection) -> dict[str, int]:
+    async def naive_order(body: OrderCreate, conn: WriteConnection) -> dict[str, int]:
         product = await conn.fetchrow(
             "SELECT price, stock FROM products WHERE id = $1", body.product_id
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pglayer.embedded import EmbeddedPostgres, _pgserver_bindir
+from pglayer._embedded import EmbeddedPostgres, _pgserver_bindir
 from tests.conftest import free_port, require_external
 
 PGLAYER = str(Path(sys.executable).parent / "pglayer")

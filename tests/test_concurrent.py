@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from pglayer import Connection, Database, ProgrammingError
-from pglayer.concurrent import gather
+from pglayer._concurrent import gather
 from tests.conftest import backends, settings_for, wait_for
 
 

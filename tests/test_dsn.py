@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pglayer import DatabaseSettings, describe_target, mask_dsn
+from pglayer import DatabaseSettings, mask_dsn
+from pglayer._dsn import describe_target
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,11 @@ from pglayer import (
     SerializationError,
     TooManyConnectionsError,
     UniqueViolationError,
-    retry,
+    set_retry_testing,
 )
-from pglayer.errors import class_for_sqlstate, translate
+from pglayer._errors import class_for_sqlstate, translate
 from pglayer.fastapi import Db, WriteTransaction, setup
-from pglayer.fastapi.problems import problem_for_database_error, problem_response
+from pglayer.fastapi._problems import problem_for_database_error, problem_response
 from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
 
 LEAKS = ("asyncpg", "Traceback", "SELECT", "INSERT", "UPDATE", "postgres:", "Error:")
@@ -304,14 +304,14 @@ async def test_retries_stop_at_the_attempt_bound_and_count_the_give_up(db_url: s
         calls += 1
         raise translate(asyncpg.SerializationError("conflict"))
 
-    retry.set_testing(True)
+    set_retry_testing(True)
     try:
         async with Database(settings_for(db_url, retry_attempts=3)) as db:
             with pytest.raises(SerializationError):
                 await db.run_in_transaction(always_conflicts)
             stats = db.stats()
     finally:
-        retry.set_testing(False)
+        set_retry_testing(False)
     assert calls == 3
     assert stats.retries == {"serialization_failure": 2}
     assert stats.give_ups == {"serialization_failure": 1}

@@ -13,7 +13,7 @@ from fastapi import FastAPI, HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from pglayer import Database
-from pglayer.fastapi import DbConnection, WriteTransaction, setup
+from pglayer.fastapi import WriteConnection, WriteTransaction, setup
 from tests.conftest import LiveServer, asgi_client, backends, settings_for, wait_for
 
 
@@ -48,7 +48,7 @@ def build_app(db: Database) -> FastAPI:
         await conn.execute("SELECT pg_sleep(30)", timeout=60)
 
     @app.get("/sleep-autocommit")
-    async def sleep_autocommit(conn: DbConnection) -> None:
+    async def sleep_autocommit(conn: WriteConnection) -> None:
         await conn.execute("SELECT pg_sleep(30)", timeout=60)
 
     return app

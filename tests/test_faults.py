@@ -20,8 +20,8 @@ import pytest
 from fastapi import FastAPI
 
 from pglayer import ConnectionLostError, Database, DatabaseUnavailableError
-from pglayer.embedded import EmbeddedPostgres
-from pglayer.errors import translate
+from pglayer._embedded import EmbeddedPostgres
+from pglayer._errors import translate
 from pglayer.fastapi import Db, setup
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations

@@ -17,11 +17,12 @@ from pglayer import (
     ConnectionLostError,
     Database,
     TransientError,
-    retry,
+    set_retry_testing,
 )
-from pglayer.budget import read_budget
-from pglayer.embedded import EmbeddedPostgres
-from pglayer.settings import DatabaseSettings
+from pglayer._budget import read_budget
+from pglayer._embedded import EmbeddedPostgres
+from pglayer._retry import is_retryable
+from pglayer._settings import DatabaseSettings
 from tests.conftest import (
     Server,
     destroy_cluster,
@@ -55,11 +56,11 @@ async def test_a_connection_lost_before_commit_is_sent_is_replayed(
             await _kill_own_backend(conn, admin)
         return attempts
 
-    retry.set_testing(True)
+    set_retry_testing(True)
     try:
         assert await db.run_in_transaction(body) == 2
     finally:
-        retry.set_testing(False)
+        set_retry_testing(False)
     assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM notes")) == 1
     assert "outcome unknown" not in caplog.text
 
@@ -80,11 +81,11 @@ async def test_a_connection_lost_before_commit_without_retry_is_a_lost_connectio
 
 def test_an_unknown_commit_outcome_is_not_transient() -> None:
     assert not issubclass(CommitIndeterminateError, TransientError)
-    assert not retry.is_retryable(CommitIndeterminateError())
+    assert not is_retryable(CommitIndeterminateError())
 
 
 def test_the_default_application_name_is_distinct_per_application() -> None:
-    from pglayer.settings import default_application_name
+    from pglayer._settings import default_application_name
 
     shop = default_application_name(["/v/bin/uvicorn", "shop.app:app"], "/srv/shop")
     billing = default_application_name(["/v/bin/uvicorn", "billing.main:app"], "/srv/billing")
@@ -138,7 +139,7 @@ async def test_the_budget_counts_as_ours_only_this_databases_connections(
 def test_workers_are_detected_from_the_server_command_line(
     argv: list[str], environ: dict[str, str], expected: tuple[int, str]
 ) -> None:
-    from pglayer.settings import detect_workers
+    from pglayer._settings import detect_workers
 
     assert detect_workers(argv, environ) == expected
 
@@ -182,7 +183,7 @@ async def test_uvicorn_workers_are_counted_in_the_budget(db_url: str) -> None:
 async def test_doctor_counts_another_services_connections_in_another_database(
     db_url: str, server: Server
 ) -> None:
-    from pglayer.doctor import diagnose
+    from pglayer._doctor import diagnose
 
     name = "pglayer:doctor-test"
     others = [
@@ -264,7 +265,7 @@ async def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(db: Datab
     from fastapi import FastAPI
 
     from pglayer.fastapi import setup
-    from pglayer.fastapi.metrics import setup_metrics
+    from pglayer.fastapi._metrics import setup_metrics
 
     app = FastAPI()
     setup(app, db)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from pglayer import Connection, Database
-from pglayer.errors import IdempotencyKeyReusedError
-from pglayer.idempotency import IdempotencyKeys, body_hash, install
+from pglayer import Connection, Database, IdempotencyKeys, body_hash
+from pglayer._errors import IdempotencyKeyReusedError
+from pglayer.migrations import install_pglayer_tables as install
 
 NOTES = "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL)"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from pglayer.embedded import EmbeddedPostgres
+from pglayer._embedded import EmbeddedPostgres
 from tests.conftest import free_port
 from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
 

@@ -15,8 +15,8 @@ import pytest
 from fastapi import FastAPI
 
 from pglayer import ConnectionLostError, Database
-from pglayer.fastapi.middleware import _Exchange
-from pglayer.logs import JsonFormatter, TextFormatter, configure_logging, escape
+from pglayer._logs import JsonFormatter, TextFormatter, configure_logging, escape
+from pglayer.fastapi._middleware import _Exchange
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import LiveServer

@@ -7,9 +7,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer import Database
 from pglayer.fastapi import setup
-from pglayer.fastapi.admin import admin_router
-from pglayer.fastapi.health import health_router
-from pglayer.fastapi.metrics import setup_metrics
+from pglayer.fastapi._admin import admin_router
+from pglayer.fastapi._health import health_router
+from pglayer.fastapi._metrics import setup_metrics
 from tests.conftest import asgi_client
 
 

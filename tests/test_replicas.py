@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from pglayer import Database
-from pglayer.embedded import EmbeddedPostgres
+from pglayer._embedded import EmbeddedPostgres
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings

@@ -83,5 +83,5 @@ async def test_the_api_conforms_to_its_openapi_document(db_url: str, tmp_path: P
         )
     # The run's summary, for a closing note or a curious reader (default: the test's tmp dir).
     summary = Path(os.environ.get("PGLAYER_SCHEMATHESIS_SUMMARY", tmp_path / "summary.txt"))
-    summary.write_text(result.stdout)
+    await asyncio.to_thread(summary.write_text, result.stdout)
     assert result.returncode == 0, result.stdout[-40000:] + result.stderr[-5000:]

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from pglayer import Database
 from pglayer.fastapi import setup
-from pglayer.fastapi.streaming import ndjson_response
+from pglayer.fastapi._streaming import ndjson_response
 from tests.conftest import LiveServer, asgi_client
 
 ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from pglayer import Connection, Database
 from pglayer.fastapi import setup
-from pglayer.fastapi.transactional import transactional
+from pglayer.fastapi._transactional import transactional
 from tests.conftest import asgi_client, settings_for
 
 

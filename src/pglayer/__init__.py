@@ -1,11 +1,19 @@
-"""pglayer: a production async PostgreSQL layer for FastAPI, built on asyncpg."""
+"""pglayer: a production async PostgreSQL layer for FastAPI, built on asyncpg.
 
-from pglayer import context
-from pglayer.connection import Connection, Isolation, Record
-from pglayer.context import current_operation, current_request_id, operation
-from pglayer.database import Database
-from pglayer.dsn import describe_target, mask_dsn, mask_text
-from pglayer.errors import (
+The public API is what this package, `pglayer.fastapi`, `pglayer.migrations`,
+`pglayer.sqlalchemy` and `pglayer.testing` export; modules whose names start with `_` are
+implementation (pinned by `tests/test_public_api.py`).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from pglayer._concurrent import gather
+from pglayer._connection import Connection, Isolation, Record
+from pglayer._context import current_operation, current_request_id, operation
+from pglayer._database import Database
+from pglayer._deadline import deadline, remaining
+from pglayer._dsn import mask_dsn, mask_text
+from pglayer._errors import (
     CheckViolationError,
     CommitIndeterminateError,
     ConfigurationError,
@@ -14,6 +22,7 @@ from pglayer.errors import (
     DatabaseUnavailableError,
     DeadlockError,
     ForeignKeyViolationError,
+    IdempotencyKeyReusedError,
     IntegrityError,
     InvalidInputError,
     LockTimeoutError,
@@ -29,12 +38,18 @@ from pglayer.errors import (
     TransientError,
     UniqueViolationError,
 )
-from pglayer.events import Event, Hook, PoolEvent, QueryEvent, RetryEvent, log_events
-from pglayer.logs import configure_logging
-from pglayer.settings import DatabaseSettings
-from pglayer.stats import Histogram, PoolStats
+from pglayer._events import Event, Hook, PoolEvent, QueryEvent, RetryEvent
+from pglayer._idempotency import IdempotencyKeys, body_hash
+from pglayer._logs import configure_logging
+from pglayer._retry import set_testing as set_retry_testing
+from pglayer._settings import DatabaseSettings, ServerSettings
+from pglayer._stats import BulkheadStats, ExternalPoolStats, Histogram, PoolStats
+
+if TYPE_CHECKING:
+    from pglayer._embedded import EmbeddedPostgres
 
 __all__ = [
+    "BulkheadStats",
     "CheckViolationError",
     "CommitIndeterminateError",
     "ConfigurationError",
@@ -45,10 +60,14 @@ __all__ = [
     "DatabaseSettings",
     "DatabaseUnavailableError",
     "DeadlockError",
+    "EmbeddedPostgres",
     "Event",
+    "ExternalPoolStats",
     "ForeignKeyViolationError",
     "Histogram",
     "Hook",
+    "IdempotencyKeyReusedError",
+    "IdempotencyKeys",
     "IntegrityError",
     "InvalidInputError",
     "Isolation",
@@ -65,17 +84,29 @@ __all__ = [
     "Record",
     "RetryEvent",
     "SerializationError",
+    "ServerSettings",
     "TooManyConnectionsError",
     "TransactionAbortedError",
     "TransientError",
     "UniqueViolationError",
+    "body_hash",
     "configure_logging",
-    "context",
     "current_operation",
     "current_request_id",
-    "describe_target",
-    "log_events",
+    "deadline",
+    "gather",
     "mask_dsn",
     "mask_text",
     "operation",
+    "remaining",
+    "set_retry_testing",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The embedded launcher is for development and tests: imported only when asked for.
+    if name == "EmbeddedPostgres":
+        from pglayer._embedded import EmbeddedPostgres
+
+        return EmbeddedPostgres
+    raise AttributeError(f"module 'pglayer' has no attribute {name!r}")

@@ -13,11 +13,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
 
+from pglayer._doctor import Diagnosis, diagnose
+from pglayer._errors import PglayerError
+from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, cli_settings, serve_app
-from pglayer.doctor import Diagnosis, diagnose
-from pglayer.errors import PglayerError
-from pglayer.logs import configure_logging
-from pglayer.settings import DatabaseSettings
+from pglayer._settings import DatabaseSettings
 
 __all__ = ["app", "main", "print_diagnosis", "print_settings"]
 
@@ -136,7 +136,7 @@ def print_settings(settings: DatabaseSettings) -> None:
 def _shown(name: str, value: object) -> str:
     from pydantic import SecretStr
 
-    from pglayer.dsn import mask_dsn
+    from pglayer._dsn import mask_dsn
 
     if isinstance(value, SecretStr):
         return mask_dsn(value.get_secret_value())

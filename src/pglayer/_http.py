@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pglayer.settings import ServerSettings
+from pglayer._settings import ServerSettings
 
 __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
 

@@ -29,6 +29,7 @@ def _free_port() -> int:
 
 
 def pgbouncer_binary() -> str | None:
+    """The path of the `pgbouncer` executable, or None when it is not installed."""
     return shutil.which("pgbouncer") or next(
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)),
         None,

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from pglayer._clock import Clock, clock
-from pglayer.errors import (
+from pglayer._errors import (
     DatabaseUnavailableError,
     PglayerError,
     PoolOverloadedError,
@@ -41,7 +41,7 @@ from pglayer.errors import (
     raise_translated,
     translate,
 )
-from pglayer.observer import Observer
+from pglayer._observer import Observer
 
 __all__ = ["Pool", "Slot"]
 

@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from pglayer.database import Database
-from pglayer.idempotency import install
-from pglayer.migrations import load_migrations, migrate
-from pglayer.settings import DatabaseSettings
+from pglayer._database import Database
+from pglayer._settings import DatabaseSettings
+from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["apply_directories", "cli_settings", "serve_app"]
 
@@ -40,7 +39,7 @@ async def apply_directories(
     `prepare(db)`."""
     applied: list[str] = []
     async with Database(settings) as db:
-        applied += [f"pglayer/{name}" for name in await install(db)]
+        applied += [f"pglayer/{name}" for name in await install_pglayer_tables(db)]
         for directory in directories:
             names = await migrate(db, load_migrations(directory), history=directory.name)
             applied += [f"{directory.name}/{name}" for name in names]
@@ -77,7 +76,7 @@ def serve_app(
     """
     import uvicorn
 
-    from pglayer.embedded import EmbeddedPostgres
+    from pglayer._embedded import EmbeddedPostgres
 
     # Worker processes build their app from the environment, as a user's would.
     os.environ["PGLAYER_WORKERS"] = str(workers)

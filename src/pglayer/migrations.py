@@ -12,16 +12,23 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import asyncpg
 
-from pglayer.connection import Connection
-from pglayer.database import Database
-from pglayer.errors import DatabaseError, PglayerError, TransientError
+from pglayer._connection import Connection
+from pglayer._database import Database
+from pglayer._errors import DatabaseError, PglayerError, TransientError
 
-__all__ = ["Migration", "MigrationError", "load_migrations", "migrate"]
+__all__ = [
+    "Migration",
+    "MigrationError",
+    "install_pglayer_tables",
+    "load_migrations",
+    "migrate",
+]
 
 log = logging.getLogger("pglayer.migrations")
 
@@ -145,3 +152,8 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         )
         done.append(m.name)
     return done
+
+
+async def install_pglayer_tables(db: Database) -> list[str]:
+    """Create pglayer's own tables (idempotency keys), in the `pglayer` history; idempotent."""
+    return await migrate(db, load_migrations(files("pglayer") / "_sql"), history="pglayer")

@@ -21,10 +21,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from pglayer.database import Database
-from pglayer.errors import ConnectionLostError, PoolTimeoutError, raise_translated, translate
-from pglayer.settings import DatabaseSettings
-from pglayer.stats import ExternalPoolStats
+from pglayer._database import Database
+from pglayer._errors import ConnectionLostError, PoolTimeoutError, raise_translated, translate
+from pglayer._settings import DatabaseSettings
+from pglayer._stats import ExternalPoolStats
 
 __all__ = ["count_engine", "create_engine", "session_transaction", "translate_sqlalchemy"]
 

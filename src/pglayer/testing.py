@@ -32,11 +32,10 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from pglayer._database import Database
 from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
-from pglayer.database import Database
-from pglayer.idempotency import install
-from pglayer.migrations import load_migrations, migrate
-from pglayer.settings import DatabaseSettings
+from pglayer._settings import DatabaseSettings
+from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"]
 
@@ -79,7 +78,7 @@ def pglayer_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from pglayer.embedded import EmbeddedPostgres
+    from pglayer._embedded import EmbeddedPostgres
 
     base = Path(tempfile.mkdtemp(prefix="pglayer-testing-"))
     base.chmod(0o755)  # the unprivileged server user must reach it
@@ -109,7 +108,7 @@ def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]
             url=database_url_for(pglayer_server_url, name), min_size=1, max_size=1
         )
         async with Database(settings) as db:
-            await install(db)
+            await install_pglayer_tables(db)
             for directory in pglayer_migration_dirs:
                 await migrate(db, load_migrations(directory), history=directory.name)
 

@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pglayer import Database, DatabaseSettings, PglayerError
+from pglayer._doctor import diagnose
+from pglayer._embedded import EmbeddedPostgres
 from pglayer._http import PROTOCOL as BOUNDED_HTTP
-from pglayer.doctor import diagnose
-from pglayer.embedded import EmbeddedPostgres
-from pglayer.logs import configure_logging
+from pglayer._logs import configure_logging
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, is_empty, seed
 from pglayer_shop.settings import ShopSettings

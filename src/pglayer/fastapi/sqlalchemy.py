@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from pglayer.database import Database
-from pglayer.errors import ConfigurationError
-from pglayer.fastapi.dependencies import STATE_KEY
-from pglayer.fastapi.lifespan import wrap_lifespan
+from pglayer._database import Database
+from pglayer._errors import ConfigurationError
+from pglayer.fastapi._dependencies import STATE_KEY
+from pglayer.fastapi._lifespan import wrap_lifespan
 from pglayer.sqlalchemy import count_engine, session_transaction
 
 __all__ = ["SqlSession", "setup_sqlalchemy"]

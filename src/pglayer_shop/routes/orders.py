@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Header, Request, Response
+from fastapi import Request, Response
 from pydantic import AwareDatetime, TypeAdapter
 
 from pglayer import Connection, Record
-from pglayer.fastapi import Db, Problem, json_response, problem_responses
+from pglayer.fastapi import Db, IdempotencyKey, Problem, json_response, problem_responses
 from pglayer_shop.models import Order, OrderCreate, Page
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
 from pglayer_shop.pagination import After, CursorId, Limit, decode_cursor, page
@@ -18,19 +16,6 @@ from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=200,
-        # Printable ASCII, space included: no control characters, and nothing a server
-        # would decode as Latin-1 and count in bytes.
-        pattern=r"^[\x20-\x7E]{1,200}$",
-        description="1..200 printable ASCII characters (0x20-0x7E). Send the same key again"
-        " to get the same order back, never a second one",
-    ),
-]
 _CURSOR = TypeAdapter(tuple[AwareDatetime, CursorId])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Response
 
-from pglayer.fastapi import Db, DbConnection, Problem, json_response, problem_responses
+from pglayer.fastapi import Db, Problem, WriteConnection, json_response, problem_responses
 from pglayer_shop.models import Page, Product, ProductCreate
 from pglayer_shop.pagination import After, Limit, page_by_id
 from pglayer_shop.routes import router
@@ -43,7 +43,7 @@ async def list_products(db: Db, limit: Limit = 50, after: After = None) -> Respo
     response_model=Product,
     responses=problem_responses(413, 422),
 )
-async def create_product(body: ProductCreate, conn: DbConnection) -> Response:
+async def create_product(body: ProductCreate, conn: WriteConnection) -> Response:
     row = await conn.fetchrow(
         f"INSERT INTO products (name, price, stock) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",
         body.name,

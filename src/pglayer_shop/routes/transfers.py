@@ -7,8 +7,8 @@ from fastapi import Request, Response
 from pglayer import Connection, InvalidInputError, Record
 from pglayer.fastapi import (
     Db,
-    DbConnection,
     Problem,
+    WriteConnection,
     field_error,
     json_response,
     problem_responses,
@@ -50,7 +50,7 @@ def _overflow() -> Problem:
     response_model=Account,
     responses=problem_responses(404, 413, 422),
 )
-async def deposit(user_id: UserId, body: Deposit, conn: DbConnection) -> Response:
+async def deposit(user_id: UserId, body: Deposit, conn: WriteConnection) -> Response:
     """Add to the balance; the deposit is recorded in the same statement."""
     try:
         account = await conn.fetchrow(_DEPOSIT, user_id, body.amount)

@@ -23,8 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pglayer.database import Database
-from pglayer.stats import (
+from pglayer._database import Database
+from pglayer._stats import (
     BulkheadStats,
     ExternalPoolStats,
     Histogram,

@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import asyncpg
 
-from pglayer.errors import PglayerError
+from pglayer._errors import PglayerError
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
 

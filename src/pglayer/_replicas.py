@@ -9,10 +9,10 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pglayer.errors import PglayerError
+from pglayer._errors import PglayerError
 
 if TYPE_CHECKING:
-    from pglayer.database import Database
+    from pglayer._database import Database
 
 __all__ = ["REPLICA_HEALTH_SQL", "ReplicaHealth", "ReplicaSet"]
 

@@ -19,8 +19,8 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pglayer.database import Database
-from pglayer.errors import raise_translated, translate
+from pglayer._database import Database
+from pglayer._errors import raise_translated, translate
 
 __all__ = ["NDJSON", "ndjson_response"]
 

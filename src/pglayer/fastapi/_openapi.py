@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi._compat import get_definitions, get_flat_models_from_fields, get_model_name_map
 from fastapi.openapi.utils import get_fields_from_routes
 
-from pglayer.fastapi.problems import _DESCRIPTIONS, PROBLEM_JSON, ProblemDetails
+from pglayer.fastapi._problems import _DESCRIPTIONS, PROBLEM_JSON, ProblemDetails
 
 __all__ = ["complete_openapi"]
 

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pglayer.budget import read_budget
-from pglayer.dsn import describe_target
-from pglayer.errors import explain_connect_error
-from pglayer.pooler import connect_plain, pool_mode, prepared_statements_safe
-from pglayer.replicas import REPLICA_HEALTH_SQL
-from pglayer.settings import DatabaseSettings
+from pglayer._budget import read_budget
+from pglayer._dsn import describe_target
+from pglayer._errors import explain_connect_error
+from pglayer._pooler import connect_plain, pool_mode, prepared_statements_safe
+from pglayer._replicas import REPLICA_HEALTH_SQL
+from pglayer._settings import DatabaseSettings
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "explain_connect_error"]
 

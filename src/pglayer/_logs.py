@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import orjson
 
-from pglayer.context import current_request_id
-from pglayer.context import request_id as request_id_of
-from pglayer.dsn import mask_text
+from pglayer._context import current_request_id
+from pglayer._context import request_id as request_id_of
+from pglayer._dsn import mask_text
 
 __all__ = [
     "AccessLog",

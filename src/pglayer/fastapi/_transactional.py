@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from pglayer.connection import Connection, Isolation
-from pglayer.fastapi.dependencies import get_database
+from pglayer._connection import Connection, Isolation
+from pglayer.fastapi._dependencies import get_database
 
 __all__ = ["transactional"]
 

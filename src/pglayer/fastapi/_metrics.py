@@ -18,10 +18,10 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.responses import Response
 
-from pglayer.database import Database
-from pglayer.fastapi.middleware import STATS_KEY
-from pglayer.metrics import PoolCollector, SharedPoolCollector
-from pglayer.stats import RequestStats
+from pglayer._database import Database
+from pglayer._metrics import PoolCollector, SharedPoolCollector
+from pglayer._stats import RequestStats
+from pglayer.fastapi._middleware import STATS_KEY
 
 __all__ = ["setup_metrics"]
 

@@ -29,12 +29,11 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from pglayer._pool import Pool, Slot
-from pglayer.budget import read_budget
-from pglayer.connection import Connection, Isolation, Record
-from pglayer.context import RequestContext, current, reads_need_primary
-from pglayer.dsn import describe_target
-from pglayer.errors import (
+from pglayer._budget import read_budget
+from pglayer._connection import Connection, Isolation, Record
+from pglayer._context import RequestContext, current, reads_need_primary
+from pglayer._dsn import describe_target
+from pglayer._errors import (
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailableError,
@@ -44,13 +43,14 @@ from pglayer.errors import (
     explain_connect_error,
     translate,
 )
-from pglayer.events import Hook
-from pglayer.observer import Observer
-from pglayer.pooler import PoolerInfo, detect_pooler, prepared_statements_safe
-from pglayer.replicas import ReplicaSet
-from pglayer.retry import RetryPolicy, retry_after
-from pglayer.settings import DatabaseSettings
-from pglayer.stats import BulkheadStats, ExternalPoolStats, PoolStats, StatsRecorder
+from pglayer._events import Hook
+from pglayer._observer import Observer
+from pglayer._pool import Pool, Slot
+from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
+from pglayer._replicas import ReplicaSet
+from pglayer._retry import RetryPolicy, retry_after
+from pglayer._settings import DatabaseSettings
+from pglayer._stats import BulkheadStats, ExternalPoolStats, PoolStats, StatsRecorder
 
 __all__ = ["Database"]
 

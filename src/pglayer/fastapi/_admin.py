@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from pglayer.database import Database
-from pglayer.fastapi.dependencies import get_database
-from pglayer.fastapi.problems import Problem, problem_responses
+from pglayer._database import Database
+from pglayer.fastapi._dependencies import get_database
+from pglayer.fastapi._problems import Problem, problem_responses
 
 __all__ = ["admin_guard", "admin_router"]
 

@@ -17,7 +17,7 @@ import orjson
 from fastapi import Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from pglayer.fastapi.problems import Problem
+from pglayer.fastapi._problems import Problem
 
 __all__ = ["After", "Cursors", "Limit", "Page"]
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from pglayer.settings import DatabaseSettings
+from pglayer._settings import DatabaseSettings
 
 __all__ = ["PoolerInfo", "detect_pooler"]
 

@@ -6,7 +6,8 @@ and replays it; if the first one rolled back, so did its key, and the retry does
 key sent with another body is refused (`IdempotencyKeyReusedError`, 422). Keys older than
 `ttl` count as gone and are taken over; `expire()` deletes them in small batches.
 
-Call `install(db)` once (`pglayer serve` and `pglayer.testing` do it) to create the table.
+`pglayer.migrations.install_pglayer_tables(db)` creates its table (`pglayer serve`,
+`pglayer migrate` and `pglayer.testing` call it).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from importlib.resources import files
 from typing import Any, TypeVar
 
 import orjson
 
-from pglayer.connection import Connection
-from pglayer.database import Database
-from pglayer.errors import IdempotencyKeyReusedError, PglayerError
-from pglayer.migrations import load_migrations, migrate
+from pglayer._connection import Connection
+from pglayer._database import Database
+from pglayer._errors import IdempotencyKeyReusedError, PglayerError
 
-__all__ = ["IdempotencyKeys", "body_hash", "install"]
+__all__ = ["IdempotencyKeys", "body_hash"]
 
 log = logging.getLogger("pglayer.idempotency")
 T = TypeVar("T")
@@ -54,11 +53,6 @@ WITH doomed AS (
 )
 SELECT count(*) FROM gone
 """
-
-
-async def install(db: Database) -> list[str]:
-    """Create pglayer's own tables (the `pglayer` migration history); safe to repeat."""
-    return await migrate(db, load_migrations(files("pglayer") / "_sql"), history="pglayer")
 
 
 def body_hash(body: Any) -> str:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
-from pglayer.errors import (
+from pglayer._errors import (
     CheckViolationError,
     CommitIndeterminateError,
     DatabaseError,
@@ -33,7 +33,7 @@ from pglayer.errors import (
     TransientError,
     UniqueViolationError,
 )
-from pglayer.logs import escape
+from pglayer._logs import escape
 
 __all__ = [
     "MAX_ERRORS",

@@ -111,22 +111,32 @@ class TransientError(DatabaseError):
 
 
 class ConnectionLostError(TransientError):
+    """The connection failed or was lost (08*, 57P01-3, socket and protocol errors)."""
+
     default_message = "the connection to the database failed or was lost"
 
 
 class TooManyConnectionsError(TransientError):
+    """The server has no free connection slots (53300)."""
+
     default_message = "the database has no free connection slots"
 
 
 class SerializationError(TransientError):
+    """The transaction conflicted with a concurrent one (40001); replaying may succeed."""
+
     default_message = "the transaction conflicted with a concurrent one"
 
 
 class DeadlockError(SerializationError):
+    """The transaction was chosen as a deadlock victim (40P01); replaying may succeed."""
+
     default_message = "the transaction was chosen as a deadlock victim"
 
 
 class PoolTimeoutError(TransientError):
+    """No pooled connection became free within the acquire deadline."""
+
     default_message = "no database connection became free within the acquire deadline"
 
 
@@ -150,6 +160,8 @@ class LockTimeoutError(TransientError):
 
 
 class DatabaseUnavailableError(TransientError):
+    """The pool is not open (yet), or was closed."""
+
     default_message = "the database pool is not open"
 
 
@@ -164,30 +176,44 @@ class CommitIndeterminateError(DatabaseError):
 
 
 class IntegrityError(DatabaseError):
+    """The change violates a constraint (23*)."""
+
     default_message = "the change violates a constraint"
 
 
 class UniqueViolationError(IntegrityError):
+    """A row with the same unique values exists (23505)."""
+
     default_message = "a row with the same unique values already exists"
 
 
 class ForeignKeyViolationError(IntegrityError):
+    """A referenced row is missing, or a row is still referenced (23503)."""
+
     default_message = "a referenced row does not exist or is still referenced"
 
 
 class CheckViolationError(IntegrityError):
+    """A value violates a check constraint (23514)."""
+
     default_message = "a value violates a check constraint"
 
 
 class NotNullViolationError(IntegrityError):
+    """A required value is missing (23502)."""
+
     default_message = "a required value is missing"
 
 
 class InvalidInputError(DatabaseError):
+    """A value is not valid for its column type (22*, or refused by the driver)."""
+
     default_message = "a value is not valid for its column type"
 
 
 class QueryTimeoutError(DatabaseError):
+    """A statement did not finish within its deadline (57014, or client-side)."""
+
     default_message = "the query did not finish within its deadline"
 
 
@@ -202,6 +228,8 @@ class TransactionAbortedError(DatabaseError):
 
 
 class ProgrammingError(DatabaseError):
+    """The statement is invalid for this schema (42*): a bug, not bad input."""
+
     default_message = "the statement is invalid for this schema"
 
 

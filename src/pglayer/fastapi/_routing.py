@@ -22,8 +22,8 @@ from fastapi import Request, params
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from pglayer.fastapi.bodies import json_body_handler, known_keys
-from pglayer.fastapi.dependencies import STATE_KEY, Db
+from pglayer.fastapi._bodies import json_body_handler, known_keys
+from pglayer.fastapi._dependencies import STATE_KEY, Db
 
 __all__ = ["Route", "with_database"]
 

@@ -11,12 +11,12 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp
 
-from pglayer.database import Database
-from pglayer.fastapi.dependencies import STATE_KEY
-from pglayer.fastapi.middleware import RequestGuard
-from pglayer.fastapi.openapi import complete_openapi
-from pglayer.fastapi.problems import install_problem_handlers
-from pglayer.fastapi.routing import Route
+from pglayer._database import Database
+from pglayer.fastapi._dependencies import STATE_KEY
+from pglayer.fastapi._middleware import RequestGuard
+from pglayer.fastapi._openapi import complete_openapi
+from pglayer.fastapi._problems import install_problem_handlers
+from pglayer.fastapi._routing import Route
 
 __all__ = ["database_lifespan", "setup", "wrap_lifespan"]
 

@@ -23,7 +23,7 @@ from fastapi._compat import ModelField
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from pglayer.fastapi.problems import MAX_ERRORS, OMITTED_ERRORS, Problem, clip, field_error
+from pglayer.fastapi._problems import MAX_ERRORS, OMITTED_ERRORS, Problem, clip, field_error
 
 __all__ = ["MAX_DEPTH", "check_media_type", "json_body_handler", "parse_json"]
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 import asyncpg
 from pydantic import BaseModel
 
-from pglayer import context
+from pglayer import _context as context
 from pglayer._clock import current_task
-from pglayer.context import RequestContext
-from pglayer.errors import (
+from pglayer._context import RequestContext
+from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
     QueryTimeoutError,
@@ -23,7 +23,7 @@ from pglayer.errors import (
     raise_translated,
     translate,
 )
-from pglayer.observer import Observer
+from pglayer._observer import Observer
 
 if TYPE_CHECKING:
     from pglayer._pool import Pool, Slot

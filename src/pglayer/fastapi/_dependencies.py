@@ -12,15 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from pglayer.connection import Connection, Isolation
-from pglayer.database import Database
-from pglayer.errors import ConfigurationError
+from pglayer._connection import Connection, Isolation
+from pglayer._database import Database
+from pglayer._errors import ConfigurationError
 
 __all__ = [
     "Db",
-    "DbConnection",
-    "ReadTransaction",
-    "ReplicaConnection",
+    "ReadConnection",
+    "WriteConnection",
     "WriteTransaction",
     "get_database",
     "transaction_dependency",
@@ -77,14 +76,11 @@ def _depends(dependency: Callable[..., Any]) -> Any:
 Db = Annotated[Database, Depends(get_database)]
 """The app's `Database`, for `db.run(...)` (retried reads) and `db.run_in_transaction(...)`."""
 
-DbConnection = Annotated[Connection, _depends(_connection)]
-"""A pooled connection in autocommit mode: one statement, no transaction round trips."""
-
-ReadTransaction = Annotated[Connection, _depends(transaction_dependency(readonly=True))]
-"""A read-only transaction: several reads see one snapshot."""
+WriteConnection = Annotated[Connection, _depends(_connection)]
+"""A primary connection in autocommit mode: each statement commits on its own (one round trip)."""
 
 WriteTransaction = Annotated[Connection, _depends(transaction_dependency())]
 """A read-write transaction, committed before the response is sent."""
 
-ReplicaConnection = Annotated[Connection, _depends(_replica_connection)]
-"""A connection of a healthy read replica (the primary when none is, or after a write)."""
+ReadConnection = Annotated[Connection, _depends(_replica_connection)]
+"""A connection for reads: a healthy replica's, else the primary's (always after a write)."""

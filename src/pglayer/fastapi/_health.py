@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from pglayer.database import Database
-from pglayer.errors import PglayerError
-from pglayer.fastapi.dependencies import get_database
-from pglayer.fastapi.problems import Problem, problem_responses
+from pglayer._database import Database
+from pglayer._errors import PglayerError
+from pglayer.fastapi._dependencies import get_database
+from pglayer.fastapi._problems import Problem, problem_responses
 
 __all__ = ["Health", "health_router"]
 

@@ -33,18 +33,18 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pglayer import context
+from pglayer import _context as context
 from pglayer._clock import Clock, clock, current_task
-from pglayer.context import RequestContext, current_request_id
-from pglayer.database import Database
-from pglayer.errors import PoolOverloadedError
-from pglayer.fastapi.problems import (
+from pglayer._context import RequestContext, current_request_id
+from pglayer._database import Database
+from pglayer._errors import PoolOverloadedError
+from pglayer._logs import AccessLog
+from pglayer._stats import RequestStats
+from pglayer.fastapi._problems import (
     internal_error_response,
     problem_for_database_error,
     problem_response,
 )
-from pglayer.logs import AccessLog
-from pglayer.stats import RequestStats
 
 __all__ = ["STATS_KEY", "WATCH_AFTER", "RequestGuard", "current_request_id", "route_template"]
 

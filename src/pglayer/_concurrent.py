@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
-from pglayer.connection import Connection
-from pglayer.database import Database
+from pglayer._connection import Connection
+from pglayer._database import Database
 
 __all__ = ["gather"]
 

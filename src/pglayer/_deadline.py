@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pglayer.context import bounded as deadline
-from pglayer.context import remaining
+from pglayer._context import bounded as deadline
+from pglayer._context import remaining
 
 __all__ = ["deadline", "remaining"]

@@ -26,8 +26,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from pglayer import deadline
-from pglayer.errors import (
+from pglayer import _deadline as deadline
+from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
     DatabaseUnavailableError,

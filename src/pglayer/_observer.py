@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from pglayer.context import RequestContext
-from pglayer.errors import PglayerError, PoolOverloadedError, PoolTimeoutError
-from pglayer.events import Event, Hook, PoolEvent, PoolEventKind, QueryEvent, RetryEvent
-from pglayer.stats import StatsRecorder
+from pglayer._context import RequestContext
+from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
+from pglayer._events import Event, Hook, PoolEvent, PoolEventKind, QueryEvent, RetryEvent
+from pglayer._stats import StatsRecorder
 
 __all__ = ["Observer"]
 

@@ -1,0 +1,24 @@
+"""The `Idempotency-Key` request header, as a handler parameter type."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Header
+
+__all__ = ["IdempotencyKey"]
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        # Printable ASCII, space included: no control characters, and nothing a server
+        # would decode as Latin-1 and count in bytes.
+        pattern=r"^[\x20-\x7E]{1,200}$",
+        description="1..200 printable ASCII characters (0x20-0x7E). Send the same key again"
+        " to get the same answer back; the work is done once",
+    ),
+]
+"""An optional `Idempotency-Key` header: 1..200 printable ASCII characters, else 422."""

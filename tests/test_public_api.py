@@ -1,0 +1,78 @@
+"""The public API, pinned: what each public module exports, and that the rest is private.
+
+As httpx's `test_exported_members`: a name added to or dropped from the API must show up
+here, in review, never by accident.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import pglayer
+
+PUBLIC: dict[str, list[str]] = {
+    "pglayer": [
+        "BulkheadStats", "CheckViolationError", "CommitIndeterminateError",
+        "ConfigurationError", "Connection", "ConnectionLostError", "Database", "DatabaseError",
+        "DatabaseSettings", "DatabaseUnavailableError", "DeadlockError", "EmbeddedPostgres",
+        "Event", "ExternalPoolStats", "ForeignKeyViolationError", "Histogram", "Hook",
+        "IdempotencyKeyReusedError", "IdempotencyKeys", "IntegrityError", "InvalidInputError",
+        "Isolation", "LockTimeoutError", "NotNullViolationError", "PglayerError", "PoolEvent",
+        "PoolOverloadedError", "PoolStats", "PoolTimeoutError", "ProgrammingError",
+        "QueryEvent", "QueryTimeoutError", "Record", "RetryEvent", "SerializationError",
+        "ServerSettings", "TooManyConnectionsError", "TransactionAbortedError",
+        "TransientError", "UniqueViolationError", "body_hash", "configure_logging",
+        "current_operation", "current_request_id", "deadline", "gather", "mask_dsn",
+        "mask_text", "operation", "remaining", "set_retry_testing",
+    ],
+    "pglayer.fastapi": [
+        "After", "Cursors", "Db", "Health", "IdempotencyKey", "Limit", "Page", "Problem",
+        "ProblemDetails", "ReadConnection", "Route", "WriteConnection", "WriteTransaction",
+        "admin_guard", "admin_router", "field_error", "get_database", "health_router",
+        "json_bytes", "json_response", "ndjson_response", "problem_response",
+        "problem_responses", "setup", "setup_metrics", "transaction_dependency",
+        "transactional", "with_database",
+    ],
+    "pglayer.migrations": [
+        "Migration", "MigrationError", "install_pglayer_tables", "load_migrations", "migrate",
+    ],
+    "pglayer.sqlalchemy": [
+        "count_engine", "create_engine", "session_transaction", "translate_sqlalchemy",
+    ],
+    "pglayer.fastapi.sqlalchemy": ["SqlSession", "setup_sqlalchemy"],
+    "pglayer.testing": ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_each_public_module_exports_exactly_its_pinned_names(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert sorted(module.__all__) == sorted(PUBLIC[module_name])
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+
+
+def test_every_other_module_is_private() -> None:
+    found = {
+        info.name
+        for info in pkgutil.walk_packages(pglayer.__path__, "pglayer.")
+        if not info.name.rsplit(".", 1)[-1].startswith("_")
+    }
+    assert found == set(PUBLIC) - {"pglayer"}
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_every_public_callable_and_class_says_what_it_is(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    undocumented = [
+        name
+        for name in module.__all__
+        if callable(obj := getattr(module, name))
+        and isinstance(obj, type | type(len) | type(test_every_other_module_is_private))
+        and obj.__module__.startswith("pglayer")  # not re-exported foreign types (Record)
+        and not (obj.__doc__ or "").strip()
+    ]
+    assert undocumented == []
