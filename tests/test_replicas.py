@@ -21,6 +21,7 @@ from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
 from tests.conftest import asgi_client, settings_for, wait_for
 from tests.test_doctor import doctor
+from tests.test_metrics import scrape
 
 DB = "shop_replicated"
 
@@ -236,3 +237,51 @@ def test_doctor_reports_each_replica_and_its_lag(
     assert "streaming" in out
     assert "replica-2" in out
     assert "reads use the primary" in out
+
+
+async def test_metrics_show_the_replica_leave_the_rotation_while_it_lags(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    db = Database(replicated_settings(primary, standby))  # max lag 0.5 s
+    app = create_app(db=db, settings=ShopSettings())
+    rotation = ("pglayer_replica_in_rotation", (("pool", "replica-1"),))
+    lag = ("pglayer_replica_lag_seconds", (("pool", "replica-1"),))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        # A write replayed first: the standby then knows when its last replayed commit was.
+        created = await client.post("/users", json={"name": "M", "email": "metrics@example.com"})
+        user_id = created.json()["id"]
+
+        async def replayed() -> bool:
+            return await in_recovery(db) and bool(
+                await db.read(lambda c: c.fetchval("SELECT 1 FROM users WHERE id = $1", user_id))
+            )
+
+        assert await wait_for(replayed, timeout=10)
+        samples = await scrape(client)
+        assert samples[rotation] == 1
+        assert 0 <= samples[lag] <= 0.5
+        assert not [
+            k for k in samples if k[0].startswith("pglayer_replica_") and "primary" in str(k)
+        ]
+
+        async with replay_paused(standby):
+            for _ in range(3):
+                await db.run(
+                    lambda c: c.execute(
+                        "INSERT INTO products (name, price, stock) VALUES ('lag', 1, 1)"
+                    )
+                )
+                await asyncio.sleep(0.4)
+
+            async def out_of_rotation() -> dict[Any, float] | None:
+                samples = await scrape(client)
+                return samples if samples.get(rotation) == 0 else None
+
+            samples = await wait_for(out_of_rotation, timeout=10)
+            assert samples, "the replica stayed in rotation while its replay was paused"
+            assert samples[lag] > 0.5
+
+        async def back() -> bool:
+            return (await scrape(client)).get(rotation) == 1
+
+        assert await wait_for(back, timeout=10)

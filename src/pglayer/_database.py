@@ -124,6 +124,7 @@ class Database:
         self._opener: asyncio.Task[None] | None = None
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
+        self._replica_of: ReplicaSet | None = None  # a replica's: the set it reports health to
         if self.settings.replica_urls:
             self.replicas = ReplicaSet(
                 [
@@ -133,6 +134,8 @@ class Database:
                 max_lag=self.settings.replica_max_lag,
                 interval=self.settings.replica_check_interval,
             )
+            for replica in self.replicas.replicas:
+                replica._replica_of = self.replicas
         self._stats = StatsRecorder()
         self._observer = Observer(
             name,
@@ -580,6 +583,7 @@ class Database:
     def stats(self) -> PoolStats:
         """A consistent snapshot of the pool's sizes and counters."""
         pool = self._pool
+        health = None if self._replica_of is None else self._replica_of.health.get(self.name)
         return self._stats.snapshot(
             name=self.name,
             open=pool is not None,
@@ -603,6 +607,8 @@ class Database:
                 for lane in pool.lanes()
             },
             external={name: stats() for name, (_, stats) in self._external.items()},
+            replica_healthy=None if health is None else health.healthy,
+            replica_lag_seconds=None if health is None else health.lag_seconds,
         )
 
 

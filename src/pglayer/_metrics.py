@@ -240,6 +240,31 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
             h: Histogram = getattr(s, attr)
             hist.add_metric([s.name, *w], _buckets(h), sum_value=h.total)
         yield hist
+    yield from _replica_families(snapshots, workers, extra)
+
+
+def _replica_families(
+    snapshots: list[PoolStats], workers: list[list[str]], extra: list[str]
+) -> Iterator[Metric]:
+    """Each replica pool's rotation state and lag (from the primary's `ReplicaSet`)."""
+    rotation = GaugeMetricFamily(
+        "pglayer_replica_in_rotation",
+        "1 while reads may use this replica (reachable, a standby, within the lag bound)",
+        labels=["pool", *extra],
+    )
+    lag = GaugeMetricFamily(
+        "pglayer_replica_lag_seconds",
+        "Seconds this replica's replay is behind the primary (absent while unknown)",
+        labels=["pool", *extra],
+    )
+    for s, w in zip(snapshots, workers, strict=True):
+        if s.replica_healthy is None:
+            continue  # not a replica
+        rotation.add_metric([s.name, *w], 1.0 if s.replica_healthy else 0.0)
+        if s.replica_lag_seconds is not None:
+            lag.add_metric([s.name, *w], float(s.replica_lag_seconds))
+    yield rotation
+    yield lag
 
 
 def _http_families(series: list[tuple[RequestSeries, str | None]]) -> Iterator[Metric]:

@@ -118,6 +118,10 @@ class PoolStats:
     query_time: dict[str, Histogram] = field(default_factory=dict)
     bulkheads: dict[str, BulkheadStats] = field(default_factory=dict)
     external: dict[str, ExternalPoolStats] = field(default_factory=dict)
+    # A replica's pool only (None otherwise): in rotation for reads, and how far behind
+    # (None while unknown), as the primary's `ReplicaSet` last saw it.
+    replica_healthy: bool | None = None
+    replica_lag_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view with stable keys (histograms summarised)."""
@@ -231,6 +235,8 @@ class StatsRecorder:
         waiting: int,
         bulkheads: dict[str, BulkheadStats] | None = None,
         external: dict[str, ExternalPoolStats] | None = None,
+        replica_healthy: bool | None = None,
+        replica_lag_seconds: float | None = None,
     ) -> PoolStats:
         return PoolStats(
             name=name,
@@ -257,6 +263,8 @@ class StatsRecorder:
             query_time={op: r.snapshot() for op, r in self._queries.items()},
             bulkheads=bulkheads or {},
             external=external or {},
+            replica_healthy=replica_healthy,
+            replica_lag_seconds=replica_lag_seconds,
         )
 
 
