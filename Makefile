@@ -6,15 +6,17 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint typecheck unit bench clean
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+$(BIN)/.installed: pyproject.toml shop/pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required (python3.11, python3.12 or python3.13 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,embedded,sqlalchemy,bench]'
+	# The library with every extra, and the shop (its own distribution) beside it.
+	$(BIN)/python -m pip install --quiet -c constraints.txt \
+		-e '.[cli,prometheus,embedded,sqlalchemy,testing,dev]' -e './shop[bench]'
 	@touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/pglayer serve
+	$(BIN)/pglayer-shop serve
 
 test: $(BIN)/.installed lint typecheck unit
 
@@ -29,7 +31,7 @@ unit: $(BIN)/.installed
 	$(BIN)/pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/pglayer bench
+	$(BIN)/pglayer-shop bench
 
 clean:
 	rm -rf $(VENV) .pglayer .mypy_cache .pytest_cache .ruff_cache

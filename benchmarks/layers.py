@@ -43,10 +43,8 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel
 
 from benchmarks.hotpath import _drive, _silence_logs
-from pglayer import Database, DatabaseSettings
-from pglayer._logs import configure_logging
-from pglayer.fastapi import Db, setup
-from pglayer.fastapi._metrics import setup_metrics
+from pglayer import Database, DatabaseSettings, configure_logging
+from pglayer.fastapi import Db, setup, setup_metrics
 
 ROUNDS = 9
 SQL = "SELECT 1"

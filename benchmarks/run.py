@@ -32,14 +32,13 @@ import asyncpg
 import httpx
 import orjson
 import psutil
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, seed
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.load import Group, LoadResult, run_asyncio, run_groups, run_wrk, wrk_available
-from pglayer import Database, DatabaseSettings
-from pglayer._embedded import EmbeddedPostgres
-from pglayer_shop.schema import apply_migrations
-from pglayer_shop.seed import SeedCounts, seed
+from pglayer import Database, DatabaseSettings, EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,6 +1,6 @@
 """Writes migration 0004_email_keys.sql: its case-folding tables come from `str.casefold`.
 
-Run `python -m tests.email_key_sql > src/pglayer_shop/migrations/0004_email_keys.sql` only
+Run `python -m tests.email_key_sql > shop/src/pglayer_shop/migrations/0004_email_keys.sql` only
 to create that file; a later Unicode version needs a new migration, never an edited one.
 """
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import Server, require_external
-from tests.test_cli import PGLAYER, clean_env
+from tests.test_cli import SHOP, clean_env
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -18,7 +18,7 @@ def test_quick_bench_runs_every_server_and_scenario_and_writes_results(server: S
     require_external(shutil.which("wrk") is not None, "wrk is not installed")
     before = set(RESULTS.glob("bench-*.json")) if RESULTS.exists() else set()
     result = subprocess.run(
-        [PGLAYER, "bench", "--quick", "--duration", "1", "--concurrency", "16"],
+        [SHOP, "bench", "--quick", "--duration", "1", "--concurrency", "16"],
         env=clean_env(DATABASE_URL=server.admin_url, COLUMNS="200"),
         capture_output=True,
         text=True,

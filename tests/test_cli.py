@@ -18,12 +18,15 @@ import pytest
 from pglayer._embedded import EmbeddedPostgres, _pgserver_bindir
 from tests.conftest import free_port, require_external
 
+SHOP = str(Path(sys.executable).parent / "pglayer-shop")
 PGLAYER = str(Path(sys.executable).parent / "pglayer")
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], command: str = SHOP
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PGLAYER, *args], capture_output=True, text=True, env=env, timeout=180, check=False
+        [command, *args], capture_output=True, text=True, env=env, timeout=180, check=False
     )
 
 
@@ -68,7 +71,7 @@ def serve_once(data_dir: Path, env: dict[str, str]) -> tuple[int, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [PGLAYER, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        [SHOP, "serve", "--port", str(port), "--data-dir", str(data_dir)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

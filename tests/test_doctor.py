@@ -6,11 +6,13 @@ import pytest
 
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, free_port, require_external
-from tests.test_cli import clean_env, run_cli
+from tests.test_cli import PGLAYER, clean_env, run_cli
 
 
 def doctor(url: str, *args: str, **env: str) -> tuple[int, str]:
-    result = run_cli("doctor", *args, env=clean_env(DATABASE_URL=url, COLUMNS="200", **env))
+    result = run_cli(
+        "doctor", *args, env=clean_env(DATABASE_URL=url, COLUMNS="200", **env), command=PGLAYER
+    )
     return result.returncode, result.stdout + result.stderr
 
 

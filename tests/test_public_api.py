@@ -7,7 +7,9 @@ here, in review, never by accident.
 from __future__ import annotations
 
 import importlib
+import pathlib
 import pkgutil
+import re
 
 import pytest
 
@@ -26,7 +28,7 @@ PUBLIC: dict[str, list[str]] = {
         "ServerSettings", "TooManyConnectionsError", "TransactionAbortedError",
         "TransientError", "UniqueViolationError", "body_hash", "configure_logging",
         "current_operation", "current_request_id", "deadline", "gather", "mask_dsn",
-        "mask_text", "operation", "remaining", "set_retry_testing",
+        "mask_text", "operation", "remaining", "serve", "set_retry_testing",
     ],
     "pglayer.fastapi": [
         "After", "Cursors", "Db", "Health", "IdempotencyKey", "Limit", "Page", "Problem",
@@ -76,3 +78,14 @@ def test_every_public_callable_and_class_says_what_it_is(module_name: str) -> No
         and not (obj.__doc__ or "").strip()
     ]
     assert undocumented == []
+
+
+def test_the_shop_uses_only_the_public_api() -> None:
+    shop = pathlib.Path(__file__).resolve().parent.parent / "shop" / "src"
+    private = [
+        f"{path.relative_to(shop)}: {line.strip()}"
+        for path in shop.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"\bpglayer(\.fastapi)?\._", line)
+    ]
+    assert private == []

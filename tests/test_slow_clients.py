@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import Server, free_port
 
-PGLAYER = str(Path(sys.executable).parent / "pglayer")
+SHOP = str(Path(sys.executable).parent / "pglayer-shop")
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.5
 MAX_HEADER_SIZE = 8192
@@ -63,7 +63,7 @@ def served(module_db_url: str) -> Iterator[Served]:
     log = Path(tempfile.mkstemp(prefix="pglayer-serve-", suffix=".log")[1])
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [PGLAYER, "serve", "--port", str(port), "--no-seed"],
+            [SHOP, "serve", "--port", str(port), "--no-seed"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -14,13 +14,13 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import backends, free_port, wait_for
-from tests.test_cli import PGLAYER, clean_env, wait_ready
+from tests.test_cli import SHOP, clean_env, wait_ready
 
 
 def serve_two_workers(port: int, env: dict[str, str], log_file: IO[str]) -> subprocess.Popen[str]:
     """`pglayer serve --workers 2`, its output to `log_file`; returns at once."""
     return subprocess.Popen(
-        [PGLAYER, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
+        [SHOP, "serve", "--port", str(port), "--workers", "2", "--no-seed"],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,

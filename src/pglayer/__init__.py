@@ -42,6 +42,7 @@ from pglayer._events import Event, Hook, PoolEvent, QueryEvent, RetryEvent
 from pglayer._idempotency import IdempotencyKeys, body_hash
 from pglayer._logs import configure_logging
 from pglayer._retry import set_testing as set_retry_testing
+from pglayer._serve import serve
 from pglayer._settings import DatabaseSettings, ServerSettings
 from pglayer._stats import BulkheadStats, ExternalPoolStats, Histogram, PoolStats
 
@@ -99,6 +100,7 @@ __all__ = [
     "mask_text",
     "operation",
     "remaining",
+    "serve",
     "set_retry_testing",
 ]
 

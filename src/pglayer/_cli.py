@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
-from pglayer._serve import apply_directories, cli_settings, serve_app
+from pglayer._serve import apply_directories, cli_settings, serve
 from pglayer._settings import DatabaseSettings
 
 __all__ = ["app", "main", "print_diagnosis", "print_settings"]
@@ -41,8 +41,8 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-@app.command()
-def serve(
+@app.command("serve")
+def serve_command(
     target: Annotated[str, typer.Argument(metavar="APP", help="The ASGI app, as module:attr")],
     migrations: Migrations = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
@@ -58,7 +58,7 @@ def serve(
     configure_logging(format="text", level="INFO")
     database = target.split(":", 1)[0].rsplit(".", 1)[-1] or "app"
     try:
-        serve_app(
+        serve(
             target,
             factory=factory,
             host=host,

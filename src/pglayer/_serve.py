@@ -18,7 +18,7 @@ from pglayer._database import Database
 from pglayer._settings import DatabaseSettings
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
-__all__ = ["apply_directories", "cli_settings", "serve_app"]
+__all__ = ["apply_directories", "cli_settings", "serve"]
 
 log = logging.getLogger("pglayer.cli")
 
@@ -56,7 +56,7 @@ def _fastest(module: str, fallback: str = "auto") -> str:
     return module if importlib.util.find_spec(module) is not None else fallback
 
 
-def serve_app(
+def serve(
     app: str,
     *,
     factory: bool = False,
@@ -77,6 +77,7 @@ def serve_app(
     import uvicorn
 
     from pglayer._embedded import EmbeddedPostgres
+    from pglayer._http import PROTOCOL
 
     # Worker processes build their app from the environment, as a user's would.
     os.environ["PGLAYER_WORKERS"] = str(workers)
@@ -105,7 +106,8 @@ def serve_app(
             port=port,
             workers=workers,
             loop=_fastest("uvloop"),
-            http=_fastest("httptools", "h11"),
+            # httptools with bounds on header size and header/body read time (see _http).
+            http=PROTOCOL if importlib.util.find_spec("httptools") else "h11",
             timeout_graceful_shutdown=10,
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id

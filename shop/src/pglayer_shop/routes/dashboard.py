@@ -6,8 +6,7 @@ from typing import Any
 
 from fastapi import Request, Response
 
-from pglayer import Connection, Database, Record
-from pglayer._concurrent import gather
+from pglayer import Connection, Database, Record, gather
 from pglayer.fastapi import Db, Problem, json_response, problem_responses
 from pglayer_shop.models import Dashboard
 from pglayer_shop.orders import ORDER_COLUMNS

@@ -9,10 +9,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pglayer import Database, DatabaseSettings
-from pglayer._logs import configure_logging
-from pglayer.fastapi import setup
-from pglayer.fastapi._metrics import setup_metrics
+from pglayer import Database, DatabaseSettings, configure_logging
+from pglayer.fastapi import setup, setup_metrics
 from pglayer_shop.orders import sweep_forever
 from pglayer_shop.routes import router
 from pglayer_shop.settings import ShopSettings

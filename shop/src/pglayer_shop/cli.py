@@ -1,0 +1,171 @@
+"""The `pglayer-shop` command: serve the shop, migrate, seed, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import pglayer
+from pglayer import Database, DatabaseSettings, PglayerError, configure_logging
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, is_empty, seed
+from pglayer_shop.settings import ShopSettings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="pglayer-shop: the reference service and its tools.", no_args_is_help=True)
+console = Console(stderr=True)
+log = logging.getLogger("pglayer_shop.cli")
+
+DataDir = Annotated[
+    Path,
+    typer.Option(envvar="PGLAYER_DATA_DIR", help="Embedded PostgreSQL directory (no DATABASE_URL)"),
+]
+
+
+def _configure_logging() -> None:
+    shop = ShopSettings()
+    configure_logging(format=shop.log_format or "text", level=shop.log_level)
+
+
+def _settings() -> DatabaseSettings:
+    # The CLI waits for the database: a migration or seed against nothing is a failure.
+    return DatabaseSettings(
+        require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore"
+    )
+
+
+async def _migrate(settings: DatabaseSettings) -> list[str]:
+    async with Database(settings) as db:
+        return await apply_migrations(db)
+
+
+async def _seed_rows(db: Database, counts: SeedCounts) -> None:
+    total = counts.users + counts.products + counts.orders
+    with Progress(
+        TextColumn("[bold]seeding[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("rows", total=total)
+
+        def progress(table: str, rows: int) -> None:
+            bar.update(task, advance=rows, description=table)
+
+        await seed(db, counts, progress=progress)
+
+
+async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
+    async with Database(settings) as db:
+        await _seed_rows(db, counts)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    seed_data: Annotated[
+        bool, typer.Option("--seed/--no-seed", help="Seed an empty database")
+    ] = True,
+    data_dir: DataDir = Path(".pglayer"),
+) -> None:
+    """Serve the shop; with no DATABASE_URL, on an embedded PostgreSQL."""
+    # Every worker process builds its app from the environment, as a user's would.
+    os.environ.setdefault("PGLAYER_LOG_FORMAT", "text")
+    os.environ.setdefault("PGLAYER_ACCESS_LOG", "true")
+    os.environ.setdefault("PGLAYER_FREEZE_GC", "true")
+    _configure_logging()
+
+    async def prepare(db: Database) -> None:
+        applied = await apply_migrations(db)
+        if applied:
+            console.print(f"applied migrations: {', '.join(applied)}")
+        if seed_data and await is_empty(db):
+            await _seed_rows(db, SeedCounts())
+
+    try:
+        pglayer.serve(
+            "pglayer_shop.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            data_dir=data_dir,
+            database="shop",
+            prepare=prepare,
+            say=console.print,
+        )
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the schema to DATABASE_URL (safe from several processes at once)."""
+    _configure_logging()
+    try:
+        applied = asyncio.run(_migrate(_settings()))
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@app.command("seed")
+def seed_command(
+    users: Annotated[int, typer.Option(min=0)] = 1_000,
+    products: Annotated[int, typer.Option(min=0)] = 100,
+    orders: Annotated[int, typer.Option(min=0)] = 5_000,
+) -> None:
+    """Bulk-load demo data into DATABASE_URL with COPY."""
+    _configure_logging()
+    try:
+        counts = SeedCounts(users, products, orders)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    started = time.perf_counter()
+    try:
+        settings = _settings()
+        asyncio.run(_migrate(settings))
+        asyncio.run(_seed(settings, counts))
+    except PglayerError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"seeded {users} users, {products} products, {orders} orders "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """The load benchmark (benchmarks/ in a checkout); `pglayer-shop bench --help` for options."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "benchmarks" / "run.py").exists():
+        raise _fail("pglayer-shop bench runs from a source checkout (benchmarks/ not found)")
+    # A child process: the benchmark starts and stops servers and must own its signals.
+    code = subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root)
+    raise typer.Exit(code=code)
+
+
+def main() -> None:
+    app()
