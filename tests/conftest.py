@@ -27,12 +27,12 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-
-from pglayer import Database, DatabaseSettings
-from pglayer._embedded import EmbeddedPostgres
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database, DatabaseSettings
+from pglayer._embedded import EmbeddedPostgres
 
 pytest_plugins = ["pytester"]
 

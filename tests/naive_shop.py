@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import FastAPI
+from pglayer_shop.models import OrderCreate
 
 from pglayer import Database, DatabaseSettings
 from pglayer.fastapi import Problem, WriteConnection, setup
-from pglayer_shop.models import OrderCreate
 
 
 def create_app() -> FastAPI:

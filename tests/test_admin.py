@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
-
-from pglayer import Database
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
 from tests.conftest import asgi_client
 from tests.test_shop_users import assert_problem
 
@@ -58,3 +59,31 @@ async def test_stats_count_exactly_what_happened(
     assert after["idle"] == after["size"] >= 1
     assert set(after["acquire_wait"]) == {"count", "sum_seconds", "p50", "p95", "p99", "buckets"}
     assert after["acquire_wait"]["buckets"]["+Inf"] == after["acquire_wait"]["count"]
+
+
+async def test_the_user_export_streams_every_user_as_ndjson(
+    admin_client: httpx.AsyncClient, db: Database
+) -> None:
+    for i in range(3):
+        await admin_client.post("/users", json={"name": f"U{i}", "email": f"u{i}@example.com"})
+    response = await admin_client.get(
+        "/admin/users/export", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    users = [orjson.loads(line) for line in response.content.splitlines()]
+    assert [u["email"] for u in users] == [f"u{i}@example.com" for i in range(3)]
+    assert set(users[0]) == {"id", "name", "email", "created_at"}
+    assert db.stats().in_use == 0
+
+
+@pytest.mark.parametrize(("token", "status"), [(None, 404), ("wrong", 401)])
+async def test_the_user_export_needs_the_token(
+    db: Database, token: str | None, status: int
+) -> None:
+    app = create_app(db=db, settings=ShopSettings(admin_token=None if status == 404 else TOKEN))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get(
+            "/admin/users/export", headers={"Authorization": f"Bearer {token or TOKEN}"}
+        )
+    assert_problem(response, status, "not_found" if status == 404 else "unauthorized")

@@ -18,15 +18,15 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from pglayer_shop.app import create_app
+from pglayer_shop.schema import apply_migrations
+from pglayer_shop.seed import SeedCounts, seed
+from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConnectionLostError, Database, DatabaseUnavailableError
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._errors import translate
 from pglayer.fastapi import Db, setup
-from pglayer_shop.app import create_app
-from pglayer_shop.schema import apply_migrations
-from pglayer_shop.seed import SeedCounts, seed
-from pglayer_shop.settings import ShopSettings
 from tests.conftest import (
     LiveServer,
     asgi_client,

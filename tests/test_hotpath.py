@@ -21,10 +21,10 @@ from typing import IO, Any
 import pytest
 import uvloop
 from fastapi import FastAPI
-
-from pglayer import Database
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
 from tests.conftest import settings_for
 
 CALL_BUDGET = 485  # per request; the naive baseline: 493 (the shop: 478 when written)

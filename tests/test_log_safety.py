@@ -13,12 +13,12 @@ from typing import Any, Literal
 import orjson
 import pytest
 from fastapi import FastAPI
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConnectionLostError, Database
 from pglayer._logs import JsonFormatter, TextFormatter, configure_logging, escape
 from pglayer.fastapi._middleware import _Exchange
-from pglayer_shop.app import create_app
-from pglayer_shop.settings import ShopSettings
 from tests.conftest import LiveServer
 
 # Raw request targets and the path the server decodes from each.

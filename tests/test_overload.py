@@ -8,13 +8,18 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
 from prometheus_client.parser import text_string_to_metric_families
 
-from pglayer import Database, LockTimeoutError, PoolOverloadedError, PoolTimeoutError
+from pglayer import (
+    Database,
+    IdempotencyKeys,
+    LockTimeoutError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+)
 from pglayer._pool import Pool, Slot
-from pglayer_shop.app import create_app
-from pglayer_shop.orders import expire_idempotency_keys
-from pglayer_shop.settings import ShopSettings
 from tests.conftest import asgi_client, backends, settings_for, wait_for
 
 
@@ -224,15 +229,17 @@ async def test_expiry_deletes_only_expired_keys(db: Database) -> None:
     await db.run(
         lambda c: c.execute(
             """
-            INSERT INTO idempotency_keys (key, request_hash, created_at)
-            SELECT 'old-' || g, 'h', now() - interval '2 days' FROM generate_series(1, 1200) g
+            INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, created_at)
+            SELECT 'orders', 'old-' || g, 'h', now() - interval '2 days'
+              FROM generate_series(1, 1200) g
             UNION ALL
-            SELECT 'new-' || g, 'h', now() - interval '1 hour' FROM generate_series(1, 30) g
+            SELECT 'orders', 'new-' || g, 'h', now() - interval '1 hour'
+              FROM generate_series(1, 30) g
             """
         )
     )
-    assert await expire_idempotency_keys(db, 86_400, batch=500) == 1200
-    left = await db.run(lambda c: c.fetch("SELECT key FROM idempotency_keys"))
+    assert await IdempotencyKeys(ttl=86_400).expire(db, batch=500) == 1200
+    left = await db.run(lambda c: c.fetch("SELECT key FROM pglayer_idempotency_keys"))
     assert sorted(r["key"] for r in left) == sorted(f"new-{g}" for g in range(1, 31))
 
 
@@ -252,7 +259,7 @@ async def test_a_key_resent_after_expiry_makes_a_new_order(client: httpx.AsyncCl
     db: Database = app.state.pglayer_database
     await db.run(
         lambda c: c.execute(
-            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours'"
+            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '25 hours'"
             " WHERE key = 'k-expiring'"
         )
     )

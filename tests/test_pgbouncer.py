@@ -11,11 +11,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database, PglayerError
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
-from pglayer_shop.app import create_app
-from pglayer_shop.settings import ShopSettings
 from tests.conftest import Server, asgi_client, require_external, settings_for
 from tests.test_shop_orders import funded_user, make_product
 

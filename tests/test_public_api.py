@@ -31,7 +31,8 @@ PUBLIC: dict[str, list[str]] = {
         "mask_text", "operation", "remaining", "serve", "set_retry_testing",
     ],
     "pglayer.fastapi": [
-        "After", "Cursors", "Db", "Health", "IdempotencyKey", "Limit", "Page", "Problem",
+        "After", "Cursors", "Db", "DecimalInt", "Health", "IdempotencyKey", "Limit", "MAX_ID",
+        "Page", "PathId", "Problem",
         "ProblemDetails", "ReadConnection", "Route", "WriteConnection", "WriteTransaction",
         "admin_guard", "admin_router", "field_error", "get_database", "health_router",
         "json_bytes", "json_response", "ndjson_response", "problem_response",

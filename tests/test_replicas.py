@@ -13,12 +13,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from pglayer import Database
-from pglayer._embedded import EmbeddedPostgres
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
+from pglayer._embedded import EmbeddedPostgres
 from tests.conftest import asgi_client, settings_for, wait_for
 from tests.test_doctor import doctor
 from tests.test_metrics import scrape

@@ -14,9 +14,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pglayer import Database
-from pglayer_shop.pagination import encode_cursor
 from pglayer_shop.seed import SeedCounts, seed
+
+from pglayer import Database
+from pglayer.fastapi import Cursors
 from tests.conftest import ServerProcess, server_env, settings_for
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
@@ -25,14 +26,19 @@ ADMIN_TOKEN = "schemathesis-admin-token"
 MAX_EXAMPLES = 100
 # A cursor is opaque: only one the server issued is valid, which no schema can say, so
 # generated requests carry real ones (invalid cursors are tested in test_shop_users.py).
-CONFIG = f"""
+CURSOR_SECRET = "schemathesis-cursor-secret"
+
+
+def config(cursors: Cursors) -> str:
+    since = datetime(2026, 1, 1, tzinfo=UTC).isoformat()
+    return f"""
 [[operations]]
 include-name = ["GET /users", "GET /products"]
-parameters = {{ "query.after" = "{encode_cursor(1)}" }}
+parameters = {{ "query.after" = "{cursors.encode(1)}" }}
 
 [[operations]]
 include-name = "GET /users/{{user_id}}/orders"
-parameters = {{ "query.after" = "{encode_cursor(datetime(2026, 1, 1, tzinfo=UTC), 1)}" }}
+parameters = {{ "query.after" = "{cursors.encode(since, 1)}" }}
 """
 
 
@@ -67,13 +73,13 @@ async def test_the_api_conforms_to_its_openapi_document(db_url: str, tmp_path: P
     async with Database(settings_for(db_url)) as db:
         # Rows behind small ids, so that generated requests also reach the handlers' logic.
         await seed(db, SeedCounts(users=20, products=10, orders=50))
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(CONFIG)
-    env = server_env(db_url, PGLAYER_ADMIN_TOKEN=ADMIN_TOKEN)
+    config_file = tmp_path / "schemathesis.toml"
+    config_file.write_text(config(Cursors(CURSOR_SECRET)))
+    env = server_env(db_url, PGLAYER_ADMIN_TOKEN=ADMIN_TOKEN, PGLAYER_CURSOR_SECRET=CURSOR_SECRET)
     async with ServerProcess("pglayer_shop.app:create_app", env) as server:
         result = await asyncio.to_thread(
             subprocess.run,
-            command(f"{server.url}/openapi.json", config),
+            command(f"{server.url}/openapi.json", config_file),
             capture_output=True,
             text=True,
             timeout=600,

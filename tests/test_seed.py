@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from pglayer_shop.seed import SeedCounts, is_empty, seed
 
 from pglayer import Database
-from pglayer_shop.seed import SeedCounts, is_empty, seed
 
 
 async def test_seed_loads_consistent_rows_and_the_api_keeps_working(

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-
-from pglayer import Database
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
 from tests.conftest import asgi_client
 from tests.test_shop_users import assert_problem, create_user
 

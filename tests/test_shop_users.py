@@ -6,10 +6,10 @@ from typing import Any
 
 import httpx
 import pytest
-
-from pglayer import Database
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
 from tests.conftest import asgi_client, free_port, settings_for
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}

@@ -23,6 +23,7 @@ import orjson
 from pglayer._connection import Connection
 from pglayer._database import Database
 from pglayer._errors import IdempotencyKeyReusedError, PglayerError
+from pglayer._json import dumps
 
 __all__ = ["IdempotencyKeys", "body_hash"]
 
@@ -39,7 +40,10 @@ RETURNING true
 _STORED = (
     "SELECT request_hash, response FROM pglayer_idempotency_keys WHERE scope = $1 AND key = $2"
 )
-_STORE = "UPDATE pglayer_idempotency_keys SET response = $3 WHERE scope = $1 AND key = $2"
+# Stored as pglayer serialises responses (text cast to jsonb: no codec in between).
+_STORE = (
+    "UPDATE pglayer_idempotency_keys SET response = $3::text::jsonb WHERE scope = $1 AND key = $2"
+)
 _SWEEP = """
 WITH doomed AS (
     SELECT scope, key FROM pglayer_idempotency_keys
@@ -78,7 +82,8 @@ class IdempotencyKeys:
         work: Callable[[Connection], Awaitable[T]],
     ) -> tuple[T, bool]:
         """`work(conn)` inside the caller's transaction, or the stored result; and whether
-        it was replayed. The result must be JSON-serialisable (it is stored as `jsonb`)."""
+        it was replayed. The result is stored as pglayer's JSON responses serialise it
+        (records, Decimals as strings, UTC datetimes as "…Z"), and replayed as that JSON."""
         if key is None:
             return await work(conn), False
         fresh = await conn.fetchval(_CLAIM, scope, key, request_hash, self.ttl)
@@ -90,7 +95,7 @@ class IdempotencyKeys:
             response: T = stored["response"]
             return response, True
         result = await work(conn)
-        await conn.execute(_STORE, scope, key, result)  # the pool encodes jsonb with orjson
+        await conn.execute(_STORE, scope, key, dumps(result).decode())
         return result, False
 
     async def expire(self, db: Database, *, batch: int = 500) -> int:

@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pglayer import Database, DatabaseSettings, configure_logging
-from pglayer.fastapi import setup, setup_metrics
-from pglayer_shop.orders import sweep_forever
+from pglayer import Database, DatabaseSettings, IdempotencyKeys, configure_logging
+from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
 from pglayer_shop.routes import router
+from pglayer_shop.routes.admin import admin_routers
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["create_app"]
@@ -22,13 +22,12 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     """Build the shop; with no arguments, from `DATABASE_URL` and `PGLAYER_*`."""
     settings = settings if settings is not None else ShopSettings()
     db = db if db is not None else Database(DatabaseSettings())
+    keys = IdempotencyKeys(ttl=settings.idempotency_key_ttl)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runs inside pglayer's lifespan (see `setup`): the pool is open here.
-        sweep = asyncio.create_task(
-            sweep_forever(db, settings.idempotency_key_ttl, settings.idempotency_sweep_interval)
-        )
+        sweep = asyncio.create_task(keys.sweep_forever(db, settings.idempotency_sweep_interval))
         try:
             yield
         finally:
@@ -57,5 +56,11 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         # What an operator needs while the pool is saturated is never shed.
         shed_exempt=("/health/", "/metrics", "/admin/"),
     )
-    app.state.metrics = setup_metrics(app, db, path=None, http=settings.metrics)
+    setup_metrics(app, db, http=settings.metrics)  # GET /metrics
+    app.include_router(health_router(ready_timeout=settings.ready_timeout))
+    for admin in admin_routers(settings.admin_token):
+        app.include_router(admin)
+    secret = settings.cursor_secret or db.settings.url
+    app.state.idempotency_keys = keys
+    app.state.cursors = Cursors(secret.get_secret_value() if secret else "pglayer-shop")
     return app

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, TypeVar
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
@@ -15,21 +14,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
     PlainSerializer,
+    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema
+
+from pglayer.fastapi import MAX_ID
 
 __all__ = [
+    "ID_KEY",
     "MAX_ID",
     "MONEY_PATTERN",
     "Account",
+    "CursorId",
     "Dashboard",
-    "DecimalInt",
     "Deposit",
     "Email",
     "Id",
@@ -38,7 +37,6 @@ __all__ = [
     "Name",
     "Order",
     "OrderCreate",
-    "Page",
     "Product",
     "ProductCreate",
     "Transfer",
@@ -47,7 +45,6 @@ __all__ = [
     "UserCreate",
 ]
 
-MAX_ID = 2**63 - 1
 MONEY_PATTERN = r"^[0-9]+(\.[0-9]{1,2})?$"
 T = TypeVar("T")
 
@@ -95,39 +92,12 @@ def _parse_money(value: object) -> Decimal:
     return Decimal(value)
 
 
-@dataclass(frozen=True)
-class DecimalInt:
-    """A path or query `int` written `[1-9][0-9]*`, between `ge` (at least 1) and `le`.
-
-    pydantic's lax int parsing takes `1_0`, `1.0`, `+7`, `01` and ` 1`; this is a
-    pydantic-core chain (pattern, then int), so it costs no Python call per request.
-    """
-
-    ge: int
-    le: int
-
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        digits = core_schema.custom_error_schema(
-            core_schema.str_schema(pattern=rf"^[1-9][0-9]{{0,{len(str(self.le)) - 1}}}$"),
-            custom_error_type="int_decimal",
-            custom_error_message=f"Input should be a whole number from {self.ge} to {self.le}"
-            " in plain decimal digits (no sign, leading zero, point or space)",
-        )
-        return core_schema.chain_schema([digits, core_schema.int_schema(ge=self.ge, le=self.le)])
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        out: JsonSchemaValue = {"type": "integer", "minimum": self.ge, "maximum": self.le}
-        if self.le > 2**31 - 1:
-            out["format"] = "int64"
-        return out
-
-
 Id = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id in a JSON body: a JSON integer (not a string, float or bool), 1..2^63-1."""
+CursorId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
+"""An id inside a cursor: what we wrote there, so anything else is a tampered cursor."""
+ID_KEY = TypeAdapter(tuple[CursorId])
+"""The sort key of a list by id, as kept in its cursors."""
 MoneyIn = Annotated[Decimal, BeforeValidator(_parse_money), _MONEY_SCHEMA]
 Money = Annotated[
     Decimal,
@@ -153,13 +123,6 @@ class User(BaseModel):
 class Account(BaseModel):
     user_id: int
     balance: Money
-
-
-class Page(BaseModel, Generic[T]):
-    """One page of a list; pass `next_cursor` as `after` for the next."""
-
-    items: list[T]
-    next_cursor: str | None
 
 
 class ProductCreate(BaseModel):

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from typing import Any
 
-from pglayer import Connection, Database, PglayerError, Record
+from pglayer import Connection, IdempotencyKeys
 from pglayer.fastapi import Problem
 from pglayer_shop.models import OrderCreate
 
-__all__ = [
-    "ORDER_COLUMNS",
-    "expire_idempotency_keys",
-    "place_order",
-    "request_hash",
-    "sweep_forever",
-]
+__all__ = ["ORDER_COLUMNS", "place_order", "request_hash"]
 
 log = logging.getLogger("pglayer_shop")
 
@@ -71,98 +64,21 @@ async def _explain_failure(conn: Connection, body: OrderCreate, stock_ok: bool) 
     return Problem(409, "insufficient_funds", "The balance does not cover this order.")
 
 
-async def _replay(conn: Connection, key: str, digest: str) -> Record:
-    stored = await conn.fetchrow(
-        "SELECT request_hash, order_id FROM idempotency_keys WHERE key = $1", key
-    )
-    assert stored is not None
-    assert stored["order_id"] is not None
-    if stored["request_hash"] != digest:
-        raise Problem(
-            422,
-            "idempotency_key_reused",
-            "This Idempotency-Key was used with a different request body.",
-        )
-    order = await conn.fetchrow(
-        f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1", stored["order_id"]
-    )
-    assert order is not None
-    return order
-
-
-async def place_order(
-    conn: Connection, body: OrderCreate, key: str | None, key_ttl: float
-) -> tuple[Record | dict[str, Any], bool]:
-    """Place the order inside the caller's transaction; return it and whether it is a replay.
-
-    A key is inserted first: a concurrent request with the same key waits on that row until
-    this transaction ends, then finds it and replays the stored order. If this transaction
-    rolls back, so does the key, and the request can be sent again. A key older than
-    `key_ttl` seconds counts as gone (the sweep deletes it later): it is taken over.
-    """
-    digest = request_hash(body)
-    if key is not None:
-        fresh = await conn.fetchval(
-            """
-            INSERT INTO idempotency_keys (key, request_hash) VALUES ($1, $2)
-            ON CONFLICT (key) DO UPDATE
-                SET request_hash = EXCLUDED.request_hash, order_id = NULL, created_at = now()
-                WHERE idempotency_keys.created_at < now() - make_interval(secs => $3)
-            RETURNING true
-            """,
-            key,
-            digest,
-            key_ttl,
-        )
-        if not fresh:
-            return await _replay(conn, key, digest), True
+async def _place(conn: Connection, body: OrderCreate) -> dict[str, Any]:
     row = await conn.fetchrow(_PLACE, body.user_id, body.product_id, body.quantity)
     assert row is not None
     if row["id"] is None:
         raise await _explain_failure(conn, body, row["stock_ok"])
-    order = {name: row[name] for name in _ORDER_FIELDS}
-    if key is not None:
-        await conn.execute(
-            "UPDATE idempotency_keys SET order_id = $2 WHERE key = $1", key, order["id"]
-        )
-    return order, False
+    return {name: row[name] for name in _ORDER_FIELDS}
 
 
-_SWEEP = """
-WITH doomed AS (
-    SELECT key FROM idempotency_keys
-    WHERE created_at < now() - make_interval(secs => $1)
-    ORDER BY created_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), gone AS (
-    DELETE FROM idempotency_keys AS k USING doomed WHERE k.key = doomed.key RETURNING 1
-)
-SELECT count(*) FROM gone
-"""
+async def place_order(
+    conn: Connection, body: OrderCreate, key: str | None, keys: IdempotencyKeys
+) -> tuple[dict[str, Any], bool]:
+    """Place the order inside the caller's transaction; return it and whether it is a replay.
 
-
-async def expire_idempotency_keys(db: Database, ttl: float, *, batch: int = 500) -> int:
-    """Delete keys older than `ttl` seconds, `batch` at a time, each batch its own short
-    transaction that skips keys in use (so no request waits on the sweep); return how many."""
-    deleted = 0
-    while True:
-        count: int = await db.run(lambda conn: conn.fetchval(_SWEEP, ttl, batch), retry=False)
-        deleted += count
-        if count < batch:
-            return deleted
-        await asyncio.sleep(0)  # let requests in between batches
-
-
-async def sweep_forever(db: Database, ttl: float, interval: float) -> None:
-    """`expire_idempotency_keys` every `interval` seconds until cancelled."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            deleted = await expire_idempotency_keys(db, ttl)
-        except PglayerError as exc:
-            log.warning("idempotency key sweep failed (%s); next in %gs", type(exc).__name__,
-                        interval)  # fmt: skip
-            continue
-        if deleted:
-            log.info("deleted %d expired idempotency keys", deleted)
+    With a key, `pglayer.IdempotencyKeys` claims it first in this transaction: a concurrent
+    request with the same key waits on it, then replays the stored order; a rollback takes
+    the key with it.
+    """
+    return await keys.run(conn, "orders", key, request_hash(body), lambda c: _place(c, body))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 from pglayer import Database
-from pglayer.migrations import Migration, load_migrations, migrate
+from pglayer.migrations import Migration, install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["apply_migrations", "shop_migrations"]
 
@@ -16,5 +16,6 @@ def shop_migrations() -> list[Migration]:
 
 
 async def apply_migrations(db: Database) -> list[str]:
-    """Apply the shop's pending migrations; return their names."""
+    """Apply pglayer's own tables, then the shop's pending migrations; return their names."""
+    await install_pglayer_tables(db)  # the shop's 0005 moves its keys into pglayer's table
     return await migrate(db, shop_migrations())

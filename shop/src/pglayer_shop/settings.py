@@ -14,6 +14,8 @@ class ShopSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
 
     admin_token: SecretStr | None = None
+    # Signs pagination cursors; every worker must share it. Unset: derived from DATABASE_URL.
+    cursor_secret: SecretStr | None = None
     # Orders and transfers wait at most this long for a row another request holds locked,
     # then answer 503 `busy` (well below the request deadline: a user is waiting).
     write_lock_timeout: float = Field(default=1.0, gt=0)

@@ -20,6 +20,7 @@ from pglayer.fastapi._health import Health, health_router
 from pglayer.fastapi._idempotency import IdempotencyKey
 from pglayer.fastapi._lifespan import setup
 from pglayer.fastapi._pagination import After, Cursors, Limit, Page
+from pglayer.fastapi._params import MAX_ID, DecimalInt, PathId
 from pglayer.fastapi._problems import (
     Problem,
     ProblemDetails,
@@ -36,13 +37,16 @@ if TYPE_CHECKING:
     from pglayer.fastapi._metrics import setup_metrics
 
 __all__ = [
+    "MAX_ID",
     "After",
     "Cursors",
     "Db",
+    "DecimalInt",
     "Health",
     "IdempotencyKey",
     "Limit",
     "Page",
+    "PathId",
     "Problem",
     "ProblemDetails",
     "ReadConnection",

@@ -17,6 +17,7 @@ import orjson
 from fastapi import Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from pglayer.fastapi._params import DecimalInt
 from pglayer.fastapi._problems import Problem
 
 __all__ = ["After", "Cursors", "Limit", "Page"]
@@ -25,9 +26,9 @@ T = TypeVar("T")
 K = TypeVar("K")
 
 Limit = Annotated[
-    int, Query(ge=1, le=100, description="Page size, 1..100 (default 50)", examples=[50])
+    int, Query(description="Page size, 1..100 (default 50)", examples=[50]), DecimalInt(1, 100)
 ]
-"""The `limit` query parameter: 1..100."""
+"""The `limit` query parameter: 1..100 in plain decimal digits."""
 
 After = Annotated[
     str | None,

@@ -332,15 +332,26 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 
 def allowed_methods(scope: Scope) -> str:
     """`Allow` for the request's path: every method of every route that matches it."""
-    methods: set[str] = set()
-    for route in getattr(scope.get("router"), "routes", ()):
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(scope)[0] is not Match.NONE:
-            methods |= route_methods
+    methods = _methods_matching(getattr(scope.get("router"), "routes", ()), scope)
     if "GET" in methods:
         methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
     return ", ".join(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
+
+
+def _methods_matching(routes: Iterable[Any], scope: Scope) -> set[str]:
+    methods: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            # FastAPI >= 0.13x keeps an included router as one node; its routes carry
+            # their own prefix (a prefix given to include_router() is not seen here).
+            methods |= _methods_matching(included.routes, scope)
+            continue
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(scope)[0] is not Match.NONE:
+            methods |= route_methods
+    return methods
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:

@@ -15,30 +15,13 @@ rows match it (the route's tests are where that is checked)::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
-import asyncpg
-import orjson
-from pydantic import BaseModel
 from starlette.responses import Response
 
+from pglayer._json import dumps
+
 __all__ = ["json_bytes", "json_response"]
-
-# Datetimes as Pydantic writes them ("…Z" for UTC), so both paths answer the same text.
-_OPTIONS = orjson.OPT_UTC_Z
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, asyncpg.Record):
-        return dict(value)
-    if isinstance(value, Decimal):
-        return str(value)  # money stays exact: "12.50", never a float
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def json_bytes(content: Any) -> bytes:
@@ -51,7 +34,7 @@ def json_bytes(content: Any) -> bytes:
         return content
     if isinstance(content, str):
         return content.encode()
-    return orjson.dumps(content, default=_default, option=_OPTIONS)
+    return dumps(content)
 
 
 def json_response(

@@ -1,61 +1,41 @@
-"""`/admin/db-stats`: pool statistics behind a bearer token."""
+"""The operator's routes: the library's admin router, and `/admin/users/export`."""
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Depends
+from pydantic import SecretStr
+from starlette.responses import Response
 
 from pglayer import Database
-from pglayer.fastapi import Problem, get_database, problem_responses
-from pglayer_shop.routes import router
-from pglayer_shop.settings import ShopSettings
-
-__all__: list[str] = []
-
-
-# Declares the scheme in OpenAPI; answers None rather than its own 403 (ours: 404 or 401).
-_BEARER = HTTPBearer(auto_error=False)
-
-
-async def require_admin(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
-) -> None:
-    """404 when no admin token is configured; 401 unless `Bearer <token>` matches it."""
-    settings: ShopSettings = request.app.state.shop_settings
-    if settings.admin_token is None:
-        raise Problem(404, "not_found", "Not Found")
-    expected = settings.admin_token.get_secret_value().encode()
-    given = b"" if credentials is None else credentials.credentials.strip().encode()
-    # compare_digest takes the same time wherever the first difference is.
-    if credentials is None or not hmac.compare_digest(given, expected):
-        raise Problem(
-            401,
-            "unauthorized",
-            "A valid bearer token is required.",
-            headers={"WWW-Authenticate": 'Bearer realm="admin"'},
-        )
-
-
-@router.get(
-    "/admin/db-stats",
-    tags=["admin"],
-    dependencies=[Depends(require_admin)],
-    responses=problem_responses(401, 404),
+from pglayer.fastapi import (
+    admin_guard,
+    admin_router,
+    get_database,
+    ndjson_response,
+    problem_responses,
 )
-async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
-    """Each pool (primary, replicas): sizes, waiting, histograms, counters; replica health."""
-    pools: dict[str, Any] = {}
-    for pool in db.pools():
-        pools[pool.name] = pool.stats().as_dict()
-        if db.replicas is not None and pool.name in db.replicas.health:
-            health = db.replicas.health[pool.name]
-            pools[pool.name]["replica"] = {
-                "healthy": health.healthy,
-                "reason": health.reason,
-                "lag_seconds": health.lag_seconds,
-            }
-    return {"pools": pools}
+
+__all__ = ["admin_routers"]
+
+_EXPORT = "SELECT id, name, email, created_at FROM users ORDER BY id"
+
+
+def admin_routers(token: SecretStr | None) -> list[APIRouter]:
+    """`/admin/db-stats` (the library's) and the user export, behind the same bearer token."""
+    export = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_guard(token))])
+
+    @export.get(
+        "/users/export",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/x-ndjson": {}}, "description": "One user per line"},
+            **problem_responses(401, 404),
+        },
+    )
+    async def export_users(db: Annotated[Database, Depends(get_database)]) -> Response:
+        """Every user, one JSON object per line, streamed from a server-side cursor."""
+        return await ndjson_response(db, _EXPORT)
+
+    return [admin_router(token=token), export]

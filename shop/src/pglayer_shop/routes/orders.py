@@ -6,10 +6,19 @@ from fastapi import Request, Response
 from pydantic import AwareDatetime, TypeAdapter
 
 from pglayer import Connection, Record
-from pglayer.fastapi import Db, IdempotencyKey, Problem, json_response, problem_responses
-from pglayer_shop.models import Order, OrderCreate, Page
+from pglayer.fastapi import (
+    After,
+    Cursors,
+    Db,
+    IdempotencyKey,
+    Limit,
+    Page,
+    Problem,
+    json_response,
+    problem_responses,
+)
+from pglayer_shop.models import CursorId, Order, OrderCreate
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
-from pglayer_shop.pagination import After, CursorId, Limit, decode_cursor, page
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import OrderId, UserId
 from pglayer_shop.settings import ShopSettings
@@ -44,7 +53,7 @@ async def create_order(
     # COMMIT; committed before the response is sent. A row locked past the bound is 503
     # `busy` (no connection is held longer).
     order, replayed = await db.run_in_transaction(
-        lambda conn: place_order(conn, body, idempotency_key, settings.idempotency_key_ttl),
+        lambda conn: place_order(conn, body, idempotency_key, request.app.state.idempotency_keys),
         lock_timeout=settings.write_lock_timeout,
     )
     headers = {"Location": f"/orders/{order['id']}"}
@@ -75,10 +84,11 @@ async def get_order(order_id: OrderId, db: Db) -> Response:
     responses=problem_responses(404, 422),
 )
 async def list_user_orders(
-    user_id: UserId, db: Db, limit: Limit = 50, after: After = None
+    request: Request, user_id: UserId, db: Db, limit: Limit = 50, after: After = None
 ) -> Response:
     """The user's orders, newest first (served by `orders_user_recent_idx`)."""
-    at, last_id = decode_cursor(after, _CURSOR) if after else (None, 0)
+    cursors: Cursors = request.app.state.cursors
+    at, last_id = cursors.decode(after, _CURSOR) if after else (None, 0)
 
     async def read(conn: Connection) -> tuple[list[Record], bool]:
         orders = await conn.fetch(
@@ -101,4 +111,6 @@ async def list_user_orders(
     orders, exists = await db.read(read)
     if not exists:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
-    return json_response(page(orders, limit, lambda o: (o["created_at"].isoformat(), o["id"])))
+    return json_response(
+        cursors.page(orders, limit, lambda o: (o["created_at"].isoformat(), o["id"]))
+    )

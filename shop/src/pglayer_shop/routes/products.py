@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import Response
+from fastapi import Request, Response
 
-from pglayer.fastapi import Db, Problem, WriteConnection, json_response, problem_responses
-from pglayer_shop.models import Page, Product, ProductCreate
-from pglayer_shop.pagination import After, Limit, page_by_id
+from pglayer.fastapi import (
+    After,
+    Cursors,
+    Db,
+    Limit,
+    Page,
+    Problem,
+    WriteConnection,
+    json_response,
+    problem_responses,
+)
+from pglayer_shop.models import ID_KEY, Product, ProductCreate
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import ProductId
 
@@ -14,6 +23,7 @@ __all__: list[str] = []
 
 _COLUMNS = "id, name, price, stock"
 _GET = f"SELECT {_COLUMNS} FROM products WHERE id = $1"
+_LIST = f"SELECT {_COLUMNS} FROM products WHERE id > $1 ORDER BY id LIMIT $2"
 
 
 @router.get(
@@ -32,8 +42,13 @@ async def get_product(product_id: ProductId, db: Db) -> Response:
 @router.get(
     "/products", tags=["products"], response_model=Page[Product], responses=problem_responses(422)
 )
-async def list_products(db: Db, limit: Limit = 50, after: After = None) -> Response:
-    return json_response(await page_by_id(db, _COLUMNS, "products", limit, after))
+async def list_products(
+    request: Request, db: Db, limit: Limit = 50, after: After = None
+) -> Response:
+    cursors: Cursors = request.app.state.cursors
+    after_id = cursors.decode(after, ID_KEY)[0] if after else 0
+    rows = await db.read(lambda conn: conn.fetch(_LIST, after_id, limit + 1))
+    return json_response(cursors.page(rows, limit, lambda row: (row["id"],)))
 
 
 @router.post(

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import Response
+from fastapi import Request, Response
 
 from pglayer import UniqueViolationError
-from pglayer.fastapi import Db, Problem, WriteTransaction, json_response, problem_responses
-from pglayer_shop.models import Page, User, UserCreate
-from pglayer_shop.pagination import After, Limit, page_by_id
+from pglayer.fastapi import (
+    After,
+    Cursors,
+    Db,
+    Limit,
+    Page,
+    Problem,
+    WriteTransaction,
+    json_response,
+    problem_responses,
+)
+from pglayer_shop.models import ID_KEY, User, UserCreate
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
 
@@ -27,9 +36,15 @@ async def get_user(user_id: UserId, db: Db) -> Response:
     return json_response(row)
 
 
+_LIST = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+
+
 @router.get("/users", tags=["users"], response_model=Page[User], responses=problem_responses(422))
-async def list_users(db: Db, limit: Limit = 50, after: After = None) -> Response:
-    return json_response(await page_by_id(db, USER_COLUMNS, "users", limit, after))
+async def list_users(request: Request, db: Db, limit: Limit = 50, after: After = None) -> Response:
+    cursors: Cursors = request.app.state.cursors
+    after_id = cursors.decode(after, ID_KEY)[0] if after else 0
+    rows = await db.read(lambda conn: conn.fetch(_LIST, after_id, limit + 1))
+    return json_response(cursors.page(rows, limit, lambda row: (row["id"],)))
 
 
 @router.post(

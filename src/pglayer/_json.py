@@ -1,0 +1,37 @@
+"""pglayer's JSON: records, mappings, models, exact decimals and UTC datetimes, one way.
+
+Responses (`pglayer.fastapi.json_response`) and stored idempotent responses use it, so an
+answer replayed from storage is the same text as the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+from pydantic import BaseModel
+
+__all__ = ["dumps"]
+
+# Datetimes as Pydantic writes them ("…Z" for UTC), so both paths answer the same text.
+_OPTIONS = orjson.OPT_UTC_Z
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, asyncpg.Record):
+        return dict(value)
+    if isinstance(value, Decimal):
+        return str(value)  # money stays exact: "12.50", never a float
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(content: Any) -> bytes:
+    """`content` as JSON bytes: records, mappings, lists, models, Decimals as strings."""
+    return orjson.dumps(content, default=_default, option=_OPTIONS)
