@@ -1,4 +1,4 @@
-"""`pglayer bench`: the shop against a naive baseline, the bare FastAPI route and the
+"""`pglayer-shop bench`: the shop against a naive baseline, the bare FastAPI route and the
 framework floor, under load.
 
 Starts PostgreSQL if needed (DATABASE_URL, else the embedded server), seeds a fixed data
@@ -512,7 +512,7 @@ def _ratio(rows: list[dict[str, Any]], row: dict[str, Any], other: str, key: str
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    table = Table(title="pglayer bench")
+    table = Table(title="pglayer-shop bench")
     columns = (
         "scenario", "w", "conc", "server", "req/s", "p50 ms", "p99 ms", "max ms",
         "non-2xx", "sock err", "RSS MiB", "CPU µs/req", "server conns", "rps/baseline", "rps/bare",
@@ -676,7 +676,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pglayer bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pglayer-shop bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     parser.add_argument("--workers", default=None, help="comma list, e.g. 1,2")
     parser.add_argument("--concurrency", default=None, help="comma list, e.g. 64,256,1024")
