@@ -99,6 +99,11 @@ async def test_reads_go_to_the_replica_and_writes_to_the_primary(
     primary: EmbeddedPostgres, standby: EmbeddedPostgres
 ) -> None:
     async with Database(replicated_settings(primary, standby)) as db:
+
+        async def streaming() -> bool:  # a standby just started has not connected yet
+            return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(streaming, timeout=10)
         assert await in_recovery(db)
         assert not await db.run(lambda c: c.fetchval("SELECT pg_is_in_recovery()"))
         async with db.read_connection() as conn:
