@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer import Histogram, PoolStats
 from pglayer._metrics import PoolCollector, SharedPoolCollector, Snapshot
-from pglayer._stats import BulkheadStats, RequestSeries
+from pglayer._observability import BulkheadStats, RequestSeries
 from tests.conftest import require_external
 
 ROOT = Path(__file__).resolve().parent.parent

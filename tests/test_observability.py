@@ -17,8 +17,8 @@ from pglayer_shop.settings import ShopSettings
 from pglayer import Database, PoolTimeoutError, UniqueViolationError
 from pglayer import _context as context
 from pglayer._errors import InvalidInputError
-from pglayer._events import Event, PoolEvent, QueryEvent
 from pglayer._logs import JsonFormatter, MaskSecrets, install_request_id
+from pglayer._observability import Event, PoolEvent, QueryEvent
 from tests.conftest import asgi_client, settings_for, wait_for
 from tests.test_metrics import scrape, value
 

@@ -38,13 +38,22 @@ from pglayer._errors import (
     TransientError,
     UniqueViolationError,
 )
-from pglayer._events import Event, Hook, PoolEvent, QueryEvent, RetryEvent
 from pglayer._idempotency import IdempotencyKeys, body_hash
 from pglayer._logs import configure_logging
+from pglayer._observability import (
+    BulkheadStats,
+    Event,
+    ExternalPoolStats,
+    Histogram,
+    Hook,
+    PoolEvent,
+    PoolStats,
+    QueryEvent,
+    RetryEvent,
+)
 from pglayer._retry import set_testing as set_retry_testing
 from pglayer._serve import serve
 from pglayer._settings import DatabaseSettings, ServerSettings
-from pglayer._stats import BulkheadStats, ExternalPoolStats, Histogram, PoolStats
 
 if TYPE_CHECKING:
     from pglayer._embedded import EmbeddedPostgres

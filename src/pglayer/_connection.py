@@ -23,7 +23,7 @@ from pglayer._errors import (
     raise_translated,
     translate,
 )
-from pglayer._observer import Observer
+from pglayer._observability import Observer
 
 if TYPE_CHECKING:
     from pglayer._pool import Pool, Slot

@@ -43,14 +43,19 @@ from pglayer._errors import (
     explain_connect_error,
     translate,
 )
-from pglayer._events import Hook
-from pglayer._observer import Observer
+from pglayer._observability import (
+    BulkheadStats,
+    ExternalPoolStats,
+    Hook,
+    Observer,
+    PoolStats,
+    StatsRecorder,
+)
 from pglayer._pool import Pool, Slot
 from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
 from pglayer._settings import DatabaseSettings
-from pglayer._stats import BulkheadStats, ExternalPoolStats, PoolStats, StatsRecorder
 
 __all__ = ["Database"]
 

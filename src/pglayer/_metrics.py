@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pglayer._database import Database
-from pglayer._stats import (
+from pglayer._observability import (
     BulkheadStats,
     ExternalPoolStats,
     Histogram,

@@ -41,7 +41,7 @@ from pglayer._errors import (
     raise_translated,
     translate,
 )
-from pglayer._observer import Observer
+from pglayer._observability import Observer
 
 __all__ = ["Pool", "Slot"]
 

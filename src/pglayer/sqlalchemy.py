@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import (
 
 from pglayer._database import Database
 from pglayer._errors import ConnectionLostError, PoolTimeoutError, raise_translated, translate
+from pglayer._observability import ExternalPoolStats
 from pglayer._settings import DatabaseSettings
-from pglayer._stats import ExternalPoolStats
 
 __all__ = ["count_engine", "create_engine", "session_transaction", "translate_sqlalchemy"]
 

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from pglayer._database import Database
 from pglayer._metrics import PoolCollector, SharedPoolCollector
-from pglayer._stats import RequestStats
+from pglayer._observability import RequestStats
 from pglayer.fastapi._middleware import STATS_KEY
 
 __all__ = ["setup_metrics"]

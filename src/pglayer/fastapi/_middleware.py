@@ -39,7 +39,7 @@ from pglayer._context import RequestContext, current_request_id
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
 from pglayer._logs import AccessLog
-from pglayer._stats import RequestStats
+from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
     internal_error_response,
     problem_for_database_error,

@@ -1,19 +1,105 @@
-"""Pool statistics: live sizes and counters since start, with stable names."""
+"""Observability in one place: what a pool records, how it is read, and who is told.
+
+- Statistics (`PoolStats`, `RequestStats`, one `Histogram` with fixed buckets): counters
+  and histograms cheap enough for every acquire and request, read as frozen snapshots.
+- Events and hooks (`PoolEvent`, `QueryEvent`, `RetryEvent`, `Hook`): for OpenTelemetry, logs
+  or anything else. A hook is any callable taking one event. Register it with
+  `Database(hooks=[...])` or `db.add_hook(...)`. Hooks run inline on the event loop, so they
+  must be quick and must not block; one that raises is logged and otherwise ignored::
+
+      def to_otel(event: pglayer.Event) -> None:
+          if isinstance(event, pglayer.QueryEvent):
+              histogram.record(event.seconds, {"db.operation": event.operation})
+
+- `Observer`: the one object a pool reports to; it updates the statistics, writes the slow
+  query log and calls the hooks.
+
+The Prometheus exposition of all this is a plugin, imported only when asked for
+(`pglayer._metrics`, mounted by `pglayer.fastapi.setup_metrics`).
+"""
 
 from __future__ import annotations
 
 import bisect
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
+
+from pglayer._context import RequestContext
+from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 
 __all__ = [
     "BulkheadStats",
+    "Event",
     "ExternalPoolStats",
     "Histogram",
+    "Hook",
+    "Observer",
+    "PoolEvent",
     "PoolStats",
+    "QueryEvent",
     "RequestSeries",
     "RequestStats",
+    "RetryEvent",
+    "log_events",
 ]
+
+
+PoolEventKind = Literal[
+    "acquired",
+    "released",
+    "acquire_timeout",
+    "shed",
+    "connection_opened",
+    "connection_closed",
+    "connection_lost",
+    "connection_failed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """Something the pool did. `seconds`: the wait (acquired) or the hold (released)."""
+
+    pool: str
+    kind: PoolEventKind
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryEvent:
+    """A statement finished. `statement` is the SQL text only, never parameter values."""
+
+    pool: str
+    statement: str
+    seconds: float
+    operation: str
+    request_id: str
+    error: str | None = None  # the pglayer error class name
+    sqlstate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryEvent:
+    """A transient failure was retried (or, with `gave_up`, no longer)."""
+
+    pool: str
+    reason: str
+    gave_up: bool = False
+
+
+Event = PoolEvent | QueryEvent | RetryEvent
+Hook = Callable[[Event], None]
+
+_events_log = logging.getLogger("pglayer.events")
+
+
+def log_events(event: Event) -> None:
+    """A hook that logs every event at DEBUG on the `pglayer.events` logger."""
+    if _events_log.isEnabledFor(logging.DEBUG):
+        _events_log.debug(type(event).__name__, extra={"event": asdict(event)})
+
 
 # Seconds; the last bucket catches everything slower.
 BUCKETS: tuple[float, ...] = (
@@ -306,3 +392,139 @@ class RequestStats:
             RequestSeries(method, route, status, recorder.snapshot())
             for (method, route, status), recorder in list(self._series.items())
         ]
+
+
+log = logging.getLogger("pglayer")
+slow_log = logging.getLogger("pglayer.slow_query")
+
+_MAX_LOGGED_STATEMENT = 2000
+
+
+def _one_line(statement: str) -> str:
+    text = " ".join(statement.split())
+    if len(text) > _MAX_LOGGED_STATEMENT:
+        text = text[:_MAX_LOGGED_STATEMENT] + "…"
+    return text
+
+
+class Observer:
+    """Records one pool's events; hooks are only called (and events built) if there are any."""
+
+    __slots__ = ("hooks", "pool", "slow_query_threshold", "stats")
+
+    def __init__(
+        self,
+        pool: str,
+        stats: StatsRecorder,
+        *,
+        slow_query_threshold: float = 0.0,
+        hooks: Iterable[Hook] = (),
+    ) -> None:
+        self.pool = pool
+        self.stats = stats
+        self.slow_query_threshold = slow_query_threshold
+        self.hooks: list[Hook] = list(hooks)
+
+    def emit(self, event: Event) -> None:
+        for hook in self.hooks:
+            try:
+                hook(event)
+            except Exception:
+                log.exception("instrumentation hook %r failed; ignored", hook)
+
+    def _pool_event(self, kind: PoolEventKind, seconds: float | None = None) -> None:
+        if self.hooks:
+            self.emit(PoolEvent(self.pool, kind, seconds))
+
+    # -- pool ------------------------------------------------------------------------
+
+    def acquired(self, waited: float) -> None:
+        self.stats.acquired(waited)
+        self._pool_event("acquired", waited)
+
+    def released(self, held: float) -> None:
+        self.stats.released(held)
+        self._pool_event("released", held)
+
+    def acquire_failed(self, error: PglayerError) -> None:
+        self.stats.error(type(error).__name__)
+        if isinstance(error, PoolOverloadedError):
+            self.stats.shed()
+            self._pool_event("shed")
+        elif isinstance(error, PoolTimeoutError):
+            self.stats.acquire_timed_out()
+            self._pool_event("acquire_timeout")
+
+    def connection_opened(self) -> None:
+        self.stats.connection_opened()
+        self._pool_event("connection_opened")
+
+    def connection_closed(self) -> None:
+        self.stats.connection_closed()
+        self._pool_event("connection_closed")
+
+    def connection_lost(self) -> None:
+        self.stats.connection_lost()
+        self._pool_event("connection_lost")
+
+    def connection_failed(self) -> None:
+        self.stats.connection_failed()
+        self._pool_event("connection_failed")
+
+    # -- retries (the `RetryHooks` protocol) ------------------------------------------
+
+    def retried(self, reason: str) -> None:
+        self.stats.retried(reason)
+        if self.hooks:
+            self.emit(RetryEvent(self.pool, reason))
+
+    def gave_up(self, reason: str) -> None:
+        self.stats.gave_up(reason)
+        if self.hooks:
+            self.emit(RetryEvent(self.pool, reason, gave_up=True))
+
+    # -- queries ---------------------------------------------------------------------
+
+    def error(self, error: BaseException) -> None:
+        self.stats.error(type(error).__name__)
+
+    def query_finished(
+        self,
+        statement: str,
+        seconds: float,
+        error: BaseException | None = None,
+        ctx: RequestContext | None = None,
+    ) -> None:
+        """Count a statement's duration under its context's operation; log it if slow."""
+        operation = "-" if ctx is None else ctx.operation_name()
+        self.stats.query(operation, seconds)
+        if error is not None:
+            self.stats.error(type(error).__name__)
+        threshold = self.slow_query_threshold
+        if threshold and seconds >= threshold:
+            self.stats.slow_query()
+            text = _one_line(statement)
+            slow_log.warning(
+                "slow query: %.3fs in %s: %s",
+                seconds,
+                operation,
+                text,
+                extra={
+                    "duration_seconds": round(seconds, 6),
+                    "operation": operation,
+                    "statement": text,
+                    "pool": self.pool,
+                },
+            )
+        if self.hooks:
+            self.emit(
+                QueryEvent(
+                    pool=self.pool,
+                    statement=statement,
+                    seconds=seconds,
+                    operation=operation,
+                    request_id="-" if ctx is None else ctx.request_id,
+                    error=None if error is None else type(error).__name__,
+                    sqlstate=getattr(error, "sqlstate", None),
+                )
+            )
