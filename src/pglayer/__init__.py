@@ -43,7 +43,7 @@ from pglayer._idempotency import IdempotencyKeys, body_hash
 from pglayer._logs import configure_logging
 from pglayer._retry import set_testing as set_retry_testing
 from pglayer._settings import DatabaseSettings, ServerSettings
-from pglayer._stats import BulkheadStats, ExternalPoolStats, Histogram, PoolStats
+from pglayer._stats import BulkheadStats, ExternalPoolStats, Histogram, PoolStats, SlowQuery
 
 if TYPE_CHECKING:
     from pglayer._embedded import EmbeddedPostgres
@@ -85,6 +85,7 @@ __all__ = [
     "RetryEvent",
     "SerializationError",
     "ServerSettings",
+    "SlowQuery",
     "TooManyConnectionsError",
     "TransactionAbortedError",
     "TransientError",

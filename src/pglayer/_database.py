@@ -50,7 +50,13 @@ from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
 from pglayer._settings import DatabaseSettings
-from pglayer._stats import BulkheadStats, ExternalPoolStats, PoolStats, StatsRecorder
+from pglayer._stats import (
+    BulkheadStats,
+    ExternalPoolStats,
+    PoolStats,
+    SlowQuery,
+    StatsRecorder,
+)
 
 __all__ = ["Database"]
 
@@ -610,6 +616,13 @@ class Database:
             replica_healthy=None if health is None else health.healthy,
             replica_lag_seconds=None if health is None else health.lag_seconds,
         )
+
+    def recent_slow_queries(self) -> list[SlowQuery]:
+        """This pool's latest statements slower than `slow_query_threshold`, newest first.
+
+        At most `RECENT_SLOW_QUERIES` (20); SQL text only, clipped, never parameters.
+        """
+        return list(reversed(self._stats.recent_slow))
 
 
 class _Lease:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from pglayer._context import RequestContext
 from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 from pglayer._events import Event, Hook, PoolEvent, PoolEventKind, QueryEvent, RetryEvent
-from pglayer._stats import StatsRecorder
+from pglayer._stats import MAX_RECENT_STATEMENT, SlowQuery, StatsRecorder
 
 __all__ = ["Observer"]
 
@@ -120,8 +121,20 @@ class Observer:
             self.stats.error(type(error).__name__)
         threshold = self.slow_query_threshold
         if threshold and seconds >= threshold:
-            self.stats.slow_query()
             text = _one_line(statement)
+            self.stats.slow_query(
+                SlowQuery(
+                    pool=self.pool,
+                    statement=text
+                    if len(text) <= MAX_RECENT_STATEMENT
+                    else text[:MAX_RECENT_STATEMENT] + "…",
+                    operation=operation,
+                    seconds=round(seconds, 6),
+                    request_id="-" if ctx is None else ctx.request_id,
+                    at=time.time(),
+                    error=None if error is None else type(error).__name__,
+                )
+            )
             slow_log.warning(
                 "slow query: %.3fs in %s: %s",
                 seconds,

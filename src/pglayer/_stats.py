@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -13,6 +14,7 @@ __all__ = [
     "PoolStats",
     "RequestSeries",
     "RequestStats",
+    "SlowQuery",
 ]
 
 # Seconds; the last bucket catches everything slower.
@@ -138,6 +140,25 @@ class PoolStats:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class SlowQuery:
+    """One statement that took at least `slow_query_threshold`: its SQL text (never its
+    parameters, clipped), the operation and request it ran for, and when it finished."""
+
+    pool: str
+    statement: str
+    operation: str
+    seconds: float
+    request_id: str
+    at: float  # wall clock (`time.time()`) when it finished
+    error: str | None = None  # the exception's class name, if it failed
+
+
+# The slow statements each pool keeps (the latest), and how much of each one's SQL text.
+RECENT_SLOW_QUERIES = 20
+MAX_RECENT_STATEMENT = 500
+
+
 class _Recorder:
     __slots__ = ("counts", "total")
 
@@ -176,6 +197,7 @@ class StatsRecorder:
         self._wait = _Recorder()
         self._hold = _Recorder()
         self._queries: dict[str, _Recorder] = {}
+        self.recent_slow: deque[SlowQuery] = deque(maxlen=RECENT_SLOW_QUERIES)
 
     def acquired(self, waited: float) -> None:
         self.acquisitions += 1
@@ -207,8 +229,9 @@ class StatsRecorder:
             recorder = self._queries.setdefault(operation, _Recorder())
         recorder.observe(seconds)
 
-    def slow_query(self) -> None:
+    def slow_query(self, query: SlowQuery) -> None:
         self.slow_queries += 1
+        self.recent_slow.append(query)
 
     def error(self, name: str) -> None:
         self.errors[name] = self.errors.get(name, 0) + 1

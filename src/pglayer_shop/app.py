@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from pglayer import Database, DatabaseSettings
 from pglayer._logs import configure_logging
-from pglayer.fastapi import setup
+from pglayer.fastapi import admin_router, setup
 from pglayer.fastapi._metrics import setup_metrics
 from pglayer_shop.orders import sweep_forever
 from pglayer_shop.routes import router
@@ -50,6 +50,7 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     if settings.log_format is not None:
         configure_logging(format=settings.log_format, level=settings.log_level)
     app.state.shop_settings = settings
+    app.include_router(admin_router(token=settings.admin_token))  # /admin/db-stats, /admin/pool
     setup(
         app,
         db,

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import Host, Match, Mount
 from starlette.types import Scope
 
 from pglayer._errors import (
@@ -335,8 +335,14 @@ def allowed_methods(scope: Scope) -> str:
     methods: set[str] = set()
     for route in getattr(scope.get("router"), "routes", ()):
         route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(scope)[0] is not Match.NONE:
-            methods |= route_methods
+        if route_methods:
+            if route.matches(scope)[0] is not Match.NONE:
+                methods |= route_methods
+        elif not isinstance(route, Mount | Host) and route.matches(scope)[0] is not Match.NONE:
+            # A group of routes (FastAPI keeps an included router as one): asked per method.
+            for method in _METHOD_ORDER:
+                if route.matches({**scope, "method": method})[0] is Match.FULL:
+                    methods.add(method)
     if "GET" in methods:
         methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}

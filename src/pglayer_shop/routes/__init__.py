@@ -14,7 +14,6 @@ router = APIRouter(route_class=Route)
 
 from pglayer_shop.routes import (  # noqa: E402, F401  (they register on `router`)
     accounts,
-    admin,
     dashboard,
     health,
     orders,
