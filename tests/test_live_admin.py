@@ -253,13 +253,14 @@ async def test_the_page_loads_only_files_of_its_origin(live: httpx.AsyncClient) 
         assert not re.search(r"\sstyle=|<style", html), "inline style"
         assert "//" not in re.sub(r"<!--.*?-->", "", html).replace("http://", "")
     assets = re.findall(r'(?:src|href)="(pool/static/[^"]+)"', page)
-    assert len(assets) == 4
+    types = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8",
+             "svg": "image/svg+xml"}  # fmt: skip
+    assert len(assets) == 5
     for asset in assets:
         response = await live.get(f"/admin/{asset}")
         assert response.status_code == 200, asset
         assert response.headers["x-content-type-options"] == "nosniff"
-        kind = "javascript" if asset.split("?")[0].endswith(".js") else "css"
-        assert response.headers["content-type"] == f"text/{kind}; charset=utf-8"
+        assert response.headers["content-type"] == types[asset.split("?")[0].rsplit(".")[-1]]
 
 
 @pytest.mark.parametrize("name", ["nope.js", "..%2Fpool.html", "pool.html", "_live.py"])

@@ -72,6 +72,7 @@ _ASSETS = {
     "pool.css": ("pool.css", "text/css; charset=utf-8"),
     "uplot.js": ("uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
     "uplot.css": ("uplot/uPlot.min.css", "text/css; charset=utf-8"),
+    "icon.svg": ("icon.svg", "image/svg+xml"),
 }
 
 

@@ -55,7 +55,7 @@
       height: 180,
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, 1)] } },
       axes: [{}, { label: yLabel, size: 50 }],
-      series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 2 }))],
+      series: [{}, ...series.map(([label, stroke, fill]) => ({ label, stroke, fill, width: 2 }))],
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
     };
@@ -80,7 +80,7 @@
     for (const node of el.querySelectorAll("[data-table]")) view.tables[node.dataset.table] = node;
     field("name").textContent = name;
     view.charts.conns = makeChart(el.querySelector('[data-chart="conns"]'), [
-      ["in use", "#2563eb"],
+      ["in use", "#2563eb", "rgba(37, 99, 235, 0.12)"],
       ["idle", "#16a34a"],
       ["waiting", "#dc2626"],
     ], "connections");
@@ -202,8 +202,8 @@
       ["acquire timeouts", p.acquire_timeouts],
     ];
     for (const [name, b] of Object.entries(p.bulkheads)) {
-      refused.push([`${name}: refused at once`, b.refused]);
-      refused.push([`${name}: timed out waiting`, b.acquire_timeouts]);
+      refused.push([`${name} (cap ${b.cap}): refused at once`, b.refused]);
+      refused.push([`${name} (cap ${b.cap}): timed out waiting`, b.acquire_timeouts]);
     }
     fillTable(view, "refused", refused);
     fillTable(view, "errors", Object.entries(p.errors).sort((a, b) => b[1] - a[1]));
