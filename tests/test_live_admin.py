@@ -25,6 +25,7 @@ from pglayer.fastapi._live import (
     CONTENT_SECURITY_POLICY,
     MAX_NAMED_COUNTERS,
     SESSION_COOKIE,
+    live_snapshot,
     session_key,
     session_value,
 )
@@ -328,6 +329,16 @@ async def test_the_data_has_every_pool_and_what_the_page_shows(db_url: str) -> N
     assert older["operation"] == "-"
     assert older["request_id"] == "-"
     assert older["at"] <= newest["at"]
+
+
+def test_each_replica_is_a_pool_with_its_rotation_state(db_url: str) -> None:
+    db = Database(settings_for(db_url, replica_urls=[db_url]))  # not opened: health unknown
+    data = live_snapshot(db)
+    assert [p["name"] for p in data["pools"]] == ["primary", "replica-1"]
+    primary, replica = data["pools"]
+    assert primary["replica"] is None
+    assert replica["replica"] == {"healthy": False, "reason": "unknown", "lag_seconds": None}
+    assert (replica["open"], replica["size"]) == (False, 0)
 
 
 async def test_the_data_is_bounded_however_many_names(
