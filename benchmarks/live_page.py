@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
+    # Stopped with SIGTERM: still close the browser, the shop and the database (`finally`).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     url, max_id, product, stop_database = prepare_database(quick=True)
     port = _free_port()

@@ -50,13 +50,7 @@ from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
 from pglayer._settings import DatabaseSettings
-from pglayer._stats import (
-    BulkheadStats,
-    ExternalPoolStats,
-    PoolStats,
-    SlowQuery,
-    StatsRecorder,
-)
+from pglayer._stats import BulkheadStats, ExternalPoolStats, PoolStats, SlowQuery, StatsRecorder
 
 __all__ = ["Database"]
 

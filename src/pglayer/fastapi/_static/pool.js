@@ -39,9 +39,14 @@
 
   const minus = (a, b) => a.map((v, i) => v - (b ? b[i] : 0));
 
+  // Writing the same text again still costs the browser a layout: skip it.
+  function put(el, text) {
+    if (el.textContent !== text) el.textContent = text;
+  }
+
   function setStatus(text, state) {
-    statusEl.textContent = text;
-    statusEl.dataset.state = state;
+    put(statusEl, text);
+    if (statusEl.dataset.state !== state) statusEl.dataset.state = state;
   }
 
   function chartWidth(el) {
@@ -55,7 +60,7 @@
       height: 180,
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, 1)] } },
       axes: [{}, { label: yLabel, size: 50 }],
-      series: [{}, ...series.map(([label, stroke, fill]) => ({ label, stroke, fill, width: 2 }))],
+      series: [{}, ...series.map(([label, stroke, fill]) => ({ label, stroke, fill, width: 2, points: { show: false } }))],
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
     };
@@ -174,27 +179,29 @@
       rate = (p.acquisitions - prev.acquisitions) / Math.max(now - prev.t, 0.001);
     }
 
-    f.in_use.textContent = fmtInt(p.in_use);
-    f.idle.textContent = fmtInt(p.idle);
-    f.waiting.textContent = fmtInt(p.waiting);
-    f.waiting.dataset.hot = p.waiting > 0 ? "1" : "0";
-    f.size.textContent = `${p.size} / ${p.max_size}`;
-    f.acquisitions.textContent = fmtInt(p.acquisitions);
-    f.rate.textContent = rate == null ? "–" : fmtInt(Math.round(rate));
-    f.wait_p50.textContent = fmtBound(p50w);
-    f.wait_p99.textContent = fmtBound(p99w);
-    f.wait_all.textContent = `${fmtBound(wait.p50)} / ${fmtBound(wait.p99)}`;
-    f.slow_queries.textContent = fmtInt(p.slow_queries);
+    put(f.in_use, fmtInt(p.in_use));
+    put(f.idle, fmtInt(p.idle));
+    put(f.waiting, fmtInt(p.waiting));
+    const hot = p.waiting > 0 ? "1" : "0";
+    if (f.waiting.dataset.hot !== hot) f.waiting.dataset.hot = hot;
+    put(f.size, `${p.size} / ${p.max_size}`);
+    put(f.acquisitions, fmtInt(p.acquisitions));
+    put(f.rate, rate == null ? "–" : fmtInt(Math.round(rate)));
+    put(f.wait_p50, fmtBound(p50w));
+    put(f.wait_p99, fmtBound(p99w));
+    put(f.wait_all, `${fmtBound(wait.p50)} / ${fmtBound(wait.p99)}`);
+    put(f.slow_queries, fmtInt(p.slow_queries));
 
     const replica = p.replica;
-    f.role.textContent = replica ? "replica" : p.open ? "primary" : "primary (not open)";
+    put(f.role, replica ? "replica" : p.open ? "primary" : "primary (not open)");
     if (replica) {
-      f.rotation.textContent = replica.healthy ? "in rotation" : `out of rotation: ${replica.reason}`;
-      f.rotation.dataset.state = replica.healthy ? "ok" : "out";
-      f.lag.textContent = replica.lag_seconds == null ? "lag unknown" : `lag ${replica.lag_seconds.toFixed(2)} s`;
+      put(f.rotation, replica.healthy ? "in rotation" : `out of rotation: ${replica.reason}`);
+      const state = replica.healthy ? "ok" : "out";
+      if (f.rotation.dataset.state !== state) f.rotation.dataset.state = state;
+      put(f.lag, replica.lag_seconds == null ? "lag unknown" : `lag ${replica.lag_seconds.toFixed(2)} s`);
     } else {
-      f.rotation.textContent = "";
-      f.lag.textContent = "";
+      put(f.rotation, "");
+      put(f.lag, "");
     }
 
     const refused = [
