@@ -25,7 +25,7 @@ PUBLIC: dict[str, list[str]] = {
         "Isolation", "LockTimeoutError", "NotNullViolationError", "PglayerError", "PoolEvent",
         "PoolOverloadedError", "PoolStats", "PoolTimeoutError", "ProgrammingError",
         "QueryEvent", "QueryTimeoutError", "Record", "RetryEvent", "SerializationError",
-        "ServerSettings", "TooManyConnectionsError", "TransactionAbortedError",
+        "ServerSettings", "SlowQuery", "TooManyConnectionsError", "TransactionAbortedError",
         "TransientError", "UniqueViolationError", "body_hash", "configure_logging",
         "current_operation", "current_request_id", "deadline", "gather", "mask_dsn",
         "mask_text", "operation", "remaining", "serve", "set_retry_testing",

@@ -50,6 +50,7 @@ from pglayer._observability import (
     PoolStats,
     QueryEvent,
     RetryEvent,
+    SlowQuery,
 )
 from pglayer._retry import set_testing as set_retry_testing
 from pglayer._serve import serve
@@ -95,6 +96,7 @@ __all__ = [
     "RetryEvent",
     "SerializationError",
     "ServerSettings",
+    "SlowQuery",
     "TooManyConnectionsError",
     "TransactionAbortedError",
     "TransientError",

@@ -49,6 +49,7 @@ from pglayer._observability import (
     Hook,
     Observer,
     PoolStats,
+    SlowQuery,
     StatsRecorder,
 )
 from pglayer._pool import Pool, Slot
@@ -615,6 +616,13 @@ class Database:
             replica_healthy=None if health is None else health.healthy,
             replica_lag_seconds=None if health is None else health.lag_seconds,
         )
+
+    def recent_slow_queries(self) -> list[SlowQuery]:
+        """This pool's latest statements slower than `slow_query_threshold`, newest first.
+
+        At most `RECENT_SLOW_QUERIES` (20); SQL text only, clipped, never parameters.
+        """
+        return list(reversed(self._stats.recent_slow))
 
 
 class _Lease:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -42,6 +44,7 @@ __all__ = [
     "RequestSeries",
     "RequestStats",
     "RetryEvent",
+    "SlowQuery",
     "log_events",
 ]
 
@@ -224,6 +227,25 @@ class PoolStats:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class SlowQuery:
+    """One statement that took at least `slow_query_threshold`: its SQL text (never its
+    parameters, clipped), the operation and request it ran for, and when it finished."""
+
+    pool: str
+    statement: str
+    operation: str
+    seconds: float
+    request_id: str
+    at: float  # wall clock (`time.time()`) when it finished
+    error: str | None = None  # the exception's class name, if it failed
+
+
+# The slow statements each pool keeps (the latest), and how much of each one's SQL text.
+RECENT_SLOW_QUERIES = 20
+MAX_RECENT_STATEMENT = 500
+
+
 class _Recorder:
     __slots__ = ("counts", "total")
 
@@ -262,6 +284,7 @@ class StatsRecorder:
         self._wait = _Recorder()
         self._hold = _Recorder()
         self._queries: dict[str, _Recorder] = {}
+        self.recent_slow: deque[SlowQuery] = deque(maxlen=RECENT_SLOW_QUERIES)
 
     def acquired(self, waited: float) -> None:
         self.acquisitions += 1
@@ -293,8 +316,9 @@ class StatsRecorder:
             recorder = self._queries.setdefault(operation, _Recorder())
         recorder.observe(seconds)
 
-    def slow_query(self) -> None:
+    def slow_query(self, query: SlowQuery) -> None:
         self.slow_queries += 1
+        self.recent_slow.append(query)
 
     def error(self, name: str) -> None:
         self.errors[name] = self.errors.get(name, 0) + 1
@@ -502,8 +526,20 @@ class Observer:
             self.stats.error(type(error).__name__)
         threshold = self.slow_query_threshold
         if threshold and seconds >= threshold:
-            self.stats.slow_query()
             text = _one_line(statement)
+            self.stats.slow_query(
+                SlowQuery(
+                    pool=self.pool,
+                    statement=text
+                    if len(text) <= MAX_RECENT_STATEMENT
+                    else text[:MAX_RECENT_STATEMENT] + "…",
+                    operation=operation,
+                    seconds=round(seconds, 6),
+                    request_id="-" if ctx is None else ctx.request_id,
+                    at=time.time(),
+                    error=None if error is None else type(error).__name__,
+                )
+            )
             slow_log.warning(
                 "slow query: %.3fs in %s: %s",
                 seconds,

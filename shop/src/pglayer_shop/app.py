@@ -58,6 +58,7 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     )
     setup_metrics(app, db, http=settings.metrics)  # GET /metrics
     app.include_router(health_router(ready_timeout=settings.ready_timeout))
+    # /admin/db-stats and /admin/pool (the library's), /admin/users/export (the shop's).
     for admin in admin_routers(settings.admin_token):
         app.include_router(admin)
     secret = settings.cursor_secret or db.settings.url

@@ -1,7 +1,9 @@
 """Token-protected operator routes: `app.include_router(admin_router(token=...))`.
 
 No token configured: every admin route is a 404 (it does not exist). A token configured: a
-request without `Authorization: Bearer <token>`, or with another token, is a 401.
+request without `Authorization: Bearer <token>`, or with another token, is a 401. The live
+pool page (`{prefix}/pool`, see `pglayer.fastapi._live`) also takes a short-lived session
+cookie that its form exchanges for the token.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import SecretStr
 
 from pglayer._database import Database
 from pglayer.fastapi._dependencies import get_database
+from pglayer.fastapi._live import SESSION_TTL, add_live_routes
 from pglayer.fastapi._problems import Problem, problem_responses
 
 __all__ = ["admin_guard", "admin_router"]
@@ -26,12 +29,16 @@ _BEARER = HTTPBearer(auto_error=False, description="`PGLAYER_ADMIN_TOKEN`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
+def _token_bytes(token: SecretStr | str | None) -> bytes | None:
+    if token is None:
+        return None
+    raw = token.get_secret_value() if isinstance(token, SecretStr) else token
+    return raw.encode() if raw else None
+
+
 def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]:
     """A dependency: 404 without a configured `token`, 401 unless the bearer token matches."""
-    expected = None
-    if token is not None:
-        raw = token.get_secret_value() if isinstance(token, SecretStr) else token
-        expected = raw.encode() if raw else None
+    expected = _token_bytes(token)
 
     async def require_admin(credentials: Credentials) -> None:
         if expected is None:
@@ -49,20 +56,23 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
     return require_admin
 
 
-def admin_router(*, token: SecretStr | str | None, prefix: str = "/admin") -> APIRouter:
-    """`GET {prefix}/db-stats`: every pool's sizes, waits, counters and replica health."""
-    router = APIRouter(
-        prefix=prefix,
-        tags=["admin"],
-        dependencies=[Depends(admin_guard(token))],
-        responses=problem_responses(401, 404),
-    )
+def admin_router(
+    *,
+    token: SecretStr | str | None,
+    prefix: str = "/admin",
+    session_ttl: float = SESSION_TTL,
+) -> APIRouter:
+    """`GET {prefix}/db-stats`: every pool's sizes, waits, counters and replica health;
+    `GET {prefix}/pool`: the live pool page (its session cookie lasts `session_ttl` seconds).
+    """
+    router = APIRouter(prefix=prefix, tags=["admin"], responses=problem_responses(401, 404))
 
-    @router.get("/db-stats")
+    @router.get("/db-stats", dependencies=[Depends(admin_guard(token))])
     async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
         """Each pool (primary, replicas): sizes, waiting, histograms, counters; replica health."""
         return {"pools": pool_stats(db)}
 
+    add_live_routes(router, token=_token_bytes(token), session_ttl=session_ttl)
     return router
 
 

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import Host, Match, Mount
 from starlette.types import Scope
 
 from pglayer._errors import (
@@ -332,26 +332,21 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 
 def allowed_methods(scope: Scope) -> str:
     """`Allow` for the request's path: every method of every route that matches it."""
-    methods = _methods_matching(getattr(scope.get("router"), "routes", ()), scope)
+    methods: set[str] = set()
+    for route in getattr(scope.get("router"), "routes", ()):
+        route_methods = getattr(route, "methods", None)
+        if route_methods:
+            if route.matches(scope)[0] is not Match.NONE:
+                methods |= route_methods
+        elif not isinstance(route, Mount | Host) and route.matches(scope)[0] is not Match.NONE:
+            # A group of routes (FastAPI keeps an included router as one): asked per method.
+            for method in _METHOD_ORDER:
+                if route.matches({**scope, "method": method})[0] is Match.FULL:
+                    methods.add(method)
     if "GET" in methods:
         methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
     return ", ".join(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
-
-
-def _methods_matching(routes: Iterable[Any], scope: Scope) -> set[str]:
-    methods: set[str] = set()
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            # FastAPI >= 0.13x keeps an included router as one node; its routes carry
-            # their own prefix (a prefix given to include_router() is not seen here).
-            methods |= _methods_matching(included.routes, scope)
-            continue
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(scope)[0] is not Match.NONE:
-            methods |= route_methods
-    return methods
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
