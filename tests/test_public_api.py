@@ -90,3 +90,9 @@ def test_the_shop_uses_only_the_public_api() -> None:
         if re.search(r"\bpglayer(\.fastapi)?\._", line)
     ]
     assert private == []
+
+
+def test_every_shop_setting_is_described() -> None:
+    from pglayer_shop.settings import ShopSettings
+
+    assert [n for n, f in ShopSettings.model_fields.items() if not f.description] == []

@@ -11,29 +11,60 @@ __all__ = ["ShopSettings"]
 
 
 class ShopSettings(BaseSettings):
+    """The shop's settings, each read from `PGLAYER_<NAME>`."""
+
     model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
 
-    admin_token: SecretStr | None = None
-    # Signs pagination cursors; every worker must share it. Unset: derived from DATABASE_URL.
-    cursor_secret: SecretStr | None = None
-    # Orders and transfers wait at most this long for a row another request holds locked,
-    # then answer 503 `busy` (well below the request deadline: a user is waiting).
-    write_lock_timeout: float = Field(default=1.0, gt=0)
-    # Idempotency keys are kept this long; a key resent later is a new order. Expired keys
-    # are deleted in small batches every `idempotency_sweep_interval` seconds.
-    idempotency_key_ttl: float = Field(default=86_400.0, gt=0)
-    idempotency_sweep_interval: float = Field(default=60.0, gt=0)
-    max_body_size: int = Field(default=1 << 20, gt=0)
-    # /health/ready answers 503 when `SELECT 1` takes longer than this.
-    ready_timeout: float = Field(default=1.0, gt=0)
-    # How /dashboard gathers its data: one SQL statement, or three queries side by side.
-    dashboard_strategy: Literal["single", "concurrent"] = "single"
-    # Logs: None leaves logging to the host (tests, an embedding app); `pglayer serve`
-    # defaults to text. One line per request on `pglayer.access` when `access_log`.
-    log_format: Literal["text", "json"] | None = None
-    log_level: str = "INFO"
-    access_log: bool = False
-    # Prometheus HTTP metrics (pool metrics are read at scrape time and cost nothing).
-    metrics: bool = True
-    # See pglayer.fastapi.setup(freeze_gc=...): fewer and shorter GC pauses under load.
-    freeze_gc: bool = False  # `pglayer serve` turns it on
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of /admin/*; unset, those routes answer 404.",
+    )
+    cursor_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs pagination cursors; every worker must share it. Unset: derived"
+        " from DATABASE_URL.",
+    )
+    write_lock_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="How long orders and transfers wait for a row another request holds"
+        " locked before 503 `busy` (well below the request deadline: a user is waiting).",
+    )
+    idempotency_key_ttl: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long an Idempotency-Key is kept (seconds); resent later, it makes a"
+        " new order.",
+    )
+    idempotency_sweep_interval: float = Field(
+        default=60.0, gt=0, description="How often expired keys are deleted, in small batches."
+    )
+    max_body_size: int = Field(
+        default=1 << 20, gt=0, description="Request bodies above this many bytes get 413."
+    )
+    ready_timeout: float = Field(
+        default=1.0, gt=0, description="/health/ready answers 503 when `SELECT 1` takes longer."
+    )
+    dashboard_strategy: Literal["single", "concurrent"] = Field(
+        default="single",
+        description="How /dashboard gathers its data: one SQL statement, or three queries side"
+        " by side.",
+    )
+    log_format: Literal["text", "json"] | None = Field(
+        default=None,
+        description="Log format; unset leaves logging to the host (tests, an embedding app)."
+        " `pglayer-shop serve` defaults to text.",
+    )
+    log_level: str = Field(default="INFO", description="The root log level.")
+    access_log: bool = Field(
+        default=False, description="One line per request on `pglayer.access` (serve: on)."
+    )
+    metrics: bool = Field(
+        default=True,
+        description="Prometheus HTTP metrics (pool metrics are read at scrape time and cost"
+        " nothing).",
+    )
+    freeze_gc: bool = Field(
+        default=False,
+        description="`gc.freeze()` after startup: fewer and shorter GC pauses (serve: on).",
+    )
