@@ -14,13 +14,14 @@ import asyncpg
 import orjson
 from pydantic import BaseModel
 
-__all__ = ["dumps"]
+__all__ = ["OPTIONS", "default", "dumps"]
 
 # Datetimes as Pydantic writes them ("…Z" for UTC), so both paths answer the same text.
-_OPTIONS = orjson.OPT_UTC_Z
+OPTIONS = orjson.OPT_UTC_Z
 
 
-def _default(value: Any) -> Any:
+def default(value: Any) -> Any:
+    """What orjson cannot write by itself, as JSON values."""
     if isinstance(value, asyncpg.Record):
         return dict(value)
     if isinstance(value, Decimal):
@@ -34,4 +35,4 @@ def _default(value: Any) -> Any:
 
 def dumps(content: Any) -> bytes:
     """`content` as JSON bytes: records, mappings, lists, models, Decimals as strings."""
-    return orjson.dumps(content, default=_default, option=_OPTIONS)
+    return orjson.dumps(content, default=default, option=OPTIONS)

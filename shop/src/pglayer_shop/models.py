@@ -15,7 +15,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
@@ -23,7 +22,6 @@ from pydantic import (
 from pglayer.fastapi import MAX_ID
 
 __all__ = [
-    "ID_KEY",
     "MAX_ID",
     "MONEY_PATTERN",
     "Account",
@@ -96,8 +94,6 @@ Id = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id in a JSON body: a JSON integer (not a string, float or bool), 1..2^63-1."""
 CursorId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id inside a cursor: what we wrote there, so anything else is a tampered cursor."""
-ID_KEY = TypeAdapter(tuple[CursorId])
-"""The sort key of a list by id, as kept in its cursors."""
 MoneyIn = Annotated[Decimal, BeforeValidator(_parse_money), _MONEY_SCHEMA]
 Money = Annotated[
     Decimal,

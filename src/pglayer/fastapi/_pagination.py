@@ -15,9 +15,10 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import orjson
 from fastapi import Query
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from pglayer.fastapi._params import DecimalInt
+from pglayer._database import Database
+from pglayer.fastapi._params import MAX_ID, DecimalInt
 from pglayer.fastapi._problems import Problem
 
 __all__ = ["After", "Cursors", "Limit", "Page"]
@@ -37,6 +38,8 @@ After = Annotated[
 """The `after` query parameter: an opaque cursor from a previous page."""
 
 _TAG = 16  # bytes of HMAC-SHA256 kept: forging one is a 2^-128 guess
+# What `page_by_id` writes into its cursors, so anything else is a tampered cursor.
+_ID_KEY = TypeAdapter(tuple[Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]])
 
 
 class Page(BaseModel, Generic[T]):
@@ -86,6 +89,15 @@ class Cursors:
             return key_type.validate_python(orjson.loads(payload))
         except (ValidationError, orjson.JSONDecodeError):
             raise _invalid("a cursor of another list") from None
+
+    async def page_by_id(
+        self, db: Database, query: str, limit: int, after: str | None
+    ) -> dict[str, Any]:
+        """One page of a list in id order: `query` takes the last id seen (`$1`, 0 for the
+        first page) and how many rows to fetch (`$2`), and selects `id` among its columns."""
+        after_id = self.decode(after, _ID_KEY)[0] if after else 0
+        rows = await db.read(lambda conn: conn.fetch(query, after_id, limit + 1))
+        return self.page(rows, limit, lambda row: (row["id"],))
 
     def page(
         self, rows: Sequence[T], limit: int, key: Callable[[T], Sequence[Any]]

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from starlette.responses import Response
 
-from pglayer._json import dumps
+from pglayer._json import OPTIONS, default
 
 __all__ = ["json_bytes", "json_response"]
 
@@ -34,7 +35,8 @@ def json_bytes(content: Any) -> bytes:
         return content
     if isinstance(content, str):
         return content.encode()
-    return dumps(content)
+    # orjson directly, not `_json.dumps`: one call less on every response.
+    return orjson.dumps(content, default=default, option=OPTIONS)
 
 
 def json_response(

@@ -16,7 +16,7 @@ from pglayer.fastapi import (
     json_response,
     problem_responses,
 )
-from pglayer_shop.models import ID_KEY, User, UserCreate
+from pglayer_shop.models import User, UserCreate
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import UserId
 
@@ -42,9 +42,7 @@ _LIST = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
 @router.get("/users", tags=["users"], response_model=Page[User], responses=problem_responses(422))
 async def list_users(request: Request, db: Db, limit: Limit = 50, after: After = None) -> Response:
     cursors: Cursors = request.app.state.cursors
-    after_id = cursors.decode(after, ID_KEY)[0] if after else 0
-    rows = await db.read(lambda conn: conn.fetch(_LIST, after_id, limit + 1))
-    return json_response(cursors.page(rows, limit, lambda row: (row["id"],)))
+    return json_response(await cursors.page_by_id(db, _LIST, limit, after))
 
 
 @router.post(
