@@ -39,6 +39,7 @@ from rich.table import Table
 
 from benchmarks.load import Group, LoadResult, run_asyncio, run_groups, run_wrk, wrk_available
 from pglayer import Database, DatabaseSettings, EmbeddedPostgres
+from pglayer._http import PROTOCOL
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,6 +51,10 @@ APPS = {
     "bare": ["benchmarks.bare:app"],
     "floor": ["benchmarks.floor:app"],
 }
+# uvicorn's HTTP protocol per app: the shop speaks HTTP as `pglayer serve` does (httptools
+# with pglayer's bounds, answering refusals itself while the pool is saturated: see
+# pglayer._http); the others as uvicorn does by default.
+HTTP = {"shop": PROTOCOL}
 # What each app implements; the floor only does the reads.
 SCENARIOS = {
     "users": ("shop", "baseline", "bare", "floor"),
@@ -211,7 +216,8 @@ class Server:
             cmd = [
                 sys.executable, "-m", "uvicorn", *APPS[self.app],
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", str(self.workers), "--loop", "uvloop", "--http", "httptools",
+                "--workers", str(self.workers), "--loop", "uvloop",
+                "--http", HTTP.get(self.app, "httptools"),
                 "--no-access-log", "--log-level", "warning", "--backlog", "4096",
             ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stderr=self.log)

@@ -196,10 +196,15 @@ def free_port() -> int:
 class LiveServer:
     """A real uvicorn server for `application`, in this event loop, on a free port."""
 
-    def __init__(self, application: FastAPI) -> None:
+    def __init__(self, application: FastAPI, *, http: str = "auto") -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            application, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            application,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            http=http,
         )
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{self.port}"

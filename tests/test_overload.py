@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from pglayer import (
     PoolOverloadedError,
     PoolTimeoutError,
 )
+from pglayer._observability import Observer, StatsRecorder
 from pglayer._pool import Pool, Slot
 from tests.conftest import asgi_client, backends, settings_for, wait_for
 
@@ -161,6 +163,61 @@ async def test_a_lock_held_past_the_bound_is_busy_and_gives_the_connection_back(
             assert db.stats().in_use == 0
         finally:
             await holder.close()
+
+
+async def test_a_lock_bound_also_bounds_the_wait_for_a_connection(db_url: str) -> None:
+    settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
+    async with Database(settings) as db, db.connection():  # the only connection, held
+        waited = asyncio.get_running_loop().time()
+        with pytest.raises(PoolTimeoutError):
+            await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+        # Refused after the 0.2 s bound, not the 30 s acquire deadline (slack for a busy CI).
+        assert asyncio.get_running_loop().time() - waited < 10
+
+
+async def test_what_is_left_of_the_lock_bound_after_the_acquire_goes_with_begin(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        held = await _pool(db).acquire(_pool(db).lane("write"))
+        asyncio.get_running_loop().call_later(0.3, _pool(db).release, held, 0.0)
+        setting = await db.run_in_transaction(
+            lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0
+        )
+    milliseconds = int(setting.removesuffix("ms"))
+    assert 0 < milliseconds <= 4700  # 5 s less the wait for the connection
+
+
+def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
+    async def dues() -> list[float]:
+        pool = Pool(
+            _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
+            acquire_timeout=1, query_timeout=1, max_idle=0, connect_timeout=1,
+            observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
+        )  # fmt: skip
+        await pool.start()
+        now = time.monotonic()
+        paused = [
+            pool.pace(0.01),  # a short predicted wait: the least pause
+            pool.pace(2.0),  # a fifth of it
+            pool.pace(60.0),  # at most a second
+            pool.pace(60.0, deadline=now + 0.1),  # never past the request's deadline
+        ]
+        assert pool.pace(1.0, deadline=now - 1) is None  # the deadline has passed
+        due = {id(f): d - now for d, _, f in pool._paced}
+        await pool.close(1)
+        assert all(f is not None and f.done() for f in paused)  # closing answers them
+        return [due[id(f)] for f in paused]
+
+    least, share, most, capped = asyncio.run(dues())
+    assert least == pytest.approx(0.025, abs=0.01)
+    assert share == pytest.approx(0.4, abs=0.01)
+    assert most == pytest.approx(1.0, abs=0.01)
+    assert capped == pytest.approx(0.1, abs=0.01)
+
+
+async def _never_connect() -> Any:
+    raise AssertionError("no connection expected")
 
 
 async def test_an_order_on_a_locked_product_is_busy_with_retry_after(

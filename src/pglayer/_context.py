@@ -13,6 +13,7 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 __all__ = [
+    "FRONT_DOOR_KEY",
     "RequestContext",
     "Writes",
     "current",
@@ -26,6 +27,10 @@ __all__ = [
     "request_id",
     "set_operation",
 ]
+
+# The app.state attribute where the request guard offers early refusals to the HTTP server
+# (`pglayer._http`): the two meet there without importing each other.
+FRONT_DOOR_KEY = "pglayer_front_door"
 
 
 class Writes:

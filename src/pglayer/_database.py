@@ -405,6 +405,12 @@ class Database:
             error: Exception = target._unavailable()
             return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
         lane = pool.lanes_by_name.get(bulkhead) or pool.lane(bulkhead)
+        bound = None if tx is None else tx.lock_timeout
+        if bound:
+            # A lock bound is how long a user may wait on contention: the wait for a
+            # connection (its lane full of writes stuck on a lock) is part of it.
+            asked = time.monotonic()
+            timeout = bound if timeout is None else min(timeout, bound)
         try:
             slot = pool.take(lane) or await pool.acquire(
                 lane, timeout, None if ctx is None else ctx.deadline
@@ -416,8 +422,10 @@ class Database:
         try:
             if tx is None:
                 return await fn(conn)
+            if bound:
+                bound = max(bound - (held_since - asked), 0.001)
             async with conn.transaction(
-                readonly=tx.readonly, isolation=tx.isolation, lock_timeout=tx.lock_timeout
+                readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
             ):
                 return await fn(conn)
         except Exception as exc:
@@ -500,8 +508,10 @@ class Database:
         With `retry`, the whole transaction is replayed on serialization failures,
         deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
         touch the database through `conn`. A connection lost during COMMIT raises
-        `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every
-        lock wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`.
+        `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds the wait for
+        a connection and every lock wait inside together (what is left of it after the
+        acquire goes with BEGIN as `SET LOCAL lock_timeout`): past it, `LockTimeoutError`
+        (or `PoolTimeoutError` if no connection came first).
         `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
         tx = _Tx(readonly, isolation, lock_timeout, attempts)
@@ -578,11 +588,19 @@ class Database:
         """Count a request refused for `saturated()` before it asked for a connection."""
         self._observer.acquire_failed(PoolOverloadedError())
 
-    async def pause_refusal(self) -> None:
-        """Wait `refusal_delay` before answering a refusal (see `DatabaseSettings`)."""
+    async def pause_refusal(self, predicted: float = 0.0, deadline: float | None = None) -> None:
+        """Pause before answering a refusal: `refusal_delay`, longer for a long `predicted`
+        wait, never past `deadline` (see `DatabaseSettings.refusal_delay`)."""
+        paused = self.pace_refusal(predicted, deadline)
+        if paused is not None:
+            await paused
+
+    def pace_refusal(
+        self, predicted: float = 0.0, deadline: float | None = None
+    ) -> asyncio.Future[None] | None:
+        """The pause of `pause_refusal` as a future (None: answer at once)."""
         pool = self._pool
-        if pool is not None:
-            await pool.pause_refusal()
+        return None if pool is None else pool.pace(predicted, deadline)
 
     # -- statistics ------------------------------------------------------------------
 

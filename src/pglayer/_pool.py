@@ -144,6 +144,11 @@ _HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold ti
 _STANDING = 0.8
 _RATE_INTERVAL = 0.1  # seconds between measures of each lane's release rate
 _RATE_WEIGHT = 0.2  # of the newest interval in that moving average (~0.5 s of memory)
+# A refusal pauses a share of the wait it predicts (at least `refusal_delay`, at most
+# `_PACE_MAX`): a client told "a connection is 4 s away" gains nothing by asking again at
+# once, and each early retry costs the server about as much CPU as serving a request.
+_PACE_SHARE = 0.2
+_PACE_MAX = 1.0
 
 
 def _needs_reset(raw: Any) -> bool:
@@ -203,7 +208,7 @@ class Pool:
         self.lanes_by_name = self._lanes  # read-only view for the per-request lookup
         self._waiting = 0  # in every lane
         self._deadlines: list[tuple[float, int, _Waiter]] = []
-        self._paced: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._paced: list[tuple[float, int, asyncio.Future[None]]] = []  # a heap by due time
         self._measured_at = time.monotonic()
         self._order = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
@@ -263,6 +268,10 @@ class Pool:
                 await self._maintenance
             self._maintenance = None
         self._fail_waiters(DatabaseUnavailableError())
+        paced, self._paced = self._paced, []
+        for _, _, paused in paced:  # refusals being paused: answer them now
+            if not paused.done():
+                paused.set_result(None)
         idle, self._idle = list(self._idle), deque()
         await asyncio.gather(*(self._close_slot(s) for s in idle), return_exceptions=True)
         if self._in_use or self._background:
@@ -393,11 +402,12 @@ class Pool:
 
     async def _wait_in_line(self, lane: Lane, since: float, wait: float) -> Slot:
         if self._waiting >= self.max_waiters:
-            await self._refuse(lane, PoolOverloadedError(retry_after=self.predicted_wait(lane)))
+            error = PoolOverloadedError(retry_after=self.predicted_wait(lane))
+            await self._refuse(lane, error, since + wait)
         predicted = self.predicted_wait(lane)
         if predicted > wait:
             # It would not get a connection in time: say so now, not after the wait.
-            await self._refuse(lane, PoolOverloadedError(retry_after=predicted))
+            await self._refuse(lane, PoolOverloadedError(retry_after=predicted), since + wait)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), lane, since, since + wait)
         lane.waiters.append(waiter)
         lane.waiting += 1
@@ -418,22 +428,36 @@ class Pool:
                 self._return_unused(future.result())  # handed one just as it was cancelled
             raise
 
-    async def _refuse(self, lane: Lane, error: PglayerError) -> NoReturn:
-        """Count and raise `error`, after `refusal_delay`: a client that retries at once
-        then retries a little later, at no cost to the server (no timer; see `_tick`)."""
+    async def _refuse(self, lane: Lane, error: PoolOverloadedError, until: float) -> NoReturn:
+        """Count and raise `error`, after a pause that ends by `until` (`pause_refusal`)."""
         lane.refused += 1
         self._refused(error)
-        await self.pause_refusal()
+        await self.pause_refusal(error.retry_after or 0.0, until)
         raise error
 
-    async def pause_refusal(self) -> None:
-        """Wait `refusal_delay` (the clock ends the pause: no timer of its own)."""
+    async def pause_refusal(self, predicted: float = 0.0, deadline: float | None = None) -> None:
+        """Wait before a refusal is answered (see `pace`)."""
+        paused = self.pace(predicted, deadline)
+        if paused is not None:
+            await paused
+
+    def pace(self, predicted: float, deadline: float | None = None) -> asyncio.Future[None] | None:
+        """A future that ends the pause before a refusal, or None for no pause: at least
+        `refusal_delay`, a share of the `predicted` wait if longer (at most 1 s), never past
+        `deadline`. A client that retries at once then retries later, at no cost to the
+        server (no timer: the clock ends the pause)."""
         if not self.refusal_delay or self._clock is None:
-            return
+            return None
+        now = time.monotonic()
+        due = now + min(max(self.refusal_delay, predicted * _PACE_SHARE), _PACE_MAX)
+        if deadline is not None:
+            due = min(due, deadline)
+        if due <= now:
+            return None
         paused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._paced.append((time.monotonic() + self.refusal_delay, paused))
+        heapq.heappush(self._paced, (due, next(self._order), paused))
         self._clock.wake()
-        await paused
+        return paused
 
     def release(self, slot: Slot, held: float) -> None:
         """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first."""
@@ -627,7 +651,7 @@ class Pool:
                 waiter.future.set_exception(self._refused(PoolTimeoutError()))
         paced = self._paced
         while paced and paced[0][0] <= now:
-            paused = paced.popleft()[1]
+            paused = heapq.heappop(paced)[2]
             if not paused.done():
                 paused.set_result(None)
         for slot in self._slots:

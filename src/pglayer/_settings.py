@@ -110,8 +110,9 @@ class DatabaseSettings(BaseSettings):
         default=0.025,
         ge=0,
         le=1.0,
-        description="Pause before a refusal (503 `overloaded`) is answered: slows clients that"
-        " retry at once, at no cost to the server.",
+        description="Least pause before a refusal (503 `overloaded`) is answered; a refusal"
+        " that predicts a long wait pauses a fifth of it (at most 1 s, never past the request"
+        " deadline). Slows clients that retry at once, at no cost to the server; 0: no pause.",
     )
     acquire_timeout: float = Field(
         default=2.0, gt=0, description="Longest wait for a pooled connection (seconds)."

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from pglayer import Database, DatabaseSettings, IdempotencyKeys, configure_logging
 from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
@@ -16,6 +17,8 @@ from pglayer_shop.routes.admin import admin_routers
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["create_app"]
+
+_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(db: Database | None = None, settings: ShopSettings | None = None) -> FastAPI:
@@ -43,6 +46,7 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         title="pglayer shop",
         version="0.1.0",
         description="The reference service of pglayer. Errors are RFC 9457 problem documents.",
+        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     if settings.log_format is not None:
         configure_logging(format=settings.log_format, level=settings.log_level)

@@ -64,6 +64,12 @@ class ShopSettings(BaseSettings):
         description="Prometheus HTTP metrics (pool metrics are read at scrape time and cost"
         " nothing).",
     )
+    opentelemetry: bool = Field(
+        default=False,
+        description="FastAPI's own OpenTelemetry instrumentation. Off, pglayer's metrics and"
+        " access log report the shop, and FastAPI skips looking up three OpenTelemetry"
+        " providers (environment variables) on every request.",
+    )
     freeze_gc: bool = Field(
         default=False,
         description="`gc.freeze()` after startup: fewer and shorter GC pauses (serve: on).",

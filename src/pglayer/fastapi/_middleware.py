@@ -13,7 +13,9 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
   reading its own disconnect flag every 50 ms; under other servers with a task each);
 - `HEAD` wherever `GET` is: the app sees a GET, the client gets its status and headers
   without the body;
-- shedding before routing (503 `overloaded`) while `database` is saturated;
+- shedding before routing (503 `overloaded`) while `database` is saturated; under
+  `pglayer serve` the HTTP server asks first (`refuse_early`), so that a refusal costs no
+  task, scope or ASGI call at all;
 - a 500 problem carrying only the request id for anything unexpected;
 - HTTP metrics (`stats`) and the access log (`access_log`), from the same timing.
 """
@@ -27,7 +29,9 @@ import math
 import os
 import re
 import time
+import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pglayer import _context as context
 from pglayer._clock import Clock, clock, current_task
-from pglayer._context import RequestContext, current_request_id
+from pglayer._context import FRONT_DOOR_KEY, RequestContext, current_request_id
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
 from pglayer._logs import AccessLog
@@ -73,6 +77,19 @@ def _overloaded(retry_after: float) -> tuple[int, tuple[tuple[bytes, bytes], ...
         problem_for_database_error(PoolOverloadedError(retry_after=retry_after))
     )
     return response.status_code, tuple(response.headers.raw), bytes(response.body)
+
+
+@functools.lru_cache(maxsize=64)
+def _overloaded_raw(retry_after: float) -> tuple[bytes, bytes]:
+    """`_overloaded` as HTTP/1.1 bytes: status line and header lines, and the body."""
+    status, headers, body = _overloaded(retry_after)
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"HTTP/1.1 %d Service Unavailable\r\n%s" % (status, lines), body
+
+
+# What the HTTP server gets from `refuse_early`: the pause to wait out (None: none), the
+# response's head lines and body, and what to call once answered (True) or not (False).
+EarlyRefusal = tuple[asyncio.Future[None] | None, bytes, bytes, Callable[[bool], None]]
 
 
 @functools.cache
@@ -232,6 +249,7 @@ class RequestGuard:
         self.app = app
         self.database = database
         self.shed_exempt = shed_exempt
+        self._exempt = tuple(path.encode() for path in shed_exempt)
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
         # HTTP metrics: given here, or found on the app once (see `setup_metrics`).
@@ -244,6 +262,8 @@ class RequestGuard:
         self._ticks = 0
         self._clock: Clock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        if app_state is not None and database is not None:
+            setattr(app_state, FRONT_DOOR_KEY, self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -262,7 +282,8 @@ class RequestGuard:
                 # validation, so refusing costs little and admitted requests keep the CPU.
                 assert db is not None
                 db.count_shed()
-                await db.pause_refusal()
+                timeout = self.request_timeout
+                await db.pause_refusal(predicted, None if timeout is None else ex.started + timeout)
                 await ex.reply(_overloaded(float(math.ceil(predicted))))
                 return
             if (ex.length > 0 or ex.chunked) and not await self._read_body(ex):
@@ -290,6 +311,52 @@ class RequestGuard:
                 context.leave(token)
         finally:
             self._account(scope, ex)
+
+    def refuse_early(
+        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> EarlyRefusal | None:
+        """For the HTTP server: while the database is saturated, the refusal it should
+        write itself for this request (before any ASGI work); else None."""
+        db = self.database
+        predicted = None if db is None else db.saturated()
+        if predicted is None or not url.startswith(b"/") or url.startswith(self._exempt):
+            return None
+        assert db is not None
+        db.count_shed()
+        started = time.monotonic()
+        request_id = None
+        for name, value in headers:
+            if name == b"x-request-id" and _VALID_REQUEST_ID.fullmatch(value):
+                request_id = value.decode("ascii")
+                break
+        if request_id is None:
+            request_id = f"{_ID_PREFIX}{next(_id_counter):010x}"
+        head, body = _overloaded_raw(float(math.ceil(predicted)))
+        timeout = self.request_timeout
+        paused = db.pace_refusal(predicted, None if timeout is None else started + timeout)
+
+        def answered(sent: bool) -> None:
+            path = url.split(b"?", 1)[0].decode("latin-1")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            self._account_early(
+                method.decode("latin-1"), path, 503 if sent else 499, started, request_id
+            )
+
+        head += b"x-request-id: " + request_id.encode() + b"\r\n"
+        return paused, head, body, answered
+
+    def _account_early(
+        self, method: str, path: str, status: int, started: float, request_id: str
+    ) -> None:
+        if not self._stats_known:
+            self._stats_known = True
+            self.stats = getattr(self._app_state, STATS_KEY, None)
+        seconds = time.monotonic() - started
+        if self.stats is not None:
+            self.stats.record(method, "unmatched", status, seconds)
+        if self.access_log is not None:
+            self.access_log.write(method, path, "unmatched", status, seconds, request_id)
 
     async def _read_body(self, ex: _Exchange) -> bool:
         """Read the whole body into `ex`; False if the request was answered (413) or gone."""
