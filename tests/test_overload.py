@@ -19,6 +19,7 @@ from pglayer import (
     LockTimeoutError,
     PoolOverloadedError,
     PoolTimeoutError,
+    SerializationError,
 )
 from pglayer._observability import Observer, StatsRecorder
 from pglayer._pool import Pool, Slot
@@ -165,9 +166,12 @@ async def test_a_lock_held_past_the_bound_is_busy_and_gives_the_connection_back(
             await holder.close()
 
 
-async def test_a_lock_bound_also_bounds_the_wait_for_a_connection(db_url: str) -> None:
+async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_lock(
+    db_url: str,
+) -> None:
     settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
     async with Database(settings) as db, db.connection():  # the only connection, held
+        _pool(db).lane("write").hold = 0.2  # writes lately held theirs for the whole bound
         waited = asyncio.get_running_loop().time()
         with pytest.raises(PoolTimeoutError):
             await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
@@ -175,17 +179,51 @@ async def test_a_lock_bound_also_bounds_the_wait_for_a_connection(db_url: str) -
         assert asyncio.get_running_loop().time() - waited < 10
 
 
-async def test_what_is_left_of_the_lock_bound_after_the_acquire_goes_with_begin(
+async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_with_begin(
     db_url: str,
 ) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
-        held = await _pool(db).acquire(_pool(db).lane("write"))
-        asyncio.get_running_loop().call_later(0.3, _pool(db).release, held, 0.0)
+        pool = _pool(db)
+        pool.lane("write").hold = 5.0
+        held = await pool.acquire(pool.lane("write"))
+        asyncio.get_running_loop().call_later(0.3, pool.release, held, 5.0)
         setting = await db.run_in_transaction(
             lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0
         )
     milliseconds = int(setting.removesuffix("ms"))
     assert 0 < milliseconds <= 4700  # 5 s less the wait for the connection
+
+
+async def test_a_queue_of_short_writes_waits_its_acquire_deadline_and_keeps_its_bound(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)) as db:
+        pool = _pool(db)
+        pool.lane("write").hold = 0.005  # a burst, not a lock: writes hold theirs briefly
+        held = await pool.acquire(pool.lane("write"))
+        asyncio.get_running_loop().call_later(0.5, pool.release, held, 0.005)
+        setting = await db.run_in_transaction(
+            lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=0.3
+        )
+    assert setting == "300ms"  # waited 0.5 s in line, longer than the bound, and served
+
+
+async def test_a_replay_gets_what_is_left_of_the_first_attempts_lock_bound(db_url: str) -> None:
+    settings = settings_for(db_url, retry_initial_wait=0.01, retry_max_wait=0.01)
+    seen: list[int] = []
+
+    async def conflict_once(conn: Any) -> None:
+        seen.append(int((await conn.fetchval("SHOW lock_timeout")).removesuffix("ms")))
+        if len(seen) == 1:
+            await asyncio.sleep(0.5)
+            raise SerializationError()
+
+    async with Database(settings) as db:
+        _pool(db).lane("write").hold = 5.0  # stuck on a lock lately
+        await db.run_in_transaction(conflict_once, lock_timeout=5.0)
+    first, replay = seen
+    assert 4800 <= first <= 5000
+    assert replay <= first - 500  # the half second the first attempt used is gone
 
 
 def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:

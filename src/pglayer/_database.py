@@ -72,6 +72,7 @@ class _Tx:
     isolation: Isolation | None = None
     lock_timeout: float | None = None
     attempts: int | None = None  # replays allowed, the first included; None: the policy's
+    lock_until: float = 0.0  # when the lock bound of the first attempt ends (replays share it)
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
@@ -406,10 +407,17 @@ class Database:
             return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
         lane = pool.lanes_by_name.get(bulkhead) or pool.lane(bulkhead)
         bound = None if tx is None else tx.lock_timeout
-        if bound:
-            # A lock bound is how long a user may wait on contention: the wait for a
-            # connection (its lane full of writes stuck on a lock) is part of it.
+        stuck = False
+        if tx is not None and bound is not None and lane.hold * 2 >= bound:
+            stuck = True
+            # The lane's connections are each held about as long as the lock bound: they
+            # wait on a lock. Waiting in line for one is then waiting on that lock too, so
+            # the bound covers it, and the replays after a serialization failure.
             asked = time.monotonic()
+            if tx.lock_until:
+                bound = max(tx.lock_until - asked, 0.001)
+            else:
+                tx = dataclasses.replace(tx, lock_until=asked + bound)
             timeout = bound if timeout is None else min(timeout, bound)
         try:
             slot = pool.take(lane) or await pool.acquire(
@@ -422,7 +430,7 @@ class Database:
         try:
             if tx is None:
                 return await fn(conn)
-            if bound:
+            if stuck and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
             async with conn.transaction(
                 readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
@@ -508,10 +516,11 @@ class Database:
         With `retry`, the whole transaction is replayed on serialization failures,
         deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
         touch the database through `conn`. A connection lost during COMMIT raises
-        `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds the wait for
-        a connection and every lock wait inside together (what is left of it after the
-        acquire goes with BEGIN as `SET LOCAL lock_timeout`): past it, `LockTimeoutError`
-        (or `PoolTimeoutError` if no connection came first).
+        `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every lock
+        wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`. While the
+        bulkhead's connections are each held about as long as that (stuck on a lock), it
+        also bounds the wait for a connection and the replays: the whole call then ends
+        within it, `PoolTimeoutError` or `PoolOverloadedError` if no connection came.
         `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
         tx = _Tx(readonly, isolation, lock_timeout, attempts)

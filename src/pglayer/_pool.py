@@ -59,6 +59,8 @@ class Slot:
 
     __slots__ = (
         "gone",
+        "handed_at",
+        "handover",
         "lane",
         "query_deadline",
         "query_task",
@@ -75,6 +77,10 @@ class Slot:
         self.timed_out = False
         self.released_at = time.monotonic()
         self.gone = False
+        # Handed to a waiter at `handed_at`, used `handover` seconds later: the time its
+        # waiter took to run again (event-loop lag) is part of what a connection costs.
+        self.handed_at = 0.0
+        self.handover = 0.0
 
     def expire(self) -> None:
         """Cancel the running query: its deadline passed (see `Connection`)."""
@@ -368,7 +374,10 @@ class Pool:
             self._lend(slot, lane)
         else:
             slot = await self._wait_in_line(lane, started, wait)
-        self.observer.acquired(time.monotonic() - started)
+        now = time.monotonic()
+        self.observer.acquired(now - started)
+        if slot.handed_at:
+            slot.handover, slot.handed_at = now - slot.handed_at, 0.0
         assert self._clock is not None
         self._clock.wake()
         return slot
@@ -466,6 +475,8 @@ class Pool:
         lane.in_use -= 1
         lane.released += 1
         self._in_use -= 1
+        if slot.handover:
+            held, slot.handover = held + slot.handover, 0.0
         lane.hold += (held - lane.hold) * _HOLD_WEIGHT if lane.hold else held
         self.observer.released(held)
         self._give_back(slot)
@@ -521,6 +532,7 @@ class Pool:
             self._idle.append(slot)
             return
         self._lend(slot, waiter.lane)
+        slot.handed_at = time.monotonic()
         waiter.future.set_result(slot)
 
     def _fail_head(self, error: BaseException) -> bool:
