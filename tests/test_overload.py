@@ -162,6 +162,7 @@ async def test_a_lock_held_past_the_bound_is_busy_and_gives_the_connection_back(
             )
             assert locked == 1
             assert db.stats().in_use == 0
+            assert _pool(db).lane("write").locked_at > 0  # its bulkhead now counts as stuck
         finally:
             await holder.close()
 
@@ -171,7 +172,7 @@ async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_loc
 ) -> None:
     settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
     async with Database(settings) as db, db.connection():  # the only connection, held
-        _pool(db).lane("write").hold = 0.2  # writes lately held theirs for the whole bound
+        _pool(db).lane("write").locked_at = time.monotonic()  # a write hit its bound just now
         waited = asyncio.get_running_loop().time()
         with pytest.raises(PoolTimeoutError):
             await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
@@ -184,9 +185,9 @@ async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_w
 ) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
         pool = _pool(db)
-        pool.lane("write").hold = 5.0
+        pool.lane("write").locked_at = time.monotonic()
         held = await pool.acquire(pool.lane("write"))
-        asyncio.get_running_loop().call_later(0.3, pool.release, held, 5.0)
+        asyncio.get_running_loop().call_later(0.3, pool.release, held, 0.3)
         setting = await db.run_in_transaction(
             lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0
         )
@@ -194,14 +195,14 @@ async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_w
     assert 0 < milliseconds <= 4700  # 5 s less the wait for the connection
 
 
-async def test_a_queue_of_short_writes_waits_its_acquire_deadline_and_keeps_its_bound(
+async def test_a_queue_of_writes_no_lock_held_up_waits_its_acquire_deadline_and_keeps_its_bound(
     db_url: str,
 ) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)) as db:
         pool = _pool(db)
-        pool.lane("write").hold = 0.005  # a burst, not a lock: writes hold theirs briefly
+        pool.lane("write").locked_at = time.monotonic() - 5  # the last lock trouble is old
         held = await pool.acquire(pool.lane("write"))
-        asyncio.get_running_loop().call_later(0.5, pool.release, held, 0.005)
+        asyncio.get_running_loop().call_later(0.5, pool.release, held, 0.5)
         setting = await db.run_in_transaction(
             lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=0.3
         )
@@ -219,7 +220,7 @@ async def test_a_replay_gets_what_is_left_of_the_first_attempts_lock_bound(db_ur
             raise SerializationError()
 
     async with Database(settings) as db:
-        _pool(db).lane("write").hold = 5.0  # stuck on a lock lately
+        _pool(db).lane("write").locked_at = time.monotonic()  # stuck on a lock lately
         await db.run_in_transaction(conflict_once, lock_timeout=5.0)
     first, replay = seen
     assert 4800 <= first <= 5000

@@ -37,6 +37,7 @@ from pglayer._errors import (
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailableError,
+    LockTimeoutError,
     PglayerError,
     PoolOverloadedError,
     TransientError,
@@ -59,6 +60,10 @@ from pglayer._retry import RetryPolicy, retry_after
 from pglayer._settings import DatabaseSettings
 
 __all__ = ["Database"]
+
+# After work of a bulkhead waited past its lock bound, for this long (or the bound, if
+# longer) its lock-bounded work counts the wait for a connection into that bound.
+_STUCK_FOR = 1.0
 
 log = logging.getLogger("pglayer")
 T = TypeVar("T")
@@ -407,18 +412,19 @@ class Database:
             return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
         lane = pool.lanes_by_name.get(bulkhead) or pool.lane(bulkhead)
         bound = None if tx is None else tx.lock_timeout
-        stuck = False
-        if tx is not None and bound is not None and lane.hold * 2 >= bound:
-            stuck = True
-            # The lane's connections are each held about as long as the lock bound: they
-            # wait on a lock. Waiting in line for one is then waiting on that lock too, so
-            # the bound covers it, and the replays after a serialization failure.
-            asked = time.monotonic()
-            if tx.lock_until:
-                bound = max(tx.lock_until - asked, 0.001)
-            else:
-                tx = dataclasses.replace(tx, lock_until=asked + bound)
-            timeout = bound if timeout is None else min(timeout, bound)
+        asked = 0.0  # set while the lock bound also covers the wait for a connection
+        if tx is not None and bound is not None and lane.locked_at:
+            now = time.monotonic()
+            if now - lane.locked_at < max(bound, _STUCK_FOR):
+                # Work of this lane waited past its lock bound lately: its connections are
+                # likely held by waits on a lock, and waiting in line for one is waiting on
+                # that lock too, so the bound covers it (and the replays).
+                asked = now
+                if tx.lock_until:
+                    bound = max(tx.lock_until - now, 0.001)
+                else:
+                    tx = dataclasses.replace(tx, lock_until=now + bound)
+                timeout = bound if timeout is None else min(timeout, bound)
         try:
             slot = pool.take(lane) or await pool.acquire(
                 lane, timeout, None if ctx is None else ctx.deadline
@@ -430,7 +436,7 @@ class Database:
         try:
             if tx is None:
                 return await fn(conn)
-            if stuck and bound is not None:
+            if asked and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
             async with conn.transaction(
                 readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
@@ -438,6 +444,8 @@ class Database:
                 return await fn(conn)
         except Exception as exc:
             error = exc
+            if isinstance(exc, LockTimeoutError):
+                lane.locked_at = time.monotonic()
         finally:
             conn._slot = None
             pool.release(slot, time.monotonic() - held_since)
@@ -517,10 +525,10 @@ class Database:
         deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
         touch the database through `conn`. A connection lost during COMMIT raises
         `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every lock
-        wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`. While the
-        bulkhead's connections are each held about as long as that (stuck on a lock), it
-        also bounds the wait for a connection and the replays: the whole call then ends
-        within it, `PoolTimeoutError` or `PoolOverloadedError` if no connection came.
+        wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`. Within a
+        second (or the bound) of work of the same bulkhead hitting its bound, it also bounds
+        the wait for a connection and the replays: the whole call then ends within it
+        (`PoolTimeoutError` or `PoolOverloadedError` if no connection came in time).
         `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
         tx = _Tx(readonly, isolation, lock_timeout, attempts)

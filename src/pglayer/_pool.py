@@ -59,8 +59,6 @@ class Slot:
 
     __slots__ = (
         "gone",
-        "handed_at",
-        "handover",
         "lane",
         "query_deadline",
         "query_task",
@@ -77,10 +75,6 @@ class Slot:
         self.timed_out = False
         self.released_at = time.monotonic()
         self.gone = False
-        # Handed to a waiter at `handed_at`, used `handover` seconds later: the time its
-        # waiter took to run again (event-loop lag) is part of what a connection costs.
-        self.handed_at = 0.0
-        self.handover = 0.0
 
     def expire(self) -> None:
         """Cancel the running query: its deadline passed (see `Connection`)."""
@@ -98,6 +92,7 @@ class Lane:
         "cap",
         "hold",
         "in_use",
+        "locked_at",
         "name",
         "rate",
         "refused",
@@ -118,6 +113,7 @@ class Lane:
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
+        self.locked_at = 0.0  # when work of this lane last waited past its lock bound
 
     def head(self) -> _Waiter | None:
         waiters = self.waiters
@@ -374,10 +370,7 @@ class Pool:
             self._lend(slot, lane)
         else:
             slot = await self._wait_in_line(lane, started, wait)
-        now = time.monotonic()
-        self.observer.acquired(now - started)
-        if slot.handed_at:
-            slot.handover, slot.handed_at = now - slot.handed_at, 0.0
+        self.observer.acquired(time.monotonic() - started)
         assert self._clock is not None
         self._clock.wake()
         return slot
@@ -475,8 +468,6 @@ class Pool:
         lane.in_use -= 1
         lane.released += 1
         self._in_use -= 1
-        if slot.handover:
-            held, slot.handover = held + slot.handover, 0.0
         lane.hold += (held - lane.hold) * _HOLD_WEIGHT if lane.hold else held
         self.observer.released(held)
         self._give_back(slot)
@@ -532,7 +523,6 @@ class Pool:
             self._idle.append(slot)
             return
         self._lend(slot, waiter.lane)
-        slot.handed_at = time.monotonic()
         waiter.future.set_result(slot)
 
     def _fail_head(self, error: BaseException) -> bool:
