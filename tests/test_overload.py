@@ -209,6 +209,14 @@ async def test_a_queue_of_writes_no_lock_held_up_waits_its_acquire_deadline_and_
     assert setting == "300ms"  # waited 0.5 s in line, longer than the bound, and served
 
 
+async def test_a_commit_in_the_bulkhead_ends_its_stuck_state(db_url: str) -> None:
+    async with Database(settings_for(db_url)) as db:
+        lane = _pool(db).lane("write")
+        lane.locked_at = time.monotonic()  # a write hit its lock bound just now
+        await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=1.0)
+        assert lane.locked_at == 0.0  # a commit since: the line moves, nothing is stuck
+
+
 async def test_a_replay_gets_what_is_left_of_the_first_attempts_lock_bound(db_url: str) -> None:
     settings = settings_for(db_url, retry_initial_wait=0.01, retry_max_wait=0.01)
     seen: list[int] = []

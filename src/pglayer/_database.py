@@ -62,7 +62,8 @@ from pglayer._settings import DatabaseSettings
 __all__ = ["Database"]
 
 # After work of a bulkhead waited past its lock bound, for this long (or the bound, if
-# longer) its lock-bounded work counts the wait for a connection into that bound.
+# longer) and until a transaction of it commits, its lock-bounded work counts the wait for a
+# connection into that bound.
 _STUCK_FOR = 1.0
 
 log = logging.getLogger("pglayer")
@@ -416,9 +417,10 @@ class Database:
         if tx is not None and bound is not None and lane.locked_at:
             now = time.monotonic()
             if now - lane.locked_at < max(bound, _STUCK_FOR):
-                # Work of this lane waited past its lock bound lately: its connections are
-                # likely held by waits on a lock, and waiting in line for one is waiting on
-                # that lock too, so the bound covers it (and the replays).
+                # Work of this lane waited past its lock bound lately, and none has
+                # committed since: its connections are likely held by waits on that lock,
+                # and waiting in line for one is waiting on it too, so the bound covers it
+                # (and the replays).
                 asked = now
                 if tx.lock_until:
                     bound = max(tx.lock_until - now, 0.001)
@@ -441,11 +443,15 @@ class Database:
             async with conn.transaction(
                 readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
             ):
-                return await fn(conn)
+                result = await fn(conn)
         except Exception as exc:
             error = exc
             if isinstance(exc, LockTimeoutError):
                 lane.locked_at = time.monotonic()
+        else:
+            if lane.locked_at:
+                lane.locked_at = 0.0  # the lane makes progress: the lock is not holding it
+            return result
         finally:
             conn._slot = None
             pool.release(slot, time.monotonic() - held_since)
@@ -526,9 +532,10 @@ class Database:
         touch the database through `conn`. A connection lost during COMMIT raises
         `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every lock
         wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`. Within a
-        second (or the bound) of work of the same bulkhead hitting its bound, it also bounds
-        the wait for a connection and the replays: the whole call then ends within it
-        (`PoolTimeoutError` or `PoolOverloadedError` if no connection came in time).
+        second (or the bound) of work of the same bulkhead hitting its bound, with no commit
+        since, it also bounds the wait for a connection and the replays: the whole call
+        then ends within it (`PoolTimeoutError` or `PoolOverloadedError` if no connection
+        came in time).
         `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
         tx = _Tx(readonly, isolation, lock_timeout, attempts)
