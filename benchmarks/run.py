@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import orjson
-import psutil
+import psutil  # type: ignore[import-untyped]
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, seed
 from rich.console import Console
@@ -84,6 +84,7 @@ class Plan:
     metrics_overhead: bool
     via_pgbouncer: bool
     granian: bool
+    rounds: int = 1
 
 
 # -- the database ----------------------------------------------------------------------
@@ -342,27 +343,21 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
             for scenario in plan.scenarios:
                 for c in plan.concurrency:
                     names = [n for n in servers if running[n].app in SCENARIOS[scenario]]
-                    turn += 1
-                    for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                        server = running[name]
-                        assert server.proc is not None
-                        sampler = RssSampler(server.proc.pid)
-                        conns = ConnectionSampler(admin_url, database, f"bench-{name}")
-                        sampler.start()
-                        conns.start()
-                        cpu = _cpu_seconds(server.proc.pid)
-                        result = _load(
-                            plan, server.url, scenario, c, plan.duration, max_id, product
-                        )
-                        cpu = _cpu_seconds(server.proc.pid) - cpu
-                        for thread in (sampler, conns):
-                            thread.stopped.set()
-                            thread.join()
-                        rss = sampler.peak_worker_mib()
-                        peak = conns.peak if name.startswith("shop") else None
-                        row = _row(name, scenario, workers, c, result, rss, peak)
-                        row["cpu_us_per_request"] = round(cpu * 1e6 / max(result.requests, 1), 1)
-                        rows.append(row)
+                    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                    # Rounds interleave the servers (each round in another order), so that
+                    # drift and noise hit them alike; each keeps its median round.
+                    for _ in range(plan.rounds):
+                        turn += 1
+                        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                            row = _measure(
+                                plan, running[name], name, scenario, workers, c,
+                                admin_url, database, max_id, product,
+                            )  # fmt: skip
+                            samples[name].append(row)
+                            if plan.rounds > 1:
+                                _print_progress(row)
+                    for name in names:
+                        rows.append(median_row(samples[name]))
                         _print_progress(rows[-1])
         if plan.overload:
             rows.extend(_overload(plan, url, workers, base_env, max_id, product))
@@ -406,6 +401,38 @@ def _overload(
 # the predicted wait can exceed it twice over with fewer than ~1,500 clients.
 STORM_ACQUIRE_TIMEOUT = 0.05
 STORM_MAX_CLIENTS = 1500
+
+
+def _measure(
+    plan: Plan, server: Server, name: str, scenario: str, workers: int, c: int,
+    admin_url: str, database: str, max_id: int, product: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One point: load one server, sampling its RSS, server connections and CPU."""
+    assert server.proc is not None
+    sampler = RssSampler(server.proc.pid)
+    conns = ConnectionSampler(admin_url, database, f"bench-{name}")
+    sampler.start()
+    conns.start()
+    cpu = _cpu_seconds(server.proc.pid)
+    result = _load(plan, server.url, scenario, c, plan.duration, max_id, product)
+    cpu = _cpu_seconds(server.proc.pid) - cpu
+    for thread in (sampler, conns):
+        thread.stopped.set()
+        thread.join()
+    peak = conns.peak if name.startswith("shop") else None
+    row = _row(name, scenario, workers, c, result, sampler.peak_worker_mib(), peak)
+    row["cpu_us_per_request"] = round(cpu * 1e6 / max(result.requests, 1), 1)
+    return row
+
+
+def median_row(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median req/s (the lower one of an even count), with every
+    round's req/s beside it."""
+    ordered = sorted(samples, key=lambda row: row["rps"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    if len(samples) > 1:
+        row["rps_rounds"] = [r["rps"] for r in samples]
+    return row
 
 
 def _storm(
@@ -701,8 +728,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the shop through PgBouncer (transaction mode)")  # fmt: skip
     parser.add_argument("--granian", action="store_true",
                         help="also serve the shop with granian instead of uvicorn")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each point this many times, servers interleaved;"
+                        " each keeps its median round (default 1)")  # fmt: skip
     parser.add_argument("--data-dir", default=str(ROOT / ".pglayer"))
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     quick = args.quick
     generator = args.generator
     if generator == "auto":
@@ -722,6 +754,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_overhead=args.metrics_overhead,
         via_pgbouncer=args.via_pgbouncer,
         granian=args.granian,
+        rounds=args.rounds,
     )
     counts = _counts(quick)
     url, max_id, product, stop = prepare_database(quick=quick, data_dir=Path(args.data_dir))
