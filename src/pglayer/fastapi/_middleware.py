@@ -64,6 +64,11 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 
 
+def new_request_id() -> str:
+    """A request id for a request that brought none (or an invalid one)."""
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
@@ -155,6 +160,7 @@ class _Exchange:
                 # Expires by itself (Max-Age): present means "wrote within the window".
                 self.wrote_recently = True
         if request_id is None:
+            # `new_request_id()` spelled out: every request passes here.
             self.request_id = f"{_ID_PREFIX}{next(_id_counter):010x}"
             self.id_header = (b"x-request-id", self.request_id.encode())
         else:
@@ -329,8 +335,7 @@ class RequestGuard:
             if name == b"x-request-id" and _VALID_REQUEST_ID.fullmatch(value):
                 request_id = value.decode("ascii")
                 break
-        if request_id is None:
-            request_id = f"{_ID_PREFIX}{next(_id_counter):010x}"
+        request_id = request_id or new_request_id()
         head, body = _overloaded_raw(float(math.ceil(predicted)))
         timeout = self.request_timeout
         paused = db.pace_refusal(predicted, None if timeout is None else started + timeout)
@@ -350,8 +355,7 @@ class RequestGuard:
         self, method: str, path: str, status: int, started: float, request_id: str
     ) -> None:
         if not self._stats_known:
-            self._stats_known = True
-            self.stats = getattr(self._app_state, STATS_KEY, None)
+            self._find_stats(None)
         seconds = time.monotonic() - started
         if self.stats is not None:
             self.stats.record(method, "unmatched", status, seconds)
@@ -423,11 +427,14 @@ class RequestGuard:
             self._polled = [ex for ex in self._polled if ex.still_here()]
         return bool(pending or self._polled)
 
+    def _find_stats(self, scope_state: Any) -> None:
+        """Once: the HTTP metrics of the app (given, or found on its state)."""
+        self._stats_known = True
+        self.stats = getattr(self._app_state or scope_state, STATS_KEY, None)
+
     def _account(self, scope: Scope, ex: _Exchange) -> None:
         if not self._stats_known:
-            self._stats_known = True
-            state = self._app_state or getattr(scope.get("app"), "state", None)
-            self.stats = getattr(state, STATS_KEY, None)
+            self._find_stats(getattr(scope.get("app"), "state", None))
         stats, access_log = self.stats, self.access_log
         if stats is None and access_log is None:
             return
