@@ -482,6 +482,35 @@ async def test_a_connection_lost_during_commit_is_indeterminate_and_never_replay
     assert "COMMIT outcome unknown" in caplog.text
 
 
+async def test_a_one_statement_write_lost_in_flight_is_indeterminate_and_never_replayed(
+    err_db: Database, admin: asyncpg.Connection[Any], db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pglayer import CommitIndeterminateError
+
+    attempts = 0
+
+    async def write(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("SELECT pg_sleep(10)")
+
+    async def running() -> int | None:
+        for b in await backends(admin, db_name):
+            if "pg_sleep(10)" in (b["query"] or "") and b["state"] == "active":
+                return int(b["pid"])
+        return None
+
+    db = Database(settings_for(err_db.settings.dsn(), retry_attempts=5, retry_initial_wait=0.01))
+    async with db:
+        task = asyncio.create_task(db.run(write, lock_timeout=1.0))
+        pid = await wait_for(running)
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(CommitIndeterminateError):
+            await task
+    assert attempts == 1
+    assert "Autocommit write outcome unknown" in caplog.text
+
+
 async def test_an_indeterminate_commit_answers_500_commit_unknown_without_retry_after(
     err_db: Database, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:

@@ -14,6 +14,7 @@ from pglayer_shop.settings import ShopSettings
 from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer import (
+    Connection,
     Database,
     IdempotencyKeys,
     LockTimeoutError,
@@ -67,6 +68,20 @@ async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_ur
             pool.release(slot, 0.0)
         assert db.stats().bulkheads["write"].refused == 1
         assert db.stats().requests_shed == 1
+
+
+async def test_a_cold_start_refuses_nothing_until_a_pace_is_measured(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=4, refusal_delay=0)) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        await _hold(db, 0.4, 1)  # a cold first connection
+        assert pool.predicted_wait(lane) == 0.0  # one hold is no pace to go by: admitted
+        await _hold(db, 0.0, lane.cap - 1)
+        assert lane.hold < 0.4 * 2 / lane.cap  # the mean of the first holds, not the first
+        lane.rate = 0.0  # no busy interval measured yet
+        assert pool.predicted_wait(lane) == 0.0
+        lane.rate = 1.0  # as the clock measures it once the lane has been busy
+        assert pool.predicted_wait(lane) > 0
 
 
 async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: str) -> None:
@@ -167,6 +182,55 @@ async def test_a_lock_held_past_the_bound_is_busy_and_gives_the_connection_back(
             await holder.close()
 
 
+_BOUNDED_UPDATE = """
+CREATE FUNCTION touch_hot(lock_ms integer) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('lock_timeout', lock_ms::text, true);
+    UPDATE hot SET id = 1 WHERE id = 1;
+END $$
+"""
+
+
+async def test_a_one_statement_write_gets_its_bound_and_is_busy_past_it(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=2)) as db:
+        await db.run(lambda c: c.execute("CREATE TABLE hot (id int PRIMARY KEY)"))
+        await db.run(lambda c: c.execute("INSERT INTO hot VALUES (1)"))
+        await db.run(lambda c: c.execute(_BOUNDED_UPDATE))
+        seen: list[int | None] = []
+
+        async def touch(conn: Connection) -> None:
+            seen.append(conn.lock_timeout_ms)
+            await conn.execute("SELECT touch_hot($1)", conn.lock_timeout_ms)
+
+        await db.run(touch, lock_timeout=0.25)
+        assert seen == [250]
+        assert await db.run(lambda c: asyncio.sleep(0, c.lock_timeout_ms)) is None
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute("BEGIN; SELECT 1 FROM hot WHERE id = 1 FOR UPDATE")
+        try:
+            with pytest.raises(LockTimeoutError):
+                await db.run(touch, retry=False, lock_timeout=0.2)
+            assert db.stats().in_use == 0
+            assert _pool(db).lane("write").locked_at > 0  # stuck, as a bounded transaction
+        finally:
+            await holder.close()
+        await db.run(touch, lock_timeout=0.2)  # it went through: the lane is not stuck
+        assert _pool(db).lane("write").locked_at == 0
+
+
+async def test_a_one_statement_write_on_a_stuck_lane_gets_the_bound_left_after_the_wait(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        pool = _pool(db)
+        pool.lane("write").locked_at = time.monotonic()
+        held = await pool.acquire(pool.lane("write"))
+        asyncio.get_running_loop().call_later(0.3, pool.release, held, 0.3)
+        left = await db.run(lambda c: asyncio.sleep(0, c.lock_timeout_ms), lock_timeout=5.0)
+    assert left is not None
+    assert 0 < left <= 4700  # 5 s less the wait for the connection
+
+
 async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_lock(
     db_url: str,
 ) -> None:
@@ -174,10 +238,36 @@ async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_loc
     async with Database(settings) as db, db.connection():  # the only connection, held
         _pool(db).lane("write").locked_at = time.monotonic()  # a write hit its bound just now
         waited = asyncio.get_running_loop().time()
-        with pytest.raises(PoolTimeoutError):
+        with pytest.raises(LockTimeoutError) as busy:  # it waited on the lock: busy
             await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+        assert isinstance(busy.value.__cause__, PoolTimeoutError | PoolOverloadedError)
         # Refused after the 0.2 s bound, not the 30 s acquire deadline (slack for a busy CI).
         assert asyncio.get_running_loop().time() - waited < 10
+
+
+async def test_waiters_queued_before_a_lane_gets_stuck_stop_at_their_lock_bound(
+    db_url: str,
+) -> None:
+    settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
+    async with Database(settings) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        async with db.connection():  # the only connection, held
+            bounded = asyncio.create_task(
+                db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+            )
+            unbounded = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 2")))
+            await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+            assert not lane.locked_at
+            pool.stuck(lane)  # as when another write of the lane hits its lock bound
+            stuck_at = asyncio.get_running_loop().time()
+            with pytest.raises(LockTimeoutError):
+                await bounded
+            # At its 0.2 s bound, not the 30 s acquire deadline (slack for a busy CI).
+            assert asyncio.get_running_loop().time() - stuck_at < 10
+            assert lane.waiting == 1  # no bound: it keeps its place
+            assert not unbounded.done()
+        assert await unbounded == 2
 
 
 async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_with_begin(
@@ -267,8 +357,9 @@ async def _never_connect() -> Any:
     raise AssertionError("no connection expected")
 
 
+@pytest.mark.parametrize("key", [None, "order-on-a-locked-row"])
 async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
-    db: Database, db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+    db: Database, db_url: str, db_name: str, admin: asyncpg.Connection[Any], key: str | None
 ) -> None:
     app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=0.2))
     async with app.router.lifespan_context(app), asgi_client(app) as client:
@@ -281,7 +372,8 @@ async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
         await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product['id']} FOR UPDATE")
         try:
             order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
-            response = await client.post("/orders", json=order)
+            headers = {"Idempotency-Key": key} if key else {}
+            response = await client.post("/orders", json=order, headers=headers)
         finally:
             await holder.close()
         assert response.status_code == 503
@@ -290,7 +382,7 @@ async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
         assert db.stats().in_use == 0
         assert not [b for b in await backends(admin, db_name) if "transaction" in b["state"]]
         # Once the row is free the same order goes through.
-        assert (await client.post("/orders", json=order)).status_code == 201
+        assert (await client.post("/orders", json=order, headers=headers)).status_code == 201
 
 
 async def test_a_refusal_before_routing_carries_the_predicted_wait(db_url: str) -> None:
@@ -300,7 +392,9 @@ async def test_a_refusal_before_routing_carries_the_predicted_wait(db_url: str) 
     app = create_app(db=db, settings=ShopSettings(admin_token=None))
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         pool = _pool(db)
-        pool.lane("read").hold = 2.0  # as if each read held its connection 2 s
+        read = pool.lane("read")
+        # As if each read held its connection 2 s: a pace of one every 2 s.
+        read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
         async with db.connection():  # the only connection, held
             waiter = asyncio.create_task(pool.acquire(pool.lane("read"), timeout=30))
             await wait_for(lambda: asyncio.sleep(0, pool.waiting == 1))

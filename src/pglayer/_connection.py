@@ -50,7 +50,7 @@ class Connection:
     there as `raw` for what is not wrapped. It is valid until it goes back to the pool.
     """
 
-    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "_writes", "raw")
+    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "_writes", "lock_timeout_ms", "raw")
 
     def __init__(
         self, slot: Slot, pool: Pool, ctx: RequestContext | None = None, *, writer: bool = False
@@ -63,6 +63,9 @@ class Connection:
         # each one marks the request for read-your-writes (transactions mark at COMMIT).
         self._writes = ctx.writes if writer and ctx is not None else None
         self.raw = slot.raw
+        # Set by `Database.run(lock_timeout=...)`: what is left of the bound, for the
+        # statement to apply itself.
+        self.lock_timeout_ms: int | None = None
 
     @property
     def observer(self) -> Observer:
@@ -254,6 +257,18 @@ class Connection:
         finally:
             self._depth -= 1
 
+    def indeterminate(self, what: str) -> CommitIndeterminateError:
+        """The error for a connection that failed while `what` (a COMMIT, or a write in
+        autocommit) was in flight: it may or may not have been applied."""
+        log.exception(
+            "%s outcome unknown: the connection failed while it was in flight; "
+            "it may or may not have been applied",
+            what,
+        )
+        error = CommitIndeterminateError()
+        self._pool.observer.error(error)
+        return error
+
     async def _commit(self, readonly: bool) -> None:
         if self.raw.is_closed():
             # Lost before COMMIT was written (asyncpg checks and writes without yielding):
@@ -266,15 +281,8 @@ class Connection:
             self._raise(exc)
         except Exception as exc:
             translated = self._translate(exc)
-            if isinstance(translated, ConnectionLostError) or (
-                isinstance(translated, QueryTimeoutError) and translated.sqlstate is None
-            ):
-                log.exception(
-                    "COMMIT outcome unknown: the connection failed while COMMIT was in flight; "
-                    "the transaction may or may not have been applied"
-                )
-                self._pool.observer.error(CommitIndeterminateError())
-                raise CommitIndeterminateError() from exc
+            if outcome_unknown(translated):
+                raise self.indeterminate("COMMIT") from exc
             self._raise(exc)
         if status != "COMMIT":
             # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error:
@@ -303,6 +311,14 @@ _ISOLATION = {
     "repeatable_read": "REPEATABLE READ",
     "serializable": "SERIALIZABLE",
 }
+
+
+def outcome_unknown(error: BaseException) -> bool:
+    """Whether a statement that failed with `error` may still have been applied: the
+    connection was lost, or the client gave up waiting, while it was in flight."""
+    return isinstance(error, ConnectionLostError) or (
+        isinstance(error, QueryTimeoutError) and error.sqlstate is None
+    )
 
 
 def _begin(

@@ -30,16 +30,18 @@ from tenacity import (
 )
 
 from pglayer._budget import read_budget
-from pglayer._connection import Connection, Isolation, Record
+from pglayer._connection import Connection, Isolation, Record, outcome_unknown
 from pglayer._context import RequestContext, current, reads_need_primary
 from pglayer._dsn import describe_target
 from pglayer._errors import (
     ConfigurationError,
+    ConnectionLostError,
     DatabaseError,
     DatabaseUnavailableError,
     LockTimeoutError,
     PglayerError,
     PoolOverloadedError,
+    PoolTimeoutError,
     TransientError,
     explain_connect_error,
     translate,
@@ -53,7 +55,7 @@ from pglayer._observability import (
     SlowQuery,
     StatsRecorder,
 )
-from pglayer._pool import Pool, Slot
+from pglayer._pool import Lane, Pool, Slot
 from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
@@ -72,6 +74,19 @@ T = TypeVar("T")
 Work = Callable[[Connection], Awaitable[T]]
 
 
+_NO_CONNECTION = (PoolTimeoutError, PoolOverloadedError)
+
+
+def _busy(exc: Exception) -> LockTimeoutError:
+    # On a lane stuck on a lock, a bounded call that got no connection in time waited on
+    # that lock: its connections were held by waits on it.
+    error = LockTimeoutError(
+        "no connection within the lock bound: this bulkhead's connections wait on a lock"
+    )
+    error.__cause__ = exc
+    return error
+
+
 @dataclass(frozen=True, slots=True)
 class _Tx:
     readonly: bool = False
@@ -79,6 +94,7 @@ class _Tx:
     lock_timeout: float | None = None
     attempts: int | None = None  # replays allowed, the first included; None: the policy's
     lock_until: float = 0.0  # when the lock bound of the first attempt ends (replays share it)
+    begin: bool = True  # False: autocommit, `fn`'s statement applies the lock bound itself
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
@@ -429,9 +445,11 @@ class Database:
                 timeout = bound if timeout is None else min(timeout, bound)
         try:
             slot = pool.take(lane) or await pool.acquire(
-                lane, timeout, None if ctx is None else ctx.deadline
+                lane, timeout, None if ctx is None else ctx.deadline, bound or 0.0
             )
         except Exception as exc:
+            if bound is not None and lane.locked_at and isinstance(exc, _NO_CONNECTION):
+                exc = _busy(exc)
             return await self._recover(exc, target, fn, retry, timeout, tx, bulkhead)
         conn = Connection(slot, pool, ctx, writer=target is self and bulkhead != "read")
         held_since = time.monotonic()
@@ -440,6 +458,8 @@ class Database:
                 return await fn(conn)
             if asked and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
+            if not tx.begin:
+                return await self._write_alone(conn, fn, bound, lane)
             async with conn.transaction(
                 readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
             ):
@@ -447,7 +467,7 @@ class Database:
         except Exception as exc:
             error = exc
             if isinstance(exc, LockTimeoutError):
-                lane.locked_at = time.monotonic()
+                pool.stuck(lane)
         else:
             if lane.locked_at:
                 lane.locked_at = 0.0  # the lane makes progress: the lock is not holding it
@@ -456,6 +476,23 @@ class Database:
             conn._slot = None
             pool.release(slot, time.monotonic() - held_since)
         return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
+
+    async def _write_alone(
+        self, conn: Connection, fn: Work[T], bound: float | None, lane: Lane
+    ) -> T:
+        # One write statement in autocommit: it is its own COMMIT. Lost before it was sent,
+        # it may be replayed; lost while in flight, its outcome is unknown.
+        if conn.raw.is_closed():
+            raise ConnectionLostError(sqlstate="08003")
+        conn.lock_timeout_ms = None if bound is None else max(int(bound * 1000), 1)
+        try:
+            result = await fn(conn)
+        except Exception as exc:
+            if outcome_unknown(exc):
+                raise conn.indeterminate("Autocommit write") from exc
+            raise
+        lane.locked_at = 0.0  # it went through: the lane is not stuck on a lock
+        return result
 
     async def _recover(
         self,
@@ -483,7 +520,7 @@ class Database:
             lambda: self._call(self, fn, False, timeout, tx, bulkhead),
             policy,
             self._observer,
-            "run" if tx is None else "transaction",
+            "transaction" if tx is not None and tx.begin else "run",
         )
 
     def run(
@@ -493,6 +530,7 @@ class Database:
         retry: bool = True,
         timeout: float | None = None,
         bulkhead: str = "write",
+        lock_timeout: float | None = None,
     ) -> Coroutine[Any, Any, T]:
         """Call `fn(conn)` on a pooled connection in autocommit mode; return its result.
 
@@ -500,8 +538,20 @@ class Database:
         not yet open) are retried with jittered backoff within the attempts and the
         deadline, so `fn` must be safe to run twice: a read, or an idempotent write.
         `bulkhead` names the connections it counts against (see `DatabaseSettings`).
+
+        `lock_timeout` makes `fn` one write statement, whose locks PostgreSQL releases as
+        soon as it ends instead of a round trip later at COMMIT. Autocommit has no
+        transaction for `SET LOCAL`, so the statement applies the bound itself:
+        `conn.lock_timeout_ms` is what is left of it, for `set_config('lock_timeout', …,
+        true)` first in a SQL function. Otherwise it is treated as a bounded transaction
+        (see `run_in_transaction`): replayed only if it failed before it was sent or was
+        rolled back, `CommitIndeterminateError` if the connection was lost while it ran,
+        and on a lane stuck on a lock the whole call ends within the bound.
         """
-        return self._call(self, fn, retry, timeout, None, bulkhead)
+        if lock_timeout is None:
+            return self._call(self, fn, retry, timeout, None, bulkhead)
+        tx = _Tx(lock_timeout=lock_timeout, begin=False)
+        return self._call(self, fn, retry, timeout, tx, bulkhead)
 
     def read(
         self, fn: Work[T], *, timeout: float | None = None, bulkhead: str = "read"

@@ -97,6 +97,7 @@ class Lane:
         "rate",
         "refused",
         "released",
+        "samples",
         "timeouts",
         "waiters",
         "waiting",
@@ -110,6 +111,7 @@ class Lane:
         self.waiting = 0  # queued and not yet given a connection or an error
         self.hold = 0.0  # recent time a connection is held (moving average, seconds)
         self.released = 0  # connections given back so far
+        self.samples = 0  # hold times measured in all
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
@@ -129,13 +131,16 @@ class Lane:
 
 
 class _Waiter:
-    __slots__ = ("future", "lane", "since", "until")
+    __slots__ = ("bound", "future", "lane", "since", "until")
 
-    def __init__(self, future: asyncio.Future[Slot], lane: Lane, since: float, until: float):
+    def __init__(
+        self, future: asyncio.Future[Slot], lane: Lane, since: float, until: float, bound: float
+    ):
         self.future = future
         self.lane = lane
         self.since = since
         self.until = until
+        self.bound = bound  # the caller's lock bound (0: none), if its lane gets stuck
 
 
 _HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold times
@@ -347,10 +352,15 @@ class Pool:
         self._in_use += 1
 
     async def acquire(
-        self, lane: Lane, timeout: float | None = None, deadline: float | None = None
+        self,
+        lane: Lane,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        bound: float = 0.0,
     ) -> Slot:
         """A connection for `lane` within `timeout` (default `acquire_timeout`) and before
-        `deadline`; refused at once when it would not come in time anyway."""
+        `deadline`; refused at once when it would not come in time anyway. `bound`: the
+        caller's lock bound, which also ends its wait if the lane gets stuck (`stuck`)."""
         slot = self.take(lane)
         if slot is not None:
             return slot
@@ -369,7 +379,7 @@ class Pool:
             slot = await self._grow_for_caller(wait)
             self._lend(slot, lane)
         else:
-            slot = await self._wait_in_line(lane, started, wait)
+            slot = await self._wait_in_line(lane, started, wait, bound)
         self.observer.acquired(time.monotonic() - started)
         assert self._clock is not None
         self._clock.wake()
@@ -394,15 +404,18 @@ class Pool:
             if other is lane or other.in_use < other.cap
         )
         usable = max(min(lane.cap, self.max_size - (self._in_use - lane.in_use)), 1)
-        if not lane.hold:
-            return 0.0  # nothing known yet: let it wait
+        if not lane.rate or lane.samples < lane.cap:
+            # No pace measured yet over a busy interval, or fewer holds than connections:
+            # the first holds of a cold start (a flood of new clients, cold backends) are
+            # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
+            return 0.0
         # The pace at which this lane's connections come free: measured over the last
         # second or so when it is busy, which a pause (GC, a slow moment) does not distort;
         # else from hold times. Whichever is faster.
         pace = max(lane.rate, usable / lane.hold)
         return ahead / pace
 
-    async def _wait_in_line(self, lane: Lane, since: float, wait: float) -> Slot:
+    async def _wait_in_line(self, lane: Lane, since: float, wait: float, bound: float) -> Slot:
         if self._waiting >= self.max_waiters:
             error = PoolOverloadedError(retry_after=self.predicted_wait(lane))
             await self._refuse(lane, error, since + wait)
@@ -410,7 +423,8 @@ class Pool:
         if predicted > wait:
             # It would not get a connection in time: say so now, not after the wait.
             await self._refuse(lane, PoolOverloadedError(retry_after=predicted), since + wait)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), lane, since, since + wait)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), lane, since, since + wait, bound)
         lane.waiters.append(waiter)
         lane.waiting += 1
         self._waiting += 1
@@ -429,6 +443,19 @@ class Pool:
             elif future.exception() is None:
                 self._return_unused(future.result())  # handed one just as it was cancelled
             raise
+
+    def stuck(self, lane: Lane) -> None:
+        """Work of `lane` waited past its lock bound: the lane counts as stuck on a lock,
+        and its waiters with a lock bound stop waiting when their bound ends."""
+        now = lane.locked_at = time.monotonic()
+        for waiter in lane.waiters:
+            end = waiter.since + waiter.bound
+            if waiter.bound and end < waiter.until and not waiter.future.done():
+                # Queued before the lane was stuck, its wait is on the same lock.
+                waiter.until = max(end, now)
+                heapq.heappush(self._deadlines, (waiter.until, next(self._order), waiter))
+        assert self._clock is not None
+        self._clock.wake()
 
     async def _refuse(self, lane: Lane, error: PoolOverloadedError, until: float) -> NoReturn:
         """Count and raise `error`, after a pause that ends by `until` (`pause_refusal`)."""
@@ -468,7 +495,10 @@ class Pool:
         lane.in_use -= 1
         lane.released += 1
         self._in_use -= 1
-        lane.hold += (held - lane.hold) * _HOLD_WEIGHT if lane.hold else held
+        lane.samples += 1
+        # A plain mean of the first few: one slow first hold (a cold backend, a flood of new
+        # connections) must not stand for the lane's pace while a queue forms behind it.
+        lane.hold += (held - lane.hold) * max(_HOLD_WEIGHT, 1 / lane.samples)
         self.observer.released(held)
         self._give_back(slot)
 

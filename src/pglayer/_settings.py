@@ -115,7 +115,10 @@ class DatabaseSettings(BaseSettings):
         " deadline). Slows clients that retry at once, at no cost to the server; 0: no pause.",
     )
     acquire_timeout: float = Field(
-        default=2.0, gt=0, description="Longest wait for a pooled connection (seconds)."
+        default=5.0,
+        gt=0,
+        description="Longest wait for a pooled connection (seconds); what would wait longer"
+        " is refused at once (admission by predicted wait).",
     )
     connect_timeout: float = Field(
         default=5.0, gt=0, description="Longest wait to open one connection (seconds)."

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from typing import Any
 
-from pglayer import Connection, IdempotencyKeys
+from pglayer import Connection, Database, IdempotencyKeys
 from pglayer.fastapi import Problem
 from pglayer_shop.models import OrderCreate
 
@@ -17,27 +17,10 @@ log = logging.getLogger("pglayer_shop")
 _ORDER_FIELDS = ("id", "user_id", "product_id", "quantity", "unit_price", "total", "created_at")
 ORDER_COLUMNS = ", ".join(_ORDER_FIELDS)
 
-# One round trip. Each decrement is conditional, so concurrent orders can never oversell or
-# overdraw: under READ COMMITTED a blocked UPDATE re-checks its WHERE on the newest row.
-# Locks are always taken product first, then account, so orders cannot deadlock each other.
-_PLACE = f"""
-WITH p AS (
-    UPDATE products SET stock = stock - $3
-    WHERE id = $2 AND stock >= $3
-    RETURNING price
-), a AS (
-    UPDATE accounts SET balance = balance - p.price * $3, updated_at = now()
-    FROM p
-    WHERE accounts.user_id = $1 AND accounts.balance >= p.price * $3
-    RETURNING accounts.user_id
-), o AS (
-    INSERT INTO orders (user_id, product_id, quantity, unit_price, total)
-    SELECT $1, $2, $3, p.price, p.price * $3 FROM p, a
-    RETURNING {ORDER_COLUMNS}
-)
-SELECT EXISTS (SELECT 1 FROM p) AS stock_ok, o.*
-FROM (SELECT 1) AS one LEFT JOIN o ON true
-"""
+# Migration 0006: lock, check, then change, in one call. Without a key it is its own
+# implicit transaction, so the product's row lock is never held across a round trip to
+# the app; with one, it runs inside the key's transaction.
+_PLACE = "SELECT * FROM shop_place_order($1, $2, $3, $4)"
 
 
 def request_hash(body: OrderCreate) -> str:
@@ -65,7 +48,10 @@ async def _explain_failure(conn: Connection, body: OrderCreate, stock_ok: bool) 
 
 
 async def _place(conn: Connection, body: OrderCreate) -> dict[str, Any]:
-    row = await conn.fetchrow(_PLACE, body.user_id, body.product_id, body.quantity)
+    # `lock_timeout_ms`: the bound left, set by `db.run`; None in a transaction (SET LOCAL).
+    row = await conn.fetchrow(
+        _PLACE, body.user_id, body.product_id, body.quantity, conn.lock_timeout_ms
+    )
     assert row is not None
     if row["id"] is None:
         raise await _explain_failure(conn, body, row["stock_ok"])
@@ -73,12 +59,24 @@ async def _place(conn: Connection, body: OrderCreate) -> dict[str, Any]:
 
 
 async def place_order(
-    conn: Connection, body: OrderCreate, key: str | None, keys: IdempotencyKeys
+    db: Database, body: OrderCreate, key: str | None, keys: IdempotencyKeys, lock_timeout: float
 ) -> tuple[dict[str, Any], bool]:
-    """Place the order inside the caller's transaction; return it and whether it is a replay.
+    """Place the order; return it and whether it is a replay. Committed on return.
 
-    With a key, `pglayer.IdempotencyKeys` claims it first in this transaction: a concurrent
-    request with the same key waits on it, then replays the stored order; a rollback takes
-    the key with it.
+    With a key, `pglayer.IdempotencyKeys` claims it first in the order's transaction: a
+    concurrent request with the same key waits on it, then replays the stored order; a
+    rollback takes the key with it. That transaction is replayed whole on serialization
+    failures, deadlocks or a connection lost before COMMIT. Without a key the order is
+    one statement, replayed only if it was never sent: a connection lost while it ran
+    leaves its outcome unknown (`CommitIndeterminateError`), which is what keys are for.
+    A row locked past `lock_timeout` is `LockTimeoutError` either way, and no connection
+    is held longer.
     """
-    return await keys.run(conn, "orders", key, request_hash(body), lambda c: _place(c, body))
+    if key is None:
+        order = await db.run(lambda c: _place(c, body), lock_timeout=lock_timeout)
+        return order, False
+    digest = request_hash(body)
+    return await db.run_in_transaction(
+        lambda c: keys.run(c, "orders", key, digest, lambda c: _place(c, body)),
+        lock_timeout=lock_timeout,
+    )

@@ -47,14 +47,14 @@ _CURSOR = TypeAdapter(tuple[AwareDatetime, CursorId])
 async def create_order(
     body: OrderCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None
 ) -> Response:
-    """Decrement stock, debit the balance and write the order, in one transaction."""
+    """Decrement stock, debit the balance and write the order, all or nothing."""
     settings: ShopSettings = request.app.state.shop_settings
-    # Replayed whole on serialization failures, deadlocks or a connection lost before
-    # COMMIT; committed before the response is sent. A row locked past the bound is 503
-    # `busy` (no connection is held longer).
-    order, replayed = await db.run_in_transaction(
-        lambda conn: place_order(conn, body, idempotency_key, request.app.state.idempotency_keys),
-        lock_timeout=settings.write_lock_timeout,
+    order, replayed = await place_order(
+        db,
+        body,
+        idempotency_key,
+        request.app.state.idempotency_keys,
+        settings.write_lock_timeout,
     )
     headers = {"Location": f"/orders/{order['id']}"}
     if replayed:
