@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -218,19 +219,6 @@ async def test_a_one_statement_write_gets_its_bound_and_is_busy_past_it(db_url: 
         assert _pool(db).lane("write").locked_at == 0
 
 
-async def test_a_one_statement_write_on_a_stuck_lane_gets_the_bound_left_after_the_wait(
-    db_url: str,
-) -> None:
-    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
-        pool = _pool(db)
-        pool.lane("write").locked_at = time.monotonic()
-        held = await pool.acquire(pool.lane("write"))
-        asyncio.get_running_loop().call_later(0.3, pool.release, held, 0.3)
-        left = await db.run(lambda c: asyncio.sleep(0, c.lock_timeout_ms), lock_timeout=5.0)
-    assert left is not None
-    assert 0 < left <= 4700  # 5 s less the wait for the connection
-
-
 async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_lock(
     db_url: str,
 ) -> None:
@@ -270,18 +258,54 @@ async def test_waiters_queued_before_a_lane_gets_stuck_stop_at_their_lock_bound(
         assert await unbounded == 2
 
 
-async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_with_begin(
+async def test_a_waiter_whose_bound_ended_is_not_handed_the_connection_that_comes_free(
     db_url: str,
+) -> None:
+    settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
+    async with Database(settings) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        held = await pool.acquire(lane)
+        late = asyncio.create_task(
+            db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+        )
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
+        await asyncio.sleep(0.3)  # its bound is over; the clock would end its wait soon
+        # A write of the lane hits its lock bound and gives its connection back at once,
+        # as `Database` does: the waiter's wait was on that lock, it must not take it.
+        pool.stuck(lane)
+        pool.release(held, 0.3)
+        with pytest.raises(LockTimeoutError):
+            await late
+        assert lane.in_use == 0
+
+
+async def _bound_in_the_transaction(db: Database) -> int | None:
+    setting = await db.run_in_transaction(
+        lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0
+    )
+    return int(setting.removesuffix("ms"))
+
+
+async def _bound_for_one_statement(db: Database) -> int | None:
+    return await db.run(lambda c: asyncio.sleep(0, c.lock_timeout_ms), lock_timeout=5.0)
+
+
+@pytest.mark.parametrize(
+    "bound_left",
+    [_bound_in_the_transaction, _bound_for_one_statement],
+    ids=["with BEGIN", "on the connection, for one statement"],
+)
+async def test_what_is_left_of_a_stuck_lanes_lock_bound_after_the_acquire_goes_with_the_work(
+    db_url: str, bound_left: Callable[[Database], Awaitable[int | None]]
 ) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
         pool = _pool(db)
         pool.lane("write").locked_at = time.monotonic()
         held = await pool.acquire(pool.lane("write"))
         asyncio.get_running_loop().call_later(0.3, pool.release, held, 0.3)
-        setting = await db.run_in_transaction(
-            lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0
-        )
-    milliseconds = int(setting.removesuffix("ms"))
+        milliseconds = await bound_left(db)
+    assert milliseconds is not None
     assert 0 < milliseconds <= 4700  # 5 s less the wait for the connection
 
 

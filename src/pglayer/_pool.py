@@ -450,10 +450,14 @@ class Pool:
         now = lane.locked_at = time.monotonic()
         for waiter in lane.waiters:
             end = waiter.since + waiter.bound
-            if waiter.bound and end < waiter.until and not waiter.future.done():
-                # Queued before the lane was stuck, its wait is on the same lock.
-                waiter.until = max(end, now)
-                heapq.heappush(self._deadlines, (waiter.until, next(self._order), waiter))
+            if not waiter.bound or end >= waiter.until or waiter.future.done():
+                continue
+            # Queued before the lane was stuck, its wait is on the same lock.
+            if end <= now:
+                self._time_out(waiter)  # now, before a release hands it a connection
+            else:
+                waiter.until = end
+                heapq.heappush(self._deadlines, (end, next(self._order), waiter))
         assert self._clock is not None
         self._clock.wake()
 
@@ -672,15 +676,18 @@ class Pool:
 
     # -- upkeep ----------------------------------------------------------------------
 
+    def _time_out(self, waiter: _Waiter) -> None:
+        waiter.lane.waiting -= 1
+        waiter.lane.timeouts += 1
+        self._waiting -= 1
+        waiter.future.set_exception(self._refused(PoolTimeoutError()))
+
     def _tick(self, now: float) -> bool:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             waiter = heapq.heappop(deadlines)[2]
             if not waiter.future.done():
-                waiter.lane.waiting -= 1
-                waiter.lane.timeouts += 1
-                self._waiting -= 1
-                waiter.future.set_exception(self._refused(PoolTimeoutError()))
+                self._time_out(waiter)
         paced = self._paced
         while paced and paced[0][0] <= now:
             paused = heapq.heappop(paced)[2]
