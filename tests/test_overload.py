@@ -219,6 +219,11 @@ async def test_a_one_statement_write_gets_its_bound_and_is_busy_past_it(db_url: 
         assert _pool(db).lane("write").locked_at == 0
 
 
+async def _bounded_write(db: Database) -> int:
+    """A write transaction with a 0.2 s lock bound."""
+    return await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+
+
 async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_lock(
     db_url: str,
 ) -> None:
@@ -227,7 +232,7 @@ async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_loc
         _pool(db).lane("write").locked_at = time.monotonic()  # a write hit its bound just now
         waited = asyncio.get_running_loop().time()
         with pytest.raises(LockTimeoutError) as busy:  # it waited on the lock: busy
-            await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
+            await _bounded_write(db)
         assert isinstance(busy.value.__cause__, PoolTimeoutError | PoolOverloadedError)
         # Refused after the 0.2 s bound, not the 30 s acquire deadline (slack for a busy CI).
         assert asyncio.get_running_loop().time() - waited < 10
@@ -236,14 +241,10 @@ async def test_a_lock_bound_also_bounds_the_wait_for_a_connection_stuck_on_a_loc
 async def test_waiters_queued_before_a_lane_gets_stuck_stop_at_their_lock_bound(
     db_url: str,
 ) -> None:
-    settings = settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)
-    async with Database(settings) as db:
-        pool = _pool(db)
-        lane = pool.lane("write")
+    async with Database(settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)) as db:
+        pool, lane = _pool(db), _pool(db).lane("write")
         async with db.connection():  # the only connection, held
-            bounded = asyncio.create_task(
-                db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
-            )
+            bounded = asyncio.create_task(_bounded_write(db))
             unbounded = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 2")))
             await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
             assert not lane.locked_at
@@ -266,9 +267,7 @@ async def test_a_waiter_whose_bound_ended_is_not_handed_the_connection_that_come
         pool = _pool(db)
         lane = pool.lane("write")
         held = await pool.acquire(lane)
-        late = asyncio.create_task(
-            db.run_in_transaction(lambda c: c.fetchval("SELECT 1"), lock_timeout=0.2)
-        )
+        late = asyncio.create_task(_bounded_write(db))
         await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
         await asyncio.sleep(0.3)  # its bound is over; the clock would end its wait soon
         # A write of the lane hits its lock bound and gives its connection back at once,
