@@ -408,6 +408,39 @@ async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
         assert (await client.post("/orders", json=order, headers=headers)).status_code == 201
 
 
+async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
+    db_url: str,
+) -> None:
+    # PostgreSQL's lock_timeout bounds each lock wait; a row with a queue of waiters is two
+    # waits (tuple lock, then the holder's transaction), so without care the second order in
+    # line waits twice the bound.
+    bound = 1.0
+    db = Database(settings_for(db_url, min_size=1, max_size=8))
+    app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=bound))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        user = (await client.post("/users", json={"name": "A", "email": "a@example.com"})).json()
+        await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
+        product = (
+            await client.post("/products", json={"name": "P", "price": "1.00", "stock": 5})
+        ).json()
+        order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product['id']} FOR UPDATE")
+
+        async def place() -> tuple[int, float]:
+            started = time.monotonic()
+            response = await client.post("/orders", json=order)
+            return response.status_code, time.monotonic() - started
+
+        try:
+            outcomes = await asyncio.gather(*(place() for _ in range(4)))
+        finally:
+            await holder.close()
+    assert [status for status, _ in outcomes] == [503] * 4
+    # About 1 s each; twice the bound would be 2 s (slack for a busy CI).
+    assert max(seconds for _, seconds in outcomes) < 1.6 * bound
+
+
 async def test_a_refusal_before_routing_carries_the_predicted_wait(db_url: str) -> None:
     db = Database(
         settings_for(db_url, min_size=1, max_size=1, acquire_timeout=0.5, refusal_delay=0)
