@@ -279,6 +279,24 @@ async def test_a_waiter_whose_bound_ended_is_not_handed_the_connection_that_come
         assert lane.in_use == 0
 
 
+async def test_a_waiter_that_gets_a_connection_after_its_lane_got_stuck_gets_its_bound_left(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, acquire_timeout=30)) as db:
+        pool, lane = _pool(db), _pool(db).lane("write")
+        held = await pool.acquire(lane)
+        write = asyncio.create_task(
+            db.run(lambda c: asyncio.sleep(0, c.lock_timeout_ms), lock_timeout=5.0)
+        )
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
+        await asyncio.sleep(0.3)
+        pool.stuck(lane)  # another write of the lane hit its bound while this one waited
+        pool.release(held, 0.3)
+        left = await write
+    assert left is not None
+    assert 0 < left <= 4700  # 5 s less its wait in line
+
+
 async def _bound_in_the_transaction(db: Database) -> int | None:
     setting = await db.run_in_transaction(
         lambda c: c.fetchval("SHOW lock_timeout"), lock_timeout=5.0

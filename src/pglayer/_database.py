@@ -444,9 +444,14 @@ class Database:
                     tx = dataclasses.replace(tx, lock_until=now + bound)
                 timeout = bound if timeout is None else min(timeout, bound)
         try:
-            slot = pool.take(lane) or await pool.acquire(
-                lane, timeout, None if ctx is None else ctx.deadline, bound or 0.0
-            )
+            slot = pool.take(lane)
+            if slot is None:
+                waited = time.monotonic()
+                slot = await pool.acquire(
+                    lane, timeout, None if ctx is None else ctx.deadline, bound or 0.0
+                )
+                if bound is not None and not asked and lane.locked_at > waited:
+                    asked = waited  # the lane got stuck while it waited: on that lock too
         except Exception as exc:
             if bound is not None and lane.locked_at and isinstance(exc, _NO_CONNECTION):
                 exc = _busy(exc)
