@@ -398,21 +398,32 @@ async def _never_connect() -> Any:
     raise AssertionError("no connection expected")
 
 
+async def _an_order(client: httpx.AsyncClient) -> dict[str, int]:
+    """The body of an order that goes through: a funded user, a product in stock."""
+    user = (await client.post("/users", json={"name": "A", "email": "a@example.com"})).json()
+    await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
+    product = (
+        await client.post("/products", json={"name": "P", "price": "1.00", "stock": 5})
+    ).json()
+    return {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
+
+
+async def _lock_product(db_url: str, product_id: int) -> asyncpg.Connection[Any]:
+    """Another connection holding the product's row lock until it is closed."""
+    holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product_id} FOR UPDATE")
+    return holder
+
+
 @pytest.mark.parametrize("key", [None, "order-on-a-locked-row"])
 async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
     db: Database, db_url: str, db_name: str, admin: asyncpg.Connection[Any], key: str | None
 ) -> None:
     app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=0.2))
     async with app.router.lifespan_context(app), asgi_client(app) as client:
-        user = (await client.post("/users", json={"name": "A", "email": "a@example.com"})).json()
-        await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
-        product = (
-            await client.post("/products", json={"name": "P", "price": "1.00", "stock": 5})
-        ).json()
-        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
-        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product['id']} FOR UPDATE")
+        order = await _an_order(client)
+        holder = await _lock_product(db_url, order["product_id"])
         try:
-            order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
             headers = {"Idempotency-Key": key} if key else {}
             response = await client.post("/orders", json=order, headers=headers)
         finally:
@@ -436,14 +447,8 @@ async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
     db = Database(settings_for(db_url, min_size=1, max_size=8))
     app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=bound))
     async with app.router.lifespan_context(app), asgi_client(app) as client:
-        user = (await client.post("/users", json={"name": "A", "email": "a@example.com"})).json()
-        await client.post(f"/accounts/{user['id']}/deposits", json={"amount": "100.00"})
-        product = (
-            await client.post("/products", json={"name": "P", "price": "1.00", "stock": 5})
-        ).json()
-        order = {"user_id": user["id"], "product_id": product["id"], "quantity": 1}
-        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
-        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product['id']} FOR UPDATE")
+        order = await _an_order(client)
+        holder = await _lock_product(db_url, order["product_id"])
 
         async def place() -> tuple[int, float]:
             started = time.monotonic()
