@@ -153,7 +153,9 @@ async def test_a_fast_restart_under_load_gives_only_503s_and_recovers(
 
     counts = Counter(s for _, s, _ in results)
     assert set(counts) <= {200, 503}, counts
-    assert counts[503] > 0, "the restart was not seen by any request"
+    # The restart reached the pool: connections were lost, or requests were refused (a
+    # restart quick enough is ridden out by the retries, with no 503 at all).
+    assert counts[503] > 0 or db.stats().connections_lost > 0, "the restart was not seen"
     assert all(ra is not None and int(ra) >= 1 for _, s, ra in results if s == 503)
     first_ok = min(t for t, s, _ in results if t > accepting_at and s == 200)
     recovery = first_ok - accepting_at
