@@ -257,7 +257,7 @@ class Connection:
         finally:
             self._depth -= 1
 
-    def indeterminate(self, what: str) -> CommitIndeterminateError:
+    def _indeterminate(self, what: str) -> CommitIndeterminateError:
         """The error for a connection that failed while `what` (a COMMIT, or a write in
         autocommit) was in flight: it may or may not have been applied."""
         log.exception(
@@ -282,7 +282,7 @@ class Connection:
         except Exception as exc:
             translated = self._translate(exc)
             if outcome_unknown(translated):
-                raise self.indeterminate("COMMIT") from exc
+                raise self._indeterminate("COMMIT") from exc
             self._raise(exc)
         if status != "COMMIT":
             # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error:

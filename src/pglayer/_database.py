@@ -55,7 +55,7 @@ from pglayer._observability import (
     SlowQuery,
     StatsRecorder,
 )
-from pglayer._pool import Lane, Pool, Slot
+from pglayer._pool import Pool, Slot
 from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
@@ -85,6 +85,20 @@ def _busy(exc: Exception) -> LockTimeoutError:
     )
     error.__cause__ = exc
     return error
+
+
+async def _write_alone(conn: Connection, fn: Work[T], bound: float | None) -> T:
+    # One write statement in autocommit: it is its own COMMIT. Lost before it was sent, it
+    # may be replayed; lost while in flight, its outcome is unknown.
+    if conn.raw.is_closed():
+        raise ConnectionLostError(sqlstate="08003")
+    conn.lock_timeout_ms = None if bound is None else max(int(bound * 1000), 1)
+    try:
+        return await fn(conn)
+    except Exception as exc:
+        if outcome_unknown(exc):
+            raise conn._indeterminate("Autocommit write") from exc
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,11 +478,12 @@ class Database:
             if asked and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
             if not tx.begin:
-                return await self._write_alone(conn, fn, bound, lane)
-            async with conn.transaction(
-                readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
-            ):
-                result = await fn(conn)
+                result = await _write_alone(conn, fn, bound)
+            else:
+                async with conn.transaction(
+                    readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
+                ):
+                    result = await fn(conn)
         except Exception as exc:
             error = exc
             if isinstance(exc, LockTimeoutError):
@@ -481,23 +496,6 @@ class Database:
             conn._slot = None
             pool.release(slot, time.monotonic() - held_since)
         return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
-
-    async def _write_alone(
-        self, conn: Connection, fn: Work[T], bound: float | None, lane: Lane
-    ) -> T:
-        # One write statement in autocommit: it is its own COMMIT. Lost before it was sent,
-        # it may be replayed; lost while in flight, its outcome is unknown.
-        if conn.raw.is_closed():
-            raise ConnectionLostError(sqlstate="08003")
-        conn.lock_timeout_ms = None if bound is None else max(int(bound * 1000), 1)
-        try:
-            result = await fn(conn)
-        except Exception as exc:
-            if outcome_unknown(exc):
-                raise conn.indeterminate("Autocommit write") from exc
-            raise
-        lane.locked_at = 0.0  # it went through: the lane is not stuck on a lock
-        return result
 
     async def _recover(
         self,

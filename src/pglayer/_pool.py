@@ -144,6 +144,7 @@ class _Waiter:
 
 
 _HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold times
+_MEAN_OF = 10  # first holds averaged plainly (1/n >= _HOLD_WEIGHT up to here)
 # A queue is standing, and served newest first, once its oldest waiter has used this much of
 # its wait: admission keeps the line short enough to be served in time, so this happens only
 # when the pace drops after admission (a lock, a slow server), not under mere load, where
@@ -398,17 +399,17 @@ class Pool:
     def predicted_wait(self, lane: Lane) -> float:
         """How long a newcomer to `lane` would wait: the waiters ahead of it, at the pace
         the connections it may use come free (its recent hold time each)."""
+        if not lane.rate or lane.samples < lane.cap:
+            # No pace measured yet over a busy interval, or fewer holds than connections:
+            # the first holds of a cold start (a flood of new clients, cold backends) are
+            # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
+            return 0.0
         ahead = 1 + sum(
             other.waiting
             for other in self._lanes.values()
             if other is lane or other.in_use < other.cap
         )
         usable = max(min(lane.cap, self.max_size - (self._in_use - lane.in_use)), 1)
-        if not lane.rate or lane.samples < lane.cap:
-            # No pace measured yet over a busy interval, or fewer holds than connections:
-            # the first holds of a cold start (a flood of new clients, cold backends) are
-            # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
-            return 0.0
         # The pace at which this lane's connections come free: measured over the last
         # second or so when it is busy, which a pause (GC, a slow moment) does not distort;
         # else from hold times. Whichever is faster.
@@ -502,7 +503,8 @@ class Pool:
         lane.samples += 1
         # A plain mean of the first few: one slow first hold (a cold backend, a flood of new
         # connections) must not stand for the lane's pace while a queue forms behind it.
-        lane.hold += (held - lane.hold) * max(_HOLD_WEIGHT, 1 / lane.samples)
+        samples = lane.samples
+        lane.hold += (held - lane.hold) * (1 / samples if samples < _MEAN_OF else _HOLD_WEIGHT)
         self.observer.released(held)
         self._give_back(slot)
 
