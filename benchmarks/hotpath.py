@@ -65,7 +65,7 @@ COMMON_ENV = {
     "PGLAYER_MIN_SIZE": "10",
     "PGLAYER_LOG_LEVEL": "INFO",
     "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
-    "PGLAYER_FREEZE_GC": "true",
+    "PGLAYER_TUNE_GC": "true",
 }
 
 

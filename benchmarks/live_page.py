@@ -55,7 +55,7 @@ def start_shop(url: str, port: int) -> subprocess.Popen[bytes]:
         "PGLAYER_ADMIN_TOKEN": TOKEN,
         "PGLAYER_MIN_SIZE": str(POOL_MAX),
         "PGLAYER_MAX_SIZE": str(POOL_MAX),
-        "PGLAYER_FREEZE_GC": "true",
+        "PGLAYER_TUNE_GC": "true",
     }
     proc = subprocess.Popen(serve_command(port), env=env, cwd=ROOT)
     deadline = time.monotonic() + 60

@@ -302,7 +302,7 @@ def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]
         "PGLAYER_LOG_FORMAT": "text",
         "PGLAYER_LOG_LEVEL": "INFO",
         "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
-        "PGLAYER_FREEZE_GC": "true",
+        "PGLAYER_TUNE_GC": "true",
     }
     # The defaults: admission by predicted wait decides what waits, not a sized bound.
     normal_env = dict(base_env)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import logging
 import os
 import pstats
@@ -24,7 +25,8 @@ from fastapi import FastAPI
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database
+from pglayer import Database, _gc
+from pglayer.fastapi import setup
 from tests.conftest import settings_for
 
 CALL_BUDGET = 485  # per request; the naive baseline: 493 (the shop: 478 when written)
@@ -113,3 +115,32 @@ async def _calls_per_user_read(db_url: str, log_sink: IO[str]) -> float:
         profile.disable()
     assert statuses == [200] * REQUESTS
     return float(pstats.Stats(profile).total_calls) / REQUESTS  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """Give the test process back the collector's settings a tuned startup changes."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    _gc._tuned = False
+
+
+async def test_a_tuned_startup_freezes_its_heap_and_collects_the_young_less_often(
+    db_url: str, gc_restored: None
+) -> None:
+    app = FastAPI()
+    setup(app, Database(settings_for(db_url)), tune_gc=True)
+    async with app.router.lifespan_context(app):
+        assert gc.get_threshold()[0] == _gc.GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
+
+
+async def test_the_collector_is_left_alone_unless_asked(db_url: str, gc_restored: None) -> None:
+    threshold = gc.get_threshold()
+    app = FastAPI()
+    setup(app, Database(settings_for(db_url)))  # PGLAYER_TUNE_GC unset: off
+    async with app.router.lifespan_context(app):
+        assert gc.get_threshold() == threshold
+        assert gc.get_freeze_count() == 0

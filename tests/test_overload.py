@@ -103,6 +103,42 @@ async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: 
         assert lane.timeouts == 1
 
 
+async def test_at_the_admission_limit_the_oldest_waiter_is_still_served_first(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        held = await pool.acquire(lane)
+        lane.samples, lane.busy, lane.rate = lane.cap, 10**6, 0.625  # a connection per 1.6 s
+        old = asyncio.create_task(pool.acquire(lane, timeout=2.0))  # predicted 1.6 s of its 2
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
+        await asyncio.sleep(1.65)  # past 80% of its wait, still within what it was predicted
+        lane.rate = 0.625  # as measured (with no releases the clock's measure decays it)
+        new = asyncio.create_task(pool.acquire(lane, timeout=60.0))
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+        pool.release(held, 0.0)
+        served = await old  # FIFO: the queue is as long as admission predicted, not standing
+        assert not new.done()
+        pool.release(served, 0.0)
+        pool.release(await new, 0.0)
+        assert lane.timeouts == 0
+
+
+async def test_after_a_second_of_queue_the_measured_rate_alone_is_the_pace(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        held = await pool.acquire(lane)
+        waiter = asyncio.create_task(pool.acquire(lane, timeout=5.0))
+        await wait_for(lambda: asyncio.sleep(0, lane.busy >= 3))  # measures that found a queue
+        lane.samples, lane.hold, lane.rate = lane.cap, 0.001, 10.0  # holds: 1,000/s; rate: 10/s
+        lane.busy = 9
+        assert pool.predicted_wait(lane) == pytest.approx(2 / 1000)  # the faster, for now
+        lane.busy = 10
+        assert pool.predicted_wait(lane) == pytest.approx(2 / 10)
+        pool.release(held, 0.0)
+        pool.release(await waiter, 0.0)
+
+
 async def test_a_bulkhead_at_its_cap_waits_while_others_take_connections(db_url: str) -> None:
     settings = settings_for(db_url, min_size=4, max_size=4, bulkheads={"write": 2})
     async with Database(settings) as db:
@@ -370,7 +406,7 @@ def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
     async def dues() -> list[float]:
         pool = Pool(
             _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
-            acquire_timeout=1, query_timeout=1, max_idle=0, connect_timeout=1,
+            acquire_timeout=4, query_timeout=1, max_idle=0, connect_timeout=1,
             observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
         )  # fmt: skip
         await pool.start()
@@ -381,17 +417,20 @@ def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
             pool.pace(60.0),  # at most a second
             pool.pace(60.0, deadline=now + 0.1),  # never past the request's deadline
         ]
+        pool.acquire_timeout = 0.6
+        paused.append(pool.pace(60.0))  # never more than half the wait it spares
         assert pool.pace(1.0, deadline=now - 1) is None  # the deadline has passed
         due = {id(f): d - now for d, _, f in pool._paced}
         await pool.close(1)
         assert all(f is not None and f.done() for f in paused)  # closing answers them
         return [due[id(f)] for f in paused]
 
-    least, share, most, capped = asyncio.run(dues())
+    least, share, most, capped, halved = asyncio.run(dues())
     assert least == pytest.approx(0.025, abs=0.01)
     assert share == pytest.approx(0.4, abs=0.01)
     assert most == pytest.approx(1.0, abs=0.01)
     assert capped == pytest.approx(0.1, abs=0.01)
+    assert halved == pytest.approx(0.3, abs=0.01)
 
 
 async def _never_connect() -> Any:

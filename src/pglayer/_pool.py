@@ -89,6 +89,7 @@ class Lane:
     """One bulkhead: a kind of work, the connections it may hold at once, its waiters."""
 
     __slots__ = (
+        "busy",
         "cap",
         "hold",
         "in_use",
@@ -113,6 +114,7 @@ class Lane:
         self.released = 0  # connections given back so far
         self.samples = 0  # hold times measured in all
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
+        self.busy = 0  # measures of that rate in a row that found waiters
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
         self.locked_at = 0.0  # when work of this lane last waited past its lock bound
@@ -131,27 +133,40 @@ class Lane:
 
 
 class _Waiter:
-    __slots__ = ("bound", "future", "lane", "since", "until")
+    __slots__ = ("bound", "future", "lane", "since", "standing_at", "until")
 
     def __init__(
-        self, future: asyncio.Future[Slot], lane: Lane, since: float, until: float, bound: float
+        self,
+        future: asyncio.Future[Slot],
+        lane: Lane,
+        since: float,
+        until: float,
+        bound: float,
+        predicted: float,
     ):
         self.future = future
         self.lane = lane
         self.since = since
         self.until = until
         self.bound = bound  # the caller's lock bound (0: none), if its lane gets stuck
+        # Still waiting by then, it has waited well past what admission predicted (_STANDING).
+        self.standing_at = since + predicted + (until - since - predicted) * _STANDING
 
 
 _HOLD_WEIGHT = 0.1  # of the newest sample in a lane's moving average of hold times
 _MEAN_OF = 10  # first holds averaged plainly (1/n >= _HOLD_WEIGHT up to here)
 # A queue is standing, and served newest first, once its oldest waiter has used this much of
-# its wait: admission keeps the line short enough to be served in time, so this happens only
-# when the pace drops after admission (a lock, a slow server), not under mere load, where
-# FIFO keeps the tail short.
+# the slack its admission left it (its wait less the wait predicted for it): the pace dropped
+# after admission (a lock, a slow server). Not of its whole wait: at the admission limit the
+# last admitted is predicted nearly all of it, and serving newer waiters first timed out the
+# ones FIFO serves in time (`storm`: 45% of admitted requests ended 503 `unavailable`).
 _STANDING = 0.8
 _RATE_INTERVAL = 0.1  # seconds between measures of each lane's release rate
 _RATE_WEIGHT = 0.2  # of the newest interval in that moving average (~0.5 s of memory)
+# Measures in a row with waiters (~1 s) after which a lane's rate alone is its pace: by then
+# 89% of that moving average comes from intervals with a queue, which measure what the lane
+# can serve, not how much work came.
+_BUSY_TRUSTED = 10
 # A refusal pauses a share of the wait it predicts (at least `refusal_delay`, at most
 # `_PACE_MAX`): a client told "a connection is 4 s away" gains nothing by asking again at
 # once, and each early retry costs the server about as much CPU as serving a request.
@@ -410,10 +425,12 @@ class Pool:
             if other is lane or other.in_use < other.cap
         )
         usable = max(min(lane.cap, self.max_size - (self._in_use - lane.in_use)), 1)
-        # The pace at which this lane's connections come free: measured over the last
-        # second or so when it is busy, which a pause (GC, a slow moment) does not distort;
-        # else from hold times. Whichever is faster.
-        pace = max(lane.rate, usable / lane.hold)
+        # The pace at which this lane's connections come free. After a second with a queue,
+        # its measured rate: hold times leave out what else takes the CPU, and under a storm
+        # of refusals overrated the pace twice over, admitting work that then timed out.
+        # Before (a queue just formed, a flood of new clients): whichever is faster, as a
+        # cold start's slow first moments are not the lane's pace.
+        pace = lane.rate if lane.busy >= _BUSY_TRUSTED else max(lane.rate, usable / lane.hold)
         return ahead / pace
 
     async def _wait_in_line(self, lane: Lane, since: float, wait: float, bound: float) -> Slot:
@@ -425,7 +442,7 @@ class Pool:
             # It would not get a connection in time: say so now, not after the wait.
             await self._refuse(lane, PoolOverloadedError(retry_after=predicted), since + wait)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), lane, since, since + wait, bound)
+        waiter = _Waiter(loop.create_future(), lane, since, since + wait, bound, predicted)
         lane.waiters.append(waiter)
         lane.waiting += 1
         self._waiting += 1
@@ -477,13 +494,15 @@ class Pool:
 
     def pace(self, predicted: float, deadline: float | None = None) -> asyncio.Future[None] | None:
         """A future that ends the pause before a refusal, or None for no pause: at least
-        `refusal_delay`, a share of the `predicted` wait if longer (at most 1 s), never past
-        `deadline`. A client that retries at once then retries later, at no cost to the
-        server (no timer: the clock ends the pause)."""
+        `refusal_delay`, a share of the `predicted` wait if longer (at most 1 s, and half of
+        `acquire_timeout`), never past `deadline`. A client that retries at once then
+        retries later, at no cost to the server (no timer: the clock ends the pause)."""
         if not self.refusal_delay or self._clock is None:
             return None
         now = time.monotonic()
-        due = now + min(max(self.refusal_delay, predicted * _PACE_SHARE), _PACE_MAX)
+        pause = min(max(self.refusal_delay, predicted * _PACE_SHARE), _PACE_MAX)
+        # Never longer than half the wait it spares: a refusal is the fast answer.
+        due = now + min(pause, self.acquire_timeout / 2)
         if deadline is not None:
             due = min(due, deadline)
         if due <= now:
@@ -532,7 +551,8 @@ class Pool:
 
     def _next_waiter(self) -> _Waiter | None:
         """Whom a free connection goes to: the oldest waiter of a lane below its cap; but
-        once that one has used most of its wait, the newest of its lane (adaptive LIFO)."""
+        once that one has waited well past its predicted wait, the newest of its lane
+        (adaptive LIFO)."""
         if not self._waiting:
             return None
         oldest = None
@@ -544,8 +564,7 @@ class Pool:
         if oldest is None:
             return None
         lane = oldest.lane
-        standing = time.monotonic() - oldest.since > (oldest.until - oldest.since) * _STANDING
-        chosen = lane.newest() if standing else oldest
+        chosen = lane.newest() if time.monotonic() > oldest.standing_at else oldest
         assert chosen is not None
         (lane.waiters.pop if chosen is not oldest else lane.waiters.popleft)()
         lane.waiting -= 1
@@ -709,8 +728,11 @@ class Pool:
         self._measured_at = now
         for lane in self._lanes.values():
             done, lane.released = lane.released, 0
-            if interval < 10 * _RATE_INTERVAL:  # a stale interval (idle pool) says nothing
+            if interval < 10 * _RATE_INTERVAL:
                 lane.rate += (done / interval - lane.rate) * _RATE_WEIGHT
+                lane.busy = lane.busy + 1 if lane.waiting else 0
+            else:  # a stale interval (the pool was idle) says nothing of the pace
+                lane.busy = 0
 
     async def _maintain(self) -> None:
         """Close connections idle past `max_idle` (above `min_size`); refill to `min_size`."""

@@ -81,6 +81,7 @@ def serve(
 
     # Worker processes build their app from the environment, as a user's would.
     os.environ["PGLAYER_WORKERS"] = str(workers)
+    os.environ.setdefault("PGLAYER_TUNE_GC", "true")
     embedded: EmbeddedPostgres | None = None
     metrics_dir: Path | None = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -111,8 +111,9 @@ class DatabaseSettings(BaseSettings):
         ge=0,
         le=1.0,
         description="Least pause before a refusal (503 `overloaded`) is answered; a refusal"
-        " that predicts a long wait pauses a fifth of it (at most 1 s, never past the request"
-        " deadline). Slows clients that retry at once, at no cost to the server; 0: no pause.",
+        " that predicts a long wait pauses a fifth of it (at most 1 s, and half of"
+        " `acquire_timeout`; never past the request deadline). Slows clients that retry at"
+        " once, at no cost to the server; 0: no pause.",
     )
     acquire_timeout: float = Field(
         default=5.0,
@@ -286,7 +287,8 @@ class DatabaseSettings(BaseSettings):
 
 
 class ServerSettings(BaseSettings):
-    """Bounds the HTTP server of `pglayer serve` puts on every request (`pglayer._http`)."""
+    """What `pglayer serve` sets up in its processes: bounds its HTTP server puts on every
+    request (`pglayer._http`), and the garbage collector (`tune_gc`)."""
 
     model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
 
@@ -308,4 +310,10 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="Seconds a request body may take to arrive after its headers; later "
         "gets 408 and the connection is closed.",
+    )
+    tune_gc: bool = Field(
+        default=False,
+        description="Once per process after startup: `gc.freeze()` and a young-generation "
+        "threshold of 50,000 instead of 700, so that garbage collection stops taking a "
+        "share of the CPU that grows with concurrency (`pglayer serve`: on).",
     )

@@ -56,7 +56,6 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         db,
         max_body_size=settings.max_body_size,
         access_log=settings.access_log,
-        freeze_gc=settings.freeze_gc,
         # What an operator needs while the pool is saturated is never shed.
         shed_exempt=("/health/", "/metrics", "/admin/"),
     )

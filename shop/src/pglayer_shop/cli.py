@@ -91,7 +91,6 @@ def serve(
     # Every worker process builds its app from the environment, as a user's would.
     os.environ.setdefault("PGLAYER_LOG_FORMAT", "text")
     os.environ.setdefault("PGLAYER_ACCESS_LOG", "true")
-    os.environ.setdefault("PGLAYER_FREEZE_GC", "true")
     _configure_logging()
 
     async def prepare(db: Database) -> None:

@@ -70,7 +70,3 @@ class ShopSettings(BaseSettings):
         " access log report the shop, and FastAPI skips looking up three OpenTelemetry"
         " providers (environment variables) on every request.",
     )
-    freeze_gc: bool = Field(
-        default=False,
-        description="`gc.freeze()` after startup: fewer and shorter GC pauses (serve: on).",
-    )
