@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,6 +67,7 @@ class Saturated:
         read = self.pool.lane("read")
         # Measured: each read holds its connection 2 s, a pace of one every 2 s.
         read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
+        read.armed_until = time.monotonic() + 60  # as after a missed deadline
         self._held = self.db.connection()
         await self._held.__aenter__()
         self._waiter = asyncio.create_task(self.pool.acquire(self.pool.lane("read"), timeout=30))

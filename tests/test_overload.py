@@ -48,6 +48,8 @@ async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_ur
         lane = pool.lane("write")
         assert 0.05 < lane.hold < 0.5
         async with db.connection():  # the only connection, held
+            with pytest.raises(PoolTimeoutError):  # a missed deadline arms admission
+                await pool.acquire(lane, timeout=0.05)
             # One ahead is about one hold: well inside a 5 s deadline, so it waits in line.
             first = asyncio.create_task(pool.acquire(lane, timeout=5.0))
             await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
@@ -59,7 +61,7 @@ async def test_admission_refuses_at_once_only_what_would_miss_its_deadline(db_ur
             assert refused.value.retry_after == pytest.approx(predicted)
             assert lane.refused == 1
             assert lane.waiting == 1
-            assert lane.timeouts == 0
+            assert lane.timeouts == 1
             # One whose deadline covers the predicted wait is admitted.
             second = asyncio.create_task(pool.acquire(lane, timeout=predicted * 10))
             await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
@@ -82,7 +84,26 @@ async def test_a_cold_start_refuses_nothing_until_a_pace_is_measured(db_url: str
         lane.rate = 0.0  # no busy interval measured yet
         assert pool.predicted_wait(lane) == 0.0
         lane.rate = 1.0  # as the clock measures it once the lane has been busy
+        assert pool.predicted_wait(lane) == 0.0  # no deadline missed yet: not armed
+        lane.armed_until = time.monotonic() + 60
         assert pool.predicted_wait(lane) > 0
+
+
+async def test_a_forecast_refuses_only_once_a_deadline_has_been_missed(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
+        pool = _pool(db)
+        lane = pool.lane("write")
+        async with db.connection():  # the only connection, held
+            lane.samples, lane.hold, lane.rate = lane.cap, 10.0, 0.1  # forecast: 10 s each
+            # A cold flood: the forecast says it would miss its 0.2 s deadline; it waits.
+            with pytest.raises(PoolTimeoutError):
+                await pool.acquire(lane, timeout=0.2)
+            assert (lane.refused, lane.timeouts) == (0, 1)
+            lane.rate = 0.1  # the clock's measures meanwhile decay it; as measured
+            # Proved right: now what the forecast says would miss is refused at once.
+            with pytest.raises(PoolOverloadedError):
+                await pool.acquire(lane, timeout=0.2)
+            assert (lane.refused, lane.timeouts) == (1, 1)
 
 
 async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: str) -> None:
@@ -109,6 +130,7 @@ async def test_at_the_admission_limit_the_oldest_waiter_is_still_served_first(db
         lane = pool.lane("write")
         held = await pool.acquire(lane)
         lane.samples, lane.busy, lane.rate = lane.cap, 10**6, 0.625  # a connection per 1.6 s
+        lane.armed_until = time.monotonic() + 60  # as after a missed deadline
         old = asyncio.create_task(pool.acquire(lane, timeout=2.0))  # predicted 1.6 s of its 2
         await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
         await asyncio.sleep(1.65)  # past 80% of its wait, still within what it was predicted
@@ -131,6 +153,7 @@ async def test_after_a_second_of_queue_the_measured_rate_alone_is_the_pace(db_ur
         waiter = asyncio.create_task(pool.acquire(lane, timeout=5.0))
         await wait_for(lambda: asyncio.sleep(0, lane.busy >= 3))  # measures that found a queue
         lane.samples, lane.hold, lane.rate = lane.cap, 0.001, 10.0  # holds: 1,000/s; rate: 10/s
+        lane.armed_until = time.monotonic() + 60
         lane.busy = 9
         assert pool.predicted_wait(lane) == pytest.approx(2 / 1000)  # the faster, for now
         lane.busy = 10
@@ -513,6 +536,7 @@ async def test_a_refusal_before_routing_carries_the_predicted_wait(db_url: str) 
         read = pool.lane("read")
         # As if each read held its connection 2 s: a pace of one every 2 s.
         read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
+        read.armed_until = time.monotonic() + 60  # as after a missed deadline
         async with db.connection():  # the only connection, held
             waiter = asyncio.create_task(pool.acquire(pool.lane("read"), timeout=30))
             await wait_for(lambda: asyncio.sleep(0, pool.waiting == 1))

@@ -89,6 +89,7 @@ class Lane:
     """One bulkhead: a kind of work, the connections it may hold at once, its waiters."""
 
     __slots__ = (
+        "armed_until",
         "busy",
         "cap",
         "hold",
@@ -115,6 +116,7 @@ class Lane:
         self.samples = 0  # hold times measured in all
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.busy = 0  # measures of that rate in a row that found waiters
+        self.armed_until = 0.0  # predicted waits refuse until then (see Pool.predicted_wait)
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
         self.locked_at = 0.0  # when work of this lane last waited past its lock bound
@@ -167,6 +169,8 @@ _RATE_WEIGHT = 0.2  # of the newest interval in that moving average (~0.5 s of m
 # 89% of that moving average comes from intervals with a queue, which measure what the lane
 # can serve, not how much work came.
 _BUSY_TRUSTED = 10
+# Seconds a missed deadline, or a refusal by predicted wait, keeps admission armed.
+_ARMED_FOR = 1.0
 # A refusal pauses a share of the wait it predicts (at least `refusal_delay`, at most
 # `_PACE_MAX`): a client told "a connection is 4 s away" gains nothing by asking again at
 # once, and each early retry costs the server about as much CPU as serving a request.
@@ -414,10 +418,14 @@ class Pool:
     def predicted_wait(self, lane: Lane) -> float:
         """How long a newcomer to `lane` would wait: the waiters ahead of it, at the pace
         the connections it may use come free (its recent hold time each)."""
-        if not lane.rate or lane.samples < lane.cap:
-            # No pace measured yet over a busy interval, or fewer holds than connections:
-            # the first holds of a cold start (a flood of new clients, cold backends) are
-            # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
+        if not lane.rate or lane.samples < lane.cap or time.monotonic() > lane.armed_until:
+            # No pace measured yet, fewer holds than connections, or no deadline of this
+            # lane missed lately: a forecast alone refuses nothing. A flood of new clients
+            # slows the pace for a few seconds (1,024 new connections: holds of 100-180 ms)
+            # and the forecast, extrapolating it, refused orders the pool then served in
+            # time. Let them wait; their deadline still bounds it. Once a deadline is missed
+            # the forecast has been proved right, and refuses (and stays armed) until it
+            # stops predicting misses.
             return 0.0
         ahead = 1 + sum(
             other.waiting
@@ -440,6 +448,7 @@ class Pool:
         predicted = self.predicted_wait(lane)
         if predicted > wait:
             # It would not get a connection in time: say so now, not after the wait.
+            lane.armed_until = since + _ARMED_FOR
             await self._refuse(lane, PoolOverloadedError(retry_after=predicted), since + wait)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), lane, since, since + wait, bound, predicted)
@@ -698,6 +707,7 @@ class Pool:
     # -- upkeep ----------------------------------------------------------------------
 
     def _time_out(self, waiter: _Waiter) -> None:
+        waiter.lane.armed_until = time.monotonic() + _ARMED_FOR
         waiter.lane.waiting -= 1
         waiter.lane.timeouts += 1
         self._waiting -= 1
@@ -789,7 +799,10 @@ class Pool:
             return None
         lane = self._lanes["read"]
         predicted = self.predicted_wait(lane)
-        if predicted > self.acquire_timeout or self._waiting >= self.max_waiters:
+        if predicted > self.acquire_timeout:
+            lane.armed_until = time.monotonic() + _ARMED_FOR  # a refusal keeps it armed
+            return predicted
+        if self._waiting >= self.max_waiters:
             return predicted
         return None
 
