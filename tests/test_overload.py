@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -24,7 +25,7 @@ from pglayer import (
     SerializationError,
 )
 from pglayer._observability import Observer, StatsRecorder
-from pglayer._pool import Pool, Slot
+from pglayer._pool import Lane, Pool, Slot
 from tests.conftest import asgi_client, backends, settings_for, wait_for
 
 
@@ -124,13 +125,25 @@ async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: 
         assert lane.timeouts == 1
 
 
-async def test_at_the_admission_limit_the_oldest_waiter_is_still_served_first(db_url: str) -> None:
+@contextlib.asynccontextmanager
+async def _one_connection_held(db_url: str) -> AsyncIterator[tuple[Pool, Lane, Slot]]:
+    """A pool whose only connection is held, by the write lane, whose waiters queue."""
     async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
         pool = _pool(db)
         lane = pool.lane("write")
-        held = await pool.acquire(lane)
-        lane.samples, lane.busy, lane.rate = lane.cap, 10**6, 0.625  # a connection per 1.6 s
-        lane.armed_until = time.monotonic() + 60  # as after a missed deadline
+        yield pool, lane, await pool.acquire(lane)
+
+
+def _measured(lane: Lane, rate: float, hold: float = 1.0, busy: int = 10**6) -> None:
+    """Set the lane's estimate as the clock would have measured it, armed by a missed
+    deadline."""
+    lane.samples, lane.hold, lane.rate, lane.busy = lane.cap, hold, rate, busy
+    lane.armed_until = time.monotonic() + 60
+
+
+async def test_at_the_admission_limit_the_oldest_waiter_is_still_served_first(db_url: str) -> None:
+    async with _one_connection_held(db_url) as (pool, lane, held):
+        _measured(lane, rate=0.625)  # a connection every 1.6 s
         old = asyncio.create_task(pool.acquire(lane, timeout=2.0))  # predicted 1.6 s of its 2
         await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
         await asyncio.sleep(1.65)  # past 80% of its wait, still within what it was predicted
@@ -146,15 +159,10 @@ async def test_at_the_admission_limit_the_oldest_waiter_is_still_served_first(db
 
 
 async def test_after_a_second_of_queue_the_measured_rate_alone_is_the_pace(db_url: str) -> None:
-    async with Database(settings_for(db_url, min_size=1, max_size=1, refusal_delay=0)) as db:
-        pool = _pool(db)
-        lane = pool.lane("write")
-        held = await pool.acquire(lane)
+    async with _one_connection_held(db_url) as (pool, lane, held):
         waiter = asyncio.create_task(pool.acquire(lane, timeout=5.0))
         await wait_for(lambda: asyncio.sleep(0, lane.busy >= 3))  # measures that found a queue
-        lane.samples, lane.hold, lane.rate = lane.cap, 0.001, 10.0  # holds: 1,000/s; rate: 10/s
-        lane.armed_until = time.monotonic() + 60
-        lane.busy = 9
+        _measured(lane, rate=10.0, hold=0.001, busy=9)  # holds say 1,000/s; the rate 10/s
         assert pool.predicted_wait(lane) == pytest.approx(2 / 1000)  # the faster, for now
         lane.busy = 10
         assert pool.predicted_wait(lane) == pytest.approx(2 / 10)
