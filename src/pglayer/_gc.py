@@ -17,15 +17,14 @@ GC_THRESHOLD = 50_000
 _tuned = False
 
 
-def tune_gc() -> bool:
+def tune_gc() -> None:
     """Once per process, after startup: move what is alive (modules, the app, its schemas) out
-    of the collector's reach and collect the young generation less often. True if it did."""
+    of the collector's reach and collect the young generation less often."""
     global _tuned
     if _tuned:
-        return False
+        return
     _tuned = True
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, middle, old)
-    return True

@@ -77,8 +77,8 @@ def setup(
     `tune_gc` (default: `PGLAYER_TUNE_GC`, on under `pglayer serve`), once per process after
     startup, moves everything alive (modules, the app, its schemas) out of the garbage
     collector's reach and collects the young generation every 50,000 allocations instead of
-    700: under load the collector then takes under 1% of the CPU instead of ~13%. It affects
-    the whole process.
+    700: at 223 concurrent requests its collections then cost ~7 µs per request instead of
+    ~90. It affects the whole process.
     """
     setattr(app.state, STATE_KEY, db)
     app.router.lifespan_context = database_lifespan(
