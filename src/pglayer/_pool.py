@@ -116,10 +116,14 @@ class Lane:
         self.samples = 0  # hold times measured in all
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.busy = 0  # measures of that rate in a row that found waiters
-        self.armed_until = 0.0  # predicted waits refuse until then (see Pool.predicted_wait)
+        self.armed_until = 0.0  # forecasts may refuse until then (see Pool._forecast_refuses)
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
         self.locked_at = 0.0  # when work of this lane last waited past its lock bound
+
+    def arm(self, now: float) -> None:
+        """Let forecasts refuse for `_ARMED_FOR` seconds: a deadline was missed, or one did."""
+        self.armed_until = now + _ARMED_FOR
 
     def head(self) -> _Waiter | None:
         waiters = self.waiters
@@ -418,14 +422,10 @@ class Pool:
     def predicted_wait(self, lane: Lane) -> float:
         """How long a newcomer to `lane` would wait: the waiters ahead of it, at the pace
         the connections it may use come free (its recent hold time each)."""
-        if not lane.rate or lane.samples < lane.cap or time.monotonic() > lane.armed_until:
-            # No pace measured yet, fewer holds than connections, or no deadline of this
-            # lane missed lately: a forecast alone refuses nothing. A flood of new clients
-            # slows the pace for a few seconds (1,024 new connections: holds of 100-180 ms)
-            # and the forecast, extrapolating it, refused orders the pool then served in
-            # time. Let them wait; their deadline still bounds it. Once a deadline is missed
-            # the forecast has been proved right, and refuses (and stays armed) until it
-            # stops predicting misses.
+        if not lane.rate or lane.samples < lane.cap:
+            # No pace measured yet over a busy interval, or fewer holds than connections:
+            # the first holds of a cold start (a flood of new clients, cold backends) are
+            # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
             return 0.0
         ahead = 1 + sum(
             other.waiting
@@ -446,9 +446,8 @@ class Pool:
             error = PoolOverloadedError(retry_after=self.predicted_wait(lane))
             await self._refuse(lane, error, since + wait)
         predicted = self.predicted_wait(lane)
-        if predicted > wait:
+        if self._forecast_refuses(lane, predicted, wait):
             # It would not get a connection in time: say so now, not after the wait.
-            lane.armed_until = since + _ARMED_FOR
             await self._refuse(lane, PoolOverloadedError(retry_after=predicted), since + wait)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), lane, since, since + wait, bound, predicted)
@@ -470,6 +469,25 @@ class Pool:
             elif future.exception() is None:
                 self._return_unused(future.result())  # handed one just as it was cancelled
             raise
+
+    @staticmethod
+    def _forecast_refuses(lane: Lane, predicted: float, wait: float) -> bool:
+        """Whether a newcomer predicted to wait `predicted` is refused for a `wait` of it:
+        only while the lane is armed, and a refusal keeps it armed.
+
+        A flood of new clients slows the pace for a few seconds (1,024 new connections:
+        holds of 100-180 ms), and the forecast, extrapolating it, refused orders the pool
+        then served in time. So a forecast alone refuses nothing: once one of the lane's
+        deadlines has been missed it has been proved right, and refuses until it stops
+        predicting misses.
+        """
+        if predicted <= wait:
+            return False
+        now = time.monotonic()
+        if now > lane.armed_until:
+            return False
+        lane.arm(now)
+        return True
 
     def stuck(self, lane: Lane) -> None:
         """Work of `lane` waited past its lock bound: the lane counts as stuck on a lock,
@@ -707,7 +725,7 @@ class Pool:
     # -- upkeep ----------------------------------------------------------------------
 
     def _time_out(self, waiter: _Waiter) -> None:
-        waiter.lane.armed_until = time.monotonic() + _ARMED_FOR
+        waiter.lane.arm(time.monotonic())
         waiter.lane.waiting -= 1
         waiter.lane.timeouts += 1
         self._waiting -= 1
@@ -793,16 +811,16 @@ class Pool:
         return self._waiting
 
     def saturated(self) -> float | None:
-        """While a new read would be refused (its predicted wait past `acquire_timeout`, or
-        `max_waiters` waiting), that predicted wait in seconds; else None."""
+        """While a new read would be refused (its predicted wait past `acquire_timeout` on an
+        armed lane, or `max_waiters` waiting), that predicted wait in seconds; else None."""
         if not self._waiting:
             return None
         lane = self._lanes["read"]
         predicted = self.predicted_wait(lane)
-        if predicted > self.acquire_timeout:
-            lane.armed_until = time.monotonic() + _ARMED_FOR  # a refusal keeps it armed
-            return predicted
-        if self._waiting >= self.max_waiters:
+        if (
+            self._forecast_refuses(lane, predicted, self.acquire_timeout)
+            or self._waiting >= self.max_waiters
+        ):
             return predicted
         return None
 
