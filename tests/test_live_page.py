@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import FastAPI
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
@@ -69,7 +70,14 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 def wait_until(
     driver: webdriver.Chrome, condition: Callable[[Any], Any], timeout: float = 10
 ) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # Between two pages an element can be missing or stale: look again.
+    wait = WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+    return wait.until(condition)
 
 
 def primary_fields(driver: webdriver.Chrome) -> dict[str, str]:
@@ -191,9 +199,14 @@ async def test_the_page_refuses_then_shows_numbers_that_move(db_url: str) -> Non
             assert status == 401
 
             # A wrong token: still the form, with a message, and no cookie.
+            # The form posts and the server answers with a new page: wait for it, because a
+            # lookup while the browser is between the two pages finds no element.
             await in_thread(sign_in, driver, "not-the-token")
-            message = await in_thread(driver.find_element, By.ID, "message")
-            assert message.text == "That is not the admin token."
+            await in_thread(
+                wait_until,
+                driver,
+                lambda d: d.find_element(By.ID, "message").text == "That is not the admin token.",
+            )
             assert await in_thread(driver.get_cookie, SESSION_COOKIE) is None
 
             # The token: the page, and a cookie the page's scripts cannot read.
