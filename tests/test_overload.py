@@ -123,6 +123,21 @@ async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: 
         assert lane.timeouts == 1
 
 
+async def test_while_admission_refuses_a_standing_queue_stays_fifo(db_url: str) -> None:
+    async with _one_connection_held(db_url) as (pool, lane, held):
+        lane.armed_until = time.monotonic() + 60  # a deadline was missed: forecasts refuse
+        old = asyncio.create_task(pool.acquire(lane, timeout=1.0))
+        await asyncio.sleep(0.85)  # as in the test above: past its standing point
+        new = asyncio.create_task(pool.acquire(lane, timeout=5.0))
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+        pool.release(held, 0.0)
+        served = await old  # admission bounds the queue: what it admitted goes first
+        assert not new.done()
+        pool.release(served, 0.0)
+        pool.release(await new, 0.0)
+        assert lane.timeouts == 0
+
+
 @contextlib.asynccontextmanager
 async def _one_connection_held(db_url: str) -> AsyncIterator[tuple[Pool, Lane, Slot]]:
     """A pool whose only connection is held, by the write lane, whose waiters queue."""
