@@ -477,6 +477,31 @@ def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
     assert halved == pytest.approx(0.3, abs=0.01)
 
 
+def test_under_a_storm_refusals_are_paced_at_the_rate_the_pool_serves() -> None:
+    async def pauses() -> tuple[float, float]:
+        pool = Pool(
+            _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
+            acquire_timeout=4, query_timeout=1, max_idle=0, connect_timeout=1,
+            observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
+        )  # fmt: skip
+        await pool.start()
+        lane = pool.lane("read")
+        lane.rate, lane.busy = 100.0, 0  # a pace, not yet measured over a busy second
+        now = time.monotonic()
+        for _ in range(20):
+            pool.pace(0.01)
+        untrusted = pool.pace(0.01)
+        lane.busy = 10**6
+        paced = pool.pace(0.01)  # 21 paused, a connection free every 10 ms
+        due = {id(f): d - now for d, _, f in pool._paced}
+        await pool.close(1)
+        return due[id(untrusted)], due[id(paced)]
+
+    untrusted, paced = asyncio.run(pauses())
+    assert untrusted == pytest.approx(0.025, abs=0.01)
+    assert paced == pytest.approx(0.21, abs=0.01)
+
+
 async def _never_connect() -> Any:
     raise AssertionError("no connection expected")
 

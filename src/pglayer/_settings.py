@@ -111,9 +111,10 @@ class DatabaseSettings(BaseSettings):
         ge=0,
         le=1.0,
         description="Least pause before a refusal (503 `overloaded`) is answered; a refusal"
-        " that predicts a long wait pauses a fifth of it (at most 1 s, and half of"
-        " `acquire_timeout`; never past the request deadline). Slows clients that retry at"
-        " once, at no cost to the server; 0: no pause.",
+        " that predicts a long wait pauses a fifth of it (at most half of `acquire_timeout`),"
+        " and while refusals outnumber what the pool serves, as long as the refusals already"
+        " paused take to serve (at most 1 s; never past the request deadline). Slows clients"
+        " that retry at once, at no cost to the server; 0: no pause.",
     )
     acquire_timeout: float = Field(
         default=5.0,
