@@ -448,12 +448,7 @@ async def test_a_replay_gets_what_is_left_of_the_first_attempts_lock_bound(db_ur
 
 def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
     async def dues() -> list[float]:
-        pool = Pool(
-            _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
-            acquire_timeout=4, query_timeout=1, max_idle=0, connect_timeout=1,
-            observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
-        )  # fmt: skip
-        await pool.start()
+        pool = await _pool_without_connections()
         now = time.monotonic()
         paused = [
             pool.pace(0.01),  # a short predicted wait: the least pause
@@ -479,12 +474,7 @@ def test_a_refusal_pauses_a_share_of_the_predicted_wait_within_bounds() -> None:
 
 def test_under_a_storm_refusals_are_paced_at_the_rate_the_pool_serves() -> None:
     async def pauses() -> tuple[float, float]:
-        pool = Pool(
-            _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
-            acquire_timeout=4, query_timeout=1, max_idle=0, connect_timeout=1,
-            observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
-        )  # fmt: skip
-        await pool.start()
+        pool = await _pool_without_connections()
         lane = pool.lane("read")
         lane.rate, lane.busy = 100.0, 0  # a pace, not yet measured over a busy second
         now = time.monotonic()
@@ -500,6 +490,17 @@ def test_under_a_storm_refusals_are_paced_at_the_rate_the_pool_serves() -> None:
     untrusted, paced = asyncio.run(pauses())
     assert untrusted == pytest.approx(0.025, abs=0.01)
     assert paced == pytest.approx(0.21, abs=0.01)
+
+
+async def _pool_without_connections() -> Pool:
+    """A started pool that never connects: for what it decides, not what it lends."""
+    pool = Pool(
+        _never_connect, name="p", min_size=0, max_size=1, max_waiters=1,
+        acquire_timeout=4, query_timeout=1, max_idle=0, connect_timeout=1,
+        observer=Observer("p", StatsRecorder()), refusal_delay=0.025,
+    )  # fmt: skip
+    await pool.start()
+    return pool
 
 
 async def _never_connect() -> Any:
