@@ -126,10 +126,10 @@ async def test_under_a_standing_queue_the_newest_waiter_is_served_first(db_url: 
 async def test_while_admission_refuses_a_standing_queue_stays_fifo(db_url: str) -> None:
     async with _one_connection_held(db_url) as (pool, lane, held):
         lane.armed_until = time.monotonic() + 60  # a deadline was missed: forecasts refuse
-        old = asyncio.create_task(pool.acquire(lane, timeout=1.0))
-        await asyncio.sleep(0.85)  # as in the test above: past its standing point
+        old = asyncio.create_task(pool.acquire(lane, timeout=5.0))
         new = asyncio.create_task(pool.acquire(lane, timeout=5.0))
         await wait_for(lambda: asyncio.sleep(0, lane.waiting == 2))
+        lane.waiters[0].standing_at = 0.0  # the oldest is past its standing point
         pool.release(held, 0.0)
         served = await old  # admission bounds the queue: what it admitted goes first
         assert not new.done()
