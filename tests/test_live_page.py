@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import FastAPI
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
@@ -70,14 +70,22 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 def wait_until(
     driver: webdriver.Chrome, condition: Callable[[Any], Any], timeout: float = 10
 ) -> Any:
-    # Between two pages an element can be missing or stale: look again.
+    # While the browser goes from one page to the next, a lookup or a script can meet the old
+    # document: the element is missing, stale, or "does not belong to the document" (Chrome's
+    # unknown error), or the script's document unloads. Every one is a WebDriverException;
+    # look again until the timeout, which reports the last one.
     wait = WebDriverWait(
-        driver,
-        timeout,
-        poll_frequency=0.1,
-        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)
     )
     return wait.until(condition)
+
+
+def text_of(driver: webdriver.Chrome, css: str) -> str | None:
+    # One script reads the text in one turn of the page, so no element handle outlives it.
+    text: str | None = driver.execute_script(
+        "const el = document.querySelector(arguments[0]); return el && el.textContent;", css
+    )
+    return text
 
 
 def primary_fields(driver: webdriver.Chrome) -> dict[str, str]:
@@ -205,7 +213,7 @@ async def test_the_page_refuses_then_shows_numbers_that_move(db_url: str) -> Non
             await in_thread(
                 wait_until,
                 driver,
-                lambda d: d.find_element(By.ID, "message").text == "That is not the admin token.",
+                lambda d: text_of(d, "#message") == "That is not the admin token.",
             )
             assert await in_thread(driver.get_cookie, SESSION_COOKIE) is None
 
