@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import random
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,14 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConnectionLostError, Database
-from pglayer._logs import JsonFormatter, TextFormatter, configure_logging, escape
+from pglayer._logs import (
+    AccessLog,
+    JsonFormatter,
+    TextFormatter,
+    _hundredths,
+    configure_logging,
+    escape,
+)
 from pglayer.fastapi._middleware import _Exchange
 from tests.conftest import LiveServer
 
@@ -249,3 +257,51 @@ def test_uvicorns_colour_variant_of_a_message_is_not_logged() -> None:
     )  # fmt: skip
     assert TextFormatter().format(record).endswith("[-] Started server process [7]")
     assert "color_message" not in orjson.loads(JsonFormatter().format(record))
+
+
+LINE_CASES = [
+    ("GET", "/users/42", "/users/{user_id}", 200, 0.0123),
+    ("POST", "/orders", "/orders", 0, 1.5),
+    ("GET", '/users/q" 200 x', "unmatched", 404, 0.00004),
+    ("GET", "/users/1\n\x1b[31m\u2028", "unmatched", 499, 12.345678),
+    ("GET", "/go/postgresql://u:secret@db/x", "unmatched", 404, 0.2),
+    ("PUT", "/a b", "/a b", 405, 0.0),
+]
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_access_line_written_directly_is_the_line_logging_would_write(
+    log_format: Literal["text", "json"],
+) -> None:
+    handler = configure_logging(format=log_format, level="INFO")
+    assert isinstance(handler, logging.StreamHandler)
+    access = logging.getLogger("pglayer.access")
+    for case in LINE_CASES:
+        lines = []
+        for direct in (True, False):
+            stream = io.StringIO()
+            handler.setStream(stream)
+            if not direct:  # a filter on the logger: the line goes through `logging`
+                access.addFilter(lambda record: True)
+            try:
+                AccessLog().write(*case, "req-1")  # no running loop: written at once
+            finally:
+                access.filters.clear()
+            [line] = stream.getvalue().splitlines()
+            lines.append(line)
+        if log_format == "json":
+            direct_line, logged = (orjson.loads(line) for line in lines)
+            assert direct_line.pop("time")[:19] == logged.pop("time")[:19]
+            assert direct_line == logged, case
+        else:
+            assert lines[0][24:] == lines[1][24:], case
+            assert all(STAMP.match(line) for line in lines)
+        assert "secret" not in lines[0]
+
+
+def test_hundredths_write_a_duration_as_its_float_rounded_to_two_places_would() -> None:
+    rng = random.Random(7)
+    values = [0.0, 0.005, 0.015, 1.005, 2.675, 99.995, 100.0, 123456789.125]
+    values += [rng.random() * 10 ** rng.randint(-4, 9) for _ in range(20_000)]
+    assert [v for v in values if _hundredths(v) != str(round(v, 2))] == []
