@@ -41,6 +41,10 @@ def test_quick_bench_runs_every_server_and_scenario_and_writes_results(server: S
             if row["scenario"] in ("users", "dashboard", "orders", "mix"):
                 assert row["socket_errors"] == 0, row
                 assert len(row["rps_rounds"]) == 2, row  # both rounds, the median kept
+                if row["server"] == "shop":  # its access log times the app's part
+                    assert 0 < row["app_p99_ms"] <= row["p99_ms"] * 1.1 + 5, row
+                elif row["server"] in ("baseline", "bare", "floor"):
+                    assert row["app_p99_ms"] is None, row
         assert "rps/baseline" in result.stdout
     finally:
         if not os.environ.get("PGLAYER_KEEP_BENCH_RESULTS"):
