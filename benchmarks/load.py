@@ -100,7 +100,7 @@ def _request(scenario: str, host: str, max_id: int, product: int) -> bytes:
     return f"GET /{path}/{random.randint(1, max_id)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     values = sorted(values)
@@ -279,12 +279,12 @@ def _result(
         seconds=elapsed,
         non2xx=len(everything) - len(served),
         socket_errors=socket_errors,
-        p50_ms=_percentile(everything, 0.5) * 1000,
-        p99_ms=_percentile(everything, 0.99) * 1000,
+        p50_ms=percentile(everything, 0.5) * 1000,
+        p99_ms=percentile(everything, 0.99) * 1000,
         max_ms=max(everything, default=0.0) * 1000,
         statuses={status: len(values) for status, values in sorted(latencies.items())},
-        served_p99_ms=_percentile(served, 0.99) * 1000,
-        shed_p99_ms=_percentile(shed, 0.99) * 1000 if shed else None,
+        served_p99_ms=percentile(served, 0.99) * 1000,
+        shed_p99_ms=percentile(shed, 0.99) * 1000 if shed else None,
         shed_with_retry_after=retry_after,
         codes=codes,
         goodput=len(served) / elapsed if elapsed else 0.0,

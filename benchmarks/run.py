@@ -38,7 +38,15 @@ from pglayer_shop.seed import SeedCounts, seed
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.load import Group, LoadResult, run_asyncio, run_groups, run_wrk, wrk_available
+from benchmarks.load import (
+    Group,
+    LoadResult,
+    percentile,
+    run_asyncio,
+    run_groups,
+    run_wrk,
+    wrk_available,
+)
 from pglayer import Database, DatabaseSettings, EmbeddedPostgres
 from pglayer._http import PROTOCOL
 
@@ -252,8 +260,8 @@ class Server:
         fd = self.log.fileno()
         # pread: the server's processes write through the same file offset; never move it.
         text = os.pread(fd, self.log_size() - since, since).decode(errors="replace")
-        durations = sorted(float(m) for m in _ACCESS_DURATION.findall(text))
-        return durations[int(len(durations) * 0.99)] if durations else None
+        durations = [float(m) for m in _ACCESS_DURATION.findall(text)]
+        return percentile(durations, 0.99) if durations else None
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -539,11 +547,12 @@ class RowLock(threading.Thread):
 
 
 def _print_progress(row: dict[str, Any]) -> None:
+    app = row.get("app_p99_ms")
     console.print(
         f"  {row['scenario']:<9} {row['server']:<14} w={row['workers']} c={row['concurrency']:<5}"
         f" {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:.1f} ms  p99 {row['p99_ms']:.1f} ms"
-        f" (in the app {row.get('app_p99_ms')})"
-        f"  non-2xx {row['non2xx']}  sock {row['socket_errors']}  rss {row['rss_mib']} MiB"
+        + (f" (in the app {app:.1f} ms)" if app is not None else "")
+        + f"  non-2xx {row['non2xx']}  sock {row['socket_errors']}  rss {row['rss_mib']} MiB"
         f"  cpu {row.get('cpu_us_per_request')} µs/req"
         f"  server conns {row.get('server_connections')}"
     )
