@@ -49,6 +49,7 @@ from benchmarks.load import (
 )
 from pglayer import Database, DatabaseSettings, EmbeddedPostgres
 from pglayer._http import PROTOCOL
+from pglayer._serve import event_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,10 +61,12 @@ APPS = {
     "bare": ["benchmarks.bare:app"],
     "floor": ["benchmarks.floor:app"],
 }
-# uvicorn's HTTP protocol per app: the shop speaks HTTP as `pglayer serve` does (httptools
-# with pglayer's bounds, answering refusals itself while the pool is saturated: see
-# pglayer._http); the others as uvicorn does by default.
+# uvicorn's HTTP protocol and event loop per app: the shop is served as `pglayer serve` serves
+# it (httptools with pglayer's bounds, answering refusals itself while the pool is saturated:
+# see pglayer._http; uvloop with a server that accepts a burst of connections at once: see
+# pglayer._loop); the others as uvicorn serves them by default.
 HTTP = {"shop": PROTOCOL}
+LOOP = {"shop": event_loop()}
 # What each app implements; the floor only does the reads.
 SCENARIOS = {
     "users": ("shop", "baseline", "bare", "floor"),
@@ -226,7 +229,7 @@ class Server:
             cmd = [
                 sys.executable, "-m", "uvicorn", *APPS[self.app],
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", str(self.workers), "--loop", "uvloop",
+                "--workers", str(self.workers), "--loop", LOOP.get(self.app, "uvloop"),
                 "--http", HTTP.get(self.app, "httptools"),
                 "--no-access-log", "--log-level", "warning", "--backlog", "4096",
             ]  # fmt: skip

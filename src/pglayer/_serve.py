@@ -18,7 +18,7 @@ from pglayer._database import Database
 from pglayer._settings import DatabaseSettings
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
-__all__ = ["apply_directories", "cli_settings", "serve"]
+__all__ = ["apply_directories", "cli_settings", "event_loop", "serve"]
 
 log = logging.getLogger("pglayer.cli")
 
@@ -52,8 +52,13 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def _fastest(module: str, fallback: str = "auto") -> str:
-    return module if importlib.util.find_spec(module) is not None else fallback
+def event_loop() -> str:
+    """uvloop with a server that accepts a burst of connections at once (see _loop), if any."""
+    if importlib.util.find_spec("uvloop") is None:
+        return "auto"
+    from pglayer._loop import LOOP
+
+    return LOOP
 
 
 def serve(
@@ -106,7 +111,7 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            loop=_fastest("uvloop"),
+            loop=event_loop(),
             # httptools with bounds on header size and header/body read time (see _http).
             http=PROTOCOL if importlib.util.find_spec("httptools") else "h11",
             timeout_graceful_shutdown=10,

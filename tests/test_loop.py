@@ -1,0 +1,249 @@
+"""pglayer's event loop: a TCP server that accepts a burst of connections in a few turns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from pglayer import _loop
+from pglayer._serve import event_loop
+from tests.conftest import free_port
+
+BURST = 300
+
+
+class Counting(asyncio.Protocol):
+    """Notes the turn of the loop each connection was made in."""
+
+    made: list[int]
+    turn: list[int]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(self.turn[0])
+
+
+def protocol(made: list[int], turn: list[int]) -> Callable[[], Counting]:
+    def factory() -> Counting:
+        proto = Counting()
+        proto.made, proto.turn = made, turn
+        return proto
+
+    return factory
+
+
+def count_turns(loop: asyncio.AbstractEventLoop, turn: list[int]) -> None:
+    turn[0] += 1
+    loop.call_soon(count_turns, loop, turn)
+
+
+def open_burst(port: int) -> list[socket.socket]:
+    clients = []
+    for _ in range(BURST):
+        client = socket.socket()
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(("127.0.0.1", port))
+        clients.append(client)
+    time.sleep(0.2)  # every handshake done: the burst waits in the kernel's queue
+    return clients
+
+
+def turns_to_accept(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> int:
+    """Turns of a loop (one callback each) until a burst of connections is all made."""
+    made: list[int] = []
+    turn = [0]
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(protocol(made, turn), "127.0.0.1", 0, backlog=1024)
+        clients = open_burst(server.sockets[0].getsockname()[1])
+        try:
+            count_turns(loop, turn)
+            deadline = time.monotonic() + 30
+            while len(made) < BURST and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0)  # one turn at a time: the turns are what is counted
+            assert len(made) == BURST
+            return max(made)
+        finally:
+            server.close()
+            for client in clients:
+                client.close()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main())
+
+
+def test_a_burst_of_connections_is_accepted_in_a_few_turns() -> None:
+    # 64 a turn, then a turn to open each connection's transport and one to make it.
+    assert turns_to_accept(_loop.new_event_loop) <= BURST // _loop.ACCEPT_BATCH + 4
+
+
+def test_plain_uvloop_accepts_one_connection_a_turn() -> None:
+    """Why the loop exists: if libuv ever accepts a burst again, it can go."""
+    import uvloop
+
+    assert turns_to_accept(uvloop.new_event_loop) >= BURST // 2
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    with asyncio.Runner(loop_factory=_loop.new_event_loop) as runner:
+        yield runner.get_loop()
+
+
+async def echo_once(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"ping")
+    data = await reader.read(4)
+    writer.close()
+    return data
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def test_the_server_serves_until_closed_then_refuses(loop: asyncio.AbstractEventLoop) -> None:
+    async def main() -> None:
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        assert server.is_serving()
+        assert await echo_once(port) == b"ping"
+        server.close()
+        await server.wait_closed()
+        assert not server.is_serving()
+        with pytest.raises(ConnectionRefusedError):
+            await echo_once(port)
+
+    loop.run_until_complete(main())
+
+
+def test_a_shared_listening_socket_is_served(loop: asyncio.AbstractEventLoop) -> None:
+    """As uvicorn's workers get the socket their parent bound."""
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    async def main() -> None:
+        server = await loop.create_server(Echo, sock=sock, backlog=16)
+        assert server.sockets == (sock,)
+        assert await echo_once(sock.getsockname()[1]) == b"ping"
+        server.close()
+
+    loop.run_until_complete(main())
+    assert sock.fileno() == -1
+
+
+def test_a_port_in_use_is_an_os_error_naming_the_address(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=f"127.0.0.1', {port}") as raised:
+            loop.run_until_complete(loop.create_server(Echo, "127.0.0.1", port))
+        assert raised.value.errno == errno.EADDRINUSE
+    finally:
+        taken.close()
+
+
+class OutOfDescriptors:
+    """A listening socket whose accept() fails as it does when the process has no fds left."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.family = real.family
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def listen(self, backlog: int) -> None:
+        self.real.listen(backlog)
+
+    def setblocking(self, flag: bool) -> None:
+        self.real.setblocking(flag)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_out_of_descriptors_pauses_accepting_then_resumes(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_loop, "PAUSE_AFTER_RESOURCE_ERROR", 0.05)
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    real = socket.create_server(("127.0.0.1", 0))
+    listening: Any = OutOfDescriptors(real)
+    client = socket.create_connection(real.getsockname())
+
+    async def main() -> None:
+        server = await loop.create_server(Echo, sock=listening)
+        await asyncio.sleep(0.02)
+        assert len(errors) == 1  # paused: the pending connection is not retried at once
+        await asyncio.sleep(0.1)
+        assert 2 <= len(errors) <= 4  # resumed after each pause
+        server.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        client.close()
+    assert errors[0]["exception"].errno == errno.EMFILE
+
+
+def test_a_unix_socket_is_left_to_uvloop(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "socket"))
+    server = loop.run_until_complete(loop.create_server(Echo, sock=listening))
+    assert not isinstance(server, _loop._Server)
+    server.close()
+
+
+def test_serve_runs_uvicorn_on_this_loop() -> None:
+    assert event_loop() == _loop.LOOP
+    factory = uvicorn.Config("x:app", loop=event_loop()).get_loop_factory()
+    assert factory is _loop.new_event_loop
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+def test_uvicorn_serves_on_this_loop() -> None:
+    port = free_port()
+    config = uvicorn.Config(
+        hello, host="127.0.0.1", port=port, loop=event_loop(), lifespan="off",
+        log_level="warning",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+
+    async def main() -> str:
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110  (uvicorn offers no event)
+            await asyncio.sleep(0.01)
+        assert isinstance(server.servers[0], _loop._Server)
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/")).text
+        server.should_exit = True
+        await task
+        return text
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        assert runner.run(main()) == "hello"
