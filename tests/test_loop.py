@@ -136,12 +136,16 @@ def test_the_server_serves_until_closed_then_refuses(loop: asyncio.AbstractEvent
     loop.run_until_complete(main())
 
 
-def test_a_readiness_accepts_at_most_a_batch(loop: asyncio.AbstractEventLoop) -> None:
+def readiness_by_hand(
+    loop: asyncio.AbstractEventLoop, queued: int, readinesses: int, sharers: int = 1
+) -> list[int]:
+    """Connections accepted at each of `readinesses` readinesses of a listening socket with
+    `queued` connections waiting (the server is not started: its readiness is driven here)."""
     made: list[int] = []
     listening = socket.create_server(("127.0.0.1", 0), backlog=128)
     listening.setblocking(False)
-    server = _loop._Server(cast(Any, loop), [listening], protocol(made, [0]))  # readiness by hand
-    clients = [socket.create_connection(listening.getsockname()) for _ in range(100)]
+    server = _loop._Server(cast(Any, loop), [listening], protocol(made, [0]), sharers)
+    clients = [socket.create_connection(listening.getsockname()) for _ in range(queued)]
     time.sleep(0.1)
 
     async def readiness() -> int:
@@ -151,34 +155,78 @@ def test_a_readiness_accepts_at_most_a_batch(loop: asyncio.AbstractEventLoop) ->
         return len(made) - before
 
     async def main() -> list[int]:
-        return [await readiness(), await readiness(), await readiness()]
+        return [await readiness() for _ in range(readinesses)]
 
     try:
-        assert loop.run_until_complete(main()) == [_loop.ACCEPT_BATCH, 100 - _loop.ACCEPT_BATCH, 0]
+        return loop.run_until_complete(main())
     finally:
         server.close()
         for client in clients:
             client.close()
 
 
-def test_a_socket_handed_over_is_left_to_uvloop(
-    loop: asyncio.AbstractEventLoop, tmp_path: Path
+def test_the_accept_queue_length_is_read_from_the_kernel() -> None:
+    listening = socket.create_server(("127.0.0.1", 0), backlog=128)
+    clients = [socket.create_connection(listening.getsockname()) for _ in range(7)]
+    try:
+        time.sleep(0.1)
+        assert _loop._queued(listening) == 7
+        listening.accept()[0].close()
+        assert _loop._queued(listening) == 6
+    finally:
+        for client in clients:
+            client.close()
+        listening.close()
+
+
+def test_a_readiness_accepts_the_queue_up_to_a_batch(loop: asyncio.AbstractEventLoop) -> None:
+    assert readiness_by_hand(loop, 100, 3) == [_loop.ACCEPT_BATCH, 100 - _loop.ACCEPT_BATCH, 0]
+
+
+def test_on_a_shared_socket_a_readiness_takes_its_share_of_the_queue(
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
-    """uvicorn's workers share the socket their parent bound: one accept a turn shares a
-    burst between them. Unix sockets too."""
+    assert readiness_by_hand(loop, 40, 7, sharers=2) == [20, 10, 5, 3, 1, 1, 0]
+
+
+def test_untold_the_queue_a_readiness_takes_a_batch_alone_and_one_when_shared(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_loop, "_TCP_INFO", None)
+    assert readiness_by_hand(loop, 70, 2) == [_loop.ACCEPT_BATCH, 70 - _loop.ACCEPT_BATCH]
+    assert readiness_by_hand(loop, 3, 2, sharers=2) == [1, 1]
+
+
+def test_a_socket_handed_over_is_shared_by_the_workers(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn's workers share the socket their parent bound: each takes its share."""
     shared = socket.create_server(("127.0.0.1", 0))
+
+    async def main() -> list[int]:
+        sharers = []
+        for workers in ("3", "1"):
+            monkeypatch.setenv("PGLAYER_WORKERS", workers)
+            server = await loop.create_server(Echo, sock=shared, backlog=16)
+            assert isinstance(server, _loop._Server)
+            sharers.append(server._sharers)
+            assert await echo_once(shared.getsockname()[1]) == b"ping"
+            server._serving = False  # stops reading, keeps the socket for the next round
+            loop.remove_reader(shared.fileno())
+        return sharers
+
+    try:
+        assert loop.run_until_complete(main()) == [3, 2]  # at least two: it was handed over
+    finally:
+        shared.close()
+
+
+def test_a_unix_socket_is_left_to_uvloop(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
     unix = socket.socket(socket.AF_UNIX)
     unix.bind(str(tmp_path / "socket"))
-
-    async def main() -> None:
-        for sock in (shared, unix):
-            server = await loop.create_server(Echo, sock=sock, backlog=16)
-            assert not isinstance(server, _loop._Server)
-            if sock is shared:
-                assert await echo_once(sock.getsockname()[1]) == b"ping"
-            server.close()
-
-    loop.run_until_complete(main())
+    server = loop.run_until_complete(loop.create_server(Echo, sock=unix))
+    assert not isinstance(server, _loop._Server)
+    server.close()
 
 
 def test_a_port_in_use_is_an_os_error_naming_the_address(
@@ -202,6 +250,9 @@ class OutOfDescriptors:
 
     def fileno(self) -> int:
         return self.real.fileno()
+
+    def getsockopt(self, *args: int) -> Any:
+        return self.real.getsockopt(*args)
 
     def accept(self) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")

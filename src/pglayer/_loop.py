@@ -8,14 +8,15 @@ deploy, a load balancer opening its pool) waits in the kernel's queue for one tu
 waited that long for their first answer while the clients accepted early were served
 again and again. asyncio's own loop accepts up to the listen backlog per readiness.
 
-`new_event_loop()` returns a uvloop loop whose `create_server`, for a host and port (what
-uvicorn asks for with one worker), binds the sockets itself and accepts up to
-`ACCEPT_BATCH` connections per readiness, opened as uvloop's own transports: the burst above
-was accepted within 0.6 s and its p99 fell from 4.3 s to 1.2 s. A socket handed over is left
-to uvloop, as are TLS and options uvicorn does not pass: uvicorn's workers share the socket
-their parent bound, and there one connection a turn is what shares a burst between them
-(accepting 64 a readiness, one of two workers took all 64 of wrk's connections while the
-other sat idle). `pglayer serve` runs uvicorn with it; `uvicorn --loop
+`new_event_loop()` returns a uvloop loop whose TCP servers (what uvicorn asks for: a host
+and port with one worker, the socket their parent bound with several) accept, at each
+readiness, the connections waiting in the kernel's queue (Linux tells its length), at most
+`ACCEPT_BATCH`, opened as uvloop's own transports: the burst above was accepted within
+0.6 s and its p99 fell from 4.3 s to 1.2 s. On a socket handed over, which uvicorn's
+workers share, each takes its share of the queue (the queue over the workers, at least
+two), not all of it: taking 64 a readiness, one of two workers took all 64 of wrk's
+connections while the other sat idle. TLS, Unix sockets and options uvicorn does not pass
+are left to uvloop. `pglayer serve` runs uvicorn with it; `uvicorn --loop
 pglayer._loop:new_event_loop` does the same for any app.
 """
 
@@ -23,11 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import uvloop
+
+from pglayer._settings import detect_workers
 
 __all__ = ["ACCEPT_BATCH", "LOOP", "new_event_loop"]
 
@@ -37,6 +42,7 @@ LOOP = "pglayer._loop:new_event_loop"
 ACCEPT_BATCH = 64
 # As asyncio does when accept() fails for want of descriptors or memory: pause, then retry.
 PAUSE_AFTER_RESOURCE_ERROR = 1.0
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -54,17 +60,18 @@ class _Loop(uvloop.Loop):
         ssl: Any = None,
         **kwargs: Any,
     ) -> asyncio.AbstractServer:
-        if ssl is not None or kwargs or sock is not None or port is None or not _host(host):
+        if ssl is not None or kwargs or not _tcp(host, port, sock):
             uvloops: Any = super()  # its stubs overload host/port and sock apart
             left: asyncio.AbstractServer = await uvloops.create_server(
                 protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl, **kwargs
             )
             return left
-        sockets = await self._bind(host, port)
+        sockets = [sock] if sock is not None else await self._bind(host, port)
         for listening in sockets:
             listening.listen(backlog)
             listening.setblocking(False)
-        server = _Server(self, sockets, protocol_factory)
+        sharers = 1 if sock is None else max(2, _workers())
+        server = _Server(self, sockets, protocol_factory, sharers)
         server.start()
         return server
 
@@ -94,17 +101,43 @@ class _Loop(uvloop.Loop):
         return sockets
 
 
-def _host(host: object) -> bool:
-    return host is None or isinstance(host, str)  # asyncio also takes a list of hosts
+def _tcp(host: object, port: int | None, sock: socket.socket | None) -> bool:
+    if sock is not None:
+        return host is None and port is None and sock.family in (socket.AF_INET, socket.AF_INET6)
+    return port is not None and (host is None or isinstance(host, str))  # not a list of hosts
+
+
+def _workers() -> int:
+    """The worker processes that share a socket handed over: `PGLAYER_WORKERS`, else what
+    the server's command line says (see `detect_workers`)."""
+    configured = os.environ.get("PGLAYER_WORKERS", "")
+    return int(configured) if configured.isdigit() else detect_workers()[0]
+
+
+def _queued(listening: socket.socket) -> int | None:
+    """How many connections wait in `listening`'s accept queue, where the kernel says:
+    Linux's TCP_INFO of a listening socket carries it in `tcpi_unacked`."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = listening.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32)
+    except OSError:
+        return None
+    return int(struct.unpack_from("=I", info, 24)[0])
 
 
 class _Server(asyncio.AbstractServer):
-    """Listening sockets of this process; each readiness accepts up to `ACCEPT_BATCH`."""
+    """Listening sockets; each readiness accepts this process's share of the queue."""
 
     def __init__(
-        self, loop: _Loop, sockets: Iterable[socket.socket], protocol_factory: ProtocolFactory
+        self,
+        loop: _Loop,
+        sockets: Iterable[socket.socket],
+        protocol_factory: ProtocolFactory,
+        sharers: int = 1,
     ) -> None:
         self._loop = loop
+        self._sharers = sharers
         self._sockets = list(sockets)
         self._protocol_factory = protocol_factory
         self._serving = False
@@ -150,7 +183,7 @@ class _Server(asyncio.AbstractServer):
         await asyncio.shield(self._closed)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch(listening)):
             try:
                 conn, _ = listening.accept()
             except (BlockingIOError, InterruptedError):
@@ -165,6 +198,12 @@ class _Server(asyncio.AbstractServer):
             task = self._loop.create_task(self._open(conn))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
+
+    def _batch(self, listening: socket.socket) -> int:
+        queued = _queued(listening)
+        if queued is None:  # not told: all of a batch if alone, else one, as libuv takes
+            return ACCEPT_BATCH if self._sharers == 1 else 1
+        return min(ACCEPT_BATCH, max(1, -(-queued // self._sharers)))
 
     def _pause(self, listening: socket.socket, exc: OSError) -> None:
         self._loop.call_exception_handler(
