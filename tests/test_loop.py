@@ -294,8 +294,9 @@ def test_serve_runs_uvicorn_on_this_loop() -> None:
 
 
 async def hello(scope: Any, receive: Any, send: Any) -> None:
+    """Says hello to the client's address, as uvicorn read it from the transport."""
     await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"hello"})
+    await send({"type": "http.response.body", "body": f"hello {scope['client'][0]}".encode()})
 
 
 def test_uvicorn_serves_on_this_loop() -> None:
@@ -318,4 +319,4 @@ def test_uvicorn_serves_on_this_loop() -> None:
         return text
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        assert runner.run(main()) == "hello"
+        assert runner.run(main()) == "hello 127.0.0.1"
