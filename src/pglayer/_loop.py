@@ -27,6 +27,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,7 +43,8 @@ LOOP = "pglayer._loop:new_event_loop"
 ACCEPT_BATCH = 64
 # As asyncio does when accept() fails for want of descriptors or memory: pause, then retry.
 PAUSE_AFTER_RESOURCE_ERROR = 1.0
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+# Only Linux's layout is read (other kernels lay TCP_INFO out otherwise, or lack it).
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
