@@ -151,7 +151,7 @@ def readiness_by_hand(
     async def readiness() -> int:
         before = len(made)
         server._accept(listening)
-        await asyncio.sleep(0.05)
+        await asyncio.gather(*server._opening)  # each accepted connection opened and made
         return len(made) - before
 
     async def main() -> list[int]:
@@ -264,9 +264,18 @@ class OutOfDescriptors:
 def test_out_of_descriptors_pauses_accepting_then_resumes(
     loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_loop, "PAUSE_AFTER_RESOURCE_ERROR", 0.05)
+    monkeypatch.setattr(_loop, "PAUSE_AFTER_RESOURCE_ERROR", 0.3)
     errors: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: errors.append(context))
+    at: list[float] = []
+    resumed = asyncio.Event()
+
+    def handle(_: object, context: dict[str, Any]) -> None:
+        errors.append(context)
+        at.append(loop.time())
+        if len(errors) == 2:
+            resumed.set()
+
+    loop.set_exception_handler(handle)
     real = socket.create_server(("127.0.0.1", 0))
     listening: Any = OutOfDescriptors(real)
     client = socket.create_connection(real.getsockname())
@@ -274,10 +283,9 @@ def test_out_of_descriptors_pauses_accepting_then_resumes(
     async def main() -> None:
         server = _loop._Server(cast(Any, loop), [listening], Echo)
         server.start()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
         assert len(errors) == 1  # paused: the pending connection is not retried at once
-        await asyncio.sleep(0.1)
-        assert 2 <= len(errors) <= 4  # resumed after each pause
+        await asyncio.wait_for(resumed.wait(), 10)
         server.close()
 
     try:
@@ -285,6 +293,7 @@ def test_out_of_descriptors_pauses_accepting_then_resumes(
     finally:
         client.close()
     assert errors[0]["exception"].errno == errno.EMFILE
+    assert at[1] - at[0] >= 0.3  # resumed, after the pause
 
 
 def test_serve_runs_uvicorn_on_this_loop() -> None:

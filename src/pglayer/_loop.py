@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
 import struct
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 import uvloop
 
-from pglayer._settings import detect_workers
+from pglayer._settings import DatabaseSettings
 
 __all__ = ["ACCEPT_BATCH", "LOOP", "new_event_loop"]
 
@@ -72,7 +71,8 @@ class _Loop(uvloop.Loop):
         for listening in sockets:
             listening.listen(backlog)
             listening.setblocking(False)
-        sharers = 1 if sock is None else max(2, _workers())
+        # The worker processes sharing a socket handed over, as the connection budget counts them.
+        sharers = 1 if sock is None else max(2, DatabaseSettings().worker_count()[0])
         server = _Server(self, sockets, protocol_factory, sharers)
         server.start()
         return server
@@ -107,13 +107,6 @@ def _tcp(host: object, port: int | None, sock: socket.socket | None) -> bool:
     if sock is not None:
         return host is None and port is None and sock.family in (socket.AF_INET, socket.AF_INET6)
     return port is not None and (host is None or isinstance(host, str))  # not a list of hosts
-
-
-def _workers() -> int:
-    """The worker processes that share a socket handed over: `PGLAYER_WORKERS`, else what
-    the server's command line says (see `detect_workers`)."""
-    configured = os.environ.get("PGLAYER_WORKERS", "")
-    return int(configured) if configured.isdigit() else detect_workers()[0]
 
 
 def _queued(listening: socket.socket) -> int | None:
