@@ -246,6 +246,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        self._stop()  # __exit__ does not run when __enter__ raises
         raise RuntimeError(f"{self.app} did not start")
 
     def __exit__(self, *exc: object) -> None:

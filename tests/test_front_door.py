@@ -14,6 +14,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database
+from pglayer._context import FRONT_DOOR_KEY
 from pglayer._http import PROTOCOL
 from pglayer._logs import install_request_id
 from pglayer._pool import Pool
@@ -241,3 +242,54 @@ async def test_refusals_at_the_door_are_counted_and_logged(
         "status": 503,
         "request_id": "counted",
     }
+
+
+class HeldWithoutWaiters:
+    """The app's only connection held, no read queued yet, the read lane armed at a pace of
+    one read every 2 s: a read is let in; two in a row would wait 4 s, past the deadline."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __aenter__(self) -> HeldWithoutWaiters:
+        pool = self.db._pool
+        assert pool is not None
+        read = pool.lane("read")
+        read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
+        read.armed_until = time.monotonic() + 60
+        self._held = self.db.connection()
+        await self._held.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._held.__aexit__(None, None, None)
+
+
+def _door(app: FastAPI) -> RequestGuard:
+    guard = getattr(app.state, FRONT_DOOR_KEY)
+    assert isinstance(guard, RequestGuard)
+    return guard
+
+
+async def test_requests_let_in_whose_tasks_have_not_run_count_as_the_queue_ahead(
+    shop: tuple[FastAPI, Database, LiveServer], client: Client
+) -> None:
+    app, db, _ = shop
+    door = _door(app)
+    async with HeldWithoutWaiters(db):
+        # Both parsed in one turn of the loop: the first one's task has not queued it yet.
+        first = door.refuse_early(b"GET", b"/users/1", [])
+        second = door.refuse_early(b"GET", b"/users/2", [])
+    assert first is None
+    assert second is not None
+    assert b"retry-after: 4\r\n" in second[1]  # the one let in ahead, then itself: 2 s each
+
+
+async def test_a_request_let_in_stops_counting_once_the_app_has_it(
+    shop: tuple[FastAPI, Database, LiveServer], client: Client
+) -> None:
+    app, db, _ = shop
+    client.send(get("/users/999999"))
+    assert (await client.reply()).status == 404  # let in by the door, then served
+    async with HeldWithoutWaiters(db):
+        assert _door(app).refuse_early(b"GET", b"/users/1", []) is None

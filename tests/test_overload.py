@@ -183,6 +183,19 @@ async def test_after_a_second_of_queue_the_measured_rate_alone_is_the_pace(db_ur
         pool.release(await waiter, 0.0)
 
 
+async def test_while_armed_the_measured_rate_is_the_pace_even_with_no_queue_at_a_measure(
+    db_url: str,
+) -> None:
+    async with _one_connection_held(db_url) as (pool, lane, held):
+        _measured(lane, rate=10.0, hold=0.001, busy=0)  # armed; nobody waits
+        await wait_for(lambda: asyncio.sleep(0, lane.busy >= 10))  # the clock's measures
+        assert lane.waiting == 0
+        assert pool.predicted_wait(lane) == pytest.approx(1 / lane.rate)
+        lane.armed_until = 0.0
+        await wait_for(lambda: asyncio.sleep(0, lane.busy == 0))  # unarmed: a new start
+        pool.release(held, 0.0)
+
+
 async def test_a_bulkhead_at_its_cap_waits_while_others_take_connections(db_url: str) -> None:
     settings = settings_for(db_url, min_size=4, max_size=4, bulkheads={"write": 2})
     async with Database(settings) as db:

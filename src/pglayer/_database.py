@@ -656,14 +656,15 @@ class Database:
 
     # -- load ------------------------------------------------------------------------
 
-    def saturated(self) -> float | None:
-        """While even a read would be refused at once, its predicted wait (seconds)."""
+    def saturated(self, coming: int = 0) -> float | None:
+        """While even a read would be refused at once, its predicted wait (seconds);
+        `coming`: requests let in ahead of it that have not asked for a connection yet."""
         pool = self._pool
-        return None if pool is None else pool.saturated()
+        return None if pool is None else pool.saturated(coming)
 
     def count_shed(self) -> None:
         """Count a request refused for `saturated()` before it asked for a connection."""
-        self._observer.acquire_failed(PoolOverloadedError())
+        self._observer.shed()
 
     async def pause_refusal(self, predicted: float = 0.0, deadline: float | None = None) -> None:
         """Pause before answering a refusal: `refusal_delay`, longer for a long `predicted`

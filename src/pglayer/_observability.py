@@ -471,13 +471,20 @@ class Observer:
         self._pool_event("released", held)
 
     def acquire_failed(self, error: PglayerError) -> None:
-        self.stats.error(type(error).__name__)
         if isinstance(error, PoolOverloadedError):
-            self.stats.shed()
-            self._pool_event("shed")
-        elif isinstance(error, PoolTimeoutError):
+            self.shed()
+            return
+        self.stats.error(type(error).__name__)
+        if isinstance(error, PoolTimeoutError):
             self.stats.acquire_timed_out()
             self._pool_event("acquire_timeout")
+
+    def shed(self) -> None:
+        """A request refused for the pool's saturation (counted as a `PoolOverloadedError`,
+        without building one: under a retry storm most requests are refusals)."""
+        self.stats.error("PoolOverloadedError")
+        self.stats.shed()
+        self._pool_event("shed")
 
     def connection_opened(self) -> None:
         self.stats.connection_opened()
