@@ -196,6 +196,28 @@ async def test_while_armed_the_measured_rate_is_the_pace_even_with_no_queue_at_a
         pool.release(held, 0.0)
 
 
+async def test_admitted_waiters_that_time_out_shorten_the_wait_admission_allows(
+    db_url: str,
+) -> None:
+    async with _one_connection_held(db_url) as (pool, lane, held):
+        _measured(lane, rate=10.0)  # one ahead at most: a newcomer is predicted 0.1 s
+        with pytest.raises(PoolTimeoutError):
+            await pool.acquire(lane, timeout=0.15)  # admitted, then missed its deadline
+        assert lane.admit == pytest.approx(0.99)
+        lane.rate = 10.0  # as measured (with no releases the clock's measure decays it)
+        with pytest.raises(PoolOverloadedError):
+            await pool.acquire(lane, timeout=0.1005)  # 0.1 s is more than 99% of it
+        lane.rate = 10.0
+        waiter = asyncio.create_task(pool.acquire(lane, timeout=5.0))
+        await wait_for(lambda: asyncio.sleep(0, lane.waiting == 1))
+        pool.release(held, 0.0)
+        pool.release(await waiter, 0.0)  # a waiter served wins back a hundredth of a step
+        assert lane.admit == pytest.approx(0.9901)
+        lane.armed_until = 0.0
+        lane.arm(time.monotonic())  # a new episode starts from the whole deadline
+        assert lane.admit == 1.0
+
+
 async def test_a_bulkhead_at_its_cap_waits_while_others_take_connections(db_url: str) -> None:
     settings = settings_for(db_url, min_size=4, max_size=4, bulkheads={"write": 2})
     async with Database(settings) as db:

@@ -13,9 +13,11 @@ Work is classed into bulkheads (`Lane`: reads, writes, or any name the caller gi
 with a cap on the connections it may hold at once, so writes stuck behind a lock cannot take
 the connections reads need. Admission is by predicted wait: a newcomer that would wait
 longer than its deadline anyway is refused at once (after a short pause that slows clients
-which retry at once). Under a standing queue that admission does not bound (no deadline
-missed yet, so no forecast refuses) the newest waiter is served first, so that what is
-served still has its deadline left (adaptive LIFO, "Fail at Scale", 2015).
+which retry at once); while admitted waiters still time out, the wait it admits shrinks to
+a share of the deadline, so that about 1% of them do. Under a standing queue that
+admission does not bound (no deadline missed yet, so no forecast refuses) the newest
+waiter is served first, so that what is served still has its deadline left (adaptive LIFO,
+"Fail at Scale", 2015).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Lane:
     """One bulkhead: a kind of work, the connections it may hold at once, its waiters."""
 
     __slots__ = (
+        "admit",
         "armed_until",
         "busy",
         "cap",
@@ -118,12 +121,16 @@ class Lane:
         self.rate = 0.0  # connections given back per second, lately (see Pool._measure)
         self.busy = 0  # measures of that rate in a row that found waiters
         self.armed_until = 0.0  # forecasts may refuse until then (see Pool._forecast_refuses)
+        self.admit = 1.0  # share of its deadline a newcomer may be predicted to wait
         self.refused = 0  # turned away at once: predicted to miss the deadline, or bound
         self.timeouts = 0  # waited, and the deadline came first
         self.locked_at = 0.0  # when work of this lane last waited past its lock bound
 
     def arm(self, now: float) -> None:
-        """Let forecasts refuse for `_ARMED_FOR` seconds: a deadline was missed, or one did."""
+        """Let forecasts refuse for `_ARMED_FOR` seconds: a deadline was missed, or one did.
+        A new episode of overload starts from the whole deadline (`_ADMIT_STEP`)."""
+        if now > self.armed_until:
+            self.admit = 1.0
         self.armed_until = now + _ARMED_FOR
 
     def head(self) -> _Waiter | None:
@@ -181,6 +188,16 @@ _ARMED_FOR = 1.0
 # once, and each early retry costs the server about as much CPU as serving a request.
 _PACE_SHARE = 0.2
 _PACE_MAX = 1.0
+# The share of its deadline a newcomer may be predicted to wait (`Lane.admit`) is tuned by
+# what admission let in: each waiter that times out lowers it a step, each one served raises
+# it a hundredth of a step, so that about 1% of admitted waiters miss. The forecast is of the
+# mean wait, and under a retry storm the pace swings with the loop's turns (admitted on a
+# moment's pace, waiters then waited twice their forecast): at the whole deadline 10% of the
+# admitted waiters timed out (`storm`, one worker), each after costing what a served request
+# costs, where a refusal at the door costs a fifth of it. With a floor of a half it sat at
+# the floor with 6% still missing; at a quarter, ~3%.
+_ADMIT_STEP = 0.01
+_ADMIT_MIN = 0.25
 
 
 def _needs_reset(raw: Any) -> bool:
@@ -474,8 +491,9 @@ class Pool:
 
     @staticmethod
     def _forecast_refuses(lane: Lane, predicted: float, wait: float) -> bool:
-        """Whether a newcomer predicted to wait `predicted` is refused for a `wait` of it:
-        only while the lane is armed, and a refusal keeps it armed.
+        """Whether a newcomer predicted to wait `predicted` is refused for a `wait` of it
+        (more than the lane's `admit` share of it): only while the lane is armed, and a
+        refusal keeps it armed.
 
         A flood of new clients slows the pace for a few seconds (1,024 new connections:
         holds of 100-180 ms), and the forecast, extrapolating it, refused orders the pool
@@ -483,7 +501,7 @@ class Pool:
         deadlines has been missed it has been proved right, and refuses until it stops
         predicting misses.
         """
-        if predicted <= wait:
+        if predicted <= wait * lane.admit:
             return False
         now = time.monotonic()
         if now > lane.armed_until:
@@ -628,7 +646,10 @@ class Pool:
             slot.released_at = time.monotonic()
             self._idle.append(slot)
             return
-        self._lend(slot, waiter.lane)
+        lane = waiter.lane
+        if lane.admit < 1.0:
+            lane.admit = min(lane.admit + _ADMIT_STEP / 100, 1.0)
+        self._lend(slot, lane)
         waiter.future.set_result(slot)
 
     def _fail_head(self, error: BaseException) -> bool:
@@ -760,6 +781,8 @@ class Pool:
         while deadlines and deadlines[0][0] <= now:
             waiter = heapq.heappop(deadlines)[2]
             if not waiter.future.done():
+                lane = waiter.lane
+                lane.admit = max(lane.admit - _ADMIT_STEP, _ADMIT_MIN)
                 self._time_out(waiter)
         paced = self._paced
         while paced and paced[0][0] <= now:
