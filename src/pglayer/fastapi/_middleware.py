@@ -268,17 +268,18 @@ class RequestGuard:
         self._ticks = 0
         self._clock: Clock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Requests the front door let in whose tasks have not started: in a turn of the
-        # loop the server parses every connection that has data before any task runs, so
-        # the pool's queue does not show them yet. Without them a burst passed the door
-        # whole and was refused here instead, at several times a door refusal's cost.
+        # Requests the front door let in during this turn of the loop: the server parses
+        # every connection that has data before any task runs, so the pool's line does not
+        # show them yet. Without them a burst passed the door whole and was refused here
+        # instead, at several times a door refusal's cost. Reset by a callback queued
+        # before their tasks (not counted down per request: a request whose task never
+        # reaches this guard, such as uvicorn's own 503 past `limit_concurrency`, would
+        # be counted for ever).
         self._coming = 0
         if app_state is not None and database is not None:
             setattr(app_state, FRONT_DOOR_KEY, self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._coming:
-            self._coming -= 1
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -335,6 +336,8 @@ class RequestGuard:
             return None
         predicted = db.saturated(self._coming)
         if predicted is None:
+            if not self._coming:
+                asyncio.get_running_loop().call_soon(self._turned)
             self._coming += 1
             return None
         db.count_shed()
@@ -359,6 +362,9 @@ class RequestGuard:
 
         head += b"x-request-id: " + request_id.encode() + b"\r\n"
         return paused, head, body, answered
+
+    def _turned(self) -> None:
+        self._coming = 0  # their tasks run next, in order, and queue in the pool
 
     def _account_early(
         self, method: str, path: str, status: int, started: float, request_id: str
