@@ -54,9 +54,10 @@ def get(path: str, *extra: str, method: str = "GET") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-class Saturated:
-    """The app's only connection held and one read queued behind it, each read predicted to
-    hold 2 s: a new read would wait about 4 s, past the 0.5 s acquire deadline."""
+class HeldWithoutWaiters:
+    """The app's only connection held, no read queued, the read lane armed at a measured pace
+    of one read every 2 s: a read is let in; two in a row would wait 4 s, past the 0.5 s
+    acquire deadline."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -64,20 +65,30 @@ class Saturated:
         assert pool is not None
         self.pool: Pool = pool
 
-    async def __aenter__(self) -> Saturated:
+    async def __aenter__(self) -> HeldWithoutWaiters:
         read = self.pool.lane("read")
-        # Measured: each read holds its connection 2 s, a pace of one every 2 s.
         read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
         read.armed_until = time.monotonic() + 60  # as after a missed deadline
         self._held = self.db.connection()
         await self._held.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._held.__aexit__(None, None, None)
+
+
+class Saturated(HeldWithoutWaiters):
+    """`HeldWithoutWaiters` with one read queued: a new read would wait about 4 s."""
+
+    async def __aenter__(self) -> Saturated:
+        await super().__aenter__()
         self._waiter = asyncio.create_task(self.pool.acquire(self.pool.lane("read"), timeout=30))
         await wait_for(lambda: asyncio.sleep(0, self.pool.waiting == 1))
         assert self.pool.saturated() is not None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._held.__aexit__(None, None, None)
+        await super().__aexit__(*exc)
         self.pool.release(await self._waiter, 0.0)
 
 
@@ -244,55 +255,32 @@ async def test_refusals_at_the_door_are_counted_and_logged(
     }
 
 
-class HeldWithoutWaiters:
-    """The app's only connection held, no read queued yet, the read lane armed at a pace of
-    one read every 2 s: a read is let in; two in a row would wait 4 s, past the deadline."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    async def __aenter__(self) -> HeldWithoutWaiters:
-        pool = self.db._pool
-        assert pool is not None
-        read = pool.lane("read")
-        read.hold, read.samples, read.rate = 2.0, read.cap, 0.5
-        read.armed_until = time.monotonic() + 60
-        self._held = self.db.connection()
-        await self._held.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._held.__aexit__(None, None, None)
-
-
-def _door(app: FastAPI) -> RequestGuard:
-    guard = getattr(app.state, FRONT_DOOR_KEY)
+@pytest.fixture
+async def door(
+    shop: tuple[FastAPI, Database, LiveServer], client: Client
+) -> AsyncIterator[RequestGuard]:
+    """The shop's request guard (built by `client`'s first request), which the server asks
+    at the door, with `HeldWithoutWaiters`."""
+    guard = getattr(shop[0].state, FRONT_DOOR_KEY)
     assert isinstance(guard, RequestGuard)
-    return guard
+    async with HeldWithoutWaiters(shop[1]):
+        yield guard
 
 
 async def test_requests_let_in_whose_tasks_have_not_run_count_as_the_queue_ahead(
-    shop: tuple[FastAPI, Database, LiveServer], client: Client
+    door: RequestGuard,
 ) -> None:
-    app, db, _ = shop
-    door = _door(app)
-    async with HeldWithoutWaiters(db):
-        # Both parsed in one turn of the loop: the first one's task has not queued it yet.
-        first = door.refuse_early(b"GET", b"/users/1", [])
-        second = door.refuse_early(b"GET", b"/users/2", [])
+    # Both parsed in one turn of the loop: the first one's task has not queued it yet.
+    first = door.refuse_early(b"GET", b"/users/1", [])
+    second = door.refuse_early(b"GET", b"/users/2", [])
     assert first is None
     assert second is not None
     assert b"retry-after: 4\r\n" in second[1]  # the one let in ahead, then itself: 2 s each
 
 
-async def test_requests_let_in_stop_counting_once_the_loop_turns(
-    shop: tuple[FastAPI, Database, LiveServer], client: Client
-) -> None:
-    app, db, _ = shop
-    door = _door(app)
-    async with HeldWithoutWaiters(db):
-        assert door.refuse_early(b"GET", b"/users/1", []) is None
-        # Its task would run now, and queue in the pool itself (or, answered by the server
-        # itself, never reach the guard): either way it no longer counts.
-        await asyncio.sleep(0)
-        assert door.refuse_early(b"GET", b"/users/2", []) is None
+async def test_requests_let_in_stop_counting_once_the_loop_turns(door: RequestGuard) -> None:
+    assert door.refuse_early(b"GET", b"/users/1", []) is None
+    # Its task would run now, and queue in the pool itself (or, answered by the server
+    # itself, never reach the guard): either way it no longer counts.
+    await asyncio.sleep(0)
+    assert door.refuse_early(b"GET", b"/users/2", []) is None

@@ -271,7 +271,7 @@ class RequestGuard:
         # Requests the front door let in during this turn of the loop: the server parses
         # every connection that has data before any task runs, so the pool's line does not
         # show them yet. Without them a burst passed the door whole and was refused here
-        # instead, at several times a door refusal's cost. Reset by a callback queued
+        # instead, with a task, a scope and an ASGI call each. Reset by a callback queued
         # before their tasks (not counted down per request: a request whose task never
         # reaches this guard, such as uvicorn's own 503 past `limit_concurrency`, would
         # be counted for ever).
