@@ -306,3 +306,38 @@ def test_hundredths_write_a_duration_as_its_float_rounded_to_two_places_would() 
     values = [0.0, 0.005, 0.015, 1.005, 2.675, 99.995, 100.0, 123456789.125]
     values += [rng.random() * 10 ** rng.randint(-4, 9) for _ in range(20_000)]
     assert [v for v in values if _hundredths(v) != str(round(v, 2))] == []
+
+
+class _Capture(logging.Filter):
+    """Takes the records it sees, so that none reaches a handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+async def test_where_access_lines_go_is_decided_once_per_loop_iteration() -> None:
+    handler = configure_logging(format="text", level="INFO")
+    assert isinstance(handler, logging.StreamHandler)
+    direct = io.StringIO()
+    handler.setStream(direct)
+    access_log, access = AccessLog(), logging.getLogger("pglayer.access")
+    capture = _Capture()
+    access_log.write(*LINE_CASES[0], "req-1")
+    access.addFilter(capture)  # mid-iteration: the iteration's lines keep their way
+    try:
+        access_log.write(*LINE_CASES[1], "req-2")
+        await asyncio.sleep(0)  # the iteration's lines are written
+        access_log.write(*LINE_CASES[2], "req-3")  # the next iteration goes through logging
+    finally:
+        access.removeFilter(capture)
+    assert [line.split(" [")[1][:5] for line in direct.getvalue().splitlines()] == [
+        "req-1",
+        "req-2",
+    ]
+    assert [record.getMessage()[:6] for record in capture.records] == ['"GET /']

@@ -204,7 +204,9 @@ class AccessLog:
         self._clock = _Clock()
         # Lines of one event-loop iteration, written together right after it: one lock,
         # one write and one flush for many requests under load, none held back when idle.
+        # Where they go is decided by the first line of each iteration.
         self._batch: list[str] = []
+        self._batch_handler: StreamHandlerWithFormat | None = None
 
     def _direct(self) -> StreamHandlerWithFormat | None:
         access = self.logger
@@ -224,7 +226,7 @@ class AccessLog:
             return
         method, path = escape(method), escape(path)
         ms = seconds * 1000
-        handler = self._direct()
+        handler = self._batch_handler if self._batch else self._direct()
         if handler is None:
             with request_id_of(request_id):  # the request's own context has ended
                 self.logger.info(
@@ -270,6 +272,7 @@ class AccessLog:
             except RuntimeError:  # no event loop: write it now
                 handler.write_lines([line])
                 return
+            self._batch_handler = handler
         self._batch.append(line)
 
     def _flush(self, handler: StreamHandlerWithFormat) -> None:
