@@ -490,7 +490,7 @@ class Database:
                 pool.stuck(lane)
         else:
             if lane.locked_at:
-                lane.locked_at = 0.0  # the lane makes progress: the lock is not holding it
+                pool.progressed(lane)
             return result
         finally:
             conn._slot = None

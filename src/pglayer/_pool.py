@@ -526,6 +526,11 @@ class Pool:
         assert self._clock is not None
         self._clock.wake()
 
+    @staticmethod
+    def progressed(lane: Lane) -> None:
+        """Work of `lane` committed: the lane is not stuck on a lock (see `stuck`)."""
+        lane.locked_at = 0.0
+
     async def _refuse(self, lane: Lane, error: PoolOverloadedError, until: float) -> NoReturn:
         """Count and raise `error`, after a pause that ends by `until` (`pause_refusal`)."""
         lane.refused += 1
