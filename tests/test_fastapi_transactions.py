@@ -13,7 +13,10 @@ from fastapi import FastAPI, HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from pglayer import Database
+from pglayer._context import FRONT_DOOR_KEY
+from pglayer._http import PROTOCOL
 from pglayer.fastapi import WriteConnection, WriteTransaction, setup
+from pglayer.fastapi._middleware import WATCH_AFTER
 from tests.conftest import LiveServer, asgi_client, backends, settings_for, wait_for
 
 
@@ -168,12 +171,18 @@ async def test_cancelling_the_request_task_mid_query_releases_everything(
     assert await count(admin, db_url, "items") == 0
 
 
+@pytest.mark.parametrize("http", ["httptools", PROTOCOL])
 @pytest.mark.parametrize("path", ["/sleep", "/sleep-autocommit"])
 async def test_client_disconnect_cancels_the_query_and_releases_the_connection(
-    path: str, tx_db: Database, db_name: str, db_url: str, admin: asyncpg.Connection[Any]
+    path: str,
+    http: str,
+    tx_db: Database,
+    db_name: str,
+    db_url: str,
+    admin: asyncpg.Connection[Any],
 ) -> None:
     app = build_app(tx_db)
-    async with LiveServer(app) as server:
+    async with LiveServer(app, http=http) as server:
         method = "POST" if path == "/sleep" else "GET"
         async with httpx.AsyncClient(base_url=server.url) as client:
             with pytest.raises(httpx.ReadTimeout):
@@ -185,6 +194,27 @@ async def test_client_disconnect_cancels_the_query_and_releases_the_connection(
 
         assert await wait_for(released, timeout=5)
     assert await count(admin, db_url, "items") == 0
+
+
+async def test_under_pglayers_http_server_a_slow_request_is_not_watched(
+    tx_db: Database, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # The server tells the guard when the client leaves: nothing polls in-flight requests.
+    app = build_app(tx_db)
+    async with LiveServer(app, http=PROTOCOL) as server, httpx.AsyncClient() as client:
+        request = asyncio.create_task(client.get(f"{server.url}/sleep-autocommit", timeout=10))
+
+        async def sleeping() -> bool:
+            return any("pg_sleep" in (r["query"] or "") for r in await backends(admin, db_name))
+
+        assert await wait_for(sleeping)
+        await asyncio.sleep(WATCH_AFTER * 3)
+        guard = getattr(app.state, FRONT_DOOR_KEY)
+        assert not guard._pending
+        assert not guard._polled
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
 
 
 async def test_a_server_without_uvicorns_disconnect_flag_is_watched_with_a_task(

@@ -8,7 +8,8 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
 - the body, read whole first and bounded (`max_body_size`, else 413), so no handler holds
   a pooled connection while a slow client uploads;
 - cancellation of the handler when the client disconnects, which cancels its query and
-  gives its connection back; requests that finish within `WATCH_AFTER` never pay for it:
+  gives its connection back: under `pglayer serve` the HTTP server calls the guard when a
+  client leaves; elsewhere requests that finish within `WATCH_AFTER` never pay for it:
   one clock per process watches only requests still running by then (under uvicorn by
   reading its own disconnect flag every 50 ms; under other servers with a task each);
 - `HEAD` wherever `GET` is: the app sees a GET, the client gets its status and headers
@@ -130,6 +131,7 @@ class _Exchange:
     completed = False
     done = False
     stopped_by_us = False
+    told = False  # the HTTP server calls `_left` when the client leaves (`pglayer._http`)
     gone: asyncio.Future[None] | None = None
     task: asyncio.Task[Any] | None = None
     watcher: asyncio.Task[None] | None = None
@@ -200,7 +202,7 @@ class _Exchange:
 
     def watch(self) -> None:
         """Start noticing a disconnect (once); the handler is cancelled if it comes first."""
-        if self.watcher is None and not self.done:
+        if self.watcher is None and not self.done and not self.told:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -228,6 +230,8 @@ class _Exchange:
 
     def finish(self) -> None:
         self.done = True
+        if self.told:
+            self.cycle.pglayer_lost = None  # it refers to this exchange: a cycle otherwise
         # The task holds this exchange through its frames: break the cycle, so the
         # request's objects are freed now rather than by the cyclic garbage collector.
         self.task = None
@@ -415,6 +419,13 @@ class RequestGuard:
             # primary until replicas have surely caught up.
             ex.cookie = f"pglayer_rw=1; Max-Age={window}; Path=/; HttpOnly; SameSite=Lax".encode()
         ex.task = current_task()
+        cycle = ex.cycle
+        if cycle is not None and getattr(cycle, "pglayer_lost", 0) is None:
+            cycle.pglayer_lost = ex._left
+            ex.told = True
+            if cycle.disconnected:
+                ex._left()  # gone before the hook was set
+            return ctx
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop = loop
