@@ -311,7 +311,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         lost = getattr(cycle, "pglayer_lost", None)
         if lost is not None and cycle is not None and cycle.disconnected:
-            cycle.pglayer_lost = None  # type: ignore[union-attr]
+            cycle.pglayer_lost = None  # type: ignore[attr-defined]
             lost()
 
     def _cancel_timers(self) -> None:
