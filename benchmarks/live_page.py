@@ -34,7 +34,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
 from benchmarks.load import run_wrk
-from benchmarks.run import POOL_MAX, RESULTS, ROOT, _free_port, prepare_database
+from benchmarks.run import POOL_MAX, RESULTS, ROOT, _free_port, prepare_database, wait_until_serving
 
 TOKEN = "live-page-benchmark-token"  # noqa: S105  (a local throwaway server)
 
@@ -58,17 +58,14 @@ def start_shop(url: str, port: int) -> subprocess.Popen[bytes]:
         "PGLAYER_TUNE_GC": "true",
     }
     proc = subprocess.Popen(serve_command(port), env=env, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the shop exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/users/1", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the shop did not start")
+    try:
+        wait_until_serving(proc, f"http://127.0.0.1:{port}", "the shop")
+    except RuntimeError:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+            proc.wait(30)
+        raise
+    return proc
 
 
 def start_browser() -> webdriver.Chrome:

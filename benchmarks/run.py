@@ -234,20 +234,14 @@ class Server:
                 "--no-access-log", "--log-level", "warning", "--backlog", "4096",
             ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stderr=self.log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                tail = self.log.read()[-3000:].decode(errors="replace")
-                raise RuntimeError(f"{self.app} exited with {self.proc.returncode}:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/users/1", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self._stop()  # __exit__ does not run when __enter__ raises
-        raise RuntimeError(f"{self.app} did not start")
+        try:
+            wait_until_serving(self.proc, self.url, self.app)
+        except RuntimeError as exc:
+            self.log.seek(0)
+            tail = self.log.read()[-3000:].decode(errors="replace")
+            self._stop()  # __exit__ does not run when __enter__ raises
+            raise RuntimeError(f"{exc}:\n{tail}") from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop()
@@ -275,6 +269,22 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], url: str, name: str) -> None:
+    """Return once `url` answers `GET /users/1` with 200; RuntimeError if `proc` exits or
+    60 s pass first."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/users/1", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not start")
 
 
 _ACCESS_DURATION = re.compile(r" pglayer\.access .* duration_ms=([0-9.]+)$", re.M)
