@@ -284,3 +284,13 @@ async def test_requests_let_in_stop_counting_once_the_loop_turns(door: RequestGu
     # itself, never reach the guard): either way it no longer counts.
     await asyncio.sleep(0)
     assert door.refuse_early(b"GET", b"/users/2", []) is None
+
+
+async def test_requests_let_in_are_not_counted_while_admission_does_not_forecast(
+    shop: tuple[FastAPI, Database, LiveServer], client: Client
+) -> None:
+    # Unarmed, the count would change no answer: no callback is queued to reset it.
+    guard = getattr(shop[0].state, FRONT_DOOR_KEY)
+    assert not shop[1].forecasting()
+    assert guard.refuse_early(b"GET", b"/users/1", []) is None
+    assert guard._coming == 0

@@ -662,6 +662,11 @@ class Database:
         pool = self._pool
         return None if pool is None else pool.saturated(coming)
 
+    def forecasting(self) -> bool:
+        """Whether reads are admitted by their predicted wait now (see `saturated`)."""
+        pool = self._pool
+        return pool is not None and pool.forecasting()
+
     def count_shed(self) -> None:
         """Count a request refused for `saturated()` before it asked for a connection."""
         self._observer.shed()

@@ -886,5 +886,10 @@ class Pool:
             return predicted
         return None
 
+    def forecasting(self) -> bool:
+        """Whether reads are admitted by forecast now (the read lane is armed): only then
+        do requests let in but not yet queued change what `saturated` answers."""
+        return time.monotonic() <= self._lanes["read"].armed_until
+
     def lanes(self) -> list[Lane]:
         return list(self._lanes.values())

@@ -340,9 +340,12 @@ class RequestGuard:
             return None
         predicted = db.saturated(self._coming)
         if predicted is None:
-            if not self._coming:
-                asyncio.get_running_loop().call_soon(self._turned)
-            self._coming += 1
+            # Counted only while admission forecasts: otherwise the count changes nothing,
+            # and a callback per turn is a callback per request when requests come singly.
+            if self._coming or db.forecasting():
+                if not self._coming:
+                    asyncio.get_running_loop().call_soon(self._turned)
+                self._coming += 1
             return None
         db.count_shed()
         started = time.monotonic()
