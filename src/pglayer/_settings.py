@@ -315,6 +315,6 @@ class ServerSettings(BaseSettings):
     tune_gc: bool = Field(
         default=False,
         description="Once per process after startup: `gc.freeze()` and a young-generation "
-        "threshold of 50,000 instead of 700, so that garbage collection stops taking a "
+        "threshold of 200,000 instead of 700, so that garbage collection stops taking a "
         "share of the CPU that grows with concurrency (`pglayer serve`: on).",
     )

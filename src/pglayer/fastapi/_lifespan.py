@@ -76,9 +76,9 @@ def setup(
 
     `tune_gc` (default: `PGLAYER_TUNE_GC`, on under `pglayer serve`), once per process after
     startup, moves everything alive (modules, the app, its schemas) out of the garbage
-    collector's reach and collects the young generation every 50,000 allocations instead of
-    700: at 223 concurrent requests its collections then cost ~7 µs per request instead of
-    ~90. It affects the whole process.
+    collector's reach and collects the young generation every 200,000 allocations instead
+    of 700: its collections then cost a few µs per request instead of ~90 at 223 concurrent
+    requests (see `pglayer._gc`). It affects the whole process.
     """
     setattr(app.state, STATE_KEY, db)
     app.router.lifespan_context = database_lifespan(
