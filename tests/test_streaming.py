@@ -6,10 +6,12 @@ import asyncio
 
 import httpx
 import orjson
+import pytest
 from fastapi import FastAPI
 from starlette.responses import Response
 
 from pglayer import Database
+from pglayer._http import PROTOCOL
 from pglayer.fastapi import setup
 from pglayer.fastapi._streaming import ndjson_response
 from tests.conftest import LiveServer, asgi_client
@@ -51,8 +53,9 @@ async def test_rows_arrive_one_batch_per_chunk(db: Database) -> None:
     assert max(sizes) <= 100  # never more than one batch at once
 
 
-async def test_a_client_that_leaves_releases_the_connection(db: Database) -> None:
-    async with LiveServer(streaming_app(db)) as server, httpx.AsyncClient() as client:
+@pytest.mark.parametrize("http", ["httptools", PROTOCOL])
+async def test_a_client_that_leaves_releases_the_connection(db: Database, http: str) -> None:
+    async with LiveServer(streaming_app(db), http=http) as server, httpx.AsyncClient() as client:
         async with client.stream(
             "GET", f"{server.url}/rows", params={"n": 1_000_000, "batch": 1000}
         ) as response:
