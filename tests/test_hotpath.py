@@ -16,7 +16,8 @@ import gc
 import logging
 import os
 import pstats
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import IO, Any
 
 import pytest
@@ -92,8 +93,10 @@ def test_a_user_read_makes_fewer_calls_than_the_tutorial_pattern(
     assert calls <= CALL_BUDGET, f"{calls:.0f} calls per request, budget {CALL_BUDGET}"
 
 
-async def _calls_per_user_read(db_url: str, log_sink: IO[str]) -> float:
-    # As `serve` runs it: metrics and the access log on, logs formatted by pglayer.
+@asynccontextmanager
+async def _serving_shop(db_url: str, log_sink: IO[str]) -> AsyncIterator[tuple[FastAPI, int]]:
+    """The shop as `serve` runs it (metrics and the access log on, logs formatted by
+    pglayer, to `log_sink`), started, with one user; yields the app and the user's id."""
     settings = ShopSettings(admin_token=None, access_log=True, log_format="text")
     app: FastAPI = create_app(db=Database(settings_for(db_url)), settings=settings)
     for handler in logging.getLogger().handlers:
@@ -106,6 +109,11 @@ async def _calls_per_user_read(db_url: str, log_sink: IO[str]) -> float:
                 "INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id"
             )
         )
+        yield app, user_id
+
+
+async def _calls_per_user_read(db_url: str, log_sink: IO[str]) -> float:
+    async with _serving_shop(db_url, log_sink) as (app, user_id):
         path = f"/users/{user_id}"
         for _ in range(10):  # warm: statement cache, route caches
             assert await _get(app, path) == 200
@@ -153,18 +161,7 @@ def test_requests_leave_no_cyclic_garbage(db_url: str, log_sink: IO[str]) -> Non
 
 
 async def _garbage_of_reads(db_url: str, log_sink: IO[str]) -> list[str]:
-    settings = ShopSettings(admin_token=None, access_log=True, log_format="text")
-    app: FastAPI = create_app(db=Database(settings_for(db_url)), settings=settings)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(log_sink)
-    async with app.router.lifespan_context(app):
-        db: Database = app.state.pglayer_database
-        user_id = await db.run(
-            lambda c: c.fetchval(
-                "INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id"
-            )
-        )
+    async with _serving_shop(db_url, log_sink) as (app, user_id):
         paths = [f"/users/{user_id}", f"/dashboard/{user_id}", "/users/999999999"]
         for path in paths:  # warm: statement cache, route caches
             await _get(app, path)
