@@ -24,11 +24,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
 
-from benchmarks.run import HTTP, LOOP, POOL_MAX, ROOT, _free_port, prepare_database
+from benchmarks.run import (
+    HTTP,
+    LOOP,
+    POOL_MAX,
+    ROOT,
+    _free_port,
+    prepare_database,
+    wait_until_serving,
+)
 
 WARM_UP = 200
 VARIANTS = {  # name: (metrics, access log)
@@ -77,19 +84,9 @@ def _serve_and_count(url: str, max_id: int, variant: str, n: int) -> int:
 
 def _send(base: str, max_id: int, count: int, proc: subprocess.Popen[bytes]) -> None:
     """Wait (bounded) for the server under callgrind, then send `count` requests in turn."""
+    wait_until_serving(proc, base, "the shop under callgrind", timeout=600)
     rnd = random.Random(7)  # the same ids for every variant
-    deadline = time.monotonic() + 600
     with httpx.Client(base_url=base, timeout=60) as client:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the shop exited with {proc.returncode}")
-            try:
-                client.get("/users/1")
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
         for _ in range(count):
             response = client.get(f"/users/{rnd.randint(1, max_id)}")
             if response.status_code != 200:
