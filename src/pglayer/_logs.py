@@ -180,13 +180,22 @@ class _Clock:
         self._text = ""
         self._iso = ""
 
-    def stamps(self, now: float) -> tuple[str, str, int]:
+    def stamps(self, now: float) -> tuple[str, str, str]:
+        """The second as text and as ISO 8601, and its milliseconds as three digits."""
         second = int(now)
         if second != self._second:
             self._second = second
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._iso = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return self._text, self._iso, int((now - second) * 1000)
+        return self._text, self._iso, _MILLIS[int((now - second) * 1000)]
+
+
+# Formatted once: per line a lookup costs a fraction of a format spec's parse.
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
+_STATUS = {code: str(code) for code in range(100, 600)}
+# Methods a server passes on as they are; any other is escaped like the path.
+_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_MAX_ROUTES = 1024  # route templates remembered quoted; an app has a bounded set
 
 
 class AccessLog:
@@ -207,6 +216,7 @@ class AccessLog:
         # Where they go is decided by the first line of each iteration.
         self._batch: list[str] = []
         self._batch_handler: StreamHandlerWithFormat | None = None
+        self._routes: dict[str, str] = {}
 
     def _direct(self) -> StreamHandlerWithFormat | None:
         access = self.logger
@@ -224,7 +234,11 @@ class AccessLog:
     ) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        method, path = escape(method), escape(path)
+        if method not in _PLAIN_METHODS:
+            method = escape(method)
+        # Only the path is the client's to fill: masked here, once, rather than the whole
+        # line (the same text: nothing else in a line can hold a URL or `password=`).
+        path = mask_text(escape(path))
         ms = seconds * 1000
         handler = self._batch_handler if self._batch else self._direct()
         if handler is None:
@@ -240,17 +254,17 @@ class AccessLog:
                     },
                 )
             return
-        text, iso, msecs = self._clock.stamps(time.time())
+        text, iso, millis = self._clock.stamps(time.time())
         if handler.format_name == "json":
             line = orjson.dumps(
                 {
-                    "time": f"{iso}.{msecs:03d}+00:00",
+                    "time": f"{iso}.{millis}+00:00",
                     "level": "info",
                     "logger": "pglayer.access",
-                    "message": mask_text(_message(method, path, status, ms)),
+                    "message": _message(method, path, status, ms),
                     "request_id": request_id,
                     "method": method,
-                    "path": mask_text(path),
+                    "path": path,
                     "route": route,
                     "status": status or None,
                     "duration_ms": round(ms, 2),
@@ -259,12 +273,12 @@ class AccessLog:
         else:
             # What `TextFormatter` writes for the record `logging` would build, in one
             # f-string (`_message` inlined; `_value` quotes a value with a space).
+            code = _STATUS.get(status) or (str(status) if status else None)
             quoted_path = f'"{path}"' if " " in path else path
-            quoted_route = f'"{route}"' if " " in route else route
-            line = mask_text(
-                f'{text},{msecs:03d} INFO pglayer.access [{request_id}] "{method} {path}" '
-                f"{status or '-'} {ms:.1f}ms method={method} path={quoted_path} "
-                f"route={quoted_route} status={status or None} duration_ms={_hundredths(ms)}"
+            line = (
+                f'{text},{millis} INFO pglayer.access [{request_id}] "{method} {path}" '
+                f"{code or '-'} {ms:.1f}ms method={method} path={quoted_path} "
+                f"route={self._quoted(route)} status={code} duration_ms={_hundredths(ms)}"
             )
         if not self._batch:
             try:
@@ -274,6 +288,14 @@ class AccessLog:
                 return
             self._batch_handler = handler
         self._batch.append(line)
+
+    def _quoted(self, route: str) -> str:
+        quoted = self._routes.get(route)
+        if quoted is None:
+            quoted = f'"{route}"' if " " in route else route
+            if len(self._routes) < _MAX_ROUTES:
+                self._routes[route] = quoted
+        return quoted
 
     def _flush(self, handler: StreamHandlerWithFormat) -> None:
         lines, self._batch = self._batch, []
@@ -289,12 +311,12 @@ class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_lines(self, lines: list[str]) -> None:
         text = self.terminator.join(lines) + self.terminator
-        self.acquire()
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        finally:
-            self.release()
+        stream = self.stream
+        with self.lock:  # type: ignore[union-attr]
+            stream.write(text)
+            # A line-buffered stream (stderr is one) has just flushed itself.
+            if not (getattr(stream, "line_buffering", False) and text.endswith("\n")):
+                stream.flush()
 
 
 def configure_logging(
