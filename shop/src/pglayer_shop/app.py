@@ -12,6 +12,7 @@ from fastapi.telemetry import TelemetryConfig
 
 from pglayer import Database, DatabaseSettings, IdempotencyKeys, configure_logging
 from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
+from pglayer_shop.orders import OrderBatches
 from pglayer_shop.routes import router
 from pglayer_shop.routes.admin import admin_routers
 from pglayer_shop.settings import ShopSettings
@@ -66,5 +67,8 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         app.include_router(admin)
     secret = settings.cursor_secret or db.settings.url
     app.state.idempotency_keys = keys
+    app.state.order_batches = OrderBatches(
+        db, lock_timeout=settings.write_lock_timeout, max_batch=settings.order_batch_size
+    )
     app.state.cursors = Cursors(secret.get_secret_value() if secret else "pglayer-shop")
     return app

@@ -55,6 +55,7 @@ async def create_order(
         idempotency_key,
         request.app.state.idempotency_keys,
         settings.write_lock_timeout,
+        request.app.state.order_batches,
     )
     headers = {"Location": f"/orders/{order['id']}"}
     if replayed:

@@ -1,0 +1,188 @@
+"""Keyless orders of one product placed together: one call and one commit for many."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from pglayer_shop.app import create_app
+from pglayer_shop.orders import OrderBatches
+from pglayer_shop.settings import ShopSettings
+
+from pglayer import Database
+from tests.conftest import asgi_client, wait_for
+from tests.test_shop_orders import balance, funded_user, make_product
+
+
+@pytest.fixture
+async def shop(db: Database) -> AsyncIterator[FastAPI]:
+    app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=10))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+async def _held_up(
+    app: FastAPI, db_url: str, product: int, bodies: list[dict[str, Any]]
+) -> list[httpx.Response]:
+    """Send `bodies` while another connection holds the product's row: the first order's
+    call waits on it, the others wait for that call; then let the row go."""
+    batches: OrderBatches = app.state.order_batches
+    holder = await asyncpg.connect(db_url)
+    try:
+        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
+        async with asgi_client(app) as client:
+            first = asyncio.create_task(client.post("/orders", json=bodies[0]))
+            assert await wait_for(lambda: _locked(holder))
+            rest = [asyncio.create_task(client.post("/orders", json=b)) for b in bodies[1:]]
+            assert await wait_for(lambda: _async(batches.waiting == len(rest)))
+            await holder.execute("ROLLBACK")
+            return [await first, *[await task for task in rest]]
+    finally:
+        await holder.close()
+
+
+async def _locked(holder: asyncpg.Connection[Any]) -> bool:
+    waiting = await holder.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return bool(waiting)
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _transactions(conn: asyncpg.Connection[Any], product: int) -> int:
+    """How many transactions wrote the product's orders (rows of one share their xmin)."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM orders WHERE product_id = $1", product
+        )
+    )
+
+
+async def test_orders_that_wait_behind_a_call_are_placed_together(
+    shop: FastAPI, db_url: str
+) -> None:
+    async with asgi_client(shop) as client:
+        product = await make_product(client, price="2.00", stock=100)
+        users = [await funded_user(client, f"b{i}@example.com", "10.00") for i in range(8)]
+    bodies = [{"user_id": u, "product_id": product, "quantity": 1} for u in users]
+
+    responses = await _held_up(shop, db_url, product, bodies)
+
+    assert [r.status_code for r in responses] == [201] * 8
+    assert len({r.json()["id"] for r in responses}) == 8
+    assert [r.json()["user_id"] for r in responses] == users
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await _transactions(conn, product) == 2  # the first alone, then the seven
+        assert await conn.fetchval("SELECT stock FROM products WHERE id = $1", product) == 92
+    finally:
+        await conn.close()
+    async with asgi_client(shop) as client:
+        assert [await balance(client, u) for u in users] == [Decimal("8.00")] * 8
+    batches: OrderBatches = shop.state.order_batches
+    assert (batches.calls, batches.orders) == (2, 8)
+
+
+async def test_each_order_of_a_batch_gets_its_own_answer(shop: FastAPI, db_url: str) -> None:
+    async with asgi_client(shop) as client:
+        product = await make_product(client, price="5.00", stock=10)
+        rich = await funded_user(client, "rich@example.com", "100.00")
+        poor = await funded_user(client, "poor@example.com", "4.00")
+    order = {"product_id": product, "quantity": 1}
+    bodies = [
+        {**order, "user_id": rich},
+        {**order, "user_id": poor},  # 409 insufficient_funds
+        {**order, "user_id": 999_999},  # 404: no such user
+        {**order, "user_id": rich, "quantity": 10},  # 409 insufficient_stock: 9 left
+        {**order, "user_id": rich, "quantity": 8},
+        {"product_id": 999_999, "user_id": rich, "quantity": 1},  # another product: alone
+    ]
+
+    responses = await _held_up(shop, db_url, product, bodies[:5])
+    async with asgi_client(shop) as client:
+        other = await client.post("/orders", json=bodies[5])
+
+    assert [r.status_code for r in [*responses, other]] == [201, 409, 404, 409, 201, 404]
+    assert [r.json().get("code") for r in responses[1:4]] == [
+        "insufficient_funds",
+        "not_found",
+        "insufficient_stock",
+    ]
+    async with asgi_client(shop) as client:
+        assert await balance(client, rich) == Decimal("55.00")
+        assert await balance(client, poor) == Decimal("4.00")
+        assert (await client.get(f"/products/{product}")).json()["stock"] == 1
+
+
+async def test_an_order_the_database_refuses_inside_a_batch_is_refused_alone(
+    shop: FastAPI, db_url: str
+) -> None:
+    async with asgi_client(shop) as client:
+        product = await make_product(client, price="1.00", stock=100)
+        user = await funded_user(client, "c@example.com", "100.00")
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("ALTER TABLE orders ADD CONSTRAINT no_sevens CHECK (quantity <> 7)")
+        bodies = [{"user_id": user, "product_id": product, "quantity": q} for q in (1, 2, 7, 3)]
+
+        responses = await _held_up(shop, db_url, product, bodies)
+
+        assert [r.status_code for r in responses] == [201, 201, 422, 201]
+        assert await conn.fetchval("SELECT stock FROM products WHERE id = $1", product) == 94
+    finally:
+        await conn.close()
+
+
+async def test_an_order_whose_client_left_before_its_call_is_not_placed(
+    shop: FastAPI, db_url: str
+) -> None:
+    async with asgi_client(shop) as client:
+        product = await make_product(client, price="1.00", stock=100)
+        user = await funded_user(client, "d@example.com", "100.00")
+    body = {"user_id": user, "product_id": product, "quantity": 1}
+    batches: OrderBatches = shop.state.order_batches
+    holder = await asyncpg.connect(db_url)
+    try:
+        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
+        async with asgi_client(shop) as client:
+            first = asyncio.create_task(client.post("/orders", json=body))
+            assert await wait_for(lambda: _locked(holder))
+            left = asyncio.create_task(client.post("/orders", json={**body, "quantity": 5}))
+            stays = asyncio.create_task(client.post("/orders", json={**body, "quantity": 2}))
+            assert await wait_for(lambda: _async(batches.waiting == 2))
+            left.cancel()
+            await asyncio.gather(left, return_exceptions=True)
+            await holder.execute("ROLLBACK")
+            assert [(await first).status_code, (await stays).status_code] == [201, 201]
+        assert await holder.fetchval("SELECT stock FROM products WHERE id = $1", product) == 97
+    finally:
+        await holder.close()
+    assert (batches.calls, batches.orders) == (2, 2)
+
+
+async def test_with_a_batch_size_of_one_every_order_is_its_own_call(
+    db: Database, db_url: str
+) -> None:
+    settings = ShopSettings(admin_token=None, write_lock_timeout=10, order_batch_size=1)
+    app = create_app(db=db, settings=settings)
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        product = await make_product(client, price="1.00", stock=100)
+        user = await funded_user(client, "e@example.com", "100.00")
+        body = {"user_id": user, "product_id": product, "quantity": 1}
+        responses = await asyncio.gather(*(client.post("/orders", json=body) for _ in range(6)))
+    assert [r.status_code for r in responses] == [201] * 6
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await _transactions(conn, product) == 6
+    finally:
+        await conn.close()
