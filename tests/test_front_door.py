@@ -18,6 +18,7 @@ from pglayer._context import FRONT_DOOR_KEY
 from pglayer._http import PROTOCOL
 from pglayer._logs import install_request_id
 from pglayer._pool import Pool
+from pglayer.fastapi import _middleware
 from pglayer.fastapi._middleware import RequestGuard
 from tests.conftest import LiveServer, settings_for, wait_for
 
@@ -253,6 +254,33 @@ async def test_refusals_at_the_door_are_counted_and_logged(
         "status": 503,
         "request_id": "counted",
     }
+
+
+async def test_of_a_storms_refusals_one_a_second_is_logged_and_the_rest_summed_up(
+    shop: tuple[FastAPI, Database, LiveServer],
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, db, _ = shop
+    monkeypatch.setattr(_middleware, "REFUSALS_LOGGED_EVERY", 0.3)
+    install_request_id()
+    caplog.set_level("INFO", logger="pglayer.access")
+    async with Saturated(db):
+        for n in range(5):
+            client.send(get(f"/users/{n}"))
+            assert (await client.reply()).status == 503
+        await asyncio.sleep(0.5)  # the interval ends: the rest are summed up
+    lines = [r for r in caplog.records if r.name == "pglayer.access"]
+    assert [getattr(r, "path", None) for r in lines] == ["/users/0", None]
+    assert lines[1].getMessage().startswith("4 more requests answered at the door")
+    assert getattr(lines[1], "unlogged_refusals") == 4
+    client.send(get("/metrics"))
+    scraped = (await client.reply()).body.decode()
+    assert re.search(
+        r'pglayer_http_requests_total\{method="GET",route="unmatched",status="503"\} 5\.0',
+        scraped,
+    )
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
   `pglayer serve` the HTTP server asks first (`refuse_early`), so that a refusal costs no
   task, scope or ASGI call at all;
 - a 500 problem carrying only the request id for anything unexpected;
-- HTTP metrics (`stats`) and the access log (`access_log`), from the same timing.
+- HTTP metrics (`stats`) and the access log (`access_log`), from the same timing; of the
+  refusals at the door, one a second is logged and the rest summed up in one line.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
+# Under clients that retry at once most requests are refusals at the door: a line each would
+# be thousands a second, written with the CPU the served requests need. The first refusal of
+# each such interval is logged as usual, the rest counted and summed up in one line after it.
+REFUSALS_LOGGED_EVERY = 1.0  # seconds
 
 
 def new_request_id() -> str:
@@ -280,6 +285,8 @@ class RequestGuard:
         # reaches this guard, such as uvicorn's own 503 past `limit_concurrency`, would
         # be counted for ever).
         self._coming = 0
+        self._refusals_quiet_until = 0.0  # monotonic time until which refusals are counted
+        self._refusals_unlogged = 0
         if app_state is not None and database is not None:
             setattr(app_state, FRONT_DOOR_KEY, self)
 
@@ -381,8 +388,25 @@ class RequestGuard:
         seconds = time.monotonic() - started
         if self.stats is not None:
             self.stats.record(method, "unmatched", status, seconds)
-        if self.access_log is not None:
-            self.access_log.write(method, path, "unmatched", status, seconds, request_id)
+        if self.access_log is None:
+            return
+        if started < self._refusals_quiet_until:
+            self._refusals_unlogged += 1
+            return
+        self.access_log.write(method, path, "unmatched", status, seconds, request_id)
+        self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
+        asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
+
+    def _sum_up_refusals(self) -> None:
+        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+        if unlogged and self.access_log is not None:
+            self.access_log.logger.info(
+                "%d more requests answered at the door (503 overloaded, or 499 if the client"
+                " left during the pause) in %gs, not logged one by one",
+                unlogged,
+                REFUSALS_LOGGED_EVERY,
+                extra={"unlogged_refusals": unlogged},
+            )
 
     async def _read_body(self, ex: _Exchange) -> bool:
         """Read the whole body into `ex`; False if the request was answered (413) or gone."""
