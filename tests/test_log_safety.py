@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import random
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,6 @@ from pglayer._logs import (
     AccessLog,
     JsonFormatter,
     TextFormatter,
-    _hundredths,
     configure_logging,
     escape,
 )
@@ -301,11 +299,18 @@ def test_the_access_line_written_directly_is_the_line_logging_would_write(
         assert "secret" not in lines[0]
 
 
-def test_hundredths_write_a_duration_as_its_float_rounded_to_two_places_would() -> None:
-    rng = random.Random(7)
-    values = [0.0, 0.005, 0.015, 1.005, 2.675, 99.995, 100.0, 123456789.125]
-    values += [rng.random() * 10 ** rng.randint(-4, 9) for _ in range(20_000)]
-    assert [v for v in values if _hundredths(v) != str(round(v, 2))] == []
+@pytest.mark.usefixtures("restore_root_logger")
+def test_a_text_access_line_says_each_field_once() -> None:
+    handler = configure_logging(format="text", level="INFO")
+    assert isinstance(handler, logging.StreamHandler)
+    stream = io.StringIO()
+    handler.setStream(stream)
+    AccessLog().write(*LINE_CASES[0], "req-1")
+    line = stream.getvalue().rstrip("\n")
+    assert STAMP.match(line)
+    assert (
+        line[24:] == 'INFO pglayer.access [req-1] "GET /users/42" 200 12.3ms route=/users/{user_id}'
+    )
 
 
 class _Capture(logging.Filter):

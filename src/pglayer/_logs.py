@@ -36,6 +36,11 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {
 }
 
 
+# What an access line's message already says ("GET /users/42" 200 1.2ms): in the text format
+# only the route follows it; the JSON format and other formatters get every field.
+_IN_ACCESS_MESSAGE = frozenset({"method", "path", "status", "duration_ms"})
+
+
 class MaskSecrets(logging.Filter):
     """Masks passwords in URLs and `password=` parameters of the formatted message."""
 
@@ -81,7 +86,8 @@ class TextFormatter(logging.Formatter):
         record.message = _one_line(record.getMessage().rstrip("\n"))
         record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        shown = _IN_ACCESS_MESSAGE if record.name == "pglayer.access" else ()
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in shown}
         if extra:
             line += " " + " ".join(f"{k}={_value(v)}" for k, v in extra.items() if k != "statement")
         if record.exc_info and not record.exc_text:
@@ -153,13 +159,6 @@ def _value(value: object) -> str:
 
 def _message(method: str, path: str, status: int, ms: float) -> str:
     return f'"{method} {path}" {status or "-"} {ms:.1f}ms'
-
-
-def _hundredths(ms: float) -> str:
-    # `str(round(ms, 2))` in half the time: both round the exact binary value, and below
-    # 1e13 the two-decimal string is the shortest that reads back as that rounded float.
-    text = f"{ms:.2f}".rstrip("0")
-    return text + "0" if text[-1] == "." else text
 
 
 def _json_safe(text: str) -> str:
@@ -273,12 +272,10 @@ class AccessLog:
         else:
             # What `TextFormatter` writes for the record `logging` would build, in one
             # f-string (`_message` inlined; `_value` quotes a value with a space).
-            code = _STATUS.get(status) or (str(status) if status else None)
-            quoted_path = f'"{path}"' if " " in path else path
+            code = _STATUS.get(status) or (str(status) if status else "-")
             line = (
                 f'{text},{millis} INFO pglayer.access [{request_id}] "{method} {path}" '
-                f"{code or '-'} {ms:.1f}ms method={method} path={quoted_path} "
-                f"route={self._quoted(route)} status={code} duration_ms={_hundredths(ms)}"
+                f"{code} {ms:.1f}ms route={self._quoted(route)}"
             )
         if not self._batch:
             try:
