@@ -47,6 +47,13 @@ async def _held_up(
         await holder.close()
 
 
+async def _product_and_buyer(app: FastAPI) -> tuple[int, int]:
+    """A product (100 in stock at 1.00) and a user with 100.00 to spend."""
+    async with asgi_client(app) as client:
+        product = await make_product(client, price="1.00", stock=100)
+        return product, await funded_user(client, "buyer@example.com", "100.00")
+
+
 async def _locked(holder: asyncpg.Connection[Any]) -> bool:
     waiting = await holder.fetchval(
         "SELECT count(*) FROM pg_stat_activity"
@@ -127,9 +134,7 @@ async def test_each_order_of_a_batch_gets_its_own_answer(shop: FastAPI, db_url: 
 async def test_an_order_the_database_refuses_inside_a_batch_is_refused_alone(
     shop: FastAPI, db_url: str
 ) -> None:
-    async with asgi_client(shop) as client:
-        product = await make_product(client, price="1.00", stock=100)
-        user = await funded_user(client, "c@example.com", "100.00")
+    product, user = await _product_and_buyer(shop)
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute("ALTER TABLE orders ADD CONSTRAINT no_sevens CHECK (quantity <> 7)")
@@ -146,9 +151,7 @@ async def test_an_order_the_database_refuses_inside_a_batch_is_refused_alone(
 async def test_an_order_whose_client_left_before_its_call_is_not_placed(
     shop: FastAPI, db_url: str
 ) -> None:
-    async with asgi_client(shop) as client:
-        product = await make_product(client, price="1.00", stock=100)
-        user = await funded_user(client, "d@example.com", "100.00")
+    product, user = await _product_and_buyer(shop)
     body = {"user_id": user, "product_id": product, "quantity": 1}
     batches: OrderBatches = shop.state.order_batches
     holder = await asyncpg.connect(db_url)
