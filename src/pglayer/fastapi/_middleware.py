@@ -367,12 +367,7 @@ class RequestGuard:
         paused = db.pace_refusal(predicted, None if timeout is None else started + timeout)
 
         def answered(sent: bool) -> None:
-            path = url.split(b"?", 1)[0].decode("latin-1")
-            if "%" in path:
-                path = urllib.parse.unquote(path)
-            self._account_early(
-                method.decode("latin-1"), path, 503 if sent else 499, started, request_id
-            )
+            self._account_early(method, url, 503 if sent else 499, started, request_id)
 
         head += b"x-request-id: " + request_id.encode() + b"\r\n"
         return paused, head, body, answered
@@ -381,19 +376,24 @@ class RequestGuard:
         self._coming = 0  # their tasks run next, in order, and queue in the pool
 
     def _account_early(
-        self, method: str, path: str, status: int, started: float, request_id: str
+        self, method: bytes, url: bytes, status: int, started: float, request_id: str
     ) -> None:
         if not self._stats_known:
             self._find_stats(None)
         seconds = time.monotonic() - started
         if self.stats is not None:
-            self.stats.record(method, "unmatched", status, seconds)
+            self.stats.record(method.decode("latin-1"), "unmatched", status, seconds)
         if self.access_log is None:
             return
         if started < self._refusals_quiet_until:
             self._refusals_unlogged += 1
             return
-        self.access_log.write(method, path, "unmatched", status, seconds, request_id)
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        self.access_log.write(
+            method.decode("latin-1"), path, "unmatched", status, seconds, request_id
+        )
         self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
         asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
 
