@@ -290,7 +290,7 @@ def wait_until_serving(
     raise RuntimeError(f"{name} did not start")
 
 
-_ACCESS_DURATION = re.compile(r" pglayer\.access .* duration_ms=([0-9.]+)$", re.M)
+_ACCESS_DURATION = re.compile(r" pglayer\.access .* ([0-9]+\.[0-9])ms route=.*$", re.M)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -1,16 +1,18 @@
 """What metrics and the access log cost the shop as `pglayer serve` serves it, counted.
 
-    python -m benchmarks.served [--requests 600]
+    python -m benchmarks.served [--requests 600] [--clients 1]
 
 Runs the shop under uvicorn with pglayer's HTTP protocol and event loop, inside valgrind's
 callgrind, four ways (metrics and access log both on, both off, each alone), and sends it
-`GET /users/{id}` one at a time on one kept-alive connection from outside. A variant's
+`GET /users/{id}` from outside: one at a time on one kept-alive connection, or from
+`--clients` connections at once. A variant's
 figure is the user-space instructions of (warm-up + N requests) less (warm-up only), per
 request: the same to ~1% from run to run whatever else the machine does, where req/s on a
 shared 2-core machine moves ±15% (see README, "metrics and access log on within 5%").
 Kernel work (the socket's reads and writes) is not counted, so the shares it prints are
 larger than the same layers' share of CPU time. One request at a time, the access log
-writes once per request; under load it writes once per loop iteration.
+writes once per request (its worst case); with several clients, once per loop iteration
+for the requests of that iteration, as under load.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ VARIANTS = {  # name: (metrics, access log)
 }
 
 
-def _serve_and_count(url: str, max_id: int, variant: str, n: int) -> int:
+def _serve_and_count(url: str, max_id: int, variant: str, n: int, clients: int = 1) -> int:
     """Instructions of one shop process that answers `WARM_UP + n` requests, then stops."""
     metrics, access_log = VARIANTS[variant]
     port = _free_port()
@@ -72,7 +74,7 @@ def _serve_and_count(url: str, max_id: int, variant: str, n: int) -> int:
         # The lines go to /dev/null: what is counted is making and writing them.
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         try:
-            _send(f"http://127.0.0.1:{port}", max_id, WARM_UP + n, proc)
+            _send(f"http://127.0.0.1:{port}", max_id, WARM_UP + n, proc, clients)
         finally:
             proc.send_signal(signal.SIGTERM)  # our own child, by its PID
             proc.wait(600)
@@ -82,22 +84,34 @@ def _serve_and_count(url: str, max_id: int, variant: str, n: int) -> int:
     return int(match.group(1))
 
 
-def _send(base: str, max_id: int, count: int, proc: subprocess.Popen[bytes]) -> None:
-    """Wait (bounded) for the server under callgrind, then send `count` requests in turn."""
+def _send(base: str, max_id: int, count: int, proc: subprocess.Popen[bytes], clients: int) -> None:
+    """Wait (bounded) for the server under callgrind, then send `count` requests: from
+    `clients` connections at once, each its next request as its answer comes."""
     wait_until_serving(proc, base, "the shop under callgrind", timeout=600)
-    rnd = random.Random(7)  # the same ids for every variant
-    with httpx.Client(base_url=base, timeout=60) as client:
-        for _ in range(count):
-            response = client.get(f"/users/{rnd.randint(1, max_id)}")
-            if response.status_code != 200:
-                raise RuntimeError(f"GET /users: {response.status_code}")
+
+    def one_client(k: int) -> None:
+        rnd = random.Random(7 + k)  # the same ids for every variant
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for _ in range(count // clients):
+                response = client.get(f"/users/{rnd.randint(1, max_id)}")
+                if response.status_code != 200:
+                    raise RuntimeError(f"GET /users: {response.status_code}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(one_client, range(clients)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.served", description=__doc__)
     parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument(
+        "--clients", type=int, default=1,
+        help="connections sending at once (1: one request at a time, each access line its"
+        " own write; more: several requests a loop turn, as under load)",
+    )  # fmt: skip
     args = parser.parse_args()
-    n = max(100, min(args.requests, 5000))
+    clients = max(1, min(args.clients, 64))
+    n = max(100, min(args.requests, 5000)) // clients * clients
     url, max_id, _, stop = prepare_database(quick=True)
     jobs = [(variant, k) for variant in VARIANTS for k in (0, n)]
     try:
@@ -105,7 +119,7 @@ def main() -> None:
             counts = dict(
                 zip(
                     jobs,
-                    pool.map(lambda job: _serve_and_count(url, max_id, *job), jobs),
+                    pool.map(lambda job: _serve_and_count(url, max_id, *job, clients), jobs),
                     strict=True,
                 )
             )
