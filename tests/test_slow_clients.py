@@ -241,6 +241,22 @@ async def test_headers_over_the_size_bound_get_431(served: Served, head: bytes) 
     assert_problem(answer, 431, "payload_too_large")
 
 
+async def test_a_head_over_the_bound_whose_last_read_is_tiny_gets_431(served: Served) -> None:
+    # All but the blank line in one read, then the blank line alone: the head ends in a read
+    # of two bytes, and its size is the reads before it.
+    reader, writer = await served.open()
+    try:
+        fill = b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 90) for i in range(200))
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: shop.test\r\n" + fill)
+        await writer.drain()
+        await asyncio.sleep(0.3)  # read by the server before the rest arrives
+        writer.write(b"\r\n")
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert_problem(answer, 431, "payload_too_large")
+
+
 async def test_headers_under_the_size_bound_are_served(served: Served) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(

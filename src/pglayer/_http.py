@@ -138,17 +138,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return  # lingering: read and dropped
         began_in_head = self._in_head
         self._read_size = len(data)
+        if began_in_head:
+            # A head spread over reads: its size so far, counted before this read is parsed,
+            # so that the check where the head ends sees it (a head whose last read is tiny
+            # would pass it otherwise). The read it began in is not counted (it may hold the
+            # previous request's body); reads are bounded.
+            self._head_size += len(data)
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
         if self._in_head:
-            if began_in_head:
-                # A head spread over reads: its size so far. The read it began in is not
-                # counted (it may hold the previous request's body); reads are bounded.
-                self._head_size += len(data)
-                if self._head_size > self._max_head:
-                    self._refuse_head_too_large()
-                    return
+            if began_in_head and self._head_size > self._max_head:
+                self._refuse_head_too_large()
+                return
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self._head_timeout, self._head_too_slow)
         elif self._body_pending and self._body_timer is None:
