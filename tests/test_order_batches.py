@@ -189,3 +189,63 @@ async def test_with_a_batch_size_of_one_every_order_is_its_own_call(
         assert await _transactions(conn, product) == 6
     finally:
         await conn.close()
+
+
+async def test_a_batch_whose_connection_is_lost_places_none_and_tells_each_order(
+    shop: FastAPI, db_url: str, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    product, user = await _product_and_buyer(shop)
+    body = {"user_id": user, "product_id": product, "quantity": 1}
+    batches: OrderBatches = shop.state.order_batches
+    lock = f"SELECT 1 FROM products WHERE id = {product} FOR UPDATE"
+    first_holder, second_holder = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    try:
+        await first_holder.execute(f"BEGIN; {lock}")
+        async with asgi_client(shop) as client:
+            first = asyncio.create_task(client.post("/orders", json=body))
+            assert await wait_for(lambda: _lock_waits(admin, db_name, 1))
+            rest = [asyncio.create_task(client.post("/orders", json=body)) for _ in range(3)]
+            assert await wait_for(lambda: _async(batches.waiting == 3))
+            # The row goes to the first order, then to another holder; the batch of three
+            # waits on it, and its backend is killed while it does.
+            await second_holder.execute("BEGIN")
+            second = asyncio.create_task(second_holder.execute(lock))
+            assert await wait_for(lambda: _lock_waits(admin, db_name, 2))
+            await first_holder.execute("ROLLBACK")
+            await second
+            batch = await wait_for(lambda: _batch_backend(admin, db_name))
+            assert batch
+            await admin.execute("SELECT pg_terminate_backend($1)", batch)
+            answers = [await task for task in rest]
+            await second_holder.execute("ROLLBACK")
+            assert (await first).status_code == 201
+        assert [(r.status_code, r.json()["code"]) for r in answers] == [(500, "commit_unknown")] * 3
+        assert (
+            await first_holder.fetchval("SELECT stock FROM products WHERE id = $1", product) == 99
+        )
+        assert (
+            await first_holder.fetchval(
+                "SELECT count(*) FROM orders WHERE product_id = $1", product
+            )
+            == 1
+        )
+    finally:
+        await first_holder.close()
+        await second_holder.close()
+
+
+async def _lock_waits(admin: asyncpg.Connection[Any], db_name: str, n: int) -> bool:
+    waiting = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+        db_name,
+    )
+    return bool(waiting >= n)
+
+
+async def _batch_backend(admin: asyncpg.Connection[Any], db_name: str) -> int | None:
+    pid = await admin.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+        " AND query LIKE '%shop_place_orders%'",
+        db_name,
+    )
+    return None if pid is None else int(pid)
