@@ -193,8 +193,10 @@ class OrderBatches:
             del self._waiting[product]
 
     async def _call(self, product: int, batch: list[_Pending]) -> None:
+        batch = [order for order in batch if not order.future.done()]  # their clients left
         try:
-            await self._place(product, batch)
+            if batch:
+                await self._place(product, batch)
         except LockTimeoutError as exc:
             for order in (*batch, *self._waiting[product]):
                 _fail(order, _own(exc))
@@ -251,6 +253,8 @@ def _fail(order: _Pending, exc: Exception) -> None:
 def _own(exc: Exception) -> Exception:
     """A copy of `exc` for one of the requests it answers: each raise adds its traceback."""
     try:
-        return copy.copy(exc)
+        own = copy.copy(exc)
     except Exception:
         return exc
+    own.__cause__ = exc.__cause__  # what the error log shows as its origin
+    return own
