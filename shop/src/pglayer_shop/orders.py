@@ -17,6 +17,7 @@ from pglayer import (
     IntegrityError,
     InvalidInputError,
     LockTimeoutError,
+    Record,
 )
 from pglayer.fastapi import Problem
 from pglayer_shop.models import OrderCreate
@@ -28,12 +29,11 @@ log = logging.getLogger("pglayer_shop")
 _ORDER_FIELDS = ("id", "user_id", "product_id", "quantity", "unit_price", "total", "created_at")
 ORDER_COLUMNS = ", ".join(_ORDER_FIELDS)
 
-# Migration 0006: lock, check, then change, in one call. Without a key it is its own
-# implicit transaction, so the product's row lock is never held across a round trip to
-# the app; with one, it runs inside the key's transaction.
-_PLACE = "SELECT * FROM shop_place_order($1, $2, $3, $4)"
-# Migration 0007: many orders of one product in one call (`OrderBatches`).
-_PLACE_MANY = "SELECT * FROM shop_place_orders($1, $2, $3, $4)"
+# Migration 0007: lock, check, then change, in one call, for one order or several of one
+# product, each with its outcome. Without a key it is its own implicit transaction, so the
+# product's row lock is never held across a round trip to the app; with one, it runs inside
+# the key's transaction.
+_PLACE = "SELECT * FROM shop_place_orders($1, $2, $3, $4)"
 MAX_WAITING = 1024  # orders of one product waiting for the next call; more are placed alone
 
 
@@ -42,34 +42,30 @@ def request_hash(body: OrderCreate) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
 
 
-async def _explain_failure(conn: Connection, body: OrderCreate, stock_ok: bool) -> Problem:
-    row = await conn.fetchrow(
-        """
-        SELECT EXISTS (SELECT 1 FROM accounts WHERE user_id = $1) AS user_exists,
-               EXISTS (SELECT 1 FROM products WHERE id = $2) AS product_exists
-        """,
-        body.user_id,
-        body.product_id,
-    )
-    assert row is not None
-    if not row["user_exists"]:
-        return Problem(404, "not_found", f"User {body.user_id} does not exist.")
-    if not row["product_exists"]:
-        return Problem(404, "not_found", f"Product {body.product_id} does not exist.")
-    if not stock_ok:
-        return Problem(409, "insufficient_stock", "Not enough stock for this quantity.")
-    return Problem(409, "insufficient_funds", "The balance does not cover this order.")
+async def _place_each(conn: Connection, product: int, bodies: list[OrderCreate]) -> list[Record]:
+    # `lock_timeout_ms`: the bound left, set by `db.run`; None in a transaction (SET LOCAL).
+    users = [body.user_id for body in bodies]
+    quantities = [body.quantity for body in bodies]
+    return await conn.fetch(_PLACE, users, quantities, product, conn.lock_timeout_ms)
+
+
+def _order(body: OrderCreate, row: Record) -> dict[str, Any]:
+    """The order `row` placed for `body`, or the problem that refused it."""
+    outcome = row["outcome"]
+    if outcome == "placed":
+        return {name: row[name] for name in _ORDER_FIELDS}
+    if outcome == "no_user":
+        raise Problem(404, "not_found", f"User {body.user_id} does not exist.")
+    if outcome == "no_product":
+        raise Problem(404, "not_found", f"Product {body.product_id} does not exist.")
+    if outcome == "stock":
+        raise Problem(409, "insufficient_stock", "Not enough stock for this quantity.")
+    raise Problem(409, "insufficient_funds", "The balance does not cover this order.")
 
 
 async def _place(conn: Connection, body: OrderCreate) -> dict[str, Any]:
-    # `lock_timeout_ms`: the bound left, set by `db.run`; None in a transaction (SET LOCAL).
-    row = await conn.fetchrow(
-        _PLACE, body.user_id, body.product_id, body.quantity, conn.lock_timeout_ms
-    )
-    assert row is not None
-    if row["id"] is None:
-        raise await _explain_failure(conn, body, row["stock_ok"])
-    return {name: row[name] for name in _ORDER_FIELDS}
+    [row] = await _place_each(conn, body.product_id, [body])
+    return _order(body, row)
 
 
 async def place_order(
@@ -104,16 +100,6 @@ async def place_order(
 
 async def _place_alone(db: Database, body: OrderCreate, lock_timeout: float) -> dict[str, Any]:
     return await db.run(lambda c: _place(c, body), lock_timeout=lock_timeout)
-
-
-def _refusal(body: OrderCreate, outcome: str) -> Problem:
-    if outcome == "no_user":
-        return Problem(404, "not_found", f"User {body.user_id} does not exist.")
-    if outcome == "no_product":
-        return Problem(404, "not_found", f"Product {body.product_id} does not exist.")
-    if outcome == "stock":
-        return Problem(409, "insufficient_stock", "Not enough stock for this quantity.")
-    return Problem(409, "insufficient_funds", "The balance does not cover this order.")
 
 
 class _Pending:
@@ -213,18 +199,14 @@ class OrderBatches:
     async def _place(self, product: int, batch: list[_Pending]) -> None:
         self.calls += 1
         self.orders += len(batch)
-        if len(batch) == 1:
-            [order] = batch
-            _answer(order, await _place_alone(self._db, order.body, self._lock_timeout))
-            return
-        users = [order.body.user_id for order in batch]
-        quantities = [order.body.quantity for order in batch]
+        bodies = [order.body for order in batch]
         try:
             rows = await self._db.run(
-                lambda c: c.fetch(_PLACE_MANY, users, quantities, product, c.lock_timeout_ms),
-                lock_timeout=self._lock_timeout,
+                lambda c: _place_each(c, product, bodies), lock_timeout=self._lock_timeout
             )
         except (IntegrityError, InvalidInputError):
+            if len(batch) == 1:
+                raise
             # One order the database refused rolled back all of them (none does today; a
             # constraint added later might): each is placed alone, so only that one is.
             for order in batch:
@@ -234,10 +216,10 @@ class OrderBatches:
                     _fail(order, exc)
             return
         for order, row in zip(batch, rows, strict=True):
-            if row["outcome"] == "placed":
-                _answer(order, {name: row[name] for name in _ORDER_FIELDS})
-            else:
-                _fail(order, _refusal(order.body, row["outcome"]))
+            try:
+                _answer(order, _order(order.body, row))
+            except Problem as refused:
+                _fail(order, refused)
 
 
 def _answer(order: _Pending, result: dict[str, Any]) -> None:

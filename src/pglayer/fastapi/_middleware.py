@@ -381,8 +381,9 @@ class RequestGuard:
         if not self._stats_known:
             self._find_stats(None)
         seconds = time.monotonic() - started
+        verb = method.decode("latin-1")
         if self.stats is not None:
-            self.stats.record(method.decode("latin-1"), "unmatched", status, seconds)
+            self.stats.record(verb, "unmatched", status, seconds)
         if self.access_log is None:
             return
         if started < self._refusals_quiet_until:
@@ -391,9 +392,7 @@ class RequestGuard:
         path = url.split(b"?", 1)[0].decode("latin-1")
         if "%" in path:
             path = urllib.parse.unquote(path)
-        self.access_log.write(
-            method.decode("latin-1"), path, "unmatched", status, seconds, request_id
-        )
+        self.access_log.write(verb, path, "unmatched", status, seconds, request_id)
         self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
         asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
 

@@ -1,71 +1,17 @@
--- Keyless orders of one product placed together (`pglayer_shop.orders.OrderBatches`): one
--- call, one lock wait and one commit for many. Orders of one product otherwise queue on its
--- lock one after another, each holding it for its call and its commit, and under load that
--- queue, not the CPU, sets the pace (~1,200 orders/s with the CPU two-thirds busy on the
--- benchmark machine, fewer at 1,024 clients).
+-- Orders placed together (`pglayer_shop.orders.OrderBatches`): one call, one lock wait and
+-- one commit for many keyless orders of one product. Orders of one product otherwise queue
+-- on its lock one after another, each holding it for its call and its commit, and under
+-- load that queue, not the CPU, sets the pace (~1,200 orders/s with the CPU two-thirds busy
+-- on the benchmark machine, fewer at 1,024 clients).
 --
--- Every order gets its own outcome, in the order given: 'placed' (with the order row), or
--- why not, as `shop_place_order` and its explanation decide it ('no_user', 'no_product',
--- 'stock', 'funds'); a refused order changes nothing. The product is locked first, then
--- the accounts in user_id order, as transfers lock them, so batches, single orders and
--- transfers cannot deadlock one another. `p_lock_ms` as in `shop_place_order`, which now
--- takes its locks the same way (`shop_order_locks`).
-
--- The first locks of every order call: with a bound (`p_lock_ms`; NULL keeps the
--- transaction's own), `lock_timeout` for the call, the product's advisory lock (one wait,
--- see migration 0006), then the product's row with what is left of the bound. Returns when
--- the bound ends (NULL without one), the product's price and stock (NULL if it does not
--- exist).
-CREATE FUNCTION shop_order_locks(
-    p_product bigint, p_lock_ms integer, OUT until timestamptz, OUT price numeric,
-    OUT stock integer
-)
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_lock_ms IS NOT NULL THEN
-        until := clock_timestamp() + p_lock_ms * interval '1 millisecond';
-        PERFORM set_config('lock_timeout', p_lock_ms::text, true);
-        PERFORM pg_advisory_xact_lock(hashtext('shop_place_order'), (p_product % 2147483647)::int);
-        PERFORM shop_lock_time_left(until);
-    END IF;
-    SELECT p.price, p.stock INTO price, stock FROM products AS p
-     WHERE p.id = p_product
-       FOR UPDATE;
-    IF p_lock_ms IS NOT NULL THEN
-        PERFORM shop_lock_time_left(until);
-    END IF;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION shop_place_order(
-    p_user bigint, p_product bigint, p_quantity integer, p_lock_ms integer
-) RETURNS TABLE (
-    stock_ok boolean, id bigint, user_id bigint, product_id bigint, quantity integer,
-    unit_price numeric, total numeric, created_at timestamptz
-)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_locked record;
-BEGIN
-    v_locked := shop_order_locks(p_product, p_lock_ms);
-    stock_ok := v_locked.stock >= p_quantity;
-    IF stock_ok THEN
-        UPDATE accounts AS a
-           SET balance = a.balance - v_locked.price * p_quantity, updated_at = now()
-         WHERE a.user_id = p_user AND a.balance >= v_locked.price * p_quantity;
-        IF FOUND THEN
-            UPDATE products AS p SET stock = p.stock - p_quantity WHERE p.id = p_product;
-            INSERT INTO orders AS o (user_id, product_id, quantity, unit_price, total)
-            VALUES (p_user, p_product, p_quantity, v_locked.price, v_locked.price * p_quantity)
-            RETURNING o.id, o.user_id, o.product_id, o.quantity, o.unit_price, o.total,
-                      o.created_at
-                 INTO id, user_id, product_id, quantity, unit_price, total, created_at;
-        END IF;
-    END IF;
-    RETURN NEXT;
-END;
-$$;
-
+-- Every order call is this function now, one order being a batch of one: each order gets
+-- its own outcome, in the order given, 'placed' (with the order row) or why not
+-- ('no_user', 'no_product', 'stock', 'funds', in that order of precedence), decided in the
+-- same call rather than by a second query; a refused order changes nothing. The product is
+-- locked first, then the accounts in user_id order, as transfers lock them, so orders and
+-- transfers cannot deadlock one another. `p_lock_ms` bounds the call's lock waits as
+-- migration 0006 explains (NULL keeps the transaction's own: inside an idempotency key's
+-- transaction).
 CREATE FUNCTION shop_place_orders(
     p_users bigint[], p_quantities integer[], p_product bigint, p_lock_ms integer
 ) RETURNS TABLE (
@@ -74,14 +20,23 @@ CREATE FUNCTION shop_place_orders(
 )
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_locked record;
     v_price numeric;
     v_stock integer;
     v_placed boolean := false;
+    v_until timestamptz;
 BEGIN
-    v_locked := shop_order_locks(p_product, p_lock_ms);
-    v_price := v_locked.price;
-    v_stock := v_locked.stock;
+    IF p_lock_ms IS NOT NULL THEN
+        v_until := clock_timestamp() + p_lock_ms * interval '1 millisecond';
+        PERFORM set_config('lock_timeout', p_lock_ms::text, true);
+        PERFORM pg_advisory_xact_lock(hashtext('shop_place_order'), (p_product % 2147483647)::int);
+        PERFORM shop_lock_time_left(v_until);
+    END IF;
+    SELECT p.price, p.stock INTO v_price, v_stock FROM products AS p
+     WHERE p.id = p_product
+       FOR UPDATE;
+    IF p_lock_ms IS NOT NULL THEN
+        PERFORM shop_lock_time_left(v_until);
+    END IF;
     PERFORM 1 FROM accounts AS a WHERE a.user_id = ANY (p_users) ORDER BY a.user_id FOR UPDATE;
     FOR i IN 1 .. cardinality(p_users) LOOP
         outcome := NULL;
@@ -118,3 +73,5 @@ BEGIN
     END IF;
 END;
 $$;
+
+DROP FUNCTION shop_place_order(bigint, bigint, integer, integer);
