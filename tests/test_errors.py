@@ -32,7 +32,7 @@ from pglayer import (
     UniqueViolationError,
     set_retry_testing,
 )
-from pglayer._errors import class_for_sqlstate, translate
+from pglayer._errors import class_for_sqlstate, raise_translated, translate
 from pglayer.fastapi import Db, WriteTransaction, setup
 from pglayer.fastapi._problems import problem_for_database_error, problem_response
 from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
@@ -509,6 +509,31 @@ async def test_a_one_statement_write_lost_in_flight_is_indeterminate_and_never_r
             await task
     assert attempts == 1
     assert "Autocommit write outcome unknown" in caplog.text
+
+
+async def test_a_one_statement_write_the_driver_refused_to_start_is_replayed(
+    err_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts = 0
+
+    async def write(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            # What asyncpg raises for a pooled connection the server ended while it sat idle
+            # (its protocol still consuming the FATAL error), as pglayer's methods raise it.
+            refused = asyncpg.InternalClientError(
+                "cannot switch to state 12; another operation (2) is in progress"
+            )
+            raise_translated(refused, translate(refused))
+        await conn.execute("INSERT INTO parent VALUES (3)")
+
+    db = Database(settings_for(err_db.settings.dsn(), retry_attempts=3, retry_initial_wait=0.01))
+    async with db:
+        await db.run(write, lock_timeout=1.0)  # one statement in autocommit, as the shop's
+        assert await db.read(lambda c: c.fetchval("SELECT count(*) FROM parent WHERE id = 3")) == 1
+    assert attempts == 2
+    assert "outcome unknown" not in caplog.text
 
 
 async def test_an_indeterminate_commit_answers_500_commit_unknown_without_retry_after(

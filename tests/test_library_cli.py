@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from tests.conftest import free_port
 from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
 
 PGLAYER = [sys.executable, "-m", "pglayer"]
+# The installed command, as a user types it: unlike `python -m`, it does not put the current
+# directory on the import path by itself.
+PGLAYER_SCRIPT = str(Path(sys.executable).with_name("pglayer"))
 
 APP = """
 from fastapi import FastAPI
@@ -89,7 +93,7 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
     write_migrations(tmp_path / "migrations", "notes")
     port = free_port()
     command = [
-        *PGLAYER, "serve", "notesapp:app", "--migrations", "migrations",
+        PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
         "--port", str(port), "--data-dir", str(data_dir),
     ]  # fmt: skip
     proc = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), text=True,
@@ -111,3 +115,24 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
+
+
+def test_serve_names_an_app_it_cannot_find_before_migrating(db_url: str, tmp_path: Path) -> None:
+    write_migrations(tmp_path / "migrations", "notes")
+    command = [PGLAYER_SCRIPT, "serve", "nosuchapp:app", "--migrations", "migrations"]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot find module 'nosuchapp'" in result.stderr
+    assert asyncio.run(_regclass(db_url, "notes")) is None  # nothing applied
+
+
+async def _regclass(url: str, name: str) -> str | None:
+    conn = await asyncpg.connect(url)
+    try:
+        found: str | None = await conn.fetchval("SELECT to_regclass($1)::text", name)
+        return found
+    finally:
+        await conn.close()

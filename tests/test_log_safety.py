@@ -21,6 +21,7 @@ from pglayer._logs import (
     AccessLog,
     JsonFormatter,
     TextFormatter,
+    _tenths,
     configure_logging,
     escape,
 )
@@ -346,3 +347,12 @@ async def test_where_access_lines_go_is_decided_once_per_loop_iteration() -> Non
         "req-2",
     ]
     assert [record.getMessage()[:6] for record in capture.records] == ['"GET /']
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [(0.0, "0.0"), (0.04, "0.0"), (0.25, "0.3"), (12.34, "12.3"), (99.94, "99.9"),
+     (99.95, "100.0"), (100.0, "100.0"), (1234.56, "1234.6")],
+)  # fmt: skip
+def test_an_access_lines_milliseconds_have_one_decimal_halves_up(ms: float, text: str) -> None:
+    assert _tenths(ms) == text

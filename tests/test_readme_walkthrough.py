@@ -91,7 +91,7 @@ def test_the_walkthroughs_serve_command_serves_the_app(
     write_project(tmp_path)
     serve = next(c for c in commands() if c[:2] == ["pglayer", "serve"])
     port = free_port()
-    command = [sys.executable, "-m", "pglayer", *serve[1:], "--port", str(port)]
+    command = [str(Path(sys.executable).with_name("pglayer")), *serve[1:], "--port", str(port)]
     env = project_env(server, DATABASE_URL=db_url)
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip

@@ -33,12 +33,16 @@ def config(cursors: Cursors) -> str:
     since = datetime(2026, 1, 1, tzinfo=UTC).isoformat()
     return f"""
 [[operations]]
-include-name = ["GET /users", "GET /products"]
-parameters = {{ "query.after" = "{cursors.encode(1)}" }}
+include-name = "GET /users"
+parameters = {{ "query.after" = "{cursors.encode(1, of="users")}" }}
+
+[[operations]]
+include-name = "GET /products"
+parameters = {{ "query.after" = "{cursors.encode(1, of="products")}" }}
 
 [[operations]]
 include-name = "GET /users/{{user_id}}/orders"
-parameters = {{ "query.after" = "{cursors.encode(since, 1)}" }}
+parameters = {{ "query.after" = "{cursors.encode(since, 1, of="orders of a user")}" }}
 """
 
 

@@ -193,6 +193,32 @@ async def test_user_orders_are_paged_newest_first(client: httpx.AsyncClient) -> 
     assert_problem(await client.get("/users/999999/orders"), 404, "not_found")
 
 
+async def test_a_cursor_of_one_list_is_422_on_another(client: httpx.AsyncClient) -> None:
+    users = [await funded_user(client, f"{n}@example.com", "1000.00") for n in "abc"]
+    product = await make_product(client, "1.00", 100)
+    await make_product(client, "1.00", 100)
+    await make_product(client, "1.00", 100)
+    for user in users[:2]:
+        for _ in range(3):
+            body = {"user_id": user, "product_id": product, "quantity": 1}
+            assert (await client.post("/orders", json=body)).status_code == 201
+    pages = {
+        route: (await client.get(route, params={"limit": 2})).json()["next_cursor"]
+        for route in ("/users", "/products", f"/users/{users[0]}/orders")
+    }
+    assert all(pages.values())
+    for route, cursor in pages.items():
+        assert (await client.get(route, params={"limit": 2, "after": cursor})).status_code == 200
+    for route, other in [
+        ("/products", pages["/users"]),
+        ("/users", pages["/products"]),
+        ("/users", pages[f"/users/{users[0]}/orders"]),
+    ]:
+        response = await client.get(route, params={"limit": 2, "after": other})
+        problem = assert_problem(response, 422, "validation_error")
+        assert problem["errors"][0]["loc"] == ["query", "after"], route
+
+
 async def test_transfers_move_money_and_refuse_overdrafts(client: httpx.AsyncClient) -> None:
     a = await funded_user(client, "a@example.com", "50.00")
     b = await funded_user(client, "b@example.com", "0")

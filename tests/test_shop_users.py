@@ -189,3 +189,13 @@ async def test_openapi_declares_problem_responses_for_every_route(
                 assert "application/problem+json" in responses[status]["content"], (method, path)
     assert "409" in spec["paths"]["/users"]["post"]["responses"]
     assert "404" in spec["paths"]["/users/{user_id}"]["get"]["responses"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/users/1/"), ("POST", "/users/"),
+                                              ("DELETE", "/users/1/")])  # fmt: skip
+async def test_a_trailing_slash_is_not_redirected(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    response = await client.request(method, path, headers={"Host": "evil.example"})
+    assert_problem(response, 404, "not_found")
+    assert "location" not in response.headers

@@ -257,6 +257,27 @@ async def test_a_head_over_the_bound_whose_last_read_is_tiny_gets_431(served: Se
     assert_problem(answer, 431, "payload_too_large")
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"FOO\x01 /users HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        b"GET /users HTTP/1.1\r\nHost: shop.test\r\nContent-Length: -1\r\n\r\n",
+        b"POST /users HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+        b"GET /users/\x1b HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+    ],
+    ids=["method", "negative-length", "two-lengths", "escape-in-path"],
+)
+async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, head: bytes) -> None:
+    reader, writer = await served.open()
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert_problem(answer, 400, "validation_error")
+
+
 async def test_headers_under_the_size_bound_are_served(served: Served) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(

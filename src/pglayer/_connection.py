@@ -316,9 +316,11 @@ _ISOLATION = {
 def outcome_unknown(error: BaseException) -> bool:
     """Whether a statement that failed with `error` may still have been applied: the
     connection was lost, or the client gave up waiting, while it was in flight."""
-    return isinstance(error, ConnectionLostError) or (
-        isinstance(error, QueryTimeoutError) and error.sqlstate is None
-    )
+    if isinstance(error, ConnectionLostError):
+        # The driver refused to start it ("cannot switch to state": the server ended the
+        # connection while it sat idle in the pool): nothing was sent.
+        return not isinstance(error.__cause__, asyncpg.InternalClientError)
+    return isinstance(error, QueryTimeoutError) and error.sqlstate is None
 
 
 def _begin(

@@ -9,7 +9,8 @@ reset by every byte), so one client dripping bytes holds a connection forever. H
   first byte on a kept-alive connection, gets 408 (a connection that sent nothing is
   just closed);
 - a body not complete `body_timeout` seconds after its head gets 408 (the app sees the
-  client leave), or the connection is closed if the response has already started.
+  client leave), or the connection is closed if the response has already started;
+- a request the parser rejects (a bad request line, header or framing) gets 400.
 
 Each refusal is a problem document, then the connection closes after a short linger, so
 the client can read it even while it is still sending. A request that arrives whole in
@@ -250,6 +251,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             write()
         else:
             paused.add_done_callback(write)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a request it cannot parse in plain text; every error is a problem.
+        detail = "The request is not valid HTTP/1.1 (request line, headers or framing)."
+        self._refuse(_problem(400, "Bad Request", "validation_error", detail))
 
     def _head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)

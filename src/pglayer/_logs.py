@@ -158,7 +158,7 @@ def _value(value: object) -> str:
 
 
 def _message(method: str, path: str, status: int, ms: float) -> str:
-    return f'"{method} {path}" {status or "-"} {ms:.1f}ms'
+    return f'"{method} {path}" {status or "-"} {_tenths(ms)}ms'
 
 
 def _json_safe(text: str) -> str:
@@ -191,10 +191,17 @@ class _Clock:
 
 # Formatted once: per line a lookup costs a fraction of a format spec's parse.
 _MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
+_TENTHS = tuple(f"{tenths / 10:.1f}" for tenths in range(1000))  # "0.0" to "99.9"
 _STATUS = {code: str(code) for code in range(100, 600)}
 # Methods a server passes on as they are; any other is escaped like the path.
 _PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _MAX_ROUTES = 1024  # route templates remembered quoted; an app has a bounded set
+
+
+def _tenths(ms: float) -> str:
+    """`ms` with one decimal, as `f"{ms:.1f}"` (halves rounded up): a lookup below 100."""
+    tenths = int(ms * 10 + 0.5)
+    return _TENTHS[tenths] if 0 <= tenths < 1000 else f"{ms:.1f}"
 
 
 class AccessLog:
@@ -273,30 +280,28 @@ class AccessLog:
             # What `TextFormatter` writes for the record `logging` would build, in one
             # f-string (`_message` inlined; `_value` quotes a value with a space).
             code = _STATUS.get(status) or (str(status) if status else "-")
+            tenths = int(ms * 10 + 0.5)  # `_tenths`, inlined
+            duration = _TENTHS[tenths] if 0 <= tenths < 1000 else _tenths(ms)
+            quoted = self._routes.get(route) or self._quoted(route)
             line = (
                 f'{text},{millis} INFO pglayer.access [{request_id}] "{method} {path}" '
-                f"{code} {ms:.1f}ms route={self._quoted(route)}"
+                f"{code} {duration}ms route={quoted}"
             )
-        if not self._batch:
+        batch = self._batch
+        if not batch:  # written (and emptied) after the iteration by the handler itself
             try:
-                asyncio.get_running_loop().call_soon(self._flush, handler)
+                asyncio.get_running_loop().call_soon(handler.write_lines, batch)
             except RuntimeError:  # no event loop: write it now
                 handler.write_lines([line])
                 return
             self._batch_handler = handler
-        self._batch.append(line)
+        batch.append(line)
 
     def _quoted(self, route: str) -> str:
-        quoted = self._routes.get(route)
-        if quoted is None:
-            quoted = f'"{route}"' if " " in route else route
-            if len(self._routes) < _MAX_ROUTES:
-                self._routes[route] = quoted
+        quoted = f'"{route}"' if " " in route else route
+        if len(self._routes) < _MAX_ROUTES:
+            self._routes[route] = quoted
         return quoted
-
-    def _flush(self, handler: StreamHandlerWithFormat) -> None:
-        lines, self._batch = self._batch, []
-        handler.write_lines(lines)
 
 
 class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
@@ -307,7 +312,9 @@ class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
         self.format_name = format_name
 
     def write_lines(self, lines: list[str]) -> None:
+        """Write `lines`, then empty the list (`AccessLog` starts its next batch in it)."""
         text = self.terminator.join(lines) + self.terminator
+        lines.clear()
         stream = self.stream
         with self.lock:  # type: ignore[union-attr]
             stream.write(text)

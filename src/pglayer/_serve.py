@@ -9,12 +9,14 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
 from pglayer._database import Database
+from pglayer._errors import ConfigurationError
 from pglayer._settings import DatabaseSettings
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
@@ -46,6 +48,20 @@ async def apply_directories(
         if prepare is not None:
             await prepare(db)
     return applied
+
+
+def _check_importable(app: str) -> None:
+    """Raise `ConfigurationError` unless `app`'s module (`module:attr`) can be found."""
+    module = app.split(":", 1)[0]
+    try:
+        found = bool(module) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a malformed name
+        found = False
+    if not found:
+        raise ConfigurationError(
+            f"cannot find module {module!r} of {app!r} in the current directory or the"
+            " installed packages: run from the directory that holds it, or install it"
+        )
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -83,6 +99,13 @@ def serve(
 
     from pglayer._embedded import EmbeddedPostgres
     from pglayer._http import PROTOCOL
+
+    # As `uvicorn` and `python -m` do: the app's module is found in the current directory
+    # (an installed `pglayer` script would not look there), and checked before migrating.
+    app_dir = os.getcwd()
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)  # worker processes inherit it
+    _check_importable(app)
 
     # Worker processes build their app from the environment, as a user's would.
     os.environ["PGLAYER_WORKERS"] = str(workers)

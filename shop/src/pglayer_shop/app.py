@@ -44,6 +44,8 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         # The routes themselves, not an included router: FastAPI matches an included
         # router's routes through an extra layer on every request.
         routes=router.routes,
+        # `/users/1/` is not a route: 404, rather than a redirect built from the Host header.
+        redirect_slashes=False,
         title="pglayer shop",
         version="0.1.0",
         description="The reference service of pglayer. Errors are RFC 9457 problem documents.",

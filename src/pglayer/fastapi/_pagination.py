@@ -1,7 +1,8 @@
 """Keyset pagination: `limit`/`after` parameters and opaque, tamper-checked cursors.
 
-A cursor is the last row's sort key, signed with a key only the server knows, so a client
-can pass it back but not forge or alter one: anything else is a 422 naming `after`.
+A cursor is the last row's sort key, signed with a key only the server knows together with
+the name of its list, so a client can pass it back to that list but not forge or alter one,
+nor take it to another list: anything else is a 422 naming `after`.
 """
 
 from __future__ import annotations
@@ -67,42 +68,49 @@ class Cursors:
             raise ValueError("a cursor secret must not be empty")
         self._key = hashlib.sha256(b"pglayer-cursor\0" + raw).digest()
 
-    def _tag(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_TAG]
+    def _tag(self, payload: bytes, of: str) -> bytes:
+        name = of.encode()
+        signed = len(name).to_bytes(4, "big") + name + payload
+        return hmac.new(self._key, signed, hashlib.sha256).digest()[:_TAG]
 
-    def encode(self, *key: Any) -> str:
-        """An opaque cursor for a sort key (JSON-serialisable values)."""
+    def encode(self, *key: Any, of: str = "") -> str:
+        """An opaque cursor for a sort key (JSON-serialisable values) of the list `of`."""
         payload = orjson.dumps(key)
-        token = self._tag(payload) + payload
+        token = self._tag(payload, of) + payload
         return base64.urlsafe_b64encode(token).decode().rstrip("=")
 
-    def decode(self, cursor: str, key_type: TypeAdapter[K]) -> K:
-        """The sort key in `cursor`, validated by `key_type`; anything else is a 422."""
+    def decode(self, cursor: str, key_type: TypeAdapter[K], *, of: str = "") -> K:
+        """The sort key in `cursor`, a cursor of the list `of`, validated by `key_type`;
+        anything else is a 422."""
         try:
             token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         except (binascii.Error, ValueError):
             raise _invalid("not a cursor") from None
         tag, payload = token[:_TAG], token[_TAG:]
-        if len(tag) < _TAG or not hmac.compare_digest(tag, self._tag(payload)):
-            raise _invalid("not a cursor of this service")
+        if len(tag) < _TAG or not hmac.compare_digest(tag, self._tag(payload, of)):
+            raise _invalid("not a cursor of this list")
         try:
             return key_type.validate_python(orjson.loads(payload))
         except (ValidationError, orjson.JSONDecodeError):
             raise _invalid("a cursor of another list") from None
 
     async def page_by_id(
-        self, db: Database, query: str, limit: int, after: str | None
+        self, db: Database, query: str, limit: int, after: str | None, *, of: str | None = None
     ) -> dict[str, Any]:
-        """One page of a list in id order: `query` takes the last id seen (`$1`, 0 for the
-        first page) and how many rows to fetch (`$2`), and selects `id` among its columns."""
-        after_id = self.decode(after, _ID_KEY)[0] if after else 0
+        """One page of the list `of` (default: named by `query`) in id order: `query` takes
+        the last id seen (`$1`, 0 for the first page) and how many rows to fetch (`$2`), and
+        selects `id` among its columns."""
+        name = query if of is None else of
+        after_id = self.decode(after, _ID_KEY, of=name)[0] if after else 0
         rows = await db.read(lambda conn: conn.fetch(query, after_id, limit + 1))
-        return self.page(rows, limit, lambda row: (row["id"],))
+        return self.page(rows, limit, lambda row: (row["id"],), of=name)
 
     def page(
-        self, rows: Sequence[T], limit: int, key: Callable[[T], Sequence[Any]]
+        self, rows: Sequence[T], limit: int, key: Callable[[T], Sequence[Any]], *, of: str = ""
     ) -> dict[str, Any]:
-        """`{"items", "next_cursor"}` from up to `limit + 1` rows fetched in key order."""
+        """`{"items", "next_cursor"}` of the list `of`, from up to `limit + 1` rows fetched
+        in key order."""
         if len(rows) <= limit:
             return {"items": list(rows), "next_cursor": None}
-        return {"items": list(rows[:limit]), "next_cursor": self.encode(*key(rows[limit - 1]))}
+        cursor = self.encode(*key(rows[limit - 1]), of=of)
+        return {"items": list(rows[:limit]), "next_cursor": cursor}

@@ -89,7 +89,8 @@ async def list_user_orders(
 ) -> Response:
     """The user's orders, newest first (served by `orders_user_recent_idx`)."""
     cursors: Cursors = request.app.state.cursors
-    at, last_id = cursors.decode(after, _CURSOR) if after else (None, 0)
+    of = "orders of a user"
+    at, last_id = cursors.decode(after, _CURSOR, of=of) if after else (None, 0)
 
     async def read(conn: Connection) -> tuple[list[Record], bool]:
         orders = await conn.fetch(
@@ -113,5 +114,5 @@ async def list_user_orders(
     if not exists:
         raise Problem(404, "not_found", f"User {user_id} does not exist.")
     return json_response(
-        cursors.page(orders, limit, lambda o: (o["created_at"].isoformat(), o["id"]))
+        cursors.page(orders, limit, lambda o: (o["created_at"].isoformat(), o["id"]), of=of)
     )

@@ -46,7 +46,7 @@ async def list_products(
     request: Request, db: Db, limit: Limit = 50, after: After = None
 ) -> Response:
     cursors: Cursors = request.app.state.cursors
-    return json_response(await cursors.page_by_id(db, _LIST, limit, after))
+    return json_response(await cursors.page_by_id(db, _LIST, limit, after, of="products"))
 
 
 @router.post(

@@ -42,7 +42,7 @@ _LIST = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
 @router.get("/users", tags=["users"], response_model=Page[User], responses=problem_responses(422))
 async def list_users(request: Request, db: Db, limit: Limit = 50, after: After = None) -> Response:
     cursors: Cursors = request.app.state.cursors
-    return json_response(await cursors.page_by_id(db, _LIST, limit, after))
+    return json_response(await cursors.page_by_id(db, _LIST, limit, after, of="users"))
 
 
 @router.post(
