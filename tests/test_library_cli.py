@@ -76,6 +76,27 @@ async def test_migrate_keeps_each_directorys_history_apart(db_url: str, tmp_path
     assert [r["history"] for r in histories] == ["billing", "default", "notes", "pglayer"]
 
 
+def test_two_apps_directories_of_one_name_are_told_apart_by_history(
+    db_url: str, tmp_path: Path
+) -> None:
+    env = clean_env(DATABASE_URL=db_url)
+    items, notes = tmp_path / "items" / "migrations", tmp_path / "notes" / "migrations"
+    items.mkdir(parents=True)
+    notes.mkdir(parents=True)
+    (items / "0001_items.sql").write_text("CREATE TABLE items (id int);")
+    (notes / "0001_notes.sql").write_text("CREATE TABLE notes (id int);")
+    assert run("migrate", "--dir", str(items), env=env).returncode == 0
+    clash = run("migrate", "--dir", str(notes), env=env)
+    assert clash.returncode == 1
+    message = " ".join(clash.stderr.split())
+    assert "was applied as 0001_items.sql" in message, message
+    assert "--history" in message
+    named = run("migrate", "--dir", str(notes), "--history", "notes", env=env)
+    assert named.returncode == 0, named.stderr
+    assert "notes/0001_notes.sql" in named.stderr
+    assert asyncio.run(_regclass(db_url, "notes")) == "notes"
+
+
 def test_doctor_settings_prints_every_setting_masked() -> None:
     env = clean_env(DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app", COLUMNS="200")
     result = run("doctor", "--settings", env=env)

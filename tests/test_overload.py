@@ -581,8 +581,9 @@ async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
         assert (await client.post("/orders", json=order, headers=headers)).status_code == 201
 
 
+@pytest.mark.parametrize("keyed", [(), (0, 1, 2, 3), (0,)], ids=["keyless", "keyed", "mixed"])
 async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
-    db_url: str,
+    db_url: str, keyed: tuple[int, ...]
 ) -> None:
     # PostgreSQL's lock_timeout bounds each lock wait; a row with a queue of waiters is two
     # waits (tuple lock, then the holder's transaction), so without care the second order in
@@ -594,13 +595,16 @@ async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
         order = await _an_order(client)
         holder = await _lock_product(db_url, order["product_id"])
 
-        async def place() -> tuple[int, float]:
+        async def place(n: int) -> tuple[int, float]:
+            # A keyed order is its own transaction (not combined with others): it queues on
+            # the same row, and must bound its two lock waits together too.
+            headers = {"Idempotency-Key": f"queued-{n}"} if n in keyed else {}
             started = time.monotonic()
-            response = await client.post("/orders", json=order)
+            response = await client.post("/orders", json=order, headers=headers)
             return response.status_code, time.monotonic() - started
 
         try:
-            outcomes = await asyncio.gather(*(place() for _ in range(4)))
+            outcomes = await asyncio.gather(*(place(n) for n in range(4)))
         finally:
             await holder.close()
     assert [status for status, _ in outcomes] == [503] * 4

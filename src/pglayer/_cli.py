@@ -33,6 +33,14 @@ Migrations = Annotated[
         help="A directory of NNNN_name.sql migrations to apply first (repeatable)",
     ),
 ]
+Histories = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--history",
+        help="The history of each --migrations directory in turn (default: its name);"
+        " two apps whose directories share a name on one database need their own",
+    ),
+]
 
 
 def fail(message: str) -> typer.Exit:
@@ -45,6 +53,7 @@ def fail(message: str) -> typer.Exit:
 def serve_command(
     target: Annotated[str, typer.Argument(metavar="APP", help="The ASGI app, as module:attr")],
     migrations: Migrations = None,
+    history: Histories = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
@@ -65,6 +74,7 @@ def serve_command(
             port=port,
             workers=workers,
             migrations=migrations or [],
+            histories=history or [],
             data_dir=data_dir,
             database=database,
             say=console.print,
@@ -81,13 +91,19 @@ def migrate(
             "--dir", exists=True, file_okay=False, help="The directory of NNNN_name.sql files"
         ),
     ],
+    history: Annotated[
+        str | None,
+        typer.Option(help="The directory's history (default: its name)"),
+    ] = None,
 ) -> None:
-    """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name."""
+    """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name
+    (or `--history`)."""
     configure_logging(format="text", level="WARNING")
     if DatabaseSettings().url is None:
         raise fail("no DATABASE_URL set")
     try:
-        applied = asyncio.run(apply_directories(cli_settings(), [directory]))
+        histories = [history] if history else []
+        applied = asyncio.run(apply_directories(cli_settings(), [directory], None, histories))
     except PglayerError as exc:
         raise fail(str(exc)) from None
     console.print(f"applied: {', '.join(applied)}" if applied else "up to date")

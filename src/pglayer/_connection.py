@@ -63,8 +63,8 @@ class Connection:
         # each one marks the request for read-your-writes (transactions mark at COMMIT).
         self._writes = ctx.writes if writer and ctx is not None else None
         self.raw = slot.raw
-        # Set by `Database.run(lock_timeout=...)`: what is left of the bound, for the
-        # statement to apply itself.
+        # Set by `Database.run` and `run_in_transaction` with `lock_timeout`: what is left of
+        # the bound, for a statement that applies it itself (several lock waits in a row).
         self.lock_timeout_ms: int | None = None
 
     @property

@@ -480,6 +480,8 @@ class Database:
             if not tx.begin:
                 result = await _write_alone(conn, fn, bound)
             else:
+                if bound is not None:
+                    conn.lock_timeout_ms = max(int(bound * 1000), 1)
                 async with conn.transaction(
                     readonly=tx.readonly, isolation=tx.isolation, lock_timeout=bound
                 ):
@@ -584,7 +586,9 @@ class Database:
         deadlocks and connections lost before COMMIT was sent; `fn` must therefore only
         touch the database through `conn`. A connection lost during COMMIT raises
         `CommitIndeterminateError` and is never replayed. `lock_timeout` bounds every lock
-        wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`. Within a
+        wait inside (`SET LOCAL`, sent with BEGIN): past it, `LockTimeoutError`; PostgreSQL
+        bounds each wait, so a statement that waits twice in a row (a row others queue on)
+        can bound them together with `conn.lock_timeout_ms`, the bound in ms. Within a
         second (or the bound) of work of the same bulkhead hitting its bound, with no commit
         since, it also bounds the wait for a connection and the replays: the whole call
         then ends within it (`PoolTimeoutError` or `PoolOverloadedError` if no connection

@@ -35,16 +35,22 @@ def cli_settings() -> DatabaseSettings:
 
 
 async def apply_directories(
-    settings: DatabaseSettings, directories: Sequence[Path], prepare: Prepare | None = None
+    settings: DatabaseSettings,
+    directories: Sequence[Path],
+    prepare: Prepare | None = None,
+    histories: Sequence[str] = (),
 ) -> list[str]:
-    """Apply pglayer's own tables, each directory's migrations (each its own history), then
-    `prepare(db)`."""
+    """Apply pglayer's own tables, each directory's migrations (each its own history: the
+    directory's name, or the name `histories` gives it in turn), then `prepare(db)`."""
+    if len(histories) > len(directories):
+        raise ConfigurationError("more histories than migration directories")
+    named = [*histories, *(d.name for d in directories[len(histories) :])]
     applied: list[str] = []
     async with Database(settings) as db:
         applied += [f"pglayer/{name}" for name in await install_pglayer_tables(db)]
-        for directory in directories:
-            names = await migrate(db, load_migrations(directory), history=directory.name)
-            applied += [f"{directory.name}/{name}" for name in names]
+        for directory, history in zip(directories, named, strict=True):
+            names = await migrate(db, load_migrations(directory), history=history)
+            applied += [f"{history}/{name}" for name in names]
         if prepare is not None:
             await prepare(db)
     return applied
@@ -85,6 +91,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     migrations: Sequence[Path] = (),
+    histories: Sequence[str] = (),
     data_dir: Path = Path(".pglayer"),
     database: str = "app",
     prepare: Prepare | None = None,
@@ -124,7 +131,7 @@ def serve(
             embedded = EmbeddedPostgres(data_dir, database=database)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()
-        applied = asyncio.run(apply_directories(cli_settings(), migrations, prepare))
+        applied = asyncio.run(apply_directories(cli_settings(), migrations, prepare, histories))
         if applied:
             say(f"applied migrations: {', '.join(applied)}")
         say(f"serving {app} on http://{host}:{port}")

@@ -129,10 +129,18 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
     for m in migrations:
         previous = applied.get(m.version)
         if previous is not None:
+            if previous["name"] != m.name:
+                raise MigrationError(
+                    f"migration {m.name}: version {m.version} of history {history!r} was"
+                    f" applied as {previous['name']}; another directory shares this history"
+                    " on this database (a history is named after its directory): give this"
+                    " one a history of its own (`--history NAME`, or `history=`)"
+                )
             if previous["checksum"] != m.checksum:
                 raise MigrationError(
-                    f"migration {m.name} was changed after it was applied; "
-                    "add a new migration instead"
+                    f"migration {m.name} was changed after it was applied; add a new migration"
+                    f" instead (or, if another directory named {history!r} shares this"
+                    " history on this database, give this one its own: `--history NAME`)"
                 )
             continue
         log.info("applying migration %s", m.name)

@@ -43,7 +43,8 @@ def request_hash(body: OrderCreate) -> str:
 
 
 async def _place_each(conn: Connection, product: int, bodies: list[OrderCreate]) -> list[Record]:
-    # `lock_timeout_ms`: the bound left, set by `db.run`; None in a transaction (SET LOCAL).
+    # `lock_timeout_ms`: the bound left, set by `db.run` and `run_in_transaction`: the function
+    # queues on an advisory lock, then bounds both of its lock waits together (migration 0007).
     users = [body.user_id for body in bodies]
     quantities = [body.quantity for body in bodies]
     return await conn.fetch(_PLACE, users, quantities, product, conn.lock_timeout_ms)
