@@ -74,6 +74,10 @@ async def test_the_user_export_streams_every_user_as_ndjson(
     users = [orjson.loads(line) for line in response.content.splitlines()]
     assert [u["email"] for u in users] == [f"u{i}@example.com" for i in range(3)]
     assert set(users[0]) == {"id", "name", "email", "created_at"}
+    # Times as every other route writes them (`GET /users/{id}`): UTC with "Z".
+    one = (await admin_client.get(f"/users/{users[0]['id']}")).json()
+    assert users[0]["created_at"] == one["created_at"]
+    assert users[0]["created_at"].endswith("Z")
     assert db.stats().in_use == 0
 
 

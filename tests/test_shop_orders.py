@@ -219,6 +219,27 @@ async def test_a_cursor_of_one_list_is_422_on_another(client: httpx.AsyncClient)
         assert problem["errors"][0]["loc"] == ["query", "after"], route
 
 
+async def test_a_transfer_sent_again_with_its_key_is_made_once(client: httpx.AsyncClient) -> None:
+    a = await funded_user(client, "a@example.com", "50.00")
+    b = await funded_user(client, "b@example.com", "0")
+    body = {"from_user_id": a, "to_user_id": b, "amount": "20.50"}
+    key = {"Idempotency-Key": "transfer-1"}
+    first = await client.post("/transfers", json=body, headers=key)
+    again = await client.post("/transfers", json=body, headers=key)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json() == first.json()
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert (await balance(client, a), await balance(client, b)) == (
+        Decimal("29.50"),
+        Decimal("20.50"),
+    )
+    other = await client.post("/transfers", json={**body, "amount": "1.00"}, headers=key)
+    assert_problem(other, 422, "idempotency_key_reused")
+    assert await balance(client, a) == Decimal("29.50")
+
+
 async def test_transfers_move_money_and_refuse_overdrafts(client: httpx.AsyncClient) -> None:
     a = await funded_user(client, "a@example.com", "50.00")
     b = await funded_user(client, "b@example.com", "0")

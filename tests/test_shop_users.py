@@ -199,3 +199,13 @@ async def test_a_trailing_slash_is_not_redirected(
     response = await client.request(method, path, headers={"Host": "evil.example"})
     assert_problem(response, 404, "not_found")
     assert "location" not in response.headers
+
+
+async def test_a_money_bound_is_written_as_the_number_not_a_python_repr(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"name": "Widget", "price": "99999999999.00", "stock": 1}
+    problem = assert_problem(await client.post("/products", json=body), 422, "validation_error")
+    [error] = problem["errors"]
+    assert error["loc"] == ["body", "price"]
+    assert error["msg"] == "Input should be less than or equal to 9999999999.99"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -237,6 +238,14 @@ def clip(text: str, limit: int = _CLIP) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# pydantic writes a Decimal bound as Python would ("less than or equal to Decimal('10.00')").
+_DECIMAL = re.compile(r"Decimal\('([-0-9.Ee+]+)'\)")
+
+
+def _plain(msg: str) -> str:
+    return _DECIMAL.sub(r"\1", msg) if "Decimal(" in msg else msg
+
+
 def field_error(loc: Sequence[Any], msg: str, type: str = "value_error") -> dict[str, Any]:
     """One entry of a 422's `errors`, with the client's names and text cut short."""
     parts: list[str | int] = [
@@ -321,10 +330,10 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    # Keys left out before validation (see `pglayer.fastapi.bodies`) still count.
+    # Keys left out before validation (see `pglayer.fastapi._bodies`) still count.
     total = len(errors) + int(request.scope.get(OMITTED_ERRORS, 0))
     listed = (
-        field_error(e.get("loc", ()), str(e.get("msg", "")), str(e.get("type", "")))
+        field_error(e.get("loc", ()), _plain(str(e.get("msg", ""))), str(e.get("type", "")))
         for e in errors[:MAX_ERRORS]
     )
     return problem_response(validation_problem(listed, total))

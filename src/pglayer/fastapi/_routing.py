@@ -7,8 +7,9 @@ sees, replaced by the `Request` (which FastAPI passes for free), and the wrapper
 in from the app's state. Use it per router, `APIRouter(route_class=Route)`; `setup()` makes
 it the default for routes declared on the app itself afterwards.
 
-A `Route` with a JSON body also takes it only as `pglayer.fastapi.bodies` describes: plain
-JSON, parsed strictly (415 or 422 otherwise), and at most a few unknown keys validated.
+A `Route` with a JSON body also takes it only as `pglayer.fastapi._bodies` describes: plain
+JSON, parsed strictly (415 or 422 otherwise), and at most a few unknown keys validated; and a
+query parameter or header it takes one of must come once (`pglayer.fastapi._repeats`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.responses import Response
 
 from pglayer.fastapi._bodies import json_body_handler, known_keys
 from pglayer.fastapi._dependencies import STATE_KEY, Db
+from pglayer.fastapi._repeats import once_each_handler, single_valued
 
 __all__ = ["Route", "with_database"]
 
@@ -73,7 +75,10 @@ class Route(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         field = self.body_field
-        if field is None or isinstance(field.field_info, params.Form):
-            return handler  # routes without a body pay nothing
-        known = None if self._embed_body_fields else known_keys(field)
-        return json_body_handler(handler, known)
+        if field is not None and not isinstance(field.field_info, params.Form):
+            known = None if self._embed_body_fields else known_keys(field)
+            handler = json_body_handler(handler, known)  # routes without a body pay nothing
+        queries, headers = single_valued(self.dependant)
+        if queries or headers:
+            handler = once_each_handler(handler, queries, headers)
+        return handler

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from pglayer._database import Database
 from pglayer._errors import raise_translated, translate
+from pglayer._json import OPTIONS, default
 
 __all__ = ["NDJSON", "ndjson_response"]
 
@@ -28,7 +29,8 @@ NDJSON = "application/x-ndjson"
 
 
 def _lines(rows: list[Any]) -> bytes:
-    return b"".join(orjson.dumps(dict(row)) + b"\n" for row in rows)
+    # pglayer's JSON, as every other response writes it: UTC as "Z", Decimals exact.
+    return b"".join(orjson.dumps(row, default=default, option=OPTIONS) + b"\n" for row in rows)
 
 
 class _CursorStream(StreamingResponse):

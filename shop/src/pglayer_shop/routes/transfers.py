@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
-from pglayer import Connection, InvalidInputError, Record
+from pglayer import Connection, IdempotencyKeys, InvalidInputError, Record, body_hash
 from pglayer.fastapi import (
     Db,
+    IdempotencyKey,
     Problem,
     WriteConnection,
     field_error,
@@ -121,18 +122,32 @@ async def get_transfer(transfer_id: TransferId, db: Db) -> Response:
     tags=["accounts"],
     status_code=201,
     response_model=Transfer,
-    responses=problem_responses(404, 409, 413, 422, _409="`insufficient_funds`; nothing changed"),
-)
-async def create_transfer(body: TransferCreate, db: Db, request: Request) -> Response:
+    responses=problem_responses(
+        404, 409, 413, 422,
+        _409="`insufficient_funds`; nothing changed",
+        _422="Invalid body, or `idempotency_key_reused` with a different body",
+    ),
+)  # fmt: skip
+async def create_transfer(
+    body: TransferCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Move money between two accounts. With an `Idempotency-Key`, as orders: the same key and
+    body again get the same transfer back (`Idempotent-Replayed: true`), made once."""
     settings: ShopSettings = request.app.state.shop_settings
+    keys: IdempotencyKeys = request.app.state.idempotency_keys
+    digest = body_hash(body.model_dump(mode="json"))
     try:
-        transfer = await db.run_in_transaction(
-            lambda conn: _transfer(conn, body), lock_timeout=settings.write_lock_timeout
+        transfer, replayed = await db.run_in_transaction(
+            lambda c: keys.run(
+                c, "transfers", idempotency_key, digest, lambda c: _transfer(c, body)
+            ),
+            lock_timeout=settings.write_lock_timeout,
         )
     except InvalidInputError as exc:
         if exc.sqlstate != _OUT_OF_RANGE:
             raise
         raise _overflow() from None
-    return json_response(
-        transfer, status_code=201, headers={"Location": f"/transfers/{transfer['id']}"}
-    )
+    headers = {"Location": f"/transfers/{transfer['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(transfer, status_code=201, headers=headers)
