@@ -236,7 +236,8 @@ async def test_a_transfer_sent_again_with_its_key_is_made_once(client: httpx.Asy
         Decimal("20.50"),
     )
     other = await client.post("/transfers", json={**body, "amount": "1.00"}, headers=key)
-    assert_problem(other, 422, "idempotency_key_reused")
+    reused = assert_problem(other, 422, "idempotency_key_reused")
+    assert reused["errors"][0]["loc"] == ["header", "Idempotency-Key"]
     assert await balance(client, a) == Decimal("29.50")
 
 

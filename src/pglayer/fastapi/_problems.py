@@ -319,6 +319,9 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         )
     if problem.status == 500:
         problem.extra["correlation_id"] = _request_id(request)
+    elif isinstance(exc, IdempotencyKeyReusedError):
+        loc = ["header", "Idempotency-Key"]
+        problem.extra["errors"] = [field_error(loc, problem.detail, "idempotency_key_reused")]
     elif problem.status == 422:
         # The app did not say which field the database refused: the column, when known.
         column = exc.column if isinstance(exc, DatabaseError) else None
