@@ -65,7 +65,9 @@ def contract_rules(ctx: HookContext, case: Case[Any], kwargs: dict[str, Any]) ->
             source, target = body.get("from_user_id"), body.get("to_user_id")
             if type(source) is int and source == target and 1 <= source <= _MAX_ID:
                 body["to_user_id"] = source % _MAX_ID + 1
-    elif operation == ("POST", "/orders") and isinstance(case.headers, MutableMapping):
+    if operation in {("POST", "/orders"), ("POST", "/transfers")} and isinstance(
+        case.headers, MutableMapping
+    ):
         # A new key per case: generated keys repeat, and a key resent with another body is 422.
         key = case.headers.get("Idempotency-Key")
         if isinstance(key, str) and _PRINTABLE_KEY.fullmatch(key):
