@@ -581,6 +581,27 @@ async def test_an_order_on_a_locked_product_is_busy_with_retry_after(
         assert (await client.post("/orders", json=order, headers=headers)).status_code == 201
 
 
+async def test_a_deposit_to_a_locked_account_is_busy_within_the_write_bound(
+    db: Database, db_url: str
+) -> None:
+    app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=0.2))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        user = (await _an_order(client))["user_id"]
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute(f"BEGIN; SELECT 1 FROM accounts WHERE user_id = {user} FOR UPDATE")
+        try:
+            started = time.monotonic()
+            response = await client.post(f"/accounts/{user}/deposits", json={"amount": "5.00"})
+            waited = time.monotonic() - started
+        finally:
+            await holder.close()
+        assert (response.status_code, response.json()["code"]) == (503, "busy")
+        assert int(response.headers["retry-after"]) >= 1
+        assert waited < 2.0  # the 0.2 s write bound, not the 5 s lock timeout (slack for CI)
+        account = (await client.get(f"/accounts/{user}")).json()
+        assert account["balance"] == "100.00"  # nothing deposited
+
+
 @pytest.mark.parametrize("keyed", [(), (0, 1, 2, 3), (0,)], ids=["keyless", "keyed", "mixed"])
 async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
     db_url: str, keyed: tuple[int, ...]

@@ -27,7 +27,7 @@ class ShopSettings(BaseSettings):
     write_lock_timeout: float = Field(
         default=1.0,
         gt=0,
-        description="How long orders and transfers wait for a row another request holds"
+        description="How long orders, transfers and deposits wait for a row another request holds"
         " locked before 503 `busy` (well below the request deadline: a user is waiting).",
     )
     order_batch_size: int = Field(

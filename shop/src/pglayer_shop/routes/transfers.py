@@ -9,7 +9,6 @@ from pglayer.fastapi import (
     Db,
     IdempotencyKey,
     Problem,
-    WriteConnection,
     field_error,
     json_response,
     problem_responses,
@@ -51,10 +50,16 @@ def _overflow() -> Problem:
     response_model=Account,
     responses=problem_responses(404, 413, 422),
 )
-async def deposit(user_id: UserId, body: Deposit, conn: WriteConnection) -> Response:
+async def deposit(user_id: UserId, body: Deposit, db: Db, request: Request) -> Response:
     """Add to the balance; the deposit is recorded in the same statement."""
+    settings: ShopSettings = request.app.state.shop_settings
     try:
-        account = await conn.fetchrow(_DEPOSIT, user_id, body.amount)
+        # Bounded as orders and transfers are: an account row held locked (a long transfer,
+        # an operator's transaction) answers 503 `busy` after the write bound, not 5 s.
+        account = await db.run_in_transaction(
+            lambda c: c.fetchrow(_DEPOSIT, user_id, body.amount),
+            lock_timeout=settings.write_lock_timeout,
+        )
     except InvalidInputError as exc:
         if exc.sqlstate != _OUT_OF_RANGE:
             raise
