@@ -11,7 +11,10 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
+from pydantic import ValidationError
 
+from pglayer import DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
 from tests.conftest import free_port
 from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
@@ -95,6 +98,20 @@ def test_two_apps_directories_of_one_name_are_told_apart_by_history(
     assert named.returncode == 0, named.stderr
     assert "notes/0001_notes.sql" in named.stderr
     assert asyncio.run(_regclass(db_url, "notes")) == "notes"
+
+
+def test_an_invalid_setting_is_one_line_that_never_shows_the_url() -> None:
+    env = clean_env(DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app", PGLAYER_MAX_SIZE="1")
+    result = run("doctor", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "invalid settings" in output
+    assert "min_size must not exceed max_size" in output
+    assert "hunter2" not in output
+    assert "Traceback" not in output
+    with pytest.raises(ValidationError) as refused:
+        DatabaseSettings(url="postgresql://app:hunter2@127.0.0.1:1/app", min_size=2, max_size=1)
+    assert "hunter2" not in str(refused.value)
 
 
 def test_doctor_settings_prints_every_setting_masked() -> None:

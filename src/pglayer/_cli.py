@@ -13,13 +13,15 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
 
+from pydantic import ValidationError
+
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, cli_settings, serve
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["app", "main", "print_diagnosis", "print_settings"]
+__all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
 app = typer.Typer(help="pglayer: serve, migrate and check an app built on pglayer.")
 console = Console(stderr=True)
@@ -191,4 +193,17 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ValidationError as exc:  # a setting from the environment: one line, not a traceback
+        raise SystemExit(fail(f"invalid settings: {invalid_settings(exc)}").exit_code) from None
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """What is wrong with the settings, by environment variable (never their values)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}" if field else ""
+        problems.append(f"{name}: {error['msg']}" if name else str(error["msg"]))
+    return "; ".join(problems)

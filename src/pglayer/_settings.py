@@ -81,8 +81,14 @@ def detect_workers(
 class DatabaseSettings(BaseSettings):
     """Pool, timeout and connection settings; every duration is in seconds."""
 
+    # `hide_input_in_errors`: a refused setting's error would otherwise print every input,
+    # the URL with its password among them.
     model_config = SettingsConfigDict(
-        env_prefix="PGLAYER_", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="PGLAYER_",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        hide_input_in_errors=True,
     )
 
     url: SecretStr | None = Field(
@@ -291,7 +297,9 @@ class ServerSettings(BaseSettings):
     """What `pglayer serve` sets up in its processes: bounds its HTTP server puts on every
     request (`pglayer._http`), and the garbage collector (`tune_gc`)."""
 
-    model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PGLAYER_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     max_header_size: int = Field(
         default=65536,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -167,4 +168,11 @@ def bench(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ValidationError as exc:  # a setting from the environment: one line, not a traceback
+        errors = exc.errors(include_input=False, include_url=False)
+        wrong = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors
+        )
+        raise SystemExit(_fail(f"invalid settings: {wrong}").exit_code) from None

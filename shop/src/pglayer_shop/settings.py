@@ -13,7 +13,9 @@ __all__ = ["ShopSettings"]
 class ShopSettings(BaseSettings):
     """The shop's settings, each read from `PGLAYER_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="PGLAYER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PGLAYER_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     admin_token: SecretStr | None = Field(
         default=None,
