@@ -54,10 +54,22 @@ def test_doctor_detects_pgbouncer_and_its_pool_mode(
     assert f"in {mode} mode" in out
 
 
+@pytest.mark.parametrize("pooler", ["auto", "pgbouncer-transaction"])
+def test_doctor_passes_where_the_pool_turns_prepared_statements_off_behind_pgbouncer(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer], pooler: str
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        code, out = doctor(bouncer.url(db_name), PGLAYER_POOLER=pooler)
+    assert code == 0, out
+    assert "the pool turns asyncpg's statement cache off" in out
+
+
 def test_doctor_fails_when_prepared_statements_would_break_behind_pgbouncer(
     server: Server, db_name: str, bouncer_for: type[PgBouncer]
 ) -> None:
+    # Told there is no pooler, the pool would keep its statement cache and break.
     with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
-        code, out = doctor(bouncer.url(db_name))
+        code, out = doctor(bouncer.url(db_name), PGLAYER_POOLER="none")
     assert code == 1, out
     assert "loses prepared statements" in out
+    assert "PGLAYER_POOLER=none keeps them on" in out

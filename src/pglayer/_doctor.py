@@ -116,12 +116,20 @@ async def diagnose(
                     "ok",
                     "they survive the pooler (PgBouncer ≥ 1.21 with max_prepared_statements)",
                 )
-            elif settings.statement_cache_size:
+            elif settings.statement_cache_size and settings.pooler in ("none", "pgbouncer-session"):
+                # Told there is no transaction pooler, the pool keeps asyncpg's statement cache.
                 result.add(
                     "prepared statements",
                     "fail",
-                    "the pooler loses prepared statements: set "
-                    "PGLAYER_POOLER=pgbouncer-transaction (statement_cache_size=0)",
+                    f"the pooler loses prepared statements, but PGLAYER_POOLER={settings.pooler}"
+                    " keeps them on: set PGLAYER_POOLER=auto or pgbouncer-transaction",
+                )
+            elif settings.statement_cache_size:
+                result.add(
+                    "prepared statements",
+                    "ok",
+                    "the pooler loses them: the pool turns asyncpg's statement cache off"
+                    f" (PGLAYER_POOLER={settings.pooler})",
                 )
             else:
                 result.add(
