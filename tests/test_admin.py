@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -27,6 +28,12 @@ async def admin_client(db: Database) -> AsyncIterator[httpx.AsyncClient]:
 async def test_no_configured_token_hides_the_route(client: httpx.AsyncClient) -> None:
     response = await client.get("/admin/db-stats", headers={"Authorization": f"Bearer {TOKEN}"})
     assert_problem(response, 404, "not_found")
+
+
+async def test_stats_name_the_worker_that_answers(admin_client: httpx.AsyncClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    stats = (await admin_client.get("/admin/db-stats", headers=auth)).json()
+    assert stats["worker"] == os.getpid()  # its own pools; /metrics adds up every worker
 
 
 @pytest.mark.parametrize(

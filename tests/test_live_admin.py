@@ -7,6 +7,7 @@ The page in a real browser: tests/test_live_page.py.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -310,6 +311,7 @@ async def test_the_data_has_every_pool_and_what_the_page_shows(db_url: str) -> N
     data = response.json()
     assert secret not in response.text
     assert abs(data["time"] - time.time()) < 5
+    assert data["worker"] == os.getpid()  # each worker answers for its own pools
     [pool] = data["pools"]
     assert set(pool) == POOL_KEYS
     assert pool["name"] == "primary"

@@ -9,6 +9,7 @@ cookie that its form exchanges for the token.
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -69,8 +70,10 @@ def admin_router(
 
     @router.get("/db-stats", dependencies=[Depends(admin_guard(token))])
     async def db_stats(db: Annotated[Database, Depends(get_database)]) -> dict[str, Any]:
-        """Each pool (primary, replicas): sizes, waiting, histograms, counters; replica health."""
-        return {"pools": pool_stats(db)}
+        """Each pool (primary, replicas) of the worker process that answers (`worker`, its
+        PID; `/metrics` adds up every worker): sizes, waiting, histograms, counters; replica
+        health."""
+        return {"worker": os.getpid(), "pools": pool_stats(db)}
 
     add_live_routes(router, token=_token_bytes(token), session_ttl=session_ttl)
     return router

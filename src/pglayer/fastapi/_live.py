@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -180,9 +181,11 @@ def _pool_snapshot(db: Database, primary: Database) -> dict[str, Any]:
 
 
 def live_snapshot(db: Database) -> dict[str, Any]:
-    """What the page shows: every pool (primary first, then each replica), now."""
+    """What the page shows: every pool (primary first, then each replica), now, of the
+    worker process that answers (each worker has its own pools)."""
     return {
         "time": round(time.time(), 3),
+        "worker": os.getpid(),
         "pools": [_pool_snapshot(pool, db) for pool in db.pools()],
     }
 

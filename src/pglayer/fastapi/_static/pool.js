@@ -238,10 +238,19 @@
     if (view.charts.wait) view.charts.wait.setData([h.t, h.p50, h.p99]);
   }
 
+  let worker = null;
+
   function update(data) {
+    // Each worker process has its own pools and counters: rates and windows are computed
+    // between polls of one worker only, so they start over when another one answers.
+    if (data.worker !== worker) {
+      for (const view of views.values()) view.snaps.length = 0;
+      worker = data.worker;
+    }
     for (const p of data.pools) render(views.get(p.name) || createView(p.name), p, data.time);
     const names = data.pools.map((p) => p.name).join(", ");
-    setStatus(`live · ${names} · updated ${new Date(data.time * 1000).toLocaleTimeString("en-GB")}`, "live");
+    const time = new Date(data.time * 1000).toLocaleTimeString("en-GB");
+    setStatus(`live · ${names} · worker ${data.worker} · updated ${time}`, "live");
   }
 
   async function poll() {
