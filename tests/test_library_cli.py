@@ -119,7 +119,8 @@ def test_doctor_settings_prints_every_setting_masked() -> None:
     result = run("doctor", "--settings", env=env)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout
-    for name in ("DATABASE_URL", "PGLAYER_MAX_SIZE", "PGLAYER_ACQUIRE_TIMEOUT", "PGLAYER_WORKERS"):
+    names = ("DATABASE_URL", "PGLAYER_MAX_SIZE", "PGLAYER_WORKERS", "PGLAYER_HEADER_TIMEOUT")
+    for name in names:
         assert name in result.stdout
 
 

@@ -14,12 +14,13 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, cli_settings, serve
-from pglayer._settings import DatabaseSettings
+from pglayer._settings import DatabaseSettings, ServerSettings
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
@@ -127,7 +128,7 @@ def doctor(
     """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
     settings = DatabaseSettings()
     if settings_only:
-        print_settings(settings)
+        print_settings(settings, ServerSettings())
         return
     if settings.url is None:
         raise fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")
@@ -137,17 +138,19 @@ def doctor(
         raise typer.Exit(code=1)
 
 
-def print_settings(settings: DatabaseSettings) -> None:
-    """Every setting: its variable, its effective value (secrets masked), what it does."""
+def print_settings(*groups: BaseSettings) -> None:
+    """Every setting of `groups`: its variable, its effective value (secrets masked), and
+    what it does."""
     table = Table(title="pglayer settings", show_lines=False)
     for column in ("variable", "value", "meaning"):
         table.add_column(column, overflow="fold")
-    for name, field in type(settings).model_fields.items():
-        table.add_row(
-            f"PGLAYER_{name.upper()}" if name != "url" else "DATABASE_URL",
-            _shown(name, getattr(settings, name)),
-            field.description or "",
-        )
+    for settings in groups:
+        for name, field in type(settings).model_fields.items():
+            table.add_row(
+                f"PGLAYER_{name.upper()}" if name != "url" else "DATABASE_URL",
+                _shown(name, getattr(settings, name)),
+                field.description or "",
+            )
     Console().print(table)
 
 
