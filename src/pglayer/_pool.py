@@ -188,10 +188,6 @@ _ARMED_FOR = 1.0
 # once, and each early retry costs the server about as much CPU as serving a request.
 _PACE_SHARE = 0.2
 _PACE_MAX = 1.0
-# Refusals per request served that a retry storm is paced to (`_storm_pause`). Each costs
-# about half what a served request costs (its read, parse and send), so at 1:1 a third of a
-# saturated core went to refusals; at 1:2, a fifth, leaving 80% of the peak to serve.
-_STORM_REFUSALS = 0.5
 # The share of its deadline a newcomer may be predicted to wait (`Lane.admit`) is tuned by
 # what admission let in: each waiter that times out lowers it a step, each one served raises
 # it a hundredth of a step, so that about 1% of admitted waiters miss. The forecast is of the
@@ -571,8 +567,8 @@ class Pool:
 
     def _storm_pause(self) -> float:
         """...unless clients retry at once: the refusals already paused over the pace the
-        pool serves at (trusted lanes only), so that refusals come back `_STORM_REFUSALS`
-        times as often as connections come free, whatever the number of clients.
+        pool serves at (trusted lanes only), so that refusals come back about as often as
+        connections come free, whatever the number of clients.
 
         A retry storm is a closed loop: each refused client returns one pause later, so N
         of them paused p seconds each send N / p refusals a second. With the fixed pause,
@@ -583,7 +579,7 @@ class Pool:
         for lane in self._lanes.values():
             if lane.busy >= _BUSY_TRUSTED:
                 rate += lane.rate
-        return len(self._paced) / (rate * _STORM_REFUSALS) if rate else 0.0
+        return len(self._paced) / rate if rate else 0.0
 
     def release(self, slot: Slot, held: float) -> None:
         """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first."""
