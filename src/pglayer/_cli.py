@@ -147,7 +147,7 @@ def print_settings(*groups: BaseSettings) -> None:
     for settings in groups:
         for name, field in type(settings).model_fields.items():
             table.add_row(
-                f"PGLAYER_{name.upper()}" if name != "url" else "DATABASE_URL",
+                _variable(name),
                 _shown(name, getattr(settings, name)),
                 field.description or "",
             )
@@ -206,7 +206,11 @@ def invalid_settings(exc: ValidationError) -> str:
     """What is wrong with the settings, by environment variable (never their values)."""
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
-        field = str(error["loc"][0]) if error["loc"] else ""
-        name = "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}" if field else ""
-        problems.append(f"{name}: {error['msg']}" if name else str(error["msg"]))
+        loc = error["loc"]
+        problems.append(f"{_variable(str(loc[0]))}: {error['msg']}" if loc else error["msg"])
     return "; ".join(problems)
+
+
+def _variable(field: str) -> str:
+    """The environment variable of a settings field."""
+    return "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}"

@@ -129,6 +129,8 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
     for m in migrations:
         previous = applied.get(m.version)
         if previous is not None:
+            if previous["checksum"] == m.checksum:
+                continue  # applied (under this name, or one since renamed)
             if previous["name"] != m.name:
                 raise MigrationError(
                     f"migration {m.name}: version {m.version} of history {history!r} was"
@@ -136,13 +138,11 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
                     " on this database (a history is named after its directory): give this"
                     " one a history of its own (`--history NAME`, or `history=`)"
                 )
-            if previous["checksum"] != m.checksum:
-                raise MigrationError(
-                    f"migration {m.name} was changed after it was applied; add a new migration"
-                    f" instead (or, if another directory named {history!r} shares this"
-                    " history on this database, give this one its own: `--history NAME`)"
-                )
-            continue
+            raise MigrationError(
+                f"migration {m.name} was changed after it was applied; add a new migration"
+                f" instead (or, if another directory named {history!r} shares this"
+                " history on this database, give this one its own: `--history NAME`)"
+            )
         log.info("applying migration %s", m.name)
         try:
             await conn.execute(m.sql)
