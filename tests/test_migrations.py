@@ -50,6 +50,16 @@ async def test_a_changed_applied_migration_is_refused(empty_db_url: str, tmp_pat
             await migrate(db, load_migrations(tmp_path))
 
 
+async def test_an_applied_migration_renamed_with_the_same_content_is_not_applied_again(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_frist.sql").write_text("CREATE TABLE t (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_frist.sql"]
+        (tmp_path / "0001_frist.sql").rename(tmp_path / "0001_first.sql")
+        assert await migrate(db, load_migrations(tmp_path)) == []
+
+
 async def test_a_failing_migration_leaves_nothing_behind(empty_db_url: str, tmp_path: Path) -> None:
     (tmp_path / "0001_ok.sql").write_text("CREATE TABLE ok (id int);")
     (tmp_path / "0002_bad.sql").write_text("CREATE TABLE bad (id int REFERENCES nowhere);")
