@@ -98,24 +98,27 @@ def test_the_default_application_name_is_distinct_per_application() -> None:
     assert DatabaseSettings(url="postgresql://h/d").application_name != "pglayer"
 
 
-async def test_the_budget_counts_as_ours_only_this_databases_connections(
+async def test_the_budget_counts_as_ours_only_this_databases_connections_not_the_asker(
     db_url: str, server: Server
 ) -> None:
     name = "pglayer:budget-test"
-    other = await asyncpg.connect(
-        server.url_for("postgres"), server_settings={"application_name": name}
-    )
+    settings = {"application_name": name}
+    other = await asyncpg.connect(server.url_for("postgres"), server_settings=settings)
+    mine = await asyncpg.connect(db_url, server_settings=settings)
     try:
-        conn = await asyncpg.connect(db_url, server_settings={"application_name": name})
+        asking = await asyncpg.connect(db_url, server_settings=settings)  # as doctor's probe
         try:
             budget = await read_budget(
-                conn, application_name=name, workers=1, max_size=1, reserve=0
+                asking, application_name=name, workers=1, max_size=1, reserve=0
             )
         finally:
-            await conn.close()
+            await asking.close()
     finally:
+        await mine.close()
         await other.close()
-    assert budget.ours == 1  # the connection in `postgres` belongs to another service
+    # `mine` only: the one in `postgres` belongs to another service, and the asking one is
+    # left out (a doctor's probe is neither the app's nor another user's).
+    assert budget.ours == 1
     assert budget.used_by_others >= 1
 
 

@@ -7,14 +7,16 @@ from typing import Any
 
 __all__ = ["ConnectionBudget", "read_budget"]
 
+# The asking connection is left out of both counts: `pglayer doctor`'s own probe is neither
+# the app's nor another user's (the pool's own, at open, is one of ours either way).
 _QUERY = """
 SELECT current_setting('max_connections')::int AS max_connections,
        current_setting('superuser_reserved_connections')::int AS reserved,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend')::int AS in_use,
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int AS in_use,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND application_name = $1
-           AND datname = current_database())::int AS ours
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+           AND application_name = $1 AND datname = current_database())::int AS ours
 """
 
 
@@ -25,8 +27,8 @@ class ConnectionBudget:
     reserve: int
     max_connections: int
     superuser_reserved: int
-    in_use: int  # client connections now, all applications
-    ours: int  # client connections now with this application_name, in this database
+    in_use: int  # client connections now, all applications (the asking one left out)
+    ours: int  # of those, the ones with this application_name, in this database
 
     @property
     def used_by_others(self) -> int:
