@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from starlette.responses import Response
 
-from pglayer.fastapi._problems import Problem
+from pglayer.fastapi._problems import Problem, field_error
 
 __all__ = ["once_each_handler", "single_valued"]
 
@@ -92,5 +92,5 @@ def _repeated(where: str, name: str) -> Problem:
         422,
         "validation_error",
         f"The {where} `{name}` was given more than once; send it once.",
-        errors=[{"loc": [where, name], "msg": "given more than once", "type": "value_error"}],
+        errors=[field_error([where, name], "given more than once")],
     )
