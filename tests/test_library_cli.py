@@ -100,6 +100,23 @@ def test_two_apps_directories_of_one_name_are_told_apart_by_history(
     assert asyncio.run(_regclass(db_url, "notes")) == "notes"
 
 
+def test_migrate_says_at_once_that_it_is_waiting_for_an_unreachable_database(
+    tmp_path: Path,
+) -> None:
+    env = clean_env(
+        DATABASE_URL=f"postgresql://app:hunter2@127.0.0.1:{free_port()}/app",
+        PGLAYER_STARTUP_TIMEOUT="1.5",
+        PGLAYER_CONNECT_TIMEOUT="0.2",
+    )
+    result = run("migrate", "--dir", str(write_migrations(tmp_path / "notes", "notes")), env=env)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1
+    waiting = [line for line in lines if "retrying for up to 1.5s" in line]
+    assert len(waiting) == 1, result.stderr
+    assert "app@127.0.0.1" in waiting[0]
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_an_invalid_setting_is_one_line_that_never_shows_the_url() -> None:
     env = clean_env(DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app", PGLAYER_MAX_SIZE="1")
     result = run("doctor", env=env)

@@ -24,6 +24,7 @@ import asyncpg
 import orjson
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
     wait_random_exponential,
@@ -299,10 +300,25 @@ class Database:
             stop=stop_after_delay(deadline),
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TransientError),
+            before_sleep=self._say_retrying(deadline) if deadline != float("inf") else None,
             reraise=True,
         ):
             with attempt:
                 self._pool = await self._create_pool()
+
+    def _say_retrying(self, deadline: float) -> Callable[[RetryCallState], None]:
+        """Log the first failed attempt, so a wait for a server that is down is not silent."""
+
+        def say(state: RetryCallState) -> None:
+            if state.attempt_number == 1 and state.outcome is not None:
+                log.warning(
+                    "database %s not reachable (%s); retrying for up to %gs",
+                    self.target,
+                    state.outcome.exception(),
+                    deadline,
+                )
+
+        return say
 
     async def _open_in_background(self) -> None:
         try:
