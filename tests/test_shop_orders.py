@@ -126,7 +126,7 @@ async def test_idempotency_key_replays_the_same_order(client: httpx.AsyncClient)
     assert first.status_code == again.status_code == 201
     assert "idempotent-replayed" not in first.headers
     assert again.headers["idempotent-replayed"] == "true"
-    assert again.json() == first.json()
+    assert again.content == first.content  # the same text, keys in the same order
     other = await client.post("/orders", json={**body, "quantity": 2}, headers=headers)
     assert_problem(other, 422, "idempotency_key_reused")
     assert await stock(client, product) == 9

@@ -40,9 +40,9 @@ RETURNING true
 _STORED = (
     "SELECT request_hash, response FROM pglayer_idempotency_keys WHERE scope = $1 AND key = $2"
 )
-# Stored as pglayer serialises responses (text cast to jsonb: no codec in between).
+# Stored as the text pglayer sends (a cast from text: no codec in between).
 _STORE = (
-    "UPDATE pglayer_idempotency_keys SET response = $3::text::jsonb WHERE scope = $1 AND key = $2"
+    "UPDATE pglayer_idempotency_keys SET response = $3::text::json WHERE scope = $1 AND key = $2"
 )
 _SWEEP = """
 WITH doomed AS (
