@@ -3,13 +3,15 @@
 Some requests a JSON Schema calls valid are refused (422) by the contract for reasons no
 schema can state: an amount out of range (money is a patterned string), transfer to oneself,
 an `Idempotency-Key` sent again with another body, `2.0` for an integer (JSON Schema 2020-12
-counts it as one; the contract does not). Such cases are changed, as little as possible, into
+counts it as one; the contract does not), a user's orders cursor on another user's list.
+Such cases are changed, as little as possible, into
 ones the contract accepts; schemathesis then classifies them again, by what is sent.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Callable, MutableMapping
 from decimal import Decimal
@@ -18,10 +20,14 @@ from typing import Any, TypeVar, cast
 import schemathesis
 from schemathesis import Case, HookContext
 
+from pglayer.fastapi import Cursors
+
 _MONEY = re.compile(r"[0-9]+(?:\.[0-9]{1,2})?")
 _PRINTABLE_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 _MAX_ID = 2**63 - 1
 _keys = itertools.count(1)
+_cursors = Cursors(os.environ.get("PGLAYER_CURSOR_SECRET", "unset"))
+ORDERS_SINCE = "2026-01-01T00:00:00+00:00"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -65,6 +71,8 @@ def contract_rules(ctx: HookContext, case: Case[Any], kwargs: dict[str, Any]) ->
             source, target = body.get("from_user_id"), body.get("to_user_id")
             if type(source) is int and source == target and 1 <= source <= _MAX_ID:
                 body["to_user_id"] = source % _MAX_ID + 1
+    elif operation == ("GET", "/users/{user_id}/orders"):
+        _orders_cursor_of(case)
     if operation in {("POST", "/orders"), ("POST", "/transfers")} and isinstance(
         case.headers, MutableMapping
     ):
@@ -72,3 +80,11 @@ def contract_rules(ctx: HookContext, case: Case[Any], kwargs: dict[str, Any]) ->
         key = case.headers.get("Idempotency-Key")
         if isinstance(key, str) and _PRINTABLE_KEY.fullmatch(key):
             case.headers["Idempotency-Key"] = f"schemathesis-{next(_keys)}"
+
+
+def _orders_cursor_of(case: Case[Any]) -> None:
+    """A cursor for the user whose list is asked: the configured one is user 1's."""
+    user = (case.path_parameters or {}).get("user_id")
+    query = case.query
+    if isinstance(query, MutableMapping) and "after" in query and user is not None:
+        query["after"] = _cursors.encode(ORDERS_SINCE, 1, of=f"orders of user {user}")

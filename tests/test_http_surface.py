@@ -479,27 +479,43 @@ async def test_printable_ascii_idempotency_keys_are_accepted(
 # -- 18: 422s found by the database name their field --------------------------------------------
 
 
-def cursor(*key: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+ORDERS_OF = "orders of user {user}"
 
 
 @pytest.mark.parametrize(
-    ("route", "after"),
+    ("route", "of", "key"),
     [
-        ("/users", cursor(2**63)),
-        ("/users", cursor(-1)),
-        ("/products", cursor(2**64)),
-        ("/users/{user}/orders", cursor("2024-01-01T00:00:00+00:00", 2**63)),
-        ("/users/{user}/orders", cursor("2024-01-01T00:00:00+00:00", -5)),
-        ("/users/{user}/orders", cursor("0001-01-01T00:00:00", 1)),
+        ("/users", "users", [2**63]),
+        ("/users", "users", [-1]),
+        ("/products", "products", [0]),
+        ("/users/{user}/orders", ORDERS_OF, ["2024-01-01T00:00:00+00:00", 2**63]),
+        ("/users/{user}/orders", ORDERS_OF, ["2024-01-01T00:00:00+00:00", -5]),
+        ("/users/{user}/orders", ORDERS_OF, ["0001-01-01T00:00:00", 1]),
+        ("/users/{user}/orders", ORDERS_OF, ["0001-01-01T00:00:00+14:00", 1]),
+        ("/users/{user}/orders", ORDERS_OF, ["9999-12-31T23:59:59-14:00", 1]),
     ],
 )
-async def test_a_cursor_that_decodes_to_nonsense_is_422_naming_after(
-    http: httpx.AsyncClient, rows: dict[str, int], route: str, after: str
-) -> None:
+async def test_a_signed_cursor_that_decodes_to_nonsense_is_422_naming_after(
+    http: httpx.AsyncClient, surface_app: FastAPI, rows: dict[str, int], route: str, of: str,
+    key: list[Any],
+) -> None:  # fmt: skip
+    after = surface_app.state.cursors.encode(*key, of=of.format(**rows))
     response = await http.get(route.format(**rows), params={"after": after})
     problem = assert_problem(response, 422, "validation_error")
     assert problem["errors"][0]["loc"] == ["query", "after"], problem
+
+
+async def test_a_cursor_edited_by_hand_is_422_naming_after(
+    http: httpx.AsyncClient, rows: dict[str, int]
+) -> None:
+    page = (await http.get("/users", params={"limit": 1})).json()
+    cursor = page["next_cursor"]
+    unsigned = base64.urlsafe_b64encode(json.dumps([1]).encode()).decode().rstrip("=")
+    for edited in (unsigned, cursor[:5] + "!!" + cursor[5:], cursor + "==", cursor + "A"):
+        response = await http.get("/users", params={"limit": 1, "after": edited})
+        problem = assert_problem(response, 422, "validation_error")
+        assert problem["errors"][0]["loc"] == ["query", "after"], edited
+    assert (await http.get("/users", params={"limit": 1, "after": cursor})).status_code == 200
 
 
 async def test_a_deposit_that_would_overflow_the_balance_is_422_naming_amount(

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pglayer_shop.seed import SeedCounts, seed
@@ -19,6 +18,7 @@ from pglayer_shop.seed import SeedCounts, seed
 from pglayer import Database
 from pglayer.fastapi import Cursors
 from tests.conftest import ServerProcess, server_env, settings_for
+from tests.schemathesis_hooks import ORDERS_SINCE
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")  # contract rules no schema states
@@ -30,7 +30,6 @@ CURSOR_SECRET = "schemathesis-cursor-secret"
 
 
 def config(cursors: Cursors) -> str:
-    since = datetime(2026, 1, 1, tzinfo=UTC).isoformat()
     return f"""
 [[operations]]
 include-name = "GET /users"
@@ -42,7 +41,7 @@ parameters = {{ "query.after" = "{cursors.encode(1, of="products")}" }}
 
 [[operations]]
 include-name = "GET /users/{{user_id}}/orders"
-parameters = {{ "query.after" = "{cursors.encode(since, 1, of="orders of a user")}" }}
+parameters = {{ "query.after" = "{cursors.encode(ORDERS_SINCE, 1, of="orders of user 1")}" }}
 """
 
 
@@ -89,7 +88,11 @@ async def test_the_api_conforms_to_its_openapi_document(db_url: str, tmp_path: P
             timeout=600,
             check=False,
             cwd=tmp_path,  # anything it writes goes there
-            env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)},
+            env={
+                **os.environ,
+                "SCHEMATHESIS_HOOKS": str(HOOKS),
+                "PGLAYER_CURSOR_SECRET": CURSOR_SECRET,  # the hooks sign cursors per user
+            },
         )
     # The run's summary, for a closing note or a curious reader (default: the test's tmp dir).
     summary = Path(os.environ.get("PGLAYER_SCHEMATHESIS_SUMMARY", tmp_path / "summary.txt"))

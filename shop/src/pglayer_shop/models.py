@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, TypeVar
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,6 +27,7 @@ __all__ = [
     "MONEY_PATTERN",
     "Account",
     "CursorId",
+    "CursorTime",
     "Dashboard",
     "Deposit",
     "Email",
@@ -94,6 +96,17 @@ Id = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id in a JSON body: a JSON integer (not a string, float or bool), 1..2^63-1."""
 CursorId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 """An id inside a cursor: what we wrote there, so anything else is a tampered cursor."""
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+
+
+CursorTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A time inside a cursor: what we wrote there (UTC, in range), else a tampered cursor."""
 MoneyIn = Annotated[Decimal, BeforeValidator(_parse_money), _MONEY_SCHEMA]
 Money = Annotated[
     Decimal,

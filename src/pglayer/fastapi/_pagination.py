@@ -86,6 +86,10 @@ class Cursors:
             token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         except (binascii.Error, ValueError):
             raise _invalid("not a cursor") from None
+        # The decoder skips characters outside its alphabet and extra padding: only the
+        # cursor as `encode` wrote it is taken.
+        if base64.urlsafe_b64encode(token).rstrip(b"=") != cursor.encode():
+            raise _invalid("not a cursor")
         tag, payload = token[:_TAG], token[_TAG:]
         if len(tag) < _TAG or not hmac.compare_digest(tag, self._tag(payload, of)):
             raise _invalid("not a cursor of this list")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import Request, Response
-from pydantic import AwareDatetime, TypeAdapter
+from pydantic import TypeAdapter
 
 from pglayer import Connection, Record
 from pglayer.fastapi import (
@@ -17,7 +17,7 @@ from pglayer.fastapi import (
     json_response,
     problem_responses,
 )
-from pglayer_shop.models import CursorId, Order, OrderCreate
+from pglayer_shop.models import CursorId, CursorTime, Order, OrderCreate
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
 from pglayer_shop.routes import router
 from pglayer_shop.routes.params import OrderId, UserId
@@ -25,7 +25,7 @@ from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
 
-_CURSOR = TypeAdapter(tuple[AwareDatetime, CursorId])
+_CURSOR = TypeAdapter(tuple[CursorTime, CursorId])
 
 
 @router.post(
@@ -89,7 +89,7 @@ async def list_user_orders(
 ) -> Response:
     """The user's orders, newest first (served by `orders_user_recent_idx`)."""
     cursors: Cursors = request.app.state.cursors
-    of = "orders of a user"
+    of = f"orders of user {user_id}"
     at, last_id = cursors.decode(after, _CURSOR, of=of) if after else (None, 0)
 
     async def read(conn: Connection) -> tuple[list[Record], bool]:
