@@ -106,3 +106,60 @@ async def test_a_history_table_from_before_histories_is_upgraded(empty_db_url: s
         applied = await apply_migrations(db)
         assert first.name not in applied
         assert applied == [m.name for m in shop_migrations()[1:]]
+
+
+async def test_a_migration_of_only_comments_is_applied_as_nothing(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_empty.sql").write_text("")
+    (tmp_path / "0002_placeholder.sql").write_text("-- later\n/* maybe */ ;\n")
+    (tmp_path / "0003_table.sql").write_text("CREATE TABLE t (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        applied = await migrate(db, load_migrations(tmp_path))
+        assert applied == ["0001_empty.sql", "0002_placeholder.sql", "0003_table.sql"]
+        assert await migrate(db, load_migrations(tmp_path)) == []
+
+
+def test_two_files_of_one_version_are_named(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0001_b.sql").write_text("SELECT 2;")
+    with pytest.raises(MigrationError, match=r"0001_a\.sql and 0001_b\.sql"):
+        load_migrations(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "found"),
+    [
+        (["0001_a", "0002_b", "0003_c"], ["0001_a", "0003_c"], "applied 0002_b.sql, not in"),
+        (["0001_a", "0003_c"], ["0001_a", "0002_b", "0003_c"], "0003 applied before 0002"),
+        (["0004_gadgets"], ["0001_a", "0002_b"], "0004 applied before 0001, 0002"),
+    ],
+)
+async def test_a_history_with_gaps_against_the_directory_is_refused(
+    empty_db_url: str, tmp_path: Path, first: list[str], then: list[str], found: str
+) -> None:
+    async def apply(names: list[str], directory: Path) -> list[str]:
+        directory.mkdir()
+        for name in names:
+            (directory / f"{name}.sql").write_text(f"CREATE TABLE {name[5:]} (id int);")
+        return await migrate(db, load_migrations(directory), history="app")
+
+    async with Database(settings_for(empty_db_url)) as db:
+        assert len(await apply(first, tmp_path / "first")) == len(first)
+        with pytest.raises(MigrationError, match=found) as refused:
+            await apply(then, tmp_path / "then")
+        assert "--history" in str(refused.value)
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM pglayer_migrations") == len(first)
+
+
+async def test_versions_newer_than_the_directory_are_a_newer_release_and_allowed(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path))
+        (tmp_path / "0002_b.sql").write_text("CREATE TABLE b (id int);")
+        await migrate(db, load_migrations(tmp_path))
+        (tmp_path / "0002_b.sql").unlink()  # the release before, rolled back to
+        assert await migrate(db, load_migrations(tmp_path)) == []

@@ -35,6 +35,8 @@ log = logging.getLogger("pglayer.migrations")
 # Any fixed 64-bit key; it only has to differ from other users of advisory locks.
 LOCK_KEY = 0x70676C61796572  # "pglayer"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Comments, blanks and semicolons: a file of only these holds no statement.
+_NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
 class MigrationError(PglayerError):
@@ -63,9 +65,12 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
         found.append(Migration(match.group(1), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise MigrationError(f"duplicate migration versions in {directory}")
+    for earlier, later in zip(found, found[1:], strict=False):
+        if earlier.version == later.version:
+            raise MigrationError(
+                f"two migrations of version {later.version} in {directory}:"
+                f" {earlier.name} and {later.name}"
+            )
     return found
 
 
@@ -125,6 +130,7 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
+    _check_order(migrations, applied, history)
     done: list[str] = []
     for m in migrations:
         previous = applied.get(m.version)
@@ -145,7 +151,9 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
             )
         log.info("applying migration %s", m.name)
         try:
-            await conn.execute(m.sql)
+            # asyncpg fails on a query with no statement (an AttributeError of its own).
+            if not _NOTHING.fullmatch(m.sql):
+                await conn.execute(m.sql)
         except DatabaseError as exc:
             if isinstance(exc, TransientError):
                 raise
@@ -160,6 +168,31 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         )
         done.append(m.name)
     return done
+
+
+def _check_order(
+    migrations: list[Migration], applied: dict[str, asyncpg.Record], history: str
+) -> None:
+    """Refuse a history with gaps against the directory: applied versions the directory lacks
+    (below its latest: later ones are a newer release's, as after a rollback), or versions
+    to apply below the latest applied (both are what another directory's history looks like)."""
+    local = {m.version for m in migrations}
+    latest_local = max(local, default="")
+    latest_applied = max(applied, default="")
+    missing = sorted(v for v in applied if v not in local and v < latest_local)
+    late = sorted(v for v in local if v not in applied and v < latest_applied)
+    if not (missing or late):
+        return
+    found = (
+        f"applied {', '.join(applied[v]['name'] for v in missing)}, not in this directory"
+        if missing
+        else f"has {latest_applied} applied before {', '.join(late)} of this directory"
+    )
+    raise MigrationError(
+        f"history {history!r} on this database {found}: another directory shares this"
+        " history (a history is named after its directory; give this one its own:"
+        " `--history NAME`, or `history=`), or files were removed or added out of order"
+    )
 
 
 async def install_pglayer_tables(db: Database) -> list[str]:
