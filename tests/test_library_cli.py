@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -37,6 +38,11 @@ setup(app, Database())
 @app.get("/notes/count")
 async def count(db: Db) -> int:
     return await db.read(lambda conn: conn.fetchval("SELECT count(*) FROM notes"))
+
+
+@app.post("/notes/echo")
+async def echo(note: dict[str, str]) -> dict[str, str]:
+    return note
 """
 
 
@@ -171,6 +177,41 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
+
+
+def test_serve_sets_up_every_workers_logs_and_bounds_from_the_environment(
+    db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    write_migrations(tmp_path / "migrations", "notes")
+    port = free_port()
+    command = [
+        PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
+        "--port", str(port), "--workers", "2",
+    ]  # fmt: skip
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json", PGLAYER_MAX_BODY_SIZE="64")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(f"{url}/notes/count", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        small = httpx.post(f"{url}/notes/echo", json={"text": "hi"}, timeout=5)
+        large = httpx.post(f"{url}/notes/echo", json={"text": "x" * 100}, timeout=5)
+        assert (small.status_code, large.status_code) == (200, 413)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+        output, _ = proc.communicate(timeout=60)
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    started = {r["message"] for r in records if r["message"].startswith("Started server process")}
+    assert len(started) == 2, output  # both workers' own lines, in the format asked for
+    access = [r for r in records if r["logger"] == "pglayer.access"]
+    assert {r["status"] for r in access} >= {200, 413}, output
 
 
 def test_serve_names_an_app_it_cannot_find_before_migrating(db_url: str, tmp_path: Path) -> None:

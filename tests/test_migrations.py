@@ -138,11 +138,14 @@ def test_two_files_of_one_version_are_named(tmp_path: Path) -> None:
 async def test_a_history_with_gaps_against_the_directory_is_refused(
     empty_db_url: str, tmp_path: Path, first: list[str], then: list[str], found: str
 ) -> None:
-    async def apply(names: list[str], directory: Path) -> list[str]:
+    def write(names: list[str], directory: Path) -> Path:
         directory.mkdir()
         for name in names:
             (directory / f"{name}.sql").write_text(f"CREATE TABLE {name[5:]} (id int);")
-        return await migrate(db, load_migrations(directory), history="app")
+        return directory
+
+    async def apply(names: list[str], directory: Path) -> list[str]:
+        return await migrate(db, load_migrations(write(names, directory)), history="app")
 
     async with Database(settings_for(empty_db_url)) as db:
         assert len(await apply(first, tmp_path / "first")) == len(first)

@@ -67,7 +67,6 @@ def serve_command(
     ] = Path(".pglayer"),
 ) -> None:
     """Serve APP; with no DATABASE_URL, on an embedded PostgreSQL, migrations applied first."""
-    configure_logging(format="text", level="INFO")
     database = target.split(":", 1)[0].rsplit(".", 1)[-1] or "app"
     try:
         serve(

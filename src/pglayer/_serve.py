@@ -17,7 +17,8 @@ from types import FrameType
 
 from pglayer._database import Database
 from pglayer._errors import ConfigurationError
-from pglayer._settings import DatabaseSettings
+from pglayer._logs import configure_logging
+from pglayer._settings import DatabaseSettings, ServerSettings
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["apply_directories", "cli_settings", "event_loop", "serve"]
@@ -25,6 +26,14 @@ __all__ = ["apply_directories", "cli_settings", "event_loop", "serve"]
 log = logging.getLogger("pglayer.cli")
 
 Prepare = Callable[[Database], Awaitable[None]]
+
+
+# What `pglayer serve` turns on, unless the environment says otherwise.
+_SERVE_DEFAULTS = {
+    "PGLAYER_TUNE_GC": "true",
+    "PGLAYER_LOG_FORMAT": "text",
+    "PGLAYER_ACCESS_LOG": "true",
+}
 
 
 def cli_settings() -> DatabaseSettings:
@@ -114,9 +123,13 @@ def serve(
         sys.path.insert(0, app_dir)  # worker processes inherit it
     _check_importable(app)
 
-    # Worker processes build their app from the environment, as a user's would.
+    # Worker processes build their app from the environment, as a user's would; `setup()`
+    # configures logging there (uvicorn's workers start with none).
     os.environ["PGLAYER_WORKERS"] = str(workers)
-    os.environ.setdefault("PGLAYER_TUNE_GC", "true")
+    for name, default in _SERVE_DEFAULTS.items():
+        os.environ.setdefault(name, default)
+    server = ServerSettings()
+    configure_logging(format=server.log_format or "text", level=server.log_level)
     embedded: EmbeddedPostgres | None = None
     metrics_dir: Path | None = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -294,8 +294,10 @@ class DatabaseSettings(BaseSettings):
 
 
 class ServerSettings(BaseSettings):
-    """What `pglayer serve` sets up in its processes: bounds its HTTP server puts on every
-    request (`pglayer._http`), and the garbage collector (`tune_gc`)."""
+    """What pglayer's HTTP side reads from `PGLAYER_*`: the bounds `pglayer serve`'s HTTP
+    server puts on every request (`pglayer._http`), the garbage collector (`tune_gc`), and
+    what `setup()`, `setup_metrics()` and `health_router()` use when not told otherwise
+    (body bound, access log, logging, metrics, readiness deadline, admin token)."""
 
     model_config = SettingsConfigDict(
         env_prefix="PGLAYER_", extra="ignore", frozen=True, hide_input_in_errors=True
@@ -325,4 +327,33 @@ class ServerSettings(BaseSettings):
         description="Once per process after startup: `gc.freeze()` and a young-generation "
         "threshold of 200,000 instead of 700, so that garbage collection stops taking a "
         "share of the CPU that grows with concurrency (`pglayer serve`: on).",
+    )
+    max_body_size: int = Field(
+        default=1 << 20, gt=0, description="Request bodies above this many bytes get 413."
+    )
+    access_log: bool = Field(
+        default=False,
+        description="One line per request on `pglayer.access` (`pglayer serve`: on).",
+    )
+    log_format: Literal["text", "json"] | None = Field(
+        default=None,
+        description="`setup()` sends every log (pglayer's, the server's, the app's) to stderr "
+        "in this format, masked, with the request id; unset leaves logging to the host "
+        "(`pglayer serve`: text).",
+    )
+    log_level: str = Field(default="INFO", description="The root log level, with `log_format`.")
+    metrics: bool = Field(
+        default=True,
+        description="`setup_metrics()`: Prometheus HTTP metrics too (pool metrics are read at "
+        "scrape time and cost nothing per request).",
+    )
+    ready_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="`health_router()`: /health/ready answers 503 when `SELECT 1` takes longer.",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the admin routes (`admin_router(token=...)`); unset, "
+        "they answer 404.",
     )

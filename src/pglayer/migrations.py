@@ -9,6 +9,7 @@ and it also works through PgBouncer in transaction mode.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
         found.append(Migration(match.group(1), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    for earlier, later in zip(found, found[1:], strict=False):
+    for earlier, later in itertools.pairwise(found):
         if earlier.version == later.version:
             raise MigrationError(
                 f"two migrations of version {later.version} in {directory}:"

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
-from pglayer import Database, DatabaseSettings, IdempotencyKeys, configure_logging
+from pglayer import Database, DatabaseSettings, IdempotencyKeys
 from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
 from pglayer_shop.orders import OrderBatches
 from pglayer_shop.routes import router
@@ -51,14 +51,11 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
         description="The reference service of pglayer. Errors are RFC 9457 problem documents.",
         telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
-    if settings.log_format is not None:
-        configure_logging(format=settings.log_format, level=settings.log_level)
     app.state.shop_settings = settings
     setup(
         app,
         db,
-        max_body_size=settings.max_body_size,
-        access_log=settings.access_log,
+        server=settings,  # body bound, access log, logging
         # What an operator needs while the pool is saturated is never shed.
         shed_exempt=("/health/", "/metrics", "/admin/"),
     )

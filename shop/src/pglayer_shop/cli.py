@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -89,10 +88,6 @@ def serve(
     data_dir: DataDir = Path(".pglayer"),
 ) -> None:
     """Serve the shop; with no DATABASE_URL, on an embedded PostgreSQL."""
-    # Every worker process builds its app from the environment, as a user's would.
-    os.environ.setdefault("PGLAYER_LOG_FORMAT", "text")
-    os.environ.setdefault("PGLAYER_ACCESS_LOG", "true")
-    _configure_logging()
 
     async def prepare(db: Database) -> None:
         applied = await apply_migrations(db)

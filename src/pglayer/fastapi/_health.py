@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from pglayer._database import Database
 from pglayer._errors import PglayerError
+from pglayer._settings import ServerSettings
 from pglayer.fastapi._dependencies import get_database
 from pglayer.fastapi._problems import Problem, problem_responses
 
@@ -22,9 +23,11 @@ class Health(BaseModel):
     pools: dict[str, str] = Field(default_factory=dict)
 
 
-def health_router(*, prefix: str = "/health", ready_timeout: float = 1.0) -> APIRouter:
+def health_router(*, prefix: str = "/health", ready_timeout: float | None = None) -> APIRouter:
     """`GET {prefix}/live` (200 while serving) and `{prefix}/ready` (200 when the database
-    answers `SELECT 1` within `ready_timeout` seconds, else 503). Never shed under load."""
+    answers `SELECT 1` within `ready_timeout` seconds, default `PGLAYER_READY_TIMEOUT`, else
+    503). Never shed under load."""
+    timeout = ServerSettings().ready_timeout if ready_timeout is None else ready_timeout
     router = APIRouter(prefix=prefix, tags=["health"])
 
     @router.get("/live", response_model=Health)
@@ -36,7 +39,7 @@ def health_router(*, prefix: str = "/health", ready_timeout: float = 1.0) -> API
     async def ready(db: Annotated[Database, Depends(get_database)]) -> Health:
         """200 when the database answers within its deadline, else 503."""
         try:
-            await db.ping(timeout=ready_timeout)
+            await db.ping(timeout=timeout)
         except PglayerError:
             raise Problem(
                 503, "unavailable", "The database is not answering.", pools={db.name: "down"}

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp
 
 from pglayer._database import Database
 from pglayer._gc import tune_gc as _tune_gc
+from pglayer._logs import configure_logging
 from pglayer._settings import ServerSettings
 from pglayer.fastapi._dependencies import STATE_KEY
 from pglayer.fastapi._middleware import RequestGuard
@@ -65,14 +66,19 @@ def setup(
     app: FastAPI,
     db: Database,
     *,
-    max_body_size: int = 1 << 20,
+    max_body_size: int | None = None,
     request_timeout: float | None = 30.0,
-    access_log: bool = False,
+    access_log: bool | None = None,
     tune_gc: bool | None = None,
     shed_exempt: tuple[str, ...] = ("/health/", "/metrics"),
+    server: ServerSettings | None = None,
 ) -> None:
     """Bind `db` to `app`: lifespan (around the app's own), problem responses, request guard,
     and the OpenAPI document completed with what these answer (`pglayer.fastapi.openapi`).
+
+    What is not given comes from `server` (default: `ServerSettings()`, the `PGLAYER_*`
+    environment): `max_body_size`, `access_log`, `tune_gc`; and with `log_format` set
+    (`pglayer serve`: text), logging is configured here, in every worker process.
 
     `tune_gc` (default: `PGLAYER_TUNE_GC`, on under `pglayer serve`), once per process after
     startup, moves everything alive (modules, the app, its schemas) out of the garbage
@@ -80,11 +86,16 @@ def setup(
     of 700: its collections then cost a few µs per request instead of ~90 at 223 concurrent
     requests (see `pglayer._gc`). It affects the whole process.
     """
+    server = server if server is not None else ServerSettings()
+    if server.log_format is not None:
+        configure_logging(format=server.log_format, level=server.log_level)
+    max_body_size = server.max_body_size if max_body_size is None else max_body_size
+    access_log = server.access_log if access_log is None else access_log
     setattr(app.state, STATE_KEY, db)
     app.router.lifespan_context = database_lifespan(
         db,
         app.router.lifespan_context,
-        tune_gc=ServerSettings().tune_gc if tune_gc is None else tune_gc,
+        tune_gc=server.tune_gc if tune_gc is None else tune_gc,
     )
     if app.router.route_class is APIRoute:
         app.router.route_class = Route  # `Db` without dependency solving, from here on

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from pglayer._database import Database
 from pglayer._metrics import PoolCollector, SharedPoolCollector
 from pglayer._observability import RequestStats
+from pglayer._settings import ServerSettings
 from pglayer.fastapi._middleware import STATS_KEY
 
 __all__ = ["setup_metrics"]
@@ -31,10 +32,11 @@ def setup_metrics(
     db: Database,
     *,
     path: str | None = "/metrics",
-    http: bool = True,
+    http: bool | None = None,
     multiprocess_dir: str | None = None,
 ) -> CollectorRegistry:
-    """Expose pool metrics of `db` (and, with `http`, request metrics) at `path`.
+    """Expose pool metrics of `db` (and, with `http`, default `PGLAYER_METRICS`, request
+    metrics) at `path`.
 
     Returns the registry (`path=None` mounts no route: serve it yourself). With several
     worker processes (`multiprocess_dir`, default `PROMETHEUS_MULTIPROC_DIR`), any worker
@@ -42,6 +44,8 @@ def setup_metrics(
     carries the label `worker` (its PID); sum them in queries.
     """
     directory = multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if http is None:
+        http = ServerSettings().metrics
     requests = RequestStats() if http else None
     if requests is not None:
         setattr(app.state, STATS_KEY, requests)
