@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def assert_problem(response: bytes, status: int, code: str) -> None:
     assert got == status, response[:300]
     assert headers["content-type"] == "application/problem+json"
     assert headers["connection"] == "close"
+    assert re.fullmatch(r"[0-9a-f]{26}", headers["x-request-id"]), headers
     problem = orjson.loads(body)
     assert (problem["status"], problem["code"]) == (status, code)
 
@@ -276,6 +278,49 @@ async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, h
     finally:
         writer.close()
     assert_problem(answer, 400, "validation_error")
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (b"FOO /users/1 HTTP/1.1\r\nHost: s\r\n\r\n", 501, "method_not_allowed"),
+        (b"get /users/1 HTTP/1.1\r\nHost: s\r\n\r\n", 501, "method_not_allowed"),
+        (b"GET /users/1 HTTP/1.1\r\n\r\n", 400, "validation_error"),
+        (b"GET /users/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "validation_error"),
+        (b"GET /users/1#top HTTP/1.1\r\nHost: s\r\n\r\n", 400, "validation_error"),
+        (b"GET /users/1 HTTP/2.0\r\nHost: s\r\n\r\n", 505, "validation_error"),
+        (
+            b"POST /users HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            501,
+            "unsupported_media_type",
+        ),
+    ],
+    ids=["unknown-method", "lower-case-method", "no-host", "two-hosts", "fragment",
+         "http-2.0", "gzip-coding"],
+)  # fmt: skip
+async def test_a_head_http_1_1_does_not_allow_is_refused(
+    served: Served, head: bytes, status: int, code: str
+) -> None:
+    reader, writer = await served.open()
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert_problem(answer, status, code)
+
+
+async def test_an_http_1_0_request_needs_no_host(served: Served) -> None:
+    reader, writer = await served.open()
+    try:
+        writer.write(b"GET /health/live HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        answer = await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    assert parse(answer)[0] == 200, answer[:300]
 
 
 async def test_headers_under_the_size_bound_are_served(served: Served) -> None:

@@ -6,6 +6,8 @@ once, and a query reads it once.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ __all__ = [
     "enter",
     "leave",
     "mark_wrote",
+    "new_request_id",
     "operation",
     "reads_need_primary",
     "request_id",
@@ -31,6 +34,15 @@ __all__ = [
 # The app.state attribute where the request guard offers early refusals to the HTTP server
 # (`pglayer._http`): the two meet there without importing each other.
 FRONT_DOOR_KEY = "pglayer_front_door"
+
+# Request ids made here: unique per process (a random prefix) and cheap (a counter).
+ID_PREFIX = os.urandom(8).hex()
+id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id for a request that brought none (or an invalid one)."""
+    return f"{ID_PREFIX}{next(id_counter):010x}"
 
 
 class Writes:

@@ -10,11 +10,14 @@ reset by every byte), so one client dripping bytes holds a connection forever. H
   just closed);
 - a body not complete `body_timeout` seconds after its head gets 408 (the app sees the
   client leave), or the connection is closed if the response has already started;
-- a request the parser rejects (a bad request line, header or framing) gets 400.
+- a request the parser rejects (a bad request line, header or framing) gets 400, as does
+  an HTTP/1.1 request without exactly one `Host`, or with a fragment (`#`) in its target;
+  a method the parser does not know (methods are case-sensitive) gets 501, a transfer
+  coding other than `chunked` 501, an HTTP version other than 1.0 and 1.1 505.
 
-Each refusal is a problem document, then the connection closes after a short linger, so
-the client can read it even while it is still sending. A request that arrives whole in
-one read, as almost all do, costs one comparison and no timer.
+Each refusal is a problem document with an `X-Request-ID`, then the connection closes after
+a short linger, so the client can read it even while it is still sending. A request that
+arrives whole in one read, as almost all do, costs a few comparisons and no timer.
 
 It is also the front door of pglayer's shedding: while the app's database is saturated,
 the app's request guard (found on `app.state`) hands over the 503 for a request as soon
@@ -28,13 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pglayer._context import FRONT_DOOR_KEY
+from pglayer._context import FRONT_DOOR_KEY, new_request_id
 from pglayer._settings import ServerSettings
 
 __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
@@ -105,6 +111,30 @@ def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, by
     return head.encode(), body
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")  # RFC 9110's method token, then SP
+_BAD_HEAD = _problem(
+    400,
+    "Bad Request",
+    "validation_error",
+    "An HTTP/1.1 request needs exactly one Host header, and its target no fragment (#).",
+)
+_VERSION_NOT_SUPPORTED = _problem(
+    505, "HTTP Version Not Supported", "validation_error", "Send HTTP/1.1 (or HTTP/1.0)."
+)
+_CODING_NOT_IMPLEMENTED = _problem(
+    501,
+    "Not Implemented",
+    "unsupported_media_type",
+    "The only transfer coding taken is chunked: send the body as it is, or chunked.",
+)
+_METHOD_NOT_IMPLEMENTED = _problem(
+    501,
+    "Not Implemented",
+    "method_not_allowed",
+    "The method is not one this server knows (methods are case-sensitive: GET, not get).",
+)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` with the bounds of `ServerSettings` (see the module docstring)."""
 
@@ -117,6 +147,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False  # a request's first byte arrived, its headers have not ended
         self._head_size = 0  # bytes of the reads that began inside the current head
         self._read_size = 0
+        self._last_read = b""
         self._body_pending = False
         self._refused = False
         self._skipping = False  # the message being parsed was answered from here
@@ -139,6 +170,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return  # lingering: read and dropped
         began_in_head = self._in_head
         self._read_size = len(data)
+        self._last_read = data
         if began_in_head:
             # A head spread over reads: its size so far, counted before this read is parsed,
             # so that the check where the head ends sees it (a head whose last read is tiny
@@ -177,6 +209,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._max_head
         ):
             self._refuse_head_too_large()
+            return
+        malformed = self._malformed()
+        if malformed is not None:
+            self._refuse(malformed)
             return
         self._body_pending = True
         door = self._door or _front_door(self.app)
@@ -252,8 +288,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             paused.add_done_callback(write)
 
+    def _malformed(self) -> tuple[bytes, bytes] | None:
+        """The refusal of a head the parser took but HTTP/1.1 does not (RFC 9112), if any."""
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            return _VERSION_NOT_SUPPORTED
+        hosts = 0
+        for name, value in self.headers:  # a loop, not a call: every request passes here
+            if name == b"host":
+                hosts += 1
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                return _CODING_NOT_IMPLEMENTED
+        if (hosts != 1 and (hosts or version == "1.1")) or b"#" in self.url:
+            return _BAD_HEAD
+        return None
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a request it cannot parse in plain text; every error is a problem.
+        # It calls this from its `except` block, so the parser's error is at hand.
+        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and (
+            _TOKEN.match(self._last_read)  # a method, but not one the parser knows
+        ):
+            self._refuse(_METHOD_NOT_IMPLEMENTED)
+            return
         detail = "The request is not valid HTTP/1.1 (request line, headers or framing)."
         self._refuse(_problem(400, "Bad Request", "validation_error", detail))
 
@@ -295,7 +352,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         extra = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
-        self.transport.write(b"".join((head, extra, b"\r\n", body)))
+        request_id = b"x-request-id: " + new_request_id().encode() + b"\r\n"
+        self.transport.write(b"".join((head, request_id, extra, b"\r\n", body)))
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()

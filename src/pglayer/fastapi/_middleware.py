@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import math
-import os
 import re
 import time
 import urllib.parse
@@ -41,7 +39,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pglayer import _context as context
 from pglayer._clock import Clock, clock, current_task
-from pglayer._context import FRONT_DOOR_KEY, RequestContext, current_request_id
+from pglayer._context import (
+    FRONT_DOOR_KEY,
+    ID_PREFIX,
+    RequestContext,
+    current_request_id,
+    id_counter,
+    new_request_id,
+)
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
 from pglayer._logs import AccessLog
@@ -58,8 +63,6 @@ STATS_KEY = "pglayer_request_stats"  # app.state attribute holding the app's Req
 
 WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a disconnect
 # Generated ids: random per process, then a counter; unique without a syscall per request.
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -68,11 +71,6 @@ _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 # be thousands a second, written with the CPU the served requests need. The first refusal of
 # each such interval is logged as usual, the rest counted and summed up in one line after it.
 REFUSALS_LOGGED_EVERY = 1.0  # seconds
-
-
-def new_request_id() -> str:
-    """A request id for a request that brought none (or an invalid one)."""
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 def route_template(scope: Scope) -> str:
@@ -168,7 +166,7 @@ class _Exchange:
                 self.wrote_recently = True
         if request_id is None:
             # `new_request_id()` spelled out: every request passes here.
-            self.request_id = f"{_ID_PREFIX}{next(_id_counter):010x}"
+            self.request_id = f"{ID_PREFIX}{next(id_counter):010x}"
             self.id_header = (b"x-request-id", self.request_id.encode())
         else:
             self.request_id = request_id.decode("ascii")
