@@ -261,7 +261,8 @@ async def test_transfers_move_money_and_refuse_overdrafts(client: httpx.AsyncCli
     )
     assert_problem(over, 409, "insufficient_funds")
     same = await client.post("/transfers", json={"from_user_id": a, "to_user_id": a, "amount": "1"})
-    assert_problem(same, 422, "validation_error")
+    refused = assert_problem(same, 422, "validation_error")
+    assert refused["errors"][0]["loc"] == ["body", "to_user_id"]
     missing = await client.post(
         "/transfers", json={"from_user_id": a, "to_user_id": 999999, "amount": "1"}
     )

@@ -16,8 +16,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
-    model_validator,
+    field_validator,
 )
 
 from pglayer.fastapi import MAX_ID
@@ -185,11 +186,12 @@ class TransferCreate(BaseModel):
         Field(gt=0, le=Decimal("999999999999.99"), description="> 0, ≤ 999999999999.99"),
     ]
 
-    @model_validator(mode="after")
-    def _distinct(self) -> TransferCreate:
-        if self.from_user_id == self.to_user_id:
-            raise ValueError("from_user_id and to_user_id must differ")
-        return self
+    @field_validator("to_user_id")
+    @classmethod
+    def _distinct(cls, to_user_id: int, info: ValidationInfo) -> int:
+        if info.data.get("from_user_id") == to_user_id:
+            raise ValueError("must differ from from_user_id")
+        return to_user_id
 
 
 class Transfer(BaseModel):
