@@ -67,3 +67,17 @@ async def test_pool_metrics_mirror_the_pool_statistics(
         value(samples, "pglayer_pool_acquire_wait_seconds_bucket", **pool, le="+Inf")
         == stats.acquisitions
     )
+
+
+async def test_methods_outside_the_common_seven_are_counted_as_other(
+    client: httpx.AsyncClient,
+) -> None:
+    for method in ("PROPFIND", "MKCOL", "PURGE"):
+        assert (await client.request(method, "/users/1")).status_code == 405
+    assert (await client.request("PUT", "/users/1")).status_code == 405
+    samples = await scrape(client)
+    route = {"route": "/users/{user_id}", "status": "405"}
+    assert value(samples, "pglayer_http_requests_total", method="OTHER", **route) == 3
+    assert value(samples, "pglayer_http_requests_total", method="PUT", **route) == 1
+    methods = {dict(labels).get("method") for _, labels in samples}
+    assert not methods & {"PROPFIND", "MKCOL", "PURGE"}

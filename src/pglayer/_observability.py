@@ -381,6 +381,9 @@ class StatsRecorder:
 # HTTP series are kept per (method, route template, status); past this many the rest share
 # the route `other`, so a flood of unmatched methods cannot grow memory without bound.
 MAX_HTTP_SERIES = 500
+# Methods counted by name; the parser knows ~30 more (WebDAV and the like), all answered 405:
+# counted as `OTHER`, so they cannot multiply the series of every route.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,9 +408,11 @@ class RequestStats:
         key = (method, route, status)
         recorder = self._series.get(key)
         if recorder is None:
+            if method not in HTTP_METHODS:
+                method = "OTHER"
             if len(self._series) >= MAX_HTTP_SERIES:
-                key = (method, OTHER_OPERATIONS, status)
-            recorder = self._series.setdefault(key, _Recorder())
+                route = OTHER_OPERATIONS
+            recorder = self._series.setdefault((method, route, status), _Recorder())
         recorder.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         recorder.total += seconds
 
