@@ -49,6 +49,16 @@ async def test_missing_or_wrong_tokens_are_401(
     assert TOKEN not in response.text
 
 
+@pytest.mark.parametrize("order", ["right first", "wrong first"])
+async def test_two_authorization_headers_are_401(
+    admin_client: httpx.AsyncClient, order: str
+) -> None:
+    tokens = [f"Bearer {TOKEN}", "Bearer wrong"]
+    headers = [("Authorization", t) for t in (tokens if order == "right first" else tokens[::-1])]
+    response = await admin_client.get("/admin/db-stats", headers=headers)
+    assert_problem(response, 401, "unauthorized")
+
+
 async def test_stats_count_exactly_what_happened(
     admin_client: httpx.AsyncClient, db: Database
 ) -> None:

@@ -1,7 +1,8 @@
 """Token-protected operator routes: `app.include_router(admin_router(token=...))`.
 
 No token configured: every admin route is a 404 (it does not exist). A token configured: a
-request without `Authorization: Bearer <token>`, or with another token, is a 401. The live
+request without `Authorization: Bearer <token>`, with another token, or with two
+`Authorization` headers, is a 401. The live
 pool page (`{prefix}/pool`, see `pglayer.fastapi._live`) also takes a short-lived session
 cookie that its form exchanges for the token.
 """
@@ -13,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
@@ -41,12 +42,14 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
     """A dependency: 404 without a configured `token`, 401 unless the bearer token matches."""
     expected = _token_bytes(token)
 
-    async def require_admin(credentials: Credentials) -> None:
+    async def require_admin(request: Request, credentials: Credentials) -> None:
         if expected is None:
             raise Problem(404, "not_found", "Not Found")
         given = b"" if credentials is None else credentials.credentials.strip().encode()
+        # Two Authorization headers are ambiguous (which one did a proxy check?): refused.
+        twice = len(request.headers.getlist("authorization")) > 1
         # compare_digest takes the same time wherever the first difference is.
-        if not hmac.compare_digest(given, expected):
+        if not hmac.compare_digest(given, expected) or twice:
             raise Problem(
                 401,
                 "unauthorized",
