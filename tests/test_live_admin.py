@@ -41,6 +41,7 @@ from tests.test_shop_users import assert_problem
 
 TOKEN = "live-page-token"
 KEY = session_key(TOKEN.encode())
+BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 STATIC = Path(__file__).parent.parent / "src" / "pglayer" / "fastapi" / "_static"
 
 
@@ -95,7 +96,7 @@ async def test_without_a_configured_token_the_page_does_not_exist(
 async def test_the_page_without_credentials_is_a_401_token_form(
     live: httpx.AsyncClient,
 ) -> None:
-    response = await live.get("/admin/pool")
+    response = await live.get("/admin/pool", headers=BROWSER)
     assert response.status_code == 401
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     assert response.headers["www-authenticate"].startswith("Bearer")
@@ -103,6 +104,18 @@ async def test_the_page_without_credentials_is_a_401_token_form(
     assert '<form id="login" method="post" action="session"' in response.text
     assert 'data-chart="conns"' not in response.text  # no dashboard
     assert TOKEN not in response.text
+
+
+async def test_the_page_without_credentials_is_a_401_problem_for_other_clients(
+    live: httpx.AsyncClient,
+) -> None:
+    problem = assert_problem(await live.get("/admin/pool"), 401, "unauthorized")
+    assert "token" in problem["detail"]
+    wrong = await live.post(
+        "/admin/session", content="token=wrong",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert assert_problem(wrong, 401, "unauthorized")["detail"] == "That is not the admin token."
 
 
 @pytest.mark.parametrize(
@@ -204,7 +217,7 @@ async def test_a_wrong_or_malformed_form_gets_no_cookie(
     live: httpx.AsyncClient, body: str, content_type: str
 ) -> None:
     response = await live.post(
-        "/admin/session", content=body, headers={"Content-Type": content_type}
+        "/admin/session", content=body, headers={"Content-Type": content_type, **BROWSER}
     )
     assert response.status_code == 401
     assert "set-cookie" not in response.headers

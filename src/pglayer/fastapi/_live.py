@@ -1,7 +1,8 @@
 """The live pool page, added to `admin_router`: what the pools are doing, every second.
 
 - `GET {prefix}/pool`: the page (static HTML; its script polls `pool.json` every second and
-  keeps the last minutes of history itself). Without credentials: 401 and a token form.
+  keeps the last minutes of history itself). Without credentials: 401, and for a browser
+  (`Accept: text/html`) a token form.
 - `POST {prefix}/session`: the form posts the admin token; answers 303 to the page with a
   session cookie: `HttpOnly`, `SameSite=Strict`, `Path={prefix}`, `Max-Age` = the session's
   lifetime (15 minutes by default), `Secure` over HTTPS. Its value is the expiry time and an
@@ -214,7 +215,11 @@ def add_live_routes(
     key = None if token is None else session_key(token)
     max_age = int(session_ttl)
 
-    def login_page(message: str) -> Response:
+    def login_page(request: Request, message: str) -> Response:
+        # A browser gets the token form; any other client the problem every 401 is.
+        if "text/html" not in request.headers.get("accept", ""):
+            detail = message or "A valid bearer token or session is required."
+            raise Problem(401, "unauthorized", detail, headers=_UNAUTHORIZED)
         body = login.replace("{{message}}", html.escape(message))
         return Response(
             body.encode(), 401, {**_PAGE_HEADERS, **_UNAUTHORIZED}, media_type="text/html"
@@ -227,7 +232,8 @@ def add_live_routes(
 
     def authorized(request: Request) -> bool:
         expected, signing_key = configured()
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        given = request.headers.getlist("authorization")
+        scheme, _, credentials = given[0].partition(" ") if len(given) == 1 else ("", "", "")
         if scheme.lower() == "bearer" and hmac.compare_digest(
             credentials.strip().encode(), expected
         ):
@@ -238,7 +244,7 @@ def add_live_routes(
     @router.get("/pool", include_in_schema=False)
     async def pool_page(request: Request) -> Response:
         if not authorized(request):
-            return login_page("")
+            return login_page(request, "")
         return Response(page, 200, _PAGE_HEADERS, media_type="text/html")
 
     @router.post("/session", include_in_schema=False)
@@ -257,7 +263,7 @@ def add_live_routes(
             given = (fields.get("token") or [""])[0].strip().encode()
         # compare_digest takes the same time wherever the first difference is.
         if not hmac.compare_digest(given, expected):
-            return login_page("That is not the admin token.")
+            return login_page(request, "That is not the admin token.")
         response = Response(
             status_code=303, headers={"Location": "pool", "Cache-Control": "no-store"}
         )
