@@ -671,6 +671,41 @@ def test_openapi_declares_the_admin_bearer_scheme(spec: dict[str, Any]) -> None:
             assert all("security" not in op for op in operations.values()), path
 
 
+def test_openapi_declares_the_headers_every_response_may_carry(spec: dict[str, Any]) -> None:
+    expected = {"401": "WWW-Authenticate", "405": "Allow", "503": "Retry-After"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                headers = response.get("headers", {})
+                assert "X-Request-ID" in headers, (path, method, status)
+                if status in expected:
+                    assert expected[status] in headers, (path, method, status)
+    for path in ("/users", "/products", "/orders", "/transfers"):
+        created = spec["paths"][path]["post"]["responses"]["201"]["headers"]
+        assert "Location" in created, path
+        assert ("Idempotent-Replayed" in created) == (path in ("/orders", "/transfers")), path
+
+
+def test_openapi_bounds_ids_and_lists_in_responses(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    ids = [
+        (name, field)
+        for name in ("User", "Product", "Order", "Transfer", "Account")
+        for field, schema in schemas[name]["properties"].items()
+        if field == "id" or field.endswith("_id")
+    ]
+    assert len(ids) == 9
+    for name, field in ids:
+        schema = schemas[name]["properties"][field]
+        assert (schema["type"], schema["minimum"], schema["maximum"]) == (
+            "integer", 1, MAX_ID,
+        ), (name, field)  # fmt: skip
+    assert schemas["Dashboard"]["properties"]["recent_orders"]["maxItems"] == 20
+    pages = [name for name in schemas if name.startswith("Page_")]
+    assert len(pages) == 3
+    assert {schemas[name]["properties"]["items"]["maxItems"] for name in pages} == {100}
+
+
 def test_openapi_email_has_format_email(spec: dict[str, Any]) -> None:
     assert spec["components"]["schemas"]["UserCreate"]["properties"]["email"]["format"] == "email"
     assert spec["components"]["schemas"]["User"]["properties"]["email"]["format"] == "email"

@@ -124,14 +124,14 @@ class UserCreate(BaseModel):
 
 
 class User(BaseModel):
-    id: int
+    id: Id
     name: str
     email: Annotated[str, _EMAIL_SCHEMA]
     created_at: datetime
 
 
 class Account(BaseModel):
-    user_id: int
+    user_id: Id
     balance: Money
 
 
@@ -146,10 +146,10 @@ class ProductCreate(BaseModel):
 
 
 class Product(BaseModel):
-    id: int
+    id: Id
     name: str
     price: Money
-    stock: int
+    stock: Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class OrderCreate(BaseModel):
@@ -161,10 +161,10 @@ class OrderCreate(BaseModel):
 
 
 class Order(BaseModel):
-    id: int
-    user_id: int
-    product_id: int
-    quantity: int
+    id: Id
+    user_id: Id
+    product_id: Id
+    quantity: Annotated[int, Field(ge=1, le=1000)]
     unit_price: Money
     total: Money
     created_at: datetime
@@ -195,14 +195,14 @@ class TransferCreate(BaseModel):
 
 
 class Transfer(BaseModel):
-    id: int
-    from_user_id: int
-    to_user_id: int
+    id: Id
+    from_user_id: Id
+    to_user_id: Id
     amount: Money
     created_at: datetime
 
 
 class Dashboard(BaseModel):
     user: User
-    recent_orders: list[Order]
+    recent_orders: Annotated[list[Order], Field(max_length=20)]
     balance: Money

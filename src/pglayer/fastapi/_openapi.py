@@ -3,7 +3,9 @@
 FastAPI declares what a route's own code returns. pglayer adds what its layers answer on
 any route: 405 (another method), 413 (body bound), 500, 503 `overloaded` (shedding, outside
 `shed_exempt`), and 415/422 for a JSON body and 422 for parameters; every problem response
-as `application/problem+json` with `ProblemDetails`, in place of FastAPI's own 422 schema.
+as `application/problem+json` with `ProblemDetails`, in place of FastAPI's own 422 schema;
+and the headers it sets: `X-Request-ID` on every response, `Retry-After` on 503, `Allow` on
+405, `WWW-Authenticate` on 401.
 
 FastAPI also passes the schemas through its own models, which write every bound as a float:
 an int64 maximum becomes `9.223372036854776e+18`, which is 2^63. The bounds are put back as
@@ -80,9 +82,31 @@ def _declare(responses: dict[str, Any], statuses: list[int]) -> None:
                 "content": {PROBLEM_JSON: {"schema": {"$ref": _PROBLEM_REF}}},
             },
         )
+    for code, response in responses.items():
+        headers = response.setdefault("headers", {})
+        for name, header in (("X-Request-ID", _REQUEST_ID), *_HEADERS.get(code, ())):
+            headers.setdefault(name, header)
     ordered = sorted(responses.items())
     responses.clear()
     responses.update(ordered)
+
+
+def _header(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "schema": schema}
+
+
+_REQUEST_ID = _header(
+    "The request's id: the client's `X-Request-ID` when valid, else one made by the server",
+    {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+)
+# What pglayer's layers add to a status on every route.
+_HEADERS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "401": (("WWW-Authenticate", _header("`Bearer`", {"type": "string"})),),
+    "405": (("Allow", _header("Every method the path supports", {"type": "string"})),),
+    "503": (
+        ("Retry-After", _header("Seconds to wait before retrying", {"type": "integer"})),
+    ),
+}
 
 
 def _exact_schemas(app: FastAPI) -> dict[str, Any]:

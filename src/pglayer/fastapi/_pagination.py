@@ -46,7 +46,7 @@ _ID_KEY = TypeAdapter(tuple[Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]]
 class Page(BaseModel, Generic[T]):
     """One page of a list: its items, and the cursor of the next page (null on the last)."""
 
-    items: list[T]
+    items: Annotated[list[T], Field(max_length=100)]  # `Limit`'s most
     next_cursor: str | None
 
 

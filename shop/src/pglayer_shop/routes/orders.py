@@ -20,7 +20,7 @@ from pglayer.fastapi import (
 from pglayer_shop.models import CursorId, CursorTime, Order, OrderCreate
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import OrderId, UserId
+from pglayer_shop.routes.params import OrderId, UserId, created
 from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
@@ -33,16 +33,19 @@ _CURSOR = TypeAdapter(tuple[CursorTime, CursorId])
     tags=["orders"],
     status_code=201,
     response_model=Order,
-    responses=problem_responses(
-        404,
-        409,
-        413,
-        422,
-        _409="`insufficient_stock` or `insufficient_funds`; nothing changed",
-        _503="`busy`: the product's row stayed locked past the bound; or `overloaded`,"
-        " `unavailable`; with `Retry-After`",
-        _422="Invalid body, or `idempotency_key_reused` with a different body",
-    ),
+    responses={
+        **problem_responses(
+            404,
+            409,
+            413,
+            422,
+            _409="`insufficient_stock` or `insufficient_funds`; nothing changed",
+            _503="`busy`: the product's row stayed locked past the bound; or `overloaded`,"
+            " `unavailable`; with `Retry-After`",
+            _422="Invalid body, or `idempotency_key_reused` with a different body",
+        ),
+        **created(replayable=True),
+    },
 )
 async def create_order(
     body: OrderCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None

@@ -17,7 +17,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import Product, ProductCreate
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import ProductId
+from pglayer_shop.routes.params import ProductId, created
 
 __all__: list[str] = []
 
@@ -54,7 +54,7 @@ async def list_products(
     tags=["products"],
     status_code=201,
     response_model=Product,
-    responses=problem_responses(413, 422),
+    responses={**problem_responses(413, 422), **created()},
 )
 async def create_product(body: ProductCreate, conn: WriteConnection) -> Response:
     row = await conn.fetchrow(

@@ -15,7 +15,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import TransferId, UserId
+from pglayer_shop.routes.params import TransferId, UserId, created
 from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
@@ -127,11 +127,11 @@ async def get_transfer(transfer_id: TransferId, db: Db) -> Response:
     tags=["accounts"],
     status_code=201,
     response_model=Transfer,
-    responses=problem_responses(
+    responses={**problem_responses(
         404, 409, 413, 422,
         _409="`insufficient_funds`; nothing changed",
         _422="Invalid body, or `idempotency_key_reused` with a different body",
-    ),
+    ), **created(replayable=True)},
 )  # fmt: skip
 async def create_transfer(
     body: TransferCreate, db: Db, request: Request, idempotency_key: IdempotencyKey = None

@@ -18,7 +18,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import User, UserCreate
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import UserId
+from pglayer_shop.routes.params import UserId, created
 
 __all__ = ["USER_COLUMNS"]
 
@@ -49,7 +49,10 @@ async def list_users(request: Request, db: Db, limit: Limit = 50, after: After =
     "/users",
     tags=["users"],
     status_code=201,
-    responses=problem_responses(409, 413, 422, _409="Email already registered (`conflict`)"),
+    responses={
+        **problem_responses(409, 413, 422, _409="Email already registered (`conflict`)"),
+        **created(),
+    },
 )
 async def create_user(body: UserCreate, conn: WriteTransaction, response: Response) -> User:
     try:
