@@ -103,9 +103,7 @@ _REQUEST_ID = _header(
 _HEADERS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "401": (("WWW-Authenticate", _header("`Bearer`", {"type": "string"})),),
     "405": (("Allow", _header("Every method the path supports", {"type": "string"})),),
-    "503": (
-        ("Retry-After", _header("Seconds to wait before retrying", {"type": "integer"})),
-    ),
+    "503": (("Retry-After", _header("Seconds to wait before retrying", {"type": "integer"})),),
 }
 
 
