@@ -23,7 +23,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database, InvalidInputError
-from pglayer.fastapi import setup
+from pglayer.fastapi import Cursors, setup
 from tests.conftest import LiveServer, Server, asgi_client, settings_for
 from tests.test_shop_users import assert_problem
 
@@ -496,10 +496,11 @@ ORDERS_OF = "orders of user {user}"
     ],
 )
 async def test_a_signed_cursor_that_decodes_to_nonsense_is_422_naming_after(
-    http: httpx.AsyncClient, surface_app: FastAPI, rows: dict[str, int], route: str, of: str,
+    http: httpx.AsyncClient, surface_db: Database, rows: dict[str, int], route: str, of: str,
     key: list[Any],
 ) -> None:  # fmt: skip
-    after = surface_app.state.cursors.encode(*key, of=of.format(**rows))
+    cursors = await Cursors.from_database(surface_db)  # the secret the shop signs with
+    after = cursors.encode(*key, of=of.format(**rows))
     response = await http.get(route.format(**rows), params={"after": after})
     problem = assert_problem(response, 422, "validation_error")
     assert problem["errors"][0]["loc"] == ["query", "after"], problem

@@ -10,6 +10,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database
+from pglayer.fastapi import Cursors
 from tests.conftest import asgi_client, free_port, settings_for
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -209,3 +210,22 @@ async def test_a_money_bound_is_written_as_the_number_not_a_python_repr(
     [error] = problem["errors"]
     assert error["loc"] == ["body", "price"]
     assert error["msg"] == "Input should be less than or equal to 9999999999.99"
+
+
+async def test_workers_share_a_random_cursor_secret_kept_in_the_database(
+    db: Database, db_url: str
+) -> None:
+    apps = [create_app(db=db, settings=ShopSettings()) for _ in range(2)]  # two workers
+    for n in range(3):
+        async with asgi_client(apps[0]) as first:
+            await create_user(first, "U", f"u{n}@example.com")
+    async with asgi_client(apps[0]) as first, asgi_client(apps[1]) as second:
+        cursor = (await first.get("/users", params={"limit": 1})).json()["next_cursor"]
+        page = await second.get("/users", params={"limit": 1, "after": cursor})
+        assert page.status_code == 200, page.text
+        guessed = Cursors(db_url).encode(1, of="users")  # the URL is no longer the key
+        refused = await second.get("/users", params={"limit": 1, "after": guessed})
+        assert_problem(refused, 422, "validation_error")
+    async with db.connection() as conn:
+        rows = await conn.fetch("SELECT name, octet_length(value) AS size FROM pglayer_secrets")
+    assert [(r["name"], r["size"]) for r in rows] == [("cursors", 32)]

@@ -64,10 +64,10 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     # /admin/db-stats and /admin/pool (the library's), /admin/users/export (the shop's).
     for admin in admin_routers(settings.admin_token):
         app.include_router(admin)
-    secret = settings.cursor_secret or db.settings.url
     app.state.idempotency_keys = keys
     app.state.order_batches = OrderBatches(
         db, lock_timeout=settings.write_lock_timeout, max_batch=settings.order_batch_size
     )
-    app.state.cursors = Cursors(secret.get_secret_value() if secret else "pglayer-shop")
+    if settings.cursor_secret is not None:
+        app.state.cursors = Cursors(settings.cursor_secret.get_secret_value())
     return app

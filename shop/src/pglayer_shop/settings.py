@@ -22,8 +22,8 @@ class ShopSettings(ServerSettings):
 
     cursor_secret: SecretStr | None = Field(
         default=None,
-        description="Signs pagination cursors; every worker must share it. Unset: derived"
-        " from DATABASE_URL.",
+        description="Signs pagination cursors; every worker must share it. Unset: a random"
+        " secret made once and kept in the database (`pglayer_secrets`).",
     )
     write_lock_timeout: float = Field(
         default=1.0,

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -18,6 +19,7 @@ import orjson
 from fastapi import Query
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from pglayer._connection import Connection
 from pglayer._database import Database
 from pglayer.fastapi._params import MAX_ID, DecimalInt
 from pglayer.fastapi._problems import Problem
@@ -59,6 +61,13 @@ def _invalid(reason: str) -> Problem:
     )
 
 
+# The first process to ask makes the secret; the others read the one that won.
+_CLAIM_SHARED = """
+INSERT INTO pglayer_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING
+"""
+_READ_SHARED = "SELECT value FROM pglayer_secrets WHERE name = $1"
+
+
 class Cursors:
     """Signs and checks cursors with `secret` (every worker of one app must share it)."""
 
@@ -67,6 +76,18 @@ class Cursors:
         if not raw:
             raise ValueError("a cursor secret must not be empty")
         self._key = hashlib.sha256(b"pglayer-cursor\0" + raw).digest()
+
+    @classmethod
+    async def from_database(cls, db: Database, *, name: str = "cursors") -> Cursors:
+        """Cursors signed with a random secret kept in the database (`pglayer_secrets`, made
+        by `install_pglayer_tables`), the same for every worker and every restart."""
+
+        async def shared(conn: Connection) -> bytes:
+            await conn.execute(_CLAIM_SHARED, name, secrets.token_bytes(32))
+            value: bytes = await conn.fetchval(_READ_SHARED, name)
+            return value
+
+        return cls(await db.run_in_transaction(shared))
 
     def _tag(self, payload: bytes, of: str) -> bytes:
         name = of.encode()

@@ -8,7 +8,6 @@ from pydantic import TypeAdapter
 from pglayer import Connection, Record
 from pglayer.fastapi import (
     After,
-    Cursors,
     Db,
     IdempotencyKey,
     Limit,
@@ -20,6 +19,7 @@ from pglayer.fastapi import (
 from pglayer_shop.models import CursorId, CursorTime, Order, OrderCreate
 from pglayer_shop.orders import ORDER_COLUMNS, place_order
 from pglayer_shop.routes import router
+from pglayer_shop.routes.cursors import cursors_of
 from pglayer_shop.routes.params import OrderId, UserId, created
 from pglayer_shop.settings import ShopSettings
 
@@ -91,7 +91,7 @@ async def list_user_orders(
     request: Request, user_id: UserId, db: Db, limit: Limit = 50, after: After = None
 ) -> Response:
     """The user's orders, newest first (served by `orders_user_recent_idx`)."""
-    cursors: Cursors = request.app.state.cursors
+    cursors = await cursors_of(request, db)
     of = f"orders of user {user_id}"
     at, last_id = cursors.decode(after, _CURSOR, of=of) if after else (None, 0)
 

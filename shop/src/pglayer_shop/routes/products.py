@@ -6,7 +6,6 @@ from fastapi import Request, Response
 
 from pglayer.fastapi import (
     After,
-    Cursors,
     Db,
     Limit,
     Page,
@@ -17,6 +16,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import Product, ProductCreate
 from pglayer_shop.routes import router
+from pglayer_shop.routes.cursors import cursors_of
 from pglayer_shop.routes.params import ProductId, created
 
 __all__: list[str] = []
@@ -45,7 +45,7 @@ async def get_product(product_id: ProductId, db: Db) -> Response:
 async def list_products(
     request: Request, db: Db, limit: Limit = 50, after: After = None
 ) -> Response:
-    cursors: Cursors = request.app.state.cursors
+    cursors = await cursors_of(request, db)
     return json_response(await cursors.page_by_id(db, _LIST, limit, after, of="products"))
 
 

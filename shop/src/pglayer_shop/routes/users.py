@@ -7,7 +7,6 @@ from fastapi import Request, Response
 from pglayer import UniqueViolationError
 from pglayer.fastapi import (
     After,
-    Cursors,
     Db,
     Limit,
     Page,
@@ -18,6 +17,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import User, UserCreate
 from pglayer_shop.routes import router
+from pglayer_shop.routes.cursors import cursors_of
 from pglayer_shop.routes.params import UserId, created
 
 __all__ = ["USER_COLUMNS"]
@@ -41,7 +41,7 @@ _LIST = f"SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
 
 @router.get("/users", tags=["users"], response_model=Page[User], responses=problem_responses(422))
 async def list_users(request: Request, db: Db, limit: Limit = 50, after: After = None) -> Response:
-    cursors: Cursors = request.app.state.cursors
+    cursors = await cursors_of(request, db)
     return json_response(await cursors.page_by_id(db, _LIST, limit, after, of="users"))
 
 
