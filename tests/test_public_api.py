@@ -96,3 +96,16 @@ def test_every_shop_setting_is_described() -> None:
     from pglayer_shop.settings import ShopSettings
 
     assert [n for n, f in ShopSettings.model_fields.items() if not f.description] == []
+
+
+def test_public_errors_are_named_by_their_public_module() -> None:
+    exported = {name: getattr(pglayer, name) for name in pglayer.__all__}
+    errors = [
+        n for n, obj in exported.items() if isinstance(obj, type) and issubclass(obj, Exception)
+    ]
+    assert len(errors) >= 10
+    assert [n for n in errors if getattr(pglayer, n).__module__ != "pglayer"] == []
+    with pytest.raises(pglayer.ConfigurationError) as refused:
+        pglayer.Database(pglayer.DatabaseSettings(url=None))
+    assert "pglayer.ConfigurationError" in repr(refused.type)
+    assert "--factory" in str(refused.value)

@@ -115,6 +115,14 @@ __all__ = [
     "set_retry_testing",
 ]
 
+# Tracebacks and reprs name the public class (`pglayer.ConfigurationError`), not the private
+# module that defines it.
+for _name in __all__:
+    _error = globals().get(_name)
+    if isinstance(_error, type) and issubclass(_error, Exception):
+        _error.__module__ = __name__
+del _name, _error
+
 
 def __getattr__(name: str) -> Any:
     # The embedded launcher is for development and tests: imported only when asked for.

@@ -161,7 +161,11 @@ class Database:
         hooks = list(hooks)  # shared with the replicas' pools
         self.settings = settings if settings is not None else DatabaseSettings()
         if self.settings.url is None:
-            raise ConfigurationError("no database URL configured: set DATABASE_URL")
+            raise ConfigurationError(
+                "no database URL configured: set DATABASE_URL (an app built at import, as"
+                " `app = ...` in a module, needs it then: build it in a function and serve"
+                " that with `--factory`, for tests too)"
+            )
         self.name = name
         self.target = describe_target(self.settings.dsn())
         self._pool: Pool | None = None
