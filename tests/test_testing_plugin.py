@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.conftest import Server
@@ -31,6 +34,9 @@ def create_app(db: Database) -> FastAPI:
 """
 
 CONFTEST = """
+import subprocess
+import sys
+
 import pytest
 
 from app import create_app
@@ -69,3 +75,13 @@ def test_a_project_gets_a_migrated_database_per_test(
     monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
     result.assert_outcomes(passed=2)
+
+
+def test_without_the_testing_extra_the_import_error_names_it() -> None:
+    # As without pytest installed: a None in sys.modules makes its import fail.
+    code = "import sys; sys.modules['pytest_asyncio'] = None; import pglayer.testing"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    assert "pip install 'pglayer[testing]'" in result.stderr

@@ -29,8 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
-import pytest_asyncio
+
+try:
+    import pytest
+    import pytest_asyncio
+except ImportError as exc:  # an extra: named, as every other one is
+    raise ImportError(
+        "pglayer.testing needs pytest and pytest-asyncio: pip install 'pglayer[testing]'"
+    ) from exc
 
 from pglayer._database import Database
 from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
