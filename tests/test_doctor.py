@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import asyncpg
 import pytest
 
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
@@ -73,3 +77,31 @@ def test_doctor_fails_when_prepared_statements_would_break_behind_pgbouncer(
     assert code == 1, out
     assert "loses prepared statements" in out
     assert "PGLAYER_POOLER=none keeps them on" in out
+
+
+def test_doctor_warns_that_a_transaction_pooler_drops_the_timeouts_and_says_how_to_set_them(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer]
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        code, out = doctor(bouncer.url(db_name))
+    assert code == 0, out  # a warning
+    text = " ".join(out.split())
+    assert "statement_timeout 0ms (configured 10s)" in text, out
+    assert "SET statement_timeout = '10000ms'" in text, out
+    assert "statement_timeout=0s (the role's" in text, out
+
+
+async def test_doctor_finds_the_timeouts_set_on_the_role_behind_a_transaction_pooler(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer], admin: asyncpg.Connection[Any]
+) -> None:
+    role = await admin.fetchval("SELECT current_user")
+    for name, value in (
+        ("statement_timeout", "10s"),
+        ("lock_timeout", "5s"),
+        ("idle_in_transaction_session_timeout", "30s"),
+    ):  # for this test's database only
+        await admin.execute(f'ALTER ROLE "{role}" IN DATABASE "{db_name}" SET {name} = \'{value}\'')
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        code, out = await asyncio.to_thread(doctor, bouncer.url(db_name))
+    assert code == 0, out
+    assert "the role's server-side timeouts are the configured ones" in " ".join(out.split())

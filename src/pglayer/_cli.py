@@ -184,13 +184,19 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
         "prepared_statements", True
     ):
         cache = 0
+    server_ms = diagnosis.facts.get("server_timeouts_ms", {}).get("statement_timeout")
+    statement_timeout = (
+        f"{settings.statement_timeout:g}s"
+        if server_ms is None
+        else f"{server_ms / 1000:g}s (the role's: a transaction pooler drops pglayer's)"
+    )
     out.print(
         "pglayer will use: "
         f"pool {settings.min_size}..{settings.max_size} per worker, "
         f"statement_cache_size={cache}, "
         + ("only application_name as startup parameter, " if pooler else "")
         + f"acquire_timeout={settings.acquire_timeout:g}s, "
-        f"statement_timeout={settings.statement_timeout:g}s"
+        f"statement_timeout={statement_timeout}"
     )
 
 

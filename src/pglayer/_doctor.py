@@ -6,6 +6,7 @@ production, and `pglayer doctor` exits non-zero for it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -68,7 +69,14 @@ async def diagnose(
             """
             SELECT current_setting('server_version') AS version,
                    inet_server_port() AS server_port,
-                   pg_is_in_recovery() AS in_recovery
+                   pg_is_in_recovery() AS in_recovery,
+                   current_user AS role,
+                   (SELECT setting::bigint FROM pg_settings
+                     WHERE name = 'statement_timeout') AS statement_timeout_ms,
+                   (SELECT setting::bigint FROM pg_settings
+                     WHERE name = 'lock_timeout') AS lock_timeout_ms,
+                   (SELECT setting::bigint FROM pg_settings
+                     WHERE name = 'idle_in_transaction_session_timeout') AS idle_timeout_ms
             """
         )
         budget = await read_budget(
@@ -108,6 +116,7 @@ async def diagnose(
             + (": transactions cannot work" if mode == "statement" else ""),
         )
         if mode == "transaction":
+            _check_role_timeouts(settings, row, result)
             safe = await prepared_statements_safe(dsn, settings)
             result.facts["prepared_statements"] = safe
             if safe:
@@ -159,6 +168,37 @@ async def diagnose(
         f" database), {budget.in_use} client connection(s) in all: {listed}",
     )
     return result
+
+
+def _check_role_timeouts(
+    settings: DatabaseSettings, row: Mapping[str, Any], result: Diagnosis
+) -> None:
+    """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
+    wanted = {
+        "statement_timeout": (settings.statement_timeout, row["statement_timeout_ms"]),
+        "lock_timeout": (settings.lock_timeout, row["lock_timeout_ms"]),
+        "idle_in_transaction_session_timeout": (
+            settings.idle_in_transaction_timeout,
+            row["idle_timeout_ms"],
+        ),
+    }
+    result.facts["server_timeouts_ms"] = {name: ms for name, (_, ms) in wanted.items()}
+    off = {name: seconds for name, (seconds, ms) in wanted.items() if ms != round(seconds * 1000)}
+    if not off:
+        result.add("timeouts", "ok", "the role's server-side timeouts are the configured ones")
+        return
+    role = str(row["role"]).replace('"', '""')
+    fixes = "; ".join(
+        f"ALTER ROLE \"{role}\" SET {name} = '{seconds * 1000:g}ms'"
+        for name, seconds in off.items()
+    )
+    result.add(
+        "timeouts",
+        "warn",
+        "a transaction pooler drops what pglayer sends at connect, so the server's own apply:"
+        + "".join(f" {name} {wanted[name][1]}ms (configured {s:g}s);" for name, s in off.items())
+        + f" set them on the role: {fixes}",
+    )
 
 
 async def _check_replicas(settings: DatabaseSettings, result: Diagnosis) -> None:
