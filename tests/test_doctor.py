@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import asyncpg
 import pytest
 
+from pglayer._settings import default_application_name
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, free_port, require_external
 from tests.test_cli import PGLAYER, clean_env, run_cli
@@ -105,3 +107,19 @@ async def test_doctor_finds_the_timeouts_set_on_the_role_behind_a_transaction_po
         code, out = await asyncio.to_thread(doctor, bouncer.url(db_name))
     assert code == 0, out
     assert "the role's server-side timeouts are the configured ones" in " ".join(out.split())
+
+
+async def test_doctor_given_the_app_counts_its_connections_as_the_apps(db_url: str) -> None:
+    served = ["uvicorn", "notesapp:app"]  # as the app's server was started, from here
+    name = default_application_name(served, cwd=os.getcwd())
+    conn = await asyncpg.connect(db_url, server_settings={"application_name": name})
+    try:
+        _, alone = await asyncio.to_thread(doctor, db_url)
+        _, given = await asyncio.to_thread(doctor, db_url, "notesapp:app")
+    finally:
+        await conn.close()
+    alone, given = " ".join(alone.split()), " ".join(given.split())
+    assert "0 connection(s) are this app's" in alone, alone
+    assert "run `pglayer doctor APP`" in alone, alone
+    assert "1 connection(s) are this app's" in given, given
+    assert "run `pglayer doctor APP`" not in given, given

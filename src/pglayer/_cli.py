@@ -113,6 +113,14 @@ def migrate(
 
 @app.command()
 def doctor(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[APP]",
+            help="The app (module:attr) as it is served, run from its directory: its"
+            " connections are then told from others' (as its default application_name is)",
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(min=1, help="Worker processes planned (default: PGLAYER_WORKERS, else 1)"),

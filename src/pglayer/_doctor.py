@@ -161,11 +161,22 @@ async def diagnose(
         f"{row['connections']} by {row['application_name']!r} in {row['database']!r}"
         for row in groups
     )
+    others = [
+        name
+        for name in (str(row["application_name"]) for row in groups)
+        if name.startswith("pglayer:") and not name.endswith("-doctor")  # not a probe
+    ]
+    hint = (
+        " (an app on pglayer is connected under another name: run `pglayer doctor APP` from"
+        " its directory, as it is served, or set PGLAYER_APPLICATION_NAME as it has it)"
+        if not budget.ours and others
+        else ""
+    )
     result.add(
         "in use now",
         "ok",
         f"{budget.ours} connection(s) are this app's ({settings.application_name!r} in this"
-        f" database), {budget.in_use} client connection(s) in all: {listed}",
+        f" database), {budget.in_use} client connection(s) in all: {listed}{hint}",
     )
     return result
 
