@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from pglayer import DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
+from pglayer._settings import misspelt_settings
 from tests.conftest import free_port
 from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
 
@@ -233,3 +234,42 @@ async def _regclass(url: str, name: str) -> str | None:
         return found
     finally:
         await conn.close()
+
+
+def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
+    environ = {
+        "PGLAYER_MAX_SIZ": "3",
+        "pglayer_statement_timeout_s": "1",
+        "PGLAYER_MAX_SIZE": "4",  # a setting
+        "PGLAYER_WRITE_LOCK_TIMEOUT": "1",  # the shop's own (its settings are loaded here)
+        "PGLAYER_SOMETHING_ELSE": "1",  # nothing like a setting: not a typo of one
+    }
+    assert misspelt_settings(environ) == [
+        "PGLAYER_MAX_SIZ is not a setting (ignored): did you mean PGLAYER_MAX_SIZE?",
+        "PGLAYER_STATEMENT_TIMEOUT_S is not a setting (ignored): did you mean"
+        " PGLAYER_STATEMENT_TIMEOUT?",
+    ]
+
+
+def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    write_migrations(tmp_path / "migrations", "notes")
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_ACCES_LOG="false")
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
+               "--port", str(free_port())]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("serving" in x for x in lines):
+            lines.append(proc.stdout.readline())
+        while time.monotonic() < deadline and not any("startup complete" in x for x in lines):
+            lines.append(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+        output, _ = proc.communicate(timeout=60)
+    warned = [x for x in lines + output.splitlines() if "did you mean PGLAYER_ACCESS_LOG" in x]
+    assert len(warned) == 1, "".join(lines) + output
+    assert "WARNING" in warned[0]

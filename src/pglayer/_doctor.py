@@ -16,7 +16,7 @@ from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import connect_plain, pool_mode, prepared_statements_safe
 from pglayer._replicas import REPLICA_HEALTH_SQL
-from pglayer._settings import DatabaseSettings
+from pglayer._settings import DatabaseSettings, misspelt_settings
 
 __all__ = ["Diagnosis", "Finding", "diagnose", "explain_connect_error"]
 
@@ -156,6 +156,8 @@ async def diagnose(
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", described)
     await _check_replicas(settings, result)
+    for message in misspelt_settings():
+        result.add("settings", "warn", message)
     result.facts["connections"] = [dict(row) for row in groups]
     listed = ", ".join(
         f"{row['connections']} by {row['application_name']!r} in {row['database']!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -14,7 +15,13 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DatabaseSettings", "ServerSettings", "default_application_name", "detect_workers"]
+__all__ = [
+    "DatabaseSettings",
+    "ServerSettings",
+    "default_application_name",
+    "detect_workers",
+    "misspelt_settings",
+]
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/-]")
 _SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian")
@@ -357,3 +364,40 @@ class ServerSettings(BaseSettings):
         description="Bearer token of the admin routes (`admin_router(token=...)`); unset, "
         "they answer 404.",
     )
+
+
+# Read straight from the environment, not by a settings class.
+_READ_DIRECTLY = frozenset(
+    {"PGLAYER_TEST_DATABASE_URL", "PGLAYER_DATA_DIR", "PGLAYER_PG_BINDIR", "PGLAYER_EMBEDDED_USER"}
+)
+
+
+def _known_settings() -> set[str]:
+    """Every `PGLAYER_*` name a loaded settings class reads (pglayer's, and an app's own)."""
+    known = set(_READ_DIRECTLY)
+    classes: list[type[BaseSettings]] = [BaseSettings]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if cls.model_config.get("env_prefix", "").upper() != "PGLAYER_":
+            continue
+        for name, field in cls.model_fields.items():
+            known.add(f"PGLAYER_{name.upper()}")
+            alias = field.validation_alias
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+            known |= {c.upper() for c in choices if isinstance(c, str)}
+    return known
+
+
+def misspelt_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A message for each `PGLAYER_*` variable that no setting reads but one nearly does
+    (a typo would otherwise be ignored in silence)."""
+    environ = os.environ if environ is None else environ
+    names = [n.upper() for n in environ if n.upper().startswith("PGLAYER_")]
+    known = _known_settings()
+    messages = []
+    for name in sorted(set(names) - known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+        if close:
+            messages.append(f"{name} is not a setting (ignored): did you mean {close[0]}?")
+    return messages

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -13,7 +15,7 @@ from starlette.types import ASGIApp
 from pglayer._database import Database
 from pglayer._gc import tune_gc as _tune_gc
 from pglayer._logs import configure_logging
-from pglayer._settings import ServerSettings
+from pglayer._settings import ServerSettings, misspelt_settings
 from pglayer.fastapi._dependencies import STATE_KEY
 from pglayer.fastapi._middleware import RequestGuard
 from pglayer.fastapi._openapi import complete_openapi
@@ -23,6 +25,7 @@ from pglayer.fastapi._routing import Route
 __all__ = ["database_lifespan", "setup", "wrap_lifespan"]
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+log = logging.getLogger("pglayer")
 
 
 def database_lifespan(
@@ -62,6 +65,12 @@ def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -
     app.router.lifespan_context = lifespan
 
 
+@functools.cache  # once per process, however many apps it builds
+def _warn_misspelt_settings() -> None:
+    for message in misspelt_settings():
+        log.warning(message)
+
+
 def setup(
     app: FastAPI,
     db: Database,
@@ -89,6 +98,7 @@ def setup(
     server = server if server is not None else ServerSettings()
     if server.log_format is not None:
         configure_logging(format=server.log_format, level=server.log_level)
+    _warn_misspelt_settings()
     max_body_size = server.max_body_size if max_body_size is None else max_body_size
     access_log = server.access_log if access_log is None else access_log
     setattr(app.state, STATE_KEY, db)
