@@ -31,6 +31,7 @@ from pglayer._errors import (
     PoolOverloadedError,
     PoolTimeoutError,
     QueryTimeoutError,
+    SerializationError,
     TransientError,
     UniqueViolationError,
 )
@@ -93,6 +94,13 @@ _CODES = {
 _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (PoolOverloadedError, 503, "overloaded", "The service is overloaded. Retry later."),
     (LockTimeoutError, 503, "busy", "The resource is busy with another request. Retry later."),
+    (
+        SerializationError,  # deadlocks too: contention, not an outage
+        503,
+        "busy",
+        "The change conflicted with concurrent changes to the same data, and did so again"
+        " when retried. Retry later.",
+    ),
     (TransientError, 503, "unavailable", "The database is temporarily unavailable. Retry later."),
     (
         CommitIndeterminateError,

@@ -56,7 +56,15 @@ def transactional(
     attempts: int = _DEFAULT_ATTEMPTS,
     bulkhead: str | None = None,
 ) -> Callable[[F], F]:
-    """Run the handler in one transaction at `isolation`; replay it whole on conflicts."""
+    """Run the handler in one transaction at `isolation`; replay it whole on conflicts.
+
+    The handler takes its connection as the one parameter annotated `Connection` (FastAPI
+    never sees it) and must have no side effects outside the database: on 40001, 40P01 or a
+    connection lost before COMMIT it runs again, up to `attempts` times (50: the request's
+    deadline is the real bound; `db.run_in_transaction` stops at `PGLAYER_RETRY_ATTEMPTS`,
+    3), then answers 503 `busy`. COMMIT happens before the response is sent. `lock_timeout`
+    bounds each lock wait (503 `busy`); `bulkhead` names the class of work it counts in.
+    """
 
     def decorate(handler: F) -> F:
         # Resolved here: FastAPI would evaluate string annotations in this module's globals.
