@@ -273,3 +273,41 @@ def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path
     warned = [x for x in lines + output.splitlines() if "did you mean PGLAYER_ACCESS_LOG" in x]
     assert len(warned) == 1, "".join(lines) + output
     assert "WARNING" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("127.0.0.1:5432/app", "not a URL"),
+        ("mysql://app:hunter2@127.0.0.1/app", "the scheme is 'mysql'"),
+        ("postgresql://app:hun@ter2@127.0.0.1/app", "write an '@' of the user or password as %40"),
+    ],
+)
+def test_a_malformed_url_is_refused_saying_why_and_never_shown(url: str, reason: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        DatabaseSettings(url=url)
+    assert reason in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    assert "ter2" not in str(refused.value)
+    with pytest.raises(ValidationError, match="not a URL"):
+        DatabaseSettings(replica_urls="postgresql://a@r1/app,r2:5432/app")
+
+
+def test_a_sqlalchemy_url_is_taken_as_the_postgresql_url_it_names() -> None:
+    settings = DatabaseSettings(url="postgresql+asyncpg://app:p%40ss@db.example:5433/app")
+    assert settings.dsn() == "postgresql://app:p%40ss@db.example:5433/app"
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("sslmode=require", "does not speak SSL, which the URL's sslmode requires"),
+        ("bogus=1", 'refused a parameter of the URL: unrecognized configuration parameter "bogus"'),
+    ],
+)
+def test_doctor_says_which_part_of_the_url_the_server_refused(
+    db_url: str, query: str, reason: str
+) -> None:
+    result = run("doctor", env=clean_env(DATABASE_URL=f"{db_url}?{query}", COLUMNS="300"))
+    assert result.returncode == 1
+    assert reason in " ".join(result.stdout.split()), result.stdout

@@ -332,8 +332,13 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
         return f"{target} has no free connection slots (max_connections reached)"
     if isinstance(exc, asyncpg.CannotConnectNowError):
         return f"{target} is starting up, shutting down or in recovery"
+    if isinstance(exc, ConnectionError) and "SSL" in str(exc):
+        return f"{target} does not speak SSL, which the URL's sslmode requires"
     if isinstance(exc, OSError):
         return f"cannot reach {target}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, asyncpg.UndefinedObjectError):
+        # The server's words name the parameter (a URL query parameter it does not know).
+        return f"{target} refused a parameter of the URL: {exc.args[0] if exc.args else exc}"
     if isinstance(exc, asyncpg.PostgresError):
         return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
     return f"cannot connect to {target} ({type(exc).__name__})"

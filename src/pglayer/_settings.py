@@ -248,12 +248,22 @@ class DatabaseSettings(BaseSettings):
         description="After a write, the same client reads from the primary this long (a cookie).",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else SecretStr(_postgres_url(value.get_secret_value()))
+
     @field_validator("replica_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("replica_urls")
+    @classmethod
+    def _postgres_urls(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return [SecretStr(_postgres_url(url.get_secret_value())) for url in value]
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:
@@ -298,6 +308,22 @@ class DatabaseSettings(BaseSettings):
         if self.url is None:
             raise ValueError("no database URL: set DATABASE_URL")
         return self.url.get_secret_value()
+
+
+def _postgres_url(url: str) -> str:
+    """`url` as asyncpg takes it, or a ValueError that says what is wrong (never the URL)."""
+    scheme, found, rest = url.partition("://")
+    if not found:
+        raise ValueError("not a URL: write postgresql://user:password@host:port/database")
+    driver = scheme.lower().partition("+")
+    if driver[0] not in ("postgresql", "postgres"):
+        raise ValueError(f"the scheme is {scheme[:20]!r}: write postgresql://")
+    if driver[1]:  # SQLAlchemy's form (postgresql+asyncpg://): the driver is asyncpg anyway
+        url = f"postgresql://{rest}"
+    if rest.split("/", 1)[0].split("?", 1)[0].count("@") > 1:
+        raise ValueError("more than one '@' before the host: write an '@' of the user or"
+                         " password as %40")  # fmt: skip
+    return url
 
 
 class ServerSettings(BaseSettings):
