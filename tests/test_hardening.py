@@ -149,7 +149,7 @@ def test_workers_are_detected_from_the_server_command_line(
 
 def test_an_explicit_worker_count_wins_and_is_said() -> None:
     settings = DatabaseSettings(url="postgresql://h/d", workers=3)
-    assert settings.worker_count() == (3, "PGLAYER_WORKERS")
+    assert settings.worker_count() == (3, "PGLAYER_WORKERS, which `pglayer serve --workers` sets")
 
 
 async def test_uvicorn_workers_are_counted_in_the_budget(db_url: str) -> None:

@@ -245,9 +245,9 @@ class Database:
             try:
                 await self._open_with_retry(self.settings.startup_timeout)
             except TransientError as exc:
+                # The reason names the target (`explain_connect_error`).
                 raise DatabaseUnavailableError(
-                    f"database {self.target} not reachable within "
-                    f"{self.settings.startup_timeout:g}s: {exc}"
+                    f"database not reachable within {self.settings.startup_timeout:g}s: {exc}"
                 ) from exc
         else:
             try:
@@ -316,8 +316,7 @@ class Database:
         def say(state: RetryCallState) -> None:
             if state.attempt_number == 1 and state.outcome is not None:
                 log.warning(
-                    "database %s not reachable (%s); retrying for up to %gs",
-                    self.target,
+                    "database not reachable (%s); retrying for up to %gs",
                     state.outcome.exception(),
                     deadline,
                 )

@@ -276,7 +276,7 @@ class DatabaseSettings(BaseSettings):
     def worker_count(self) -> tuple[int, str]:
         """The workers assumed by the connection budget, and where that came from."""
         if self.workers is not None:
-            return self.workers, "PGLAYER_WORKERS"
+            return self.workers, "PGLAYER_WORKERS, which `pglayer serve --workers` sets"
         return detect_workers()
 
     def bulkhead_caps(self) -> dict[str, int]:
