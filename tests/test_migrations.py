@@ -166,3 +166,14 @@ async def test_versions_newer_than_the_directory_are_a_newer_release_and_allowed
         await migrate(db, load_migrations(tmp_path))
         (tmp_path / "0002_b.sql").unlink()  # the release before, rolled back to
         assert await migrate(db, load_migrations(tmp_path)) == []
+
+
+async def test_a_failing_migration_says_where_in_the_file(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_typo.sql").write_text(
+        "-- a table\nCREATE TABLE t (id int);\nCREATE TABLEX u ();"
+    )
+    async with Database(settings_for(empty_db_url)) as db:
+        with pytest.raises(MigrationError, match=r"0001_typo\.sql failed at line 3, column 8: "):
+            await migrate(db, load_migrations(tmp_path))

@@ -126,6 +126,17 @@ def _server_reason(exc: DatabaseError) -> str:
     return f"{cause.args[0] if cause.args else exc} ({exc.sqlstate})" + (f" {hint}" if hint else "")
 
 
+def _position(sql: str, exc: DatabaseError) -> str:
+    """` at line L, column C` of the file, where the server says the error is (if it does)."""
+    position = getattr(exc.__cause__, "position", None)
+    if not (isinstance(position, str) and position.isdigit()) or int(position) > len(sql):
+        return ""
+    before = sql[: int(position) - 1]  # the server counts characters from 1
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    return f" at line {line}, column {column}"
+
+
 async def _apply(conn: Connection, migrations: list[Migration], history: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
@@ -158,7 +169,10 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         except DatabaseError as exc:
             if isinstance(exc, TransientError):
                 raise
-            raise MigrationError(f"migration {m.name} failed: {_server_reason(exc)}") from exc
+            where = _position(m.sql, exc)
+            raise MigrationError(
+                f"migration {m.name} failed{where}: {_server_reason(exc)}"
+            ) from exc
         await conn.execute(
             "INSERT INTO pglayer_migrations (history, version, name, checksum)"
             " VALUES ($1, $2, $3, $4)",
