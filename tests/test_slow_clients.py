@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, free_port
 
@@ -367,3 +368,29 @@ async def test_serve_logs_no_second_access_line_from_uvicorn(served: Served) -> 
         assert (await client.get(f"http://127.0.0.1:{served.port}/health/live")).is_success
     await asyncio.sleep(0.1)
     assert "uvicorn.access" not in served.log.read_text()
+
+
+async def test_a_refusal_from_the_server_is_counted_as_the_apps_requests_are(
+    served: Served,
+) -> None:
+    def count(text: str, status: str) -> float:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = {"method": "GET", "route": "unmatched", "status": status}
+                if s.name == "pglayer_http_requests_total" and s.labels == labels:
+                    return s.value
+        return 0.0
+
+    url = f"http://127.0.0.1:{served.port}/metrics"
+    async with httpx.AsyncClient() as client:
+        before = count((await client.get(url)).text, "400")
+        for _ in range(3):
+            reader, writer = await served.open()
+            try:
+                writer.write(b"GET /users/1 HTTP/1.1\r\n\r\n")  # no Host
+                await writer.drain()
+                assert_problem(await read_until_closed(reader, SLACK), 400, "validation_error")
+            finally:
+                writer.close()
+        after = count((await client.get(url)).text, "400")
+    assert after - before == 3

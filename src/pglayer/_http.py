@@ -352,14 +352,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         extra = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
-        request_id = b"x-request-id: " + new_request_id().encode() + b"\r\n"
-        self.transport.write(b"".join((head, request_id, extra, b"\r\n", body)))
+        request_id = new_request_id()
+        id_header = b"x-request-id: " + request_id.encode() + b"\r\n"
+        self.transport.write(b"".join((head, id_header, extra, b"\r\n", body)))
+        self._account(int(head[9:12]), request_id)  # "HTTP/1.1 431 ..."
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(_LINGER, self.transport.close)
         else:
             self.transport.close()
+
+    def _account(self, status: int, request_id: str) -> None:
+        """Count and log the refusal as the app's own requests are (metrics, access log)."""
+        door = self._door or _front_door(self.app)
+        if door is None:
+            return
+        url: bytes = getattr(self, "url", b"")  # none before the first request began
+        # The parser says DELETE (method 0) for a request line it could not read.
+        method = self.parser.get_method() if url else b"-"
+        door.account_refused(method, url, status, request_id)
 
     def _abandon_cycle(self) -> None:
         # As if the client had left: the app's receive() answers `http.disconnect` and

@@ -73,6 +73,12 @@ _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 REFUSALS_LOGGED_EVERY = 1.0  # seconds
 
 
+def _path(url: bytes) -> str:
+    """The path of a request target, decoded as the app would see it."""
+    path = url.split(b"?", 1)[0].decode("latin-1")
+    return urllib.parse.unquote(path) if "%" in path else path
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
@@ -387,12 +393,20 @@ class RequestGuard:
         if started < self._refusals_quiet_until:
             self._refusals_unlogged += 1
             return
-        path = url.split(b"?", 1)[0].decode("latin-1")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        self.access_log.write(verb, path, "unmatched", status, seconds, request_id)
+        self.access_log.write(verb, _path(url), "unmatched", status, seconds, request_id)
         self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
         asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
+
+    def account_refused(self, method: bytes, url: bytes, status: int, request_id: str) -> None:
+        """For the HTTP server: count and log a request it answered itself (400, 408, 431,
+        501, 505), as every other request is."""
+        if not self._stats_known:
+            self._find_stats(None)
+        verb = method.decode("latin-1")
+        if self.stats is not None:
+            self.stats.record(verb, "unmatched", status, 0.0)
+        if self.access_log is not None:
+            self.access_log.write(verb, _path(url), "unmatched", status, 0.0, request_id)
 
     def _sum_up_refusals(self) -> None:
         unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
