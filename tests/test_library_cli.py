@@ -177,6 +177,9 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
         proc.send_signal(signal.SIGTERM)  # our own child, by its PID
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
+    assert "embedded PostgreSQL at postgres@127.0.0.1:" in output  # where to point psql
+    assert f"password in {data_dir.resolve() / 'password'}" in " ".join(output.split())
+    assert EmbeddedPostgres(data_dir).password not in output
     assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from pglayer._database import Database
+from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError
 from pglayer._logs import configure_logging
 from pglayer._settings import DatabaseSettings, ServerSettings
@@ -144,6 +145,10 @@ def serve(
             embedded = EmbeddedPostgres(data_dir, database=database)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()
+            say(
+                f"embedded PostgreSQL at {describe_target(os.environ['DATABASE_URL'])}"
+                f" (password in {embedded.base_dir / 'password'})"
+            )
         applied = asyncio.run(apply_directories(cli_settings(), migrations, prepare, histories))
         if applied:
             say(f"applied migrations: {', '.join(applied)}")
