@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -59,6 +62,39 @@ def run(
         timeout=120,
         check=False,
     )
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str, env: dict[str, str]) -> Iterator[Served]:
+    """`pglayer serve` of APP with its migrations, as a user runs it, until it answers; its
+    output once stopped (SIGTERM, by its PID) is in `served.output`."""
+    (tmp_path / "notesapp.py").write_text(APP)
+    write_migrations(tmp_path / "migrations", "notes")
+    port = free_port()
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
+               "--port", str(port), *args]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    served = Served(f"http://127.0.0.1:{port}", proc)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(f"{served.url}/notes/count", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        served.output, _ = proc.communicate(timeout=60)
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen[str]
+    output: str = ""
 
 
 def write_migrations(directory: Path, table: str) -> Path:
@@ -152,31 +188,12 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
     tmp_path: Path,
     data_dir: Path,  # noqa: F811
 ) -> None:
-    (tmp_path / "notesapp.py").write_text(APP)
-    write_migrations(tmp_path / "migrations", "notes")
-    port = free_port()
-    command = [
-        PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
-        "--port", str(port), "--data-dir", str(data_dir),
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=tmp_path, env=clean_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        answer = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/notes/count", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert answer is not None, proc.stdout.read() if proc.stdout else ""
+    with serving(tmp_path, "--data-dir", str(data_dir), env=clean_env()) as served:
+        answer = httpx.get(f"{served.url}/notes/count", timeout=5)
         assert answer.status_code == 200
         assert answer.json() == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
-        output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    output = served.output
+    assert served.proc.returncode == 0, output
     assert "embedded PostgreSQL at postgres@127.0.0.1:" in output  # where to point psql
     assert f"password in {data_dir.resolve() / 'password'}" in " ".join(output.split())
     assert EmbeddedPostgres(data_dir).password not in output
@@ -186,31 +203,12 @@ def test_serve_runs_any_app_on_an_embedded_database_with_its_migrations(
 def test_serve_sets_up_every_workers_logs_and_bounds_from_the_environment(
     db_url: str, tmp_path: Path
 ) -> None:
-    (tmp_path / "notesapp.py").write_text(APP)
-    write_migrations(tmp_path / "migrations", "notes")
-    port = free_port()
-    command = [
-        PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
-        "--port", str(port), "--workers", "2",
-    ]  # fmt: skip
     env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json", PGLAYER_MAX_BODY_SIZE="64")
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                httpx.get(f"{url}/notes/count", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        small = httpx.post(f"{url}/notes/echo", json={"text": "hi"}, timeout=5)
-        large = httpx.post(f"{url}/notes/echo", json={"text": "x" * 100}, timeout=5)
+    with serving(tmp_path, "--workers", "2", env=env) as served:
+        small = httpx.post(f"{served.url}/notes/echo", json={"text": "hi"}, timeout=5)
+        large = httpx.post(f"{served.url}/notes/echo", json={"text": "x" * 100}, timeout=5)
         assert (small.status_code, large.status_code) == (200, 413)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
-        output, _ = proc.communicate(timeout=60)
+    output = served.output
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     started = {r["message"] for r in records if r["message"].startswith("Started server process")}
     assert len(started) == 2, output  # both workers' own lines, in the format asked for
@@ -255,26 +253,11 @@ def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
 
 
 def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path: Path) -> None:
-    (tmp_path / "notesapp.py").write_text(APP)
-    write_migrations(tmp_path / "migrations", "notes")
     env = clean_env(DATABASE_URL=db_url, PGLAYER_ACCES_LOG="false")
-    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
-               "--port", str(free_port())]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any("serving" in x for x in lines):
-            lines.append(proc.stdout.readline())
-        while time.monotonic() < deadline and not any("startup complete" in x for x in lines):
-            lines.append(proc.stdout.readline())
-    finally:
-        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
-        output, _ = proc.communicate(timeout=60)
-    warned = [x for x in lines + output.splitlines() if "did you mean PGLAYER_ACCESS_LOG" in x]
-    assert len(warned) == 1, "".join(lines) + output
+    with serving(tmp_path, env=env) as served:
+        assert httpx.get(f"{served.url}/notes/count", timeout=5).status_code == 200
+    warned = [x for x in served.output.splitlines() if "did you mean PGLAYER_ACCESS_LOG" in x]
+    assert len(warned) == 1, served.output
     assert "WARNING" in warned[0]
 
 

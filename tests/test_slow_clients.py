@@ -105,6 +105,17 @@ async def read_until_closed(reader: asyncio.StreamReader, within: float) -> byte
     return data
 
 
+async def send_head(served: Served, head: bytes) -> bytes:
+    """What the server answers to `head`, read until it closes the connection."""
+    reader, writer = await served.open()
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await read_until_closed(reader, SLACK)
+    finally:
+        writer.close()
+
+
 def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
@@ -271,13 +282,7 @@ async def test_a_head_over_the_bound_whose_last_read_is_tiny_gets_431(served: Se
     ids=["method", "negative-length", "two-lengths", "escape-in-path"],
 )
 async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, head: bytes) -> None:
-    reader, writer = await served.open()
-    try:
-        writer.write(head)
-        await writer.drain()
-        answer = await read_until_closed(reader, SLACK)
-    finally:
-        writer.close()
+    answer = await send_head(served, head)
     assert_problem(answer, 400, "validation_error")
 
 
@@ -303,24 +308,12 @@ async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, h
 async def test_a_head_http_1_1_does_not_allow_is_refused(
     served: Served, head: bytes, status: int, code: str
 ) -> None:
-    reader, writer = await served.open()
-    try:
-        writer.write(head)
-        await writer.drain()
-        answer = await read_until_closed(reader, SLACK)
-    finally:
-        writer.close()
+    answer = await send_head(served, head)
     assert_problem(answer, status, code)
 
 
 async def test_an_http_1_0_request_needs_no_host(served: Served) -> None:
-    reader, writer = await served.open()
-    try:
-        writer.write(b"GET /health/live HTTP/1.0\r\n\r\n")
-        await writer.drain()
-        answer = await read_until_closed(reader, SLACK)
-    finally:
-        writer.close()
+    answer = await send_head(served, b"GET /health/live HTTP/1.0\r\n\r\n")
     assert parse(answer)[0] == 200, answer[:300]
 
 
@@ -385,12 +378,7 @@ async def test_a_refusal_from_the_server_is_counted_as_the_apps_requests_are(
     async with httpx.AsyncClient() as client:
         before = count((await client.get(url)).text, "400")
         for _ in range(3):
-            reader, writer = await served.open()
-            try:
-                writer.write(b"GET /users/1 HTTP/1.1\r\n\r\n")  # no Host
-                await writer.drain()
-                assert_problem(await read_until_closed(reader, SLACK), 400, "validation_error")
-            finally:
-                writer.close()
+            answer = await send_head(served, b"GET /users/1 HTTP/1.1\r\n\r\n")  # no Host
+            assert_problem(answer, 400, "validation_error")
         after = count((await client.get(url)).text, "400")
     assert after - before == 3
