@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
-from pglayer._serve import apply_directories, cli_settings, serve
+from pglayer._serve import apply_directories, serve
 from pglayer._settings import DatabaseSettings, ServerSettings
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
@@ -105,7 +105,9 @@ def migrate(
         raise fail("no DATABASE_URL set")
     try:
         histories = [history] if history else []
-        applied = asyncio.run(apply_directories(cli_settings(), [directory], None, histories))
+        applied = asyncio.run(
+            apply_directories(DatabaseSettings.for_command(), [directory], None, histories)
+        )
     except PglayerError as exc:
         raise fail(str(exc)) from None
     console.print(f"applied: {', '.join(applied)}" if applied else "up to date")

@@ -22,7 +22,7 @@ from pglayer._logs import configure_logging
 from pglayer._settings import DatabaseSettings, ServerSettings
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
-__all__ = ["apply_directories", "cli_settings", "event_loop", "serve"]
+__all__ = ["apply_directories", "event_loop", "serve"]
 
 log = logging.getLogger("pglayer.cli")
 
@@ -35,13 +35,6 @@ _SERVE_DEFAULTS = {
     "PGLAYER_LOG_FORMAT": "text",
     "PGLAYER_ACCESS_LOG": "true",
 }
-
-
-def cli_settings() -> DatabaseSettings:
-    """Settings for a command's own work: a small pool that must reach the database."""
-    return DatabaseSettings(
-        require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore"
-    )
 
 
 async def apply_directories(
@@ -149,7 +142,9 @@ def serve(
                 f"embedded PostgreSQL at {describe_target(os.environ['DATABASE_URL'])}"
                 f" (password in {embedded.base_dir / 'password'})"
             )
-        applied = asyncio.run(apply_directories(cli_settings(), migrations, prepare, histories))
+        applied = asyncio.run(
+            apply_directories(DatabaseSettings.for_command(), migrations, prepare, histories)
+        )
         if applied:
             say(f"applied migrations: {', '.join(applied)}")
         say(f"serving {app} on http://{host}:{port}")

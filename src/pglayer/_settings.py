@@ -273,6 +273,12 @@ class DatabaseSettings(BaseSettings):
             raise ValueError("every bulkhead needs at least one connection")
         return self
 
+    @classmethod
+    def for_command(cls) -> DatabaseSettings:
+        """The environment's settings for a one-off command's own work (migrate, seed): a
+        pool of one or two connections that must reach the database, no budget check."""
+        return cls(require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore")
+
     def worker_count(self) -> tuple[int, str]:
         """The workers assumed by the connection budget, and where that came from."""
         if self.workers is not None:

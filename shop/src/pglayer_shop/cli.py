@@ -38,13 +38,6 @@ def _configure_logging() -> None:
     configure_logging(format=shop.log_format or "text", level=shop.log_level)
 
 
-def _settings() -> DatabaseSettings:
-    # The CLI waits for the database: a migration or seed against nothing is a failure.
-    return DatabaseSettings(
-        require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore"
-    )
-
-
 async def _migrate(settings: DatabaseSettings) -> list[str]:
     async with Database(settings) as db:
         return await apply_migrations(db)
@@ -117,7 +110,7 @@ def migrate() -> None:
     """Apply the schema to DATABASE_URL (safe from several processes at once)."""
     _configure_logging()
     try:
-        applied = asyncio.run(_migrate(_settings()))
+        applied = asyncio.run(_migrate(DatabaseSettings.for_command()))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
     console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
@@ -137,7 +130,7 @@ def seed_command(
         raise _fail(str(exc)) from None
     started = time.perf_counter()
     try:
-        settings = _settings()
+        settings = DatabaseSettings.for_command()
         asyncio.run(_migrate(settings))
         asyncio.run(_seed(settings, counts))
     except PglayerError as exc:
