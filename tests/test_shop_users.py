@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pglayer_shop.app import create_app
@@ -11,7 +13,7 @@ from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database
 from pglayer.fastapi import Cursors
-from tests.conftest import asgi_client, free_port, settings_for
+from tests.conftest import Server, asgi_client, free_port, settings_for
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 
@@ -229,3 +231,34 @@ async def test_workers_share_a_random_cursor_secret_kept_in_the_database(
     async with db.connection() as conn:
         rows = await conn.fetch("SELECT name, octet_length(value) AS size FROM pglayer_secrets")
     assert [(r["name"], r["size"]) for r in rows] == [("cursors", 32)]
+
+
+@pytest.mark.parametrize("refusal", ["closed to connections", "renamed"])
+async def test_a_database_that_refuses_new_connections_is_503_not_500(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str, refusal: str
+) -> None:
+    db = Database(settings_for(server.url_for(db_name), min_size=0))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert (await client.get("/users/1")).status_code == 404  # reachable
+        moved = f"{db_name}_moved"
+        terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1"
+        if refusal == "closed to connections":
+            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+        await admin.execute(terminate, db_name)  # the pool's one connection (min_size 0)
+        count = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+        for _ in range(100):  # a terminated backend takes a moment to go
+            if not await admin.fetchval(count, db_name):
+                break
+            await asyncio.sleep(0.05)
+        if refusal == "renamed":
+            await admin.execute(f'ALTER DATABASE "{db_name}" RENAME TO "{moved}"')
+        try:
+            response = await client.get("/users/1")
+            assert_problem(response, 503, "unavailable")
+            assert response.headers["retry-after"]
+        finally:
+            if refusal == "renamed":
+                await admin.execute(f'ALTER DATABASE "{moved}" RENAME TO "{db_name}"')
+            else:
+                await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')

@@ -37,10 +37,12 @@ import asyncpg
 
 from pglayer._clock import Clock, clock
 from pglayer._errors import (
+    DatabaseError,
     DatabaseUnavailableError,
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
+    TransientError,
     raise_translated,
     translate,
 )
@@ -687,7 +689,15 @@ class Pool:
             raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
         except Exception as exc:
             self.observer.connection_failed()
-            raise_translated(exc, translate(exc))
+            error = translate(exc)
+            if isinstance(error, DatabaseError) and not isinstance(error, TransientError):
+                # Refused at connect (a database renamed or closed to connections, a role
+                # that may not log in): the app is without its database, which is an outage
+                # to its clients (503), not a bug of theirs or its own.
+                error = DatabaseUnavailableError(
+                    f"cannot connect ({type(exc).__name__})", sqlstate=error.sqlstate
+                )
+            raise_translated(exc, error)
         if self.closed:
             raw.terminate()
             raise DatabaseUnavailableError()
