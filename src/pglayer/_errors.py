@@ -12,7 +12,7 @@
         │   ├── PoolTimeoutError           no connection within the acquire deadline
         │   ├── PoolOverloadedError        refused at once: would wait past its deadline
         │   ├── LockTimeoutError           55P03: a lock held past the lock bound (busy)
-        │   └── DatabaseUnavailableError   the pool is not open (yet) or was closed
+        │   └── DatabaseUnavailableError   pool not open (yet) or closed; a connect refused
         ├── CommitIndeterminateError       lost after COMMIT was sent: outcome unknown (500)
         ├── IntegrityError
         │   ├── UniqueViolationError       23505 (409)
@@ -160,7 +160,7 @@ class LockTimeoutError(TransientError):
 
 
 class DatabaseUnavailableError(TransientError):
-    """The pool is not open (yet), or was closed."""
+    """The pool is not open (yet) or was closed, or the server refused a new connection."""
 
     default_message = "the database pool is not open"
 
