@@ -43,3 +43,23 @@ async def test_seeding_twice_appends(db: Database) -> None:
     await seed(db, SeedCounts(users=10, products=2, orders=5))
     async with db.connection() as conn:
         assert await conn.fetchval("SELECT count(DISTINCT email) FROM users") == 20
+
+
+async def test_seeded_data_keeps_the_contracts_invariants(db: Database) -> None:
+    await seed(db, SeedCounts(users=40, products=5, orders=300))
+    await seed(db, SeedCounts(users=10, products=2, orders=50))  # a second seed too
+    async with db.connection() as conn:
+        row = await conn.fetchrow(
+            """
+            SELECT (SELECT sum(amount) FROM deposits) - (SELECT sum(total) FROM orders)
+                       = (SELECT sum(balance) FROM accounts) AS money_kept,
+                   (SELECT bool_and(p.stock + coalesce(o.quantity, 0) = 1000000)
+                      FROM products AS p
+                      LEFT JOIN (SELECT product_id, sum(quantity) AS quantity FROM orders
+                                  GROUP BY product_id) AS o ON o.product_id = p.id)
+                       AS stock_kept,
+                   (SELECT min(balance) FROM accounts) AS least_balance
+            """
+        )
+    assert row is not None
+    assert (row["money_kept"], row["stock_kept"], row["least_balance"]) == (True, True, 1000)

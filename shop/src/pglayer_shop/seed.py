@@ -63,10 +63,31 @@ async def _copy(
     )
 
 
+# The seeded orders as if placed through the API, so that the contract's invariants hold
+# from the start: each product's stock fell by its orders' quantities, and each account
+# holds a deposit of 1000.00 plus its orders' totals (its balance, 1000.00, is the deposit
+# less the orders).
+_AS_IF_PLACED = """
+WITH sold AS (
+    UPDATE products AS p SET stock = p.stock - o.quantity
+      FROM (SELECT product_id, sum(quantity) AS quantity FROM orders
+             WHERE id >= $3 GROUP BY product_id) AS o
+     WHERE p.id = o.product_id AND p.id >= $2
+)
+INSERT INTO deposits (user_id, amount, created_at)
+SELECT u.id, 1000.00 + coalesce(o.total, 0), u.created_at
+  FROM users AS u
+  LEFT JOIN (SELECT user_id, sum(total) AS total FROM orders WHERE id >= $3 GROUP BY user_id) AS o
+    ON o.user_id = u.id
+ WHERE u.id >= $1
+"""
+
+
 async def seed(
     db: Database, counts: SeedCounts, *, progress: Progress | None = None, rng_seed: int = 42
 ) -> None:
-    """Add `counts` users (with funded accounts), products and orders of the last 60 days."""
+    """Add `counts` users (with funded accounts), products and orders of the last 60 days,
+    consistent as if the orders had been placed through the API."""
     report = progress or (lambda _table, _n: None)
     rng = random.Random(rng_seed)
     now = datetime.now(UTC)
@@ -125,5 +146,6 @@ async def seed(
             orders(),
             report,
         )
+        await conn.execute(_AS_IF_PLACED, first_user, first_product, first_order)
     async with db.connection() as conn:
         await conn.execute("ANALYZE users, accounts, products, orders", timeout=600)
