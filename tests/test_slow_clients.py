@@ -295,6 +295,18 @@ async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, h
         (b"GET /users/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "validation_error"),
         (b"GET /users/1#top HTTP/1.1\r\nHost: s\r\n\r\n", 400, "validation_error"),
         (b"GET /users/1 HTTP/2.0\r\nHost: s\r\n\r\n", 505, "validation_error"),
+        (b"GET /users/1 HTTP/1.2\r\nHost: s\r\n\r\n", 505, "validation_error"),
+        (b"GET /users/1 HTTP/1.1\r\nHost: a, b\r\n\r\n", 400, "validation_error"),
+        (b"GET /users/1 HTTP/1.1\r\nHost: user@evil\r\n\r\n", 400, "validation_error"),
+        (b"GET /users/1 HTTP/1.1\r\nHost: x:99999\r\n\r\n", 400, "validation_error"),
+        (b"GET * HTTP/1.1\r\nHost: s\r\n\r\n", 400, "validation_error"),
+        (b"CONNECT s:443 HTTP/1.1\r\nHost: s:443\r\n\r\n", 501, "method_not_allowed"),
+        (
+            b"POST /users HTTP/1.0\r\nHost: s\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            400,
+            "validation_error",
+        ),
         (
             b"POST /users HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
@@ -303,7 +315,8 @@ async def test_a_request_the_parser_rejects_gets_a_400_problem(served: Served, h
         ),
     ],
     ids=["unknown-method", "lower-case-method", "no-host", "two-hosts", "fragment",
-         "http-2.0", "gzip-coding"],
+         "http-2.0", "http-1.2", "host-list", "host-user", "host-port", "asterisk", "connect",
+         "http-1.0-chunked", "gzip-coding"],
 )  # fmt: skip
 async def test_a_head_http_1_1_does_not_allow_is_refused(
     served: Served, head: bytes, status: int, code: str
@@ -382,3 +395,14 @@ async def test_a_refusal_from_the_server_is_counted_as_the_apps_requests_are(
             assert_problem(answer, 400, "validation_error")
         after = count((await client.get(url)).text, "400")
     assert after - before == 3
+
+
+async def test_a_refusal_from_the_server_keeps_the_clients_request_id(served: Served) -> None:
+    head = b"GET /users/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-ID: mine-42\r\n\r\n"
+    status, headers, _ = parse(await send_head(served, head))
+    assert (status, headers["x-request-id"]) == (400, "mine-42")
+
+
+async def test_an_absolute_form_target_is_served(served: Served) -> None:
+    head = b"GET http://s/health/live HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    assert parse(await send_head(served, head))[0] == 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ __all__ = [
 # (`pglayer._http`): the two meet there without importing each other.
 FRONT_DOOR_KEY = "pglayer_front_door"
 
+# A client's X-Request-ID is kept when it looks like an id (it is logged and echoed).
+VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # Request ids made here: unique per process (a random prefix) and cheap (a counter).
 ID_PREFIX = os.urandom(8).hex()
 id_counter = itertools.count(1)

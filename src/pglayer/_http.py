@@ -40,7 +40,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pglayer._context import FRONT_DOOR_KEY, new_request_id
+from pglayer._context import FRONT_DOOR_KEY, VALID_REQUEST_ID, new_request_id
 from pglayer._settings import ServerSettings
 
 __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
@@ -112,6 +112,22 @@ def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, by
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")  # RFC 9110's method token, then SP
+_VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9])\r?\n")
+# RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{1,5}))?")
+
+
+_HOSTS_SEEN: dict[bytes, bool] = {}
+
+
+def _valid_host(value: bytes) -> bool:
+    found = _HOST.fullmatch(value)
+    valid = found is not None and (found.group(1) is None or int(found.group(1)) <= 65535)
+    if len(_HOSTS_SEEN) < 1024:  # bounded: a client inventing hosts only costs the check
+        _HOSTS_SEEN[value] = valid
+    return valid
+
+
 _BAD_HEAD = _problem(
     400,
     "Bad Request",
@@ -293,15 +309,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             return _VERSION_NOT_SUPPORTED
-        hosts = 0
+        hosts, host = 0, b""
         for name, value in self.headers:  # a loop, not a call: every request passes here
             if name == b"host":
                 hosts += 1
-            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-                return _CODING_NOT_IMPLEMENTED
-        if (hosts != 1 and (hosts or version == "1.1")) or b"#" in self.url:
+                host = value
+            elif name == b"transfer-encoding" and (
+                version == "1.0" or value.strip().lower() != b"chunked"
+            ):
+                return _BAD_HEAD if version == "1.0" else _CODING_NOT_IMPLEMENTED
+        if hosts != 1 and (hosts or version == "1.1"):
             return _BAD_HEAD
+        url = self.url
+        valid = _HOSTS_SEEN.get(host) if hosts else True  # clients send one Host again and again
+        if valid is None:
+            valid = _valid_host(host)
+        if not valid or b"#" in url:
+            return _BAD_HEAD
+        if url[:1] != b"/":  # asterisk, absolute or authority form: rare
+            return self._unusual_target(url)
         return None
+
+    def _unusual_target(self, url: bytes) -> tuple[bytes, bytes] | None:
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            return _METHOD_NOT_IMPLEMENTED  # not a proxy: nothing to tunnel to
+        if url == b"*":
+            return None if method == b"OPTIONS" else _BAD_HEAD
+        return None if url.startswith((b"http://", b"https://")) else _BAD_HEAD
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a request it cannot parse in plain text; every error is a problem.
@@ -310,6 +345,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             _TOKEN.match(self._last_read)  # a method, but not one the parser knows
         ):
             self._refuse(_METHOD_NOT_IMPLEMENTED)
+            return
+        version = _VERSION.match(self._last_read)
+        if version is not None and version.group(1) not in (b"1.0", b"1.1"):
+            self._refuse(_VERSION_NOT_SUPPORTED)  # a version the parser does not take
             return
         detail = "The request is not valid HTTP/1.1 (request line, headers or framing)."
         self._refuse(_problem(400, "Bad Request", "validation_error", detail))
@@ -352,7 +391,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         extra = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
-        request_id = new_request_id()
+        request_id = self._client_request_id() or new_request_id()
         id_header = b"x-request-id: " + request_id.encode() + b"\r\n"
         self.transport.write(b"".join((head, id_header, extra, b"\r\n", body)))
         self._account(int(head[9:12]), request_id)  # "HTTP/1.1 431 ..."
@@ -362,6 +401,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_later(_LINGER, self.transport.close)
         else:
             self.transport.close()
+
+    def _client_request_id(self) -> str | None:
+        """The client's X-Request-ID, when its head was read far enough and it is valid."""
+        headers: list[tuple[bytes, bytes]] = getattr(self, "headers", [])
+        for name, value in headers:
+            if name == b"x-request-id" and VALID_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+        return None
 
     def _account(self, status: int, request_id: str) -> None:
         """Count and log the refusal as the app's own requests are (metrics, access log)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import re
 import time
 import urllib.parse
 from collections import deque
@@ -42,6 +41,7 @@ from pglayer._clock import Clock, clock, current_task
 from pglayer._context import (
     FRONT_DOOR_KEY,
     ID_PREFIX,
+    VALID_REQUEST_ID,
     RequestContext,
     current_request_id,
     id_counter,
@@ -63,7 +63,6 @@ STATS_KEY = "pglayer_request_stats"  # app.state attribute holding the app's Req
 
 WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a disconnect
 # Generated ids: random per process, then a counter; unique without a syscall per request.
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _RYW_COOKIE = b"pglayer_rw="
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
@@ -160,7 +159,7 @@ class _Exchange:
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                if request_id is None and _VALID_REQUEST_ID.fullmatch(value):
+                if request_id is None and VALID_REQUEST_ID.fullmatch(value):
                     request_id = value
             elif name == b"content-length":
                 # 19 digits are already past any bound; int() refuses 4,300+ digits.
@@ -362,7 +361,7 @@ class RequestGuard:
         started = time.monotonic()
         request_id = None
         for name, value in headers:
-            if name == b"x-request-id" and _VALID_REQUEST_ID.fullmatch(value):
+            if name == b"x-request-id" and VALID_REQUEST_ID.fullmatch(value):
                 request_id = value.decode("ascii")
                 break
         request_id = request_id or new_request_id()
