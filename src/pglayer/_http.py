@@ -11,9 +11,10 @@ reset by every byte), so one client dripping bytes holds a connection forever. H
 - a body not complete `body_timeout` seconds after its head gets 408 (the app sees the
   client leave), or the connection is closed if the response has already started;
 - a request the parser rejects (a bad request line, header or framing) gets 400, as does
-  an HTTP/1.1 request without exactly one `Host`, or with a fragment (`#`) in its target;
-  a method the parser does not know (methods are case-sensitive) gets 501, a transfer
-  coding other than `chunked` 501, an HTTP version other than 1.0 and 1.1 505.
+  an HTTP/1.1 request without exactly one valid `Host`, a fragment (`#`) in a target, `*`
+  outside OPTIONS, or Transfer-Encoding in HTTP/1.0; a method the parser does not know
+  (methods are case-sensitive) or CONNECT gets 501, a transfer coding other than `chunked`
+  501, an HTTP version other than 1.0 and 1.1 505.
 
 Each refusal is a problem document with an `X-Request-ID`, then the connection closes after
 a short linger, so the client can read it even while it is still sending. A request that
