@@ -406,3 +406,24 @@ async def test_a_refusal_from_the_server_keeps_the_clients_request_id(served: Se
 async def test_an_absolute_form_target_is_served(served: Served) -> None:
     head = b"GET http://s/health/live HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
     assert parse(await send_head(served, head))[0] == 200
+
+
+async def test_an_upgrade_to_a_protocol_not_spoken_is_ignored_and_the_body_kept(
+    served: Served,
+) -> None:
+    base = f"http://127.0.0.1:{served.port}"
+    async with httpx.AsyncClient() as client:
+        user = (await client.post(f"{base}/users", json={"name": "U", "email": "up@x.io"})).json()
+    body = b'{"amount":"1.00"}'
+    head = (
+        f"POST /accounts/{user['id']}/deposits HTTP/1.1\r\nHost: s\r\n"
+        "Connection: Upgrade, close\r\nUpgrade: h2c\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    status, _, answer = parse(await send_head(served, head + body))
+    assert (status, orjson.loads(answer)["balance"]) == (200, "1.00")
+    pipelined = (
+        b"GET /health/live HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
+        b"GET /health/live HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+    )
+    assert (await send_head(served, pipelined)).count(b"HTTP/1.1 200 OK") == 2

@@ -118,6 +118,22 @@ _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{1,5}))?")
 
 
+_UPGRADE = re.compile(rb"\r\nupgrade:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
+
+
+def _without_foreign_upgrade(data: bytes) -> bytes:
+    """`data` without an `Upgrade` header to a protocol this server does not speak (h2c,
+    TLS): ignored, as RFC 9110 allows, the request is served as HTTP/1.1, body and all. The
+    parser would otherwise stop at its head and drop the rest of the read."""
+    end = data.find(b"\r\n\r\n") + 2  # the head's last line with its CRLF
+    if end < 2:
+        return data  # a head spread over reads: left as it is
+    head = _UPGRADE.sub(
+        lambda m: m.group(0) if b"websocket" in m.group(1).lower() else b"", data[:end]
+    )
+    return head + data[end:]
+
+
 _HOSTS_SEEN: dict[bytes, bool] = {}
 
 
@@ -194,6 +210,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # would pass it otherwise). The read it began in is not counted (it may hold the
             # previous request's body); reads are bounded.
             self._head_size += len(data)
+        if b"pgrade" in data or b"PGRADE" in data:
+            data = _without_foreign_upgrade(data)
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
