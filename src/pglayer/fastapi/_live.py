@@ -169,7 +169,7 @@ def _pool_snapshot(db: Database, primary: Database) -> dict[str, Any]:
         "replica": replica,
         "recent_slow": [
             {
-                "statement": q.statement,
+                "statement": fingerprint(q.statement),
                 "operation": q.operation,
                 "seconds": q.seconds,
                 "request_id": q.request_id,
@@ -179,6 +179,14 @@ def _pool_snapshot(db: Database, primary: Database) -> dict[str, Any]:
             for q in db.recent_slow_queries()
         ],
     }
+
+
+def fingerprint(statement: str) -> str:
+    """A slow statement as the page names it: its verb and a digest of its text, never the
+    text itself (no response carries SQL: the text is in the `pglayer.slow_query` log line
+    with the same request id)."""
+    verb = statement.split(None, 1)[0].upper()[:16] if statement.strip() else "?"
+    return f"{verb} #{hashlib.blake2s(statement.encode(), digest_size=4).hexdigest()}"
 
 
 def live_snapshot(db: Database) -> dict[str, Any]:

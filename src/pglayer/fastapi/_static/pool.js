@@ -1,6 +1,7 @@
 // The live pool page (pglayer.fastapi._live): polls pool.json every second, keeps the last
 // minutes of history here, draws them with uPlot. No build step; every text is set through
-// textContent (statements come from the database and are never parsed as HTML).
+// textContent (never parsed as HTML). A slow statement is its verb and a digest: its text
+// is in the slow-query log line with the same request id.
 "use strict";
 
 (() => {
