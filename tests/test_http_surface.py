@@ -751,3 +751,23 @@ def test_openapi_declares_the_field_errors_of_a_problem(spec: dict[str, Any]) ->
     problem = spec["components"]["schemas"]["ProblemDetails"]
     assert {"type", "title", "status", "detail", "code"} <= set(problem["required"])
     assert "errors" in problem["properties"]
+
+
+async def test_an_empty_cursor_is_422_naming_after(http: httpx.AsyncClient) -> None:
+    problem = assert_problem(await http.get("/users?after="), 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["query", "after"]
+
+
+async def test_money_with_leading_zeros_is_its_value(http: httpx.AsyncClient) -> None:
+    user = await new_user(http)
+    response = await http.post(
+        f"/accounts/{user}/deposits", json={"amount": "0000000000000000000000001.50"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["balance"] == "1.50"
+
+
+async def test_an_email_longer_than_64_before_the_at_is_422(http: httpx.AsyncClient) -> None:
+    response = await http.post("/users", json={"name": "L", "email": "a" * 65 + "@example.com"})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"][0]["loc"] == ["body", "email"]

@@ -58,8 +58,9 @@ def _no_nul(value: str) -> str:
 
 def _email(value: str) -> str:
     try:
-        # `test_environment`: `.test` domains (RFC 6761) are well-formed addresses too.
-        validate_email(value, check_deliverability=False, test_environment=True)
+        # `test_environment`: `.test` domains (RFC 6761) are well-formed addresses too;
+        # `strict`: RFC 5321's length limits too (64 before the @).
+        validate_email(value, check_deliverability=False, test_environment=True, strict=True)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
     return value  # stored NFC-normalised, unique by its key: migration 0004_email_keys
@@ -88,7 +89,7 @@ def _parse_money(value: object) -> Decimal:
         raise ValueError('must be a decimal string such as "12.50"')  # noqa: TRY004
     if not _MONEY.fullmatch(value):
         raise ValueError('must be ASCII digits with at most two decimal places, such as "12.50"')
-    if len(value.partition(".")[0]) > _MONEY_DIGITS:
+    if len(value.partition(".")[0].lstrip("0")) > _MONEY_DIGITS:  # "0001" is 1
         raise ValueError("is too large")
     return Decimal(value)
 

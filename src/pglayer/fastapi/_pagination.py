@@ -36,7 +36,11 @@ Limit = Annotated[
 
 After = Annotated[
     str | None,
-    Query(max_length=512, description="`next_cursor` of the previous page; omit for the first"),
+    Query(
+        min_length=1,
+        max_length=512,
+        description="`next_cursor` of the previous page; omit for the first",
+    ),
 ]
 """The `after` query parameter: an opaque cursor from a previous page."""
 
