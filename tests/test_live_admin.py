@@ -111,6 +111,8 @@ async def test_the_page_without_credentials_is_a_401_problem_for_other_clients(
     live: httpx.AsyncClient,
 ) -> None:
     problem = assert_problem(await live.get("/admin/pool"), 401, "unauthorized")
+    refusing = {"Accept": "application/json, text/html;q=0"}
+    assert_problem(await live.get("/admin/pool", headers=refusing), 401, "unauthorized")
     assert "token" in problem["detail"]
     wrong = await live.post(
         "/admin/session", content="token=wrong",

@@ -181,6 +181,20 @@ def _pool_snapshot(db: Database, primary: Database) -> dict[str, Any]:
     }
 
 
+def _accepts_html(accept: str) -> bool:
+    """Whether an `Accept` header names text/html with a quality above 0 (as browsers do)."""
+    for media_range in accept.split(",")[:32]:
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        if kind.lower() != "text/html":
+            continue
+        q = next((p[2:].strip() for p in params if p[:2].lower() == "q="), "1")
+        try:
+            return float(q) > 0
+        except ValueError:
+            return False
+    return False
+
+
 def fingerprint(statement: str) -> str:
     """A slow statement as the page names it: its verb and a digest of its text, never the
     text itself (no response carries SQL: the text is in the `pglayer.slow_query` log line
@@ -225,7 +239,7 @@ def add_live_routes(
 
     def login_page(request: Request, message: str) -> Response:
         # A browser gets the token form; any other client the problem every 401 is.
-        if "text/html" not in request.headers.get("accept", ""):
+        if not _accepts_html(request.headers.get("accept", "")):
             detail = message or "A valid bearer token or session is required."
             raise Problem(401, "unauthorized", detail, headers=_UNAUTHORIZED)
         body = login.replace("{{message}}", html.escape(message))
