@@ -226,6 +226,60 @@ def _read(name: str) -> bytes:
     return (resources.files("pglayer.fastapi") / "_static" / name).read_bytes()
 
 
+_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+
+
+def _declared(*statuses: int, html: bool = False) -> dict[str, Any]:
+    """What the OpenAPI document says of a page route: the bearer token (or the session
+    cookie), and its answers."""
+    ok = (
+        {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}
+        if html
+        else {"description": "Every pool's state, counters and slow statements (JSON)"}
+    )
+    unauthorized = {
+        "description": "No valid bearer token or session cookie (`unauthorized`)"
+        + ("; a browser (`Accept: text/html`) gets the token form" if html else ""),
+        "content": {**_PROBLEM, "text/html": {"schema": {"type": "string"}}} if html else _PROBLEM,
+    }
+    answers = {200: ok, 401: unauthorized}
+    return {
+        "response_class": Response,
+        "responses": {s: answers[s] for s in statuses},
+        "openapi_extra": {"security": [{"HTTPBearer": []}]},
+    }
+
+
+_SESSION_DECLARED: dict[str, Any] = {
+    "response_class": Response,
+    "status_code": 303,
+    "responses": {
+        303: {"description": "Signed in: the session cookie is set, and `Location` is the page"},
+        401: {"description": "Not the admin token (`unauthorized`)", "content": _PROBLEM},
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"token": {"type": "string", "maxLength": 512}},
+                        "required": ["token"],
+                    }
+                }
+            },
+        }
+    },
+}
+_STATIC_DECLARED: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {
+        200: {"description": "A script, stylesheet or font of the page, cached for a day"}
+    },
+}
+
+
 def add_live_routes(
     router: APIRouter, *, token: bytes | None, session_ttl: float = SESSION_TTL
 ) -> None:
@@ -263,13 +317,13 @@ def add_live_routes(
         cookie = request.cookies.get(SESSION_COOKIE)
         return cookie is not None and _session_valid(signing_key, cookie, time.time(), max_age)
 
-    @router.get("/pool", include_in_schema=False)
+    @router.get("/pool", **_declared(200, 401, html=True))
     async def pool_page(request: Request) -> Response:
         if not authorized(request):
             return login_page(request, "")
         return Response(page, 200, _PAGE_HEADERS, media_type="text/html")
 
-    @router.post("/session", include_in_schema=False)
+    @router.post("/session", **_SESSION_DECLARED)
     async def open_session(request: Request) -> Response:
         expected, signing_key = configured()
         given = b""
@@ -300,7 +354,7 @@ def add_live_routes(
         )
         return response
 
-    @router.get("/pool.json", include_in_schema=False)
+    @router.get("/pool.json", **_declared(200, 401))
     async def pool_json(
         request: Request, db: Annotated[Database, Depends(get_database)]
     ) -> Response:
@@ -313,7 +367,7 @@ def add_live_routes(
             )
         return json_response(live_snapshot(db), headers={"Cache-Control": "no-store"})
 
-    @router.get("/pool/static/{name}", include_in_schema=False)
+    @router.get("/pool/static/{name}", **_STATIC_DECLARED)
     async def pool_static(name: str) -> Response:
         configured()
         asset = assets.get(name)

@@ -66,7 +66,19 @@ def _mount(app: FastAPI, path: str, registry: CollectorRegistry) -> None:
         """Prometheus text exposition: pool state and counters, HTTP requests by route."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route(path, metrics, methods=["GET"], tags=["health"], response_class=Response)
+    app.add_api_route(
+        path,
+        metrics,
+        methods=["GET"],
+        tags=["health"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format 0.0.4",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        },
+    )
 
 
 def _publish_during_lifespan(app: FastAPI, pools: SharedPoolCollector) -> None:

@@ -1,7 +1,8 @@
 """The OpenAPI document, completed with what pglayer answers on every route.
 
 FastAPI declares what a route's own code returns. pglayer adds what its layers answer on
-any route: 405 (another method), 413 (body bound), 500, 503 `overloaded` (shedding, outside
+any route: 400, 408, 431, 501 and 505 (`pglayer serve`'s HTTP server), 405 (another
+method), 413 (body bound), 500, 503 `overloaded` (shedding, outside
 `shed_exempt`), and 415/422 for a JSON body and 422 for parameters; every problem response
 as `application/problem+json` with `ProblemDetails`, in place of FastAPI's own 422 schema;
 and the headers it sets: `X-Request-ID` on every response, `Retry-After` on 503, `Allow` on
@@ -52,7 +53,7 @@ def _complete(app: FastAPI, spec: dict[str, Any], shed_exempt: tuple[str, ...]) 
     schemas["ProblemDetails"] = problem
     for path, operations in spec.get("paths", {}).items():
         for operation in operations.values():
-            statuses = [405, 413, 500]
+            statuses = [*_SERVER_STATUSES, 405, 413, 500]
             if not (shed_exempt and path.startswith(shed_exempt)):
                 statuses.append(503)
             if "application/json" in operation.get("requestBody", {}).get("content", {}):
@@ -68,12 +69,17 @@ def _complete(app: FastAPI, spec: dict[str, Any], shed_exempt: tuple[str, ...]) 
 def _declare(responses: dict[str, Any], statuses: list[int]) -> None:
     for response in responses.values():
         content = response.get("content", {})
-        refs = {media.get("schema", {}).get("$ref") for media in content.values()}
-        if refs & {_PROBLEM_REF, _FASTAPI_422}:
-            content.clear()
-            content[PROBLEM_JSON] = {"schema": {"$ref": _PROBLEM_REF}}
-            if _FASTAPI_422 in refs:
+        problems = [
+            name
+            for name, media in content.items()
+            if media.get("schema", {}).get("$ref") in (_PROBLEM_REF, _FASTAPI_422)
+        ]
+        if problems:
+            if any(content[name]["schema"]["$ref"] == _FASTAPI_422 for name in problems):
                 response["description"] = _DESCRIPTIONS[422]
+            for name in problems:  # FastAPI's `application/json`: it is a problem document
+                del content[name]
+            content[PROBLEM_JSON] = {"schema": {"$ref": _PROBLEM_REF}}
     for status in statuses:
         responses.setdefault(
             str(status),
@@ -89,6 +95,10 @@ def _declare(responses: dict[str, Any], statuses: list[int]) -> None:
     ordered = sorted(responses.items())
     responses.clear()
     responses.update(ordered)
+
+
+# What `pglayer serve`'s HTTP server answers for any route, before the app sees the request.
+_SERVER_STATUSES = (400, 408, 431, 501, 505)
 
 
 def _header(description: str, schema: dict[str, Any]) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class ProblemDetails(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "A head HTTP/1.1 does not allow (`validation_error`; `pglayer serve`)",
     401: "Missing or wrong bearer token (`unauthorized`)",
     404: "Not found (`not_found`)",
     405: "Method not supported on this path (`method_not_allowed`); `Allow` lists those it"
@@ -166,6 +167,12 @@ _DESCRIPTIONS = {
     503: "Database unavailable, overloaded or a row busy (`unavailable`, `overloaded`, `busy`);"
     " has `Retry-After`",
     504: "Database deadline exceeded (`timeout`)",
+    408: "Headers or body too slow to arrive (`timeout`; `pglayer serve`)",
+    431: "Request line and headers over `PGLAYER_MAX_HEADER_SIZE` (`payload_too_large`;"
+    " `pglayer serve`)",
+    501: "A method or transfer coding the server does not implement (`method_not_allowed`,"
+    " `unsupported_media_type`; `pglayer serve`)",
+    505: "An HTTP version other than 1.0 and 1.1 (`validation_error`; `pglayer serve`)",
 }
 
 
