@@ -236,3 +236,36 @@ async def test_a_transaction_cancelled_mid_query_leaves_its_connection_fit_for_t
             assert await db.run_in_transaction(lambda c: c.fetchval("SELECT 1")) == 1
             async with db.transaction() as conn:
                 assert await conn.fetchval("SELECT 2") == 2
+
+
+@pytest.mark.parametrize("way", ["connection", "run"])
+async def test_a_statement_cancelled_between_parse_and_bind_does_not_hold_its_backend(
+    db_url: str, admin: asyncpg.Connection[Any], way: str
+) -> None:
+    # Without a statement cache (as behind PgBouncer) every query is Parse, then Bind; a
+    # cancellation in between leaves the server in the statement until a Sync or a query.
+    async with Database(settings_for(db_url, min_size=1, max_size=1, statement_cache_size=0)) as db:
+
+        async def parse_then_cancel(conn: Connection) -> None:
+            await conn.raw._get_statement("SELECT $1::int + 1", None)  # Parse, no Sync
+            raise asyncio.CancelledError
+
+        async def through_the_pool() -> None:
+            if way == "run":
+                await db.run(parse_then_cancel, retry=False)
+            else:
+                async with db.connection() as conn:
+                    await parse_then_cancel(conn)
+
+        with pytest.raises(asyncio.CancelledError):
+            await through_the_pool()
+
+        async def idle() -> bool:
+            states = await admin.fetch(
+                "SELECT state FROM pg_stat_activity WHERE datname = $1",
+                db_url.rsplit("/", 1)[1].split("?")[0],
+            )
+            return [r["state"] for r in states] == ["idle"]
+
+        assert await wait_for(idle, timeout=5, interval=0.05)
+        assert await db.read(lambda conn: conn.fetchval("SELECT 41 + 1")) == 42

@@ -43,6 +43,7 @@ from pglayer._errors import (
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
+    QueryTimeoutError,
     TransientError,
     explain_connect_error,
     translate,
@@ -491,6 +492,7 @@ class Database:
             return await self._recover(exc, target, fn, retry, timeout, tx, bulkhead)
         conn = Connection(slot, pool, ctx, writer=target is self and bulkhead != "read")
         held_since = time.monotonic()
+        suspect = True  # until it ends well: see `Pool.release`
         try:
             if tx is None:
                 return await fn(conn)
@@ -507,15 +509,17 @@ class Database:
                     result = await fn(conn)
         except Exception as exc:
             error = exc
+            suspect = isinstance(exc, QueryTimeoutError)
             if isinstance(exc, LockTimeoutError):
                 pool.stuck(lane)
         else:
+            suspect = False
             if lane.locked_at:
                 pool.progressed(lane)
             return result
         finally:
             conn._slot = None
-            pool.release(slot, time.monotonic() - held_since)
+            pool.release(slot, time.monotonic() - held_since, suspect)
         return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
 
     async def _recover(
@@ -799,5 +803,8 @@ class _Lease:
         assert conn is not None
         conn._slot = None
         self._slot = None
+        suspect = exc_type is not None and (
+            not issubclass(exc_type, Exception) or issubclass(exc_type, QueryTimeoutError)
+        )
         # To the pool it came from: during close() that pool is still waiting for it.
-        pool.release(slot, time.monotonic() - self._held_since)
+        pool.release(slot, time.monotonic() - self._held_since, suspect)

@@ -583,8 +583,14 @@ class Pool:
                 rate += lane.rate
         return len(self._paced) / rate if rate else 0.0
 
-    def release(self, slot: Slot, held: float) -> None:
-        """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first."""
+    def release(self, slot: Slot, held: float, suspect: bool = False) -> None:
+        """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first.
+
+        `suspect`: its work ended by a cancellation or a deadline, which may have come
+        between a statement's Parse (sent without a Sync) and its Bind: the server then still
+        waits in that statement (`active`, `ClientRead`; behind PgBouncer the server
+        connection is never idle again). A query before reuse ends that (see `_reset`).
+        """
         lane = slot.lane
         assert lane is not None
         lane.in_use -= 1
@@ -596,7 +602,7 @@ class Pool:
         samples = lane.samples
         lane.hold += (held - lane.hold) * (1 / samples if samples < _MEAN_OF else _HOLD_WEIGHT)
         self.observer.released(held)
-        self._give_back(slot)
+        self._give_back(slot, suspect)
 
     def _return_unused(self, slot: Slot) -> None:
         lane = slot.lane
@@ -605,7 +611,7 @@ class Pool:
         self._in_use -= 1
         self._give_back(slot)
 
-    def _give_back(self, slot: Slot) -> None:
+    def _give_back(self, slot: Slot, suspect: bool = False) -> None:
         slot.query_task = None
         slot.lane = None
         raw = slot.raw
@@ -613,7 +619,7 @@ class Pool:
             self._forget(slot)
         elif self.closed:
             self._spawn(self._close_slot(slot))
-        elif _needs_reset(raw):
+        elif suspect or _needs_reset(raw):
             self._spawn(self._reset(slot))
         else:
             self._put(slot)
@@ -747,9 +753,12 @@ class Pool:
         raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
         try:
             async with asyncio.timeout(_RESET_TIMEOUT):
-                # ROLLBACK first waits for a cancelled query to finish; outside a
-                # transaction it only warns.
-                await raw.execute("ROLLBACK")
+                # ROLLBACK first waits for a cancelled query to finish, and as a simple query
+                # it ends an extended one left without its Sync; outside a transaction (and
+                # in that case) a plain query does, without ROLLBACK's warning.
+                cancelling = raw._protocol._is_cancelling()
+                in_transaction = raw.is_in_transaction() or raw._top_xact is not None
+                await raw.execute("ROLLBACK" if in_transaction or cancelling else "SELECT 1")
                 raw._top_xact = None
                 if raw._listeners or raw._log_listeners:
                     await raw.execute("UNLISTEN *")
