@@ -175,11 +175,17 @@ def test_an_invalid_setting_is_one_line_that_never_shows_the_url() -> None:
 
 
 def test_doctor_settings_prints_every_setting_masked() -> None:
-    env = clean_env(DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app", COLUMNS="200")
+    env = clean_env(
+        DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app",
+        PGLAYER_ADMIN_TOKEN="admintok123",
+        COLUMNS="200",
+    )
     result = run("doctor", "--settings", env=env)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout
-    names = ("DATABASE_URL", "PGLAYER_MAX_SIZE", "PGLAYER_WORKERS", "PGLAYER_HEADER_TIMEOUT")
+    assert "admintok123" not in result.stdout
+    assert "*** (set)" in result.stdout
+    names = ("DATABASE_URL", "PGLAYER_MAX_SIZE", "PGLAYER_WORKERS", "PGLAYER_ADMIN_TOKEN")
     for name in names:
         assert name in result.stdout
 

@@ -169,7 +169,9 @@ def _shown(name: str, value: object) -> str:
     from pglayer._dsn import mask_dsn
 
     if isinstance(value, SecretStr):
-        return mask_dsn(value.get_secret_value())
+        secret = value.get_secret_value()
+        # A URL shows all but its password; any other secret (a token) shows nothing.
+        return mask_dsn(secret) if "://" in secret else "*** (set)"
     if isinstance(value, list) and all(isinstance(v, SecretStr) for v in value):
         return ", ".join(mask_dsn(v.get_secret_value()) for v in value) or "(none)"
     return "(not set)" if value is None else repr(value)
