@@ -247,7 +247,8 @@ async def test_a_statement_cancelled_between_parse_and_bind_does_not_hold_its_ba
     async with Database(settings_for(db_url, min_size=1, max_size=1, statement_cache_size=0)) as db:
 
         async def parse_then_cancel(conn: Connection) -> None:
-            await conn.raw._get_statement("SELECT $1::int + 1", None)  # Parse, no Sync
+            raw: Any = conn.raw  # asyncpg's private step: Parse and Describe, no Sync
+            await raw._get_statement("SELECT $1::int + 1", None)
             raise asyncio.CancelledError
 
         async def through_the_pool() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -14,7 +16,7 @@ from pglayer import Database
 from pglayer._http import PROTOCOL
 from pglayer.fastapi import setup
 from pglayer.fastapi._streaming import ndjson_response
-from tests.conftest import LiveServer, asgi_client
+from tests.conftest import LiveServer, asgi_client, settings_for
 
 ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"
 
@@ -73,3 +75,26 @@ async def test_a_client_that_leaves_releases_the_connection(db: Database, http: 
         )
     )
     assert count == 0
+
+
+async def test_a_first_batch_that_fails_answers_its_own_error(db_url: str) -> None:
+    async with Database(settings_for(db_url, lock_timeout=0.3)) as db:
+        await db.run(lambda conn: conn.execute("CREATE TABLE held (id int)"))
+        app = FastAPI()
+        setup(app, db)
+
+        @app.get("/held")
+        async def held() -> Response:
+            return await ndjson_response(db, "SELECT id FROM held")
+
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+                async with asgi_client(app) as client:
+                    response = await client.get("/held")
+        finally:
+            await holder.close()
+    # The lock bound, as any read's (not 500 for the COMMIT of the aborted transaction).
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "busy"

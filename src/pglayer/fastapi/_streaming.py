@@ -43,8 +43,16 @@ class _CursorStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        finally:
-            await self._exits.aclose()
+        except BaseException as exc:
+            await _close(self._exits, exc)
+            raise
+        await self._exits.aclose()
+
+
+async def _close(exits: AsyncExitStack, exc: BaseException) -> None:
+    """Close `exits` as the error leaves them: the transaction rolls back. (Closed without
+    it, the transaction would COMMIT, and a failed one answers 25P02 for the real error.)"""
+    await exits.__aexit__(type(exc), exc, exc.__traceback__)
 
 
 async def ndjson_response(
@@ -65,12 +73,10 @@ async def ndjson_response(
     try:
         cursor = await conn.raw.cursor(query, *args)
         first = await cursor.fetch(batch, timeout=timeout)
-    except Exception as exc:
-        await exits.aclose()
-        raise_translated(exc, translate(exc))
-    except BaseException:
-        await exits.aclose()
-        raise
+    except BaseException as exc:
+        error = translate(exc) if isinstance(exc, Exception) else exc
+        await _close(exits, exc)
+        raise_translated(exc, error)
 
     async def body() -> AsyncIterator[bytes]:
         rows = first
