@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -185,8 +186,9 @@ async def test_autocommit_writes_mark_the_client_too(
 
 
 async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
-    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pglayer.replicas")
     db = Database(replicated_settings(primary, standby))
     app = create_app(db=db, settings=ShopSettings())
     statuses: Counter[int] = Counter()
@@ -227,6 +229,12 @@ async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
             return await in_recovery(db)
 
         assert await wait_for(back, timeout=20)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pglayer.replicas"]
+    changes = [(level, m) for level, m in said if "rotation" in m]
+    assert "back in" not in changes[0][1], said  # the first check says where it stands
+    stopped = [m for _, m in changes if "(unreachable)" in m or "(a read failed on it)" in m]
+    assert len(stopped) == 1, said  # said once, whoever noticed first
+    assert changes[-1] == ("WARNING", "replica replica-1 is back in rotation (ok)"), said
 
 
 def test_doctor_reports_each_replica_and_its_lag(

@@ -841,6 +841,7 @@ class Pool:
     async def _maintain(self) -> None:
         """Close connections idle past `max_idle` (above `min_size`); refill to `min_size`."""
         backoff = 0.1
+        failures = 0
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             self._shrink(time.monotonic())
@@ -850,11 +851,20 @@ class Pool:
                     slot = await self._new_slot()
                 except Exception as exc:
                     self._size -= 1
-                    log.info("pool %s: refill failed (%s)", self.name, type(exc).__name__)
+                    failures += 1
+                    if failures & (failures - 1) == 0:  # the 1st, 2nd, 4th, 8th...: bounded
+                        log.info(
+                            "pool %s: refill failed (%s), %d attempt(s) so far",
+                            self.name,
+                            type(exc).__name__,
+                            failures,
+                        )
                     await asyncio.sleep(random.uniform(0, backoff))
                     backoff = min(backoff * 2, _REFILL_BACKOFF_MAX)
                     continue
-                backoff = 0.1
+                if failures:
+                    log.info("pool %s: refilled after %d failed attempt(s)", self.name, failures)
+                backoff, failures = 0.1, 0
                 self._put(slot)
 
     def _shrink(self, now: float) -> None:

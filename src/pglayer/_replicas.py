@@ -72,7 +72,14 @@ class ReplicaSet:
         results = await asyncio.gather(*(self._check_one(r) for r in self.replicas))
         for health in results:
             before = self.health.get(health.name)
-            if before is not None and before.healthy != health.healthy:
+            if before is None or before.reason == "unknown":  # its first check
+                level, state = (
+                    (logging.INFO, "in rotation")
+                    if health.healthy
+                    else (logging.WARNING, "out of rotation")
+                )
+                log.log(level, "replica %s is %s (%s)", health.name, state, health.reason)
+            elif before.healthy != health.healthy:
                 log.warning(
                     "replica %s is %s (%s)",
                     health.name,
@@ -108,4 +115,6 @@ class ReplicaSet:
 
     def mark_failed(self, replica: Database) -> None:
         """Take `replica` out of rotation until its next successful check."""
+        if self.health[replica.name].healthy:
+            log.warning("replica %s is out of rotation (a read failed on it)", replica.name)
         self.health[replica.name] = ReplicaHealth(replica.name, False, "unreachable", None)
