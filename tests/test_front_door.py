@@ -242,7 +242,7 @@ async def test_refusals_at_the_door_are_counted_and_logged(
     client.send(get("/metrics"))
     scraped = (await client.reply()).body.decode()
     assert re.search(
-        r'pglayer_http_requests_total\{method="GET",route="unmatched",status="503"\} 1\.0',
+        r'pglayer_http_requests_total\{method="GET",route="refused_at_door",status="503"\} 1\.0',
         scraped,
     )
     line = next(r for r in caplog.records if r.name == "pglayer.access")
@@ -250,7 +250,7 @@ async def test_refusals_at_the_door_are_counted_and_logged(
     assert fields == {
         "method": "GET",
         "path": "/users/1",
-        "route": "unmatched",
+        "route": "refused_at_door",
         "status": 503,
         "request_id": "counted",
     }
@@ -278,7 +278,7 @@ async def test_of_a_storms_refusals_one_a_second_is_logged_and_the_rest_summed_u
     client.send(get("/metrics"))
     scraped = (await client.reply()).body.decode()
     assert re.search(
-        r'pglayer_http_requests_total\{method="GET",route="unmatched",status="503"\} 5\.0',
+        r'pglayer_http_requests_total\{method="GET",route="refused_at_door",status="503"\} 5\.0',
         scraped,
     )
 

@@ -46,7 +46,11 @@ _GAUGES = (
 _COUNTERS = (
     ("acquisitions", "Connections handed out"),
     ("acquire_timeouts", "Acquires that passed their deadline"),
-    ("requests_shed", "Acquires refused at once because too many were waiting"),
+    (
+        "requests_shed",
+        "Requests refused at once: their predicted wait was past their deadline, or too"
+        " many were waiting",
+    ),
     ("connections_opened", "Connections opened"),
     ("connections_closed", "Connections retired by the pool (idle lifetime, shutdown)"),
     ("connections_lost", "Connections that broke (server gone, network, killed backend)"),

@@ -72,6 +72,11 @@ _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 REFUSALS_LOGGED_EVERY = 1.0  # seconds
 
 
+# The route label of a request answered before routing (a refusal at the door while the
+# database is saturated): not `unmatched`, which 404s of unknown paths use.
+AT_THE_DOOR = "refused_at_door"
+
+
 def _path(url: bytes) -> str:
     """The path of a request target, decoded as the app would see it."""
     path = url.split(b"?", 1)[0].decode("latin-1")
@@ -386,13 +391,13 @@ class RequestGuard:
         seconds = time.monotonic() - started
         verb = method.decode("latin-1")
         if self.stats is not None:
-            self.stats.record(verb, "unmatched", status, seconds)
+            self.stats.record(verb, AT_THE_DOOR, status, seconds)
         if self.access_log is None:
             return
         if started < self._refusals_quiet_until:
             self._refusals_unlogged += 1
             return
-        self.access_log.write(verb, _path(url), "unmatched", status, seconds, request_id)
+        self.access_log.write(verb, _path(url), AT_THE_DOOR, status, seconds, request_id)
         self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
         asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
 
