@@ -174,6 +174,16 @@ def test_an_invalid_setting_is_one_line_that_never_shows_the_url() -> None:
     assert "hunter2" not in str(refused.value)
 
 
+def test_a_setting_that_cannot_be_parsed_is_one_line() -> None:
+    env = clean_env(DATABASE_URL="postgresql://app@127.0.0.1:1/app", PGLAYER_BULKHEADS="{bad",
+                    COLUMNS="40")  # fmt: skip
+    result = run("doctor", env=env)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines  # not wrapped at the terminal's width, no traceback
+    assert 'invalid settings: error parsing value for field "bulkheads"' in lines[0]
+
+
 def test_doctor_settings_prints_every_setting_masked() -> None:
     env = clean_env(
         DATABASE_URL="postgresql://app:hunter2@127.0.0.1:1/app",
@@ -273,6 +283,7 @@ def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path
         ("127.0.0.1:5432/app", "not a URL"),
         ("mysql://app:hunter2@127.0.0.1/app", "the scheme is 'mysql'"),
         ("postgresql://app:hun@ter2@127.0.0.1/app", "write an '@' of the user or password as %40"),
+        ("postgresql://app:hunter2@127.0.0.1:99999/app", "the port '99999' is not one of"),
     ],
 )
 def test_a_malformed_url_is_refused_saying_why_and_never_shown(url: str, reason: str) -> None:

@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsError
 
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
@@ -48,7 +48,8 @@ Histories = Annotated[
 
 def fail(message: str) -> typer.Exit:
     """Print `message` as an error; the exit to raise."""
-    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    # One line however narrow the terminal: scripts grep it, and logs keep it whole.
+    console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -217,6 +218,8 @@ def main() -> None:
         app()
     except ValidationError as exc:  # a setting from the environment: one line, not a traceback
         raise SystemExit(fail(f"invalid settings: {invalid_settings(exc)}").exit_code) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even parse (JSON)
+        raise SystemExit(fail(f"invalid settings: {exc}").exit_code) from None
 
 
 def invalid_settings(exc: ValidationError) -> str:

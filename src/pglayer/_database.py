@@ -392,7 +392,7 @@ class Database:
         if isinstance(translated, TransientError):
             return type(translated)(reason, sqlstate=translated.sqlstate)
         if isinstance(translated, DatabaseError):
-            return ConfigurationError(f"database {self.target}: {reason}")
+            return ConfigurationError(reason)  # it names the target
         return translated
 
     def _connector(self, pooler: PoolerInfo) -> Callable[[], Awaitable[asyncpg.Connection]]:

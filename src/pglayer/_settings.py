@@ -326,9 +326,15 @@ def _postgres_url(url: str) -> str:
         raise ValueError(f"the scheme is {scheme[:20]!r}: write postgresql://")
     if driver[1]:  # SQLAlchemy's form (postgresql+asyncpg://): the driver is asyncpg anyway
         url = f"postgresql://{rest}"
-    if rest.split("/", 1)[0].split("?", 1)[0].count("@") > 1:
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if authority.count("@") > 1:
         raise ValueError("more than one '@' before the host: write an '@' of the user or"
                          " password as %40")  # fmt: skip
+    hosts = authority.rpartition("@")[2]
+    for host in hosts.split(","):  # libpq's multi-host form: host1:5432,host2:5433
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"the port {port[:10]!r} is not one of 1..65535")
     return url
 
 

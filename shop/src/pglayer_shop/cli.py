@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -66,7 +67,7 @@ async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
+    console.print(f"[red]error:[/] {message}", soft_wrap=True)  # one line, however narrow
     return typer.Exit(code=1)
 
 
@@ -164,3 +165,5 @@ def main() -> None:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors
         )
         raise SystemExit(_fail(f"invalid settings: {wrong}").exit_code) from None
+    except SettingsError as exc:  # a value pydantic-settings could not parse (JSON)
+        raise SystemExit(_fail(f"invalid settings: {exc}").exit_code) from None
