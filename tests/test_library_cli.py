@@ -314,3 +314,9 @@ def test_doctor_says_which_part_of_the_url_the_server_refused(
     result = run("doctor", env=clean_env(DATABASE_URL=f"{db_url}?{query}", COLUMNS="300"))
     assert result.returncode == 1
     assert reason in " ".join(result.stdout.split()), result.stdout
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_deadline_must_be_a_finite_number(value: str) -> None:
+    with pytest.raises(ValidationError, match="finite number"):
+        DatabaseSettings(url="postgresql://app@127.0.0.1/app", acquire_timeout=value)

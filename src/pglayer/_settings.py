@@ -96,6 +96,7 @@ class DatabaseSettings(BaseSettings):
         frozen=True,
         populate_by_name=True,
         hide_input_in_errors=True,
+        allow_inf_nan=False,  # "inf" seconds is no deadline: every wait is bounded
     )
 
     url: SecretStr | None = Field(
@@ -345,7 +346,11 @@ class ServerSettings(BaseSettings):
     (body bound, access log, logging, metrics, readiness deadline, admin token)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PGLAYER_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="PGLAYER_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
     max_header_size: int = Field(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import SettingsConfigDict
 
 from pglayer import ServerSettings
 
@@ -15,10 +14,6 @@ __all__ = ["ShopSettings"]
 
 class ShopSettings(ServerSettings):
     """The shop's settings, each read from `PGLAYER_<NAME>`: the server's, and these."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="PGLAYER_", extra="ignore", frozen=True, hide_input_in_errors=True
-    )
 
     cursor_secret: SecretStr | None = Field(
         default=None,
