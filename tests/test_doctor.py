@@ -17,7 +17,10 @@ from tests.test_cli import PGLAYER, clean_env, run_cli
 
 def doctor(url: str, *args: str, **env: str) -> tuple[int, str]:
     result = run_cli(
-        "doctor", *args, env=clean_env(DATABASE_URL=url, COLUMNS="200", **env), command=PGLAYER
+        "doctor",
+        *args,
+        env=clean_env(**{"DATABASE_URL": url, "COLUMNS": "200", **env}),
+        command=PGLAYER,
     )
     return result.returncode, result.stdout + result.stderr
 
@@ -85,11 +88,12 @@ def test_doctor_warns_that_a_transaction_pooler_drops_the_timeouts_and_says_how_
     server: Server, db_name: str, bouncer_for: type[PgBouncer]
 ) -> None:
     with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
-        code, out = doctor(bouncer.url(db_name))
+        code, out = doctor(bouncer.url(db_name), COLUMNS="500")
     assert code == 0, out  # a warning
     text = " ".join(out.split())
     assert "statement_timeout 0ms (configured 10s)" in text, out
     assert "SET statement_timeout = '10000ms'" in text, out
+    assert f'IN DATABASE "{db_name}"' in text, out  # this database's, not the role's everywhere
     assert "statement_timeout=0s (the role's" in text, out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -320,3 +321,29 @@ def test_doctor_says_which_part_of_the_url_the_server_refused(
 def test_a_deadline_must_be_a_finite_number(value: str) -> None:
     with pytest.raises(ValidationError, match="finite number"):
         DatabaseSettings(url="postgresql://app@127.0.0.1/app", acquire_timeout=value)
+
+
+def test_doctor_given_the_app_finds_the_connections_of_the_shops_serve(
+    db_url: str, tmp_path: Path
+) -> None:
+    # `pglayer-shop serve` names no module:attr on its command line; serve names the app.
+    env = clean_env(DATABASE_URL=db_url, COLUMNS="300")
+    port = free_port()
+    shop = str(Path(sys.executable).with_name("pglayer-shop"))
+    command = [shop, "serve", "--no-seed", "--port", str(port)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, **quiet)  # type: ignore[call-overload]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).is_success:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        result = run("doctor", "pglayer_shop.app:create_app", env=env, cwd=tmp_path)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # our own child, by its PID
+        proc.wait(60)
+    text = " ".join(result.stdout.split())
+    assert re.search(r"[1-9][0-9]* connection\(s\) are this app's", text), text

@@ -71,6 +71,7 @@ async def diagnose(
                    inet_server_port() AS server_port,
                    pg_is_in_recovery() AS in_recovery,
                    current_user AS role,
+                   current_database() AS database,
                    (SELECT setting::bigint FROM pg_settings
                      WHERE name = 'statement_timeout') AS statement_timeout_ms,
                    (SELECT setting::bigint FROM pg_settings
@@ -201,8 +202,9 @@ def _check_role_timeouts(
         result.add("timeouts", "ok", "the role's server-side timeouts are the configured ones")
         return
     role = str(row["role"]).replace('"', '""')
-    fixes = "; ".join(
-        f"ALTER ROLE \"{role}\" SET {name} = '{seconds * 1000:g}ms'"
+    database = str(row["database"]).replace('"', '""')
+    fixes = "; ".join(  # for this database only: the role may serve others
+        f'ALTER ROLE "{role}" IN DATABASE "{database}" SET {name} = \'{seconds * 1000:g}ms\''
         for name, seconds in off.items()
     )
     result.add(

@@ -19,7 +19,7 @@ from pglayer._database import Database
 from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError
 from pglayer._logs import configure_logging
-from pglayer._settings import DatabaseSettings, ServerSettings
+from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["apply_directories", "event_loop", "serve"]
@@ -120,6 +120,9 @@ def serve(
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).
     os.environ["PGLAYER_WORKERS"] = str(workers)
+    # Named by the app, whichever command serves it (`pglayer-shop serve` too), so that
+    # `pglayer doctor APP` from here finds its connections.
+    os.environ.setdefault("PGLAYER_APPLICATION_NAME", default_application_name(["serve", app]))
     for name, default in _SERVE_DEFAULTS.items():
         os.environ.setdefault(name, default)
     server = ServerSettings()
