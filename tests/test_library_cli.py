@@ -229,6 +229,9 @@ def test_serve_sets_up_every_workers_logs_and_bounds_from_the_environment(
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     started = {r["message"] for r in records if r["message"].startswith("Started server process")}
     assert len(started) == 2, output  # both workers' own lines, in the format asked for
+    workers = {r["worker"] for r in records if r["message"].startswith("Started server process")}
+    assert len(workers) == 2, output  # each line says which worker wrote it
+    assert all(isinstance(r["worker"], int) for r in records if r["logger"] == "pglayer.access")
     access = [r for r in records if r["logger"] == "pglayer.access"]
     assert {r["status"] for r in access} >= {200, 413}, output
 

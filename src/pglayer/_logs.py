@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 import traceback
@@ -108,6 +109,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or current_request_id(),
+            "worker": record.process,  # the PID: which of several workers wrote it
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD:
@@ -269,6 +271,7 @@ class AccessLog:
                     "logger": "pglayer.access",
                     "message": _message(method, path, status, ms),
                     "request_id": request_id,
+                    "worker": os.getpid(),
                     "method": method,
                     "path": path,
                     "route": route,
