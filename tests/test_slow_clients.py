@@ -22,6 +22,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pglayer._http import BoundedHttpToolsProtocol
 from tests.conftest import Server, free_port
 
 SHOP = str(Path(sys.executable).parent / "pglayer-shop")
@@ -395,6 +396,19 @@ async def test_a_refusal_from_the_server_is_counted_as_the_apps_requests_are(
             assert_problem(answer, 400, "validation_error")
         after = count((await client.get(url)).text, "400")
     assert after - before == 3
+
+
+def test_a_request_line_the_parser_refused_is_accounted_by_its_method() -> None:
+    got: list[tuple[bytes, bytes, int]] = []
+
+    class Door:
+        def account_refused(self, method: bytes, url: bytes, status: int, _: str) -> None:
+            got.append((method, url, status))
+
+    protocol = BoundedHttpToolsProtocol.__new__(BoundedHttpToolsProtocol)
+    protocol._door, protocol._last_read = Door(), b"FOO /users/1 HTTP/1.1\r\nHost: s\r\n\r\n"
+    protocol._account(501, "id")  # the parser stopped at the method: no url, no method
+    assert got == [(b"FOO", b"", 501)]
 
 
 async def test_a_refusal_from_the_server_keeps_the_clients_request_id(served: Served) -> None:

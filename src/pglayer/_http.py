@@ -435,8 +435,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if door is None:
             return
         url: bytes = getattr(self, "url", b"")  # none before the first request began
-        # The parser says DELETE (method 0) for a request line it could not read.
-        method = self.parser.get_method() if url else b"-"
+        # The parser says DELETE (method 0) for a request line it could not read: the
+        # method is then the read's first token, if it is one.
+        token = _TOKEN.match(self._last_read)
+        method = self.parser.get_method() if url else token[0][:-1][:64] if token else b"-"
         door.account_refused(method, url, status, request_id)
 
     def _abandon_cycle(self) -> None:

@@ -127,6 +127,8 @@ def serve(
         os.environ.setdefault(name, default)
     server = ServerSettings()
     configure_logging(format=server.log_format or "text", level=server.log_level)
+    if server.log_format == "json":  # every line of stderr a JSON object
+        say = logging.getLogger("pglayer").info
     embedded: EmbeddedPostgres | None = None
     metrics_dir: Path | None = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
