@@ -495,7 +495,9 @@ class Database:
         suspect = True  # until it ends well: see `Pool.release`
         try:
             if tx is None:
-                return await fn(conn)
+                result = await fn(conn)
+                suspect = False
+                return result
             if asked and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
             if not tx.begin:
