@@ -116,8 +116,6 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")  # RFC 9110's method token
 _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9])\r?\n")
 # RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{1,5}))?")
-
-
 _UPGRADE = re.compile(rb"\r\nupgrade:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
 
 
@@ -149,7 +147,8 @@ _BAD_HEAD = _problem(
     400,
     "Bad Request",
     "validation_error",
-    "An HTTP/1.1 request needs exactly one Host header, and its target no fragment (#).",
+    "The request line or headers are not what HTTP/1.1 allows: one valid Host (host[:port]),"
+    " no fragment (#) in the target, * only for OPTIONS, no Transfer-Encoding in HTTP/1.0.",
 )
 _VERSION_NOT_SUPPORTED = _problem(
     505, "HTTP Version Not Supported", "validation_error", "Send HTTP/1.1 (or HTTP/1.0)."
