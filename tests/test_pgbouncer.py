@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -178,3 +179,14 @@ async def test_without_the_pooler_setting_prepared_statements_break(
                 failures += 1
     # This is what pooler="auto" (the default) prevents; see the test above.
     assert failures > 0
+
+
+async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_timeouts(
+    tx_bouncer: PgBouncer, db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pglayer")
+    async with Database(settings_for(tx_bouncer.url(db_name))):
+        pass
+    warned = [r.getMessage() for r in caplog.records if "server's own timeouts" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert "statement_timeout 0ms (configured 10s)" in warned[0]

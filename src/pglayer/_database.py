@@ -58,7 +58,13 @@ from pglayer._observability import (
     StatsRecorder,
 )
 from pglayer._pool import Pool, Slot
-from pglayer._pooler import PoolerInfo, detect_pooler, prepared_statements_safe
+from pglayer._pooler import (
+    ROLE_TIMEOUTS_SQL,
+    PoolerInfo,
+    detect_pooler,
+    prepared_statements_safe,
+    timeouts_off,
+)
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
 from pglayer._settings import DatabaseSettings
@@ -260,8 +266,31 @@ class Database:
                 self._opener = asyncio.create_task(self._open_in_background())
                 return
         await self._check_budget()
+        await self._check_pooled_timeouts()
         if self.replicas is not None:
             await self.replicas.open()
+
+    async def _check_pooled_timeouts(self) -> None:
+        """Warn when a transaction pooler's server applies other timeouts than configured
+        (it drops what pglayer sends at connect; `pglayer doctor` prints the fix)."""
+        if self.pooler is None or self.pooler.mode not in ("transaction", "statement"):
+            return
+        assert self._pool is not None
+        try:
+            async with self._pool.borrowed() as conn:
+                rows = await conn.fetch(ROLE_TIMEOUTS_SQL)
+        except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            return
+        server_ms = {r["name"]: r["ms"] for r in rows}
+        off = timeouts_off(self.settings, server_ms)
+        if off:
+            log.warning(
+                "database %s: behind a %s pooler the server's own timeouts apply, not the"
+                " configured ones: %s; set them on the role (`pglayer doctor` prints how)",
+                self.target,
+                self.pooler.mode,
+                ", ".join(f"{n} {server_ms.get(n)}ms (configured {s:g}s)" for n, s in off.items()),
+            )
 
     async def _check_budget(self) -> None:
         s = self.settings
@@ -332,6 +361,7 @@ class Database:
             self._opener = None
         try:
             await self._check_budget()
+            await self._check_pooled_timeouts()
         except ConfigurationError:
             log.exception("database %s: pool closed", self.target)  # budget refused
             return

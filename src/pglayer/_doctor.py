@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pglayer._budget import read_budget
 from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
-from pglayer._pooler import connect_plain, pool_mode, prepared_statements_safe
+from pglayer._pooler import connect_plain, pool_mode, prepared_statements_safe, timeouts_off
 from pglayer._replicas import REPLICA_HEALTH_SQL
 from pglayer._settings import DatabaseSettings, misspelt_settings
 
@@ -188,16 +188,13 @@ def _check_role_timeouts(
     settings: DatabaseSettings, row: Mapping[str, Any], result: Diagnosis
 ) -> None:
     """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
-    wanted = {
-        "statement_timeout": (settings.statement_timeout, row["statement_timeout_ms"]),
-        "lock_timeout": (settings.lock_timeout, row["lock_timeout_ms"]),
-        "idle_in_transaction_session_timeout": (
-            settings.idle_in_transaction_timeout,
-            row["idle_timeout_ms"],
-        ),
+    server_ms = {
+        "statement_timeout": row["statement_timeout_ms"],
+        "lock_timeout": row["lock_timeout_ms"],
+        "idle_in_transaction_session_timeout": row["idle_timeout_ms"],
     }
-    result.facts["server_timeouts_ms"] = {name: ms for name, (_, ms) in wanted.items()}
-    off = {name: seconds for name, (seconds, ms) in wanted.items() if ms != round(seconds * 1000)}
+    result.facts["server_timeouts_ms"] = server_ms
+    off = timeouts_off(settings, server_ms)
     if not off:
         result.add("timeouts", "ok", "the role's server-side timeouts are the configured ones")
         return
@@ -211,7 +208,7 @@ def _check_role_timeouts(
         "timeouts",
         "warn",
         "a transaction pooler drops what pglayer sends at connect, so the server's own apply:"
-        + "".join(f" {name} {wanted[name][1]}ms (configured {s:g}s);" for name, s in off.items())
+        + "".join(f" {name} {server_ms[name]}ms (configured {s:g}s);" for name, s in off.items())
         + f" set them on the role: {fixes}",
     )
 

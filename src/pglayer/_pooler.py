@@ -10,6 +10,7 @@ it does not know, such as `statement_timeout`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -18,7 +19,24 @@ import asyncpg
 
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["PoolerInfo", "detect_pooler"]
+__all__ = ["ROLE_TIMEOUTS_SQL", "PoolerInfo", "detect_pooler", "timeouts_off"]
+
+# The server's own timeouts, which apply where a transaction pooler drops what is sent at connect.
+ROLE_TIMEOUTS_SQL = """
+SELECT name, setting::bigint AS ms FROM pg_settings
+ WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout')
+"""
+
+
+def timeouts_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> dict[str, float]:
+    """The server-side timeouts whose value there is not the configured one: name, seconds."""
+    wanted = {
+        "statement_timeout": settings.statement_timeout,
+        "lock_timeout": settings.lock_timeout,
+        "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
+    }
+    return {n: s for n, s in wanted.items() if server_ms.get(n) != round(s * 1000)}
+
 
 PoolMode = Literal["none", "session", "transaction", "statement"]
 
