@@ -10,7 +10,7 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
@@ -19,6 +19,7 @@ __all__ = [
     "FRONT_DOOR_KEY",
     "RequestContext",
     "Writes",
+    "client_request_id",
     "current",
     "current_operation",
     "current_request_id",
@@ -46,6 +47,14 @@ id_counter = itertools.count(1)
 def new_request_id() -> str:
     """A request id for a request that brought none (or an invalid one)."""
     return f"{ID_PREFIX}{next(id_counter):010x}"
+
+
+def client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The client's `X-Request-ID` among `headers` (lower-case names), if it is valid."""
+    for name, value in headers:
+        if name == b"x-request-id" and VALID_REQUEST_ID.fullmatch(value):
+            return value.decode("ascii")
+    return None
 
 
 class Writes:

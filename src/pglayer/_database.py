@@ -59,10 +59,10 @@ from pglayer._observability import (
 )
 from pglayer._pool import Pool, Slot
 from pglayer._pooler import (
-    ROLE_TIMEOUTS_SQL,
     PoolerInfo,
     detect_pooler,
     prepared_statements_safe,
+    server_timeouts,
     timeouts_off,
 )
 from pglayer._replicas import ReplicaSet
@@ -278,10 +278,9 @@ class Database:
         assert self._pool is not None
         try:
             async with self._pool.borrowed() as conn:
-                rows = await conn.fetch(ROLE_TIMEOUTS_SQL)
+                server_ms = await server_timeouts(conn)
         except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             return
-        server_ms = {r["name"]: r["ms"] for r in rows}
         off = timeouts_off(self.settings, server_ms)
         if off:
             log.warning(

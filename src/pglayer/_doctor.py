@@ -14,7 +14,13 @@ from urllib.parse import urlsplit
 from pglayer._budget import read_budget
 from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
-from pglayer._pooler import connect_plain, pool_mode, prepared_statements_safe, timeouts_off
+from pglayer._pooler import (
+    connect_plain,
+    pool_mode,
+    prepared_statements_safe,
+    server_timeouts,
+    timeouts_off,
+)
 from pglayer._replicas import REPLICA_HEALTH_SQL
 from pglayer._settings import DatabaseSettings, misspelt_settings
 
@@ -71,15 +77,10 @@ async def diagnose(
                    inet_server_port() AS server_port,
                    pg_is_in_recovery() AS in_recovery,
                    current_user AS role,
-                   current_database() AS database,
-                   (SELECT setting::bigint FROM pg_settings
-                     WHERE name = 'statement_timeout') AS statement_timeout_ms,
-                   (SELECT setting::bigint FROM pg_settings
-                     WHERE name = 'lock_timeout') AS lock_timeout_ms,
-                   (SELECT setting::bigint FROM pg_settings
-                     WHERE name = 'idle_in_transaction_session_timeout') AS idle_timeout_ms
+                   current_database() AS database
             """
         )
+        timeouts = await server_timeouts(conn)
         budget = await read_budget(
             conn,
             application_name=settings.application_name,
@@ -117,7 +118,7 @@ async def diagnose(
             + (": transactions cannot work" if mode == "statement" else ""),
         )
         if mode == "transaction":
-            _check_role_timeouts(settings, row, result)
+            _check_role_timeouts(settings, row, timeouts, result)
             safe = await prepared_statements_safe(dsn, settings)
             result.facts["prepared_statements"] = safe
             if safe:
@@ -185,14 +186,12 @@ async def diagnose(
 
 
 def _check_role_timeouts(
-    settings: DatabaseSettings, row: Mapping[str, Any], result: Diagnosis
+    settings: DatabaseSettings,
+    row: Mapping[str, Any],
+    server_ms: dict[str, int],
+    result: Diagnosis,
 ) -> None:
     """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
-    server_ms = {
-        "statement_timeout": row["statement_timeout_ms"],
-        "lock_timeout": row["lock_timeout_ms"],
-        "idle_in_transaction_session_timeout": row["idle_timeout_ms"],
-    }
     result.facts["server_timeouts_ms"] = server_ms
     off = timeouts_off(settings, server_ms)
     if not off:

@@ -41,7 +41,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pglayer._context import FRONT_DOOR_KEY, VALID_REQUEST_ID, new_request_id
+from pglayer._context import FRONT_DOOR_KEY, client_request_id, new_request_id
 from pglayer._settings import ServerSettings
 
 __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
@@ -410,7 +410,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         extra = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
-        request_id = self._client_request_id() or new_request_id()
+        # The client's, when its head was read far enough (none before the first request).
+        headers: list[tuple[bytes, bytes]] = getattr(self, "headers", [])
+        request_id = client_request_id(headers) or new_request_id()
         id_header = b"x-request-id: " + request_id.encode() + b"\r\n"
         self.transport.write(b"".join((head, id_header, extra, b"\r\n", body)))
         self._account(int(head[9:12]), request_id)  # "HTTP/1.1 431 ..."
@@ -420,14 +422,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_later(_LINGER, self.transport.close)
         else:
             self.transport.close()
-
-    def _client_request_id(self) -> str | None:
-        """The client's X-Request-ID, when its head was read far enough and it is valid."""
-        headers: list[tuple[bytes, bytes]] = getattr(self, "headers", [])
-        for name, value in headers:
-            if name == b"x-request-id" and VALID_REQUEST_ID.fullmatch(value):
-                return value.decode("ascii")
-        return None
 
     def _account(self, status: int, request_id: str) -> None:
         """Count and log the refusal as the app's own requests are (metrics, access log)."""

@@ -19,13 +19,18 @@ import asyncpg
 
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["ROLE_TIMEOUTS_SQL", "PoolerInfo", "detect_pooler", "timeouts_off"]
+__all__ = ["PoolerInfo", "detect_pooler", "server_timeouts", "timeouts_off"]
 
-# The server's own timeouts, which apply where a transaction pooler drops what is sent at connect.
-ROLE_TIMEOUTS_SQL = """
+_SERVER_TIMEOUTS = """
 SELECT name, setting::bigint AS ms FROM pg_settings
  WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout')
 """
+
+
+async def server_timeouts(conn: Any) -> dict[str, int]:
+    """The server's own timeouts (ms), which apply where a transaction pooler drops what is
+    sent at connect."""
+    return {row["name"]: row["ms"] for row in await conn.fetch(_SERVER_TIMEOUTS)}
 
 
 def timeouts_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> dict[str, float]:

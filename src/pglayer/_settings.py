@@ -85,19 +85,23 @@ def detect_workers(
     return 1, "none detected; set PGLAYER_WORKERS"
 
 
+# How every settings class of pglayer (and the shop's, which extends one) reads `PGLAYER_*`.
+# `hide_input_in_errors`: a refused setting's error would otherwise print every input, the
+# URL with its password among them.
+_FROM_ENV = SettingsConfigDict(
+    env_prefix="PGLAYER_",
+    extra="ignore",
+    frozen=True,
+    populate_by_name=True,
+    hide_input_in_errors=True,
+    allow_inf_nan=False,  # "inf" seconds is no deadline: every wait is bounded
+)
+
+
 class DatabaseSettings(BaseSettings):
     """Pool, timeout and connection settings; every duration is in seconds."""
 
-    # `hide_input_in_errors`: a refused setting's error would otherwise print every input,
-    # the URL with its password among them.
-    model_config = SettingsConfigDict(
-        env_prefix="PGLAYER_",
-        extra="ignore",
-        frozen=True,
-        populate_by_name=True,
-        hide_input_in_errors=True,
-        allow_inf_nan=False,  # "inf" seconds is no deadline: every wait is bounded
-    )
+    model_config = _FROM_ENV
 
     url: SecretStr | None = Field(
         default=None,
@@ -345,13 +349,7 @@ class ServerSettings(BaseSettings):
     what `setup()`, `setup_metrics()` and `health_router()` use when not told otherwise
     (body bound, access log, logging, metrics, readiness deadline, admin token)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="PGLAYER_",
-        extra="ignore",
-        frozen=True,
-        hide_input_in_errors=True,
-        allow_inf_nan=False,
-    )
+    model_config = _FROM_ENV
 
     max_header_size: int = Field(
         default=65536,

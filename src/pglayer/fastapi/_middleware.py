@@ -43,6 +43,7 @@ from pglayer._context import (
     ID_PREFIX,
     VALID_REQUEST_ID,
     RequestContext,
+    client_request_id,
     current_request_id,
     id_counter,
     new_request_id,
@@ -364,12 +365,7 @@ class RequestGuard:
             return None
         db.count_shed()
         started = time.monotonic()
-        request_id = None
-        for name, value in headers:
-            if name == b"x-request-id" and VALID_REQUEST_ID.fullmatch(value):
-                request_id = value.decode("ascii")
-                break
-        request_id = request_id or new_request_id()
+        request_id = client_request_id(headers) or new_request_id()
         head, body = _overloaded_raw(float(math.ceil(predicted)))
         timeout = self.request_timeout
         paused = db.pace_refusal(predicted, None if timeout is None else started + timeout)
