@@ -50,11 +50,23 @@ async def test_connections_carry_server_side_defaults(db_url: str) -> None:
             SELECT current_setting('application_name') AS app,
                    current_setting('statement_timeout') AS st,
                    current_setting('idle_in_transaction_session_timeout') AS idle,
-                   current_setting('lock_timeout') AS lock
+                   current_setting('lock_timeout') AS lock,
+                   current_setting('jit') AS jit
             """
         )
     assert values is not None
-    assert dict(values) == {"app": "pglayer-test", "st": "3s", "idle": "7s", "lock": "1500ms"}
+    assert dict(values) == {
+        "app": "pglayer-test",
+        "st": "3s",
+        "idle": "7s",
+        "lock": "1500ms",
+        "jit": "off",  # the server's default is on
+    }
+
+
+async def test_jit_stays_on_where_the_app_asks_for_it(db_url: str) -> None:
+    async with Database(settings_for(db_url, jit=True)) as db, db.connection() as conn:
+        assert await conn.fetchval("SELECT current_setting('jit')") == "on"
 
 
 async def test_json_and_jsonb_decode_to_python(db: Database) -> None:

@@ -95,6 +95,7 @@ def test_doctor_warns_that_a_transaction_pooler_drops_the_timeouts_and_says_how_
     assert "SET statement_timeout = '10000ms'" in text, out
     assert f'IN DATABASE "{db_name}"' in text, out  # this database's, not the role's everywhere
     assert "statement_timeout=0s (the role's" in text, out
+    assert f'IN DATABASE "{db_name}" SET jit = off' in text, out  # the server's default is on
 
 
 async def test_doctor_finds_the_timeouts_set_on_the_role_behind_a_transaction_pooler(
@@ -105,6 +106,7 @@ async def test_doctor_finds_the_timeouts_set_on_the_role_behind_a_transaction_po
         ("statement_timeout", "10s"),
         ("lock_timeout", "5s"),
         ("idle_in_transaction_session_timeout", "30s"),
+        ("jit", "off"),
     ):  # for this test's database only
         await admin.execute(f'ALTER ROLE "{role}" IN DATABASE "{db_name}" SET {name} = \'{value}\'')
     with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:

@@ -16,6 +16,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database, PglayerError
+from pglayer._pooler import detect_pooler
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, asgi_client, require_external, settings_for
 from tests.test_shop_orders import funded_user, make_product
@@ -72,6 +73,37 @@ async def test_the_pooler_is_detected_and_prepared_statements_follow_it(
         assert db.pooler.mode == bouncer.pool_mode
         # Debian's 1.18 loses named statements across transactions; session mode keeps them.
         assert db.pooler.prepared_statements is (bouncer.pool_mode == "session")
+
+
+async def test_detection_holds_while_other_clients_probe_the_pooler_at_once(
+    tx_bouncer: PgBouncer, db_name: str
+) -> None:
+    # Several workers start together: each one's probes share the pooler's few server
+    # connections with the others', which must not make any of them see session mode or
+    # prepared statements that survive.
+    settings = settings_for(tx_bouncer.url(db_name))
+    for _ in range(3):
+        found = await asyncio.gather(*(detect_pooler(settings) for _ in range(6)))
+        assert Counter((f.mode, f.prepared_statements) for f in found) == {
+            ("transaction", False): 6
+        }
+
+
+async def test_a_replica_is_probed_whatever_the_primarys_pooler_is_said_to_be(
+    tx_bouncer: PgBouncer, db_name: str, db_url: str
+) -> None:
+    settings = settings_for(
+        tx_bouncer.url(db_name), pooler="pgbouncer-transaction", replica_urls=[db_url]
+    )
+    async with Database(settings) as db:
+        assert db.pooler is not None
+        assert db.replicas is not None
+        assert db.pooler.mode == "transaction"
+        replica = db.replicas.replicas[0]
+        assert replica.pooler is not None
+        assert replica.pooler.mode == "none"
+        async with replica.connection() as conn:  # its own timeouts are sent at connect
+            assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "10s"
 
 
 async def test_the_shop_works_through_pgbouncer(bouncer_client: httpx.AsyncClient) -> None:
@@ -187,6 +219,7 @@ async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_time
     caplog.set_level(logging.WARNING, logger="pglayer")
     async with Database(settings_for(tx_bouncer.url(db_name))):
         pass
-    warned = [r.getMessage() for r in caplog.records if "server's own timeouts" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "server's own settings" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
     assert "statement_timeout 0ms (configured 10s)" in warned[0]
+    assert "jit on (configured off)" in warned[0]

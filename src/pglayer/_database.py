@@ -61,6 +61,7 @@ from pglayer._pool import Pool, Slot
 from pglayer._pooler import (
     PoolerInfo,
     detect_pooler,
+    jit_off,
     prepared_statements_safe,
     server_timeouts,
     timeouts_off,
@@ -281,14 +282,20 @@ class Database:
                 server_ms = await server_timeouts(conn)
         except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             return
-        off = timeouts_off(self.settings, server_ms)
+        off = [
+            f"{n} {server_ms.get(n)}ms (configured {s:g}s)"
+            for n, s in timeouts_off(self.settings, server_ms).items()
+        ]
+        jit = jit_off(self.settings, server_ms)
+        if jit is not None:
+            off.append(f"jit {'off' if jit == 'on' else 'on'} (configured {jit})")
         if off:
             log.warning(
-                "database %s: behind a %s pooler the server's own timeouts apply, not the"
+                "database %s: behind a %s pooler the server's own settings apply, not the"
                 " configured ones: %s; set them on the role (`pglayer doctor` prints how)",
                 self.target,
                 self.pooler.mode,
-                ", ".join(f"{n} {server_ms.get(n)}ms (configured {s:g}s)" for n, s in off.items()),
+                ", ".join(off),
             )
 
     async def _check_budget(self) -> None:

@@ -16,6 +16,7 @@ from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
     connect_plain,
+    jit_off,
     pool_mode,
     prepared_statements_safe,
     server_timeouts,
@@ -194,21 +195,29 @@ def _check_role_timeouts(
     """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
     result.facts["server_timeouts_ms"] = server_ms
     off = timeouts_off(settings, server_ms)
-    if not off:
+    jit = jit_off(settings, server_ms)
+    if not off and jit is None:
         result.add("timeouts", "ok", "the role's server-side timeouts are the configured ones")
         return
     role = str(row["role"]).replace('"', '""')
     database = str(row["database"]).replace('"', '""')
+    values = {name: f"'{seconds * 1000:g}ms'" for name, seconds in off.items()}
+    if jit is not None:
+        values["jit"] = jit
     fixes = "; ".join(  # for this database only: the role may serve others
-        f'ALTER ROLE "{role}" IN DATABASE "{database}" SET {name} = \'{seconds * 1000:g}ms\''
-        for name, seconds in off.items()
+        f'ALTER ROLE "{role}" IN DATABASE "{database}" SET {name} = {value}'
+        for name, value in values.items()
     )
+    said = [f" {name} {server_ms[name]}ms (configured {s:g}s);" for name, s in off.items()]
+    if jit is not None:
+        said.append(f" jit {'off' if jit == 'on' else 'on'} (configured {jit});")
     result.add(
         "timeouts",
         "warn",
         "a transaction pooler drops what pglayer sends at connect, so the server's own apply:"
-        + "".join(f" {name} {server_ms[name]}ms (configured {s:g}s);" for name, s in off.items())
-        + f" set them on the role: {fixes}",
+        + "".join(said)
+        + f" set them on the role: {fixes}; then reconnect the pooler's server connections"
+        " (PgBouncer: RECONNECT on its console, or wait for server_lifetime)",
     )
 
 

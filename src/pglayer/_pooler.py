@@ -10,6 +10,7 @@ it does not know, such as `statement_timeout`.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,17 +20,18 @@ import asyncpg
 
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["PoolerInfo", "detect_pooler", "server_timeouts", "timeouts_off"]
+__all__ = ["PoolerInfo", "detect_pooler", "jit_off", "server_timeouts", "timeouts_off"]
 
 _SERVER_TIMEOUTS = """
-SELECT name, setting::bigint AS ms FROM pg_settings
- WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout')
+SELECT name, CASE WHEN name = 'jit' THEN (setting = 'on')::int ELSE setting::bigint END AS ms
+  FROM pg_settings
+ WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'jit')
 """
 
 
 async def server_timeouts(conn: Any) -> dict[str, int]:
-    """The server's own timeouts (ms), which apply where a transaction pooler drops what is
-    sent at connect."""
+    """The server's own timeouts (ms) and `jit` (1 or 0), which apply where a transaction
+    pooler drops what is sent at connect."""
     return {row["name"]: row["ms"] for row in await conn.fetch(_SERVER_TIMEOUTS)}
 
 
@@ -41,6 +43,12 @@ def timeouts_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> di
         "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
     }
     return {n: s for n, s in wanted.items() if server_ms.get(n) != round(s * 1000)}
+
+
+def jit_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> str | None:
+    """`jit`'s configured value when the server's differs from it, else None."""
+    wanted = "on" if settings.jit else "off"
+    return None if server_ms.get("jit", int(settings.jit)) == int(settings.jit) else wanted
 
 
 PoolMode = Literal["none", "session", "transaction", "statement"]
@@ -62,8 +70,17 @@ async def connect_plain(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> 
     )
 
 
+_ROUNDS = 5  # turns each of two clients takes in `pool_mode`
+
+
 async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
-    """`transaction`, `session` or `statement`: how a pooler hands out server connections."""
+    """`transaction`, `session` or `statement`: how a pooler hands out server connections.
+
+    A session pooler gives each client connection one server connection for its life, so
+    neither sees another backend, nor the other's; a transaction pooler (PgBouncer reuses
+    the server connection released last) soon shows one of them. Other clients of the pooler
+    (another worker's probe, the app) can take that connection between two turns, so one
+    turn proves nothing: several do."""
     first = await connect_plain(dsn, settings)
     second = await connect_plain(dsn, settings)
     try:
@@ -73,37 +90,41 @@ async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
                 await first.execute("SELECT 2")
         except asyncpg.PostgresError:
             return "statement"  # multi-statement transactions are refused
-        async with first.transaction():
-            pid = await first.fetchval("SELECT pg_backend_pid()")
-        # A transaction pooler gives the server connection `first` just released to the
-        # next client (PgBouncer reuses the most recent one); a session pooler cannot.
-        async with second.transaction():
-            other = await second.fetchval("SELECT pg_backend_pid()")
-        return "transaction" if other == pid else "session"
+        seen: dict[int, set[Any]] = {0: set(), 1: set()}
+        for _ in range(_ROUNDS):
+            for k, conn in enumerate((first, second)):
+                async with conn.transaction():
+                    seen[k].add(await conn.fetchval("SELECT pg_backend_pid()"))
+            if len(seen[0]) > 1 or len(seen[1]) > 1 or seen[0] & seen[1]:
+                return "transaction"
+        return "session"
     finally:
         await asyncio.gather(first.close(), second.close(), return_exceptions=True)
 
 
 async def prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool:
-    """Whether asyncpg's named prepared statements survive the pooler (PgBouncer ≥ 1.21)."""
-    conns = [await connect_plain(dsn, settings, statement_cache_size=100) for _ in range(2)]
-    first, holder = conns
-    query = "SELECT $1::int + 0 * pg_backend_pid()"
-    safe = True
+    """Whether asyncpg's named prepared statements survive a transaction pooler.
+
+    A pooler that carries them across server connections (PgBouncer >= 1.21 with
+    `max_prepared_statements`, pgcat, Odyssey) prepares them there under names of its own;
+    one that passes them through (older PgBouncer) leaves the client's name on the one
+    server connection it ran on. One transaction tells which, whoever else uses the pooler:
+    a name of our own, unique, cannot be found on a server connection by chance."""
+    conn = await connect_plain(dsn, settings, statement_cache_size=100)
+    name = f"pglayer_probe_{secrets.token_hex(8)}"
     try:
-        async with first.transaction():
-            await first.fetchval(query, 1)  # prepared on the server connection S1
-        # `holder` takes S1 and keeps it, so `first` must run its cached statement on
-        # another server connection, where only a pooler that tracks statements has it.
-        async with holder.transaction():
-            await holder.execute("SELECT 1")
-            async with first.transaction():
-                await first.fetchval(query, 2)
-    except asyncpg.PostgresError:
-        safe = False
+        async with conn.transaction():
+            # Kept referenced: asyncpg closes a statement object that is collected.
+            statement = await conn.prepare("SELECT 1", name=name)
+            passed_through = await conn.fetchval(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name = $1", name
+            )
+            del statement
+            if passed_through:
+                await conn.execute(f"DEALLOCATE {name}")  # left on that server connection
     finally:
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-    return safe
+        await conn.close()
+    return not passed_through
 
 
 async def detect_pooler(settings: DatabaseSettings) -> PoolerInfo:

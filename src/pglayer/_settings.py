@@ -167,6 +167,12 @@ class DatabaseSettings(BaseSettings):
         description="PostgreSQL 14+: how often a busy backend checks its client is still there,"
         " so a query whose connection was cut stops on the server too (seconds).",
     )
+    jit: bool = Field(
+        default=False,
+        description="PostgreSQL's JIT compiler for this app's statements (`jit`). Off by"
+        " default: it can spend seconds compiling a short statement whose plan looks costly,"
+        " such as asyncpg's type introspection on each new connection.",
+    )
     startup_timeout: float = Field(
         default=30.0,
         ge=0,
@@ -232,9 +238,9 @@ class DatabaseSettings(BaseSettings):
     )
     pooler: Literal["auto", "none", "pgbouncer-transaction", "pgbouncer-session"] = Field(
         default="auto",
-        description="What sits between pglayer and PostgreSQL. `auto` probes at open(): a"
+        description="What sits between pglayer and the primary. `auto` probes at open(): a"
         " server port unlike the URL's means a pooler, then its mode and whether prepared"
-        " statements survive it.",
+        " statements survive it. Replicas are always probed.",
     )
     replica_urls: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -308,11 +314,13 @@ class DatabaseSettings(BaseSettings):
             "lock_timeout": ms(self.lock_timeout),
             "idle_in_transaction_session_timeout": ms(self.idle_in_transaction_timeout),
             "client_connection_check_interval": ms(self.client_connection_check_interval),
+            "jit": "on" if self.jit else "off",
         }
 
     def for_replica(self, url: SecretStr) -> DatabaseSettings:
-        """These settings for one replica: its URL, no replicas of its own."""
-        return self.model_copy(update={"url": url, "replica_urls": []})
+        """These settings for one replica: its URL, no replicas of its own, and its pooler
+        found by probing (`pooler` names what sits in front of the primary)."""
+        return self.model_copy(update={"url": url, "replica_urls": [], "pooler": "auto"})
 
     def dsn(self) -> str:
         """The connection string; raises if none is configured."""
