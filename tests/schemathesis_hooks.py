@@ -73,9 +73,8 @@ def contract_rules(ctx: HookContext, case: Case[Any], kwargs: dict[str, Any]) ->
                 body["to_user_id"] = source % _MAX_ID + 1
     elif operation == ("GET", "/users/{user_id}/orders"):
         _orders_cursor_of(case)
-    if operation in {("POST", "/orders"), ("POST", "/transfers")} and isinstance(
-        case.headers, MutableMapping
-    ):
+    keyed = {("POST", "/orders"), ("POST", "/transfers"), ("POST", "/accounts/{user_id}/deposits")}
+    if operation in keyed and isinstance(case.headers, MutableMapping):
         # A new key per case: generated keys repeat, and a key resent with another body is 422.
         key = case.headers.get("Idempotency-Key")
         if isinstance(key, str) and _PRINTABLE_KEY.fullmatch(key):

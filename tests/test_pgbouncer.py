@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -104,6 +106,49 @@ async def test_a_replica_is_probed_whatever_the_primarys_pooler_is_said_to_be(
         assert replica.pooler.mode == "none"
         async with replica.connection() as conn:  # its own timeouts are sent at connect
             assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "10s"
+
+
+async def test_a_write_the_pooler_never_started_is_not_called_indeterminate(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str, db_url: str
+) -> None:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    owner = await asyncpg.connect(db_url)
+    try:
+        await owner.execute(f"CREATE TABLE writes (x int); GRANT INSERT ON writes TO {role}")
+        parts = urlsplit(server.admin_url)
+        server_url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/postgres"
+        with PgBouncer(server_url, pool_mode="transaction", pool_size=2) as bouncer:
+            settings = settings_for(bouncer.url(db_name), max_size=1, query_timeout=2.0)
+            async with Database(settings) as db:
+
+                async def write() -> str:
+                    return await db.run(
+                        lambda c: c.execute("INSERT INTO writes VALUES ($1)", 1),
+                        lock_timeout=1.0,
+                        retry=False,
+                    )
+
+                await write()
+                # The pooler can no longer log in: it holds the statement's Parse, then
+                # refuses it (server_login_retry); neither ever reached the server.
+                await admin.execute(f"ALTER ROLE {role} NOLOGIN")
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                    role,
+                )
+                errors = []
+                for _ in range(2):
+                    with pytest.raises(PglayerError) as caught:
+                        await write()
+                    errors.append(type(caught.value).__name__)
+        assert "CommitIndeterminateError" not in errors, errors
+        assert await owner.fetchval("SELECT count(*) FROM writes") == 1
+    finally:
+        await owner.execute("DROP TABLE IF EXISTS writes")
+        await owner.close()
+        await admin.execute(f"DROP ROLE {role}")
 
 
 async def test_the_shop_works_through_pgbouncer(bouncer_client: httpx.AsyncClient) -> None:

@@ -116,6 +116,41 @@ async def test_deposit_to_unknown_account_is_404(client: httpx.AsyncClient) -> N
     assert_problem(response, 404, "not_found")
 
 
+async def test_a_deposit_resent_with_its_key_is_made_once(client: httpx.AsyncClient) -> None:
+    # A deposit can answer 500 `commit_unknown`, whose detail says to resend with the key.
+    user = await funded_user(client, "a@example.com", "0")
+    headers = {"Idempotency-Key": "dep-1"}
+    path = f"/accounts/{user}/deposits"
+    first = await client.post(path, json={"amount": "5.00"}, headers=headers)
+    again = await client.post(path, json={"amount": "5.00"}, headers=headers)
+    other = await client.post(path, json={"amount": "6.00"}, headers=headers)
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.content == first.content
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert_problem(other, 422, "idempotency_key_reused")
+    assert await balance(client, user) == Decimal("5.00")
+
+
+async def test_a_deposits_key_is_not_spent_on_an_unknown_account(
+    client: httpx.AsyncClient,
+) -> None:
+    user = await funded_user(client, "a@example.com", "0")
+    headers = {"Idempotency-Key": "dep-2"}
+    missing = await client.post(
+        "/accounts/999999/deposits", json={"amount": "1.00"}, headers=headers
+    )
+    assert_problem(missing, 404, "not_found")
+    # The key names the account with the body: the same key for another account is another
+    # request, and the 404 stored nothing under it.
+    found = await client.post(
+        f"/accounts/{user}/deposits", json={"amount": "1.00"}, headers=headers
+    )
+    assert found.status_code == 200, found.text
+    again = await client.post("/accounts/999999/deposits", json={"amount": "1.00"}, headers=headers)
+    assert_problem(again, 422, "idempotency_key_reused")
+
+
 async def test_idempotency_key_replays_the_same_order(client: httpx.AsyncClient) -> None:
     user = await funded_user(client, "a@example.com")
     product = await make_product(client)

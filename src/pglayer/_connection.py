@@ -319,8 +319,31 @@ def outcome_unknown(error: BaseException) -> bool:
     if isinstance(error, ConnectionLostError):
         # The driver refused to start it ("cannot switch to state": the server ended the
         # connection while it sat idle in the pool): nothing was sent.
-        return not isinstance(error.__cause__, asyncpg.InternalClientError)
-    return isinstance(error, QueryTimeoutError) and error.sqlstate is None
+        if isinstance(error.__cause__, asyncpg.InternalClientError):
+            return False
+        return not _while_preparing(error.__cause__)
+    if isinstance(error, QueryTimeoutError) and error.sqlstate is None:
+        cancelled = error.__context__  # where the deadline's cancellation found it
+        return not (isinstance(cancelled, asyncio.CancelledError) and _while_preparing(cancelled))
+    return False
+
+
+_PREPARE = asyncpg.Connection._get_statement.__code__  # type: ignore[attr-defined]
+
+
+def _while_preparing(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) arose while asyncpg was preparing the statement
+    (Parse and Describe, and type introspection, before Bind and Execute): then it never
+    ran. Without a statement cache, as behind a transaction pooler, preparing is a round trip
+    of its own, where PgBouncer answers that it has no server connection to give."""
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is _PREPARE:
+                return True
+            tb = tb.tb_next
+        error = error.__cause__
+    return False
 
 
 def _begin(

@@ -7,7 +7,7 @@ from typing import Any
 
 from pglayer.fastapi import PathId
 
-__all__ = ["OrderId", "ProductId", "TransferId", "UserId", "created"]
+__all__ = ["OrderId", "ProductId", "TransferId", "UserId", "created", "replayed"]
 
 UserId = PathId
 ProductId = PathId
@@ -21,9 +21,16 @@ def created(*, replayable: bool = False) -> dict[int | str, dict[str, Any]]:
         "Location": {"description": "The new resource", "schema": {"type": "string"}}
     }
     if replayable:
-        headers["Idempotent-Replayed"] = {
+        headers.update(replayed())
+    return {201: {"description": "Created", "headers": headers}}
+
+
+def replayed() -> dict[str, Any]:
+    """The `Idempotent-Replayed` header of an answer that may be a stored one."""
+    return {
+        "Idempotent-Replayed": {
             "description": "`true` when this is the stored answer to an earlier request with"
             " the same `Idempotency-Key` and body",
             "schema": {"type": "string", "enum": ["true"]},
         }
-    return {201: {"description": "Created", "headers": headers}}
+    }

@@ -15,7 +15,7 @@ from pglayer.fastapi import (
 )
 from pglayer_shop.models import Account, Deposit, Transfer, TransferCreate
 from pglayer_shop.routes import router
-from pglayer_shop.routes.params import TransferId, UserId, created
+from pglayer_shop.routes.params import TransferId, UserId, created, replayed
 from pglayer_shop.settings import ShopSettings
 
 __all__: list[str] = []
@@ -48,25 +48,42 @@ def _overflow() -> Problem:
     "/accounts/{user_id}/deposits",
     tags=["accounts"],
     response_model=Account,
-    responses=problem_responses(404, 413, 422),
-)
-async def deposit(user_id: UserId, body: Deposit, db: Db, request: Request) -> Response:
-    """Add to the balance; the deposit is recorded in the same statement."""
+    responses={**problem_responses(
+        404, 413, 422, _422="Invalid body, or `idempotency_key_reused` with a different body"
+    ), 200: {"description": "The account after the deposit", "headers": replayed()}},
+)  # fmt: skip
+async def deposit(
+    user_id: UserId,
+    body: Deposit,
+    db: Db,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Add to the balance; the deposit is recorded in the same statement. With an
+    `Idempotency-Key`, as orders: the same key and body again get the same answer back
+    (`Idempotent-Replayed: true`), deposited once."""
     settings: ShopSettings = request.app.state.shop_settings
+    keys: IdempotencyKeys = request.app.state.idempotency_keys
+    digest = body_hash({"user_id": user_id, **body.model_dump(mode="json")})
+
+    async def work(conn: Connection) -> Record:
+        account = await conn.fetchrow(_DEPOSIT, user_id, body.amount)
+        if account is None:  # raised inside, so that the key is not spent on it
+            raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
+        return account
+
     try:
         # Bounded as orders and transfers are: an account row held locked (a long transfer,
         # an operator's transaction) answers 503 `busy` after the write bound, not 5 s.
-        account = await db.run_in_transaction(
-            lambda c: c.fetchrow(_DEPOSIT, user_id, body.amount),
+        account, replayed = await db.run_in_transaction(
+            lambda c: keys.run(c, "deposits", idempotency_key, digest, work),
             lock_timeout=settings.write_lock_timeout,
         )
     except InvalidInputError as exc:
         if exc.sqlstate != _OUT_OF_RANGE:
             raise
         raise _overflow() from None
-    if account is None:
-        raise Problem(404, "not_found", f"Account of user {user_id} does not exist.")
-    return json_response(account)
+    return json_response(account, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 async def _transfer(conn: Connection, body: TransferCreate) -> Record:
