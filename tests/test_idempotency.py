@@ -70,6 +70,16 @@ async def test_a_rolled_back_write_leaves_no_key(db: Database, keys: Idempotency
     assert not replayed
 
 
+async def test_a_key_outside_a_transaction_is_refused_before_it_is_claimed(
+    db: Database, keys: IdempotencyKeys
+) -> None:
+    with pytest.raises(TypeError, match="in a transaction"):
+        await db.run(lambda c: keys.run(c, "notes", "k", body_hash(b"a"), add_note))
+    claimed = await db.run(lambda c: c.fetchval("SELECT count(*) FROM pglayer_idempotency_keys"))
+    assert claimed == 0
+    assert await db.run(lambda c: c.fetchval("SELECT count(*) FROM notes")) == 0
+
+
 async def test_expired_keys_are_taken_over_and_swept(db: Database, keys: IdempotencyKeys) -> None:
     await db.run_in_transaction(lambda c: keys.run(c, "notes", "old", body_hash(b"a"), add_note))
     await db.run(

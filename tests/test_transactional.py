@@ -81,3 +81,30 @@ async def test_the_handlers_openapi_hides_the_connection(db: Database) -> None:
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "OrderIn"
     )
+
+
+async def test_an_answer_its_response_model_refuses_rolls_the_change_back(db: Database) -> None:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.post("/orders", status_code=201)
+    @transactional()
+    async def create_order(body: OrderIn, conn: Connection) -> OrderOut:
+        order_id = await conn.fetchval(
+            "INSERT INTO orders (user_id, product_id, quantity, unit_price, total)"
+            " VALUES (1, $1, $2, 1, 1) RETURNING id",
+            body.product_id,
+            body.quantity,
+        )
+        return {"id": order_id}  # type: ignore[return-value]  # not an OrderOut: a 500
+
+    await db.run(
+        lambda conn: conn.execute(
+            "INSERT INTO users (id, name, email) VALUES (1, 'T', 't@example.com');"
+            "INSERT INTO products (id, name, price, stock) VALUES (1, 'P', 1, 10)"
+        )
+    )
+    async with asgi_client(app) as client:
+        response = await client.post("/orders", json={"product_id": 1, "quantity": 1})
+    assert response.status_code == 500
+    assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM orders")) == 0

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import ResponseValidationError
 
 from pglayer._connection import Connection, Isolation
 from pglayer.fastapi._dependencies import get_database
@@ -80,10 +81,20 @@ def transactional(
 
         @functools.wraps(handler)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
-            db = await get_database(kwargs.pop(_REQUEST))
+            request: Request = kwargs.pop(_REQUEST)
+            db = await get_database(request)
+            # FastAPI checks the answer against the response model only after the handler
+            # returns: here that is after COMMIT, so an answer it refuses (a 500) would leave
+            # the change applied. The same check runs first, inside the transaction.
+            field = getattr(request.scope.get("route"), "response_field", None)
 
-            def attempt(conn: Connection) -> Awaitable[Any]:
-                return handler(*args, **kwargs, **{conn_name: conn})
+            async def attempt(conn: Connection) -> Any:
+                result = await handler(*args, **kwargs, **{conn_name: conn})
+                if field is not None:
+                    _, errors = field.validate(result, {}, loc=("response",))
+                    if errors:
+                        raise ResponseValidationError(errors=errors, body=result)
+                return result
 
             return await db.run_in_transaction(
                 attempt,
