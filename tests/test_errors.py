@@ -25,6 +25,7 @@ from pglayer import (
     InvalidInputError,
     LockTimeoutError,
     NotNullViolationError,
+    PoolOverloadedError,
     ProgrammingError,
     QueryTimeoutError,
     SerializationError,
@@ -555,3 +556,15 @@ async def test_an_indeterminate_commit_answers_500_commit_unknown_without_retry_
     assert_clean_problem(response, 500, "commit_unknown")
     assert "retry-after" not in response.headers
     assert "Idempotency-Key" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("predicted", "header"), [(None, "1"), (0.2, "1"), (3.4, "4"), (776.0, "10")]
+)
+def test_retry_after_is_the_predicted_wait_within_one_to_ten_seconds(
+    predicted: float | None, header: str
+) -> None:
+    # 776 s was seen after a one-second restart: the pace measured while connections were
+    # rebuilt was near zero.
+    problem = problem_for_database_error(PoolOverloadedError(retry_after=predicted))
+    assert problem.headers == {"Retry-After": header}

@@ -53,6 +53,9 @@ log = logging.getLogger("pglayer.http")
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 1
+# A predicted wait further out says more about a stalled pace (connections being rebuilt
+# after a restart: one a few seconds) than about when a connection will be free.
+RETRY_AFTER_MAX = 10
 MAX_ERRORS = 20  # field errors listed in a 422; `detail` gives the full count
 MAX_PROBLEM_BYTES = 16 * 1024
 OMITTED_ERRORS = "pglayer.omitted_errors"  # scope key: errors not validated, but counted
@@ -283,8 +286,8 @@ def validation_problem(errors: Iterable[dict[str, Any]], total: int) -> Problem:
 
 
 def retry_after(seconds: float | None) -> str:
-    """A `Retry-After` value: whole seconds, at least 1."""
-    return str(max(math.ceil(seconds or 0), RETRY_AFTER_SECONDS))
+    """A `Retry-After` value: whole seconds, from 1 to `RETRY_AFTER_MAX`."""
+    return str(min(max(math.ceil(seconds or 0), RETRY_AFTER_SECONDS), RETRY_AFTER_MAX))
 
 
 def problem_for_database_error(exc: PglayerError) -> Problem:
