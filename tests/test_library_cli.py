@@ -248,6 +248,55 @@ def test_serve_names_an_app_it_cannot_find_before_migrating(db_url: str, tmp_pat
     assert asyncio.run(_regclass(db_url, "notes")) is None  # nothing applied
 
 
+def test_serve_with_workers_refuses_a_budget_the_workers_would_refuse(
+    db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    max_connections = asyncio.run(_setting(db_url, "max_connections"))
+    env = clean_env(
+        DATABASE_URL=db_url,
+        PGLAYER_MAX_SIZE=str(int(max_connections)),  # two workers of that cannot fit
+        PGLAYER_ON_BUDGET_EXCEEDED="refuse",
+    )
+    port = str(free_port())
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--workers", "2", "--port", port]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "connection budget exceeded" in result.stderr
+    assert "serving" not in result.stdout  # refused before any worker started
+
+
+def test_serve_with_workers_that_fail_to_start_exits_with_their_status(
+    db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "brokenapp.py").write_text(
+        "from contextlib import asynccontextmanager\n"
+        "from fastapi import FastAPI\n"
+        "@asynccontextmanager\n"
+        "async def lifespan(app):\n"
+        "    raise RuntimeError('cannot start')\n"
+        "    yield\n"
+        "app = FastAPI(lifespan=lifespan)\n"
+    )
+    port = str(free_port())
+    command = [PGLAYER_SCRIPT, "serve", "brokenapp:app", "--workers", "2", "--port", port]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr  # as with one worker
+
+
+async def _setting(url: str, name: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval("SELECT current_setting($1)", name))
+    finally:
+        await conn.close()
+
+
 async def _regclass(url: str, name: str) -> str | None:
     conn = await asyncpg.connect(url)
     try:

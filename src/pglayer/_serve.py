@@ -14,11 +14,14 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
+from pglayer._budget import read_budget
 from pglayer._database import Database
 from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError
 from pglayer._logs import configure_logging
+from pglayer._pooler import connect_plain
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
@@ -28,6 +31,8 @@ log = logging.getLogger("pglayer.cli")
 
 Prepare = Callable[[Database], Awaitable[None]]
 
+
+_STARTUP_FAILURE = 3  # uvicorn's exit status when its one worker fails to start
 
 # What `pglayer serve` turns on, unless the environment says otherwise.
 _SERVE_DEFAULTS = {
@@ -57,6 +62,47 @@ async def apply_directories(
         if prepare is not None:
             await prepare(db)
     return applied
+
+
+async def check_budget(workers: int) -> None:
+    """Refuse, before any worker starts, the connection budget that each worker would refuse
+    at start-up (`PGLAYER_ON_BUDGET_EXCEEDED=refuse`): workers that fail to start leave
+    uvicorn's supervisor ending with status 0, which a service manager takes for success."""
+    settings = DatabaseSettings()
+    if workers < 2 or settings.on_budget_exceeded != "refuse":
+        return
+    conn = await connect_plain(settings.dsn(), settings)
+    try:
+        server_port = await conn.fetchval("SELECT inet_server_port()")
+        if server_port is not None and server_port != (urlsplit(settings.dsn()).port or 5432):
+            return  # behind a pooler the server's limit is the pooler's business
+        budget = await read_budget(
+            conn,
+            application_name=settings.application_name,
+            workers=workers,
+            max_size=settings.max_size,
+            reserve=settings.connection_reserve,
+        )
+    finally:
+        await conn.close()
+    if not budget.fits:
+        raise ConfigurationError(
+            f"database {describe_target(settings.dsn())}: connection budget exceeded:"
+            f" {budget.describe()} (max_size {settings.max_size}; workers: --workers {workers})"
+        )
+
+
+class _StartupFailures(logging.Handler):
+    """Notices uvicorn's supervisor giving up on a worker that failed to start: it then
+    stops and returns as if all went well (status 0)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "failed to start" in record.getMessage():
+            self.seen = True
 
 
 def _check_importable(app: str) -> None:
@@ -152,7 +198,10 @@ def serve(
         )
         if applied:
             say(f"applied migrations: {', '.join(applied)}")
+        asyncio.run(check_budget(workers))
         say(f"serving {app} on http://{host}:{port}")
+        failures = _StartupFailures()
+        logging.getLogger("uvicorn.error").addHandler(failures)
         uvicorn.run(
             app,
             factory=factory,
@@ -166,6 +215,9 @@ def serve(
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id
         )
+        logging.getLogger("uvicorn.error").removeHandler(failures)
+        if failures.seen:
+            raise SystemExit(_STARTUP_FAILURE)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if embedded is not None:
