@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from pglayer_shop.app import create_app
@@ -254,6 +255,36 @@ async def test_refusals_at_the_door_are_counted_and_logged(
         "status": 503,
         "request_id": "counted",
     }
+
+
+async def test_a_body_the_server_refuses_midway_is_logged_and_counted_once(
+    shop: tuple[FastAPI, Database, LiveServer],
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    install_request_id()
+    caplog.set_level("INFO", logger="pglayer.access")
+    client.send(
+        get(
+            "/orders",
+            "X-Request-ID: midway",
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked",
+            method="POST",
+        )
+    )
+    await asyncio.sleep(0.2)  # the app has the request and waits for its body
+    client.send(b"ZZ\r\n{}\r\n0\r\n\r\n")  # not a chunk size: the server answers 400
+    assert (await client.reply()).status == 400
+    await asyncio.sleep(0.2)  # the app's side of it ends
+    lines = [r for r in caplog.records if r.name == "pglayer.access"]
+    said = [(getattr(r, "route", None), getattr(r, "status", None)) for r in lines]
+    assert said == [("unmatched", 400)]  # refused before it was routed
+    assert lines[0].request_id == "midway"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{shop[2].port}") as scraper:
+        scraped = (await scraper.get("/metrics")).text
+    counted = re.findall(r'pglayer_http_requests_total\{method="POST",[^}]*\} (\S+)', scraped)
+    assert counted == ["1.0"], counted
 
 
 async def test_of_a_storms_refusals_one_a_second_is_logged_and_the_rest_summed_up(

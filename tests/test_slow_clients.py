@@ -326,6 +326,24 @@ async def test_a_head_http_1_1_does_not_allow_is_refused(
     assert_problem(answer, status, code)
 
 
+async def test_a_refused_head_whose_body_the_parser_then_refuses_is_answered_once(
+    served: Served,
+) -> None:
+    # The coding is refused where the head ends; the parser then fails on the body that
+    # follows in the same read, and its 400 must not be written after the first answer.
+    before = served.log.read_text()
+    answer = await send_head(
+        served,
+        b"POST /users HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: xchunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    assert_problem(answer, 501, "unsupported_media_type")
+    assert answer.count(b"HTTP/1.1 ") == 1
+    await asyncio.sleep(0.2)
+    logged = served.log.read_text()[len(before) :]
+    assert "Traceback" not in logged, logged
+
+
 async def test_an_http_1_0_request_needs_no_host(served: Served) -> None:
     answer = await send_head(served, b"GET /health/live HTTP/1.0\r\n\r\n")
     assert parse(answer)[0] == 200, answer[:300]

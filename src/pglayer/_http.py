@@ -39,7 +39,7 @@ from typing import Any
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from pglayer._context import FRONT_DOOR_KEY, client_request_id, new_request_id
 from pglayer._settings import ServerSettings
@@ -403,19 +403,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, response: tuple[bytes, bytes]) -> None:
         """Answer `response` and close; reads in between are dropped, so the client can
         read the answer even while it is still sending (no reset)."""
+        if self._refused:
+            return  # the parser refusing what follows a head already refused: answered
         self._refused = True
         self._cancel_timers()
-        self._abandon_cycle()
         head, body = response
-        extra = b"".join(
-            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
-        )
+        status = int(head[9:12])  # "HTTP/1.1 431 ..."
         # The client's, when its head was read far enough (none before the first request).
         headers: list[tuple[bytes, bytes]] = getattr(self, "headers", [])
         request_id = client_request_id(headers) or new_request_id()
+        cycle = self.cycle
+        in_app = isinstance(cycle, RequestResponseCycle) and not cycle.response_complete
+        if in_app:
+            # The app has the request (its body was still coming): it logs and counts it,
+            # with this answer's status and id, once.
+            cycle.pglayer_refused = (status, request_id)  # type: ignore[attr-defined]
+        self._abandon_cycle()
+        extra = b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        )
         id_header = b"x-request-id: " + request_id.encode() + b"\r\n"
         self.transport.write(b"".join((head, id_header, extra, b"\r\n", body)))
-        self._account(int(head[9:12]), request_id)  # "HTTP/1.1 431 ..."
+        if not in_app:
+            self._account(status, request_id)
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()

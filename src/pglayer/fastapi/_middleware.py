@@ -505,10 +505,17 @@ class RequestGuard:
         seconds = time.monotonic() - ex.started
         route = route_template(scope)
         method = "HEAD" if ex.head else scope["method"]
+        status, request_id = ex.status, ex.request_id
+        if not status:
+            # Nothing sent: the HTTP server answered it (a body too slow or malformed: its
+            # status and the request id it sent), the client left first (499, as nginx logs
+            # it), or the app raised past us and the server answers 500.
+            refused = getattr(ex.cycle, "pglayer_refused", None)
+            if refused is not None:
+                status, request_id = refused
+            elif ex.stopped_by_us:
+                status = 499
         if stats is not None:
-            # Nothing sent: the client left first (499, as nginx logs it), or the app raised
-            # past us and the server answers 500.
-            stats.record(method, route, ex.status or (499 if ex.stopped_by_us else 500), seconds)
+            stats.record(method, route, status or 500, seconds)
         if access_log is not None:
-            status = ex.status or (499 if ex.stopped_by_us else 0)
-            access_log.write(method, scope["path"], route, status, seconds, ex.request_id)
+            access_log.write(method, scope["path"], route, status, seconds, request_id)
