@@ -280,7 +280,7 @@ async def test_a_body_the_server_refuses_midway_is_logged_and_counted_once(
     lines = [r for r in caplog.records if r.name == "pglayer.access"]
     said = [(getattr(r, "route", None), getattr(r, "status", None)) for r in lines]
     assert said == [("unmatched", 400)]  # refused before it was routed
-    assert lines[0].request_id == "midway"
+    assert lines[0].__dict__["request_id"] == "midway"
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{shop[2].port}") as scraper:
         scraped = (await scraper.get("/metrics")).text
     counted = re.findall(r'pglayer_http_requests_total\{method="POST",[^}]*\} (\S+)', scraped)
