@@ -36,6 +36,16 @@ async def test_stats_name_the_worker_that_answers(admin_client: httpx.AsyncClien
     assert stats["worker"] == os.getpid()  # its own pools; /metrics adds up every worker
 
 
+async def test_what_the_admin_routes_answer_is_never_cached(
+    admin_client: httpx.AsyncClient,
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/admin/db-stats", "/admin/users/export"):
+        response = await admin_client.get(path, headers=auth)
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store", path
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}],

@@ -244,7 +244,22 @@ async def test_a_bulkhead_at_its_cap_waits_while_others_take_connections(db_url:
 async def test_the_default_bulkheads_keep_a_quarter_of_the_pool_for_reads(db_url: str) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=8)) as db:
         caps = {name: b.cap for name, b in db.stats().bulkheads.items()}
-    assert caps == {"read": 8, "write": 6}
+    assert caps == {"read": 8, "write": 6, "stream": 2}
+
+
+async def test_a_bulkhead_without_a_cap_is_said_once_at_its_first_use(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="pglayer")
+    settings = settings_for(db_url, max_size=4, bulkheads={"reports": 1})
+    async with Database(settings) as db:
+        for _ in range(3):
+            await db.read(lambda c: c.fetchval("SELECT 1"), bulkhead="reprots")
+        await db.read(lambda c: c.fetchval("SELECT 1"), bulkhead="reports")
+    said = [r.getMessage() for r in caplog.records if "has no cap" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "'reprots'" in said[0]
+    assert "reports" in said[0].split("names", 1)[1]  # the names it knows, to compare
 
 
 async def test_writes_stuck_on_a_lock_leave_reads_their_connections(db_url: str) -> None:

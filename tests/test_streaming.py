@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import asyncpg
@@ -16,7 +17,7 @@ from pglayer import Database
 from pglayer._http import PROTOCOL
 from pglayer.fastapi import setup
 from pglayer.fastapi._streaming import ndjson_response
-from tests.conftest import LiveServer, asgi_client, settings_for
+from tests.conftest import LiveServer, asgi_client, settings_for, wait_for
 
 ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"
 
@@ -98,3 +99,52 @@ async def test_a_first_batch_that_fails_answers_its_own_error(db_url: str) -> No
     # The lock bound, as any read's (not 500 for the COMMIT of the aborted transaction).
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "busy"
+
+
+def _stalled_client(port: int) -> socket.socket:
+    """A client that asks for a large stream and then reads nothing, staying connected."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /rows?n=2000000&batch=1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+    return sock
+
+
+async def test_a_client_that_stops_reading_loses_the_stream_and_its_connection(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING")
+    async with (
+        Database(settings_for(db_url, query_timeout=1.0)) as db,
+        LiveServer(streaming_app(db), http=PROTOCOL) as server,
+    ):
+        sock = _stalled_client(server.port)
+        try:
+            assert await wait_for(lambda: _async(db.stats().in_use == 1))
+            # Once the socket's buffers are full, a chunk waits the query deadline, then the
+            # stream is cut short and its connection (and snapshot) let go.
+            assert await wait_for(lambda: _async(db.stats().in_use == 0), timeout=20)
+        finally:
+            sock.close()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [m for level, m in said if "stream cut short" in m] != [], said
+    assert [m for level, m in said if level == "ERROR"] == [], said
+
+
+async def test_streams_hold_at_most_their_bulkheads_share_of_the_pool(db_url: str) -> None:
+    settings = settings_for(db_url, max_size=4, acquire_timeout=0.5, query_timeout=30.0)
+    async with Database(settings) as db, LiveServer(streaming_app(db), http=PROTOCOL) as server:
+        assert db.settings.bulkhead_caps()["stream"] == 1  # a quarter of 4
+        sock = _stalled_client(server.port)
+        try:
+            assert await wait_for(lambda: _async(db.stats().in_use == 1))
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                second = await client.get("/rows", params={"n": 10})
+            assert second.status_code == 503, second.text
+            assert await db.read(lambda conn: conn.fetchval("SELECT 1")) == 1
+        finally:
+            sock.close()
+
+
+async def _async(value: bool) -> bool:
+    return value

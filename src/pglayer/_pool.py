@@ -368,6 +368,14 @@ class Pool:
         found = self._lanes.get(name)
         if found is None:
             found = self._lanes[name] = Lane(name, self.max_size)
+            # Said once, at its first use: a misspelt name is a class without a cap.
+            log.warning(
+                "pool %s: bulkhead %r has no cap (PGLAYER_BULKHEADS names %s): it may hold"
+                " the whole pool",
+                self.name,
+                name,
+                ", ".join(sorted(self._lanes.keys() - {name})),
+            )
         return found
 
     def take(self, lane: Lane) -> Slot | None:

@@ -298,8 +298,14 @@ class DatabaseSettings(BaseSettings):
 
     def bulkhead_caps(self) -> dict[str, int]:
         """Each bulkhead's cap: the configured ones over the defaults."""
-        reserved_for_reads = max(1, self.max_size // 4) if self.max_size > 1 else 0
-        defaults = {"read": self.max_size, "write": self.max_size - reserved_for_reads}
+        quarter = max(1, self.max_size // 4)
+        reserved_for_reads = quarter if self.max_size > 1 else 0
+        defaults = {
+            "read": self.max_size,
+            "write": self.max_size - reserved_for_reads,
+            # Streams (`ndjson_response`) hold a connection as long as their client reads.
+            "stream": quarter,
+        }
         return {**defaults, **self.bulkheads}
 
     def server_settings(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
@@ -42,7 +42,10 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
     """A dependency: 404 without a configured `token`, 401 unless the bearer token matches."""
     expected = _token_bytes(token)
 
-    async def require_admin(request: Request, credentials: Credentials) -> None:
+    async def require_admin(request: Request, response: Response, credentials: Credentials) -> None:
+        # What the operator's routes answer is for the operator: no cache keeps it (FastAPI
+        # adds this to what a route returns, unless it returns a Response of its own).
+        response.headers["Cache-Control"] = "no-store"
         if expected is None:
             raise Problem(404, "not_found", "Not Found")
         given = b"" if credentials is None else credentials.credentials.strip().encode()

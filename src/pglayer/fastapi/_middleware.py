@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
 import urllib.parse
@@ -50,15 +51,18 @@ from pglayer._context import (
 )
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
-from pglayer._logs import AccessLog
+from pglayer._logs import AccessLog, escape
 from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
     internal_error_response,
     problem_for_database_error,
     problem_response,
 )
+from pglayer.fastapi._streaming import StreamAbandoned
 
 __all__ = ["STATS_KEY", "WATCH_AFTER", "RequestGuard", "current_request_id", "route_template"]
+
+log = logging.getLogger("pglayer.http")
 
 STATS_KEY = "pglayer_request_stats"  # app.state attribute holding the app's RequestStats
 
@@ -335,6 +339,9 @@ class RequestGuard:
                     # Answered (and logged) inside, by the app's handler for `Exception`.
                     return
                 if ex.status:
+                    if isinstance(exc, StreamAbandoned) and ex.cycle is not None:
+                        self._cut_short(scope, ex, exc)
+                        return
                     raise
                 response = internal_error_response(
                     exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
@@ -345,6 +352,20 @@ class RequestGuard:
                 context.leave(token)
         finally:
             self._account(scope, ex)
+
+    @staticmethod
+    def _cut_short(scope: Scope, ex: _Exchange, exc: StreamAbandoned) -> None:
+        """End a stream that failed midway: one line, and the connection closed without the
+        final chunk, so the client knows it is incomplete (uvicorn would log a traceback)."""
+        log.warning(
+            "%s %s: stream cut short (request_id=%s): %s",
+            escape(scope.get("method", "")),
+            escape(scope.get("path", "")),
+            ex.request_id,
+            escape(str(exc)),
+        )
+        ex.cycle.disconnected = True  # uvicorn then takes the unfinished response as meant
+        ex.cycle.transport.close()
 
     def refuse_early(
         self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]

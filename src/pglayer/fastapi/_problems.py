@@ -36,6 +36,7 @@ from pglayer._errors import (
     UniqueViolationError,
 )
 from pglayer._logs import escape
+from pglayer.fastapi._streaming import StreamAbandoned
 
 __all__ = [
     "MAX_ERRORS",
@@ -415,6 +416,8 @@ def internal_error_response(
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
     # outside it, has put the request id in the state.
+    if isinstance(exc, StreamAbandoned):  # after its response started: the guard says so
+        return Response(status_code=500)
     return internal_error_response(
         exc, request.method, request.scope.get("path", ""), _request_id(request)
     )

@@ -6,24 +6,26 @@ is written to the client before the next is fetched, so memory stays at one batc
 the table's size. The connection is taken and the first batch fetched before the response
 starts, so a database that is down or overloaded still gets a problem response. When the
 client goes away the response is cancelled: the transaction rolls back, the cursor closes
-with it, and the connection goes back to the pool.
+with it, and the connection goes back to the pool; so too when the client stays but stops
+reading, once a chunk has waited the query deadline to be taken.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from pglayer._database import Database
 from pglayer._errors import raise_translated, translate
 from pglayer._json import OPTIONS, default
 
-__all__ = ["NDJSON", "ndjson_response"]
+__all__ = ["NDJSON", "StreamAbandoned", "ndjson_response"]
 
 NDJSON = "application/x-ndjson"
 
@@ -36,17 +38,42 @@ def _lines(rows: list[Any]) -> bytes:
 class _CursorStream(StreamingResponse):
     """Closes the transaction after the last chunk, or whenever the response ends."""
 
-    def __init__(self, exits: AsyncExitStack, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, exits: AsyncExitStack, body: AsyncIterator[bytes], timeout: float) -> None:
         super().__init__(body, media_type=NDJSON)
         self._exits = exits
+        self._timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            # A client that stops reading (but stays connected) leaves the write waiting for
+            # room in the socket: bounded, or it would hold the connection and its snapshot
+            # for as long as it likes.
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await send(message)
+            except TimeoutError:
+                raise StreamStalledError(self._timeout) from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded)
         except BaseException as exc:
             await _close(self._exits, exc)
+            if isinstance(exc, Exception):
+                raise StreamAbandoned(str(exc) or type(exc).__name__) from exc
             raise
         await self._exits.aclose()
+
+
+class StreamStalledError(Exception):
+    """The client did not take a chunk within the deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the client took no data for {seconds:g}s")
+
+
+class StreamAbandoned(Exception):
+    """A stream that failed after its response started: it cannot be answered any more, only
+    cut short (the client sees no final chunk). Its cause says why."""
 
 
 async def _close(exits: AsyncExitStack, exc: BaseException) -> None:
@@ -56,9 +83,13 @@ async def _close(exits: AsyncExitStack, exc: BaseException) -> None:
 
 
 async def ndjson_response(
-    db: Database, query: str, *args: Any, batch: int = 500, bulkhead: str = "read"
+    db: Database, query: str, *args: Any, batch: int = 500, bulkhead: str = "stream"
 ) -> StreamingResponse:
-    """A response streaming `query`'s rows as NDJSON lines, `batch` rows per chunk."""
+    """A response streaming `query`'s rows as NDJSON lines, `batch` rows per chunk.
+
+    It holds a connection while its client reads: `bulkhead` ("stream", by default a quarter
+    of the pool) bounds how many do at once, and a client that takes no data for the query
+    deadline (`PGLAYER_QUERY_TIMEOUT`) loses the stream and frees the connection."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     timeout = db.settings.query_timeout
@@ -87,4 +118,4 @@ async def ndjson_response(
                 return
             rows = await cursor.fetch(batch, timeout=timeout)
 
-    return _CursorStream(exits, body())
+    return _CursorStream(exits, body(), timeout)

@@ -36,6 +36,8 @@ def admin_routers(token: SecretStr | None) -> list[APIRouter]:
     )
     async def export_users(db: Annotated[Database, Depends(get_database)]) -> Response:
         """Every user, one JSON object per line, streamed from a server-side cursor."""
-        return await ndjson_response(db, _EXPORT)
+        response = await ndjson_response(db, _EXPORT)
+        response.headers["Cache-Control"] = "no-store"  # every user's e-mail
+        return response
 
     return [admin_router(token=token), export]
