@@ -33,6 +33,7 @@ from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database, DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
+from pglayer._logs import Throttle
 
 pytest_plugins = ["pytester"]
 
@@ -67,6 +68,12 @@ def make_cluster(prefix: str, **kwargs: Any) -> EmbeddedPostgres:
 def destroy_cluster(cluster: EmbeddedPostgres) -> None:
     cluster.destroy()
     shutil.rmtree(cluster.base_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _lines_not_throttled() -> None:
+    """Each test sees the first of each throttled log line (see `Throttle`)."""
+    Throttle.forget_all()
 
 
 @pytest.fixture(scope="session")

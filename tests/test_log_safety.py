@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import ConnectionLostError, Database
+from pglayer import ConnectionLostError, Database, _logs
 from pglayer._logs import (
     AccessLog,
     JsonFormatter,
@@ -356,3 +356,16 @@ async def test_where_access_lines_go_is_decided_once_per_loop_iteration() -> Non
 )  # fmt: skip
 def test_an_access_lines_milliseconds_have_one_decimal_halves_up(ms: float, text: str) -> None:
     assert _tenths(ms) == text
+
+
+def test_a_throttled_line_says_how_many_like_it_were_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(_logs.time, "monotonic", lambda: now[0])
+    throttle = _logs.Throttle(every=1.0)
+    said = [throttle.allow("retry") for _ in range(5)]
+    now[0] += 1.5
+    said += [throttle.allow("retry"), throttle.allow("other")]
+    assert said == [0, None, None, None, None, 4, 0]
+    assert _logs.left_out(4) == " (4 more like it left out)"

@@ -23,6 +23,7 @@ from pglayer._errors import (
     raise_translated,
     translate,
 )
+from pglayer._logs import Throttle, left_out
 from pglayer._observability import Observer
 
 if TYPE_CHECKING:
@@ -260,11 +261,14 @@ class Connection:
     def _indeterminate(self, what: str) -> CommitIndeterminateError:
         """The error for a connection that failed while `what` (a COMMIT, or a write in
         autocommit) was in flight: it may or may not have been applied."""
-        log.exception(
-            "%s outcome unknown: the connection failed while it was in flight; "
-            "it may or may not have been applied",
-            what,
-        )
+        count = _UNKNOWN_SAID.allow(what)
+        if count is not None:
+            log.exception(
+                "%s outcome unknown: the connection failed while it was in flight; "
+                "it may or may not have been applied%s",
+                what,
+                left_out(count),
+            )
         error = CommitIndeterminateError()
         self._pool.observer.error(error)
         return error
@@ -311,6 +315,9 @@ _ISOLATION = {
     "repeatable_read": "REPEATABLE READ",
     "serializable": "SERIALIZABLE",
 }
+
+
+_UNKNOWN_SAID = Throttle()  # each request's own line (pglayer.http) has its request id
 
 
 def outcome_unknown(error: BaseException) -> bool:

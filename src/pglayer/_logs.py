@@ -23,9 +23,54 @@ __all__ = [
     "JsonFormatter",
     "MaskSecrets",
     "TextFormatter",
+    "Throttle",
     "configure_logging",
     "install_request_id",
 ]
+
+
+class Throttle:
+    """At most one line per key a second: an outage repeats the same line for every request
+    in flight (a retry, a lost connection), and a flood hides the one line that matters.
+
+    `allow(key)` is None for a line to leave out, else how many were left out since the last
+    one (to say so in it). Keys are a few kinds of event, not client input; at most `keys`
+    are remembered."""
+
+    _all: list[Throttle] = []
+
+    def __init__(self, every: float = 1.0, keys: int = 256) -> None:
+        self.every = every
+        self._keys = keys
+        self._seen: dict[Any, list[float]] = {}  # key: [time of its last line, left out since]
+        Throttle._all.append(self)
+
+    @classmethod
+    def forget_all(cls) -> None:
+        """Every throttle as new (for tests that look for a line)."""
+        for throttle in cls._all:
+            throttle._seen.clear()
+
+    def allow(self, key: Any) -> int | None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is None:
+            if len(self._seen) >= self._keys:
+                self._seen.clear()
+            self._seen[key] = [now, 0]
+            return 0
+        if now - seen[0] < self.every:
+            seen[1] += 1
+            return None
+        left_out = int(seen[1])
+        seen[0], seen[1] = now, 0
+        return left_out
+
+
+def left_out(count: int) -> str:
+    """What a throttled line adds about the lines left out before it."""
+    return f" ({count} more like it left out)" if count else ""
+
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 # uvicorn's `color_message` repeats the message with terminal colours: never logged.

@@ -35,6 +35,7 @@ from pglayer._errors import (
     SerializationError,
     TooManyConnectionsError,
 )
+from pglayer._logs import Throttle, left_out
 
 __all__ = [
     "RetryHooks",
@@ -106,6 +107,23 @@ async def retrying(
     return await retry_after(first, fn, policy, hooks, what)
 
 
+_RETRIES_SAID = Throttle()
+
+
+def _said(what: str, reason: str, attempt: int, attempts: int) -> None:
+    """A retry, logged: at most one line a second for each kind (see `Throttle`)."""
+    count = _RETRIES_SAID.allow((what, reason))
+    if count is not None:
+        log.info(
+            "%s: retrying after %s (attempt %d of %d)%s",
+            what,
+            reason,
+            attempt,
+            attempts,
+            left_out(count),
+        )
+
+
 async def retry_after(
     first: Exception,
     fn: Callable[[], Awaitable[T]],
@@ -126,7 +144,7 @@ async def retry_after(
         hooks.gave_up(reason)
         raise first
     hooks.retried(reason)
-    log.info("%s: retrying after %s (attempt 2 of %d)", what, reason, policy.attempts)
+    _said(what, reason, 2, policy.attempts)
     await asyncio.sleep(first_wait)
 
     stop: stop_base = stop_after_attempt(policy.attempts - 1)
@@ -139,13 +157,7 @@ async def retry_after(
         reason = reason_for(exc) if exc else None
         if reason:
             hooks.retried(reason)
-            log.info(
-                "%s: retrying after %s (attempt %d of %d)",
-                what,
-                reason,
-                state.attempt_number + 2,
-                policy.attempts,
-            )
+            _said(what, reason, state.attempt_number + 2, policy.attempts)
 
     retryer = AsyncRetrying(
         stop=stop,

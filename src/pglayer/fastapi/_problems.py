@@ -35,7 +35,7 @@ from pglayer._errors import (
     TransientError,
     UniqueViolationError,
 )
-from pglayer._logs import escape
+from pglayer._logs import Throttle, escape
 from pglayer.fastapi._streaming import StreamAbandoned
 
 __all__ = [
@@ -302,6 +302,9 @@ def problem_for_database_error(exc: PglayerError) -> Problem:
     return Problem(500, "internal", "An unexpected error occurred.")
 
 
+_TRACEBACKS = Throttle()
+
+
 def _request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "-")
 
@@ -334,7 +337,8 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
             type(exc).__name__,
             sqlstate,
             _request_id(request),
-            exc_info=problem.status == 500,
+            # The traceback once a second per kind: an outage fails every request alike.
+            exc_info=problem.status == 500 and _TRACEBACKS.allow(type(exc)) is not None,
         )
     if problem.status == 500:
         problem.extra["correlation_id"] = _request_id(request)
