@@ -362,7 +362,7 @@ def test_a_throttled_line_says_how_many_like_it_were_left_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [100.0]
-    monkeypatch.setattr(_logs.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("pglayer._logs.time.monotonic", lambda: now[0])
     throttle = _logs.Throttle(every=1.0)
     said = [throttle.allow("retry") for _ in range(5)]
     now[0] += 1.5
