@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import asyncpg
@@ -177,3 +178,32 @@ async def test_a_failing_migration_says_where_in_the_file(
     async with Database(settings_for(empty_db_url)) as db:
         with pytest.raises(MigrationError, match=r"0001_typo\.sql failed at line 3, column 8: "):
             await migrate(db, load_migrations(tmp_path))
+
+
+async def test_a_role_that_may_not_create_tables_finds_an_applied_schema_up_to_date(
+    empty_db_url: str, admin: asyncpg.Connection[Any], tmp_path: Path
+) -> None:
+    directory = tmp_path / "app"
+    directory.mkdir()
+    (directory / "0001_notes.sql").write_text("CREATE TABLE notes (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(directory), history="app") == ["0001_notes.sql"]
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    owner = await asyncpg.connect(empty_db_url)
+    await owner.execute(f"GRANT SELECT ON pglayer_migrations TO {role}")  # as an app's role
+    await owner.close()
+    try:
+        # PostgreSQL 15: only the database owner creates in `public`.
+        parts = urlsplit(empty_db_url)
+        as_role = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}{parts.path}"
+        async with Database(settings_for(as_role)) as db:
+            assert await migrate(db, load_migrations(directory), history="app") == []
+            (directory / "0002_more.sql").write_text("CREATE TABLE more (id int);")
+            with pytest.raises(MigrationError, match="permission denied"):
+                await migrate(db, load_migrations(directory), history="app")
+    finally:
+        owner = await asyncpg.connect(empty_db_url)
+        await owner.execute(f"DROP OWNED BY {role}")
+        await owner.close()
+        await admin.execute(f"DROP ROLE {role}")

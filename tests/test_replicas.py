@@ -15,11 +15,12 @@ from typing import Any
 import asyncpg
 import pytest
 from pglayer_shop.app import create_app
-from pglayer_shop.schema import apply_migrations
+from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database
 from pglayer._embedded import EmbeddedPostgres
+from pglayer.migrations import MigrationError, migrate
 from tests.conftest import asgi_client, settings_for, wait_for
 from tests.test_doctor import doctor
 from tests.test_metrics import scrape
@@ -298,3 +299,9 @@ async def test_metrics_show_the_replica_leave_the_rotation_while_it_lags(
             return (await scrape(client)).get(rotation) == 1
 
         assert await wait_for(back, timeout=10)
+
+
+async def test_migrating_a_standby_is_refused_saying_so(standby: EmbeddedPostgres) -> None:
+    async with Database(settings_for(standby.admin_url(DB))) as db:
+        with pytest.raises(MigrationError, match="read-only standby"):
+            await migrate(db, shop_migrations())

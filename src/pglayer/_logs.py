@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -37,7 +37,7 @@ class Throttle:
     one (to say so in it). Keys are a few kinds of event, not client input; at most `keys`
     are remembered."""
 
-    _all: list[Throttle] = []
+    _all: ClassVar[list[Throttle]] = []
 
     def __init__(self, every: float = 1.0, keys: int = 256) -> None:
         self.every = every

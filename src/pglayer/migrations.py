@@ -21,7 +21,13 @@ import asyncpg
 
 from pglayer._connection import Connection
 from pglayer._database import Database
-from pglayer._errors import DatabaseError, PglayerError, TransientError
+from pglayer._errors import (
+    DatabaseError,
+    PglayerError,
+    ProgrammingError,
+    TransactionAbortedError,
+    TransientError,
+)
 
 __all__ = [
     "Migration",
@@ -101,6 +107,17 @@ END $$;
 """
 
 
+# The table exists with `history` in its primary key: nothing of _HISTORY_TABLE to do.
+_HISTORY_READY = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_index i JOIN pg_attribute a
+        ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = to_regclass('pglayer_migrations') AND i.indisprimary
+       AND a.attname = 'history'
+)
+"""
+
+
 async def migrate(
     db: Database, migrations: list[Migration], *, history: str = "default"
 ) -> list[str]:
@@ -110,10 +127,23 @@ async def migrate(
     `0001_...` files on one database never collide.
     """
     async with db.transaction(timeout=60) as conn:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
-        await conn.execute("SET LOCAL statement_timeout = 0")
-        await conn.execute(_HISTORY_TABLE)
-        return await _apply(conn, migrations, history)
+        try:
+            if await conn.fetchval("SELECT pg_is_in_recovery()"):
+                raise MigrationError(
+                    "this server is a read-only standby: run migrations against the primary"
+                )
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+            await conn.execute("SET LOCAL statement_timeout = 0")
+            # Made (or brought up to date) only when it must be: an app's role may lack the
+            # privilege to create tables once its schema is in place.
+            if not await conn.fetchval(_HISTORY_READY):
+                await conn.execute(_HISTORY_TABLE)
+            return await _apply(conn, migrations, history)
+        except (ProgrammingError, TransactionAbortedError) as exc:  # 42501: no privilege
+            # A migration's own failure is a MigrationError naming it: this is the history's.
+            raise MigrationError(
+                f"cannot keep the migration history: {_server_reason(exc)}"
+            ) from exc
 
 
 def _server_reason(exc: DatabaseError) -> str:
