@@ -6,8 +6,8 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
