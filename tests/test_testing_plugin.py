@@ -59,6 +59,10 @@ async def test_a_note_is_created(pglayer_client):
 
 async def test_each_test_starts_from_the_migrated_template(pglayer_db):
     assert await pglayer_db.run(lambda conn: conn.fetchval("SELECT count(*) FROM notes")) == 0
+
+
+def test_the_environments_replicas_are_not_the_tests(pglayer_settings):
+    assert pglayer_settings.replica_urls == []
 """
 
 
@@ -73,8 +77,10 @@ def test_a_project_gets_a_migrated_database_per_test(
         "pglayer_migrations = migrations\n"
     )
     monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    # The app's production settings in the environment: its replica is not the test's clone.
+    monkeypatch.setenv("PGLAYER_REPLICA_URLS", server.url_for("postgres"))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 def test_without_the_testing_extra_the_import_error_names_it() -> None:
