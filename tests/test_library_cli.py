@@ -297,6 +297,31 @@ async def _setting(url: str, name: str) -> str:
         await conn.close()
 
 
+def test_serve_names_an_attribute_its_module_lacks(db_url: str, tmp_path: Path) -> None:
+    write_migrations(tmp_path / "migrations", "notes")
+    (tmp_path / "notesapp.py").write_text(APP)
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:nosuch", "--migrations", "migrations"]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "module 'notesapp' has no attribute 'nosuch'" in result.stderr
+    assert "serving" not in result.stdout + result.stderr
+
+
+def test_doctor_names_an_app_it_cannot_find(db_url: str, tmp_path: Path) -> None:
+    result = run("doctor", "nosuchapp:app", env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot find module 'nosuchapp'" in result.stderr
+
+
+def test_the_version_is_printed() -> None:
+    result = run("--version", env=clean_env())
+    assert result.returncode == 0
+    assert re.fullmatch(r"pglayer \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
+
+
 async def _regclass(url: str, name: str) -> str | None:
     conn = await asyncpg.connect(url)
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,13 +21,32 @@ from pydantic_settings import BaseSettings, SettingsError
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
-from pglayer._serve import apply_directories, serve
+from pglayer._serve import apply_directories, check_importable, serve
 from pglayer._settings import DatabaseSettings, ServerSettings
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
 app = typer.Typer(help="pglayer: serve, migrate and check an app built on pglayer.")
 console = Console(stderr=True)
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"pglayer {version('pglayer')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+    ] = False,
+) -> None:
+    """pglayer: serve, migrate and check an app built on pglayer."""
+
 
 Migrations = Annotated[
     list[Path] | None,
@@ -136,6 +157,13 @@ def doctor(
     ] = False,
 ) -> None:
     """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
+    if target is not None:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `pglayer serve` finds it
+        try:
+            check_importable(target)
+        except PglayerError as exc:
+            raise fail(str(exc)) from None
     settings = DatabaseSettings()
     if settings_only:
         print_settings(settings, ServerSettings())

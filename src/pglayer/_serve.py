@@ -25,7 +25,7 @@ from pglayer._pooler import connect_plain
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
-__all__ = ["apply_directories", "event_loop", "serve"]
+__all__ = ["apply_directories", "check_importable", "event_loop", "serve"]
 
 log = logging.getLogger("pglayer.cli")
 
@@ -105,7 +105,7 @@ class _StartupFailures(logging.Handler):
             self.seen = True
 
 
-def _check_importable(app: str) -> None:
+def check_importable(app: str) -> None:
     """Raise `ConfigurationError` unless `app`'s module (`module:attr`) can be found."""
     module = app.split(":", 1)[0]
     try:
@@ -117,6 +117,24 @@ def _check_importable(app: str) -> None:
             f"cannot find module {module!r} of {app!r} in the current directory or the"
             " installed packages: run from the directory that holds it, or install it"
         )
+
+
+def _check_app(app: str) -> None:
+    """Raise `ConfigurationError` unless `app` (`module:attr`) imports and names something."""
+    check_importable(app)
+    module_name, _, attr = app.partition(":")
+    if not attr:
+        raise ConfigurationError(f"{app!r}: name the app as module:attr (e.g. main:app)")
+    try:
+        found: object = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
+        found = getattr(found, part)
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -161,7 +179,7 @@ def serve(
     app_dir = os.getcwd()
     if app_dir not in sys.path:
         sys.path.insert(0, app_dir)  # worker processes inherit it
-    _check_importable(app)
+    check_importable(app)
 
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).
@@ -199,6 +217,10 @@ def serve(
         if applied:
             say(f"applied migrations: {', '.join(applied)}")
         asyncio.run(check_budget(workers))
+        if workers == 1:
+            # uvicorn imports it here too: a missing attribute is one line, not "serving"
+            # and a traceback. (Workers import it themselves; a failure ends with status 3.)
+            _check_app(app)
         say(f"serving {app} on http://{host}:{port}")
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)
