@@ -141,3 +141,29 @@ def test_unreachable_database_url_fails_with_a_masked_message() -> None:
     assert result.returncode == 1
     assert "not reachable" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", [SHOP, PGLAYER])
+def test_a_port_outside_the_tcp_range_is_refused(command: str) -> None:
+    # The kernel would take 83637 modulo 65536 (18101) while the log said 83637.
+    args = ["serve", "--port", "83637"] + ([] if command == SHOP else ["main:app"])
+    result = run_cli(*args, env=clean_env(), command=command)
+    assert result.returncode == 2
+    assert "less than or equal to 65535" in " ".join(result.stderr.split())
+
+
+def test_serve_refuses_an_invalid_shop_setting_before_saying_it_serves() -> None:
+    env = clean_env(PGLAYER_ORDER_BATCH_SIZE="0", DATABASE_URL="postgresql://u@127.0.0.1:1/x")
+    result = run_cli("serve", "--port", str(free_port()), env=env)
+    assert result.returncode == 1
+    assert "PGLAYER_ORDER_BATCH_SIZE" in result.stderr
+    assert "serving" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [SHOP, PGLAYER])
+def test_migrate_refuses_a_setting_the_app_would_refuse(command: str, tmp_path: Path) -> None:
+    env = clean_env(PGLAYER_MAX_SIZE="abc", DATABASE_URL="postgresql://u@127.0.0.1:1/x")
+    args = ["migrate"] + ([] if command == SHOP else ["--dir", str(tmp_path)])
+    result = run_cli(*args, env=env, command=command)
+    assert result.returncode == 1
+    assert "PGLAYER_MAX_SIZE" in result.stderr

@@ -424,3 +424,11 @@ def test_doctor_given_the_app_finds_the_connections_of_the_shops_serve(
         proc.wait(60)
     text = " ".join(result.stdout.split())
     assert re.search(r"[1-9][0-9]* connection\(s\) are this app's", text), text
+
+
+def test_doctor_refuses_a_server_setting_the_app_would_refuse() -> None:
+    result = run(
+        "doctor", env=clean_env(PGLAYER_LOG_FORMAT="xml", DATABASE_URL="postgresql://u@h/d")
+    )
+    assert result.returncode == 1
+    assert "PGLAYER_LOG_FORMAT" in result.stderr

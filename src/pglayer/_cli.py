@@ -80,7 +80,7 @@ def serve_command(
     migrations: Migrations = None,
     history: Histories = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     factory: Annotated[bool, typer.Option(help="APP is a function that returns the app")] = False,
     data_dir: Annotated[
@@ -122,7 +122,7 @@ def migrate(
 ) -> None:
     """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name
     (or `--history`)."""
-    configure_logging(format="text", level="WARNING")
+    configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
     if DatabaseSettings().url is None:
         raise fail("no DATABASE_URL set")
     try:
@@ -164,9 +164,9 @@ def doctor(
             check_importable(target)
         except PglayerError as exc:
             raise fail(str(exc)) from None
-    settings = DatabaseSettings()
+    settings, server = DatabaseSettings(), ServerSettings()  # both as the app reads them
     if settings_only:
-        print_settings(settings, ServerSettings())
+        print_settings(settings, server)
         return
     if settings.url is None:
         raise fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")

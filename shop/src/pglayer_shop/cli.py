@@ -66,6 +66,13 @@ async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
         await _seed_rows(db, counts)
 
 
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable a settings error is about (every setting is PGLAYER_*)."""
+    if not loc:
+        return "settings"
+    return "DATABASE_URL" if loc[0] == "url" else f"PGLAYER_{str(loc[0]).upper()}"
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/] {message}", soft_wrap=True)  # one line, however narrow
     return typer.Exit(code=1)
@@ -74,7 +81,7 @@ def _fail(message: str) -> typer.Exit:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     seed_data: Annotated[
         bool, typer.Option("--seed/--no-seed", help="Seed an empty database")
@@ -82,6 +89,7 @@ def serve(
     data_dir: DataDir = Path(".pglayer"),
 ) -> None:
     """Serve the shop; with no DATABASE_URL, on an embedded PostgreSQL."""
+    ShopSettings()  # refused here, not by each worker after "serving" was said
 
     async def prepare(db: Database) -> None:
         applied = await apply_migrations(db)
@@ -161,9 +169,7 @@ def main() -> None:
         app()
     except ValidationError as exc:  # a setting from the environment: one line, not a traceback
         errors = exc.errors(include_input=False, include_url=False)
-        wrong = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors
-        )
+        wrong = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in errors)
         raise SystemExit(_fail(f"invalid settings: {wrong}").exit_code) from None
     except SettingsError as exc:  # a value pydantic-settings could not parse (JSON)
         raise SystemExit(_fail(f"invalid settings: {exc}").exit_code) from None
