@@ -63,6 +63,16 @@ def test_doctor_detects_pgbouncer_and_its_pool_mode(
     assert f"in {mode} mode" in out
 
 
+def test_doctor_says_the_pooler_rejected_a_wrong_password(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer]
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        assert bouncer.password  # the pooler checks it (SCRAM)
+        code, out = doctor(bouncer.url(db_name).replace(bouncer.password, "wrong", 1))
+    assert code == 1, out
+    assert "rejected the user or password" in " ".join(out.split()), out
+
+
 @pytest.mark.parametrize("pooler", ["auto", "pgbouncer-transaction"])
 def test_doctor_passes_where_the_pool_turns_prepared_statements_off_behind_pgbouncer(
     server: Server, db_name: str, bouncer_for: type[PgBouncer], pooler: str

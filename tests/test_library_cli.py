@@ -312,8 +312,8 @@ def test_serve_names_an_attribute_its_module_lacks(db_url: str, tmp_path: Path) 
 
 def test_doctor_names_an_app_it_cannot_find(db_url: str, tmp_path: Path) -> None:
     result = run("doctor", "nosuchapp:app", env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
-    assert result.returncode == 1
-    assert "cannot find module 'nosuchapp'" in result.stderr
+    assert result.returncode == 0  # a warning: the name alone tells the app's connections
+    assert "warning: cannot find module 'nosuchapp'" in " ".join(result.stderr.split())
 
 
 def test_the_version_is_printed() -> None:

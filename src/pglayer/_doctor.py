@@ -53,7 +53,7 @@ class Diagnosis:
 
 _GROUPS = """
 SELECT coalesce(datname, '') AS database, application_name, count(*)::int AS connections
-  FROM pg_stat_activity WHERE backend_type = 'client backend'
+  FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
  GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 8
 """
 
@@ -181,7 +181,8 @@ async def diagnose(
         "in use now",
         "ok",
         f"{budget.ours} connection(s) are this app's ({settings.application_name!r} in this"
-        f" database), {budget.in_use} client connection(s) in all: {listed}{hint}",
+        f" database), {budget.in_use} client connection(s) in all besides this check's:"
+        f" {listed or 'none'}{hint}",
     )
     return result
 

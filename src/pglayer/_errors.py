@@ -339,6 +339,9 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, asyncpg.UndefinedObjectError):
         # The server's words name the parameter (a URL query parameter it does not know).
         return f"{target} refused a parameter of the URL: {exc.args[0] if exc.args else exc}"
+    if isinstance(exc, asyncpg.ProtocolViolationError) and "authentication failed" in str(exc):
+        # PgBouncer says a failed login with 08P01 ("SASL authentication failed"), not 28P01.
+        return f"{target} rejected the user or password (the pooler's check)"
     if isinstance(exc, asyncpg.PostgresError):
         return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
     return f"cannot connect to {target} ({type(exc).__name__})"
