@@ -153,6 +153,7 @@ async def test_nesting_of_64_levels_is_still_json(
         "multipart/form-data; boundary=x",
         "application/xml",
         "application/json; charset=latin-1",
+        "application/+json",
         None,
     ],
 )

@@ -132,8 +132,8 @@ def check_media_type(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     mime, _, params = content_type.decode("latin-1").partition(";")
     mime = mime.strip().lower()
     json_type = mime == "application/json" or (
-        mime.startswith("application/") and mime.endswith("+json")
-    )
+        mime.startswith("application/") and mime.endswith("+json") and len(mime) > 17
+    )  # application/x+json, not application/+json
     charset = "utf-8"
     for param in params.split(";"):
         key, _, given = param.partition("=")
