@@ -113,3 +113,16 @@ def test_the_walkthroughs_serve_command_serves_the_app(
         proc.send_signal(signal.SIGTERM)  # our own child, by its PID
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_the_walkthroughs_app_passes_mypy_strict(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "notes.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
