@@ -9,13 +9,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI, HTTPException
+from pglayer_shop.app import create_app
+from pglayer_shop.settings import ShopSettings
 from starlette.types import Message, Receive, Scope, Send
 
 from pglayer import Database
 from pglayer._context import FRONT_DOOR_KEY
 from pglayer._http import PROTOCOL
-from pglayer.fastapi import WriteConnection, WriteTransaction, setup
+from pglayer.fastapi import Route, WriteConnection, WriteTransaction, setup
 from pglayer.fastapi._middleware import WATCH_AFTER
 from tests.conftest import LiveServer, asgi_client, backends, settings_for, wait_for
 
@@ -252,3 +254,55 @@ async def test_a_server_without_uvicorns_disconnect_flag_is_watched_with_a_task(
         return await no_leaks(admin, db_name, tx_db)
 
     assert await wait_for(released)
+
+
+async def test_routes_that_skip_pglayers_body_checks_are_named_at_startup(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+
+    @app.post("/before")
+    async def before(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    early = APIRouter()
+
+    @early.post("/routed")
+    async def routed(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    app.include_router(early)
+    setup(app, db)
+
+    @app.post("/after")  # pglayer's Route from here on, for the app's own routes
+    async def after(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    checked = APIRouter(prefix="/ok", route_class=Route)
+
+    @checked.post("/checked")
+    async def fine(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    late = APIRouter(prefix="/late")  # a router keeps its own route class
+    late.post("/routed")(routed)
+    app.include_router(checked)
+    app.include_router(late)
+
+    caplog.set_level("WARNING", logger="pglayer")
+    async with app.router.lifespan_context(app):
+        pass
+    said = [r.getMessage() for r in caplog.records if "not pglayer's Route" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("3 route(s)")
+    assert "/before, /late/routed, /routed;" in said[0]
+
+
+async def test_the_shops_routes_all_take_pglayers_body_checks(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(db=db, settings=ShopSettings(admin_token=None))
+    caplog.set_level("WARNING", logger="pglayer")
+    async with app.router.lifespan_context(app):
+        pass
+    assert not [r for r in caplog.records if "not pglayer's Route" in r.getMessage()]

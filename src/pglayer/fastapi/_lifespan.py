@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ def database_lifespan(
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Any]:
+        _warn_plain_routes(app)
         await db.open()
         if tune_gc:
             _tune_gc()
@@ -48,6 +49,30 @@ def database_lifespan(
             await db.close()
 
     return lifespan
+
+
+def _warn_plain_routes(app: Any) -> None:
+    """Say which routes are FastAPI's own, not pglayer's `Route`: declared before `setup()`,
+    or on an `APIRouter` without `route_class=Route`, they skip its body checks."""
+    plain = list(_plain_routes(getattr(app, "routes", ()), ""))
+    if plain:
+        log.warning(
+            "%d route(s) with a body are FastAPI's APIRoute, not pglayer's Route, so"
+            " pglayer's JSON checks (415, duplicate keys, strict parsing) skip them: %s;"
+            " declare them after setup(), or on APIRouter(route_class=Route)",
+            len(plain),
+            ", ".join(sorted(set(plain))[:5]),
+        )
+
+
+def _plain_routes(routes: Iterable[Any], prefix: str) -> Iterator[str]:
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
+        if included is not None:
+            more = getattr(getattr(route, "include_context", None), "prefix", "")
+            yield from _plain_routes(included.routes, prefix + more)
+        elif type(route) is APIRoute and route.body_field is not None:
+            yield prefix + route.path
 
 
 def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:
