@@ -617,6 +617,44 @@ async def test_a_deposit_to_a_locked_account_is_busy_within_the_write_bound(
         assert account["balance"] == "100.00"  # nothing deposited
 
 
+async def test_deposits_queued_on_a_locked_account_all_end_within_their_bound(
+    db_url: str,
+) -> None:
+    # Each is one UPDATE in a bounded transaction: the second in line waits for the tuple
+    # lock, then for the holder; the bound's statement_timeout ends both waits together.
+    bound = 1.0
+    db = Database(settings_for(db_url, min_size=1, max_size=8))
+    app = create_app(db=db, settings=ShopSettings(admin_token=None, write_lock_timeout=bound))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        user = (await _an_order(client))["user_id"]
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        await holder.execute(f"BEGIN; SELECT 1 FROM accounts WHERE user_id = {user} FOR UPDATE")
+
+        async def deposit() -> tuple[int, str, float]:
+            started = time.monotonic()
+            response = await client.post(f"/accounts/{user}/deposits", json={"amount": "5.00"})
+            return response.status_code, response.json()["code"], time.monotonic() - started
+
+        try:
+            outcomes = await asyncio.gather(*(deposit() for _ in range(4)))
+        finally:
+            await holder.close()
+    assert [(status, code) for status, code, _ in outcomes] == [(503, "busy")] * 4
+    # About 1 s each; twice the bound would be 2 s (slack for a busy CI).
+    assert max(seconds for _, _, seconds in outcomes) < 1.6 * bound
+
+
+async def test_a_lock_bounded_transaction_bounds_its_statements_too(db: Database) -> None:
+    shown = await db.run_in_transaction(
+        lambda c: c.fetchval("SELECT current_setting('statement_timeout')"), lock_timeout=0.5
+    )
+    assert shown == "550ms"  # the bound, and a tenth for the work after a wait
+    plain = await db.run_in_transaction(
+        lambda c: c.fetchval("SELECT current_setting('statement_timeout')")
+    )
+    assert plain == "10s"  # only inside the bounded transaction
+
+
 @pytest.mark.parametrize("keyed", [(), (0, 1, 2, 3), (0,)], ids=["keyless", "keyed", "mixed"])
 async def test_orders_queued_on_a_locked_product_all_end_within_their_bound(
     db_url: str, keyed: tuple[int, ...]

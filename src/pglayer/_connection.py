@@ -18,6 +18,7 @@ from pglayer._context import RequestContext
 from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
+    LockTimeoutError,
     QueryTimeoutError,
     TransactionAbortedError,
     raise_translated,
@@ -51,7 +52,16 @@ class Connection:
     there as `raw` for what is not wrapped. It is valid until it goes back to the pool.
     """
 
-    __slots__ = ("_ctx", "_depth", "_pool", "_slot", "_writes", "lock_timeout_ms", "raw")
+    __slots__ = (
+        "_ctx",
+        "_depth",
+        "_lock_bounded",
+        "_pool",
+        "_slot",
+        "_writes",
+        "lock_timeout_ms",
+        "raw",
+    )
 
     def __init__(
         self, slot: Slot, pool: Pool, ctx: RequestContext | None = None, *, writer: bool = False
@@ -67,6 +77,7 @@ class Connection:
         # Set by `Database.run` and `run_in_transaction` with `lock_timeout`: what is left of
         # the bound, for a statement that applies it itself (several lock waits in a row).
         self.lock_timeout_ms: int | None = None
+        self._lock_bounded = False  # in a transaction whose lock waits are bounded
 
     @property
     def observer(self) -> Observer:
@@ -81,6 +92,14 @@ class Connection:
             return QueryTimeoutError()
         closed = self.raw.is_closed()
         translated = translate(exc, connection_closed=closed)
+        if (
+            self._lock_bounded
+            and isinstance(translated, QueryTimeoutError)
+            and translated.sqlstate == "57014"
+        ):
+            # The bound's own statement_timeout (see `_begin`): stuck on locks past the bound.
+            translated = LockTimeoutError(sqlstate=translated.sqlstate)
+            translated.__cause__ = exc
         if isinstance(translated, ConnectionLostError) and not closed:
             # Broken but not yet closed: make sure the pool never hands it out again.
             getattr(self.raw, "terminate_broken", self.raw.terminate)()
@@ -236,6 +255,9 @@ class Connection:
         """
         self._depth += 1
         savepoint = f"pglayer_{self._depth}" if self._depth > 1 else None
+        bounded = self._lock_bounded
+        if lock_timeout is not None:
+            self._lock_bounded = True
         try:
             begin = _begin(readonly, isolation, deferrable, lock_timeout, savepoint)
             try:
@@ -257,6 +279,7 @@ class Connection:
                     self._raise(exc)
         finally:
             self._depth -= 1
+            self._lock_bounded = bounded
 
     def _indeterminate(self, what: str) -> CommitIndeterminateError:
         """The error for a connection that failed while `what` (a COMMIT, or a write in
@@ -372,5 +395,10 @@ def _begin(
         if deferrable:
             statement += " DEFERRABLE"
     if lock_timeout is not None:
-        statement += f"; SET LOCAL lock_timeout = {max(int(lock_timeout * 1000), 1)}"
+        ms = max(int(lock_timeout * 1000), 1)
+        # A statement can wait twice: for a row's tuple lock (queued behind other waiters),
+        # then for the transaction that holds the row. Its own deadline keeps it in the
+        # bound (and a little more, for the work after the wait).
+        whole = ms + max(ms // 10, 20)
+        statement += f"; SET LOCAL lock_timeout = {ms}; SET LOCAL statement_timeout = {whole}"
     return statement
