@@ -34,7 +34,7 @@ from pglayer import (
     set_retry_testing,
 )
 from pglayer._errors import class_for_sqlstate, raise_translated, translate
-from pglayer.fastapi import Db, WriteTransaction, setup
+from pglayer.fastapi import Db, Problem, WriteTransaction, setup
 from pglayer.fastapi._problems import problem_for_database_error, problem_response
 from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
 
@@ -568,3 +568,8 @@ def test_retry_after_is_the_predicted_wait_within_one_to_ten_seconds(
     # rebuilt was near zero.
     problem = problem_for_database_error(PoolOverloadedError(retry_after=predicted))
     assert problem.headers == {"Retry-After": header}
+
+
+def test_a_problem_of_a_status_pglayer_does_not_name_takes_http_s_reason_phrase() -> None:
+    assert Problem(418).title == "I'm a Teapot"
+    assert Problem(599).title == "Error"  # no phrase in HTTP for it

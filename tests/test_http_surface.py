@@ -774,3 +774,17 @@ async def test_an_email_longer_than_64_before_the_at_is_422(http: httpx.AsyncCli
     response = await http.post("/users", json={"name": "L", "email": "a" * 65 + "@example.com"})
     problem = assert_problem(response, 422, "validation_error")
     assert problem["errors"][0]["loc"] == ["body", "email"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/users%2f1", "/users%2F1%2Forders", "/health%2Flive", "/users%5c1"]
+)
+async def test_a_path_with_an_encoded_separator_is_404(http: httpx.AsyncClient, path: str) -> None:
+    # Decoded, it would be routed as another path than a proxy filtering by prefix saw.
+    response = await http.get(path)
+    assert_problem(response, 404, "not_found")
+    assert "x-request-id" in response.headers
+
+
+async def test_other_percent_encodings_in_a_path_are_routed(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/health/%6Cive")).status_code == 200  # %6C: "l"

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import logging
 import math
+import re
 import time
 import urllib.parse
 from collections import deque
@@ -54,6 +55,7 @@ from pglayer._errors import PoolOverloadedError
 from pglayer._logs import AccessLog, escape
 from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
+    Problem,
     internal_error_response,
     problem_for_database_error,
     problem_response,
@@ -133,6 +135,24 @@ def _too_large(max_body_size: int) -> tuple[int, tuple[tuple[bytes, bytes], ...]
         (b"connection", b"close"),
     )
     return 413, headers, body
+
+
+def _encoded_separator() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    response = problem_response(
+        Problem(
+            404,
+            "not_found",
+            "No route has this path: a '/' or '\\' in it is a separator, not to be sent"
+            " percent-encoded (%2F, %5C).",
+        )
+    )
+    return response.status_code, tuple(response.headers.raw), bytes(response.body)
+
+
+# The server decodes the path before routing: `/admin%2Fusers` would be routed as
+# `/admin/users` while a proxy that filters by prefix saw another path.
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2[Ff]|5[Cc])")
+_ENCODED_SEPARATOR_REPLY = _encoded_separator()
 
 
 class _Exchange:
@@ -312,6 +332,13 @@ class RequestGuard:
             # A copy: the server keeps seeing HEAD (uvicorn then expects no body).
             scope = {**scope, "method": "GET"}
             ex.head = True
+        raw_path = scope.get("raw_path")
+        if raw_path is not None and b"%" in raw_path and _ENCODED_SEPARATOR.search(raw_path):
+            try:
+                await ex.reply(_ENCODED_SEPARATOR_REPLY)
+            finally:
+                self._account(scope, ex)
+            return
         try:
             db = self.database
             predicted = None if db is None else db.saturated()

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -196,6 +197,14 @@ def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, di
     return out
 
 
+def _phrase(status: int) -> str:
+    """HTTP's reason phrase for `status` (418: "I'm a Teapot"), or "Error"."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 class Problem(Exception):
     """An error that becomes a problem response as it is; raise it from handlers."""
 
@@ -212,7 +221,7 @@ class Problem(Exception):
         super().__init__(detail or code or str(status))
         self.status = status
         self.code = code or _CODES.get(status, "error")
-        self.title = title or _TITLES.get(status, "Error")
+        self.title = title or _TITLES.get(status) or _phrase(status)
         self.detail = detail or self.title
         self.headers = headers or {}
         self.extra = extra
