@@ -91,6 +91,25 @@ async def test_detection_holds_while_other_clients_probe_the_pooler_at_once(
         }
 
 
+async def test_detection_ignores_statements_other_clients_left_on_the_server_connection(
+    server: Server, db_name: str
+) -> None:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    with PgBouncer(server.admin_url, pool_mode="transaction", pool_size=1) as bouncer:
+        other = await asyncpg.connect(bouncer.url(db_name))
+        try:
+            # Another process's asyncpg (another worker's probe) named its statements from
+            # its own counter: the names this process's next ones will have.
+            start = asyncpg.connection._uid  # type: ignore[attr-defined]
+            async with other.transaction():  # left on the pooler's one server connection
+                for n in range(start + 1, start + 20):
+                    await other.execute(f'PREPARE "__asyncpg_stmt_{n:x}__" AS SELECT 1')
+            found = await detect_pooler(settings_for(bouncer.url(db_name)))
+        finally:
+            await other.close()
+    assert (found.mode, found.prepared_statements) == ("transaction", False)
+
+
 async def test_a_replica_is_probed_whatever_the_primarys_pooler_is_said_to_be(
     tx_bouncer: PgBouncer, db_name: str, db_url: str
 ) -> None:

@@ -110,7 +110,9 @@ async def prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool
     one that passes them through (older PgBouncer) leaves the client's name on the one
     server connection it ran on. One transaction tells which, whoever else uses the pooler:
     a name of our own, unique, cannot be found on a server connection by chance."""
-    conn = await connect_plain(dsn, settings, statement_cache_size=100)
+    # No statement cache: asyncpg would name its statements as every other probe's do
+    # (__asyncpg_stmt_1__), and behind a pooler that passes names through they collide.
+    conn = await connect_plain(dsn, settings)
     name = f"pglayer_probe_{secrets.token_hex(8)}"
     try:
         async with conn.transaction():
