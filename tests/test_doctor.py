@@ -63,6 +63,18 @@ def test_doctor_detects_pgbouncer_and_its_pool_mode(
     assert f"in {mode} mode" in out
 
 
+def test_doctor_says_the_pooler_has_no_such_database(
+    server: Server, bouncer_for: type[PgBouncer]
+) -> None:
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        bouncer_url = bouncer.url("postgres")
+        # A pooler with one database listed: any other name is none of its.
+        code, out = doctor(bouncer_url.rsplit("/", 1)[0] + "/pgbouncer_nosuchdb")
+    text = " ".join(out.split())
+    assert code == 1, out
+    assert "does not exist" in text or "has no such database" in text, out
+
+
 def test_doctor_says_the_pooler_rejected_a_wrong_password(
     server: Server, db_name: str, bouncer_for: type[PgBouncer]
 ) -> None:

@@ -573,3 +573,35 @@ def test_retry_after_is_the_predicted_wait_within_one_to_ten_seconds(
 def test_a_problem_of_a_status_pglayer_does_not_name_takes_http_s_reason_phrase() -> None:
     assert Problem(418).title == "I'm a Teapot"
     assert Problem(599).title == "Error"  # no phrase in HTTP for it
+
+
+async def test_an_outages_503s_are_logged_once_a_second_and_each_500_alone(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("pglayer._logs.time.monotonic", lambda: now[0])
+    app = FastAPI()
+    setup(app, Database(settings_for("postgresql://u@127.0.0.1:1/x")))
+
+    @app.get("/lost")
+    async def lost() -> None:
+        raise ConnectionLostError()
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise ProgrammingError(sqlstate="42703")
+
+    caplog.set_level("INFO", logger="pglayer.http")
+    async with asgi_client(app) as client:
+        for _ in range(5):
+            assert (await client.get("/lost")).status_code == 503
+        now[0] += 1.5
+        assert (await client.get("/lost")).status_code == 503
+        for _ in range(2):
+            assert (await client.get("/bug")).status_code == 500
+    unavailable = [r for r in caplog.records if "503 unavailable" in r.getMessage()]
+    assert len(unavailable) == 2
+    assert unavailable[1].getMessage().endswith("(4 more like it left out)")
+    internal = [r for r in caplog.records if "500 internal" in r.getMessage()]
+    assert len(internal) == 2  # each with the request id its client was given
+    assert [bool(r.exc_info) for r in internal] == [True, False]

@@ -321,7 +321,10 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"nothing is listening at {target} (connection refused): is the server running?"
     if isinstance(exc, TimeoutError):
-        return f"{target} did not answer in time (a firewall, or the server is overloaded)"
+        return (
+            f"{target} did not answer in time (a firewall, the server overloaded, or a"
+            " pooler waiting for a server it cannot reach)"
+        )
     if isinstance(
         exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
     ):
@@ -339,9 +342,13 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, asyncpg.UndefinedObjectError):
         # The server's words name the parameter (a URL query parameter it does not know).
         return f"{target} refused a parameter of the URL: {exc.args[0] if exc.args else exc}"
+    # PgBouncer says what PostgreSQL says with 28P01 or 3D000 with 08P01, in words.
     if isinstance(exc, asyncpg.ProtocolViolationError) and "authentication failed" in str(exc):
-        # PgBouncer says a failed login with 08P01 ("SASL authentication failed"), not 28P01.
         return f"{target} rejected the user or password (the pooler's check)"
+    if isinstance(exc, asyncpg.ProtocolViolationError) and (
+        "no such database" in str(exc) or "does not exist" in str(exc)
+    ):
+        return f"the database of {target} does not exist (for the pooler or behind it)"
     if isinstance(exc, asyncpg.PostgresError):
         return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
     return f"cannot connect to {target} ({type(exc).__name__})"

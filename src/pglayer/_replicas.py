@@ -80,7 +80,8 @@ class ReplicaSet:
                 )
                 log.log(level, "replica %s is %s (%s)", health.name, state, health.reason)
             elif before.healthy != health.healthy:
-                log.warning(
+                log.log(
+                    logging.INFO if health.healthy else logging.WARNING,
                     "replica %s is %s (%s)",
                     health.name,
                     "back in rotation" if health.healthy else "out of rotation",

@@ -36,7 +36,7 @@ from pglayer._errors import (
     TransientError,
     UniqueViolationError,
 )
-from pglayer._logs import Throttle, escape
+from pglayer._logs import Throttle, escape, left_out
 from pglayer.fastapi._streaming import StreamAbandoned
 
 __all__ = [
@@ -311,7 +311,7 @@ def problem_for_database_error(exc: PglayerError) -> Problem:
     return Problem(500, "internal", "An unexpected error occurred.")
 
 
-_TRACEBACKS = Throttle()
+_SAID = Throttle()
 
 
 def _request_id(request: Request) -> str:
@@ -336,19 +336,24 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
             level = logging.INFO
         else:
             level = logging.WARNING
-        log.log(
-            level,
-            "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)",
-            escape(request.method),
-            escape(request.scope.get("path", "")),
-            problem.status,
-            problem.code,
-            type(exc).__name__,
-            sqlstate,
-            _request_id(request),
-            # The traceback once a second per kind: an outage fails every request alike.
-            exc_info=problem.status == 500 and _TRACEBACKS.allow(type(exc)) is not None,
-        )
+        # An outage fails every request alike: a 503 line (and a 500's traceback) once a
+        # second per kind, saying how many were left out; each 500 keeps its own line, whose
+        # request id the client was given as its correlation id.
+        count = _SAID.allow((problem.status, problem.code, type(exc)))
+        if count is not None or problem.status == 500:
+            log.log(
+                level,
+                "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)%s",
+                escape(request.method),
+                escape(request.scope.get("path", "")),
+                problem.status,
+                problem.code,
+                type(exc).__name__,
+                sqlstate,
+                _request_id(request),
+                left_out(count or 0),
+                exc_info=problem.status == 500 and count is not None,
+            )
     if problem.status == 500:
         problem.extra["correlation_id"] = _request_id(request)
     elif isinstance(exc, IdempotencyKeyReusedError):
