@@ -313,3 +313,22 @@ async def test_a_pool_of_two_sheds_load_fast_instead_of_queueing(
         return not rows  # the pool is closed: nothing may remain
 
     assert await wait_for(clean)
+
+
+async def test_while_the_server_is_down_callers_do_not_each_try_to_connect(
+    running: EmbeddedPostgres,
+) -> None:
+    url = running.admin_url("postgres")
+    async with Database(settings_for(url, min_size=0, max_size=4, connect_timeout=0.5)) as db:
+        assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+        await asyncio.to_thread(wait_stopped, running)
+        outcomes = []
+        for _ in range(50):  # a burst of requests, each of which would connect
+            try:
+                await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+            except (ConnectionLostError, DatabaseUnavailableError) as exc:
+                outcomes.append(type(exc).__name__)
+        tried = db.stats().connections_failed
+    assert len(outcomes) == 50  # every one a 503, at once
+    # The first tries and fails; the rest, within its cool-down, do not try again.
+    assert 1 <= tried <= 3, tried

@@ -50,6 +50,8 @@ from pglayer._observability import Observer
 
 __all__ = ["Pool", "Slot"]
 
+_COOL_DOWN_FIRST = 0.05  # seconds callers leave the database alone after a failed connect
+_COOL_DOWN_MAX = 0.5
 log = logging.getLogger("pglayer")
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -251,6 +253,11 @@ class Pool:
         self._slots: list[Slot] = []  # every open connection
         self._idle: deque[Slot] = deque()  # most recently used at the right
         self._size = 0  # open connections plus those being made
+        # After a failed connect, callers do not try again for a moment (doubling to
+        # _COOL_DOWN_MAX while they keep failing): in an outage every request would
+        # otherwise try its own connect, a thousand a second. Background refills go on.
+        self._cool_down_until = 0.0
+        self._connect_failures = 0
         self._in_use = 0
         self.refusal_delay = refusal_delay
         # Unnamed work is a read or a write; other names come from the caller (`bulkhead=`).
@@ -438,6 +445,10 @@ class Pool:
         return slot
 
     async def _grow_for_caller(self, wait: float) -> Slot:
+        if self._connect_failures and time.monotonic() < self._cool_down_until:
+            raise self._refused(
+                DatabaseUnavailableError("a connection to the database failed moments ago")
+            )
         self._size += 1
         try:
             return await self._new_slot(min(wait, self.connect_timeout))
@@ -703,6 +714,9 @@ class Pool:
             raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
         except Exception as exc:
             self.observer.connection_failed()
+            self._connect_failures += 1
+            cool_down = min(_COOL_DOWN_FIRST * 2 ** (self._connect_failures - 1), _COOL_DOWN_MAX)
+            self._cool_down_until = time.monotonic() + cool_down
             error = translate(exc)
             if isinstance(error, DatabaseError) and not isinstance(error, TransientError):
                 # Refused at connect (a database renamed or closed to connections, a role
@@ -715,6 +729,7 @@ class Pool:
         if self.closed:
             raw.terminate()
             raise DatabaseUnavailableError()
+        self._connect_failures = 0
         slot = Slot(raw)
         raw.add_termination_listener(lambda _raw: self._forget(slot))
         self._slots.append(slot)
