@@ -39,6 +39,7 @@ from pglayer._clock import Clock, clock
 from pglayer._errors import (
     DatabaseError,
     DatabaseUnavailableError,
+    LockTimeoutError,
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
@@ -821,7 +822,15 @@ class Pool:
         waiter.lane.waiting -= 1
         waiter.lane.timeouts += 1
         self._waiting -= 1
-        waiter.future.set_exception(self._refused(PoolTimeoutError()))
+        if waiter.bound and waiter.lane.locked_at:
+            # Its lane's connections are held by waits on a lock: it waited on that lock,
+            # not for a pool too small (which PoolTimeoutError, and its alert, would say).
+            error: PglayerError = LockTimeoutError(
+                "no connection within the lock bound: this bulkhead's connections wait on a lock"
+            )
+        else:
+            error = PoolTimeoutError()
+        waiter.future.set_exception(self._refused(error))
 
     def _tick(self, now: float) -> bool:
         deadlines = self._deadlines
