@@ -14,6 +14,7 @@ from pglayer import (
     ConfigurationError,
     Connection,
     Database,
+    DatabaseError,
     DatabaseUnavailableError,
     PoolOverloadedError,
     PoolTimeoutError,
@@ -282,3 +283,17 @@ async def test_a_statement_cancelled_between_parse_and_bind_does_not_hold_its_ba
 
         assert await wait_for(idle, timeout=5, interval=0.05)
         assert await db.read(lambda conn: conn.fetchval("SELECT 41 + 1")) == 42
+
+
+async def test_reads_read_only_refuses_a_write_through_a_read_as_a_replica_would(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, reads_read_only=True)) as db:
+        assert await db.read(lambda c: c.fetchval("SELECT 1")) == 1
+        with pytest.raises(DatabaseError) as through_read:
+            await db.read(lambda c: c.execute("CREATE TABLE written (id int)"))
+        with pytest.raises(DatabaseError) as through_connection:
+            async with db.read_connection() as conn:
+                await conn.execute("CREATE TABLE written (id int)")
+        await db.run(lambda c: c.execute("CREATE TABLE written (id int)"))  # writes still write
+    assert through_read.value.sqlstate == through_connection.value.sqlstate == "25006"

@@ -235,7 +235,7 @@ async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(
     assert "back in" not in changes[0][1], said  # the first check says where it stands
     stopped = [m for _, m in changes if "(unreachable)" in m or "(a read failed on it)" in m]
     assert len(stopped) == 1, said  # said once, whoever noticed first
-    assert changes[-1] == ("WARNING", "replica replica-1 is back in rotation (ok)"), said
+    assert changes[-1] == ("INFO", "replica replica-1 is back in rotation (ok)"), said
 
 
 def test_doctor_reports_each_replica_and_its_lag(

@@ -63,6 +63,7 @@ async def test_each_test_starts_from_the_migrated_template(pglayer_db):
 
 def test_the_environments_replicas_are_not_the_tests(pglayer_settings):
     assert pglayer_settings.replica_urls == []
+    assert pglayer_settings.reads_read_only  # a write through a read fails, as on a replica
 """
 
 

@@ -180,6 +180,8 @@ class Database:
         self._opener: asyncio.Task[None] | None = None
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
+        # `reads_read_only`: reads in a READ ONLY transaction; None, in autocommit.
+        self._read_tx = _Tx(readonly=True) if self.settings.reads_read_only else None
         self._replica_of: ReplicaSet | None = None  # a replica's: the set it reports health to
         if self.settings.replica_urls:
             self.replicas = ReplicaSet(
@@ -627,7 +629,7 @@ class Database:
         Falls back to the primary when no replica is healthy, when this request (or its
         client, recently) wrote, or when the replica fails; `fn` must only read.
         """
-        return self._call(self._read_target(), fn, True, timeout, None, bulkhead)
+        return self._call(self._read_target(), fn, True, timeout, self._read_tx, bulkhead)
 
     def run_in_transaction(
         self,
@@ -707,7 +709,11 @@ class Database:
                     await lease.__aexit__(None, None, None)
                 return
         async with _Lease(self, timeout, bulkhead, writer=False) as conn:
-            yield conn
+            if self._read_tx is None:
+                yield conn
+            else:
+                async with conn.transaction(readonly=True):
+                    yield conn
 
     def pools(self) -> list[Database]:
         """This pool and its replicas' pools."""

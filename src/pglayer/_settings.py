@@ -253,6 +253,13 @@ class DatabaseSettings(BaseSettings):
     replica_check_interval: float = Field(
         default=1.0, gt=0, description="How often each replica's health and lag are read."
     )
+    reads_read_only: bool = Field(
+        default=False,
+        description="Run reads on the primary (db.read, read_connection, ReadConnection) in a"
+        " READ ONLY transaction, as a replica would run them: a write there fails (25006) as"
+        " it would in production with replicas. Two more round trips a read; the pytest"
+        " plugin turns it on.",
+    )
     read_your_writes_window: float = Field(
         default=5.0,
         ge=0,

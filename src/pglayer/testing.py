@@ -141,9 +141,9 @@ def pglayer_database_url(pglayer_server_url: str, pglayer_template: str) -> Iter
 
 @pytest.fixture
 def pglayer_settings(pglayer_database_url: str) -> DatabaseSettings:
-    """Settings for the test's database: a small pool that must open at once. The rest comes
-    from the environment, but never replicas: they would serve the app's reads from another
-    database than the test's."""
+    """Settings for the test's database: a small pool that must open at once, reads in READ
+    ONLY transactions. The rest comes from the environment, but never replicas: they would
+    serve the app's reads from another database than the test's."""
     return DatabaseSettings(
         url=pglayer_database_url,
         min_size=1,
@@ -151,6 +151,7 @@ def pglayer_settings(pglayer_database_url: str) -> DatabaseSettings:
         require_on_startup=True,
         application_name="pglayer-testing",
         replica_urls=[],
+        reads_read_only=True,  # a write through a read fails here as it would on a replica
     )
 
 
