@@ -259,6 +259,7 @@ class Pool:
         # otherwise try its own connect, a thousand a second. Background refills go on.
         self._cool_down_until = 0.0
         self._connect_failures = 0
+        self._connect_error: DatabaseError = DatabaseUnavailableError()
         self._in_use = 0
         self.refusal_delay = refusal_delay
         # Unnamed work is a read or a write; other names come from the caller (`bulkhead=`).
@@ -447,8 +448,11 @@ class Pool:
 
     async def _grow_for_caller(self, wait: float) -> Slot:
         if self._connect_failures and time.monotonic() < self._cool_down_until:
+            last = self._connect_error  # the same kind, for the caller's retry policy
             raise self._refused(
-                DatabaseUnavailableError("a connection to the database failed moments ago")
+                type(last)(
+                    "a connect failed moments ago: not tried again yet", sqlstate=last.sqlstate
+                )
             )
         self._size += 1
         try:
@@ -726,6 +730,8 @@ class Pool:
                 error = DatabaseUnavailableError(
                     f"cannot connect ({type(exc).__name__})", sqlstate=error.sqlstate
                 )
+            if isinstance(error, DatabaseError):
+                self._connect_error = error
             raise_translated(exc, error)
         if self.closed:
             raw.terminate()
