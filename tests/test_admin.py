@@ -44,6 +44,10 @@ async def test_what_the_admin_routes_answer_is_never_cached(
         response = await admin_client.get(path, headers=auth)
         assert response.status_code == 200
         assert response.headers["cache-control"] == "no-store", path
+    for path in ("/admin/db-stats", "/admin/users/export", "/admin/pool.json"):
+        refused = await admin_client.get(path)  # no token: the 401 is not cached either
+        assert refused.status_code == 401
+        assert refused.headers["cache-control"] == "no-store", path
 
 
 @pytest.mark.parametrize(

@@ -297,3 +297,4 @@ async def test_reads_read_only_refuses_a_write_through_a_read_as_a_replica_would
                 await conn.execute("CREATE TABLE written (id int)")
         await db.run(lambda c: c.execute("CREATE TABLE written (id int)"))  # writes still write
     assert through_read.value.sqlstate == through_connection.value.sqlstate == "25006"
+    assert "through db.read" in str(through_read.value)  # what to look for, not "database error"

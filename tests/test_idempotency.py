@@ -73,8 +73,9 @@ async def test_a_rolled_back_write_leaves_no_key(db: Database, keys: Idempotency
 async def test_a_key_outside_a_transaction_is_refused_before_it_is_claimed(
     db: Database, keys: IdempotencyKeys
 ) -> None:
-    with pytest.raises(TypeError, match="in a transaction"):
-        await db.run(lambda c: keys.run(c, "notes", "k", body_hash(b"a"), add_note))
+    for key in ("k", None):  # without a key too: the mistake shows before keys are sent
+        with pytest.raises(TypeError, match="in a transaction"):
+            await db.run(lambda c, k=key: keys.run(c, "notes", k, body_hash(b"a"), add_note))  # type: ignore[misc]
     claimed = await db.run(lambda c: c.fetchval("SELECT count(*) FROM pglayer_idempotency_keys"))
     assert claimed == 0
     assert await db.run(lambda c: c.fetchval("SELECT count(*) FROM notes")) == 0

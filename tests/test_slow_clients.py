@@ -342,6 +342,27 @@ async def test_a_refused_head_whose_body_the_parser_then_refuses_is_answered_onc
     await asyncio.sleep(0.2)
     logged = served.log.read_text()[len(before) :]
     assert "Traceback" not in logged, logged
+    assert "Invalid HTTP request received" not in logged, logged  # answered and logged here
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /users/1 HTTP/1.2\r\nHost: a\r\nX-Request-ID: mine-1\r\n\r\n", 505),
+        (b"FOO /users/1 HTTP/1.1\r\nHost: a\r\nX-Request-ID: mine-1\r\n\r\n", 501),
+        (
+            b"POST /users HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\nx-request-id:  mine-1 \r\n\r\n{}",
+            400,
+        ),
+    ],
+    ids=["version", "method", "framing"],
+)
+async def test_a_head_the_parser_refuses_keeps_the_clients_request_id(
+    served: Served, head: bytes, status: int
+) -> None:
+    got, headers, _ = parse(await send_head(served, head))
+    assert (got, headers["x-request-id"]) == (status, "mine-1")
 
 
 async def test_an_http_1_0_request_needs_no_host(served: Served) -> None:

@@ -148,3 +148,18 @@ async def test_streams_hold_at_most_their_bulkheads_share_of_the_pool(db_url: st
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_column_json_cannot_hold_is_a_500_before_the_stream_starts(db: Database) -> None:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.get("/bytes")
+    async def raw_bytes() -> Response:
+        return await ndjson_response(db, "SELECT 'x'::bytea AS b")
+
+    async with asgi_client(app) as client:
+        response = await client.get("/bytes")
+    assert response.status_code == 500  # not a 200 with its body cut short
+    assert response.headers["content-type"] == "application/problem+json"
+    assert db.stats().in_use == 0

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsError
 from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
-from pglayer._serve import apply_directories, check_importable, serve
+from pglayer._serve import apply_directories, check_app, serve
 from pglayer._settings import DatabaseSettings, ServerSettings
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
@@ -161,7 +161,7 @@ def doctor(
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `pglayer serve` finds it
         try:
-            check_importable(target)
+            check_app(target)
         except PglayerError as exc:  # its name still names its connections: go on
             console.print(f"[yellow]warning:[/] {exc}", soft_wrap=True)
     settings, server = DatabaseSettings(), ServerSettings()  # both as the app reads them

@@ -275,6 +275,13 @@ def raise_translated(exc: BaseException, translated: BaseException) -> NoReturn:
     raise translated from exc
 
 
+# Messages for codes whose class says too little to act on.
+_MESSAGES = {
+    "25006": "a write in a read-only transaction: on a replica, or through db.read,"
+    " read_connection or ReadConnection (PGLAYER_READS_READ_ONLY)",
+}
+
+
 def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseException:
     """Map a driver or socket error to a pglayer error; anything else is returned as is.
 
@@ -292,7 +299,7 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
             exc = exc.__cause__
         cls = class_for_sqlstate(exc.sqlstate)
         return cls(
-            cls.default_message,
+            _MESSAGES.get(exc.sqlstate, cls.default_message),
             sqlstate=exc.sqlstate,
             constraint=getattr(exc, "constraint_name", None),
             table=getattr(exc, "table_name", None),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -117,6 +118,7 @@ _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9
 # RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{1,5}))?")
 _UPGRADE = re.compile(rb"\r\nupgrade:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
+_REQUEST_ID = re.compile(rb"\r\n(?i:x-request-id):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
 
 
 def _without_foreign_upgrade(data: bytes) -> bytes:
@@ -167,11 +169,27 @@ _METHOD_NOT_IMPLEMENTED = _problem(
 )
 
 
+class _AnsweredHere(logging.Filter):
+    """Drops uvicorn's own warning for a request this protocol refuses: it answers the
+    request itself and logs it as every request is, with its request id."""
+
+    quieted = ("Invalid HTTP request received.", "Unsupported upgrade request.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.quieted
+
+
+@functools.cache
+def _quiet_uvicorn() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_AnsweredHere())
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` with the bounds of `ServerSettings` (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _quiet_uvicorn()
         limits = _limits()
         self._max_head = limits.max_header_size
         self._head_timeout = limits.header_timeout
@@ -409,9 +427,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timers()
         head, body = response
         status = int(head[9:12])  # "HTTP/1.1 431 ..."
-        # The client's, when its head was read far enough (none before the first request).
+        # The client's, from the headers parsed, or else from the read the parser refused
+        # (a bad request line, framing): none before the first request.
         headers: list[tuple[bytes, bytes]] = getattr(self, "headers", [])
-        request_id = client_request_id(headers) or new_request_id()
+        request_id = (
+            client_request_id(headers)
+            or client_request_id((b"x-request-id", v) for v in _REQUEST_ID.findall(self._last_read))
+            or new_request_id()
+        )
         cycle = self.cycle
         in_app = isinstance(cycle, RequestResponseCycle) and not cycle.response_complete
         if in_app:

@@ -84,15 +84,16 @@ class IdempotencyKeys:
         """`work(conn)` inside the caller's transaction, or the stored result; and whether
         it was replayed. The result is stored as pglayer's JSON responses serialise it
         (records, Decimals as strings, UTC datetimes as "…Z"), and replayed as that JSON."""
-        if key is None:
-            return await work(conn), False
         if not conn.raw.is_in_transaction():
             # In autocommit the claim would commit alone: a failed `work` would leave the
-            # key spent with no answer stored, and every resend would replay nothing.
+            # key spent with no answer stored, and every resend would replay nothing. Said
+            # without a key too, so that the mistake shows before clients send keys.
             raise TypeError(
                 "IdempotencyKeys.run needs a connection in a transaction"
                 " (db.run_in_transaction, WriteTransaction, @transactional)"
             )
+        if key is None:
+            return await work(conn), False
         fresh = await conn.fetchval(_CLAIM, scope, key, request_hash, self.ttl)
         if not fresh:
             stored = await conn.fetchrow(_STORED, scope, key)

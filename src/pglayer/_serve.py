@@ -25,7 +25,7 @@ from pglayer._pooler import connect_plain
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
-__all__ = ["apply_directories", "check_importable", "event_loop", "serve"]
+__all__ = ["apply_directories", "check_app", "check_importable", "event_loop", "serve"]
 
 log = logging.getLogger("pglayer.cli")
 
@@ -119,7 +119,7 @@ def check_importable(app: str) -> None:
         )
 
 
-def _check_app(app: str) -> None:
+def check_app(app: str) -> None:
     """Raise `ConfigurationError` unless `app` (`module:attr`) imports and names something."""
     check_importable(app)
     module_name, _, attr = app.partition(":")
@@ -220,7 +220,7 @@ def serve(
         if workers == 1:
             # uvicorn imports it here too: a missing attribute is one line, not "serving"
             # and a traceback. (Workers import it themselves; a failure ends with status 3.)
-            _check_app(app)
+            check_app(app)
         say(f"serving {app} on http://{host}:{port}")
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)

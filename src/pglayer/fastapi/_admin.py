@@ -38,6 +38,9 @@ def _token_bytes(token: SecretStr | str | None) -> bytes | None:
     return raw.encode() if raw else None
 
 
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
 def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]:
     """A dependency: 404 without a configured `token`, 401 unless the bearer token matches."""
     expected = _token_bytes(token)
@@ -47,7 +50,7 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
         # adds this to what a route returns, unless it returns a Response of its own).
         response.headers["Cache-Control"] = "no-store"
         if expected is None:
-            raise Problem(404, "not_found", "Not Found")
+            raise Problem(404, "not_found", "Not Found", headers=_NO_STORE)
         given = b"" if credentials is None else credentials.credentials.strip().encode()
         # Two Authorization headers are ambiguous (which one did a proxy check?): refused.
         twice = len(request.headers.getlist("authorization")) > 1
@@ -57,7 +60,7 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
                 401,
                 "unauthorized",
                 "A valid bearer token is required.",
-                headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+                headers={"WWW-Authenticate": 'Bearer realm="admin"', **_NO_STORE},
             )
 
     return require_admin

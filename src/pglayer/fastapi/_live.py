@@ -60,7 +60,7 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="admin"'}
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="admin"', "Cache-Control": "no-store"}
 
 # Bounds of one answer: entries of a by-name counter (errors, retries) beyond these are
 # summed under "other"; a form body past this size is not read as a token.

@@ -55,7 +55,7 @@ def _complete(app: FastAPI, spec: dict[str, Any], shed_exempt: tuple[str, ...]) 
         for operation in operations.values():
             statuses = [*_SERVER_STATUSES, 405, 413, 500]
             if not (shed_exempt and path.startswith(shed_exempt)):
-                statuses.append(503)
+                statuses += [503, 504]  # 504: a query or the request past its deadline
             if "application/json" in operation.get("requestBody", {}).get("content", {}):
                 statuses += [415, 422]
             if operation.get("parameters"):

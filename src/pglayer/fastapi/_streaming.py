@@ -108,14 +108,20 @@ async def ndjson_response(
         error = translate(exc) if isinstance(exc, Exception) else exc
         await _close(exits, exc)
         raise_translated(exc, error)
+    try:
+        # Written now, so a column JSON cannot hold (bytea) is a 500, not a 200 cut short.
+        head = _lines(first)
+    except BaseException as exc:
+        await _close(exits, exc)
+        raise
 
     async def body() -> AsyncIterator[bytes]:
+        if head:
+            yield head
         rows = first
-        while True:
+        while len(rows) == batch:
+            rows = await cursor.fetch(batch, timeout=timeout)
             if rows:
                 yield _lines(rows)
-            if len(rows) < batch:
-                return
-            rows = await cursor.fetch(batch, timeout=timeout)
 
     return _CursorStream(exits, body(), timeout)

@@ -15,7 +15,9 @@ database (no e-mails, no calls to other services): they would happen once per at
         ...
 
 The handler receives its connection in the parameter annotated `Connection`; FastAPI never
-sees that parameter. COMMIT happens before the response is sent.
+sees that parameter. COMMIT happens before the response is sent. The decorator goes under
+the route's (as above): over it, FastAPI registers the handler first and refuses the
+`Connection` parameter ("Invalid args for response field").
 """
 
 from __future__ import annotations
