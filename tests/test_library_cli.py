@@ -316,6 +316,14 @@ def test_doctor_names_an_app_it_cannot_find(db_url: str, tmp_path: Path) -> None
     assert "warning: cannot find module 'nosuchapp'" in " ".join(result.stderr.split())
 
 
+def test_doctor_names_an_attribute_the_apps_module_lacks(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    result = run("doctor", "notesapp:nosuch", env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
+    assert result.returncode == 0  # a warning
+    said = " ".join(result.stderr.split())
+    assert "warning: module 'notesapp' has no attribute 'nosuch'" in said, result.stderr
+
+
 def test_the_version_is_printed() -> None:
     result = run("--version", env=clean_env())
     assert result.returncode == 0
