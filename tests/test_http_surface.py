@@ -23,7 +23,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import Database, InvalidInputError
-from pglayer.fastapi import Cursors, setup
+from pglayer.fastapi import Cursors, health_router, setup
 from tests.conftest import LiveServer, Server, asgi_client, settings_for
 from tests.test_shop_users import assert_problem
 
@@ -788,3 +788,18 @@ async def test_a_path_with_an_encoded_separator_is_404(http: httpx.AsyncClient, 
 
 async def test_other_percent_encodings_in_a_path_are_routed(http: httpx.AsyncClient) -> None:
     assert (await http.get("/health/%6Cive")).status_code == 200  # %6C: "l"
+
+
+async def test_openapi_declares_504_on_any_apps_routes_but_the_exempt(db: Database) -> None:
+    app = FastAPI()
+    setup(app, db)
+
+    @app.get("/things/{thing_id}")
+    async def thing(thing_id: int) -> int:  # a plain route: no responses= of pglayer's
+        return thing_id
+
+    app.include_router(health_router())
+    async with asgi_client(app) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert "504" in paths["/things/{thing_id}"]["get"]["responses"]  # a query's deadline
+    assert "504" not in paths["/health/live"]["get"]["responses"]  # exempt, no database
