@@ -46,6 +46,14 @@ class ConnectionBudget:
     def fits(self) -> bool:
         return self.needed <= self.available
 
+    def exceeded(self, target: str, sizes: str, source: str) -> str:
+        """What a pool opening past this budget says: `sizes` the pools counted, `source`
+        where the worker count came from."""
+        return (
+            f"database {target}: connection budget exceeded: {self.describe()}"
+            f" ({sizes}; workers: {source})"
+        )
+
     def describe(self) -> str:
         return (
             f"{self.workers} worker(s) x max_size {self.max_size} + reserve {self.reserve} = "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -158,8 +156,6 @@ def doctor(
 ) -> None:
     """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
     if target is not None:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `pglayer serve` finds it
         try:
             check_app(target)
         except PglayerError as exc:  # its name still names its connections: go on

@@ -61,10 +61,9 @@ from pglayer._pool import Pool, Slot
 from pglayer._pooler import (
     PoolerInfo,
     detect_pooler,
-    jit_off,
     prepared_statements_safe,
     server_timeouts,
-    timeouts_off,
+    settings_off,
 )
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
@@ -284,13 +283,7 @@ class Database:
                 server_ms = await server_timeouts(conn)
         except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             return
-        off = [
-            f"{n} {server_ms.get(n)}ms (configured {s:g}s)"
-            for n, s in timeouts_off(self.settings, server_ms).items()
-        ]
-        jit = jit_off(self.settings, server_ms)
-        if jit is not None:
-            off.append(f"jit {'off' if jit == 'on' else 'on'} (configured {jit})")
+        off = [said for said, _ in settings_off(self.settings, server_ms).values()]
         if off:
             log.warning(
                 "database %s: behind a %s pooler the server's own settings apply, not the"
@@ -325,9 +318,8 @@ class Database:
             return
         if budget.fits:
             return
-        message = (
-            f"database {self.target}: connection budget exceeded: {budget.describe()}"
-            f" (max_size {s.max_size}{self._external_sizes()}; workers: {source})"
+        message = budget.exceeded(
+            self.target, f"max_size {s.max_size}{self._external_sizes()}", source
         )
         if s.on_budget_exceeded == "refuse":
             await self.close()

@@ -16,11 +16,11 @@ from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
     connect_plain,
-    jit_off,
     pool_mode,
+    pooled,
     prepared_statements_safe,
     server_timeouts,
-    timeouts_off,
+    settings_off,
 )
 from pglayer._replicas import REPLICA_HEALTH_SQL
 from pglayer._settings import DatabaseSettings, misspelt_settings
@@ -106,9 +106,9 @@ async def diagnose(
         result.add("primary", "fail", "this server is a read-only standby, not a primary")
 
     port = urlsplit(dsn).port or 5432
-    pooled = row["server_port"] is not None and row["server_port"] != port
+    behind = pooled(dsn, row["server_port"])
     result.facts["pooler"] = None
-    if pooled:
+    if behind:
         mode = await pool_mode(dsn, settings)
         result.facts["pooler"] = mode
         result.add(
@@ -154,7 +154,7 @@ async def diagnose(
 
     result.facts["budget"] = {**asdict(budget), "used_by_others": budget.used_by_others}
     described = f"{budget.describe()}; workers: {source}"
-    if pooled:
+    if behind:
         result.add("connection budget", "ok", f"{described} (the pooler's own limits apply)")
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", described)
@@ -195,28 +195,21 @@ def _check_role_timeouts(
 ) -> None:
     """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
     result.facts["server_timeouts_ms"] = server_ms
-    off = timeouts_off(settings, server_ms)
-    jit = jit_off(settings, server_ms)
-    if not off and jit is None:
+    off = settings_off(settings, server_ms)
+    if not off:
         result.add("timeouts", "ok", "the role's server-side timeouts are the configured ones")
         return
     role = str(row["role"]).replace('"', '""')
     database = str(row["database"]).replace('"', '""')
-    values = {name: f"'{seconds * 1000:g}ms'" for name, seconds in off.items()}
-    if jit is not None:
-        values["jit"] = jit
     fixes = "; ".join(  # for this database only: the role may serve others
         f'ALTER ROLE "{role}" IN DATABASE "{database}" SET {name} = {value}'
-        for name, value in values.items()
+        for name, (_, value) in off.items()
     )
-    said = [f" {name} {server_ms[name]}ms (configured {s:g}s);" for name, s in off.items()]
-    if jit is not None:
-        said.append(f" jit {'off' if jit == 'on' else 'on'} (configured {jit});")
     result.add(
         "timeouts",
         "warn",
         "a transaction pooler drops what pglayer sends at connect, so the server's own apply:"
-        + "".join(said)
+        + "".join(f" {said};" for said, _ in off.values())
         + f" set them on the role: {fixes}; then reconnect the pooler's server connections"
         " (PgBouncer: RECONNECT on its console, or wait for server_lifetime)",
     )

@@ -20,7 +20,7 @@ import asyncpg
 
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["PoolerInfo", "detect_pooler", "jit_off", "server_timeouts", "timeouts_off"]
+__all__ = ["PoolerInfo", "detect_pooler", "pooled", "server_timeouts", "settings_off"]
 
 _SERVER_TIMEOUTS = """
 SELECT name, CASE WHEN name = 'jit' THEN (setting = 'on')::int ELSE setting::bigint END AS ms
@@ -35,20 +35,29 @@ async def server_timeouts(conn: Any) -> dict[str, int]:
     return {row["name"]: row["ms"] for row in await conn.fetch(_SERVER_TIMEOUTS)}
 
 
-def timeouts_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> dict[str, float]:
-    """The server-side timeouts whose value there is not the configured one: name, seconds."""
-    wanted = {
+def settings_off(
+    settings: DatabaseSettings, server_ms: Mapping[str, int]
+) -> dict[str, tuple[str, str]]:
+    """The server's own timeouts and `jit` that are not the configured ones: for each, what
+    it is there against what is configured, and the configured value as SQL writes it."""
+    off: dict[str, tuple[str, str]] = {}
+    for name, seconds in {
         "statement_timeout": settings.statement_timeout,
         "lock_timeout": settings.lock_timeout,
         "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
-    }
-    return {n: s for n, s in wanted.items() if server_ms.get(n) != round(s * 1000)}
+    }.items():
+        if server_ms.get(name) != round(seconds * 1000):
+            said = f"{name} {server_ms.get(name)}ms (configured {seconds:g}s)"
+            off[name] = (said, f"'{seconds * 1000:g}ms'")
+    wanted, there = ("on", "off") if settings.jit else ("off", "on")
+    if server_ms.get("jit", int(settings.jit)) != int(settings.jit):
+        off["jit"] = (f"jit {there} (configured {wanted})", wanted)
+    return off
 
 
-def jit_off(settings: DatabaseSettings, server_ms: Mapping[str, int]) -> str | None:
-    """`jit`'s configured value when the server's differs from it, else None."""
-    wanted = "on" if settings.jit else "off"
-    return None if server_ms.get("jit", int(settings.jit)) == int(settings.jit) else wanted
+def pooled(dsn: str, server_port: int | None) -> bool:
+    """Whether something sits between `dsn` and the server: the server says another port."""
+    return server_port is not None and server_port != (urlsplit(dsn).port or 5432)
 
 
 PoolMode = Literal["none", "session", "transaction", "statement"]
@@ -137,8 +146,7 @@ async def detect_pooler(settings: DatabaseSettings) -> PoolerInfo:
         server_port = await conn.fetchval("SELECT inet_server_port()")
     finally:
         await conn.close()
-    port = urlsplit(dsn).port or 5432
-    if server_port is None or server_port == port:
+    if not pooled(dsn, server_port):
         return PoolerInfo("none", prepared_statements=True)
     mode = await pool_mode(dsn, settings)
     if mode != "transaction":

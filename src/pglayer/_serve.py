@@ -14,14 +14,13 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit
 
 from pglayer._budget import read_budget
 from pglayer._database import Database
 from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError
 from pglayer._logs import configure_logging
-from pglayer._pooler import connect_plain
+from pglayer._pooler import connect_plain, pooled
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 
@@ -73,8 +72,7 @@ async def check_budget(workers: int) -> None:
         return
     conn = await connect_plain(settings.dsn(), settings)
     try:
-        server_port = await conn.fetchval("SELECT inet_server_port()")
-        if server_port is not None and server_port != (urlsplit(settings.dsn()).port or 5432):
+        if pooled(settings.dsn(), await conn.fetchval("SELECT inet_server_port()")):
             return  # behind a pooler the server's limit is the pooler's business
         budget = await read_budget(
             conn,
@@ -86,10 +84,9 @@ async def check_budget(workers: int) -> None:
     finally:
         await conn.close()
     if not budget.fits:
-        raise ConfigurationError(
-            f"database {describe_target(settings.dsn())}: connection budget exceeded:"
-            f" {budget.describe()} (max_size {settings.max_size}; workers: --workers {workers})"
-        )
+        target = describe_target(settings.dsn())
+        sizes = f"max_size {settings.max_size}"
+        raise ConfigurationError(budget.exceeded(target, sizes, f"--workers {workers}"))
 
 
 class _StartupFailures(logging.Handler):
@@ -106,7 +103,11 @@ class _StartupFailures(logging.Handler):
 
 
 def check_importable(app: str) -> None:
-    """Raise `ConfigurationError` unless `app`'s module (`module:attr`) can be found."""
+    """Raise `ConfigurationError` unless `app`'s module (`module:attr`) can be found, in the
+    current directory too (put on the import path, as `uvicorn` and `python -m` do: an
+    installed script would not look there; worker processes inherit it)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module = app.split(":", 1)[0]
     try:
         found = bool(module) and importlib.util.find_spec(module) is not None
@@ -174,12 +175,7 @@ def serve(
     from pglayer._embedded import EmbeddedPostgres
     from pglayer._http import PROTOCOL
 
-    # As `uvicorn` and `python -m` do: the app's module is found in the current directory
-    # (an installed `pglayer` script would not look there), and checked before migrating.
-    app_dir = os.getcwd()
-    if app_dir not in sys.path:
-        sys.path.insert(0, app_dir)  # worker processes inherit it
-    check_importable(app)
+    check_importable(app)  # before migrating
 
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).

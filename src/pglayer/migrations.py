@@ -81,7 +81,15 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     return found
 
 
-_HISTORY_TABLE = """
+# The table exists with `history` in its primary key.
+_HISTORY_KEYED = """
+    SELECT 1 FROM pg_index i JOIN pg_attribute a
+        ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = to_regclass('pglayer_migrations') AND i.indisprimary
+       AND a.attname = 'history'
+"""
+_HISTORY_READY = f"SELECT EXISTS ({_HISTORY_KEYED})"
+_HISTORY_TABLE = f"""
 CREATE TABLE IF NOT EXISTS pglayer_migrations (
     history    text NOT NULL DEFAULT 'default',
     version    text NOT NULL,
@@ -94,27 +102,11 @@ CREATE TABLE IF NOT EXISTS pglayer_migrations (
 ALTER TABLE pglayer_migrations ADD COLUMN IF NOT EXISTS history text NOT NULL DEFAULT 'default';
 DO $$
 BEGIN
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_index i JOIN pg_attribute a
-            ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-         WHERE i.indrelid = 'pglayer_migrations'::regclass AND i.indisprimary
-           AND a.attname = 'history'
-    ) THEN
+    IF NOT EXISTS ({_HISTORY_KEYED}) THEN
         ALTER TABLE pglayer_migrations DROP CONSTRAINT pglayer_migrations_pkey;
         ALTER TABLE pglayer_migrations ADD PRIMARY KEY (history, version);
     END IF;
 END $$;
-"""
-
-
-# The table exists with `history` in its primary key: nothing of _HISTORY_TABLE to do.
-_HISTORY_READY = """
-SELECT EXISTS (
-    SELECT 1 FROM pg_index i JOIN pg_attribute a
-        ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-     WHERE i.indrelid = to_regclass('pglayer_migrations') AND i.indisprimary
-       AND a.attname = 'history'
-)
 """
 
 

@@ -48,7 +48,7 @@ def admin_guard(token: SecretStr | str | None) -> Callable[..., Awaitable[None]]
     async def require_admin(request: Request, response: Response, credentials: Credentials) -> None:
         # What the operator's routes answer is for the operator: no cache keeps it (FastAPI
         # adds this to what a route returns, unless it returns a Response of its own).
-        response.headers["Cache-Control"] = "no-store"
+        response.headers.update(_NO_STORE)
         if expected is None:
             raise Problem(404, "not_found", "Not Found", headers=_NO_STORE)
         given = b"" if credentials is None else credentials.credentials.strip().encode()

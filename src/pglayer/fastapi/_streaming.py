@@ -52,23 +52,16 @@ class _CursorStream(StreamingResponse):
                 async with asyncio.timeout(self._timeout):
                     await send(message)
             except TimeoutError:
-                raise StreamStalledError(self._timeout) from None
+                raise StreamAbandoned(f"the client took no data for {self._timeout:g}s") from None
 
         try:
             await super().__call__(scope, receive, bounded)
         except BaseException as exc:
             await _close(self._exits, exc)
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, StreamAbandoned):
                 raise StreamAbandoned(str(exc) or type(exc).__name__) from exc
             raise
         await self._exits.aclose()
-
-
-class StreamStalledError(Exception):
-    """The client did not take a chunk within the deadline."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the client took no data for {seconds:g}s")
 
 
 class StreamAbandoned(Exception):

@@ -75,7 +75,7 @@ async def deposit(
     try:
         # Bounded as orders and transfers are: an account row held locked (a long transfer,
         # an operator's transaction) answers 503 `busy` after the write bound, not 5 s.
-        account, replayed = await db.run_in_transaction(
+        account, again = await db.run_in_transaction(
             lambda c: keys.run(c, "deposits", idempotency_key, digest, work),
             lock_timeout=settings.write_lock_timeout,
         )
@@ -83,7 +83,7 @@ async def deposit(
         if exc.sqlstate != _OUT_OF_RANGE:
             raise
         raise _overflow() from None
-    return json_response(account, headers={"Idempotent-Replayed": "true"} if replayed else None)
+    return json_response(account, headers={"Idempotent-Replayed": "true"} if again else None)
 
 
 async def _transfer(conn: Connection, body: TransferCreate) -> Record:
@@ -159,7 +159,7 @@ async def create_transfer(
     keys: IdempotencyKeys = request.app.state.idempotency_keys
     digest = body_hash(body.model_dump(mode="json"))
     try:
-        transfer, replayed = await db.run_in_transaction(
+        transfer, again = await db.run_in_transaction(
             lambda c: keys.run(
                 c, "transfers", idempotency_key, digest, lambda c: _transfer(c, body)
             ),
@@ -170,6 +170,6 @@ async def create_transfer(
             raise
         raise _overflow() from None
     headers = {"Location": f"/transfers/{transfer['id']}"}
-    if replayed:
+    if again:
         headers["Idempotent-Replayed"] = "true"
     return json_response(transfer, status_code=201, headers=headers)
