@@ -440,3 +440,48 @@ def test_doctor_refuses_a_server_setting_the_app_would_refuse() -> None:
     )
     assert result.returncode == 1
     assert "PGLAYER_LOG_FORMAT" in result.stderr
+
+
+LOOP_APP = """
+import asyncio
+
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/loop")
+async def loop() -> str:
+    return type(asyncio.get_running_loop()).__module__
+"""
+
+
+def test_plain_uvicorn_runs_on_pglayers_loop_and_bounds_as_the_readme_says(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "loopapp.py").write_text(LOOP_APP)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    options = "--loop pglayer.uvicorn:new_event_loop --http pglayer.uvicorn:HttpProtocol"
+    assert f"uvicorn notes:app {options}\n" in readme
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "loopapp:app", *options.split(),
+               "--port", str(port)]  # fmt: skip
+    env = clean_env(PGLAYER_MAX_HEADER_SIZE="4096")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/loop", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert answer.json() == "pglayer._loop"
+        big = httpx.get(f"http://127.0.0.1:{port}/loop", headers={"x-big": "x" * 5000})
+        assert big.status_code == 431
+        assert big.headers["content-type"] == "application/problem+json"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

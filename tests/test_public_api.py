@@ -47,6 +47,7 @@ PUBLIC: dict[str, list[str]] = {
     ],
     "pglayer.fastapi.sqlalchemy": ["SqlSession", "setup_sqlalchemy"],
     "pglayer.testing": ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"],
+    "pglayer.uvicorn": ["HttpProtocol", "new_event_loop"],
 }  # fmt: skip
 
 
