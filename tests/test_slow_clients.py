@@ -188,6 +188,23 @@ async def test_headers_dripped_past_the_header_timeout_get_408(served: Served) -
     assert HEADER_TIMEOUT * 0.9 <= took <= HEADER_TIMEOUT + SLACK
 
 
+async def test_a_head_too_slow_is_timed_as_long_as_it_was_given(served: Served) -> None:
+    async def unmatched_seconds() -> float:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{served.port}/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = {"method": "GET", "route": "unmatched"}
+                if s.name == "pglayer_http_request_duration_seconds_sum" and s.labels == labels:
+                    return s.value
+        return 0.0
+
+    before = await unmatched_seconds()
+    answer, _ = await drip_headers(served, every=0.2, count=40)
+    assert_problem(answer, 408, "timeout")
+    assert await unmatched_seconds() - before == pytest.approx(HEADER_TIMEOUT)
+
+
 async def test_fifty_dripping_connections_are_all_closed(served: Served) -> None:
     results = await asyncio.gather(*(drip_headers(served, 0.3, 40) for _ in range(50)))
     for answer, took in results:
@@ -441,7 +458,7 @@ def test_a_request_line_the_parser_refused_is_accounted_by_its_method() -> None:
     got: list[tuple[bytes, bytes, int]] = []
 
     class Door:
-        def account_refused(self, method: bytes, url: bytes, status: int, _: str) -> None:
+        def account_refused(self, method: bytes, url: bytes, status: int, *_: object) -> None:
             got.append((method, url, status))
 
     protocol = BoundedHttpToolsProtocol.__new__(BoundedHttpToolsProtocol)

@@ -401,7 +401,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # connected and sent nothing
             return
         detail = f"The request headers did not arrive within {self._head_timeout:g} seconds."
-        self._refuse(_problem(408, "Request Timeout", "timeout", detail))
+        self._refuse(_problem(408, "Request Timeout", "timeout", detail), self._head_timeout)
 
     def _body_too_slow(self) -> None:
         self._body_timer = None
@@ -412,15 +412,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         detail = f"The request body did not arrive within {self._body_timeout:g} seconds."
-        self._refuse(_problem(408, "Request Timeout", "timeout", detail))
+        self._refuse(_problem(408, "Request Timeout", "timeout", detail), self._body_timeout)
 
     def _refuse_head_too_large(self) -> None:
         detail = f"The request line and headers exceed {self._max_head} bytes."
         self._refuse(_problem(431, "Request Header Fields Too Large", "payload_too_large", detail))
 
-    def _refuse(self, response: tuple[bytes, bytes]) -> None:
+    def _refuse(self, response: tuple[bytes, bytes], seconds: float = 0.0) -> None:
         """Answer `response` and close; reads in between are dropped, so the client can
-        read the answer even while it is still sending (no reset)."""
+        read the answer even while it is still sending (no reset). `seconds`: how long the
+        request took, for the log and metrics (a timeout's own; the rest are answered as
+        soon as they are read)."""
         if self._refused:
             return  # the parser refusing what follows a head already refused: answered
         self._refused = True
@@ -448,7 +450,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         id_header = b"x-request-id: " + request_id.encode() + b"\r\n"
         self.transport.write(b"".join((head, id_header, extra, b"\r\n", body)))
         if not in_app:
-            self._account(status, request_id)
+            self._account(status, request_id, seconds)
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -456,7 +458,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def _account(self, status: int, request_id: str) -> None:
+    def _account(self, status: int, request_id: str, seconds: float = 0.0) -> None:
         """Count and log the refusal as the app's own requests are (metrics, access log)."""
         door = self._door or _front_door(self.app)
         if door is None:
@@ -466,7 +468,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # method is then the read's first token, if it is one.
         token = _TOKEN.match(self._last_read)
         method = self.parser.get_method() if url else token[0][:-1][:64] if token else b"-"
-        door.account_refused(method, url, status, request_id)
+        door.account_refused(method, url, status, request_id, seconds)
 
     def _abandon_cycle(self) -> None:
         # As if the client had left: the app's receive() answers `http.disconnect` and

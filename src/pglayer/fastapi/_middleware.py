@@ -445,16 +445,18 @@ class RequestGuard:
         self._refusals_quiet_until = started + REFUSALS_LOGGED_EVERY
         asyncio.get_running_loop().call_later(REFUSALS_LOGGED_EVERY, self._sum_up_refusals)
 
-    def account_refused(self, method: bytes, url: bytes, status: int, request_id: str) -> None:
+    def account_refused(
+        self, method: bytes, url: bytes, status: int, request_id: str, seconds: float = 0.0
+    ) -> None:
         """For the HTTP server: count and log a request it answered itself (400, 408, 431,
         501, 505), as every other request is."""
         if not self._stats_known:
             self._find_stats(None)
         verb = method.decode("latin-1")
         if self.stats is not None:
-            self.stats.record(verb, "unmatched", status, 0.0)
+            self.stats.record(verb, "unmatched", status, seconds)
         if self.access_log is not None:
-            self.access_log.write(verb, _path(url), "unmatched", status, 0.0, request_id)
+            self.access_log.write(verb, _path(url), "unmatched", status, seconds, request_id)
 
     def _sum_up_refusals(self) -> None:
         unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
