@@ -305,3 +305,144 @@ async def test_migrating_a_standby_is_refused_saying_so(standby: EmbeddedPostgre
     async with Database(settings_for(standby.admin_url(DB))) as db:
         with pytest.raises(MigrationError, match="read-only standby"):
             await migrate(db, shop_migrations())
+
+
+@asynccontextmanager
+async def cut_off(standby: EmbeddedPostgres) -> AsyncIterator[None]:
+    """The standby stops receiving from the primary (no WAL receiver): it has replayed all it
+    received, so by its own account it is never behind."""
+    conn = await asyncpg.connect(standby.admin_url("postgres"))
+    try:
+        conninfo = await conn.fetchval("SHOW primary_conninfo")
+        await conn.execute("ALTER SYSTEM SET primary_conninfo = ''")
+        await conn.execute("SELECT pg_reload_conf()")
+
+        async def stopped() -> bool:
+            return not await conn.fetchval("SELECT count(*) FROM pg_stat_wal_receiver")
+
+        assert await wait_for(stopped, timeout=10)
+        yield
+    finally:
+        await conn.execute(
+            f"ALTER SYSTEM SET primary_conninfo = '{conninfo.replace(chr(39), chr(39) * 2)}'"
+        )
+        await conn.execute("SELECT pg_reload_conf()")
+        await conn.close()
+
+
+async def test_a_replica_cut_off_from_the_primary_is_lagging_though_it_replayed_all_it_got(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert db.replicas is not None
+
+        async def healthy() -> bool:
+            return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(healthy, timeout=10)
+        async with cut_off(standby):
+            user_id = await db.run(
+                lambda c: c.fetchval(
+                    "INSERT INTO users (name, email) VALUES ('cut', 'cut@example.com') RETURNING id"
+                )
+            )
+
+            async def lagging() -> bool:
+                return (
+                    db.replicas is not None and db.replicas.health["replica-1"].reason == "lagging"
+                )
+
+            assert await wait_for(lagging, timeout=10)
+            found = await db.read(
+                lambda c: c.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
+            )
+            assert found == 1  # from the primary, not the stale replica
+        assert await wait_for(healthy, timeout=20)
+
+
+async def test_a_standby_of_another_server_never_serves_reads(
+    db_url: str, standby: EmbeddedPostgres
+) -> None:
+    # The test's own database has the shop's schema, as the standby has: only the server differs.
+    settings = settings_for(db_url, replica_urls=[standby.admin_url(DB)], replica_max_lag=600)
+    async with Database(settings) as db:
+        assert db.replicas is not None
+        assert db.replicas.health["replica-1"].reason == "another cluster"
+        assert not await in_recovery(db)
+
+
+async def test_a_read_of_what_the_replica_has_not_replayed_yet_is_answered_by_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    async with Database(replicated_settings(primary, standby, replica_max_lag=600)) as db:
+        assert db.replicas is not None
+        async with replay_paused(standby):
+            await db.run(lambda c: c.execute("CREATE TABLE IF NOT EXISTS just_migrated (id int)"))
+            try:
+                assert db.replicas.health["replica-1"].healthy
+                count = await db.read(lambda c: c.fetchval("SELECT count(*) FROM just_migrated"))
+                assert count == 0
+                assert db.replicas.health["replica-1"].healthy  # the replica is not at fault
+            finally:
+                await db.run(lambda c: c.execute("DROP TABLE just_migrated"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_age"),
+    [
+        ({"replica_max_lag": 5.0, "replica_check_interval": 1.0}, 9),  # 5 + 3 x 1, and one
+        ({"replica_max_lag": 30.0, "replica_check_interval": 0.5}, 33),  # 31.5, rounded up
+        ({"read_your_writes_window": 60.0}, 61),
+    ],
+)
+async def test_the_read_your_writes_cookie_outlasts_what_a_replica_in_rotation_may_lag(
+    primary: EmbeddedPostgres,
+    standby: EmbeddedPostgres,
+    overrides: dict[str, float],
+    max_age: int,
+) -> None:
+    db = Database(replicated_settings(primary, standby, **overrides))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        product = {"name": "C", "price": "1.00", "stock": 1}
+        created = await client.post("/products", json=product)
+        assert created.status_code == 201
+        assert f"pglayer_rw=1; Max-Age={max_age};" in created.headers["set-cookie"]
+
+
+def test_a_window_shorter_than_a_replica_may_lag_is_warned_of(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    Database(replicated_settings(primary, standby, read_your_writes_window=1.0))
+    warned = [r.getMessage() for r in caplog.records if r.name == "pglayer.replicas"]
+    assert any("PGLAYER_READ_YOUR_WRITES_WINDOW=1 is shorter" in m for m in warned), warned
+
+
+def test_doctor_says_a_replica_cut_off_from_the_primary_is_behind(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    async def cut_then_write() -> None:
+        async with cut_off(standby):
+            conn = await asyncpg.connect(primary.admin_url(DB))
+            try:
+                await conn.execute("INSERT INTO products (name, price, stock) VALUES ('d', 1, 1)")
+            finally:
+                await conn.close()
+            code, out = await asyncio.to_thread(
+                doctor,
+                primary.admin_url(DB),
+                PGLAYER_REPLICA_URLS=standby.admin_url(DB),
+                PGLAYER_REPLICA_MAX_LAG="1",
+            )
+            assert code == 0, out
+            assert "behind by more than 1s (has it stopped receiving" in " ".join(out.split())
+
+    asyncio.run(cut_then_write())
+
+
+def test_doctor_says_a_standby_of_another_server_will_not_serve(
+    db_url: str, standby: EmbeddedPostgres
+) -> None:
+    code, out = doctor(db_url, PGLAYER_REPLICA_URLS=standby.admin_url(DB))
+    assert code == 0, out
+    assert "is a standby of another server" in " ".join(out.split())

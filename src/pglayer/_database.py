@@ -109,6 +109,10 @@ async def _write_alone(conn: Connection, fn: Work[T], bound: float | None) -> T:
         raise
 
 
+# A replica behind the primary's schema: undefined table, column, function, object, schema.
+_NOT_REPLAYED_YET = frozenset({"42P01", "42703", "42883", "42704", "3F000"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Tx:
     readonly: bool = False
@@ -190,6 +194,8 @@ class Database:
                 ],
                 max_lag=self.settings.replica_max_lag,
                 interval=self.settings.replica_check_interval,
+                primary=self,
+                read_your_writes=self.settings.read_your_writes_window,
             )
             for replica in self.replicas.replicas:
                 replica._replica_of = self.replicas
@@ -565,10 +571,15 @@ class Database:
         bulkhead: str,
     ) -> T:
         if target is not self:
-            # A replica failed: take it out of rotation and read from the primary.
-            if not isinstance(error, TransientError) or self.replicas is None:
+            # A replica failed: take it out of rotation and read from the primary. Or it
+            # has not replayed a migration yet (a table or column it does not know): the
+            # primary answers, and the replica stays in rotation for what it can serve.
+            if self.replicas is None:
                 raise error
-            self.replicas.mark_failed(target)
+            if isinstance(error, TransientError):
+                self.replicas.mark_failed(target)
+            elif getattr(error, "sqlstate", None) not in _NOT_REPLAYED_YET:
+                raise error
             return await self._call(self, fn, True, timeout, tx, bulkhead)
         if not retry:
             raise error

@@ -6,10 +6,15 @@ production, and `pglayer doctor` exits non-zero for it.
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+import asyncpg
 
 from pglayer._budget import read_budget
 from pglayer._dsn import describe_target
@@ -78,7 +83,9 @@ async def diagnose(
                    inet_server_port() AS server_port,
                    pg_is_in_recovery() AS in_recovery,
                    current_user AS role,
-                   current_database() AS database
+                   current_database() AS database,
+                   CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END AS lsn,
+                   (SELECT system_identifier FROM pg_control_system()) AS cluster
             """
         )
         timeouts = await server_timeouts(conn)
@@ -93,7 +100,8 @@ async def diagnose(
     finally:
         await conn.close()
     assert row is not None
-    result.facts.update(dict(row))
+    position = _Position(row["lsn"], row["cluster"])
+    result.facts.update({k: v for k, v in row.items() if k not in ("lsn", "cluster")})
     result.add("reachable", "ok", f"connected to {target}")
     major = int(str(row["version"]).split(".")[0])
     result.add(
@@ -158,7 +166,7 @@ async def diagnose(
         result.add("connection budget", "ok", f"{described} (the pooler's own limits apply)")
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", described)
-    await _check_replicas(settings, result)
+    await _check_replicas(settings, result, position)
     for message in misspelt_settings():
         result.add("settings", "warn", message)
     result.facts["connections"] = [dict(row) for row in groups]
@@ -215,8 +223,17 @@ def _check_role_timeouts(
     )
 
 
-async def _check_replicas(settings: DatabaseSettings, result: Diagnosis) -> None:
-    """Each replica: reachable, a standby, and how far behind (reads skip it past the bound)."""
+@dataclass(frozen=True)
+class _Position:
+    lsn: str | None  # the primary's WAL position when doctor connected (None: a standby)
+    cluster: int
+
+
+async def _check_replicas(
+    settings: DatabaseSettings, result: Diagnosis, primary: _Position
+) -> None:
+    """Each replica: reachable, a standby of this primary, and how far behind (reads skip it
+    past the bound)."""
     for i, url in enumerate(settings.replica_urls, start=1):
         name = f"replica-{i}"
         dsn = url.get_secret_value()
@@ -228,18 +245,42 @@ async def _check_replicas(settings: DatabaseSettings, result: Diagnosis) -> None
             continue
         try:
             row = await conn.fetchrow(REPLICA_HEALTH_SQL)
+            assert row is not None
+            lag = row["lag"]
+            if row["standby"] and primary.lsn is not None and lag is not None:
+                lag = max(lag, await _catch_up(conn, primary.lsn, settings.replica_max_lag))
         finally:
             await conn.close()
-        assert row is not None
+        bound = settings.replica_max_lag
         if not row["standby"]:
             result.add(name, "warn", f"{target} is not a standby; it will not serve reads")
-        elif row["lag"] is None or row["lag"] > settings.replica_max_lag:
-            lag = "unknown" if row["lag"] is None else f"{row['lag']:.1f}s"
+        elif row["cluster"] != primary.cluster:
+            result.add(
+                name, "warn", f"{target} is a standby of another server; it will not serve reads"
+            )
+        elif lag is None or lag > bound:
+            said = "unknown" if lag is None else f"{lag:.1f}s"
+            if lag == math.inf:
+                said = f"more than {bound:g}s (has it stopped receiving from the primary?)"
             result.add(
                 name,
                 "warn",
-                f"{target} is behind by {lag} (bound {settings.replica_max_lag:g}s): "
+                f"{target} is behind by {said} (bound {bound:g}s): "
                 "reads go to the primary until it catches up",
             )
         else:
-            result.add(name, "ok", f"{target} streaming, {row['lag']:.1f}s behind")
+            result.add(name, "ok", f"{target} streaming, {lag:.1f}s behind")
+
+
+async def _catch_up(conn: asyncpg.Connection[Any], lsn: str, bound: float) -> float:
+    """Seconds the replica took to replay what the primary had written at `lsn` (inf:
+    not within `bound`)."""
+    started = time.monotonic()
+    while True:
+        caught_up = await conn.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn)
+        waited = time.monotonic() - started
+        if caught_up:
+            return waited
+        if waited > bound:
+            return math.inf
+        await asyncio.sleep(0.1)

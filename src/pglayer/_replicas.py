@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,32 +17,84 @@ from pglayer._errors import PglayerError
 if TYPE_CHECKING:
     from pglayer._database import Database
 
-__all__ = ["REPLICA_HEALTH_SQL", "ReplicaHealth", "ReplicaSet"]
+__all__ = ["PRIMARY_POSITION_SQL", "REPLICA_HEALTH_SQL", "ReplicaHealth", "ReplicaSet"]
 
 log = logging.getLogger("pglayer.replicas")
 
-# Caught up (everything received is replayed): no lag, however long ago the last write was.
+# `lag`, the replica's own estimate: zero when everything received is replayed, however
+# long ago the last write was. Alone it cannot see a replica that receives nothing any
+# more (cut off from the primary: received = replayed, lag 0 for ever), so `replayed` is
+# also compared with the primary's positions (`_Positions`).
 REPLICA_HEALTH_SQL = """
 SELECT pg_is_in_recovery() AS standby,
+       (SELECT system_identifier FROM pg_control_system()) AS cluster,
+       pg_last_wal_replay_lsn()::text AS replayed,
        CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
        END::float8 AS lag
 """
+PRIMARY_POSITION_SQL = """
+SELECT pg_current_wal_lsn()::text AS lsn,
+       (SELECT system_identifier FROM pg_control_system()) AS cluster
+"""
+
+
+def _lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+class _Positions:
+    """The primary's WAL position, read at each check and kept for a while."""
+
+    def __init__(self, keep: float) -> None:
+        self.keep = keep
+        self._seen: deque[tuple[float, int]] = deque()  # (when asked, position), oldest first
+
+    def add(self, asked: float, lsn: int) -> None:
+        seen = self._seen
+        seen.append((asked, lsn))
+        while len(seen) > 1 and seen[1][0] < asked - self.keep:
+            seen.popleft()
+
+    def behind(self, replayed: int, now: float) -> float | None:
+        """How long ago the primary was first seen past `replayed` (0: not seen past it).
+
+        A lower bound on the replica's lag, by at most the time between two checks; None
+        before the primary was ever read.
+        """
+        passed: float | None = None
+        for asked, lsn in reversed(self._seen):
+            if lsn <= replayed:
+                break
+            passed = asked
+        if passed is None:
+            return None if not self._seen else 0.0
+        return max(now - passed, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaHealth:
     name: str
     healthy: bool
-    reason: str  # "ok", "unreachable", "lagging", "not a standby", "unknown"
+    reason: str  # "ok", "unreachable", "lagging", "not a standby", "another cluster", "unknown"
     lag_seconds: float | None
 
 
 class ReplicaSet:
     """Checks each replica every `interval` seconds; hands out healthy ones round-robin."""
 
-    def __init__(self, replicas: list[Database], *, max_lag: float, interval: float) -> None:
+    def __init__(
+        self,
+        replicas: list[Database],
+        *,
+        max_lag: float,
+        interval: float,
+        primary: Database | None = None,
+        read_your_writes: float | None = None,
+    ) -> None:
         self.replicas = replicas
+        self.primary = primary
         self.max_lag = max_lag
         self.interval = interval
         self.health: dict[str, ReplicaHealth] = {
@@ -47,6 +102,24 @@ class ReplicaSet:
         }
         self._turn = itertools.count()
         self._checker: asyncio.Task[None] | None = None
+        # Kept past the lag bound, so that a replica behind all of them is lagging.
+        self._positions = _Positions(keep=max_lag + 3 * interval)
+        self._cluster: int | None = None  # the primary's system identifier, once read
+        # A replica in rotation is at most this far behind: measured at most max_lag behind
+        # (a lower bound, short by up to an interval), and until its next check.
+        unseen = max_lag + 3 * interval
+        window = unseen if read_your_writes is None else read_your_writes
+        if window < unseen:
+            log.warning(
+                "PGLAYER_READ_YOUR_WRITES_WINDOW=%g is shorter than a replica in rotation may"
+                " lag (PGLAYER_REPLICA_MAX_LAG + 3 x PGLAYER_REPLICA_CHECK_INTERVAL = %gs): a"
+                " client may not read its own write",
+                window,
+                unseen,
+            )
+        # Whole seconds, one more: cookie jars that keep whole seconds expire it up to one early.
+        max_age = math.ceil(window) + 1
+        self.cookie = f"pglayer_rw=1; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax".encode()
 
     async def open(self) -> None:
         for replica in self.replicas:
@@ -69,6 +142,7 @@ class ReplicaSet:
 
     async def check(self) -> None:
         """Refresh every replica's health now."""
+        await self._read_primary()
         results = await asyncio.gather(*(self._check_one(r) for r in self.replicas))
         for health in results:
             before = self.health.get(health.name)
@@ -89,6 +163,24 @@ class ReplicaSet:
                 )
             self.health[health.name] = health
 
+    async def _read_primary(self) -> None:
+        """Note the primary's WAL position; while it cannot be read, the last ones stand."""
+        if self.primary is None:
+            return
+        asked = time.monotonic()
+        try:
+            row = await self.primary.run(
+                lambda c: c.fetchrow(PRIMARY_POSITION_SQL, timeout=self.interval),
+                retry=False,
+                timeout=self.interval,
+                bulkhead="read",
+            )
+        except PglayerError:
+            return
+        assert row is not None
+        self._positions.add(asked, _lsn(row["lsn"]))
+        self._cluster = row["cluster"]
+
     async def _check_one(self, replica: Database) -> ReplicaHealth:
         try:
             row = await replica.run(
@@ -101,7 +193,13 @@ class ReplicaSet:
         assert row is not None
         if not row["standby"]:
             return ReplicaHealth(replica.name, False, "not a standby", None)
+        if self._cluster is not None and row["cluster"] != self._cluster:
+            # A standby of another server: whatever its lag, not the primary's data.
+            return ReplicaHealth(replica.name, False, "another cluster", None)
         lag = row["lag"]
+        if lag is not None and row["replayed"] is not None:
+            behind = self._positions.behind(_lsn(row["replayed"]), time.monotonic())
+            lag = lag if behind is None else max(lag, behind)
         # NULL: behind, and nothing replayed since it started, so by how much is unknown.
         if lag is None or lag > self.max_lag:
             return ReplicaHealth(replica.name, False, "lagging", lag)

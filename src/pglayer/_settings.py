@@ -260,10 +260,12 @@ class DatabaseSettings(BaseSettings):
         " it would in production with replicas. Two more round trips a read; the pytest"
         " plugin turns it on.",
     )
-    read_your_writes_window: float = Field(
-        default=5.0,
+    read_your_writes_window: float | None = Field(
+        default=None,
         ge=0,
-        description="After a write, the same client reads from the primary this long (a cookie).",
+        description="After a write, the same client reads from the primary this long (a cookie)."
+        " Unset: the most a replica still in rotation can be behind, replica_max_lag + 3 x"
+        " replica_check_interval.",
     )
 
     @field_validator("url")

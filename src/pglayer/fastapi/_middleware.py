@@ -502,10 +502,9 @@ class RequestGuard:
         db = self.database
         if db is not None and db.replicas is not None:
             ctx.writes = ex.writes = context.Writes(recent=ex.wrote_recently)
-            window = max(int(db.settings.read_your_writes_window), 1)
             # Read-your-writes across requests: after a commit this client reads the
             # primary until replicas have surely caught up.
-            ex.cookie = f"pglayer_rw=1; Max-Age={window}; Path=/; HttpOnly; SameSite=Lax".encode()
+            ex.cookie = db.replicas.cookie
         ex.task = current_task()
         cycle = ex.cycle
         if cycle is not None and getattr(cycle, "pglayer_lost", 0) is None:
