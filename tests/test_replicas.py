@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -18,10 +19,10 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database
+from pglayer import Database, _replicas
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.migrations import MigrationError, migrate
-from tests.conftest import asgi_client, settings_for, wait_for
+from tests.conftest import asgi_client, free_port, settings_for, wait_for
 from tests.test_doctor import doctor
 from tests.test_metrics import scrape
 
@@ -446,3 +447,40 @@ def test_doctor_says_a_standby_of_another_server_will_not_serve(
     code, out = doctor(db_url, PGLAYER_REPLICA_URLS=standby.admin_url(DB))
     assert code == 0, out
     assert "is a standby of another server" in " ".join(out.split())
+
+
+async def test_a_replica_that_refuses_to_open_leaves_reads_on_the_primary_and_is_tried_again(
+    db_url: str, admin: asyncpg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"t_later_{uuid.uuid4().hex[:8]}"
+    settings = settings_for(db_url, replica_urls=[db_url.rsplit("/", 1)[0] + f"/{name}"])
+    async with Database(settings) as db:  # its database does not exist: refused, not fatal
+        assert db.replicas is not None
+        assert db.replicas.health["replica-1"].reason == "refused"
+        assert await db.read(lambda c: c.fetchval("SELECT 1")) == 1
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            monkeypatch.setattr(_replicas, "REOPEN_EVERY", 0.0)
+            db.replicas._refused["replica-1"] = 0.0  # due now
+            await db.replicas.check()
+            # Opened now; the test's server is no standby, so it still serves no reads.
+            assert db.replicas.health["replica-1"].reason == "not a standby"
+        finally:
+            await db.replicas.close()
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_while_the_primary_is_down_reads_are_served_by_the_replica_and_ready_says_so(
+    standby: EmbeddedPostgres,
+) -> None:
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/{DB}"
+    settings = settings_for(
+        down, replica_urls=[standby.admin_url(DB)], replica_max_lag=600, require_on_startup=False
+    )
+    db = Database(settings)
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert await in_recovery(db)  # the replica answers reads
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["pools"] == {"primary": "down", "replica-1": "ok"}

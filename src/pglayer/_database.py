@@ -272,6 +272,8 @@ class Database:
                     "database %s not reachable (%s); retrying in the background", self.target, exc
                 )
                 self._opener = asyncio.create_task(self._open_in_background())
+                if self.replicas is not None:
+                    await self.replicas.open()  # reads may be served while the primary is down
                 return
         await self._check_budget()
         await self._check_pooled_timeouts()

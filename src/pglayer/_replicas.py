@@ -21,6 +21,8 @@ __all__ = ["PRIMARY_POSITION_SQL", "REPLICA_HEALTH_SQL", "ReplicaHealth", "Repli
 
 log = logging.getLogger("pglayer.replicas")
 
+REOPEN_EVERY = 30.0  # seconds between attempts to open a replica that refused (see _open_one)
+
 # `lag`, the replica's own estimate: zero when everything received is replayed, however
 # long ago the last write was. Alone it cannot see a replica that receives nothing any
 # more (cut off from the primary: received = replayed, lag 0 for ever), so `replayed` is
@@ -77,7 +79,8 @@ class _Positions:
 class ReplicaHealth:
     name: str
     healthy: bool
-    reason: str  # "ok", "unreachable", "lagging", "not a standby", "another cluster", "unknown"
+    # "ok", "unreachable", "refused", "lagging", "not a standby", "another cluster", "unknown"
+    reason: str
     lag_seconds: float | None
 
 
@@ -105,6 +108,7 @@ class ReplicaSet:
         # Kept past the lag bound, so that a replica behind all of them is lagging.
         self._positions = _Positions(keep=max_lag + 3 * interval)
         self._cluster: int | None = None  # the primary's system identifier, once read
+        self._refused: dict[str, float] = {}  # replicas that refused to open: when to try again
         # A replica in rotation is at most this far behind: measured at most max_lag behind
         # (a lower bound, short by up to an interval), and until its next check.
         unseen = max_lag + 3 * interval
@@ -122,8 +126,10 @@ class ReplicaSet:
         self.cookie = f"pglayer_rw=1; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax".encode()
 
     async def open(self) -> None:
+        if self._checker is not None:  # opened already (while the primary was down)
+            return
         for replica in self.replicas:
-            await replica.open(wait=False)
+            await self._open_one(replica)
         await self.check()
         self._checker = asyncio.create_task(self._check_forever())
 
@@ -181,7 +187,28 @@ class ReplicaSet:
         self._positions.add(asked, _lsn(row["lsn"]))
         self._cluster = row["cluster"]
 
+    async def _open_one(self, replica: Database) -> bool:
+        """Open `replica`'s pool; one it refuses is left closed, and tried again later."""
+        try:
+            await replica.open(wait=False)
+        except PglayerError as exc:  # refused (a password, a database): not worth a retry a second
+            if replica.name not in self._refused:
+                log.warning(
+                    "replica %s cannot be opened (%s); reads use the primary; tried again"
+                    " every %gs",
+                    replica.name,
+                    exc,
+                    REOPEN_EVERY,
+                )
+            self._refused[replica.name] = time.monotonic() + REOPEN_EVERY
+            return False
+        self._refused.pop(replica.name, None)
+        return True
+
     async def _check_one(self, replica: Database) -> ReplicaHealth:
+        again = self._refused.get(replica.name)
+        if again is not None and (time.monotonic() < again or not await self._open_one(replica)):
+            return ReplicaHealth(replica.name, False, "refused", None)
         try:
             row = await replica.run(
                 lambda c: c.fetchrow(REPLICA_HEALTH_SQL, timeout=self.interval),

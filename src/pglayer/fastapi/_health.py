@@ -38,15 +38,15 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
     @router.get("/ready", response_model=Health, responses=problem_responses())
     async def ready(db: Annotated[Database, Depends(get_database)]) -> Health:
         """200 when the database answers within its deadline, else 503."""
-        try:
-            await db.ping(timeout=timeout)
-        except PglayerError:
-            raise Problem(
-                503, "unavailable", "The database is not answering.", pools={db.name: "down"}
-            ) from None
         pools = {db.name: "ok"}
         if db.replicas is not None:
             pools.update({name: h.reason for name, h in db.replicas.health.items()})
+        try:
+            await db.ping(timeout=timeout)
+        except PglayerError:
+            pools[db.name] = "down"  # replicas still reported: reads may be served by them
+            detail = "The database is not answering."
+            raise Problem(503, "unavailable", detail, pools=pools) from None
         return Health(status="ok", pools=pools)
 
     return router
