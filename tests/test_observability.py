@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -120,6 +121,23 @@ async def test_slow_queries_are_logged_without_parameters_and_with_the_request_i
     assert parsed["request_id"] == "req-slow"
     assert parsed["duration_seconds"] >= 0.1
     assert "card-4242" not in line
+
+
+@pytest.mark.parametrize("blocked", [0.0, 0.3])
+async def test_a_slow_query_says_when_the_event_loop_was_late_meanwhile(
+    db_url: str, caplog: pytest.LogCaptureFixture, blocked: float
+) -> None:
+    settings = settings_for(db_url, slow_query_threshold=0.05)
+    caplog.set_level(logging.WARNING, logger="pglayer.slow_query")
+    loop = asyncio.get_running_loop()
+    async with Database(settings) as db:
+        # The loop busy elsewhere (blocked) while a fast statement's answer waits for it.
+        loop.call_later(0.02, time.sleep, blocked)
+        await db.run(lambda conn: conn.execute("SELECT pg_sleep(0.1)"))
+    [record] = [r for r in caplog.records if r.name == "pglayer.slow_query"]
+    said = "the event loop ran up to" in record.getMessage()
+    assert said == bool(blocked), record.getMessage()
+    assert getattr(record, "loop_lag_seconds") >= blocked - 0.1  # noqa: B009
 
 
 def test_json_lines_mask_passwords_anywhere_in_the_message() -> None:

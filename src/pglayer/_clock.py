@@ -34,12 +34,20 @@ Tick = Callable[[float], bool]  # gets `time.monotonic()`; returns whether it ha
 class Clock:
     """Calls every subscriber each `TICK` while any of them reports work in flight."""
 
-    __slots__ = ("_handle", "_loop", "_subscribers")
+    __slots__ = ("_due", "_handle", "_late", "_late_at", "_loop", "_subscribers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._handle: asyncio.TimerHandle | None = None
         self._subscribers: list[Tick] = []
+        self._due = 0.0  # when the armed tick should run (0: armed by `wake`, not timed)
+        self._late = 0.0  # the latest tick's lateness (the loop's lag), and when it was seen
+        self._late_at = 0.0
+
+    def lag(self, since: float) -> float:
+        """How late the tick ran at worst since `since` (a lower bound on the loop's lag:
+        seen only while the tick runs, and only the worst of the last second kept)."""
+        return self._late if self._late_at >= since else 0.0
 
     def subscribe(self, tick: Tick) -> None:
         self._subscribers.append(tick)
@@ -51,10 +59,15 @@ class Clock:
     def wake(self) -> None:
         """Make sure the tick runs (cheap when it already does)."""
         if self._handle is None:
+            self._due = 0.0  # not timed: a clock read here would be one more per request
             self._handle = self._loop.call_later(TICK, self._run)
 
     def _run(self) -> None:
         now = time.monotonic()
+        if self._due:
+            late = now - self._due
+            if late >= self._late or now - self._late_at > 1.0:
+                self._late, self._late_at = late, now
         busy = False
         for tick in list(self._subscribers):
             try:
@@ -62,7 +75,11 @@ class Clock:
             except Exception:
                 # A broken subscriber must not stop the deadlines of the others.
                 log.exception("pglayer clock subscriber %r failed", tick)
-        self._handle = self._loop.call_later(TICK, self._run) if busy else None
+        if busy:
+            self._due = now + TICK
+            self._handle = self._loop.call_later(TICK, self._run)
+        else:
+            self._handle = None
 
 
 _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clock] = weakref.WeakKeyDictionary()

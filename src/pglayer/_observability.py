@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from pglayer._clock import clock
 from pglayer._context import RequestContext
 from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 
@@ -552,16 +553,25 @@ class Observer:
                     error=None if error is None else type(error).__name__,
                 )
             )
+            # The time is the client's: under overload much of it can be the event loop
+            # busy elsewhere before it read the answer. Said, so a fast statement is not
+            # taken for a slow one.
+            late = clock().lag(time.monotonic() - seconds)
             slow_log.warning(
-                "slow query: %.3fs in %s: %s",
+                "slow query: %.3fs in %s: %s%s",
                 seconds,
                 operation,
                 text,
+                ""
+                if late < seconds / 4
+                else f" (the event loop ran up to {late:.3f}s late meanwhile: this time"
+                " includes waiting for it, not only the database)",
                 extra={
                     "duration_seconds": round(seconds, 6),
                     "operation": operation,
                     "statement": text,
                     "pool": self.pool,
+                    "loop_lag_seconds": round(late, 6),
                 },
             )
         if self.hooks:
