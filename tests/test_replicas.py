@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -484,3 +487,67 @@ async def test_while_the_primary_is_down_reads_are_served_by_the_replica_and_rea
         ready = await client.get("/health/ready")
         assert ready.status_code == 503
         assert ready.json()["pools"] == {"primary": "down", "replica-1": "ok"}
+
+
+def _cluster_pids(cluster: EmbeddedPostgres) -> list[int]:
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    children = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _parent(p) == postmaster
+    ]
+    return [postmaster, *children]
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@contextmanager
+def frozen(cluster: EmbeddedPostgres) -> Iterator[None]:
+    """Every process of `cluster` stopped (SIGSTOP): it answers nothing, as behind a network
+    that drops every packet."""
+    pids = _cluster_pids(cluster)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+async def test_reads_on_a_replica_that_stops_answering_move_to_the_primary_at_once(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    settings = replicated_settings(
+        primary, standby, replica_max_lag=600, query_timeout=20.0, acquire_timeout=20.0
+    )
+    async with Database(settings) as db:
+        assert db.replicas is not None
+
+        async def healthy() -> bool:
+            return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(healthy, timeout=10)
+        loop = asyncio.get_running_loop()
+        slowest = 0.0
+
+        async def reader() -> None:
+            nonlocal slowest
+            for _ in range(30):
+                started = loop.time()
+                assert await db.read(lambda c: c.fetchval("SELECT 1 FROM pg_sleep(0.02)")) == 1
+                slowest = max(slowest, loop.time() - started)
+
+        with frozen(standby):
+            # 16 readers on the replica's 10 connections: some run, some wait for one.
+            await asyncio.gather(*(reader() for _ in range(16)))
+            assert db.replicas.health["replica-1"].reason == "unreachable"
+        # Neither the query deadline nor the acquire deadline (20 s) was waited out.
+        assert slowest < 10, slowest
+        assert await wait_for(healthy, timeout=20)

@@ -724,6 +724,12 @@ class Database:
         """This pool and its replicas' pools."""
         return [self, *(self.replicas.replicas if self.replicas else [])]
 
+    def abandon(self) -> None:
+        """The server stopped answering: fail what waits for a connection and close every
+        connection, in use too, so that work on them fails now rather than at its deadline."""
+        if self._pool is not None:
+            self._pool.abandon()
+
     async def ping(self, *, timeout: float = 1.0) -> None:
         """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""
         deadline = time.monotonic() + timeout

@@ -703,6 +703,12 @@ class Pool:
         oldest.future.set_exception(error)
         return True
 
+    def abandon(self) -> None:
+        """Fail the waiters and close every connection, in use too (see `Database.abandon`)."""
+        self._fail_waiters(DatabaseUnavailableError("the server stopped answering"))
+        for slot in list(self._slots):
+            slot.raw.terminate()
+
     def _fail_waiters(self, error: PglayerError) -> None:
         while self._fail_head(error):
             self.observer.acquire_failed(error)

@@ -10,7 +10,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from pglayer._errors import PglayerError
 
@@ -109,6 +111,10 @@ class ReplicaSet:
         self._positions = _Positions(keep=max_lag + 3 * interval)
         self._cluster: int | None = None  # the primary's system identifier, once read
         self._refused: dict[str, float] = {}  # replicas that refused to open: when to try again
+        # One connection per replica for its checks, outside its pool: a check must not
+        # wait behind the reads (then a busy replica looks unreachable), and a replica that
+        # stops answering is told apart from one whose connections are all busy.
+        self._probes: dict[str, asyncpg.Connection[Any]] = {}
         # A replica in rotation is at most this far behind: measured at most max_lag behind
         # (a lower bound, short by up to an interval), and until its next check.
         unseen = max_lag + 3 * interval
@@ -139,6 +145,9 @@ class ReplicaSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checker
             self._checker = None
+        probes, self._probes = self._probes, {}
+        for probe in probes.values():
+            probe.terminate()
         await asyncio.gather(*(r.close(timeout) for r in self.replicas))
 
     async def _check_forever(self) -> None:
@@ -210,14 +219,13 @@ class ReplicaSet:
         if again is not None and (time.monotonic() < again or not await self._open_one(replica)):
             return ReplicaHealth(replica.name, False, "refused", None)
         try:
-            row = await replica.run(
-                lambda c: c.fetchrow(REPLICA_HEALTH_SQL, timeout=self.interval),
-                retry=False,
-                timeout=self.interval,
-            )
-        except PglayerError:
+            row = await self._probe(replica)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if self.health[replica.name].healthy:
+                # It stopped answering: reads queued for its connections, or running on
+                # them, would wait out their deadlines; they fail now and read the primary.
+                replica.abandon()
             return ReplicaHealth(replica.name, False, "unreachable", None)
-        assert row is not None
         if not row["standby"]:
             return ReplicaHealth(replica.name, False, "not a standby", None)
         if self._cluster is not None and row["cluster"] != self._cluster:
@@ -231,6 +239,25 @@ class ReplicaSet:
         if lag is None or lag > self.max_lag:
             return ReplicaHealth(replica.name, False, "lagging", lag)
         return ReplicaHealth(replica.name, True, "ok", lag)
+
+    async def _probe(self, replica: Database) -> asyncpg.Record:
+        probe = self._probes.pop(replica.name, None)
+        if probe is None or probe.is_closed():
+            settings = replica.settings
+            probe = await asyncpg.connect(
+                settings.dsn(),
+                timeout=min(settings.connect_timeout, max(self.interval, 1.0)),
+                statement_cache_size=0,
+                server_settings={"application_name": f"{settings.application_name}-check"},
+            )
+        try:
+            row = await probe.fetchrow(REPLICA_HEALTH_SQL, timeout=self.interval)
+        except BaseException:
+            probe.terminate()
+            raise
+        self._probes[replica.name] = probe
+        assert row is not None
+        return row
 
     def choose(self) -> Database | None:
         """A healthy replica (round-robin), or None when there is none."""
