@@ -7,6 +7,7 @@ Recovery times are printed (run with `-s` to see them) and bounded generously.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import uuid
@@ -332,3 +333,28 @@ async def test_while_the_server_is_down_callers_do_not_each_try_to_connect(
     assert len(outcomes) == 50  # every one a 503, at once
     # The first tries and fails; the rest, within its cool-down, do not try again.
     assert 1 <= tried <= 3, tried
+
+
+async def test_a_refill_the_server_refuses_logs_why(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pglayer")
+    async with Database(settings_for(db_url, min_size=2, max_size=2)) as db:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                db_name,
+            )
+
+            def said() -> list[str]:
+                return [r.getMessage() for r in caplog.records if "refill failed" in r.getMessage()]
+
+            async def refused() -> bool:
+                return bool(said()) and db.stats().size < 2
+
+            assert await wait_for(refused, timeout=10)
+            assert "refused the connection (SQLSTATE 55000)" in said()[0], said()
+            assert "@127.0.0.1:" in said()[0]  # where it connects, masked
+        finally:
+            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')

@@ -415,6 +415,7 @@ class Database:
             observer=self._observer,
             bulkheads=s.bulkhead_caps(),
             refusal_delay=s.refusal_delay,
+            target=self.target,
         )
         try:
             await pool.start()

@@ -44,6 +44,7 @@ from pglayer._errors import (
     PoolOverloadedError,
     PoolTimeoutError,
     TransientError,
+    explain_connect_error,
     raise_translated,
     translate,
 )
@@ -240,8 +241,10 @@ class Pool:
         observer: Observer,
         bulkheads: Mapping[str, int] | None = None,
         refusal_delay: float = 0.0,
+        target: str = "the server",
     ) -> None:
         self.name = name
+        self.target = target  # where it connects, masked: for the log
         self.min_size = min_size
         self.max_size = max_size
         self.max_waiters = max_waiters
@@ -900,7 +903,7 @@ class Pool:
                         log.info(
                             "pool %s: refill failed (%s), %d attempt(s) so far",
                             self.name,
-                            type(exc).__name__,
+                            explain_connect_error(exc.__cause__ or exc, self.target),
                             failures,
                         )
                     await asyncio.sleep(random.uniform(0, backoff))
