@@ -58,6 +58,7 @@ ROUTES = {
     "users": ("shop", "shop-quiet", "baseline", "bare", "floor"),
     "dashboard": ("shop", "shop-quiet", "baseline", "bare", "floor"),
     "orders": ("shop", "shop-quiet", "baseline"),
+    "missing": ("shop", "shop-quiet", "baseline", "bare", "floor"),  # a path no route has: 404
 }
 ROUNDS = 7
 COMMON_ENV = {
