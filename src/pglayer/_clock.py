@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["TICK", "Clock", "clock", "current_task"]
+__all__ = ["TICK", "Clock", "clock", "current_task", "loop_lag"]
 
 try:  # the C function itself: on 3.11 `asyncio.current_task` adds a Python frame
     from _asyncio import current_task  # type: ignore[attr-defined]
@@ -92,3 +92,12 @@ def clock() -> Clock:
     if found is None:
         found = _clocks[loop] = Clock(loop)
     return found
+
+
+def loop_lag(since: float) -> float:
+    """The running loop's lag since `since` by its clock (see `Clock.lag`); 0 outside one."""
+    try:
+        found = _clocks.get(asyncio.get_running_loop())
+    except RuntimeError:  # called from synchronous code (a SQLAlchemy engine's events)
+        return 0.0
+    return 0.0 if found is None else found.lag(since)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from pglayer._clock import clock
+from pglayer._clock import loop_lag
 from pglayer._context import RequestContext
 from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 
@@ -556,7 +556,7 @@ class Observer:
             # The time is the client's: under overload much of it can be the event loop
             # busy elsewhere before it read the answer. Said, so a fast statement is not
             # taken for a slow one.
-            late = clock().lag(time.monotonic() - seconds)
+            late = loop_lag(time.monotonic() - seconds)
             slow_log.warning(
                 "slow query: %.3fs in %s: %s%s",
                 seconds,
