@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +20,8 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any, Self
 
 import asyncpg
 
-from pglayer._errors import PglayerError
+from pglayer._errors import PglayerError, explain_connect_error
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
 
@@ -88,6 +91,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether `pid` runs PostgreSQL (true where /proc cannot tell)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc here: trust pg_ctl
+    except OSError:
+        return True
+    return b"postgres" in cmdline
+
+
 def _server_user() -> pwd.struct_passwd | None:
     if os.geteuid() != 0:
         return None
@@ -138,10 +162,45 @@ class EmbeddedPostgres:
         self.base_dir = Path(self.base_dir).resolve()
         self.bindir = find_binaries()
         self._user = _server_user()
-        self.pg_dir = self._choose_pg_dir()
+        with self._said_plainly():
+            self.pg_dir = self._choose_pg_dir()
         self.data_dir = self.pg_dir / "data"
         self.log_file = self.pg_dir / "server.log"
         self._password_file = self.base_dir / "password"
+        self._user_file: Path | None = None  # this object's entry in `users/` while started
+
+    @contextlib.contextmanager
+    def _said_plainly(self) -> Iterator[None]:
+        """What goes wrong with the directory or the server, as one line that says what to do."""
+        try:
+            yield
+        except EmbeddedPostgresError:
+            raise
+        except asyncpg.InvalidPasswordError as exc:
+            raise EmbeddedPostgresError(
+                f"the embedded PostgreSQL in {self.data_dir} refused the password in"
+                f" {self._password_file}: put the cluster's password back there, or remove"
+                f" {self.base_dir} to start afresh (its data is lost)"
+            ) from exc
+        except FileNotFoundError as exc:
+            if exc.filename == str(self._password_file):
+                raise EmbeddedPostgresError(
+                    f"the embedded PostgreSQL's password file {self._password_file} is missing:"
+                    f" put it back, or remove {self.base_dir} to start afresh (its data is lost)"
+                ) from exc
+            raise EmbeddedPostgresError(self._unusable(exc)) from exc
+        except OSError as exc:
+            raise EmbeddedPostgresError(self._unusable(exc)) from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            target = f"the embedded PostgreSQL on 127.0.0.1:{self.port}"
+            raise EmbeddedPostgresError(explain_connect_error(exc, target)) from exc
+
+    def _unusable(self, exc: OSError) -> str:
+        where = exc.filename or self.base_dir
+        return (
+            f"cannot keep the embedded PostgreSQL in {self.base_dir}: {where}:"
+            f" {exc.strerror or type(exc).__name__} (choose another directory with --data-dir)"
+        )
 
     def _choose_pg_dir(self) -> Path:
         preferred = self.base_dir / "pg"
@@ -252,10 +311,26 @@ class EmbeddedPostgres:
         if status.returncode != 0:
             return None
         lines = pid_file.read_text().splitlines()
+        if lines and lines[0].isdigit() and not _is_postgres(int(lines[0])):
+            # Left by a server that died, its PID since taken by another program: stale.
+            log.warning("removing %s: PID %s is not a PostgreSQL server", pid_file, lines[0])
+            pid_file.unlink(missing_ok=True)
+            return None
         return int(lines[3]) if len(lines) > 3 and lines[3].isdigit() else None
 
     def start(self) -> str:
-        """Start (or reuse) the server, create the database, and return its URL."""
+        """Start (or reuse) the server, create the database, and return its URL.
+
+        Every process using the server notes itself in `base_dir/users` while it does, and
+        `stop()` stops the server only when no other live process still uses it, whoever
+        started it (one whose user was killed is taken over). A lock on the directory makes
+        two processes starting at once take turns."""
+        with self._said_plainly(), self._locked():
+            url = self._start()
+            self._register()
+            return url
+
+    def _start(self) -> str:
         if not self.initialized():
             log.info("initialising an embedded PostgreSQL cluster in %s", self.data_dir)
             self._initdb()
@@ -319,16 +394,96 @@ class EmbeddedPostgres:
             pool.submit(asyncio.run, create()).result()
 
     def stop(self, *, force: bool = False, mode: str = "fast") -> None:
-        """Stop the server if this object started it (or if `force`)."""
-        if not (self.started_here or force):
+        """Stop the server unless another live process still uses it (`force`: regardless).
+
+        Only an object that started (or reused) it stops it, unless `force`."""
+        if not (self._user_file is not None or self.started_here or force):
             return
-        if self.running_port() is None:
+        with self._locked():
+            others = self._unregister()
+            if others and not force:
+                log.info(
+                    "embedded PostgreSQL left running: PID %s uses it too",
+                    ", ".join(str(p) for p in others),
+                )
+                self.started_here = False
+                return
+            if self.running_port() is None:
+                self.started_here = False
+                return
+            result = self._run(
+                "pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60"
+            )  # fmt: skip
+            self._check(result, "pg_ctl stop")
             self.started_here = False
-            return
-        result = self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60")
-        self._check(result, "pg_ctl stop")
-        self.started_here = False
-        log.info("embedded PostgreSQL stopped")
+            log.info("embedded PostgreSQL stopped")
+
+    def keep_running(self, every: float = 2.0) -> Callable[[], None]:
+        """Watch the server from a thread and start it again, saying so, if it dies (the
+        OOM killer, a `kill -9`); returns the function that stops watching."""
+        stopped = threading.Event()
+
+        def watch() -> None:
+            while not stopped.wait(every):
+                if self._postmaster_alive():
+                    continue
+                log.error(
+                    "the embedded PostgreSQL in %s is not running any more (its log: %s);"
+                    " starting it again",
+                    self.data_dir,
+                    self.log_file,
+                )
+                try:
+                    with self._said_plainly(), self._locked():
+                        self._start()
+                except PglayerError as exc:
+                    log.error("the embedded PostgreSQL could not be started again: %s", exc)  # noqa: TRY400
+
+        thread = threading.Thread(target=watch, name="pglayer-embedded-watch", daemon=True)
+        thread.start()
+
+        def stop_watching() -> None:
+            stopped.set()
+            thread.join(timeout=every + 1)
+
+        return stop_watching
+
+    def _postmaster_alive(self) -> bool:
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+        except OSError:
+            return False
+        return first.isdigit() and _alive(int(first)) and _is_postgres(int(first))
+
+    # -- who uses it ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        with (self.base_dir / "lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def _register(self) -> None:
+        if self._user_file is None:
+            users = self.base_dir / "users"
+            users.mkdir(exist_ok=True)
+            self._user_file = users / f"{os.getpid()}.{secrets.token_hex(4)}"
+            self._user_file.touch()
+
+    def _unregister(self) -> list[int]:
+        """Forget this object as a user; the PIDs of the live processes that still use it."""
+        if self._user_file is not None:
+            self._user_file.unlink(missing_ok=True)
+            self._user_file = None
+        live = []
+        for entry in (self.base_dir / "users").glob("*.*"):
+            pid = entry.name.split(".", 1)[0]
+            if pid.isdigit() and _alive(int(pid)):
+                live.append(int(pid))
+            else:
+                entry.unlink(missing_ok=True)  # its process ended without saying so
+        return sorted(set(live))
 
     def restart(self, *, mode: str = "fast") -> None:
         """Restart the server on the same port (for fault-injection tests)."""

@@ -190,6 +190,7 @@ def serve(
     if server.log_format == "json":  # every line of stderr a JSON object
         say = logging.getLogger("pglayer").info
     embedded: EmbeddedPostgres | None = None
+    unwatch: Callable[[], None] | None = None
     metrics_dir: Path | None = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Any worker answers /metrics for all of them (see pglayer.fastapi.metrics).
@@ -203,6 +204,7 @@ def serve(
             embedded = EmbeddedPostgres(data_dir, database=database)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()
+            unwatch = embedded.keep_running()
             say(
                 f"embedded PostgreSQL at {describe_target(os.environ['DATABASE_URL'])}"
                 f" (password in {embedded.base_dir / 'password'})"
@@ -238,6 +240,8 @@ def serve(
             raise SystemExit(_STARTUP_FAILURE)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if unwatch is not None:
+            unwatch()
         if embedded is not None:
             embedded.stop()
         if metrics_dir is not None:

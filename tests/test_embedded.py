@@ -1,0 +1,135 @@
+"""The embedded server's ownership (who stops it), its errors, and its watcher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+
+@pytest.fixture(scope="module")
+def cluster_dir() -> Iterator[Path]:
+    """One initialised cluster for the module (initdb once), stopped after each test."""
+    base = Path(tempfile.mkdtemp(prefix="pglayer-embedded-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        if (base / "pg" / "data").exists():
+            EmbeddedPostgres(base).destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def base(cluster_dir: Path) -> Iterator[Path]:
+    yield cluster_dir
+    EmbeddedPostgres(cluster_dir).stop(force=True)
+    shutil.rmtree(cluster_dir / "users", ignore_errors=True)
+
+
+def test_the_process_that_started_it_leaves_it_running_for_another_that_uses_it(
+    base: Path,
+) -> None:
+    first, second = EmbeddedPostgres(base), EmbeddedPostgres(base)
+    first.start()
+    second.start()  # reuses it
+    first.stop()
+    assert second.running_port() is not None  # still served to the second
+    second.stop()  # the last user: it stops it, though it did not start it
+    assert second.running_port() is None
+
+
+def test_a_server_whose_user_was_killed_is_stopped_by_the_next_user(base: Path) -> None:
+    orphaned = EmbeddedPostgres(base)
+    orphaned.start()
+    # Its process killed (-9): its entry stays, naming a process that no longer exists.
+    entry = orphaned._user_file
+    assert entry is not None
+    entry.rename(entry.with_name(f"{2**22 + 12345}.dead"))
+    later = EmbeddedPostgres(base)
+    later.start()
+    later.stop()
+    assert later.running_port() is None
+
+
+def test_a_stale_pid_file_naming_another_program_does_not_stop_a_start(base: Path) -> None:
+    server = EmbeddedPostgres(base)
+    server.start()
+    server.stop()
+    # Left by a server that died; its PID now runs another program of the server's user.
+    owner = server.data_dir.stat()
+    other = subprocess.Popen(["sleep", "60"], user=owner.st_uid, group=owner.st_gid)
+    try:
+        pid_file = server.data_dir / "postmaster.pid"
+        pid_file.write_text(f"{other.pid}\n{server.data_dir}\n0\n1\n")  # port 1: nothing
+        os.chown(pid_file, owner.st_uid, owner.st_gid)
+        again = EmbeddedPostgres(base)
+        again.start()
+        assert again.running_port() not in (None, 1)
+        again.stop()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_server_that_dies_is_started_again_and_said(
+    base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pglayer.embedded")
+    server = EmbeddedPostgres(base)
+    server.start()
+    port = server.port
+    unwatch = server.keep_running(every=0.2)
+    try:
+        postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while server.running_port() != port and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.running_port() == port  # on the same port: the app's URL still holds
+    finally:
+        unwatch()
+        server.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("is not running any more" in m and "server.log" in m for m in said), said
+
+
+def test_a_file_where_the_directory_should_be_is_one_line_that_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(EmbeddedPostgresError, match="choose another directory with --data-dir"):
+        EmbeddedPostgres(tmp_path / "afile").start()
+
+
+def test_a_missing_password_file_is_named(base: Path) -> None:
+    password = base / "password"
+    kept = password.read_bytes()
+    password.unlink()
+    try:
+        with pytest.raises(EmbeddedPostgresError, match=r"password file .* is missing"):
+            EmbeddedPostgres(base).start()
+    finally:
+        password.write_bytes(kept)
+        password.chmod(0o600)
+
+
+def test_a_wrong_password_file_is_named(base: Path) -> None:
+    password = base / "password"
+    kept = password.read_bytes()
+    password.write_text("not-the-password")
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="refused the password in"):
+            EmbeddedPostgres(base).start()
+    finally:
+        password.write_bytes(kept)
