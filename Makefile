@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml shop/pyproject.toml constraints.txt
 	@touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/pglayer-shop serve
+	$(BIN)/pglayer-shop serve $(ARGS)
 
 test: $(BIN)/.installed lint typecheck unit
 

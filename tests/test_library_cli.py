@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -485,3 +486,23 @@ def test_plain_uvicorn_runs_on_pglayers_loop_and_bounds_as_the_readme_says(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_on_a_port_in_use_says_so_before_migrating(db_url: str, tmp_path: Path) -> None:
+    write_migrations(tmp_path / "migrations", "notes")
+    (tmp_path / "notesapp.py").write_text(APP)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
+             "--port", str(port)],
+            cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr + result.stdout
+    assert "choose another port with --port" in " ".join((result.stderr + result.stdout).split())
+    assert "Traceback" not in result.stderr
+    assert "applied" not in result.stdout  # nothing migrated

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -120,6 +121,26 @@ def check_importable(app: str) -> None:
         )
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise `ConfigurationError` if `host:port` cannot be bound (in use, not this host's),
+    before anything is started or migrated."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return  # uvicorn says what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another"
+                " port with --port"
+            ) from None
+
+
 def check_app(app: str) -> None:
     """Raise `ConfigurationError` unless `app` (`module:attr`) imports and names something."""
     check_importable(app)
@@ -176,6 +197,7 @@ def serve(
     from pglayer._http import PROTOCOL
 
     check_importable(app)  # before migrating
+    check_port(host, port)
 
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).
