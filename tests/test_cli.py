@@ -131,6 +131,24 @@ def test_migrate_and_seed_against_database_url(db_url: str) -> None:
     assert password not in seeded.stderr + seeded.stdout
 
 
+def test_migrate_and_seed_without_database_url_use_the_embedded_server(data_dir: Path) -> None:
+    env = clean_env(PGLAYER_DATA_DIR=str(data_dir))
+    migrated = run_cli("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "using the embedded PostgreSQL" in migrated.stderr
+    seeded = run_cli("seed", "--users", "5", "--products", "2", "--orders", "3", env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "seeded 5 users" in seeded.stderr
+    assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what each started
+
+
+def test_seed_counts_are_bounded() -> None:
+    refused = run_cli("seed", "--users", "99999999999999999999", env=clean_env())
+    assert refused.returncode == 2
+    assert "--users" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_unreachable_database_url_fails_with_a_masked_message() -> None:
     env = clean_env(
         DATABASE_URL=f"postgresql://app:hunter2@127.0.0.1:{free_port()}/shop",

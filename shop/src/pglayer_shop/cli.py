@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import pglayer
 from pglayer import Database, DatabaseSettings, PglayerError, configure_logging
 from pglayer_shop.schema import apply_migrations
-from pglayer_shop.seed import SeedCounts, is_empty, seed
+from pglayer_shop.seed import MAX_ORDERS, MAX_PRODUCTS, MAX_USERS, SeedCounts, is_empty, seed
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["app", "main"]
@@ -62,8 +65,25 @@ async def _seed_rows(db: Database, counts: SeedCounts) -> None:
 
 
 async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
-    async with Database(settings) as db:
+    # Its COPYs are long by design: not slow queries to warn of over the progress bar.
+    async with Database(settings.model_copy(update={"slow_query_threshold": 0})) as db:
         await _seed_rows(db, counts)
+
+
+@contextlib.contextmanager
+def _database(data_dir: Path) -> Iterator[None]:
+    """`DATABASE_URL`, or else the embedded server in `data_dir` (the one `serve` uses),
+    started or reused for this command."""
+    if DatabaseSettings().url is not None:
+        yield
+        return
+    embedded = pglayer.EmbeddedPostgres(data_dir, database="shop")
+    os.environ["DATABASE_URL"] = embedded.start()
+    console.print(f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}")
+    try:
+        yield
+    finally:
+        embedded.stop()
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:
@@ -115,11 +135,13 @@ def serve(
 
 
 @app.command()
-def migrate() -> None:
-    """Apply the schema to DATABASE_URL (safe from several processes at once)."""
+def migrate(data_dir: DataDir = Path(".pglayer")) -> None:
+    """Apply the schema to DATABASE_URL, else to the embedded server (safe from several
+    processes at once)."""
     _configure_logging()
     try:
-        applied = asyncio.run(_migrate(DatabaseSettings.for_command()))
+        with _database(data_dir):
+            applied = asyncio.run(_migrate(DatabaseSettings.for_command()))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
     console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
@@ -127,11 +149,12 @@ def migrate() -> None:
 
 @app.command("seed")
 def seed_command(
-    users: Annotated[int, typer.Option(min=0)] = 1_000,
-    products: Annotated[int, typer.Option(min=0)] = 100,
-    orders: Annotated[int, typer.Option(min=0)] = 5_000,
+    users: Annotated[int, typer.Option(min=0, max=MAX_USERS)] = 1_000,
+    products: Annotated[int, typer.Option(min=0, max=MAX_PRODUCTS)] = 100,
+    orders: Annotated[int, typer.Option(min=0, max=MAX_ORDERS)] = 5_000,
+    data_dir: DataDir = Path(".pglayer"),
 ) -> None:
-    """Bulk-load demo data into DATABASE_URL with COPY."""
+    """Bulk-load demo data with COPY into DATABASE_URL, else into the embedded server."""
     _configure_logging()
     try:
         counts = SeedCounts(users, products, orders)
@@ -139,9 +162,10 @@ def seed_command(
         raise _fail(str(exc)) from None
     started = time.perf_counter()
     try:
-        settings = DatabaseSettings.for_command()
-        asyncio.run(_migrate(settings))
-        asyncio.run(_seed(settings, counts))
+        with _database(data_dir):
+            settings = DatabaseSettings.for_command()
+            asyncio.run(_migrate(settings))
+            asyncio.run(_seed(settings, counts))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
     console.print(

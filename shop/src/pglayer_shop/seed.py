@@ -16,10 +16,22 @@ CHUNK = 20_000
 Progress = Callable[[str, int], None]  # (table, rows just written)
 
 
+# Demo data, in one transaction: bounds that keep a typo from filling the disk.
+MAX_USERS = 10_000_000
+MAX_PRODUCTS = 1_000_000
+MAX_ORDERS = 50_000_000
+
+
 class SeedCounts:
     def __init__(self, users: int = 1_000, products: int = 100, orders: int = 5_000) -> None:
         if min(users, products, orders) < 0:
             raise ValueError("counts must not be negative")
+        for name, count, most in (
+            ("users", users, MAX_USERS), ("products", products, MAX_PRODUCTS),
+            ("orders", orders, MAX_ORDERS),
+        ):  # fmt: skip
+            if count > most:
+                raise ValueError(f"at most {most:,} {name} (in one transaction, held till the end)")
         if orders and not (users and products):
             raise ValueError("orders need users and products")
         self.users, self.products, self.orders = users, products, orders
@@ -53,6 +65,7 @@ async def _copy(
     rows: Iterator[tuple[Any, ...]],
     progress: Progress,
 ) -> None:
+    progress(table, 0)  # named as it starts, not after its first chunk
     for chunk in _chunks(rows, CHUNK):
         await conn.copy_records(table, chunk, columns=columns, timeout=600)
         progress(table, len(chunk))
