@@ -183,7 +183,7 @@ def test_a_setting_that_cannot_be_parsed_is_one_line() -> None:
     assert result.returncode == 1
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1, lines  # not wrapped at the terminal's width, no traceback
-    assert 'invalid settings: error parsing value for field "bulkheads"' in lines[0]
+    assert "invalid settings: PGLAYER_BULKHEADS: not valid JSON" in lines[0]
 
 
 def test_doctor_settings_prints_every_setting_masked() -> None:
@@ -329,6 +329,22 @@ def test_the_version_is_printed() -> None:
     result = run("--version", env=clean_env())
     assert result.returncode == 0
     assert re.fullmatch(r"pglayer \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
+
+
+def test_the_shops_version_is_printed_with_the_librarys() -> None:
+    shop = str(Path(sys.executable).with_name("pglayer-shop"))
+    result = subprocess.run(
+        [shop, "--version"], capture_output=True, text=True, env=clean_env(), check=False
+    )
+    assert result.returncode == 0
+    assert re.fullmatch(r"pglayer-shop \S+ \(pglayer \S+\)\n", result.stdout), result.stdout
+
+
+def test_the_command_alone_shows_its_help() -> None:
+    result = run(env=clean_env())
+    assert "Missing command" not in result.stdout + result.stderr
+    assert "serve" in result.stdout
+    assert "doctor" in result.stdout
 
 
 async def _regclass(url: str, name: str) -> str | None:

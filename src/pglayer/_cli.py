@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,9 @@ from pglayer._settings import DatabaseSettings, ServerSettings
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
-app = typer.Typer(help="pglayer: serve, migrate and check an app built on pglayer.")
+app = typer.Typer(
+    help="pglayer: serve, migrate and check an app built on pglayer.", no_args_is_help=True
+)
 console = Console(stderr=True)
 
 
@@ -243,7 +246,7 @@ def main() -> None:
     except ValidationError as exc:  # a setting from the environment: one line, not a traceback
         raise SystemExit(fail(f"invalid settings: {invalid_settings(exc)}").exit_code) from None
     except SettingsError as exc:  # a value pydantic-settings could not even parse (JSON)
-        raise SystemExit(fail(f"invalid settings: {exc}").exit_code) from None
+        raise SystemExit(fail(f"invalid settings: {unparsable_setting(exc)}").exit_code) from None
 
 
 def invalid_settings(exc: ValidationError) -> str:
@@ -253,6 +256,14 @@ def invalid_settings(exc: ValidationError) -> str:
         loc = error["loc"]
         problems.append(f"{_variable(str(loc[0]))}: {error['msg']}" if loc else error["msg"])
     return "; ".join(problems)
+
+
+def unparsable_setting(exc: SettingsError) -> str:
+    """pydantic-settings' "error parsing value for field ..." by environment variable."""
+    field = re.search(r'for field "(\w+)"', str(exc))
+    if field is None:
+        return str(exc)
+    return f"{_variable(field[1])}: not valid JSON"
 
 
 def _variable(field: str) -> str:

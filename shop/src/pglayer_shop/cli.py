@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,25 @@ __all__ = ["app", "main"]
 app = typer.Typer(help="pglayer-shop: the reference service and its tools.", no_args_is_help=True)
 console = Console(stderr=True)
 log = logging.getLogger("pglayer_shop.cli")
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"pglayer-shop {version('pglayer-shop')} (pglayer {version('pglayer')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+    ] = False,
+) -> None:
+    """pglayer-shop: the reference service and its tools."""
+
 
 DataDir = Annotated[
     Path,
@@ -196,4 +216,6 @@ def main() -> None:
         wrong = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in errors)
         raise SystemExit(_fail(f"invalid settings: {wrong}").exit_code) from None
     except SettingsError as exc:  # a value pydantic-settings could not parse (JSON)
-        raise SystemExit(_fail(f"invalid settings: {exc}").exit_code) from None
+        field = re.search(r'for field "(\w+)"', str(exc))
+        said = f"{_variable((field[1],))}: not valid JSON" if field else str(exc)
+        raise SystemExit(_fail(f"invalid settings: {said}").exit_code) from None
