@@ -101,6 +101,8 @@ def test_serve_without_database_url_runs_on_embedded_postgres_and_stops_it(data_
     assert oct((data_dir / "password").stat().st_mode)[-3:] == "600"
     password = (data_dir / "password").read_text().strip()
     assert password not in output
+    # Said in the order it happened: pglayer's tables, then the shop's, then the demo data.
+    assert output.index("applied migrations: pglayer/") < output.index("seeding"), output
 
     # A second run reuses the cluster and its data instead of seeding again.
     code, output = serve_once(data_dir, clean_env())

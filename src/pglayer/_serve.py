@@ -47,9 +47,11 @@ async def apply_directories(
     directories: Sequence[Path],
     prepare: Prepare | None = None,
     histories: Sequence[str] = (),
+    say: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Apply pglayer's own tables, each directory's migrations (each its own history: the
-    directory's name, or the name `histories` gives it in turn), then `prepare(db)`."""
+    directory's name, or the name `histories` gives it in turn), then `prepare(db)`; what
+    was applied is said (`say`) before `prepare` runs."""
     if len(histories) > len(directories):
         raise ConfigurationError("more histories than migration directories")
     named = [*histories, *(d.name for d in directories[len(histories) :])]
@@ -59,6 +61,8 @@ async def apply_directories(
         for directory, history in zip(directories, named, strict=True):
             names = await migrate(db, load_migrations(directory), history=history)
             applied += [f"{history}/{name}" for name in names]
+        if applied and say is not None:
+            say(f"applied migrations: {', '.join(applied)}")
         if prepare is not None:
             await prepare(db)
     return applied
@@ -231,11 +235,9 @@ def serve(
                 f"embedded PostgreSQL at {describe_target(os.environ['DATABASE_URL'])}"
                 f" (password in {embedded.base_dir / 'password'})"
             )
-        applied = asyncio.run(
-            apply_directories(DatabaseSettings.for_command(), migrations, prepare, histories)
+        asyncio.run(
+            apply_directories(DatabaseSettings.for_command(), migrations, prepare, histories, say)
         )
-        if applied:
-            say(f"applied migrations: {', '.join(applied)}")
         asyncio.run(check_budget(workers))
         if workers == 1:
             # uvicorn imports it here too: a missing attribute is one line, not "serving"

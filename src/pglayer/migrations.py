@@ -183,7 +183,7 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
                 f" instead (or, if another directory named {history!r} shares this"
                 " history on this database, give this one its own: `--history NAME`)"
             )
-        log.info("applying migration %s", m.name)
+        log.info("applying migration %s/%s", history, m.name)
         try:
             # asyncpg fails on a query with no statement (an AttributeError of its own).
             if not _NOTHING.fullmatch(m.sql):
