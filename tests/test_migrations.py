@@ -77,6 +77,12 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
         load_migrations(tmp_path)
 
 
+def test_a_migration_that_is_not_utf8_is_refused_saying_so(tmp_path: Path) -> None:
+    (tmp_path / "0001_latin1.sql").write_bytes("SELECT 'caf\u00e9';".encode("latin-1"))
+    with pytest.raises(MigrationError, match=r"0001_latin1\.sql is not UTF-8 text \(byte 0xe9"):
+        load_migrations(tmp_path)
+
+
 async def test_each_history_is_versioned_apart(empty_db_url: str, tmp_path: Path) -> None:
     shop, mine = tmp_path / "shop", tmp_path / "mine"
     for directory, table in ((shop, "shop_things"), (mine, "my_things")):

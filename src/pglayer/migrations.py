@@ -70,7 +70,14 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
         match = _NAME.match(entry.name)
         if match is None:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
-        found.append(Migration(match.group(1), entry.name, entry.read_text(encoding="utf-8")))
+        try:
+            sql = entry.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MigrationError(
+                f"migration {entry.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x}"
+                f" at offset {exc.start}): save it as UTF-8"
+            ) from None
+        found.append(Migration(match.group(1), entry.name, sql))
     found.sort(key=lambda m: m.version)
     for earlier, later in itertools.pairwise(found):
         if earlier.version == later.version:
