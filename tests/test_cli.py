@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,9 +39,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="pglayer-cli-"))
+@contextlib.contextmanager
+def embedded_dir(prefix: str) -> Iterator[Path]:
+    """A directory for an embedded server, its server stopped and files removed after."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     base.chmod(0o755)
     try:
         yield base
@@ -49,6 +51,12 @@ def data_dir() -> Iterator[Path]:
         if (base / "pg" / "data").exists():
             EmbeddedPostgres(base).destroy()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    with embedded_dir("pglayer-cli-") as base:
+        yield base
 
 
 def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 90) -> None:

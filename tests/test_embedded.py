@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,19 +14,14 @@ from pathlib import Path
 import pytest
 
 from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
+from tests.test_cli import embedded_dir
 
 
 @pytest.fixture(scope="module")
 def cluster_dir() -> Iterator[Path]:
     """One initialised cluster for the module (initdb once), stopped after each test."""
-    base = Path(tempfile.mkdtemp(prefix="pglayer-embedded-"))
-    base.chmod(0o755)
-    try:
+    with embedded_dir("pglayer-embedded-") as base:
         yield base
-    finally:
-        if (base / "pg" / "data").exists():
-            EmbeddedPostgres(base).destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
