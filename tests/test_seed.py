@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from pglayer_shop.seed import SeedCounts, is_empty, seed
 
 from pglayer import Database
+from tests.conftest import settings_for
 
 
 async def test_seed_loads_consistent_rows_and_the_api_keeps_working(
@@ -63,3 +66,20 @@ async def test_seeded_data_keeps_the_contracts_invariants(db: Database) -> None:
         )
     assert row is not None
     assert (row["money_kept"], row["stock_kept"], row["least_balance"]) == (True, True, 1000)
+
+
+async def test_two_seeds_at_once_both_land(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=4)) as db:
+        counts = SeedCounts(users=200, products=5, orders=500)
+        await asyncio.gather(seed(db, counts), seed(db, counts))
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(DISTINCT email) FROM users") == 400
+
+
+async def test_two_servers_seeding_an_empty_database_at_once_seed_it_once(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=4)) as db:
+        counts = SeedCounts(users=200, products=5, orders=500)
+        done = await asyncio.gather(*(seed(db, counts, only_if_empty=True) for _ in range(2)))
+        assert sorted(done) == [False, True]
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM users") == 200

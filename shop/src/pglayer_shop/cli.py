@@ -67,7 +67,7 @@ async def _migrate(settings: DatabaseSettings) -> list[str]:
         return await apply_migrations(db)
 
 
-async def _seed_rows(db: Database, counts: SeedCounts) -> None:
+async def _seed_rows(db: Database, counts: SeedCounts, *, only_if_empty: bool = False) -> None:
     total = counts.users + counts.products + counts.orders
     with Progress(
         TextColumn("[bold]seeding[/] {task.description}"),
@@ -81,7 +81,7 @@ async def _seed_rows(db: Database, counts: SeedCounts) -> None:
         def progress(table: str, rows: int) -> None:
             bar.update(task, advance=rows, description=table)
 
-        await seed(db, counts, progress=progress)
+        await seed(db, counts, progress=progress, only_if_empty=only_if_empty)
 
 
 async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
@@ -135,8 +135,8 @@ def serve(
         applied = await apply_migrations(db)
         if applied:
             console.print(f"applied migrations: {', '.join(applied)}")
-        if seed_data and await is_empty(db):
-            await _seed_rows(db, SeedCounts())
+        if seed_data and await is_empty(db):  # checked again under the seed's lock
+            await _seed_rows(db, SeedCounts(), only_if_empty=True)
 
     try:
         pglayer.serve(

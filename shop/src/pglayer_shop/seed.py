@@ -97,14 +97,25 @@ SELECT u.id, 1000.00 + coalesce(o.total, 0), u.created_at
 
 
 async def seed(
-    db: Database, counts: SeedCounts, *, progress: Progress | None = None, rng_seed: int = 42
-) -> None:
+    db: Database,
+    counts: SeedCounts,
+    *,
+    progress: Progress | None = None,
+    rng_seed: int = 42,
+    only_if_empty: bool = False,
+) -> bool:
     """Add `counts` users (with funded accounts), products and orders of the last 60 days,
-    consistent as if the orders had been placed through the API."""
+    consistent as if the orders had been placed through the API; False if `only_if_empty`
+    and the shop has users (another process seeded it first)."""
     report = progress or (lambda _table, _n: None)
     rng = random.Random(rng_seed)
     now = datetime.now(UTC)
     async with db.transaction(timeout=30) as conn:
+        # One seed at a time (two servers starting on an empty database, two seed commands):
+        # each numbers its rows from the largest id, which the other would take too.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pglayer_shop.seed'))")
+        if only_if_empty and await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
+            return False
         await conn.execute("SET LOCAL statement_timeout = 0")
         first_user = await _next_id(conn, "users")
         first_product = await _next_id(conn, "products")
@@ -162,3 +173,4 @@ async def seed(
         await conn.execute(_AS_IF_PLACED, first_user, first_product, first_order)
     async with db.connection() as conn:
         await conn.execute("ANALYZE users, accounts, products, orders", timeout=600)
+    return True
