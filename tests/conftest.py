@@ -274,3 +274,17 @@ def server_env(db_url: str, **settings: str) -> dict[str, str]:
     env["DATABASE_URL"] = db_url
     env.update(settings)
     return env
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text() if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.append(int(proc.name))
+    return found

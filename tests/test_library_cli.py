@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from pglayer import DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._settings import misspelt_settings
-from tests.conftest import free_port
+from tests.conftest import children_of, free_port
 from tests.test_cli import clean_env, data_dir  # noqa: F401  (a fixture)
 
 PGLAYER = [sys.executable, "-m", "pglayer"]
@@ -522,3 +523,36 @@ def test_serve_on_a_port_in_use_says_so_before_migrating(db_url: str, tmp_path: 
     assert "choose another port with --port" in " ".join((result.stderr + result.stdout).split())
     assert "Traceback" not in result.stderr
     assert "applied" not in result.stdout  # nothing migrated
+
+
+def test_workers_end_with_a_serve_that_is_killed(db_url: str, tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=db_url)
+    with serving(tmp_path, "--workers", "2", env=env) as served:
+        assert httpx.get(f"{served.url}/notes/count", timeout=5).status_code == 200
+        workers = [p for p in children_of(served.proc.pid) if _cmdline(p).find(b"spawn") >= 0]
+        assert len(workers) == 2, [_cmdline(p) for p in children_of(served.proc.pid)]
+        served.proc.kill()  # SIGKILL: no drain, no word to the workers
+        try:
+            deadline = time.monotonic() + 20
+            while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(_alive(p) for p in workers)
+        finally:
+            for pid in workers:  # left serving if the test fails: ended here, by PID
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended (its parent, killed, cannot reap it)

@@ -25,7 +25,7 @@ from pglayer_shop.settings import ShopSettings
 from pglayer import Database, _replicas
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.migrations import MigrationError, migrate
-from tests.conftest import asgi_client, free_port, settings_for, wait_for
+from tests.conftest import asgi_client, children_of, free_port, settings_for, wait_for
 from tests.test_doctor import doctor
 from tests.test_metrics import scrape
 
@@ -491,19 +491,7 @@ async def test_while_the_primary_is_down_reads_are_served_by_the_replica_and_rea
 
 def _cluster_pids(cluster: EmbeddedPostgres) -> list[int]:
     postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
-    children = [
-        int(p.name)
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and _parent(p) == postmaster
-    ]
-    return [postmaster, *children]
-
-
-def _parent(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    return [postmaster, *children_of(postmaster)]
 
 
 @contextmanager

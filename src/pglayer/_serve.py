@@ -4,6 +4,8 @@ migrations applied, then uvicorn with pglayer's defaults and limits."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -107,6 +109,10 @@ class _StartupFailures(logging.Handler):
             self.seen = True
 
 
+_SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
+_PR_SET_PDEATHSIG = 1  # Linux's prctl(2): a signal when the parent ends
+
+
 def check_importable(app: str) -> None:
     """Raise `ConfigurationError` unless `app`'s module (`module:attr`) can be found, in the
     current directory too (put on the import path, as `uvicorn` and `python -m` do: an
@@ -176,6 +182,27 @@ def event_loop() -> str:
     return LOOP
 
 
+def worker_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of a `serve --workers N` worker (as `event_loop()` says); the worker
+    also ends with the server's process, so a `kill -9` of it leaves none serving on."""
+    _end_with_parent()
+    if importlib.util.find_spec("uvloop") is None:
+        return asyncio.new_event_loop()
+    from pglayer._loop import new_event_loop
+
+    return new_event_loop()
+
+
+def _end_with_parent() -> None:
+    parent = os.environ.get(_SERVE_PID)
+    if not parent or sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # a graceful end, as a SIGTERM to serve
+    if os.getppid() != int(parent):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(
     app: str,
     *,
@@ -206,6 +233,7 @@ def serve(
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).
     os.environ["PGLAYER_WORKERS"] = str(workers)
+    os.environ[_SERVE_PID] = str(os.getpid())
     # Named by the app, whichever command serves it (`pglayer-shop serve` too), so that
     # `pglayer doctor APP` from here finds its connections.
     os.environ.setdefault("PGLAYER_APPLICATION_NAME", default_application_name(["serve", app]))
@@ -252,7 +280,7 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            loop=event_loop(),
+            loop=event_loop() if workers == 1 else "pglayer._serve:worker_loop",
             # httptools with bounds on header size and header/body read time (see _http).
             http=PROTOCOL if importlib.util.find_spec("httptools") else "h11",
             timeout_graceful_shutdown=10,
