@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +25,7 @@ from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, seed
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import ConnectionLostError, Database, DatabaseUnavailableError
+from pglayer import ConnectionLostError, Database, DatabaseSettings, DatabaseUnavailableError
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._errors import translate
 from pglayer.fastapi import Db, setup
@@ -358,3 +359,23 @@ async def test_a_refill_the_server_refuses_logs_why(
             assert "@127.0.0.1:" in said()[0]  # where it connects, masked
         finally:
             await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+
+
+async def test_a_server_that_does_not_answer_at_startup_is_retried_not_refused() -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does), answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/app"
+        db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.5))
+        await db.open()  # not a configuration error: it may answer later
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+        finally:
+            await db.close()
+
+
+def test_one_off_commands_open_no_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@127.0.0.1:1/app")
+    monkeypatch.setenv("PGLAYER_REPLICA_URLS", "postgresql://app@127.0.0.1:2/app")
+    assert DatabaseSettings.for_command().replica_urls == []

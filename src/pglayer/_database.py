@@ -428,6 +428,8 @@ class Database:
         cause = exc.__cause__ if isinstance(exc, PglayerError) and exc.__cause__ else exc
         translated = translate(cause)
         reason = explain_connect_error(cause, self.target)
+        if isinstance(cause, TimeoutError):  # no answer in time: down or overloaded, for now
+            return DatabaseUnavailableError(reason)
         if isinstance(translated, TransientError):
             return type(translated)(reason, sqlstate=translated.sqlstate)
         if isinstance(translated, DatabaseError):

@@ -247,8 +247,8 @@ async def _check_replicas(
             row = await conn.fetchrow(REPLICA_HEALTH_SQL)
             assert row is not None
             lag = row["lag"]
-            if row["standby"] and primary.lsn is not None and lag is not None:
-                lag = max(lag, await _catch_up(conn, primary.lsn, settings.replica_max_lag))
+            if row["standby"] and primary.lsn is not None:
+                lag = await _catch_up(conn, primary.lsn, settings.replica_max_lag)
         finally:
             await conn.close()
         bound = settings.replica_max_lag
@@ -269,7 +269,7 @@ async def _check_replicas(
                 "reads go to the primary until it catches up",
             )
         else:
-            result.add(name, "ok", f"{target} streaming, {lag:.1f}s behind")
+            result.add(name, "ok", f"{target} is a standby {lag:.1f}s behind the primary")
 
 
 async def _catch_up(conn: asyncpg.Connection[Any], lsn: str, bound: float) -> float:

@@ -25,15 +25,16 @@ log = logging.getLogger("pglayer.replicas")
 
 REOPEN_EVERY = 30.0  # seconds between attempts to open a replica that refused (see _open_one)
 
-# `lag`, the replica's own estimate: zero when everything received is replayed, however
-# long ago the last write was. Alone it cannot see a replica that receives nothing any
-# more (cut off from the primary: received = replayed, lag 0 for ever), so `replayed` is
-# also compared with the primary's positions (`_Positions`).
+# `lag`, the replica's own estimate: zero when everything received is replayed (after a
+# restart the received position starts behind the replayed one), however long ago the last
+# write was. It cannot see a replica that receives nothing any more (cut off from the
+# primary: lag 0 for ever), so once the primary has been read `replayed` is compared with
+# the primary's positions instead (`_Positions`).
 REPLICA_HEALTH_SQL = """
 SELECT pg_is_in_recovery() AS standby,
        (SELECT system_identifier FROM pg_control_system()) AS cluster,
        pg_last_wal_replay_lsn()::text AS replayed,
-       CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+       CASE WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
        END::float8 AS lag
 """
@@ -111,6 +112,7 @@ class ReplicaSet:
         self._positions = _Positions(keep=max_lag + 3 * interval)
         self._cluster: int | None = None  # the primary's system identifier, once read
         self._refused: dict[str, float] = {}  # replicas that refused to open: when to try again
+        self._clusters: dict[str, int] = {}  # each replica's system identifier, as last read
         # One connection per replica for its checks, outside its pool: a check must not
         # wait behind the reads (then a busy replica looks unreachable), and a replica that
         # stops answering is told apart from one whose connections are all busy.
@@ -159,6 +161,13 @@ class ReplicaSet:
         """Refresh every replica's health now."""
         await self._read_primary()
         results = await asyncio.gather(*(self._check_one(r) for r in self.replicas))
+        if self._cluster is None and len(set(self._clusters.values())) > 1:
+            # The primary never read, and the replicas standbys of different servers: which
+            # one holds its data is unknown, so none serves reads until the primary says.
+            results = [
+                h if not h.healthy else ReplicaHealth(h.name, False, "another cluster", None)
+                for h in results
+            ]
         for health in results:
             before = self.health.get(health.name)
             if before is None or before.reason == "unknown":  # its first check
@@ -231,10 +240,11 @@ class ReplicaSet:
         if self._cluster is not None and row["cluster"] != self._cluster:
             # A standby of another server: whatever its lag, not the primary's data.
             return ReplicaHealth(replica.name, False, "another cluster", None)
+        self._clusters[replica.name] = row["cluster"]
         lag = row["lag"]
-        if lag is not None and row["replayed"] is not None:
+        if row["replayed"] is not None:
             behind = self._positions.behind(_lsn(row["replayed"]), time.monotonic())
-            lag = lag if behind is None else max(lag, behind)
+            lag = lag if behind is None else behind
         # NULL: behind, and nothing replayed since it started, so by how much is unknown.
         if lag is None or lag > self.max_lag:
             return ReplicaHealth(replica.name, False, "lagging", lag)

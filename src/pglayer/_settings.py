@@ -298,7 +298,13 @@ class DatabaseSettings(BaseSettings):
         """The environment's settings for a one-off command's own work (migrate, seed): a
         pool of one or two connections that must reach the database, no budget check."""
         cls()  # the environment as the app reads it: a value it would refuse is refused here
-        return cls(require_on_startup=True, min_size=1, max_size=2, on_budget_exceeded="ignore")
+        return cls(
+            require_on_startup=True,
+            min_size=1,
+            max_size=2,
+            on_budget_exceeded="ignore",
+            replica_urls=[],  # its work is the primary's: no pool per replica to open
+        )
 
     def worker_count(self) -> tuple[int, str]:
         """The workers assumed by the connection budget, and where that came from."""

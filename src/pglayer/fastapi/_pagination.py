@@ -91,7 +91,10 @@ class Cursors:
             value: bytes = await conn.fetchval(_READ_SHARED, name)
             return value
 
-        return cls(await db.run_in_transaction(shared))
+        # Read first (a replica has it too, and answers while the primary is down); made
+        # on the primary only the first time.
+        made: bytes | None = await db.read(lambda conn: conn.fetchval(_READ_SHARED, name))
+        return cls(made if made is not None else await db.run_in_transaction(shared))
 
     def _tag(self, payload: bytes, of: str) -> bytes:
         name = of.encode()
