@@ -60,9 +60,14 @@ def test_a_stale_pid_file_naming_another_program_does_not_stop_a_start(base: Pat
     server = EmbeddedPostgres(base)
     server.start()
     server.stop()
-    # Left by a server that died; its PID now runs another program of the server's user.
+    # Left by a server that died; its PID now runs another program of the server's user,
+    # named as a backend of some other PostgreSQL would be.
     owner = server.data_dir.stat()
-    other = subprocess.Popen(["sleep", "60"], user=owner.st_uid, group=owner.st_gid)
+    other = subprocess.Popen(
+        ["bash", "-c", 'exec -a "postgres: app shop 127.0.0.1 idle" sleep 60'],
+        user=owner.st_uid,
+        group=owner.st_gid,
+    )
     try:
         pid_file = server.data_dir / "postmaster.pid"
         pid_file.write_text(f"{other.pid}\n{server.data_dir}\n0\n1\n")  # port 1: nothing
@@ -96,6 +101,25 @@ def test_a_server_that_dies_is_started_again_and_said(
         server.stop()
     said = [r.getMessage() for r in caplog.records]
     assert any("is not running any more" in m and "server.log" in m for m in said), said
+
+
+def test_a_server_whose_directory_was_removed_is_not_made_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pglayer.embedded")
+    with embedded_dir("pglayer-gone-") as base:
+        server = EmbeddedPostgres(base)
+        server.start()
+        unwatch = server.keep_running(every=0.2)
+        try:
+            server.stop(force=True)
+            shutil.rmtree(server.pg_dir)  # `make clean` in another terminal, say
+            time.sleep(1.0)
+            assert not server.initialized()  # no new, empty cluster with a new password
+        finally:
+            unwatch()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("is gone: it is not started again" in m for m in said), said
 
 
 def test_a_file_where_the_directory_should_be_is_one_line_that_says_what_to_do(

@@ -101,15 +101,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_postgres(pid: int) -> bool:
-    """Whether `pid` runs PostgreSQL (true where /proc cannot tell)."""
+def _runs_cluster(pid: int, data_dir: Path) -> bool:
+    """Whether `pid` is the server of `data_dir` (started with `-D data_dir`; true where
+    /proc cannot tell). A backend of another server is not."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return not Path("/proc/self").exists()  # no /proc here: trust pg_ctl
     except OSError:
         return True
-    return b"postgres" in cmdline
+    return str(data_dir).encode() in cmdline.split(b"\0")
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -189,6 +190,9 @@ class EmbeddedPostgres:
                     f" put it back, or remove {self.base_dir} to start afresh (its data is lost)"
                 ) from exc
             raise EmbeddedPostgresError(self._unusable(exc)) from exc
+        except (ConnectionError, TimeoutError) as exc:  # the server, not the directory
+            target = f"the embedded PostgreSQL on 127.0.0.1:{self.port}"
+            raise EmbeddedPostgresError(explain_connect_error(exc, target)) from exc
         except OSError as exc:
             raise EmbeddedPostgresError(self._unusable(exc)) from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -311,9 +315,9 @@ class EmbeddedPostgres:
         if status.returncode != 0:
             return None
         lines = pid_file.read_text().splitlines()
-        if lines and lines[0].isdigit() and not _is_postgres(int(lines[0])):
+        if lines and lines[0].isdigit() and not _runs_cluster(int(lines[0]), self.data_dir):
             # Left by a server that died, its PID since taken by another program: stale.
-            log.warning("removing %s: PID %s is not a PostgreSQL server", pid_file, lines[0])
+            log.warning("removing %s: PID %s is not this cluster's server", pid_file, lines[0])
             pid_file.unlink(missing_ok=True)
             return None
         return int(lines[3]) if len(lines) > 3 and lines[3].isdigit() else None
@@ -427,6 +431,13 @@ class EmbeddedPostgres:
             while not stopped.wait(every):
                 if self._postmaster_alive():
                     continue
+                if not self.initialized():
+                    log.error(
+                        "the embedded PostgreSQL's directory %s is gone: it is not started"
+                        " again (restart to make a new one)",
+                        self.data_dir,
+                    )
+                    return
                 log.error(
                     "the embedded PostgreSQL in %s is not running any more (its log: %s);"
                     " starting it again",
@@ -453,7 +464,7 @@ class EmbeddedPostgres:
             first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
         except OSError:
             return False
-        return first.isdigit() and _alive(int(first)) and _is_postgres(int(first))
+        return first.isdigit() and _alive(int(first)) and _runs_cluster(int(first), self.data_dir)
 
     # -- who uses it ---------------------------------------------------------------------
 
