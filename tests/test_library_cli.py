@@ -556,3 +556,33 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has ended (its parent, killed, cannot reap it)
+
+
+def test_serve_on_port_zero_says_the_port_it_serves_on(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    write_migrations(tmp_path / "migrations", "notes")
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--migrations", "migrations",
+               "--port", "0"]  # fmt: skip
+    env = clean_env(DATABASE_URL=db_url)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        said = ""
+        while "serving notesapp:app on" not in said:
+            line = proc.stdout.readline()
+            assert line, said
+            said += line
+        url = said.rsplit("serving notesapp:app on ", 1)[1].split()[0]
+        assert not url.endswith(":0")
+        deadline = time.monotonic() + 30
+        while True:  # said just before uvicorn binds it
+            try:
+                assert httpx.get(f"{url}/notes/count", timeout=5).status_code == 200
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

@@ -131,15 +131,13 @@ def check_importable(app: str) -> None:
         )
 
 
-def check_port(host: str, port: int) -> None:
-    """Raise `ConfigurationError` if `host:port` cannot be bound (in use, not this host's),
-    before anything is started or migrated."""
-    if port == 0:
-        return
+def check_port(host: str, port: int) -> int:
+    """The port to serve on (a free one for 0); `ConfigurationError` if `host:port` cannot
+    be bound (in use, not this host's), before anything is started or migrated."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError:
-        return  # uvicorn says what is wrong with the host
+        return port  # uvicorn says what is wrong with the host
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
@@ -149,6 +147,7 @@ def check_port(host: str, port: int) -> None:
                 f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another"
                 " port with --port"
             ) from None
+        return int(probe.getsockname()[1])
 
 
 def check_app(app: str) -> None:
@@ -228,7 +227,7 @@ def serve(
     from pglayer._http import PROTOCOL
 
     check_importable(app)  # before migrating
-    check_port(host, port)
+    port = check_port(host, port)  # 0: a free one, said below as the one served on
 
     # Worker processes build their app from the environment, as a user's would; `setup()`
     # configures logging there (uvicorn's workers start with none).
