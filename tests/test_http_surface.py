@@ -5,12 +5,13 @@ One app and one database for the module: these tests read and create their own r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from decimal import Decimal
 from typing import Any
 
@@ -803,3 +804,40 @@ async def test_openapi_declares_504_on_any_apps_routes_but_the_exempt(db: Databa
         paths = (await client.get("/openapi.json")).json()["paths"]
     assert "504" in paths["/things/{thing_id}"]["get"]["responses"]  # a query's deadline
     assert "504" not in paths["/health/live"]["get"]["responses"]  # exempt, no database
+
+
+async def test_a_request_the_server_gives_up_on_at_shutdown_gets_a_problem(
+    surface_app: FastAPI,
+) -> None:
+    # A body still arriving when the server's graceful shutdown runs out: it cancels the
+    # request. The answer is a 503 problem, not the server's plain-text 500.
+    sent: list[MutableMapping[str, Any]] = []
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b'{"name": "Sl', "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/users", "raw_path": b"/users", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"shop"), (b"content-type", b"application/json"),
+                    (b"content-length", b"100")],
+    }  # fmt: skip
+    task = asyncio.create_task(surface_app(scope, receive, send))
+    await asyncio.sleep(0.1)
+    task.cancel()  # what uvicorn does once its graceful shutdown times out
+    await asyncio.gather(task, return_exceptions=True)
+    assert sent[0]["status"] == 503
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert headers[b"retry-after"] == b"1"
+    assert json.loads(sent[1]["body"])["code"] == "unavailable"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pglayer._http import BoundedHttpToolsProtocol
+from pglayer._http import BoundedHttpToolsProtocol, _AnsweredHere
 from tests.conftest import Server, free_port
 
 SHOP = str(Path(sys.executable).parent / "pglayer-shop")
@@ -497,3 +498,16 @@ async def test_an_upgrade_to_a_protocol_not_spoken_is_ignored_and_the_body_kept(
         b"GET /health/live HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
     )
     assert (await send_head(served, pipelined)).count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_a_request_cancelled_at_shutdown_is_one_line_not_a_traceback() -> None:
+    try:
+        raise asyncio.CancelledError
+    except asyncio.CancelledError:
+        record = logging.LogRecord(
+            "uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n",
+            (), sys.exc_info(),
+        )  # fmt: skip
+    assert _AnsweredHere().filter(record)
+    assert record.getMessage() == "a request was cancelled: the shutdown's grace ran out"
+    assert (record.exc_info, record.levelname) == (None, "WARNING")

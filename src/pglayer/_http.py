@@ -171,11 +171,18 @@ _METHOD_NOT_IMPLEMENTED = _problem(
 
 class _AnsweredHere(logging.Filter):
     """Drops uvicorn's own warning for a request this protocol refuses: it answers the
-    request itself and logs it as every request is, with its request id."""
+    request itself and logs it as every request is, with its request id. And a request
+    uvicorn cancelled when its graceful shutdown ran out is one line, not a traceback of
+    "Exception in ASGI application" (the app answered it: pglayer's guard sends a 503)."""
 
     quieted = ("Invalid HTTP request received.", "Unsupported upgrade request.")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args = "a request was cancelled: the shutdown's grace ran out", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
         return record.msg not in self.quieted
 
 

@@ -149,6 +149,23 @@ def _encoded_separator() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
     return response.status_code, tuple(response.headers.raw), bytes(response.body)
 
 
+def _shutting_down() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+    response = problem_response(
+        Problem(
+            503,
+            "unavailable",
+            "The server is shutting down; send the request again.",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+    )
+    return response.status_code, tuple(response.headers.raw), bytes(response.body)
+
+
+# The server stopped waiting for a request (its graceful shutdown ran out): an answer in the
+# contract's form, not the server's plain-text 500 and a traceback.
+_SHUTTING_DOWN_REPLY = _shutting_down()
+
+
 # The server decodes the path before routing: `/admin%2Fusers` would be routed as
 # `/admin/users` while a proxy that filters by prefix saw another path.
 _ENCODED_SEPARATOR = re.compile(rb"%(?:2[Ff]|5[Cc])")
@@ -377,6 +394,12 @@ class RequestGuard:
             finally:
                 ex.finish()
                 context.leave(token)
+        except asyncio.CancelledError:
+            if ex.stopped_by_us or ex.status:
+                raise
+            # Cancelled by the server (its shutdown's grace ran out) before an answer.
+            await ex.reply(_SHUTTING_DOWN_REPLY)
+            raise
         finally:
             self._account(scope, ex)
 
