@@ -34,4 +34,6 @@ bench: $(BIN)/.installed
 	$(BIN)/pglayer-shop bench
 
 clean:
+	# The embedded server first: stopped, and its files removed wherever they are kept.
+	-test -x $(BIN)/python && $(BIN)/python -c 'import pglayer; pglayer.EmbeddedPostgres(".pglayer").destroy()'
 	rm -rf $(VENV) .pglayer .mypy_cache .pytest_cache .ruff_cache

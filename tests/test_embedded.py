@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,25 @@ def test_a_server_whose_user_was_killed_is_stopped_by_the_next_user(base: Path) 
     later.start()
     later.stop()
     assert later.running_port() is None
+
+
+def test_entries_of_processes_that_are_not_users_do_not_keep_it_running(base: Path) -> None:
+    users = base / "users"
+    users.mkdir(exist_ok=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        started = (Path(f"/proc/{other.pid}/stat").read_text().rsplit(")", 1)[1].split())[19]
+        # Left while the server was stopped (a crash, a reboot): it names a live process.
+        (users / f"{other.pid}.{started}.left").touch()
+        server = EmbeddedPostgres(base)
+        server.start()  # started afresh: nobody could have been using it
+        # A PID given to another process since: the same PID, another start time.
+        (users / f"{other.pid}.1.reused").touch()
+        server.stop()
+        assert server.running_port() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_stale_pid_file_naming_another_program_does_not_stop_a_start(base: Path) -> None:
@@ -151,3 +171,24 @@ def test_a_wrong_password_file_is_named(base: Path) -> None:
             EmbeddedPostgres(base).start()
     finally:
         password.write_bytes(kept)
+
+
+def test_server_files_kept_apart_from_a_removed_directory_do_not_block_a_new_one() -> None:
+    private = Path(tempfile.mkdtemp(prefix="pglayer-private-"))  # 0700, as /root is: the
+    base = private / "app"  # server user cannot reach it, so its files are kept in /var/tmp
+    first = EmbeddedPostgres(base)
+    kept_apart = first.pg_dir.parent
+    assert kept_apart.parent == Path("/var/tmp")  # noqa: S108
+    try:
+        first.start()
+        first.stop()
+        shutil.rmtree(base)  # `make clean`
+        again = EmbeddedPostgres(base)
+        again.start()  # a new cluster, not "the password file is missing"
+        assert again.running_port() is not None
+        again.stop()
+        assert list(kept_apart.glob("pg.orphaned-*"))  # the old one kept, out of the way
+    finally:
+        EmbeddedPostgres(base).destroy()
+        shutil.rmtree(kept_apart, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)

@@ -586,3 +586,12 @@ def test_serve_on_port_zero_says_the_port_it_serves_on(db_url: str, tmp_path: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_a_hang_up_ends_serve_as_sigterm_does(tmp_path: Path, data_dir: Path) -> None:  # noqa: F811
+    with serving(tmp_path, "--data-dir", str(data_dir), env=clean_env()) as served:
+        assert httpx.get(f"{served.url}/notes/count", timeout=5).status_code == 200
+        served.proc.send_signal(signal.SIGHUP)  # the terminal closed
+        served.proc.wait(timeout=60)
+    assert served.proc.returncode == 0, served.output
+    assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started

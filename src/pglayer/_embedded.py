@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,6 +100,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's
     return True
+
+
+def _started(pid: int) -> str:
+    """When `pid` started (Linux: ticks since boot; "" where /proc cannot tell, or a zombie's
+    which has ended), to tell a process from a later one given the same PID."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return "" if fields[0] == "Z" else fields[19]
+
+
+def _still_running(entry: str) -> bool:
+    """Whether a `users/` entry (`pid.started.token`) names a process that still runs."""
+    pid, _, rest = entry.partition(".")
+    started = rest.rpartition(".")[0]
+    if not pid.isdigit():
+        return False
+    if not Path("/proc/self").exists():  # no /proc here: the PID alone
+        return _alive(int(pid))
+    return bool(started) and _started(int(pid)) == started
 
 
 def _runs_cluster(pid: int, data_dir: Path) -> bool:
@@ -317,7 +339,12 @@ class EmbeddedPostgres:
         lines = pid_file.read_text().splitlines()
         if lines and lines[0].isdigit() and not _runs_cluster(int(lines[0]), self.data_dir):
             # Left by a server that died, its PID since taken by another program: stale.
-            log.warning("removing %s: PID %s is not this cluster's server", pid_file, lines[0])
+            log.warning(
+                "removing %s: PID %s does not run this cluster's server (it ended, or the PID"
+                " is another program's now)",
+                pid_file,
+                lines[0],
+            )
             pid_file.unlink(missing_ok=True)
             return None
         return int(lines[3]) if len(lines) > 3 and lines[3].isdigit() else None
@@ -330,11 +357,30 @@ class EmbeddedPostgres:
         started it (one whose user was killed is taken over). A lock on the directory makes
         two processes starting at once take turns."""
         with self._said_plainly(), self._locked():
-            url = self._start()
+            self._set_aside_orphan()
+            url = self._start(forget_users=True)
             self._register()
             return url
 
-    def _start(self) -> str:
+    def _set_aside_orphan(self) -> None:
+        """Server files kept apart (`/var/tmp/pglayer-<hash>`) whose directory was removed
+        (`make clean`), password and all: moved aside, so that a new cluster can be made,
+        rather than each start asking for a password file that is gone for good."""
+        if self.pg_dir.parent == self.base_dir or self._password_file.exists():
+            return
+        if not self.initialized():
+            return
+        if self.running_port() is not None:
+            self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w")
+        aside = self.pg_dir.with_name(f"pg.orphaned-{int(time.time())}")
+        self.pg_dir.rename(aside)
+        log.warning(
+            "%s was removed; its server files are moved aside to %s (delete them when sure)",
+            self.base_dir,
+            aside,
+        )
+
+    def _start(self, *, forget_users: bool = False) -> str:
         if not self.initialized():
             log.info("initialising an embedded PostgreSQL cluster in %s", self.data_dir)
             self._initdb()
@@ -353,6 +399,9 @@ class EmbeddedPostgres:
                 "-w", "-t", "60", "-o", options, start_new_session=True,
             )  # fmt: skip
             self._check(result, "pg_ctl start")
+            if forget_users:
+                # It was not running, so nobody used it: entries a crash or a reboot left go.
+                shutil.rmtree(self.base_dir / "users", ignore_errors=True)
             self.started_here = True
             log.info("embedded PostgreSQL started on 127.0.0.1:%s", self.port)
         if not self.standby:
@@ -479,7 +528,8 @@ class EmbeddedPostgres:
         if self._user_file is None:
             users = self.base_dir / "users"
             users.mkdir(exist_ok=True)
-            self._user_file = users / f"{os.getpid()}.{secrets.token_hex(4)}"
+            pid = os.getpid()
+            self._user_file = users / f"{pid}.{_started(pid)}.{secrets.token_hex(4)}"
             self._user_file.touch()
 
     def _unregister(self) -> list[int]:
@@ -489,9 +539,8 @@ class EmbeddedPostgres:
             self._user_file = None
         live = []
         for entry in (self.base_dir / "users").glob("*.*"):
-            pid = entry.name.split(".", 1)[0]
-            if pid.isdigit() and _alive(int(pid)):
-                live.append(int(pid))
+            if _still_running(entry.name):
+                live.append(int(entry.name.split(".", 1)[0]))
             else:
                 entry.unlink(missing_ok=True)  # its process ended without saying so
         return sorted(set(live))

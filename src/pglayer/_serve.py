@@ -172,6 +172,10 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def _hang_up(signum: int, frame: FrameType | None) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler while it serves, else ours
+
+
 def event_loop() -> str:
     """uvloop with a server that accepts a burst of connections at once (see _loop), if any."""
     if importlib.util.find_spec("uvloop") is None:
@@ -252,6 +256,9 @@ def serve(
     # uvicorn drains, then re-raises the signal it caught; SIGTERM's default action would end
     # the process before the embedded server is stopped below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # A closed terminal (SIGHUP) ends one process as SIGTERM does, drained and with what it
+    # started stopped; with workers, uvicorn's supervisor takes SIGHUP to restart them.
+    hung_up = signal.signal(signal.SIGHUP, _hang_up) if workers == 1 else None
     try:
         if DatabaseSettings().url is None:
             embedded = EmbeddedPostgres(data_dir, database=database)
@@ -291,6 +298,8 @@ def serve(
             raise SystemExit(_STARTUP_FAILURE)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if hung_up is not None:
+            signal.signal(signal.SIGHUP, hung_up)
         if unwatch is not None:
             unwatch()
         if embedded is not None:
