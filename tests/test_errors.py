@@ -605,3 +605,31 @@ async def test_an_outages_503s_are_logged_once_a_second_and_each_500_alone(
     internal = [r for r in caplog.records if "500 internal" in r.getMessage()]
     assert len(internal) == 2  # each with the request id its client was given
     assert [bool(r.exc_info) for r in internal] == [True, False]
+
+
+async def test_a_commit_of_unknown_outcome_sends_the_client_to_the_primary(
+    err_db: Database, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # It may have committed: read back from a replica, it would look as if it had not.
+    async with err_db.connection() as conn:
+        await conn.execute(SLOW_COMMIT)
+    url = err_db.settings.dsn()
+    db = Database(settings_for(url, replica_urls=[url]))  # any replica: the cookie is the point
+    app = FastAPI()
+    setup(app, db)
+
+    @app.post("/slow")
+    async def slow(conn: WriteTransaction) -> None:
+        await conn.execute("INSERT INTO slow VALUES (1)")
+
+    @app.get("/ready")
+    async def ready() -> None:
+        await db.ping()
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert "set-cookie" not in (await client.get("/ready")).headers  # a probe wrote nothing
+        killer = asyncio.create_task(kill_when_committing(admin, db_name))
+        response = await client.post("/slow")
+        await killer
+    assert_clean_problem(response, 500, "commit_unknown")
+    assert "pglayer_rw=1" in response.headers.get("set-cookie", "")

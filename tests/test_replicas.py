@@ -608,3 +608,24 @@ async def test_standbys_of_different_servers_serve_nothing_while_the_primary_is_
         assert db.replicas is not None
         reasons = {name: h.reason for name, h in db.replicas.health.items()}
         assert reasons == {"replica-1": "another cluster", "replica-2": "another cluster"}
+
+
+async def test_a_replica_whose_connections_are_all_busy_stays_in_rotation(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    settings = replicated_settings(
+        primary, standby, replica_max_lag=600, min_size=1, max_size=2, acquire_timeout=0.3
+    )
+    async with Database(settings) as db:
+        assert db.replicas is not None
+
+        async def healthy() -> bool:
+            return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(healthy, timeout=10)
+        slow = [asyncio.create_task(db.read(lambda c: c.fetchval("SELECT pg_sleep(1.5)")))
+                for _ in range(2)]  # fmt: skip
+        await asyncio.sleep(0.2)  # both of its connections taken
+        assert not await in_recovery(db)  # no connection in time: the primary answered
+        assert db.replicas.health["replica-1"].healthy  # busy is not broken
+        await asyncio.gather(*slow)

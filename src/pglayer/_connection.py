@@ -155,6 +155,8 @@ class Connection:
         except Exception as exc:
             slot.query_deadline = 0.0
             translated = self._translate(exc)
+            if self._writes is not None and self._depth == 0 and outcome_unknown(translated):
+                self._writes.wrote = True  # a statement in autocommit that may have applied
             self._finished(query, time.monotonic() - started, translated)
             raise_translated(exc, translated)
         slot.query_deadline = 0.0
@@ -309,6 +311,9 @@ class Connection:
         except Exception as exc:
             translated = self._translate(exc)
             if outcome_unknown(translated):
+                if not readonly:
+                    # It may have committed: the client reads it back from the primary.
+                    context.mark_wrote()
                 raise self._indeterminate("COMMIT") from exc
             self._raise(exc)
         if status != "COMMIT":

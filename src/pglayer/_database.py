@@ -581,11 +581,17 @@ class Database:
             # primary answers, and the replica stays in rotation for what it can serve.
             if self.replicas is None:
                 raise error
-            if isinstance(error, TransientError):
-                self.replicas.mark_failed(target)
-            elif getattr(error, "sqlstate", None) not in _NOT_REPLAYED_YET:
+            if getattr(error, "sqlstate", None) in _NOT_REPLAYED_YET:
+                return await self._call(self, fn, True, timeout, tx, bulkhead)
+            if not isinstance(error, TransientError):
                 raise error
-            return await self._call(self, fn, True, timeout, tx, bulkhead)
+            if isinstance(error, _NO_CONNECTION):  # its connections busy: no fault of its
+                return await self._call(self, fn, True, timeout, tx, bulkhead)
+            self.replicas.mark_failed(target)
+            # Another healthy replica if there is one (the primary may be down too); each
+            # that fails leaves the rotation, so this ends, at the primary at worst.
+            other = self.replicas.choose()
+            return await self._call(other or self, fn, True, timeout, tx, bulkhead)
         if not retry:
             raise error
         policy = self.retry_policy
@@ -736,7 +742,8 @@ class Database:
     async def ping(self, *, timeout: float = 1.0) -> None:
         """Run `SELECT 1` within `timeout` seconds (acquire included); raise if it fails."""
         deadline = time.monotonic() + timeout
-        async with self.connection(timeout=timeout) as conn:
+        # Not a writer: a readiness probe must not send its client to the primary (cookie).
+        async with _Lease(self, timeout, "read", writer=False) as conn:
             await conn.fetchval("SELECT 1", timeout=max(deadline - time.monotonic(), 0.001))
 
     # -- load ------------------------------------------------------------------------

@@ -247,7 +247,8 @@ async def _check_replicas(
             row = await conn.fetchrow(REPLICA_HEALTH_SQL)
             assert row is not None
             lag = row["lag"]
-            if row["standby"] and primary.lsn is not None:
+            same = row["cluster"] == primary.cluster
+            if row["standby"] and same and primary.lsn is not None:
                 lag = await _catch_up(conn, primary.lsn, settings.replica_max_lag)
         finally:
             await conn.close()

@@ -136,8 +136,8 @@ class ReplicaSet:
     async def open(self) -> None:
         if self._checker is not None:  # opened already (while the primary was down)
             return
-        for replica in self.replicas:
-            await self._open_one(replica)
+        # At once: one that does not answer costs the connect timeout, not one per replica.
+        await asyncio.gather(*(self._open_one(r) for r in self.replicas))
         await self.check()
         self._checker = asyncio.create_task(self._check_forever())
 
