@@ -733,6 +733,11 @@ class Database:
         """This pool and its replicas' pools."""
         return [self, *(self.replicas.replicas if self.replicas else [])]
 
+    def answered(self) -> None:
+        """The server answered a check: connections are tried at once again."""
+        if self._pool is not None:
+            self._pool.answered()
+
     def abandon(self) -> None:
         """The server stopped answering: fail what waits for a connection and close every
         connection, in use too, so that work on them fails now rather than at its deadline."""

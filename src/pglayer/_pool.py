@@ -706,6 +706,12 @@ class Pool:
         oldest.future.set_exception(error)
         return True
 
+    def answered(self) -> None:
+        """The server answered elsewhere (a health check): connect at once again, not after
+        the cool-down its failed connects set."""
+        self._cool_down_until = 0.0
+        self._connect_failures = 0
+
     def abandon(self) -> None:
         """Fail the waiters and close every connection, in use too (see `Database.abandon`)."""
         self._fail_waiters(DatabaseUnavailableError("the server stopped answering"))

@@ -117,6 +117,9 @@ class ReplicaSet:
         # wait behind the reads (then a busy replica looks unreachable), and a replica that
         # stops answering is told apart from one whose connections are all busy.
         self._probes: dict[str, asyncpg.Connection[Any]] = {}
+        # Not shorter than a second, whatever the interval: a replica slow under load for a
+        # moment is not one that stopped answering (which has its reads failed over).
+        self._probe_timeout = max(interval, 1.0)
         # A replica in rotation is at most this far behind: measured at most max_lag behind
         # (a lower bound, short by up to an interval), and until its next check.
         unseen = max_lag + 3 * interval
@@ -235,6 +238,8 @@ class ReplicaSet:
                 # them, would wait out their deadlines; they fail now and read the primary.
                 replica.abandon()
             return ReplicaHealth(replica.name, False, "unreachable", None)
+        if not self.health[replica.name].healthy:
+            replica.answered()  # its pool connects again now, not after its cool-down
         if not row["standby"]:
             return ReplicaHealth(replica.name, False, "not a standby", None)
         if self._cluster is not None and row["cluster"] != self._cluster:
@@ -256,12 +261,12 @@ class ReplicaSet:
             settings = replica.settings
             probe = await asyncpg.connect(
                 settings.dsn(),
-                timeout=min(settings.connect_timeout, max(self.interval, 1.0)),
+                timeout=min(settings.connect_timeout, self._probe_timeout),
                 statement_cache_size=0,
                 server_settings={"application_name": f"{settings.application_name}-check"},
             )
         try:
-            row = await probe.fetchrow(REPLICA_HEALTH_SQL, timeout=self.interval)
+            row = await probe.fetchrow(REPLICA_HEALTH_SQL, timeout=self._probe_timeout)
         except BaseException:
             probe.terminate()
             raise
