@@ -97,6 +97,15 @@ async def replay_paused(standby: EmbeddedPostgres) -> AsyncIterator[None]:
         await conn.close()
 
 
+async def in_rotation(db: Database, timeout: float = 10) -> bool:
+    """Whether replica-1 is (or comes back) in rotation within `timeout` seconds."""
+
+    async def healthy() -> bool:
+        return db.replicas is not None and db.replicas.health["replica-1"].healthy
+
+    return bool(await wait_for(healthy, timeout=timeout))
+
+
 async def in_recovery(db: Database) -> bool:
     return bool(await db.read(lambda c: c.fetchval("SELECT pg_is_in_recovery()")))
 
@@ -142,10 +151,7 @@ async def test_a_lagging_replica_is_skipped_until_it_catches_up(
             assert await wait_for(lagging, timeout=10)
             assert not await in_recovery(db)  # served by the primary
 
-        async def healthy() -> bool:
-            return db.replicas is not None and db.replicas.health["replica-1"].healthy
-
-        assert await wait_for(healthy, timeout=10)
+        assert await in_rotation(db, timeout=10)
         assert await in_recovery(db)
 
 
@@ -340,10 +346,7 @@ async def test_a_replica_cut_off_from_the_primary_is_lagging_though_it_replayed_
     async with Database(replicated_settings(primary, standby)) as db:
         assert db.replicas is not None
 
-        async def healthy() -> bool:
-            return db.replicas is not None and db.replicas.health["replica-1"].healthy
-
-        assert await wait_for(healthy, timeout=10)
+        assert await in_rotation(db, timeout=10)
         async with cut_off(standby):
             user_id = await db.run(
                 lambda c: c.fetchval(
@@ -361,7 +364,7 @@ async def test_a_replica_cut_off_from_the_primary_is_lagging_though_it_replayed_
                 lambda c: c.fetchval("SELECT 1 FROM users WHERE id = $1", user_id)
             )
             assert found == 1  # from the primary, not the stale replica
-        assert await wait_for(healthy, timeout=20)
+        assert await in_rotation(db, timeout=20)
 
 
 async def test_a_standby_of_another_server_never_serves_reads(
@@ -518,10 +521,7 @@ async def test_reads_on_a_replica_that_stops_answering_move_to_the_primary_at_on
     async with Database(settings) as db:
         assert db.replicas is not None
 
-        async def healthy() -> bool:
-            return db.replicas is not None and db.replicas.health["replica-1"].healthy
-
-        assert await wait_for(healthy, timeout=10)
+        assert await in_rotation(db, timeout=10)
         loop = asyncio.get_running_loop()
         slowest = 0.0
 
@@ -538,7 +538,7 @@ async def test_reads_on_a_replica_that_stops_answering_move_to_the_primary_at_on
             assert db.replicas.health["replica-1"].reason == "unreachable"
         # Neither the query deadline nor the acquire deadline (20 s) was waited out.
         assert slowest < 10, slowest
-        assert await wait_for(healthy, timeout=20)
+        assert await in_rotation(db, timeout=20)
 
 
 async def test_a_standby_restarted_while_the_primary_is_idle_is_back_in_rotation(
@@ -547,16 +547,13 @@ async def test_a_standby_restarted_while_the_primary_is_idle_is_back_in_rotation
     async with Database(replicated_settings(primary, standby)) as db:
         assert db.replicas is not None
 
-        async def healthy() -> bool:
-            return db.replicas is not None and db.replicas.health["replica-1"].healthy
-
-        assert await wait_for(healthy, timeout=10)
+        assert await in_rotation(db, timeout=10)
         # After a restart the standby's received position starts behind its replayed one,
         # and no transaction has been replayed since: by its own account, behind by an
         # unknown amount. It has all the primary has, and nothing is written meanwhile.
         await asyncio.to_thread(standby.restart)
         await asyncio.sleep(1.0)  # a few checks: the restart is seen
-        assert await wait_for(healthy, timeout=10), db.replicas.health
+        assert await in_rotation(db, timeout=10), db.replicas.health
 
 
 async def test_lists_are_served_by_a_replica_while_the_primary_is_down(
@@ -619,10 +616,7 @@ async def test_a_replica_whose_connections_are_all_busy_stays_in_rotation(
     async with Database(settings) as db:
         assert db.replicas is not None
 
-        async def healthy() -> bool:
-            return db.replicas is not None and db.replicas.health["replica-1"].healthy
-
-        assert await wait_for(healthy, timeout=10)
+        assert await in_rotation(db, timeout=10)
         slow = [asyncio.create_task(db.read(lambda c: c.fetchval("SELECT pg_sleep(1.5)")))
                 for _ in range(2)]  # fmt: skip
         await asyncio.sleep(0.2)  # both of its connections taken
