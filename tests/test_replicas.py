@@ -22,7 +22,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database, _replicas
+from pglayer import ConnectionLostError, Database, _replicas
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.migrations import MigrationError, migrate
 from tests.conftest import asgi_client, children_of, free_port, settings_for, wait_for
@@ -623,3 +623,24 @@ async def test_a_replica_whose_connections_are_all_busy_stays_in_rotation(
         assert not await in_recovery(db)  # no connection in time: the primary answered
         assert db.replicas.health["replica-1"].healthy  # busy is not broken
         await asyncio.gather(*slow)
+
+
+async def test_a_read_that_fails_on_one_replica_is_given_to_another_before_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    two = [standby.admin_url(DB), standby.admin_url(DB)]  # two replicas (one server, here)
+    async with Database(replicated_settings(primary, standby, replica_urls=two)) as db:
+        assert db.replicas is not None
+        assert await in_rotation(db)
+        attempts = 0
+
+        async def read(conn: Any) -> bool:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise ConnectionLostError  # as when the replica's connection drops mid-read
+            return bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+
+        assert await db.read(read)  # answered by the other replica, not the primary
+        assert attempts == 2
+        assert sorted(h.healthy for h in db.replicas.health.values()) == [False, True]
