@@ -576,20 +576,20 @@ class Database:
         bulkhead: str,
     ) -> T:
         if target is not self:
-            # A replica failed: take it out of rotation and read from the primary. Or it
-            # has not replayed a migration yet (a table or column it does not know): the
-            # primary answers, and the replica stays in rotation for what it can serve.
+            # A replica that has not replayed a migration yet (a table or column it does not
+            # know), or whose connections are all busy: the primary answers, and it stays in
+            # rotation. One that failed leaves the rotation, and another replica answers.
             if self.replicas is None:
                 raise error
             if getattr(error, "sqlstate", None) in _NOT_REPLAYED_YET:
                 return await self._call(self, fn, True, timeout, tx, bulkhead)
             if not isinstance(error, TransientError):
                 raise error
-            if isinstance(error, _NO_CONNECTION):  # its connections busy: no fault of its
+            if isinstance(error, _NO_CONNECTION):
                 return await self._call(self, fn, True, timeout, tx, bulkhead)
             self.replicas.mark_failed(target)
-            # Another healthy replica if there is one (the primary may be down too); each
-            # that fails leaves the rotation, so this ends, at the primary at worst.
+            # The primary may be down too; each replica that fails leaves the rotation, so
+            # this ends, at the primary at worst.
             other = self.replicas.choose()
             return await self._call(other or self, fn, True, timeout, tx, bulkhead)
         if not retry:
@@ -733,12 +733,14 @@ class Database:
         """This pool and its replicas' pools."""
         return [self, *(self.replicas.replicas if self.replicas else [])]
 
-    def answered(self) -> None:
+    # For the replica set: not the application's to call.
+
+    def _answered(self) -> None:
         """The server answered a check: connections are tried at once again."""
         if self._pool is not None:
             self._pool.answered()
 
-    def abandon(self) -> None:
+    def _abandon(self) -> None:
         """The server stopped answering: fail what waits for a connection and close every
         connection, in use too, so that work on them fails now rather than at its deadline."""
         if self._pool is not None:

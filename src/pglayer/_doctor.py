@@ -255,7 +255,7 @@ async def _check_replicas(
         bound = settings.replica_max_lag
         if not row["standby"]:
             result.add(name, "warn", f"{target} is not a standby; it will not serve reads")
-        elif row["cluster"] != primary.cluster:
+        elif not same:
             result.add(
                 name, "warn", f"{target} is a standby of another server; it will not serve reads"
             )

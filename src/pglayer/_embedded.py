@@ -212,14 +212,17 @@ class EmbeddedPostgres:
                     f" put it back, or remove {self.base_dir} to start afresh (its data is lost)"
                 ) from exc
             raise EmbeddedPostgresError(self._unusable(exc)) from exc
-        except (ConnectionError, TimeoutError) as exc:  # the server, not the directory
+        # The server, not the directory (a refused connection is an OSError too).
+        except (
+            ConnectionError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
             target = f"the embedded PostgreSQL on 127.0.0.1:{self.port}"
             raise EmbeddedPostgresError(explain_connect_error(exc, target)) from exc
         except OSError as exc:
             raise EmbeddedPostgresError(self._unusable(exc)) from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            target = f"the embedded PostgreSQL on 127.0.0.1:{self.port}"
-            raise EmbeddedPostgresError(explain_connect_error(exc, target)) from exc
 
     def _unusable(self, exc: OSError) -> str:
         where = exc.filename or self.base_dir

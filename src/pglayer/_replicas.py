@@ -236,10 +236,10 @@ class ReplicaSet:
             if self.health[replica.name].healthy:
                 # It stopped answering: reads queued for its connections, or running on
                 # them, would wait out their deadlines; they fail now and read the primary.
-                replica.abandon()
+                replica._abandon()
             return ReplicaHealth(replica.name, False, "unreachable", None)
         if not self.health[replica.name].healthy:
-            replica.answered()  # its pool connects again now, not after its cool-down
+            replica._answered()  # its pool connects again now, not after its cool-down
         if not row["standby"]:
             return ReplicaHealth(replica.name, False, "not a standby", None)
         if self._cluster is not None and row["cluster"] != self._cluster:

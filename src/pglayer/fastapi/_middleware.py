@@ -96,13 +96,19 @@ def route_template(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
-@functools.lru_cache(maxsize=64)
-def _overloaded(retry_after: float) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-    # Built once per Retry-After (whole seconds): under a flood most requests get this.
-    response = problem_response(
-        problem_for_database_error(PoolOverloadedError(retry_after=retry_after))
-    )
+Reply = tuple[int, tuple[tuple[bytes, bytes], ...], bytes]  # status, headers, body
+
+
+def _reply(problem: Problem) -> Reply:
+    """`problem` rendered once, to be sent as it is by `_Exchange.reply`."""
+    response = problem_response(problem)
     return response.status_code, tuple(response.headers.raw), bytes(response.body)
+
+
+@functools.lru_cache(maxsize=64)
+def _overloaded(retry_after: float) -> Reply:
+    # Built once per Retry-After (whole seconds): under a flood most requests get this.
+    return _reply(problem_for_database_error(PoolOverloadedError(retry_after=retry_after)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,7 +125,7 @@ EarlyRefusal = tuple[asyncio.Future[None] | None, bytes, bytes, Callable[[bool],
 
 
 @functools.cache
-def _too_large(max_body_size: int) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+def _too_large(max_body_size: int) -> Reply:
     body = orjson.dumps(
         {
             "type": "urn:pglayer:problem:payload_too_large",
@@ -137,39 +143,29 @@ def _too_large(max_body_size: int) -> tuple[int, tuple[tuple[bytes, bytes], ...]
     return 413, headers, body
 
 
-def _encoded_separator() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-    response = problem_response(
-        Problem(
-            404,
-            "not_found",
-            "No route has this path: a '/' or '\\' in it is a separator, not to be sent"
-            " percent-encoded (%2F, %5C).",
-        )
-    )
-    return response.status_code, tuple(response.headers.raw), bytes(response.body)
-
-
-def _shutting_down() -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
-    response = problem_response(
-        Problem(
-            503,
-            "unavailable",
-            "The server is shutting down; send the request again.",
-            headers={"Retry-After": "1", "Connection": "close"},
-        )
-    )
-    return response.status_code, tuple(response.headers.raw), bytes(response.body)
-
-
 # The server stopped waiting for a request (its graceful shutdown ran out): an answer in the
 # contract's form, not the server's plain-text 500 and a traceback.
-_SHUTTING_DOWN_REPLY = _shutting_down()
+_SHUTTING_DOWN_REPLY = _reply(
+    Problem(
+        503,
+        "unavailable",
+        "The server is shutting down; send the request again.",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+)
 
 
 # The server decodes the path before routing: `/admin%2Fusers` would be routed as
 # `/admin/users` while a proxy that filters by prefix saw another path.
 _ENCODED_SEPARATOR = re.compile(rb"%(?:2[Ff]|5[Cc])")
-_ENCODED_SEPARATOR_REPLY = _encoded_separator()
+_ENCODED_SEPARATOR_REPLY = _reply(
+    Problem(
+        404,
+        "not_found",
+        "No route has this path: a '/' or '\\' in it is a separator, not to be sent"
+        " percent-encoded (%2F, %5C).",
+    )
+)
 
 
 class _Exchange:
@@ -250,7 +246,7 @@ class _Exchange:
                 message = {**message, "body": b""}
         await self.send_to_client(message)
 
-    async def reply(self, answer: tuple[int, tuple[tuple[bytes, bytes], ...], bytes]) -> None:
+    async def reply(self, answer: Reply) -> None:
         status, headers, body = answer
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
