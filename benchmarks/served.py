@@ -55,7 +55,8 @@ def _serve_and_count(url: str, max_id: int, variant: str, n: int, clients: int =
     env = {
         **os.environ,
         "DATABASE_URL": url,
-        "PYTHONPATH": str(ROOT),
+        # This checkout's code, also when another is installed (a worktree of an old commit).
+        "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("src", "shop/src", ".")),
         "PGLAYER_MIN_SIZE": str(POOL_MAX),
         "PGLAYER_MAX_SIZE": str(POOL_MAX),
         "PGLAYER_LOG_FORMAT": "text",

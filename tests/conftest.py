@@ -203,7 +203,9 @@ def free_port() -> int:
 class LiveServer:
     """A real uvicorn server for `application`, in this event loop, on a free port."""
 
-    def __init__(self, application: FastAPI, *, http: str = "auto") -> None:
+    def __init__(
+        self, application: FastAPI, *, http: str = "auto", timeout_keep_alive: int = 5
+    ) -> None:
         self.port = free_port()
         config = uvicorn.Config(
             application,
@@ -212,6 +214,7 @@ class LiveServer:
             log_level="warning",
             lifespan="off",
             http=http,
+            timeout_keep_alive=timeout_keep_alive,
         )
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["TICK", "Clock", "clock", "current_task", "loop_lag"]
+__all__ = ["TICK", "Clock", "clock", "current_task", "for_loop", "loop_lag"]
 
 try:  # the C function itself: on 3.11 `asyncio.current_task` adds a Python frame
     from _asyncio import current_task  # type: ignore[attr-defined]
@@ -82,16 +82,33 @@ class Clock:
             self._handle = None
 
 
-_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clock] = weakref.WeakKeyDictionary()
+T = TypeVar("T")
+
+
+def for_loop(
+    registry: dict[asyncio.AbstractEventLoop, T],
+    loop: asyncio.AbstractEventLoop,
+    make: Callable[[asyncio.AbstractEventLoop], T],
+) -> T:
+    """`registry`'s object for `loop`, made on first use. Entries of closed loops are dropped
+    then: each object holds its loop, so a weak mapping would keep every loop (and what its
+    callbacks hold: apps, pools) for ever, one per test of a suite."""
+    found = registry.get(loop)
+    if found is None:
+        for closed in [other for other in registry if other.is_closed()]:
+            del registry[closed]
+        found = registry[loop] = make(loop)
+    return found
+
+
+_clocks: dict[asyncio.AbstractEventLoop, Clock] = {}
 
 
 def clock() -> Clock:
     """The clock of the running event loop."""
     loop = asyncio.get_running_loop()
     found = _clocks.get(loop)
-    if found is None:
-        found = _clocks[loop] = Clock(loop)
-    return found
+    return found if found is not None else for_loop(_clocks, loop, Clock)
 
 
 def loop_lag(since: float) -> float:
