@@ -449,14 +449,20 @@ class Pool:
         self._clock.wake()
         return slot
 
-    async def _grow_for_caller(self, wait: float) -> Slot:
+    def _cooling_down(self) -> DatabaseError | None:
+        """While callers leave the server alone after a failed connect, what to answer them
+        (the same kind of error as the failure, for the caller's retry policy)."""
         if self._connect_failures and time.monotonic() < self._cool_down_until:
-            last = self._connect_error  # the same kind, for the caller's retry policy
-            raise self._refused(
-                type(last)(
-                    "a connect failed moments ago: not tried again yet", sqlstate=last.sqlstate
-                )
+            last = self._connect_error
+            return type(last)(
+                "a connect failed moments ago: not tried again yet", sqlstate=last.sqlstate
             )
+        return None
+
+    async def _grow_for_caller(self, wait: float) -> Slot:
+        cooling = self._cooling_down()
+        if cooling is not None:
+            raise self._refused(cooling)
         self._size += 1
         try:
             return await self._new_slot(min(wait, self.connect_timeout))
@@ -464,6 +470,8 @@ class Pool:
             self._size -= 1
             if isinstance(exc, PglayerError):
                 self.observer.acquire_failed(exc)
+                if not self._size:
+                    self._fail_waiters(exc)  # see `_connect_for_waiters`
             raise
 
     def predicted_wait(self, lane: Lane, coming: int = 0) -> float:
@@ -490,6 +498,9 @@ class Pool:
         return ahead / pace
 
     async def _wait_in_line(self, lane: Lane, since: float, wait: float, bound: float) -> Slot:
+        cooling = self._cooling_down()
+        if cooling is not None and not self._size:
+            raise self._refused(cooling)  # no connection to wait for, and none being made
         if self._waiting >= self.max_waiters:
             error = PoolOverloadedError(retry_after=self.predicted_wait(lane))
             await self._refuse(lane, error, since + wait)
@@ -503,7 +514,7 @@ class Pool:
         lane.waiting += 1
         self._waiting += 1
         heapq.heappush(self._deadlines, (waiter.until, next(self._order), waiter))
-        if self._size < self.max_size:
+        if self._size < self.max_size and cooling is None:
             self._grow_for_waiters()
         assert self._clock is not None
         self._clock.wake()
@@ -735,7 +746,8 @@ class Pool:
         except Exception as exc:
             self.observer.connection_failed()
             self._connect_failures += 1
-            cool_down = min(_COOL_DOWN_FIRST * 2 ** (self._connect_failures - 1), _COOL_DOWN_MAX)
+            doublings = min(self._connect_failures - 1, 10)  # 2.0 ** 1024 overflows a float
+            cool_down = min(_COOL_DOWN_FIRST * 2**doublings, _COOL_DOWN_MAX)
             self._cool_down_until = time.monotonic() + cool_down
             error = translate(exc)
             if isinstance(error, DatabaseError) and not isinstance(error, TransientError):
@@ -767,13 +779,16 @@ class Pool:
             slot = await self._new_slot()
         except Exception as exc:
             self._size -= 1
-            # The oldest waiter learns why at once (no slots, server down) and may retry;
-            # the others keep their place, and the next attempt is for them.
-            if self._fail_head(exc):
-                if isinstance(exc, PglayerError):
-                    self.observer.acquire_failed(exc)
-                if self._waiting and self._size < self.max_size and not self.closed:
-                    self._grow_for_waiters()
+            error = exc if isinstance(exc, PglayerError) else DatabaseUnavailableError()
+            if not self._size:
+                # Nothing open or being opened: the waiters would wait for a connect that
+                # the cool-down holds back. Each learns why at once and may retry. (Trying
+                # again at once for each of them was a connect storm against a server that
+                # is down: a thousand failed connects a second under 100 clients.)
+                self._fail_waiters(error)
+            elif self._fail_head(exc):
+                # The oldest learns why; the others wait for the connections still open.
+                self.observer.acquire_failed(error)
             return
         self._put(slot)
 
