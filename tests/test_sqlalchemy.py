@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from fastapi import FastAPI, Response
 from pydantic import BaseModel
 from sqlalchemy import BigInteger, String, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pglayer import Database
@@ -60,6 +62,23 @@ async def sa_client(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
         await session.execute(text("INSERT INTO sa_deferred VALUES (1), (1)"))
         return {"ok": True}
 
+    @app.post("/sa/swallowed")
+    async def swallowed(session: SqlSession) -> dict[str, bool]:
+        session.add(UserRow(name="Ann", email="ann@example.com"))
+        await session.flush()
+        with contextlib.suppress(DBAPIError):
+            await session.execute(text("SELECT 1 / 0"))  # caught, and the handler goes on
+        return {"ok": True}
+
+    @app.post("/sa/savepoint")
+    async def savepoint(session: SqlSession) -> dict[str, bool]:
+        session.add(UserRow(name="Sam", email="sam@example.com"))
+        await session.flush()
+        with contextlib.suppress(DBAPIError):
+            async with session.begin_nested():  # its failure is rolled back to the savepoint
+                await session.execute(text("SELECT 1 / 0"))
+        return {"ok": True}
+
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         yield client
 
@@ -94,6 +113,30 @@ async def test_a_failing_commit_through_sqlalchemy_is_not_a_2xx(
         response = await sa_client.post("/sa/deferred")
         assert_problem(response, 409, "conflict")
         assert await conn.fetchval("SELECT count(*) FROM sa_deferred") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_caught_statement_error_is_not_answered_as_committed(
+    sa_client: httpx.AsyncClient, db_url: str
+) -> None:
+    response = await sa_client.post("/sa/swallowed")
+    assert_problem(response, 500, "internal")  # PostgreSQL rolled the transaction back
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
+
+
+async def test_an_error_rolled_back_to_its_savepoint_still_commits(
+    sa_client: httpx.AsyncClient, db_url: str
+) -> None:
+    assert (await sa_client.post("/sa/savepoint")).status_code == 200
+    assert (await sa_client.post("/sa/users", json={"name": "A", "email": "a@x.org"})).is_success
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 2
     finally:
         await conn.close()
 

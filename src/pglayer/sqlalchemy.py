@@ -8,12 +8,14 @@ and faster for hand-written SQL.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,7 +24,13 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from pglayer._database import Database
-from pglayer._errors import ConnectionLostError, PoolTimeoutError, raise_translated, translate
+from pglayer._errors import (
+    ConnectionLostError,
+    PoolTimeoutError,
+    TransactionAbortedError,
+    raise_translated,
+    translate,
+)
 from pglayer._observability import ExternalPoolStats
 from pglayer._settings import DatabaseSettings
 
@@ -87,13 +95,49 @@ def translate_sqlalchemy(exc: BaseException) -> BaseException:
     return exc
 
 
+# Connections on which a statement failed since their transaction's last good state.
+_failed: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _note_failure(context: ExceptionContext) -> None:
+    if context.connection is not None:
+        _failed.add(context.connection)
+
+
+def _note_recovery(connection: Connection, *_: object) -> None:
+    _failed.discard(connection)  # a rolled-back savepoint: the transaction is good again
+
+
+def _watch(engine: Engine) -> None:
+    """Note, on `engine`, the connections whose transaction a failed statement aborted."""
+    if not engine.__dict__.get("_pglayer_watched"):
+        event.listen(engine, "handle_error", _note_failure)
+        event.listen(engine, "rollback_savepoint", _note_recovery)
+        event.listen(engine, "rollback", _note_recovery)
+        engine.__dict__["_pglayer_watched"] = True
+
+
+async def _check_not_aborted(session: AsyncSession) -> None:
+    if _failed and session.in_transaction():
+        connection = await session.connection()
+        if connection.sync_connection in _failed:
+            raise TransactionAbortedError()
+
+
 @asynccontextmanager
 async def session_transaction(
     sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
-    """A session in a transaction: committed when the block succeeds, else rolled back."""
+    """A session in a transaction: committed when the block succeeds, else rolled back.
+
+    A block that caught a statement's error and went on ends in `TransactionAbortedError`:
+    PostgreSQL answers the COMMIT of that transaction with ROLLBACK, not an error, and the
+    driver does not look (a 2xx would stand for writes that were never applied)."""
     try:
         async with sessions() as session, session.begin():
+            bind = session.get_bind()
+            _watch(bind if isinstance(bind, Engine) else bind.engine)
             yield session
+            await _check_not_aborted(session)
     except Exception as exc:
         raise_translated(exc, translate_sqlalchemy(exc))
