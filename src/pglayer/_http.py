@@ -29,6 +29,10 @@ as its headers are parsed, and it is written from here after its pause: no task,
 scope, no ASGI call. Under clients that retry at once most requests are refusals, and
 what a refusal costs decides how much CPU is left for the requests being served (the
 `storm` benchmark). The connection stays open; pipelined requests keep their order.
+
+Pipelined requests queue behind the one running, at most `_MAX_PIPELINED` per connection:
+past that, those queued are answered and the connection closes (uvicorn queues without end
+what a client sends without reading its answers).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
 # For `uvicorn.run(http=...)`: an import string, so worker processes find it too.
 PROTOCOL = "pglayer._http:BoundedHttpToolsProtocol"
 _LINGER = 1.0  # seconds a refused connection keeps reading (and dropping) before it closes
+_MAX_PIPELINED = 32  # requests queued behind the one running, per connection
 
 
 class _Answered:
@@ -253,6 +258,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._skipping = False  # the message being parsed was answered from here
         self._door: Any = None
+        self._running: RequestResponseCycle | None = None  # the request the app has now
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0  # when its last response ended, while no byte came since
@@ -272,7 +278,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         if self.pipeline or self.transport.is_closing():
-            super().on_response_complete()  # starts the next pipelined request, or nothing
+            if self.pipeline and not self.transport.is_closing():
+                self._running = self.pipeline[-1][0]  # the oldest queued, started next
+            super().on_response_complete()
             return
         # uvicorn's, less its keep-alive timer (see `_IdleConnections`).
         self.server_state.total_requests += 1
@@ -342,11 +350,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 if early is not None:
                     self._answer_early(*early)
                     return
+        previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle  # None after an upgrade
         if cycle is not None:
             # Offers the app's request guard a call when the client leaves (`_tell_lost`).
             cycle.pglayer_lost = None  # type: ignore[attr-defined]
+            if previous is None or previous.response_complete:
+                self._running = cycle  # else queued behind it, in `pipeline`
 
     def on_body(self, body: bytes) -> None:
         if not (self._refused or self._skipping):
@@ -363,6 +374,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._skipping = False  # its body was read and dropped
             return
         super().on_message_complete()
+        if len(self.pipeline) >= _MAX_PIPELINED:
+            # A client that sends without reading: uvicorn reads on after every answer and
+            # queues what it parses, ~1 KB a request, without end. What is queued is
+            # answered, then the connection closes; what follows is read and dropped.
+            self.pipeline[0][0].keep_alive = False
+            self._refused = True
 
     def _answer_early(
         self,
@@ -537,7 +554,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _abandon_cycle(self) -> None:
         # As if the client had left: the app's receive() answers `http.disconnect` and
-        # whatever it sends is dropped.
+        # whatever it sends is dropped. Pipelined requests behind it never start, and the
+        # one running before them (a refusal's EOF is written) writes nothing more.
+        for queued, _ in self.pipeline:
+            queued.disconnected = True
+        self.pipeline.clear()
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True

@@ -1,0 +1,74 @@
+"""Pipelined requests under `pglayer serve`'s HTTP protocol: bounded, and in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import FastAPI
+
+from pglayer import _http
+from pglayer._http import _MAX_PIPELINED, PROTOCOL
+from tests.conftest import LiveServer
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LiveServer]:
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with LiveServer(app, http=PROTOCOL) as live:
+        yield live
+
+
+async def test_requests_sent_without_reading_are_queued_up_to_a_bound(
+    server: LiveServer,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /ping HTTP/1.1\r\nHost: test\r\n\r\n" * 200)
+        await asyncio.sleep(0.3)
+        replies = []
+        async with asyncio.timeout(10):
+            while (data := await reader.read(65536)) != b"":
+                replies.append(data)
+        statuses = b"".join(replies).count(b"HTTP/1.1 200 OK")
+        # The one running and those queued behind it are answered; then the server closes.
+        assert statuses == 1 + _MAX_PIPELINED
+    finally:
+        writer.close()
+
+
+async def test_a_refusal_behind_a_running_request_does_not_write_after_it(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PGLAYER_HEADER_TIMEOUT", "0.3")
+    _http._limits.cache_clear()
+    try:
+        app = FastAPI()
+
+        @app.get("/slow")
+        async def slow() -> dict[str, bool]:
+            await asyncio.sleep(1.0)
+            return {"ok": True}
+
+        async with LiveServer(app, http=PROTOCOL) as live:
+            reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+            try:
+                # Behind a request still running, one queued and a head that never ends: 408.
+                running = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
+                writer.write(running * 2 + b"GET /slow HTTP/1.1\r\nHost")
+                async with asyncio.timeout(10):
+                    answer = await reader.read()  # until the server closes
+                await asyncio.sleep(1.2)  # the first request's handler has ended by now
+            finally:
+                writer.close()
+    finally:
+        _http._limits.cache_clear()
+    assert b" 408 " in answer
+    # uvicorn's own log (its handler writes to the process's stderr).
+    assert "write_eof" not in capfd.readouterr().err
