@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
@@ -170,6 +171,25 @@ async def test_a_client_reads_its_own_writes_from_the_primary(
             assert (await writer.get(f"/users/{user_id}")).status_code == 200
         async with asgi_client(app) as stranger:  # no cookie: the (stale) replica answers
             assert (await stranger.get(f"/users/{user_id}")).status_code == 404
+
+
+async def test_only_the_cookie_itself_sends_reads_to_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    db = Database(replicated_settings(primary, standby, replica_max_lag=600))
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), replay_paused(standby):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://shop.test") as writer:
+            created = await writer.post("/users", json={"name": "C", "email": "ck@example.com"})
+            assert created.status_code == 201
+            assert created.headers["set-cookie"].endswith("; Secure")  # over https
+            path = f"/users/{created.json()['id']}"
+        async with asgi_client(app) as client:
+            for cookie in ("a=pglayer_rw=1", "notpglayer_rw=1", "pglayer_rw=10"):
+                # Not the cookie: read from the replica, which has not replayed the row.
+                assert (await client.get(path, headers={"cookie": cookie})).status_code == 404
+            assert (await client.get(path, headers={"cookie": "a=b; pglayer_rw=1"})).is_success
 
 
 async def test_autocommit_writes_mark_the_client_too(

@@ -71,6 +71,7 @@ STATS_KEY = "pglayer_request_stats"  # app.state attribute holding the app's Req
 WATCH_AFTER = 0.02  # seconds in flight before a request is watched for a disconnect
 # Generated ids: random per process, then a counter; unique without a syscall per request.
 _RYW_COOKIE = b"pglayer_rw="
+_RYW_SET = re.compile(rb"(?:^|;)[ \t]*pglayer_rw=1[ \t]*(?:;|$)")  # a cookie, not in a value
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 # Under clients that retry at once most requests are refusals at the door: a line each would
@@ -209,7 +210,7 @@ class _Exchange:
                 self.length = int(value[:19]) if value.isdigit() else -1
             elif name == b"transfer-encoding":
                 self.chunked = True
-            elif name == b"cookie" and _RYW_COOKIE in value:
+            elif name == b"cookie" and _RYW_COOKIE in value and _RYW_SET.search(value):
                 # Expires by itself (Max-Age): present means "wrote within the window".
                 self.wrote_recently = True
         if request_id is None:
@@ -524,6 +525,8 @@ class RequestGuard:
             # Read-your-writes across requests: after a commit this client reads the
             # primary until replicas have surely caught up.
             ex.cookie = db.replicas.cookie
+            if scope.get("scheme") == "https":  # as the proxy headers say, where trusted
+                ex.cookie += b"; Secure"
         ex.task = current_task()
         cycle = ex.cycle
         if cycle is not None and getattr(cycle, "pglayer_lost", 0) is None:
