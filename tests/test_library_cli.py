@@ -388,6 +388,8 @@ def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path
         ("mysql://app:hunter2@127.0.0.1/app", "the scheme is 'mysql'"),
         ("postgresql://app:hun@ter2@127.0.0.1/app", "write an '@' of the user or password as %40"),
         ("postgresql://app:hunter2@127.0.0.1:99999/app", "the port '99999' is not one of"),
+        ("postgresql://app:hunter2@[::1/app", "an IPv6 host needs both brackets"),
+        ("postgresql://app:hunter2@127.0.0.1/app?sslmode=bogus", "sslmode 'bogus' is not one"),
     ],
 )
 def test_a_malformed_url_is_refused_saying_why_and_never_shown(url: str, reason: str) -> None:

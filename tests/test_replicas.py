@@ -496,6 +496,14 @@ async def test_a_replica_that_refuses_to_open_leaves_reads_on_the_primary_and_is
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+async def test_a_replica_url_the_driver_refuses_is_left_out_not_fatal(db_url: str) -> None:
+    settings = settings_for(db_url, replica_urls=[f"{db_url}?target_session_attrs=bogus"])
+    async with Database(settings) as db:
+        assert db.replicas is not None
+        assert db.replicas.health["replica-1"].reason == "refused"
+        assert await db.read(lambda c: c.fetchval("SELECT 1")) == 1
+
+
 async def test_while_the_primary_is_down_reads_are_served_by_the_replica_and_ready_says_so(
     standby: EmbeddedPostgres,
 ) -> None:

@@ -212,7 +212,9 @@ class ReplicaSet:
         """Open `replica`'s pool; one it refuses is left closed, and tried again later."""
         try:
             await replica.open(wait=False)
-        except PglayerError as exc:  # refused (a password, a database): not worth a retry a second
+        # Refused (a password, a database; the driver's reading of its URL's parameters):
+        # not worth a retry a second, and never fatal to the app.
+        except (PglayerError, asyncpg.ClientConfigurationError) as exc:
             if replica.name not in self._refused:
                 log.warning(
                     "replica %s cannot be opened (%s); reads use the primary; tried again"

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -367,10 +368,19 @@ def _postgres_url(url: str) -> str:
                          " password as %40")  # fmt: skip
     hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):  # libpq's multi-host form: host1:5432,host2:5433
+        if host.count("[") != host.count("]"):
+            raise ValueError("an IPv6 host needs both brackets: write [::1]:5432")
         port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
         if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"the port {port[:10]!r} is not one of 1..65535")
+    query = urllib.parse.parse_qs(rest.partition("?")[2])
+    for mode in query.get("sslmode", []):
+        if mode not in _SSL_MODES:
+            raise ValueError(f"sslmode {mode[:20]!r} is not one of {', '.join(_SSL_MODES)}")
     return url
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class ServerSettings(BaseSettings):
