@@ -1,8 +1,9 @@
-"""Pipelined requests under `pglayer serve`'s HTTP protocol: bounded, and in order."""
+"""Pipelining and upgrades under `pglayer serve`'s HTTP protocol: bounded, in order, quiet."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -72,3 +73,21 @@ async def test_a_refusal_behind_a_running_request_does_not_write_after_it(
     assert b" 408 " in answer
     # uvicorn's own log (its handler writes to the process's stderr).
     assert "write_eof" not in capfd.readouterr().err
+
+
+async def test_a_websocket_upgrade_refused_for_its_head_is_answered_without_a_traceback(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(  # no Host: refused before uvicorn saw the head it would upgrade
+            b"GET /ping HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"application/problem+json" in answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # asyncio's

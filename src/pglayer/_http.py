@@ -359,6 +359,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if previous is None or previous.response_complete:
                 self._running = cycle  # else queued behind it, in `pipeline`
 
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:  # a refused head never reached uvicorn's (no scope to upgrade)
+            super().handle_websocket_upgrade()
+
     def on_body(self, body: bytes) -> None:
         if not (self._refused or self._skipping):
             super().on_body(body)
