@@ -156,6 +156,17 @@ async def test_json_access_log_is_one_printable_line_per_request(db: Database) -
 
 
 @pytest.mark.usefixtures("restore_root_logger")
+async def test_an_access_line_keeps_a_bounded_part_of_a_long_path(db: Database) -> None:
+    async with serve_logged(db, "text") as (server, sink):
+        status = await raw_request(server.port, get("/" + "a" * 60_000))
+        output = await flushed(sink)
+    assert status.startswith(b"HTTP/1.1 404")
+    (line,) = output.splitlines()
+    assert len(line) < 1300, len(line)
+    assert "...(60001 characters)" in line
+
+
+@pytest.mark.usefixtures("restore_root_logger")
 async def test_headers_with_control_characters_forge_nothing(db: Database) -> None:
     hostile = (
         b"User-Agent: \x1b[31mred\x1b[0m",
