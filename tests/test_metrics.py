@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 import httpx
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer import Database
+from pglayer.fastapi import _metrics
+from tests.conftest import asgi_client
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -81,3 +89,31 @@ async def test_methods_outside_the_common_seven_are_counted_as_other(
     assert value(samples, "pglayer_http_requests_total", method="PUT", **route) == 1
     methods = {dict(labels).get("method") for _, labels in samples}
     assert not methods & {"PROPFIND", "MKCOL", "PURGE"}
+
+
+class SlowCollector:
+    """Takes 20 ms of the event loop per rendering, as a big exposition does."""
+
+    def __init__(self) -> None:
+        self.renderings = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.renderings += 1
+        time.sleep(0.02)
+        yield GaugeMetricFamily("renderings", "times rendered", value=self.renderings)
+
+
+async def test_a_flood_of_scrapes_renders_a_bounded_share_of_the_time() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    slow = SlowCollector()
+    registry.register(slow)
+    app = FastAPI()
+    _metrics._mount(app, "/metrics", registry)
+    async with asgi_client(app) as client:
+        started = time.monotonic()
+        for _ in range(100):
+            assert (await client.get("/metrics")).status_code == 200
+        took = time.monotonic() - started
+    # A tenth of the time it took, plus the first second's burst: not one per scrape.
+    assert slow.renderings <= (took / 10 + 1.0) / 0.02 + 1, (slow.renderings, took)
+    assert slow.renderings < 100

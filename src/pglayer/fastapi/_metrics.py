@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,10 +62,26 @@ def setup_metrics(
     return registry
 
 
+# Rendering runs on the event loop, and a flood of scrapes starved the requests being
+# served. Each rendering books `_SHARE` times its duration; while the bookings run more than
+# `_BURST` seconds ahead, the last rendering is answered again. Scrapes a few seconds apart
+# (or a test's, a few in a row) are always rendered afresh; a flood takes a tenth of the CPU.
+_SHARE = 10
+_BURST = 1.0
+
+
 def _mount(app: FastAPI, path: str, registry: CollectorRegistry) -> None:
+    booked, body = 0.0, b""
+
     async def metrics() -> Response:
         """Prometheus text exposition: pool state and counters, HTTP requests by route."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        nonlocal booked, body
+        started = time.monotonic()
+        if booked - started < _BURST:
+            body = generate_latest(registry)
+            ended = time.monotonic()
+            booked = max(booked, started) + (ended - started) * _SHARE
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route(
         path,
