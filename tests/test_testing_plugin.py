@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
+from pglayer import testing
 from tests.conftest import Server
 
 APP = """
@@ -92,3 +99,75 @@ def test_without_the_testing_extra_the_import_error_names_it() -> None:
     )
     assert result.returncode == 1
     assert "pip install 'pglayer[testing]'" in result.stderr
+
+
+def _a_pid_that_has_ended() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return int(proc.stdout)
+
+
+async def _databases(server: Server, like: str) -> set[str]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server.admin_url)
+    try:
+        return {
+            r[0]
+            for r in await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", like)
+        }
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_leaves_no_template_behind(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makefile(".sql", **{"migrations/0001_broken": "SELEC 1;"})
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini("[pytest]\nasyncio_mode = auto\npglayer_migrations = migrations\n")
+    monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    mine = "pglayer\\_tpl\\_%"
+    before = await _databases(server, mine)
+    result = await asyncio.to_thread(pytester.runpytest_subprocess, "-p", "no:cacheprovider")
+    assert result.ret != 0
+    assert "syntax error" in result.stdout.str()
+    assert await _databases(server, mine) == before
+
+
+async def test_a_session_drops_the_databases_of_sessions_that_ended_without_teardown(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = f"pglayer_t_{testing._HOST}_{_a_pid_that_has_ended()}_0123456789ab"
+    running = f"pglayer_t_{testing._HOST}_{os.getpid()}_0123456789ab"  # this process: alive
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server.admin_url)
+    try:
+        for name in (ended, running):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        pytester.makefile(".sql", **{"migrations/0001_notes": "CREATE TABLE notes (id int);"})
+        one = "def test_one(pglayer_database_url):\n    assert pglayer_database_url\n"
+        pytester.makepyfile(app=APP, conftest=CONFTEST, test_one=one)
+        pytester.makeini("[pytest]\nasyncio_mode = auto\npglayer_migrations = migrations\n")
+        monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+        result = await asyncio.to_thread(pytester.runpytest_subprocess, "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        left = await _databases(server, f"pglayer\\_t\\_{testing._HOST}\\_%")
+        assert ended not in left
+        assert running in left
+    finally:
+        for name in (ended, running):
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.close()
+
+
+def test_a_session_removes_the_embedded_server_of_a_session_that_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = tmp_path / "pglayer-testing-ended"
+    (ended / "pg").mkdir(parents=True)
+    (ended / "owner").write_text(f"{_a_pid_that_has_ended()}.1.x")
+    ours = tmp_path / "pglayer-testing-ours"
+    ours.mkdir()
+    (ours / "owner").write_text(testing._me())
+    testing._sweep_abandoned_servers()
+    assert not ended.exists()
+    assert ours.exists()

@@ -9,7 +9,8 @@ migration directories in the pytest configuration, and define a `pglayer_app` fi
 The server is `PGLAYER_TEST_DATABASE_URL` (a superuser URL) when set, else an embedded
 PostgreSQL started once for the session (`pip install 'pglayer[embedded]'` where the machine
 has no PostgreSQL). The migrations are applied once, to a template database; each test gets
-`CREATE DATABASE ... TEMPLATE` of it (milliseconds), dropped afterwards.
+`CREATE DATABASE ... TEMPLATE` of it, dropped afterwards; what a session stopped without
+its teardown left behind is removed by the next session on the host.
 
 Fixtures: `pglayer_server_url`, `pglayer_template`, `pglayer_database_url`,
 `pglayer_settings`, `pglayer_db` (an open `Database`) and `pglayer_client` (an
@@ -20,8 +21,10 @@ pytest-asyncio (`pip install 'pglayer[testing]'`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -77,6 +80,52 @@ async def _admin(server_url: str, *statements: str) -> None:
         await conn.close()
 
 
+# Sessions that end without their teardown (SIGTERM from a CI's cancel, SIGKILL) leave
+# their server and databases behind: the names say which process made them, and the next
+# session removes those of processes that have ended.
+_SERVER_DIR_PREFIX = "pglayer-testing-"
+_OWNER = "owner"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _me() -> str:
+    from pglayer._embedded import _started  # POSIX only: the server URL alone works anywhere
+
+    pid = os.getpid()
+    return f"{pid}.{_started(pid)}.x"
+
+
+def _sweep_abandoned_servers() -> None:
+    from pglayer._embedded import EmbeddedPostgres, _still_running
+
+    for base in Path(tempfile.gettempdir()).glob(f"{_SERVER_DIR_PREFIX}*"):
+        try:
+            owner = (base / _OWNER).read_text()
+        except OSError:
+            continue  # another program's, or a session's that has not written it yet
+        if not _still_running(owner):
+            EmbeddedPostgres(base, database="postgres", fast_unsafe=True).destroy()
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def _drop_abandoned_databases(server_url: str) -> None:
+    from pglayer._embedded import _alive
+
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server_url)
+    try:
+        names = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1 OR datname LIKE $2",
+            f"pglayer\\_t\\_{_HOST}\\_%",
+            f"pglayer\\_tpl\\_{_HOST}\\_%",
+        )
+        for (name,) in names:
+            pid = name.split("_")[3]
+            if pid.isdigit() and not _alive(int(pid)):
+                await conn.execute(f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def pglayer_server_url() -> Iterator[str]:
     """A superuser URL: `PGLAYER_TEST_DATABASE_URL`, else an embedded server for the session."""
@@ -86,11 +135,13 @@ def pglayer_server_url() -> Iterator[str]:
         return
     from pglayer._embedded import EmbeddedPostgres
 
-    base = Path(tempfile.mkdtemp(prefix="pglayer-testing-"))
+    _sweep_abandoned_servers()
+    base = Path(tempfile.mkdtemp(prefix=_SERVER_DIR_PREFIX))
     base.chmod(0o755)  # the unprivileged server user must reach it
+    (base / _OWNER).write_text(_me())
     cluster = EmbeddedPostgres(base, database="postgres", fast_unsafe=True)
-    cluster.start()
     try:
+        cluster.start()
         yield cluster.admin_url("postgres")
     finally:
         cluster.destroy()
@@ -106,9 +157,10 @@ def pglayer_migration_dirs(pytestconfig: pytest.Config) -> list[Path]:
 @pytest.fixture(scope="session")
 def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]) -> Iterator[str]:
     """A database with every migration applied, cloned by each test."""
-    name = f"pglayer_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"pglayer_tpl_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
     async def build() -> None:
+        await _drop_abandoned_databases(pglayer_server_url)
         await _admin(pglayer_server_url, f"CREATE DATABASE {_quoted(name)}")
         settings = DatabaseSettings(
             url=database_url_for(pglayer_server_url, name), min_size=1, max_size=1
@@ -118,8 +170,8 @@ def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]
             for directory in pglayer_migration_dirs:
                 await migrate(db, load_migrations(directory), history=directory.name)
 
-    asyncio.run(build())
     try:
+        asyncio.run(build())  # a migration that fails leaves no template behind either
         yield name
     finally:
         drop = f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)"
@@ -129,7 +181,7 @@ def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]
 @pytest.fixture
 def pglayer_database_url(pglayer_server_url: str, pglayer_template: str) -> Iterator[str]:
     """The URL of a database of this test's own, cloned from the template."""
-    name = f"pglayer_t_{uuid.uuid4().hex[:16]}"
+    name = f"pglayer_t_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
     create = f"CREATE DATABASE {_quoted(name)} TEMPLATE {_quoted(pglayer_template)}"
     asyncio.run(_admin(pglayer_server_url, create))
     try:
