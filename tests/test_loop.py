@@ -330,3 +330,44 @@ def test_uvicorn_serves_on_this_loop() -> None:
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         assert runner.run(main()) == "hello 127.0.0.1"
+
+
+class Draining(asyncio.Protocol):
+    """Notes that the server's shutdown told it to finish (uvicorn's protocols have this)."""
+
+    told: list[bool]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def shutdown(self) -> None:
+        self.told.append(True)
+        self.transport.close()
+
+
+def test_a_connection_opened_after_the_server_closed_is_told_to_finish(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    told: list[bool] = []
+
+    def factory() -> Draining:
+        made = Draining()
+        made.told = told
+        return made
+
+    listening = socket.create_server(("127.0.0.1", 0), backlog=16)
+    listening.setblocking(False)
+    server = _loop._Server(cast(Any, loop), [listening], factory, 1)
+    client = socket.create_connection(listening.getsockname())
+    time.sleep(0.1)
+
+    async def main() -> None:
+        server._accept(listening)  # accepted; its transport is being opened...
+        server.close()  # ...when the shutdown begins (it tells the connections it knows)
+        await asyncio.gather(*server._opening)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        client.close()
+    assert told == [True]  # else it served a kept-alive client until the grace ran out

@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -213,9 +213,21 @@ class _Server(asyncio.AbstractServer):
 
     async def _open(self, conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._protocol_factory, conn)
+            transport, protocol = await self._loop.connect_accepted_socket(
+                self._protocol_factory, conn
+            )
         except OSError:
             conn.close()  # the client left while its transport was being opened
+            return
+        if self._closed.done():
+            # Accepted before the server closed, opened after: the server's shutdown has
+            # already told the connections it knew to finish. Told too, this one would
+            # otherwise serve a kept-alive client until the shutdown's grace ran out.
+            shutdown = getattr(protocol, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            else:
+                cast(asyncio.BaseTransport, transport).close()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
