@@ -11,7 +11,8 @@ import pytest
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database
+from pglayer import ConfigurationError, Database
+from pglayer.fastapi import admin_router
 from tests.conftest import asgi_client
 from tests.test_shop_users import assert_problem
 
@@ -122,3 +123,17 @@ async def test_the_user_export_needs_the_token(
             "/admin/users/export", headers={"Authorization": f"Bearer {token or TOKEN}"}
         )
     assert_problem(response, status, "not_found" if status == 404 else "unauthorized")
+
+
+def test_an_admin_token_with_spaces_at_its_ends_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="spaces at its ends"):
+        admin_router(token="   ")
+
+
+def test_a_short_admin_token_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    admin_router(token="short-token")
+    (warned,) = [r for r in caplog.records if "short enough to guess" in r.getMessage()]
+    assert "short-token" not in warned.getMessage()
+    caplog.clear()
+    admin_router(token="a-long-random-token-0123456789abcdef")
+    assert not caplog.records

@@ -10,6 +10,7 @@ cookie that its form exchanges for the token.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -19,11 +20,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from pglayer._database import Database
+from pglayer._errors import ConfigurationError
 from pglayer.fastapi._dependencies import get_database
 from pglayer.fastapi._live import SESSION_TTL, add_live_routes
 from pglayer.fastapi._problems import Problem, problem_responses
 
 __all__ = ["admin_guard", "admin_router"]
+
+log = logging.getLogger("pglayer")
 
 # Declares the bearer scheme in OpenAPI; answers None rather than its own 403 (ours: 404/401).
 _BEARER = HTTPBearer(auto_error=False, description="`PGLAYER_ADMIN_TOKEN`")
@@ -31,10 +35,16 @@ _BEARER = HTTPBearer(auto_error=False, description="`PGLAYER_ADMIN_TOKEN`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
+_SHORT_TOKEN = 16  # characters; below it a token is warned of (guessed at ~4,000 tries/s)
+
+
 def _token_bytes(token: SecretStr | str | None) -> bytes | None:
     if token is None:
         return None
     raw = token.get_secret_value() if isinstance(token, SecretStr) else token
+    if raw and raw.strip() != raw:
+        # A header's value is read without the spaces at its ends: it could never match.
+        raise ConfigurationError("the admin token has spaces at its ends: no request can send it")
     return raw.encode() if raw else None
 
 
@@ -84,7 +94,14 @@ def admin_router(
         health."""
         return {"worker": os.getpid(), "pools": pool_stats(db)}
 
-    add_live_routes(router, token=_token_bytes(token), session_ttl=session_ttl)
+    expected = _token_bytes(token)
+    if expected is not None and len(expected) < _SHORT_TOKEN:
+        log.warning(
+            "the admin token is %d characters long: short enough to guess; use a random one"
+            " of 32 or more (python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            len(expected),
+        )
+    add_live_routes(router, token=expected, session_ttl=session_ttl)
     return router
 
 
