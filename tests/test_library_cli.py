@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -597,3 +598,20 @@ def test_a_hang_up_ends_serve_as_sigterm_does(tmp_path: Path, data_dir: Path) ->
         served.proc.wait(timeout=60)
     assert served.proc.returncode == 0, served.output
     assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
+
+
+def test_doctor_says_a_port_that_is_not_postgresql_may_be_the_mistake() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as other:  # answers what HTTP would
+        port = other.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = other.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"postgresql://app@127.0.0.1:{port}/app"
+        result = run("doctor", env=clean_env(DATABASE_URL=url, COLUMNS="300"))
+    assert result.returncode == 1
+    assert "is it a PostgreSQL server at that port?" in " ".join(result.stdout.split())

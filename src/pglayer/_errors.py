@@ -343,7 +343,12 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, asyncpg.CannotConnectNowError):
         return f"{target} is starting up, shutting down or in recovery"
     if isinstance(exc, ConnectionError) and "SSL" in str(exc):
-        return f"{target} does not speak SSL, which the URL's sslmode requires"
+        # Also what asyncpg says when something other than PostgreSQL answers (its default
+        # sslmode asks for SSL first, and takes only PostgreSQL's yes or no).
+        return (
+            f"{target} did not answer as PostgreSQL does (is it a PostgreSQL server at that"
+            " port?), or does not speak SSL, which the URL's sslmode requires"
+        )
     if isinstance(exc, OSError):
         return f"cannot reach {target}: {exc.strerror or type(exc).__name__}"
     if isinstance(exc, asyncpg.UndefinedObjectError):
