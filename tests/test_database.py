@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -157,19 +159,29 @@ async def test_open_without_wait_fails_fast_then_serves_transient_errors() -> No
         await db.close()
 
 
+@contextlib.asynccontextmanager
+async def refusing_connections(
+    db: Database, admin: asyncpg.Connection[Any], db_name: str
+) -> AsyncIterator[None]:
+    """The test's database closed to new connections, and `db`'s own ended."""
+    await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", db_name
+        )
+        assert await wait_for(lambda: asyncio.sleep(0, db.stats().size == 0))
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+
+
 async def test_clients_of_a_server_that_refuses_do_not_make_a_connect_each(
     db_url: str, db_name: str, admin: asyncpg.Connection[Any]
 ) -> None:
     settings = settings_for(db_url, min_size=0, max_size=4, acquire_timeout=5)
     async with Database(settings) as db:
         assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
-        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                db_name,
-            )
-            assert await wait_for(lambda: asyncio.sleep(0, db.stats().size == 0))
+        async with refusing_connections(db, admin, db_name):
 
             async def one() -> BaseException | None:
                 try:
@@ -182,8 +194,6 @@ async def test_clients_of_a_server_that_refuses_do_not_make_a_connect_each(
             results = await asyncio.gather(*(one() for _ in range(100)))
             took = time.monotonic() - started
             tried = db.stats().connections_failed
-        finally:
-            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
     assert all(isinstance(r, DatabaseUnavailableError) for r in results), results
     assert took < 2.5  # each told at once, not after its 5 s acquire deadline
     # One wave of connects (the pool's four), not one or more per client.
@@ -193,22 +203,16 @@ async def test_clients_of_a_server_that_refuses_do_not_make_a_connect_each(
 async def test_a_long_outage_still_answers_unavailable(
     db_url: str, db_name: str, admin: asyncpg.Connection[Any]
 ) -> None:
-    async with Database(settings_for(db_url, min_size=0)) as db:
-        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                db_name,
-            )
-            assert await wait_for(lambda: asyncio.sleep(0, db.stats().size == 0))
-            pool = db._pool
-            assert pool is not None
-            pool._connect_failures = 5000  # as after a long outage under load
-            with pytest.raises(DatabaseUnavailableError):  # its cool-down overflowed a float
-                async with db.connection():
-                    pass
-        finally:
-            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+    async with (
+        Database(settings_for(db_url, min_size=0)) as db,
+        refusing_connections(db, admin, db_name),
+    ):
+        pool = db._pool
+        assert pool is not None
+        pool._connect_failures = 5000  # as after a long outage under load
+        with pytest.raises(DatabaseUnavailableError):  # its cool-down overflowed a float
+            async with db.connection():
+                pass
 
 
 async def test_close_waits_for_in_flight_work(db_url: str) -> None:
