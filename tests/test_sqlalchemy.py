@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI, Response
 from pydantic import BaseModel
 from sqlalchemy import BigInteger, String, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pglayer import Database
@@ -70,6 +70,15 @@ async def sa_client(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
             await session.execute(text("SELECT 1 / 0"))  # caught, and the handler goes on
         return {"ok": True}
 
+    @app.post("/sa/flush-caught")
+    async def flush_caught(session: SqlSession) -> dict[str, bool]:
+        session.add(UserRow(name="Bea", email="bea@example.com"))
+        await session.flush()  # written, in the transaction
+        session.add(UserRow(name="Bea", email="BEA@example.com"))  # the same email: unique
+        with contextlib.suppress(IntegrityError):
+            await session.flush()  # SQLAlchemy rolls the whole transaction back itself
+        return {"ok": True}
+
     @app.post("/sa/savepoint")
     async def savepoint(session: SqlSession) -> dict[str, bool]:
         session.add(UserRow(name="Sam", email="sam@example.com"))
@@ -122,6 +131,18 @@ async def test_a_caught_statement_error_is_not_answered_as_committed(
 ) -> None:
     response = await sa_client.post("/sa/swallowed")
     assert_problem(response, 500, "internal")  # PostgreSQL rolled the transaction back
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_caught_flush_error_is_not_answered_as_committed(
+    sa_client: httpx.AsyncClient, db_url: str
+) -> None:
+    response = await sa_client.post("/sa/flush-caught")
+    assert_problem(response, 500, "internal")  # the first row was rolled back with the rest
     conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM users") == 0

@@ -113,11 +113,15 @@ def _watch(engine: Engine) -> None:
     if not engine.__dict__.get("_pglayer_watched"):
         event.listen(engine, "handle_error", _note_failure)
         event.listen(engine, "rollback_savepoint", _note_recovery)
-        event.listen(engine, "rollback", _note_recovery)
         engine.__dict__["_pglayer_watched"] = True
 
 
 async def _check_not_aborted(session: AsyncSession) -> None:
+    transaction = session.get_transaction()
+    if transaction is not None and not transaction.is_active:
+        # A flush failed and SQLAlchemy rolled back the transaction itself (the caller
+        # caught the error): what was flushed before it is gone too.
+        raise TransactionAbortedError()
     if _failed and session.in_transaction():
         connection = await session.connection()
         if connection.sync_connection in _failed:
