@@ -164,10 +164,16 @@ def test_a_session_removes_the_embedded_server_of_a_session_that_ended(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ended = tmp_path / "pglayer-testing-ended"
     (ended / "pg").mkdir(parents=True)
-    (ended / "owner").write_text(f"{_a_pid_that_has_ended()}.1.x")
+    dead = _a_pid_that_has_ended()
+    (ended / "owner").write_text(f"{dead}.1.{testing._HOST}")
     ours = tmp_path / "pglayer-testing-ours"
     ours.mkdir()
     (ours / "owner").write_text(testing._me())
+    # Another container's (another PID namespace): its PIDs say nothing here.
+    elsewhere = tmp_path / "pglayer-testing-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "owner").write_text(f"{dead}.1.0ther0")
     testing._sweep_abandoned_servers()
     assert not ended.exists()
     assert ours.exists()
+    assert elsewhere.exists()

@@ -85,14 +85,25 @@ async def _admin(server_url: str, *statements: str) -> None:
 # session removes those of processes that have ended.
 _SERVER_DIR_PREFIX = "pglayer-testing-"
 _OWNER = "owner"
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), so that sessions in two containers sharing a
+    host name, `/tmp` or a server never take each other's live processes for ended ones."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+_HOST = hashlib.sha256(f"{socket.gethostname()} {_pid_namespace()}".encode()).hexdigest()[:6]
 
 
 def _me() -> str:
     from pglayer._embedded import _started  # POSIX only: the server URL alone works anywhere
 
     pid = os.getpid()
-    return f"{pid}.{_started(pid)}.x"
+    return f"{pid}.{_started(pid)}.{_HOST}"
 
 
 def _sweep_abandoned_servers() -> None:
@@ -103,7 +114,7 @@ def _sweep_abandoned_servers() -> None:
             owner = (base / _OWNER).read_text()
         except OSError:
             continue  # another program's, or a session's that has not written it yet
-        if not _still_running(owner):
+        if owner.rpartition(".")[2] == _HOST and not _still_running(owner):
             EmbeddedPostgres(base, database="postgres", fast_unsafe=True).destroy()
             shutil.rmtree(base, ignore_errors=True)
 
