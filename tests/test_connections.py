@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 from fastapi import FastAPI
 
 from pglayer import _http
@@ -145,3 +148,40 @@ async def test_a_websocket_upgrade_refused_for_its_head_is_answered_without_a_tr
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"application/problem+json" in answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # asyncio's
+
+
+async def test_a_bad_head_behind_a_request_is_answered_after_it(server: LiveServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(REQUEST + b"GET /ping HTTP/1.1\r\n\r\n")  # the second has no Host: 400
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # until the server closes
+    finally:
+        writer.close()
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"400"]  # in order: the first request's answer kept
+
+
+def test_a_client_that_leaves_with_requests_queued_causes_no_traceback(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    app = FastAPI()
+
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        await asyncio.sleep(0.3)
+        return {"ok": True}
+
+    async def leave_early() -> None:
+        async with LiveServer(app, http=PROTOCOL) as live:
+            with socket.create_connection(("127.0.0.1", live.port)) as client:
+                client.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n" * 3)
+                await asyncio.sleep(0.1)  # the first is running, two are queued
+                client.shutdown(socket.SHUT_WR)  # done sending: the server closes
+                await asyncio.sleep(0.6)  # the first has ended meanwhile
+
+    # uvloop, as `pglayer serve` runs: its transports refuse a write once closed.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(leave_early())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Exception in ASGI application" not in capfd.readouterr().err

@@ -159,11 +159,16 @@ async def test_json_access_log_is_one_printable_line_per_request(db: Database) -
 async def test_an_access_line_keeps_a_bounded_part_of_a_long_path(db: Database) -> None:
     async with serve_logged(db, "text") as (server, sink):
         status = await raw_request(server.port, get("/" + "a" * 60_000))
+        # Characters escaped at four or six times their length: cut after escaping.
+        escaped = await raw_request(server.port, get("/" + "%E2%80%A8" * 3_000))
         output = await flushed(sink)
     assert status.startswith(b"HTTP/1.1 404")
-    (line,) = output.splitlines()
-    assert len(line) < 1300, len(line)
-    assert "...(60001 characters)" in line
+    assert escaped.startswith(b"HTTP/1.1 404")
+    plain, special = output.splitlines()
+    assert len(plain) < 1300, len(plain)
+    assert "...(60001 characters)" in plain
+    assert len(special) < 1300, len(special)
+    assert "...(3001 characters)" in special
 
 
 @pytest.mark.usefixtures("restore_root_logger")

@@ -259,6 +259,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._skipping = False  # the message being parsed was answered from here
         self._door: Any = None
         self._running: RequestResponseCycle | None = None  # the request the app has now
+        self._deferred: Callable[[], None] | None = None  # a refusal written after those
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0  # when its last response ended, while no byte came since
@@ -273,6 +274,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         self._idle.discard(self)
+        self._abandon_queue()
         super().connection_lost(exc)
         self._tell_lost()
 
@@ -286,6 +288,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         self.flow.resume_reading()
         self.idle_since = time.monotonic()
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            deferred()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = 0.0
@@ -525,11 +530,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         cycle = self.cycle
         in_app = isinstance(cycle, RequestResponseCycle) and not cycle.response_complete
+        if in_app and not cycle.more_body:
+            # A new head refused behind requests still being answered: its answer follows
+            # theirs, as pipelining's order wants (written from `on_response_complete`).
+            self._deferred = lambda: self._write_refusal(
+                head, body, request_id, False, status, seconds
+            )
+            return
         if in_app:
             # The app has the request (its body was still coming): it logs and counts it,
             # with this answer's status and id, once.
             cycle.pglayer_refused = (status, request_id)  # type: ignore[attr-defined]
         self._abandon_cycle()
+        self._write_refusal(head, body, request_id, in_app, status, seconds)
+
+    def _write_refusal(
+        self, head: bytes, body: bytes, request_id: str, in_app: bool, status: int, seconds: float
+    ) -> None:
         extra = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
@@ -558,15 +575,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _abandon_cycle(self) -> None:
         # As if the client had left: the app's receive() answers `http.disconnect` and
-        # whatever it sends is dropped. Pipelined requests behind it never start, and the
-        # one running before them (a refusal's EOF is written) writes nothing more.
-        for queued, _ in self.pipeline:
-            queued.disconnected = True
-        self.pipeline.clear()
-        running = self._running
-        if running is not None and running is not self.cycle and not running.response_complete:
-            running.disconnected = True
-            running.message_event.set()
+        # whatever it sends is dropped.
+        self._abandon_queue()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
@@ -574,13 +584,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             cycle.message_event.set()
             self._tell_lost()
 
-    def _tell_lost(self) -> None:
+    def _abandon_queue(self) -> None:
+        # Pipelined requests behind the one running never start, and the one running writes
+        # nothing more (uvicorn marks only the newest request when the client leaves: the
+        # one running wrote to the closed transport, a traceback each).
+        for queued, _ in self.pipeline:
+            queued.disconnected = True
+        self.pipeline.clear()
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
+            self._tell_lost(running)
+
+    def _tell_lost(self, cycle: Any = None) -> None:
         # The request guard is told at once that the client left, rather than polling
         # every slow request's flag: under 1,024 clients the polls cost ~10 µs a request.
-        cycle = self.cycle
+        cycle = cycle or self.cycle
         lost = getattr(cycle, "pglayer_lost", None)
         if lost is not None and cycle is not None and cycle.disconnected:
-            cycle.pglayer_lost = None  # type: ignore[attr-defined]
+            cycle.pglayer_lost = None
             lost()
 
     def _cancel_timers(self) -> None:

@@ -292,9 +292,11 @@ class AccessLog:
             method = escape(method)
         # Only the path is the client's to fill: masked here, once, rather than the whole
         # line (the same text: nothing else in a line can hold a URL or `password=`).
+        length = len(path)
+        path = escape(path)
         if len(path) > _MAX_LOGGED_PATH:  # a path may take most of a 64 KiB head
-            path = f"{path[:_MAX_LOGGED_PATH]}...({len(path)} characters)"
-        path = mask_text(escape(path))
+            path = f"{path[:_MAX_LOGGED_PATH]}...({length} characters)"
+        path = mask_text(path)
         ms = seconds * 1000
         handler = self._batch_handler if self._batch else self._direct()
         if handler is None:
