@@ -63,6 +63,17 @@ SELECT coalesce(datname, '') AS database, application_name, count(*)::int AS con
 """
 
 
+_SERVER_FACTS = """
+SELECT current_setting('server_version') AS version,
+       inet_server_port() AS server_port,
+       pg_is_in_recovery() AS in_recovery,
+       current_user AS role,
+       current_database() AS database,
+       CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END AS lsn,
+       (SELECT system_identifier FROM pg_control_system()) AS cluster
+"""
+
+
 async def diagnose(
     settings: DatabaseSettings, *, workers: int | None = None, reserve: int = 5
 ) -> Diagnosis:
@@ -77,17 +88,19 @@ async def diagnose(
         result.add("reachable", "fail", explain_connect_error(exc, target))
         return result
     try:
-        row = await conn.fetchrow(
-            """
-            SELECT current_setting('server_version') AS version,
-                   inet_server_port() AS server_port,
-                   pg_is_in_recovery() AS in_recovery,
-                   current_user AS role,
-                   current_database() AS database,
-                   CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END AS lsn,
-                   (SELECT system_identifier FROM pg_control_system()) AS cluster
-            """
-        )
+        try:
+            # A pooler accepts the connection itself and holds the query while its server is
+            # down (PgBouncer: `query_wait_timeout`, 120 s): bounded as a connect is.
+            row = await conn.fetchrow(_SERVER_FACTS, timeout=settings.connect_timeout)
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            reason = explain_connect_error(exc, target)
+            result.add(
+                "reachable",
+                "fail",
+                f"{reason}, after it accepted the connection (a pooler whose server is down"
+                " or full answers so)",
+            )
+            return result
         timeouts = await server_timeouts(conn)
         budget = await read_budget(
             conn,
@@ -98,7 +111,7 @@ async def diagnose(
         )
         groups = await conn.fetch(_GROUPS)
     finally:
-        await conn.close()
+        await conn.close(timeout=settings.connect_timeout)
     assert row is not None
     position = _Position(row["lsn"], row["cluster"])
     result.facts.update({k: v for k, v in row.items() if k not in ("lsn", "cluster")})
