@@ -94,7 +94,7 @@ class _IdleConnections:
 
     uvicorn arms a loop timer when a response completes and cancels it when the next
     request arrives: 3-5 µs a request on uvloop for a deadline that almost never fires,
-    and a tenth of what a refusal at the front door costs. Here a response only writes
+    and a tenth of what a refusal at the front door costs. Here a response only notes
     when it ended; a connection closes up to one look later than its timeout."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -786,7 +786,7 @@ class Pool:
                 # again at once for each of them was a connect storm against a server that
                 # is down: a thousand failed connects a second under 100 clients.)
                 self._fail_waiters(error)
-            elif self._fail_head(exc):
+            elif self._fail_head(error):
                 # The oldest learns why; the others wait for the connections still open.
                 self.observer.acquire_failed(error)
             return
