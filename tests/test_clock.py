@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import pytest
 from fastapi import FastAPI
 
 from pglayer._clock import clock
@@ -18,29 +21,21 @@ async def _tick_once() -> None:
     await asyncio.sleep(0)
 
 
-def test_a_closed_loop_is_not_kept_by_its_clock() -> None:
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(_tick_once())
-    loop.close()
-    gone = weakref.ref(loop)
-    del loop
-    asyncio.run(_tick_once())  # a later loop's clock: closed loops are dropped then
-    gc.collect()
-    assert gone() is None
-
-
 async def _serve_once() -> None:
     async with LiveServer(FastAPI(), http=PROTOCOL) as server:
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.close()
 
 
-def test_a_closed_loop_is_not_kept_by_its_idle_connections() -> None:
+@pytest.mark.parametrize("work", [_tick_once, _serve_once], ids=["clock", "idle-connections"])
+def test_a_closed_loop_is_not_kept_by_its_registry(
+    work: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(_serve_once())
+    loop.run_until_complete(work())
     loop.close()
     gone = weakref.ref(loop)
     del loop
-    asyncio.run(_serve_once())
+    asyncio.run(work())  # a later loop's entry: closed loops are dropped then
     gc.collect()
     assert gone() is None

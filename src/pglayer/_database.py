@@ -581,12 +581,12 @@ class Database:
             # rotation. One that failed leaves the rotation, and another replica answers.
             if self.replicas is None:
                 raise error
-            if getattr(error, "sqlstate", None) in _NOT_REPLAYED_YET:
+            if isinstance(error, _NO_CONNECTION) or (
+                getattr(error, "sqlstate", None) in _NOT_REPLAYED_YET
+            ):
                 return await self._call(self, fn, True, timeout, tx, bulkhead)
             if not isinstance(error, TransientError):
                 raise error
-            if isinstance(error, _NO_CONNECTION):
-                return await self._call(self, fn, True, timeout, tx, bulkhead)
             self.replicas.mark_failed(target)
             # The primary may be down too; each replica that fails leaves the rotation, so
             # this ends, at the primary at worst.

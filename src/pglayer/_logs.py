@@ -240,8 +240,8 @@ class _Clock:
 _MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
 _TENTHS = tuple(f"{tenths / 10:.1f}" for tenths in range(1000))  # "0.0" to "99.9"
 _STATUS = {code: str(code) for code in range(100, 600)}
-# Methods a server passes on as they are; any other is escaped like the path.
 _MAX_LOGGED_PATH = 1024  # characters of a request path an access line keeps
+# Methods a server passes on as they are; any other is escaped like the path.
 _PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _MAX_ROUTES = 1024  # route templates remembered quoted; an app has a bounded set
 
@@ -292,11 +292,10 @@ class AccessLog:
             method = escape(method)
         # Only the path is the client's to fill: masked here, once, rather than the whole
         # line (the same text: nothing else in a line can hold a URL or `password=`).
-        length = len(path)
-        path = escape(path)
-        if len(path) > _MAX_LOGGED_PATH:  # a path may take most of a 64 KiB head
-            path = f"{path[:_MAX_LOGGED_PATH]}...({length} characters)"
-        path = mask_text(path)
+        escaped = escape(path)
+        if len(escaped) > _MAX_LOGGED_PATH:  # a path may take most of a 64 KiB head
+            escaped = f"{escaped[:_MAX_LOGGED_PATH]}...({len(path)} characters)"
+        path = mask_text(escaped)
         ms = seconds * 1000
         handler = self._batch_handler if self._batch else self._direct()
         if handler is None:

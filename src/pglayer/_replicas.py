@@ -135,6 +135,7 @@ class ReplicaSet:
         # Whole seconds, one more: cookie jars that keep whole seconds expire it up to one early.
         max_age = math.ceil(window) + 1
         self.cookie = f"pglayer_rw=1; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax".encode()
+        self.secure_cookie = self.cookie + b"; Secure"  # for a request the server sees as https
 
     async def open(self) -> None:
         if self._checker is not None:  # opened already (while the primary was down)

@@ -524,9 +524,8 @@ class RequestGuard:
             ctx.writes = ex.writes = context.Writes(recent=ex.wrote_recently)
             # Read-your-writes across requests: after a commit this client reads the
             # primary until replicas have surely caught up.
-            ex.cookie = db.replicas.cookie
-            if scope.get("scheme") == "https":  # as the proxy headers say, where trusted
-                ex.cookie += b"; Secure"
+            https = scope.get("scheme") == "https"  # as the proxy headers say, where trusted
+            ex.cookie = db.replicas.secure_cookie if https else db.replicas.cookie
         ex.task = current_task()
         cycle = ex.cycle
         if cycle is not None and getattr(cycle, "pglayer_lost", 0) is None:
