@@ -416,6 +416,7 @@ class Database:
             bulkheads=s.bulkhead_caps(),
             refusal_delay=s.refusal_delay,
             target=self.target,
+            behind_pooler=self.pooler.mode != "none",
         )
         try:
             await pool.start()

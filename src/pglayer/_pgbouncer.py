@@ -50,6 +50,7 @@ class PgBouncer:
         pool_mode: PoolMode = "transaction",
         pool_size: int = 5,
         max_client_conn: int = 2000,
+        server_login_retry: int = 15,
     ) -> None:
         binary = pgbouncer_binary()
         if binary is None:
@@ -64,6 +65,7 @@ class PgBouncer:
         self.pool_mode = pool_mode
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
+        self.server_login_retry = server_login_retry  # seconds it refuses after a failed login
         self.dir = Path(tempfile.mkdtemp(prefix="pglayer-pgbouncer-"))
         self.dir.chmod(0o755)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -91,6 +93,7 @@ admin_users = {self.user}
 pool_mode = {self.pool_mode}
 default_pool_size = {self.pool_size}
 max_client_conn = {self.max_client_conn}
+server_login_retry = {self.server_login_retry}
 max_db_connections = {self.pool_size}
 server_reset_query =
 ignore_startup_parameters = extra_float_digits

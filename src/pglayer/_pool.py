@@ -67,6 +67,7 @@ class Slot:
     """One pooled connection, and the deadline of the query running on it (0: none)."""
 
     __slots__ = (
+        "answered",
         "gone",
         "lane",
         "query_deadline",
@@ -76,8 +77,9 @@ class Slot:
         "timed_out",
     )
 
-    def __init__(self, raw: asyncpg.Connection) -> None:
+    def __init__(self, raw: asyncpg.Connection, answered: bool) -> None:
         self.raw = raw
+        self.answered = answered  # the server has answered on it (see `Pool.behind_pooler`)
         self.lane: Lane | None = None  # the bulkhead holding it, while lent
         self.query_deadline = 0.0
         self.query_task: asyncio.Task[Any] | None = None
@@ -242,8 +244,13 @@ class Pool:
         bulkheads: Mapping[str, int] | None = None,
         refusal_delay: float = 0.0,
         target: str = "the server",
+        behind_pooler: bool = False,
     ) -> None:
         self.name = name
+        # A pooler logs clients in itself (PgBouncer from the server parameters it keeps)
+        # and reaches the server at their first statement: until a connection has answered
+        # one, its loss is a failed connect (counted, cooled down), not a lost connection.
+        self.behind_pooler = behind_pooler
         self.target = target  # where it connects, masked: for the log
         self.min_size = min_size
         self.max_size = max_size
@@ -263,6 +270,7 @@ class Pool:
         self._cool_down_until = 0.0
         self._connect_failures = 0
         self._connect_error: DatabaseError = DatabaseUnavailableError()
+        self._unreachable = False  # the pooler cannot reach the server (until an answer)
         self._in_use = 0
         self.refusal_delay = refusal_delay
         # Unnamed work is a read or a write; other names come from the caller (`bulkhead=`).
@@ -499,7 +507,7 @@ class Pool:
 
     async def _wait_in_line(self, lane: Lane, since: float, wait: float, bound: float) -> Slot:
         cooling = self._cooling_down()
-        if cooling is not None and not self._size:
+        if cooling is not None and (not self._size or self._unreachable):
             raise self._refused(cooling)  # no connection to wait for, and none being made
         if self._waiting >= self.max_waiters:
             error = PoolOverloadedError(retry_after=self.predicted_wait(lane))
@@ -660,9 +668,16 @@ class Pool:
         elif suspect or _needs_reset(raw):
             self._spawn(self._reset(slot))
         else:
+            if not slot.answered:
+                self._first_answer(slot)
             self._put(slot)
         if self._drained is not None and not self._in_use:
             self._drained.set()
+
+    def _first_answer(self, slot: Slot) -> None:
+        slot.answered = True
+        self._connect_failures = 0  # the pooler reached the server
+        self._unreachable = False
 
     def _next_waiter(self) -> _Waiter | None:
         """Whom a free connection goes to: the oldest waiter of a lane below its cap; but
@@ -722,6 +737,7 @@ class Pool:
         the cool-down its failed connects set."""
         self._cool_down_until = 0.0
         self._connect_failures = 0
+        self._unreachable = False
 
     def abandon(self) -> None:
         """Fail the waiters and close every connection, in use too (see `Database.abandon`)."""
@@ -744,11 +760,7 @@ class Pool:
         try:
             raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
         except Exception as exc:
-            self.observer.connection_failed()
-            self._connect_failures += 1
-            doublings = min(self._connect_failures - 1, 10)  # 2.0 ** 1024 overflows a float
-            cool_down = min(_COOL_DOWN_FIRST * 2**doublings, _COOL_DOWN_MAX)
-            self._cool_down_until = time.monotonic() + cool_down
+            self._connect_failed()
             error = translate(exc)
             if isinstance(error, DatabaseError) and not isinstance(error, TransientError):
                 # Refused at connect (a database renamed or closed to connections, a role
@@ -763,12 +775,20 @@ class Pool:
         if self.closed:
             raw.terminate()
             raise DatabaseUnavailableError()
-        self._connect_failures = 0
-        slot = Slot(raw)
+        slot = Slot(raw, answered=not self.behind_pooler)
+        if slot.answered:
+            self._connect_failures = 0
         raw.add_termination_listener(lambda _raw: self._forget(slot))
         self._slots.append(slot)
         self.observer.connection_opened()
         return slot
+
+    def _connect_failed(self) -> None:
+        self.observer.connection_failed()
+        self._connect_failures += 1
+        doublings = min(self._connect_failures - 1, 10)  # 2.0 ** 1024 overflows a float
+        cool_down = min(_COOL_DOWN_FIRST * 2**doublings, _COOL_DOWN_MAX)
+        self._cool_down_until = time.monotonic() + cool_down
 
     def _grow_for_waiters(self) -> None:
         self._size += 1
@@ -800,14 +820,25 @@ class Pool:
         self._size -= 1
         if self.closed or getattr(slot.raw, "closed_by_client", False):
             self.observer.connection_closed()  # retired: idle lifetime, shutdown
+        elif not slot.answered:
+            self._connect_error = DatabaseUnavailableError("the pooler did not reach the server")
+            self._connect_failed()
+            self._unreachable = True
         else:
             self.observer.connection_lost()
         with contextlib.suppress(ValueError):
             self._slots.remove(slot)
         with contextlib.suppress(ValueError):
             self._idle.remove(slot)
-        if self._waiting and self._size < self.max_size and not self.closed:
-            self._grow_for_waiters()
+        if not self._waiting or self.closed:
+            return
+        if self._cooling_down() is None:
+            if self._size < self.max_size:
+                self._grow_for_waiters()
+        elif not self._size or self._unreachable:
+            # Nothing open, or what is open is behind a pooler that cannot reach the server
+            # either: see `_connect_for_waiters`.
+            self._fail_waiters(self._connect_error)
 
     async def _reset(self, slot: Slot) -> None:
         raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
@@ -829,6 +860,8 @@ class Pool:
             getattr(raw, "terminate_broken", raw.terminate)()
             self._forget(slot)
             return
+        if not slot.answered:
+            self._first_answer(slot)
         if self.closed:
             await self._close_slot(slot)
         else:
