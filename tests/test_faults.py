@@ -376,7 +376,7 @@ async def test_behind_a_pooler_a_server_that_is_down_counts_as_failed_connects(
 
             async def serves() -> bool:
                 with contextlib.suppress(PglayerError):
-                    return await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+                    return bool(await db.run(lambda c: c.fetchval("SELECT 1")) == 1)
                 return False
 
             assert await wait_for(serves, timeout=10)
