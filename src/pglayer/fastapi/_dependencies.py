@@ -7,10 +7,12 @@ committed, and a failed COMMIT becomes an error response.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from pglayer._connection import Connection, Isolation
 from pglayer._database import Database
@@ -21,15 +23,17 @@ __all__ = [
     "ReadConnection",
     "WriteConnection",
     "WriteTransaction",
+    "bound_database",
     "get_database",
+    "late_commits",
     "transaction_dependency",
 ]
 
 STATE_KEY = "pglayer_database"
 
 
-async def get_database(request: Request) -> Database:
-    """The `Database` bound to this app by `setup()`."""
+async def get_database(request: HTTPConnection) -> Database:
+    """The `Database` bound to this app by `setup()` (HTTP and WebSocket routes alike)."""
     # async: FastAPI runs a sync dependency in a thread, a hop that costs every request.
     db = getattr(request.app.state, STATE_KEY, None)
     if not isinstance(db, Database):
@@ -37,13 +41,43 @@ async def get_database(request: Request) -> Database:
     return db
 
 
-async def _connection(request: Request) -> AsyncIterator[Connection]:
-    async with (await get_database(request)).connection() as conn:
+async def bound_database(request: HTTPConnection) -> Database:
+    """`get_database`, or what the app's `dependency_overrides` put in its place.
+
+    pglayer's own dependencies and `Route` call this rather than asking FastAPI to solve
+    `get_database` (a sub-dependency costs every request): an override is honoured
+    wherever the database is reached."""
+    overrides = getattr(request.app, "dependency_overrides", None)
+    if overrides:
+        override = overrides.get(get_database)
+        if override is not None:
+            return await _call_override(override, request)
+    return await get_database(request)
+
+
+async def _call_override(override: Callable[..., Any], request: HTTPConnection) -> Database:
+    # Overrides as tests write them: `lambda: db`, or a function of the request.
+    takes = len(inspect.signature(override).parameters)
+    if takes > 1 or inspect.isasyncgenfunction(override) or inspect.isgeneratorfunction(override):
+        raise ConfigurationError(
+            "an override of get_database must be a function of no argument or of the request,"
+            " returning the Database"
+        )
+    db = override(request) if takes else override()
+    if inspect.isawaitable(db):
+        db = await db
+    if not isinstance(db, Database):
+        raise ConfigurationError(f"the override of get_database returned {type(db).__name__}")
+    return db
+
+
+async def _connection(request: HTTPConnection) -> AsyncIterator[Connection]:
+    async with (await bound_database(request)).connection() as conn:
         yield conn
 
 
-async def _replica_connection(request: Request) -> AsyncIterator[Connection]:
-    async with (await get_database(request)).read_connection() as conn:
+async def _replica_connection(request: HTTPConnection) -> AsyncIterator[Connection]:
+    async with (await bound_database(request)).read_connection() as conn:
         yield conn
 
 
@@ -53,20 +87,33 @@ def transaction_dependency(
     isolation: Isolation | None = None,
     lock_timeout: float | None = None,
     bulkhead: str | None = None,
-) -> Callable[[Request], AsyncIterator[Connection]]:
+) -> Callable[[HTTPConnection], AsyncIterator[Connection]]:
     """A dependency yielding a connection inside a transaction with these options.
 
-    `lock_timeout` bounds each lock wait (503 `busy` past it); `bulkhead` names the
-    connections it counts against (default `read` or `write`).
+    Use it with `Depends(..., scope="function")`, as `WriteTransaction` does, so that it
+    commits before the response is sent: FastAPI's default scope would commit after (a 2xx
+    for a change that may still fail), and `setup()`'s lifespan refuses to start an app
+    that uses it so. `lock_timeout` bounds each lock wait (503 `busy` past it); `bulkhead`
+    names the connections it counts against (default `read` or `write`).
     """
 
-    async def dependency(request: Request) -> AsyncIterator[Connection]:
-        async with (await get_database(request)).transaction(
+    async def dependency(request: HTTPConnection) -> AsyncIterator[Connection]:
+        async with (await bound_database(request)).transaction(
             readonly=readonly, isolation=isolation, lock_timeout=lock_timeout, bulkhead=bulkhead
         ) as conn:
             yield conn
 
+    dependency.pglayer_commits = True  # type: ignore[attr-defined]
     return dependency
+
+
+def late_commits(dependant: Any) -> Iterator[str]:
+    """The names of transaction dependencies under `dependant` that would commit after the
+    response (without `scope="function"`)."""
+    for sub in dependant.dependencies:
+        if getattr(sub.call, "pglayer_commits", False) and sub.scope != "function":
+            yield sub.name or "?"
+        yield from late_commits(sub)
 
 
 def _depends(dependency: Callable[..., Any]) -> Any:

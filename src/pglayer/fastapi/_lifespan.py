@@ -13,10 +13,11 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp
 
 from pglayer._database import Database
+from pglayer._errors import ConfigurationError
 from pglayer._gc import tune_gc as _tune_gc
 from pglayer._logs import configure_logging
 from pglayer._settings import ServerSettings, misspelt_settings
-from pglayer.fastapi._dependencies import STATE_KEY
+from pglayer.fastapi._dependencies import STATE_KEY, late_commits
 from pglayer.fastapi._middleware import RequestGuard
 from pglayer.fastapi._openapi import complete_openapi
 from pglayer.fastapi._problems import install_problem_handlers
@@ -36,6 +37,7 @@ def database_lifespan(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Any]:
         _warn_plain_routes(app)
+        _refuse_late_commits(app)
         await db.open()
         if tune_gc:
             _tune_gc()
@@ -73,6 +75,29 @@ def _plain_routes(routes: Iterable[Any], prefix: str) -> Iterator[str]:
             yield from _plain_routes(included.routes, prefix + more)
         elif type(route) is APIRoute and route.body_field is not None:
             yield prefix + route.path
+
+
+def _refuse_late_commits(app: Any) -> None:
+    """Refuse to start an app whose routes would commit after their response is sent."""
+    late = sorted(set(_late_commits(getattr(app, "routes", ()), "")))
+    if late:
+        raise ConfigurationError(
+            f"{len(late)} route(s) take a transaction_dependency() without"
+            f' scope="function", so they would commit after the response is sent: '
+            f"{', '.join(late[:5])}; declare it as"
+            ' Depends(transaction_dependency(...), scope="function")'
+        )
+
+
+def _late_commits(routes: Iterable[Any], prefix: str) -> Iterator[str]:
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
+        if included is not None:
+            more = getattr(getattr(route, "include_context", None), "prefix", "")
+            yield from _late_commits(included.routes, prefix + more)
+        elif getattr(route, "dependant", None) is not None:
+            for name in late_commits(route.dependant):
+                yield f"{prefix}{route.path} ({name})"
 
 
 def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:

@@ -55,6 +55,7 @@ from pglayer._errors import PoolOverloadedError
 from pglayer._logs import AccessLog, escape
 from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
+    EXCHANGE_KEY,
     Problem,
     internal_error_response,
     problem_for_database_error,
@@ -83,6 +84,17 @@ REFUSALS_LOGGED_EVERY = 1.0  # seconds
 # The route label of a request answered before routing (a refusal at the door while the
 # database is saturated): not `unmatched`, which 404s of unknown paths use.
 AT_THE_DOOR = "refused_at_door"
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The error itself, not Starlette's wrapper for a handled one raised too late."""
+    if (
+        type(exc) is RuntimeError
+        and exc.__cause__ is not None
+        and str(exc).startswith("Caught handled exception, but response already started")
+    ):
+        return exc.__cause__
+    return exc
 
 
 def _path(url: bytes) -> str:
@@ -184,10 +196,14 @@ class _Exchange:
     done = False
     stopped_by_us = False
     told = False  # the HTTP server calls `_left` when the client leaves (`pglayer._http`)
+    root = ""  # the scope's root_path as it came in
     gone: asyncio.Future[None] | None = None
     task: asyncio.Task[Any] | None = None
     watcher: asyncio.Task[None] | None = None
     writes: context.Writes | None = None
+    ctx: RequestContext | None = None
+    answered: BaseException | None = None  # what the app's handler for `Exception` answered
+    ended = 0.0  # when the response's last byte was sent (0: not yet)
     cookie = b""
     cycle: Any = None
 
@@ -243,6 +259,11 @@ class _Exchange:
         elif message["type"] == "http.response.body":
             if not message.get("more_body", False):
                 self.completed = True
+                # What runs after the response (background tasks) is not the request: it
+                # is not timed with it, nor bound by its deadline (each statement still is).
+                self.ended = time.monotonic()
+                if self.ctx is not None:
+                    self.ctx.deadline = None
             if self.head:
                 message = {**message, "body": b""}
         await self.send_to_client(message)
@@ -282,6 +303,7 @@ class _Exchange:
 
     def finish(self) -> None:
         self.done = True
+        self.answered = None  # its traceback holds the frame that holds this exchange
         if self.told:
             self.cycle.pglayer_lost = None  # it refers to this exchange: a cycle otherwise
         # The task holds this exchange through its frames: break the cycle, so the
@@ -338,10 +360,12 @@ class RequestGuard:
             setattr(app_state, FRONT_DOOR_KEY, self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or EXCHANGE_KEY in scope:
+            # Not HTTP, or a mounted app's guard under its outer app's: that one does it all.
             await self.app(scope, receive, send)
             return
         ex = _Exchange(scope, receive, send, time.monotonic())
+        ex.root = scope.get("root_path", "")
         if scope["method"] == "HEAD":
             # A copy: the server keeps seeing HEAD (uvicorn then expects no body).
             scope = {**scope, "method": "GET"}
@@ -376,14 +400,11 @@ class RequestGuard:
                     return
                 raise
             except Exception as exc:
-                if ex.completed:
-                    # Answered (and logged) inside, by the app's handler for `Exception`.
-                    return
+                if ex.answered is exc:
+                    return  # with its 500 (and logged), by the app's handler for `Exception`
                 if ex.status:
-                    if isinstance(exc, StreamAbandoned) and ex.cycle is not None:
-                        self._cut_short(scope, ex, exc)
-                        return
-                    raise
+                    self._after_start(scope, ex, exc)
+                    return
                 response = internal_error_response(
                     exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
                 )
@@ -398,19 +419,43 @@ class RequestGuard:
             await ex.reply(_SHUTTING_DOWN_REPLY)
             raise
         finally:
+            scope.pop(EXCHANGE_KEY, None)  # a cycle otherwise, through uvicorn's request cycle
             self._account(scope, ex)
 
     @staticmethod
-    def _cut_short(scope: Scope, ex: _Exchange, exc: StreamAbandoned) -> None:
-        """End a stream that failed midway: one line, and the connection closed without the
-        final chunk, so the client knows it is incomplete (uvicorn would log a traceback)."""
-        log.warning(
-            "%s %s: stream cut short (request_id=%s): %s",
-            escape(scope.get("method", "")),
-            escape(scope.get("path", "")),
-            ex.request_id,
-            escape(str(exc)),
-        )
+    def _after_start(scope: Scope, ex: _Exchange, exc: Exception) -> None:
+        """An error once the response had started, said here once (the app's handler for
+        `Exception` leaves it to us, and uvicorn would log it again): a response still being
+        sent is cut short, the connection closed without its final chunk, so the client
+        knows it is incomplete; after a complete response it came from background work."""
+        cause = _unwrapped(exc)
+        where = f"{escape(scope.get('method', ''))} {escape(scope.get('path', ''))}"
+        if isinstance(cause, StreamAbandoned):
+            # Complete here only when a middleware (Starlette's BaseHTTPMiddleware) ended
+            # the response itself: the client cannot tell it was cut short.
+            late = " after a middleware completed its response" if ex.completed else ""
+            log.warning(
+                "%s: stream cut short%s (request_id=%s): %s",
+                where,
+                late,
+                ex.request_id,
+                escape(str(cause)),
+            )
+        else:
+            log.error(
+                "%s: %s %s (request_id=%s)",
+                where,
+                type(cause).__name__,
+                "after the response was sent (background work)"
+                if ex.completed
+                else "while the response was being sent: cut short",
+                ex.request_id,
+                exc_info=cause,
+            )
+        if ex.completed:
+            return
+        if ex.cycle is None:
+            raise exc  # another server: it must learn that the response is incomplete
         ex.cycle.disconnected = True  # uvicorn then takes the unfinished response as meant
         ex.cycle.transport.close()
 
@@ -515,8 +560,9 @@ class RequestGuard:
     def _begin(self, scope: Scope, ex: _Exchange) -> RequestContext:
         """The request's context; and from now on, its disconnect may cancel it."""
         scope.setdefault("state", {})["request_id"] = ex.request_id
+        scope[EXCHANGE_KEY] = ex
         timeout = self.request_timeout
-        ctx = RequestContext(
+        ctx = ex.ctx = RequestContext(
             ex.request_id, None if timeout is None else ex.started + timeout, None, scope
         )
         db = self.database
@@ -572,8 +618,11 @@ class RequestGuard:
         stats, access_log = self.stats, self.access_log
         if stats is None and access_log is None:
             return
-        seconds = time.monotonic() - ex.started
+        seconds = (ex.ended or time.monotonic()) - ex.started
         route = route_template(scope)
+        root = scope.get("root_path", "")
+        if root != ex.root:  # routed inside a mounted app: its routes are relative to it
+            route = root[len(ex.root) :] + route
         method = "HEAD" if ex.head else scope["method"]
         status, request_id = ex.status, ex.request_id
         if not status:

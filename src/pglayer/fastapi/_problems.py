@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,9 +42,9 @@ from pglayer._errors import (
     UniqueViolationError,
 )
 from pglayer._logs import Throttle, escape, left_out
-from pglayer.fastapi._streaming import StreamAbandoned
 
 __all__ = [
+    "EXCHANGE_KEY",
     "MAX_ERRORS",
     "PROBLEM_JSON",
     "FieldError",
@@ -50,6 +55,12 @@ __all__ = [
     "problem_response",
     "problem_responses",
 ]
+
+# The scope key under which `RequestGuard` keeps its view of the request (`_Exchange`).
+EXCHANGE_KEY = "pglayer.exchange"
+
+_FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)
+Handler = Callable[[Any, Exception], Awaitable[Response | None]]
 
 log = logging.getLogger("pglayer.http")
 
@@ -433,17 +444,69 @@ def internal_error_response(
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
     # outside it, has put the request id in the state.
-    if isinstance(exc, StreamAbandoned):  # after its response started: the guard says so
-        return Response(status_code=500)
+    exchange = request.scope.get(EXCHANGE_KEY)
+    if exchange is not None:
+        if exchange.status:  # too late to answer: the guard says so
+            return Response(status_code=500)
+        exchange.answered = exc  # Starlette raises it again once answered
     return internal_error_response(
         exc, request.method, request.scope.get("path", ""), _request_id(request)
     )
 
 
+def _websocket_problem(exc: Exception) -> Problem:
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, PglayerError):
+        return problem_for_database_error(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return Problem(exc.status_code)
+    return Problem(500, "internal")
+
+
+async def _close_websocket(websocket: WebSocket, exc: Exception) -> None:
+    """A WebSocket's error: no response can carry it, so the socket closes with a code that
+    says whether to try again (1013), the server failed (1011) or the request did (1008)."""
+    problem = _websocket_problem(exc)
+    status = problem.status
+    if status >= 500 and (status == 500 or _SAID.allow((status, problem.code, type(exc)))):
+        log.log(
+            logging.ERROR if status == 500 else logging.WARNING,
+            "websocket %s -> closed, %s %s (%s)",
+            escape(websocket.scope.get("path", "")),
+            status,
+            problem.code,
+            type(exc).__name__,
+            exc_info=exc if status == 500 else None,
+        )
+    code = 1013 if status in (503, 504) else 1011 if status >= 500 else 1008
+    with contextlib.suppress(Exception):  # already closed by the client
+        await websocket.close(code=code, reason=problem.code)
+
+
+def _http_only(handler: Handler) -> Handler:
+    """`handler` for HTTP; a WebSocket's error closes it instead (`_close_websocket`)."""
+
+    async def handle(conn: Any, exc: Exception) -> Response | None:
+        if conn.scope["type"] == "websocket":
+            await _close_websocket(conn, exc)
+            return None
+        return await handler(conn, exc)
+
+    return handle
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn every error into a problem response."""
-    app.add_exception_handler(Problem, _on_problem)
-    app.add_exception_handler(PglayerError, _on_pglayer_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unexpected)
+    """Register the handlers that turn every error into a problem response, each unless the
+    app has its own for that class already."""
+    handlers: dict[type[Exception], Handler] = {
+        Problem: _on_problem,
+        PglayerError: _on_pglayer_error,
+        RequestValidationError: _on_validation_error,
+        StarletteHTTPException: _on_http_exception,
+        Exception: _on_unexpected,  # HTTP only: Starlette's ServerErrorMiddleware calls it
+    }
+    for cls, handler in handlers.items():
+        if app.exception_handlers.get(cls) in (None, *_FASTAPI_DEFAULTS):
+            chosen: Any = handler if cls is Exception else _http_only(handler)
+            app.add_exception_handler(cls, chosen)

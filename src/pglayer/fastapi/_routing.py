@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from pglayer.fastapi._bodies import json_body_handler, known_keys
-from pglayer.fastapi._dependencies import STATE_KEY, Db
+from pglayer.fastapi._dependencies import STATE_KEY, Db, bound_database
 from pglayer.fastapi._repeats import once_each_handler, single_valued
 
 __all__ = ["Route", "with_database"]
@@ -53,7 +53,11 @@ def with_database(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(endpoint)
     async def wrapper(**values: Any) -> Any:
         request: Request = values[key] if keep else values.pop(key)
-        db = getattr(request.app.state, STATE_KEY)
+        app = request.app
+        if app.dependency_overrides:  # tests: honoured as FastAPI would
+            db = await bound_database(request)
+        else:
+            db = getattr(app.state, STATE_KEY, None) or await bound_database(request)
         for name in names:
             values[name] = db
         return await endpoint(**values)

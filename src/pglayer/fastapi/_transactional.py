@@ -32,7 +32,7 @@ from fastapi import Request
 from fastapi.exceptions import ResponseValidationError
 
 from pglayer._connection import Connection, Isolation
-from pglayer.fastapi._dependencies import get_database
+from pglayer.fastapi._dependencies import bound_database
 
 __all__ = ["transactional"]
 
@@ -84,7 +84,7 @@ def transactional(
         @functools.wraps(handler)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
             request: Request = kwargs.pop(_REQUEST)
-            db = await get_database(request)
+            db = await bound_database(request)
             # FastAPI checks the answer against the response model only after the handler
             # returns: here that is after COMMIT, so an answer it refuses (a 500) would leave
             # the change applied. The same check runs first, inside the transaction.

@@ -1,0 +1,276 @@
+"""pglayer in an app of the user's own: dependency scopes, background work, WebSockets,
+dependency overrides, mounted apps and errors after the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.middleware.base import BaseHTTPMiddleware
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from pglayer import (
+    ConfigurationError,
+    Connection,
+    ConnectionLostError,
+    Database,
+    PglayerError,
+    ProgrammingError,
+    UniqueViolationError,
+)
+from pglayer._observability import RequestStats
+from pglayer.fastapi import (
+    Db,
+    ReadConnection,
+    WriteTransaction,
+    get_database,
+    ndjson_response,
+    setup,
+    transaction_dependency,
+)
+from pglayer.fastapi._middleware import STATS_KEY
+from tests.conftest import LiveServer, asgi_client, settings_for
+
+# Module level: annotations are strings (`from __future__ import annotations`), read here.
+LateSerializable = Annotated[Connection, Depends(transaction_dependency(isolation="serializable"))]
+Serializable = Annotated[
+    Connection, Depends(transaction_dependency(isolation="serializable"), scope="function")
+]
+
+
+def app_of(db: Database, **options: Any) -> FastAPI:
+    app = FastAPI()
+    setup(app, db, **options)
+    return app
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[LiveServer]:
+    async with app.router.lifespan_context(app), LiveServer(app, http="httptools") as server:
+        yield server
+
+
+def durations(app: FastAPI, route: str) -> list[float]:
+    stats: RequestStats = getattr(app.state, STATS_KEY)
+    return [s.duration.total for s in stats.snapshot() if s.route == route]
+
+
+async def test_a_transaction_dependency_in_fastapis_default_scope_refuses_to_start(
+    db: Database,
+) -> None:
+    # FastAPI's default scope ends the dependency after the response: a 2xx, then COMMIT.
+    app = app_of(db)
+
+    @app.post("/notes")
+    async def add(conn: LateSerializable) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r'/notes \(conn\).*scope="function"'):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_a_transaction_dependency_in_function_scope_fails_before_its_response(
+    db: Database,
+) -> None:
+    app = app_of(db)
+
+    @app.post("/twice")
+    async def twice(conn: Serializable) -> dict[str, str]:
+        await conn.execute(
+            "CREATE TEMP TABLE d (x int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP;"
+            " INSERT INTO d VALUES (1), (1)"
+        )
+        return {}
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.post("/twice")
+    assert response.status_code == 409, response.text  # COMMIT failed, before the answer
+
+
+async def test_background_work_has_no_request_deadline_and_is_not_timed_with_it(
+    db: Database,
+) -> None:
+    app = app_of(db, request_timeout=0.2)
+    setattr(app.state, STATS_KEY, RequestStats())
+    results: list[Any] = []
+
+    async def later() -> None:
+        await asyncio.sleep(0.4)  # past the request's deadline
+        results.append(await db.run(lambda c: c.fetchval("SELECT 1")))
+
+    @app.post("/report", status_code=202)
+    async def report(tasks: BackgroundTasks) -> None:
+        tasks.add_task(later)
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.post("/report")
+    assert response.status_code == 202
+    assert results == [1]
+    assert durations(app, "/report")[0] < 0.2
+
+
+async def test_db_and_connections_reach_websocket_routes(db: Database) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, database: Db, conn: ReadConnection) -> None:
+        await websocket.accept()
+        one = await database.run(lambda c: c.fetchval("SELECT 1"))
+        await websocket.send_json([one, await conn.fetchval("SELECT 2")])
+        await websocket.close()
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        assert await ws_.recv() == "[1,2]"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(ConnectionLostError(), 1013), (UniqueViolationError(), 1008), (PglayerError(), 1011)],
+)
+async def test_a_database_error_in_a_websocket_closes_it_with_a_code_that_says_why(
+    db: Database, error: PglayerError, code: int
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        raise error
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == code
+
+
+async def test_an_override_of_get_database_reaches_every_dependency(db_url: str) -> None:
+    async with (
+        Database(settings_for(db_url, application_name="bound")) as bound,
+        Database(settings_for(db_url, application_name="override")) as override,
+    ):
+        app = app_of(bound)
+        name = "SELECT current_setting('application_name')"
+
+        @app.get("/db")
+        async def via_db(database: Db) -> str:
+            return str(await database.run(lambda c: c.fetchval(name)))
+
+        @app.post("/tx")
+        async def via_tx(conn: WriteTransaction) -> str:
+            return str(await conn.fetchval(name))
+
+        app.dependency_overrides[get_database] = lambda: override
+        async with asgi_client(app) as client:
+            answers = [(await client.get("/db")).json(), (await client.post("/tx")).json()]
+    assert answers == ["override", "override"]
+
+
+async def test_a_mounted_app_is_guarded_once_and_labelled_by_its_full_path(
+    db: Database,
+) -> None:
+    app, sub = app_of(db), app_of(db)
+    setattr(app.state, STATS_KEY, RequestStats())
+
+    @sub.get("/count")
+    async def count(database: Db) -> int:
+        return int(await database.run(lambda c: c.fetchval("SELECT 3")))
+
+    app.mount("/sub", sub)
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get("/sub/count")
+    assert response.json() == 3
+    assert len(response.headers.get_list("x-request-id")) == 1
+    assert len(durations(app, "/sub/count")) == 1
+
+
+async def test_an_error_of_background_work_is_logged_once_as_itself(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    async def later() -> None:
+        await db.run(lambda c: c.execute("SELECT * FROM no_such_table"), retry=False)
+
+    @app.post("/later", status_code=202)
+    async def start(tasks: BackgroundTasks) -> None:
+        tasks.add_task(later)
+
+    caplog.set_level(logging.WARNING)
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert (await client.post("/later")).status_code == 202
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "ProgrammingError after the response was sent" in errors[0]
+
+
+async def test_a_stream_that_fails_midway_is_cut_short_and_logged_once(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    async def rows() -> AsyncIterator[bytes]:
+        yield b"one\n"
+        raise ProgrammingError("the second row failed")
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    caplog.set_level(logging.WARNING)
+    async with running(app) as server, httpx.AsyncClient(base_url=server.url) as client:
+        with pytest.raises(httpx.RemoteProtocolError):  # no final chunk: incomplete
+            await client.get("/stream")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.name for r in errors] == ["pglayer.http"], [r.getMessage() for r in errors]
+    assert "ProgrammingError while the response was being sent" in errors[0].getMessage()
+
+
+async def test_a_stream_completed_by_a_base_http_middleware_is_still_logged_as_cut_short(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    async def passthrough(request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+
+    @app.get("/export")
+    async def export(database: Db) -> StreamingResponse:
+        sql = "SELECT 1 / (g - 5) AS n FROM generate_series(1, 10) g"
+        return await ndjson_response(database, sql, batch=2)
+
+    caplog.set_level(logging.WARNING)
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        await client.get("/export")
+    said = [r.getMessage() for r in caplog.records if r.name == "pglayer.http"]
+    assert any("stream cut short after a middleware completed" in m for m in said), said
+
+
+async def test_the_apps_own_validation_handler_is_kept(db: Database) -> None:
+    app = FastAPI()
+
+    @app.exception_handler(RequestValidationError)
+    async def mine(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"mine": True}, status_code=400)
+
+    setup(app, db)
+
+    @app.get("/n/{n}")
+    async def n(n: int) -> int:
+        return n
+
+    async with asgi_client(app) as client:
+        response = await client.get("/n/x")
+    assert (response.status_code, response.json()) == (400, {"mine": True})
