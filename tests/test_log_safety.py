@@ -229,6 +229,21 @@ def test_text_formatter_keeps_any_message_on_one_line() -> None:
     assert line.endswith("a\\nb\\x1b[31m\\u2028")
 
 
+def test_a_traceback_printed_into_a_message_is_laid_out_below_it() -> None:
+    # uvicorn logs "Application startup failed" with the traceback as its message.
+    printed = 'Traceback (most recent call last):\n  File "app.py", line 1\nValueError: x\x1b\n'
+    record = logging.makeLogRecord(
+        {"name": "uvicorn.error", "levelname": "ERROR", "msg": printed, "args": None}
+    )
+    lines = TextFormatter().format(record).split("\n")
+    assert lines[0].endswith("uvicorn.error [-] traceback"), lines
+    assert lines[1:] == [
+        "  Traceback (most recent call last):",
+        '    File "app.py", line 1',
+        "  ValueError: x\\x1b",
+    ]
+
+
 def test_escape_is_the_identity_on_clean_text_and_invertible_otherwise() -> None:
     for text in ("/users/42", "/products/é", "", "GET"):
         assert escape(text) is text

@@ -116,6 +116,9 @@ def install_request_id() -> None:
         logging.setLogRecordFactory(_with_request_id(factory))
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+
+
 class TextFormatter(logging.Formatter):
     """`time level logger [request id] message`, then any extra fields as key=value.
 
@@ -129,7 +132,14 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
             record.request_id = "-"
-        record.message = _one_line(record.getMessage().rstrip("\n"))
+        message = record.getMessage().rstrip("\n")
+        printed = ""
+        at = message.find(_TRACEBACK)
+        if at == 0 or (at > 0 and message[at - 1] == "\n"):
+            # A traceback printed into the message (uvicorn's "Application startup failed"):
+            # laid out as one, below the line, not folded into it.
+            message, printed = message[:at].rstrip("\n") or "traceback", message[at:]
+        record.message = _one_line(message)
         record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)
         shown = _IN_ACCESS_MESSAGE if record.name == "pglayer.access" else ()
@@ -138,7 +148,8 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(f"{k}={_value(v)}" for k, v in extra.items() if k != "statement")
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+        stack = record.stack_info and self.formatStack(record.stack_info)
+        for block in (printed, record.exc_text, stack):
             if block:
                 line += "".join(f"\n  {_one_line(part)}" for part in block.splitlines())
         return mask_text(line)
