@@ -35,6 +35,16 @@ async def create_user(client: httpx.AsyncClient, name: str, email: str) -> dict[
     return body
 
 
+@pytest.mark.parametrize("path", ["/users", "/products"])
+async def test_an_invalid_body_is_refused_before_a_connection_is_taken(
+    client: httpx.AsyncClient, db: Database, path: str
+) -> None:
+    before = db.stats().acquisitions
+    for body in ({"name": ""}, {"name": "n", "email": "x", "price": "1", "stock": -1}):
+        assert_problem(await client.post(path, json=body), 422, "validation_error")
+    assert db.stats().acquisitions == before
+
+
 async def test_create_user_returns_201_location_and_opens_an_account(
     client: httpx.AsyncClient,
 ) -> None:

@@ -63,7 +63,7 @@ def _email(value: str) -> str:
         validate_email(value, check_deliverability=False, test_environment=True, strict=True)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address: {exc}") from None
-    return value  # stored NFC-normalised, unique by its key: migration 0004_email_keys
+    return value  # stored as given, unique by its key: migrations 0004, 0008
 
 
 Name = Annotated[str, Field(strict=True, min_length=1, max_length=200), AfterValidator(_no_nul)]

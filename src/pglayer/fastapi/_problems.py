@@ -237,13 +237,21 @@ class Problem(Exception):
         self.extra = extra
 
 
+_COUNTED = re.compile(r"\d+ invalid values?\b")
+
+
 def problem_response(problem: Problem) -> Response:
     """Render a `Problem` as `application/problem+json`."""
+    detail = problem.detail
+    errors = problem.extra.get("errors")
+    if problem.status == 422 and errors and not _COUNTED.match(detail):
+        # Every 422 says how many values were invalid, however it was raised.
+        detail = f"{len(errors)} invalid value{'' if len(errors) == 1 else 's'}: {detail}"
     body = {
         "type": f"urn:pglayer:problem:{problem.code}",
         "title": problem.title,
         "status": problem.status,
-        "detail": problem.detail,
+        "detail": detail,
         "code": problem.code,
         **problem.extra,
     }

@@ -10,7 +10,6 @@ from pglayer.fastapi import (
     Limit,
     Page,
     Problem,
-    WriteConnection,
     json_response,
     problem_responses,
 )
@@ -56,12 +55,12 @@ async def list_products(
     response_model=Product,
     responses={**problem_responses(413, 422), **created()},
 )
-async def create_product(body: ProductCreate, conn: WriteConnection) -> Response:
-    row = await conn.fetchrow(
-        f"INSERT INTO products (name, price, stock) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",
-        body.name,
-        body.price,
-        body.stock,
+async def create_product(body: ProductCreate, db: Db) -> Response:
+    # `db`, not a connection dependency: see `create_user`. One transaction, so it is replayed
+    # only where it surely did not apply.
+    insert = f"INSERT INTO products (name, price, stock) VALUES ($1, $2, $3) RETURNING {_COLUMNS}"
+    row = await db.run_in_transaction(
+        lambda conn: conn.fetchrow(insert, body.name, body.price, body.stock)
     )
     assert row is not None
     return json_response(row, status_code=201, headers={"Location": f"/products/{row['id']}"})

@@ -11,7 +11,6 @@ from pglayer.fastapi import (
     Limit,
     Page,
     Problem,
-    WriteTransaction,
     json_response,
     problem_responses,
 )
@@ -45,6 +44,16 @@ async def list_users(request: Request, db: Db, limit: Limit = 50, after: After =
     return json_response(await cursors.page_by_id(db, _LIST, limit, after, of="users"))
 
 
+_CREATE = f"""
+    WITH new_user AS (
+        INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {USER_COLUMNS}
+    ), new_account AS (
+        INSERT INTO accounts (user_id) SELECT id FROM new_user
+    )
+    SELECT {USER_COLUMNS} FROM new_user
+"""
+
+
 @router.post(
     "/users",
     tags=["users"],
@@ -54,20 +63,12 @@ async def list_users(request: Request, db: Db, limit: Limit = 50, after: After =
         **created(),
     },
 )
-async def create_user(body: UserCreate, conn: WriteTransaction, response: Response) -> User:
+async def create_user(body: UserCreate, db: Db, response: Response) -> User:
+    # `db`, not a connection dependency: FastAPI solves dependencies before it validates the
+    # body, so an invalid body would hold a connection (and get 503 while the database is down).
     try:
-        user = await conn.fetch_one(
-            User,
-            f"""
-            WITH new_user AS (
-                INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {USER_COLUMNS}
-            ), new_account AS (
-                INSERT INTO accounts (user_id) SELECT id FROM new_user
-            )
-            SELECT {USER_COLUMNS} FROM new_user
-            """,
-            body.name,
-            body.email,
+        user = await db.run_in_transaction(
+            lambda conn: conn.fetch_one(User, _CREATE, body.name, body.email)
         )
     except UniqueViolationError as exc:
         if exc.constraint == "users_email_key":
