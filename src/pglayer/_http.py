@@ -13,7 +13,8 @@ reset by every byte), so one client dripping bytes holds a connection forever. H
 - a request the parser rejects (a bad request line, header or framing) gets 400, as does
   an HTTP/1.1 request without exactly one valid `Host`, a fragment (`#`) in a target, `*`
   outside OPTIONS, or Transfer-Encoding in HTTP/1.0; a method the parser does not know
-  (methods are case-sensitive) or CONNECT gets 501, a transfer coding other than `chunked`
+  (methods are case-sensitive) gets 405 with `Allow` where the path has routes (404 where
+  it has none), CONNECT 501, a transfer coding other than `chunked`
   501, an HTTP version other than 1.0 and 1.1 505.
 
 A connection idle between requests is closed after uvicorn's `timeout_keep_alive`, by one
@@ -216,6 +217,21 @@ _METHOD_NOT_IMPLEMENTED = _problem(
     "method_not_allowed",
     "The method is not one this server knows (methods are case-sensitive: GET, not get).",
 )
+
+
+_NO_ROUTE = _problem(404, "Not Found", "not_found", "No route has this path.")
+
+
+@functools.lru_cache(maxsize=64)
+def _method_not_allowed(allow: str) -> tuple[bytes, bytes]:
+    head, body = _problem(
+        405,
+        "Method Not Allowed",
+        "method_not_allowed",
+        f"The method is not supported here (methods are case-sensitive); this path supports"
+        f" {allow}.",
+    )
+    return head + b"allow: " + allow.encode() + b"\r\n", body
 
 
 class _AnsweredHere(logging.Filter):
@@ -469,10 +485,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers a request it cannot parse in plain text; every error is a problem.
         # It calls this from its `except` block, so the parser's error is at hand.
-        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and (
-            _TOKEN.match(self._last_read)  # a method, but not one the parser knows
-        ):
-            self._refuse(_METHOD_NOT_IMPLEMENTED)
+        token = _TOKEN.match(self._last_read)  # a method, but not one the parser knows
+        if isinstance(sys.exc_info()[1], httptools.HttpParserInvalidMethodError) and token:
+            self._refuse(self._unknown_method(token.end()))
             return
         version = _VERSION.match(self._last_read)
         if version is not None and version.group(1) not in (b"1.0", b"1.1"):
@@ -480,6 +495,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         detail = "The request is not valid HTTP/1.1 (request line, headers or framing)."
         self._refuse(_problem(400, "Bad Request", "validation_error", detail))
+
+    def _unknown_method(self, target_at: int) -> tuple[bytes, bytes]:
+        """A method the parser does not know is one the path does not support: 405 with the
+        methods it does (404 for a path the app has no route for), as the app answers
+        any other; 501 where no pglayer app can say."""
+        target = self._last_read[target_at:].split(b" ", 1)[0]
+        door = self._door or _front_door(self.app)
+        allow = door.allowed(target) if door is not None and target[:1] == b"/" else None
+        if allow is None:
+            return _METHOD_NOT_IMPLEMENTED
+        return _method_not_allowed(allow) if allow else _NO_ROUTE
 
     def _head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)

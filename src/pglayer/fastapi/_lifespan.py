@@ -174,6 +174,7 @@ def setup(
             database=db,
             shed_exempt=shed_exempt,
             app_state=app.state,
+            router=app.router,
         )
 
     app.build_middleware_stack = build_with_guard  # type: ignore[method-assign]

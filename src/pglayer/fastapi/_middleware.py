@@ -57,6 +57,7 @@ from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
     EXCHANGE_KEY,
     Problem,
+    allowed_methods,
     internal_error_response,
     problem_for_database_error,
     problem_response,
@@ -329,8 +330,10 @@ class RequestGuard:
         shed_exempt: tuple[str, ...] = (),
         stats: RequestStats | None = None,
         app_state: Any = None,
+        router: Any = None,
     ) -> None:
         self.app = app
+        self.router = router  # the app's, for what `allowed` answers
         self.database = database
         self.shed_exempt = shed_exempt
         self._exempt = tuple(path.encode() for path in shed_exempt)
@@ -488,6 +491,14 @@ class RequestGuard:
 
         head += b"x-request-id: " + request_id.encode() + b"\r\n"
         return paused, head, body, answered
+
+    def allowed(self, url: bytes) -> str | None:
+        """For the HTTP server: the `Allow` of a request target's path (empty: no route
+        has it; None: unknown, without the app's router)."""
+        if self.router is None:
+            return None
+        scope = {"type": "http", "method": "GET", "path": _path(url), "root_path": ""}
+        return allowed_methods({**scope, "router": self.router, "headers": []})
 
     def _turned(self) -> None:
         self._coming = 0  # their tasks run next, in order, and queue in the pool
