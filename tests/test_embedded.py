@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
+from tests.conftest import free_port
 from tests.test_cli import embedded_dir
 
 
@@ -99,6 +100,26 @@ def test_a_stale_pid_file_naming_another_program_does_not_stop_a_start(base: Pat
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_server_started_by_hand_with_another_spelling_of_its_directory_is_kept(
+    base: Path,
+) -> None:
+    server = EmbeddedPostgres(base)
+    server.start()
+    server.stop()
+    # An operator's `pg_ctl` with a relative data directory and a port of their own: the
+    # server's command line does not name the directory as pglayer spells it.
+    owner = server.data_dir.stat()
+    port = free_port()
+    pg_ctl = str(server.bindir / "pg_ctl")
+    subprocess.run(
+        [pg_ctl, "start", "-w", "-D", "data", "-o", f"-p {port}", "-l", "by-hand.log"],
+        cwd=server.pg_dir, user=owner.st_uid, group=owner.st_gid, check=True,
+        capture_output=True,
+    )  # fmt: skip
+    assert EmbeddedPostgres(base).running_port() == port  # not taken for a stale PID file
+    assert (server.data_dir / "postmaster.pid").exists()
 
 
 def test_a_server_that_dies_is_started_again_and_said(

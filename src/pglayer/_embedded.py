@@ -124,15 +124,18 @@ def _still_running(entry: str) -> bool:
 
 
 def _runs_cluster(pid: int, data_dir: Path) -> bool:
-    """Whether `pid` is the server of `data_dir` (started with `-D data_dir`; true where
-    /proc cannot tell). A backend of another server is not."""
+    """Whether `pid` is the server of `data_dir` (true where /proc cannot tell). A backend
+    of another server is not.
+
+    PostgreSQL works in its data directory: the process's working directory says it,
+    however the directory was spelt when it was started (`pg_ctl -D data` by hand)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except FileNotFoundError:
         return not Path("/proc/self").exists()  # no /proc here: trust pg_ctl
     except OSError:
-        return True
-    return str(data_dir).encode() in cmdline.split(b"\0")
+        return True  # another user's, and we may not look: cannot tell
+    return cwd == str(data_dir.resolve())
 
 
 def _server_user() -> pwd.struct_passwd | None:
