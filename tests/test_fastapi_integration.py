@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
+import orjson
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -274,3 +275,18 @@ async def test_the_apps_own_validation_handler_is_kept(db: Database) -> None:
     async with asgi_client(app) as client:
         response = await client.get("/n/x")
     assert (response.status_code, response.json()) == (400, {"mine": True})
+
+
+async def test_an_http_exception_keeps_its_structured_detail_and_gets_a_code(
+    db: Database,
+) -> None:
+    app = app_of(db)
+
+    @app.get("/limited")
+    async def limited() -> None:
+        raise HTTPException(429, detail={"field": "name", "why": "taken"})
+
+    async with asgi_client(app) as client:
+        problem = (await client.get("/limited")).json()
+    assert problem["code"] == "too_many_requests"
+    assert orjson.loads(problem["detail"]) == {"field": "name", "why": "taken"}

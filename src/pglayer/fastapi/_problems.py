@@ -207,6 +207,11 @@ def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, di
     return out
 
 
+def _code_of(status: int) -> str:
+    """A code for a status without one of its own: its phrase, as 429's `too_many_requests`."""
+    return re.sub(r"[^a-z0-9]+", "_", _phrase(status).lower()).strip("_") or "error"
+
+
 def _phrase(status: int) -> str:
     """HTTP's reason phrase for `status` (418: "I'm a Teapot"), or "Error"."""
     try:
@@ -230,7 +235,7 @@ class Problem(Exception):
     ) -> None:
         super().__init__(detail or code or str(status))
         self.status = status
-        self.code = code or _CODES.get(status, "error")
+        self.code = code or _CODES.get(status) or _code_of(status)
         self.title = title or _TITLES.get(status) or _phrase(status)
         self.detail = detail or self.title
         self.headers = headers or {}
@@ -418,7 +423,10 @@ def allowed_methods(scope: Scope) -> str:
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "")
+    detail = exc.detail
+    if not isinstance(detail, str):
+        # A problem's detail is a string: structured detail (a dict, a list) is kept as JSON.
+        detail = orjson.dumps(detail, default=str).decode() if detail else ""
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         # Starlette names only the methods of the first route that matched the path.
