@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
@@ -19,6 +21,8 @@ from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
     LockTimeoutError,
+    PglayerError,
+    ProgrammingError,
     QueryTimeoutError,
     TransactionAbortedError,
     raise_translated,
@@ -42,6 +46,19 @@ Record = asyncpg.Record
 
 class _TimedOut(Exception):
     """A statement passed its deadline (raised in place of the clock's cancellation)."""
+
+
+_iterators_read: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _read_once(records: Iterable[Any] | AsyncIterable[Any]) -> None:
+    if records in _iterators_read:
+        raise ValueError(
+            "copy_records was given an iterator that an earlier attempt has read (a retry of"
+            " db.run): pass a list, or run it with retry=False"
+        )
+    with contextlib.suppress(TypeError):  # not weakly referable: cannot tell
+        _iterators_read.add(records)
 
 
 class Connection:
@@ -115,11 +132,21 @@ class Connection:
         slot = self._slot
         if slot is None:
             raise RuntimeError("this connection was already given back to the pool")
+        if slot.query_deadline:
+            # Sent now, the driver would refuse it and leave the connection in a state the
+            # next borrower trips on; its own error would not say why.
+            raise ProgrammingError(
+                "a statement is already running on this connection: one runs at a time"
+                " (for statements side by side, `pglayer.gather` with `db.read`/`db.run`)"
+            )
         now = time.monotonic()
         due = now + (self._pool.query_timeout if timeout is None else timeout)
         ctx = self._ctx
         if ctx is not None and ctx.deadline is not None and ctx.deadline < due:
             due = ctx.deadline
+        inner = context.current()  # `deadline()` may have narrowed it since the acquire
+        if inner is not ctx and inner is not None and inner.deadline is not None:
+            due = min(due, inner.deadline)
         if due <= now:
             raise _TimedOut("the deadline passed before the statement was sent")
         slot.query_deadline = due
@@ -155,6 +182,8 @@ class Connection:
         except Exception as exc:
             slot.query_deadline = 0.0
             translated = self._translate(exc)
+            if not isinstance(translated, PglayerError):
+                slot.unsure = True  # the driver failed in a way pglayer does not know
             if self._writes is not None and self._depth == 0 and outcome_unknown(translated):
                 self._writes.wrote = True  # a statement in autocommit that may have applied
             self._finished(query, time.monotonic() - started, translated)
@@ -208,12 +237,17 @@ class Connection:
     async def copy_records(
         self,
         table: str,
-        records: Iterable[Sequence[Any]],
+        records: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]],
         *,
         columns: Sequence[str],
         timeout: float | None = None,
     ) -> str:
-        """Bulk-load `records` into `table` with COPY."""
+        """Bulk-load `records` into `table` with COPY.
+
+        An iterator (a generator) is read once: given again, by a retry of `db.run` after it
+        was partly read, it is refused rather than loading what is left of it."""
+        if not isinstance(records, Sequence):
+            _read_once(records)
 
         async def copy(_statement: str) -> str:
             return await self.raw.copy_records_to_table(

@@ -109,9 +109,9 @@ _current: ContextVar[RequestContext | None] = ContextVar("pglayer_context", defa
 _OUTSIDE = RequestContext()
 
 
-def current() -> RequestContext | None:
-    """The context of the running task, or None outside any request or block."""
-    return _current.get()
+# The context of the running task, or None outside any request or block (the variable's own
+# method: every statement asks).
+current: Callable[[], RequestContext | None] = _current.get
 
 
 # Make a context current for this task, and undo it with the token (the per-request path;

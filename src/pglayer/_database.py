@@ -181,6 +181,7 @@ class Database:
         self.target = describe_target(self.settings.dsn())
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[None] | None = None  # while open() runs
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
         # `reads_read_only`: reads in a READ ONLY transaction; None, in autocommit.
@@ -256,6 +257,18 @@ class Database:
         """
         if self._pool is not None or self._opener is not None:
             return
+        if self._opening is not None:
+            # Opened by another caller at this moment: one pool, which it may fail to make.
+            await asyncio.shield(self._opening)
+            return await self.open(wait=wait)
+        self._opening = asyncio.get_running_loop().create_future()
+        try:
+            await self._open(wait)
+        finally:
+            self._opening.set_result(None)
+            self._opening = None
+
+    async def _open(self, wait: bool | None) -> None:
         if wait if wait is not None else self.settings.require_on_startup:
             try:
                 await self._open_with_retry(self.settings.startup_timeout)

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from typing import Any, NoReturn
 
 import asyncpg
+from asyncpg import connect_utils
 
 from pglayer._clock import Clock, clock
 from pglayer._errors import (
@@ -54,6 +55,7 @@ __all__ = ["Pool", "Slot"]
 
 _COOL_DOWN_FIRST = 0.05  # seconds callers leave the database alone after a failed connect
 _COOL_DOWN_MAX = 0.5
+_CANCEL_GRACE = 1.0  # seconds `close` waits for cancelled statements before terminating
 log = logging.getLogger("pglayer")
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -61,6 +63,22 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 _RESET_TIMEOUT = 5.0
 _MAINTENANCE_INTERVAL = 1.0
 _REFILL_BACKOFF_MAX = 5.0
+
+
+async def _cancel_on_server(raw: Any) -> None:
+    """Send the server a cancel request for `raw`'s running statement, and wait until sent.
+
+    asyncpg's own request, as it sends when a statement's task is cancelled; sent from here
+    because that one goes from a task of the connection's, which terminating the connection
+    cancels before it has reached the server (through PgBouncer too: it forwards it)."""
+    cancel: Any = connect_utils._cancel  # type: ignore[attr-defined]  # private, not typed
+    await cancel(
+        loop=asyncio.get_running_loop(),
+        addr=raw._addr,
+        params=raw._params,
+        backend_pid=raw._protocol.backend_pid,
+        backend_secret=raw._protocol.backend_secret,
+    )
 
 
 class Slot:
@@ -75,6 +93,7 @@ class Slot:
         "raw",
         "released_at",
         "timed_out",
+        "unsure",
     )
 
     def __init__(self, raw: asyncpg.Connection, answered: bool) -> None:
@@ -84,6 +103,7 @@ class Slot:
         self.query_deadline = 0.0
         self.query_task: asyncio.Task[Any] | None = None
         self.timed_out = False
+        self.unsure = False  # given back after an error the driver did not explain
         self.released_at = time.monotonic()
         self.gone = False
 
@@ -262,6 +282,7 @@ class Pool:
         self.observer = observer
         self._connect = connect
         self._slots: list[Slot] = []  # every open connection
+        self._orphans: list[Slot] = []  # lost while a statement ran on it, until it ends
         self._idle: deque[Slot] = deque()  # most recently used at the right
         self._size = 0  # open connections plus those being made
         # After a failed connect, callers do not try again for a moment (doubling to
@@ -353,17 +374,35 @@ class Pool:
                         self._drained.clear()
                         await self._drained.wait()
             except TimeoutError:
+                running = [slot for slot in self._slots if slot.query_deadline]
                 log.warning(
-                    "pool %s: connections still in use after %.1fs; terminating them",
+                    "pool %s: connections still in use after %.1fs; cancelling %d statement(s)"
+                    " on the server, then terminating them",
                     self.name,
                     timeout,
+                    len(running),
                 )
+                await self._cancel_running(running)
         for slot in list(self._slots):
             slot.raw.terminate()
         for task in list(self._background):
             task.cancel()
         if self._clock is not None:
             self._clock.unsubscribe(self._tick)
+
+    async def _cancel_running(self, running: list[Slot]) -> None:
+        """Cancel `running` statements on the server and wait a moment for them to end: a
+        terminated connection alone leaves its statement running there (PostgreSQL notices
+        a vanished client only when it next writes to it; behind PgBouncer, never)."""
+        assert self._drained is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CANCEL_GRACE):
+                await asyncio.gather(
+                    *(_cancel_on_server(slot.raw) for slot in running), return_exceptions=True
+                )
+                while self._in_use:  # each statement ends with 57014, its connection back
+                    self._drained.clear()
+                    await self._drained.wait()
 
     # -- lending ---------------------------------------------------------------------
 
@@ -447,11 +486,10 @@ class Pool:
                     PoolTimeoutError("the request deadline passed before a connection was free")
                 )
             wait = min(wait, left)
+        grown = None
         if self._size < self.max_size and not self._waiting and lane.in_use < lane.cap:
-            slot = await self._grow_for_caller(wait)
-            self._lend(slot, lane)
-        else:
-            slot = await self._wait_in_line(lane, started, wait, bound)
+            grown = await self._grow_for_caller(lane, wait)
+        slot = grown or await self._wait_in_line(lane, started, wait, bound)
         self.observer.acquired(time.monotonic() - started)
         assert self._clock is not None
         self._clock.wake()
@@ -467,20 +505,32 @@ class Pool:
             )
         return None
 
-    async def _grow_for_caller(self, wait: float) -> Slot:
+    async def _grow_for_caller(self, lane: Lane, wait: float) -> Slot | None:
+        """A new connection lent to `lane`; None when the caller should wait in line for one
+        of those open instead (a connect refused or cooling down while others are open: a
+        server at its connection limit, say)."""
         cooling = self._cooling_down()
         if cooling is not None:
+            if self._size and not self._unreachable:
+                return None
             raise self._refused(cooling)
         self._size += 1
+        lane.in_use += 1  # while it connects: callers growing at once see the lane's cap
         try:
-            return await self._new_slot(min(wait, self.connect_timeout))
+            slot = await self._new_slot(min(wait, self.connect_timeout))
         except BaseException as exc:
             self._size -= 1
-            if isinstance(exc, PglayerError):
-                self.observer.acquire_failed(exc)
-                if not self._size:
-                    self._fail_waiters(exc)  # see `_connect_for_waiters`
+            lane.in_use -= 1
+            if not isinstance(exc, PglayerError):
+                raise
+            if self._size and not self._unreachable:
+                return None
+            self.observer.acquire_failed(exc)
+            self._fail_waiters(exc)  # nothing open to wait for: see `_connect_for_waiters`
             raise
+        slot.lane = lane
+        self._in_use += 1
+        return slot
 
     def predicted_wait(self, lane: Lane, coming: int = 0) -> float:
         """How long a newcomer to `lane` would wait: the waiters ahead of it (and `coming`),
@@ -648,6 +698,10 @@ class Pool:
         samples = lane.samples
         lane.hold += (held - lane.hold) * (1 / samples if samples < _MEAN_OF else _HOLD_WEIGHT)
         self.observer.released(held)
+        if slot.query_deadline or slot.unsure:
+            # A statement still running on it (its holder left without waiting for it), or
+            # the driver's state unknown: checked before it is lent again (see `_reset`).
+            suspect, slot.unsure = True, False
         self._give_back(slot, suspect)
 
     def _return_unused(self, slot: Slot) -> None:
@@ -830,6 +884,10 @@ class Pool:
             self._slots.remove(slot)
         with contextlib.suppress(ValueError):
             self._idle.remove(slot)
+        if slot.query_deadline:
+            # Lost under a running statement that may never end by itself (asyncpg's COPY
+            # waits on for ever): its deadline is still kept, by the clock.
+            self._orphans.append(slot)
         if not self._waiting or self.closed:
             return
         if self._cooling_down() is None:
@@ -918,9 +976,19 @@ class Pool:
             due = slot.query_deadline
             if due and due <= now:
                 slot.expire()
+        if self._orphans:
+            self._orphans = [slot for slot in self._orphans if not self._expired(slot, now)]
         if now - self._measured_at >= _RATE_INTERVAL:
             self._measure(now)
         return bool(self._in_use or self._waiting or paced)
+
+    @staticmethod
+    def _expired(slot: Slot, now: float) -> bool:
+        """Whether an orphan's statement has ended, or is now made to (its deadline)."""
+        due = slot.query_deadline
+        if due and due <= now:
+            slot.expire()
+        return not slot.query_deadline
 
     def _measure(self, now: float) -> None:
         """Each lane's rate of releases, a moving average over intervals of ~0.1 s."""

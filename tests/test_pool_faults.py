@@ -1,0 +1,175 @@
+"""The pool and its connections under faults and misuse: lost connections mid-statement,
+bulkheads while the pool grows, a server at its connection limit, concurrent opens, a
+close that cuts statements short, and two statements at once on one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from pglayer import (
+    Database,
+    PglayerError,
+    ProgrammingError,
+    QueryTimeoutError,
+    deadline,
+)
+from tests.conftest import Server, backends, settings_for, wait_for
+
+
+async def test_a_copy_whose_connection_is_killed_ends_by_its_deadline(
+    db: Database, admin: asyncpg.Connection[Any]
+) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE loaded (a int, b text)"))
+
+    async def rows() -> AsyncIterator[tuple[int, str]]:
+        for i in range(1000):
+            yield i, "x"
+        await asyncio.sleep(20)  # a slow source: the COPY waits on it when it is cut off
+        yield 1000, "x"
+
+    async def load() -> str:
+        async with db.connection() as conn:
+            return await conn.copy_records("loaded", rows(), columns=["a", "b"], timeout=2.0)
+
+    task = asyncio.create_task(load())
+    await asyncio.sleep(0.5)
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE query LIKE 'COPY%loaded%' AND pid <> pg_backend_pid()"
+    )
+    started = time.monotonic()
+    with pytest.raises(PglayerError):
+        await asyncio.wait_for(task, 10)  # asyncpg's COPY alone waited for ever
+    assert time.monotonic() - started < 3.0
+    assert db.stats().in_use == 0
+
+
+async def test_an_iterator_read_by_an_earlier_attempt_is_refused(db: Database) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE loaded (a int)"))
+    rows = ((i,) for i in range(10))
+    async with db.connection() as conn:
+        await conn.copy_records("loaded", rows, columns=["a"])
+        with pytest.raises(ValueError, match="earlier attempt"):
+            await conn.copy_records("loaded", rows, columns=["a"])  # as a retry would
+        assert await conn.fetchval("SELECT count(*) FROM loaded") == 10
+
+
+async def test_writes_stuck_on_a_lock_cannot_take_the_reads_share_while_the_pool_grows(
+    db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    settings = settings_for(db_url, min_size=0, max_size=8, acquire_timeout=1.0)
+    async with Database(settings) as db:
+        await db.run(lambda c: c.execute("CREATE TABLE hot (id int PRIMARY KEY, n int)"))
+        await db.run(lambda c: c.execute("INSERT INTO hot VALUES (1, 0)"))
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+        try:
+            await holder.execute("BEGIN; SELECT * FROM hot WHERE id = 1 FOR UPDATE")
+
+            async def write() -> None:
+                sql = "UPDATE hot SET n = n + 1 WHERE id = 1"
+                await db.run(lambda c: c.execute(sql), retry=False)
+
+            writes = [asyncio.create_task(write()) for _ in range(20)]
+            await asyncio.sleep(0.3)
+            cap = db.stats().bulkheads["write"]
+            assert cap.in_use <= cap.cap == 6, cap
+            assert await db.read(lambda c: c.fetchval("SELECT 1"), timeout=0.5) == 1
+        finally:
+            await holder.close()  # the lock goes: the writes finish
+        await asyncio.gather(*writes, return_exceptions=True)
+
+
+async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 2")
+    try:
+        parts = urlsplit(server.admin_url)
+        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+        async with Database(settings_for(url, min_size=0, max_size=4, acquire_timeout=5)) as db:
+            started = time.monotonic()
+            sleeps = [db.run(lambda c: c.execute("SELECT pg_sleep(0.5)")) for _ in range(4)]
+            await asyncio.gather(*sleeps)  # two at a time: 53300 for the others' connects
+            assert 0.9 < time.monotonic() - started < 4.0
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await admin.execute(f"DROP ROLE {role}")
+
+
+async def test_two_opens_at_once_make_one_pool(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    db = Database(settings_for(db_url, min_size=3))
+    await asyncio.gather(db.open(), db.open())
+    try:
+        assert len(await backends(admin, db_name)) == db.stats().size == 3
+    finally:
+        await db.close()
+
+    async def none_left() -> bool:
+        return not await backends(admin, db_name)
+
+    assert await wait_for(none_left)
+
+
+async def test_close_cancels_the_statements_it_cuts_short_on_the_server(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # As behind PgBouncer, which drops this startup setting: the server would not notice.
+    db = Database(settings_for(db_url, query_timeout=60, client_connection_check_interval=0))
+    await db.open()
+    sleeping = asyncio.create_task(db.run(lambda c: c.execute("SELECT pg_sleep(30)")))
+    await asyncio.sleep(0.3)
+    await db.close(timeout=0.2)
+    with pytest.raises(PglayerError):
+        await sleeping
+
+    async def not_running() -> bool:
+        rows = await backends(admin, db_name)
+        return not [r for r in rows if "pg_sleep" in (r["query"] or "")]
+
+    assert await wait_for(not_running, timeout=1.5)  # else it sleeps on for 30 s
+
+
+async def test_a_deadline_entered_after_the_acquire_bounds_the_statements(db: Database) -> None:
+    async with db.connection() as conn:
+        started = time.monotonic()
+        with deadline(0.3), pytest.raises(QueryTimeoutError):
+            await conn.fetchval("SELECT pg_sleep(3)")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_second_statement_at_once_on_one_connection_is_refused_and_harms_nothing(
+    db: Database,
+) -> None:
+    async with db.connection() as conn:
+        slow = asyncio.create_task(conn.fetchval("SELECT pg_sleep(0.3)"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ProgrammingError, match="one runs at a time"):
+            await conn.fetchval("SELECT 1")
+        await slow
+    answers = [await db.run(lambda c: c.fetchval("SELECT 2")) for _ in range(6)]
+    assert answers == [2] * 6
+
+
+async def test_a_connection_left_with_a_statement_running_is_not_lent_as_it_is(
+    db: Database,
+) -> None:
+    async with db.connection() as conn:
+        orphan = asyncio.create_task(conn.fetchval("SELECT pg_sleep(0.5)"))
+        await asyncio.sleep(0.05)
+    # Its holder left without waiting for the statement: the next borrowers are unharmed.
+    answers = [await db.run(lambda c: c.fetchval("SELECT 3")) for _ in range(6)]
+    assert answers == [3] * 6
+    await asyncio.gather(orphan, return_exceptions=True)
