@@ -16,6 +16,7 @@ import pytest
 
 from pglayer import (
     Database,
+    DatabaseUnavailableError,
     PglayerError,
     ProgrammingError,
     QueryTimeoutError,
@@ -173,3 +174,13 @@ async def test_a_connection_left_with_a_statement_running_is_not_lent_as_it_is(
     answers = [await db.run(lambda c: c.fetchval("SELECT 3")) for _ in range(6)]
     assert answers == [3] * 6
     await asyncio.gather(orphan, return_exceptions=True)
+
+
+async def test_a_database_never_opened_or_closed_says_so(db_url: str) -> None:
+    db = Database(settings_for(db_url))
+    with pytest.raises(DatabaseUnavailableError, match=r"not open: `await db.open\(\)`"):
+        await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+    async with db:
+        assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+    with pytest.raises(DatabaseUnavailableError, match="was closed"):
+        await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)

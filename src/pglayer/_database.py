@@ -182,6 +182,7 @@ class Database:
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
+        self._state = "new"  # then "opened", "closed"
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
         # `reads_read_only`: reads in a READ ONLY transaction; None, in autocommit.
@@ -262,6 +263,7 @@ class Database:
             await asyncio.shield(self._opening)
             return await self.open(wait=wait)
         self._opening = asyncio.get_running_loop().create_future()
+        self._state = "opened"
         try:
             await self._open(wait)
         finally:
@@ -481,6 +483,8 @@ class Database:
 
     async def close(self, timeout: float | None = None) -> None:
         """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
+        if self._state == "opened":
+            self._state = "closed"
         if self.replicas is not None:
             await self.replicas.close(timeout)
         if self._opener is not None:
@@ -496,7 +500,16 @@ class Database:
     # -- running work ----------------------------------------------------------------
 
     def _unavailable(self) -> DatabaseUnavailableError:
-        error = DatabaseUnavailableError()
+        if self._opening is None and self._opener is None and self._state != "opened":
+            # A programming slip more often than an outage: say what to do.
+            error = DatabaseUnavailableError(
+                "the database was closed"
+                if self._state == "closed"
+                else "the database is not open: `await db.open()` (or `async with db`) first;"
+                " in an app, `setup(app, db)` opens it with the app's lifespan"
+            )
+        else:
+            error = DatabaseUnavailableError()
         self._observer.acquire_failed(error)
         return error
 
