@@ -569,6 +569,36 @@ async def test_reads_on_a_replica_that_stops_answering_move_to_the_primary_at_on
         assert await in_rotation(db, timeout=20)
 
 
+async def test_reads_connecting_to_a_replica_that_stops_answering_move_to_the_primary(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # Its pool has one connection open: the other readers each connect, and those connects
+    # hang; they are given up with the replica, not waited out (8 s here: the connect and
+    # acquire deadlines).
+    settings = replicated_settings(
+        primary,
+        standby,
+        replica_max_lag=600,
+        min_size=1,
+        max_size=8,
+        connect_timeout=8.0,
+        acquire_timeout=8.0,
+    )
+    async with Database(settings) as db:
+        assert await in_rotation(db, timeout=10)
+        loop = asyncio.get_running_loop()
+
+        async def read() -> float:
+            started = loop.time()
+            assert await db.read(lambda c: c.fetchval("SELECT 1 FROM pg_sleep(0.5)")) == 1
+            return loop.time() - started
+
+        with frozen(standby):
+            took = await asyncio.gather(*(read() for _ in range(6)))
+        assert max(took) < 5, took
+        assert await in_rotation(db, timeout=20)
+
+
 async def test_a_standby_restarted_while_the_primary_is_idle_is_back_in_rotation(
     primary: EmbeddedPostgres, standby: EmbeddedPostgres
 ) -> None:

@@ -65,6 +65,17 @@ _MAINTENANCE_INTERVAL = 1.0
 _REFILL_BACKOFF_MAX = 5.0
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _terminate_late(connecting: asyncio.Future[Any]) -> None:
+    """A connect given up on that succeeded anyway: nobody will use it."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().terminate()
+
+
 async def _cancel_on_server(raw: Any) -> None:
     """Send the server a cancel request for `raw`'s running statement, and wait until sent.
 
@@ -283,6 +294,7 @@ class Pool:
         self._connect = connect
         self._slots: list[Slot] = []  # every open connection
         self._orphans: list[Slot] = []  # lost while a statement ran on it, until it ends
+        self._connecting: set[asyncio.Future[asyncpg.Connection]] = set()
         self._idle: deque[Slot] = deque()  # most recently used at the right
         self._size = 0  # open connections plus those being made
         # After a failed connect, callers do not try again for a moment (doubling to
@@ -794,8 +806,11 @@ class Pool:
         self._unreachable = False
 
     def abandon(self) -> None:
-        """Fail the waiters and close every connection, in use too (see `Database.abandon`)."""
+        """Fail the waiters and the connects under way, and close every connection, in use
+        too (see `Database.abandon`)."""
         self._fail_waiters(DatabaseUnavailableError("the server stopped answering"))
+        for connecting in list(self._connecting):
+            connecting.cancel()
         for slot in list(self._slots):
             slot.raw.terminate()
 
@@ -812,7 +827,7 @@ class Pool:
     async def _new_slot(self, timeout: float | None = None) -> Slot:
         """Connect (the caller has already counted it in `_size`)."""
         try:
-            raw = await asyncio.wait_for(self._connect(), timeout or self.connect_timeout)
+            raw = await self._connect_abandonable(timeout or self.connect_timeout)
         except Exception as exc:
             self._connect_failed()
             error = translate(exc)
@@ -836,6 +851,23 @@ class Pool:
         self._slots.append(slot)
         self.observer.connection_opened()
         return slot
+
+    async def _connect_abandonable(self, timeout: float) -> asyncpg.Connection:
+        """`_connect()` within `timeout`, cut short by `abandon()` (a server that stopped
+        answering: those connecting would otherwise wait out the connect timeout)."""
+        connecting: asyncio.Future[asyncpg.Connection] = asyncio.ensure_future(self._connect())
+        self._connecting.add(connecting)
+        try:
+            return await asyncio.wait_for(asyncio.shield(connecting), timeout)
+        except asyncio.CancelledError:
+            if connecting.cancelled() and not _being_cancelled():
+                raise DatabaseUnavailableError("the server stopped answering") from None
+            raise
+        finally:
+            self._connecting.discard(connecting)
+            if not connecting.done():
+                connecting.cancel()
+                connecting.add_done_callback(_terminate_late)
 
     def _connect_failed(self) -> None:
         self.observer.connection_failed()
