@@ -26,7 +26,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -354,7 +354,7 @@ class Database:
 
     async def _open_with_retry(self, deadline: float) -> None:
         async for attempt in AsyncRetrying(
-            stop=stop_after_delay(deadline),
+            stop=stop_before_delay(deadline),  # no sleep that ends past it
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TransientError),
             before_sleep=self._say_retrying(deadline) if deadline != float("inf") else None,
