@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pglayer._clock import loop_lag
 from pglayer._context import RequestContext
 from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
+from pglayer._logs import Throttle, left_out
 
 __all__ = [
     "BulkheadStats",
@@ -425,6 +426,7 @@ class RequestStats:
 
 
 log = logging.getLogger("pglayer")
+_HOOK_FAILED = Throttle()
 slow_log = logging.getLogger("pglayer.slow_query")
 
 _MAX_LOGGED_STATEMENT = 2000
@@ -460,7 +462,12 @@ class Observer:
             try:
                 hook(event)
             except Exception:
-                log.exception("instrumentation hook %r failed; ignored", hook)
+                # Once a second per hook: a broken hook fails on every event alike.
+                count = _HOOK_FAILED.allow(id(hook))
+                if count is not None:
+                    log.exception(
+                        "instrumentation hook %r failed; ignored%s", hook, left_out(count)
+                    )
 
     def _pool_event(self, kind: PoolEventKind, seconds: float | None = None) -> None:
         if self.hooks:
