@@ -397,6 +397,8 @@ class Pool:
                 await self._cancel_running(running)
         for slot in list(self._slots):
             slot.raw.terminate()
+        for slot in self._orphans:  # the clock stops now: their deadlines are kept here
+            slot.expire()
         for task in list(self._background):
             task.cancel()
         if self._clock is not None:
