@@ -12,12 +12,12 @@ from typing import Annotated, Any
 import httpx
 import orjson
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pglayer import (
     ConfigurationError,
@@ -65,17 +65,38 @@ def durations(app: FastAPI, route: str) -> list[float]:
     return [s.duration.total for s in stats.snapshot() if s.route == route]
 
 
+async def _audit(conn: LateSerializable) -> None:
+    pass
+
+
+@pytest.mark.parametrize("where", ["route", "router dependencies", "mounted app"])
 async def test_a_transaction_dependency_in_fastapis_default_scope_refuses_to_start(
-    db: Database,
+    db: Database, where: str
 ) -> None:
     # FastAPI's default scope ends the dependency after the response: a 2xx, then COMMIT.
     app = app_of(db)
+    router = APIRouter()
 
-    @app.post("/notes")
+    @router.post("/notes")
     async def add(conn: LateSerializable) -> None:
         pass
 
-    with pytest.raises(ConfigurationError, match=r'/notes \(conn\).*scope="function"'):
+    @router.post("/audited")
+    async def audited() -> None:
+        pass
+
+    if where == "route":
+        app.include_router(router, prefix="/api")
+        expected = r"/api/notes \(conn\)"
+    elif where == "router dependencies":
+        app.include_router(router, prefix="/api", dependencies=[Depends(_audit)])
+        expected = r"/api/audited \(conn, of its router\)"
+    else:
+        sub = app_of(db)
+        sub.include_router(router)
+        app.mount("/sub", sub)  # its own lifespan never runs: the outer one's checks it
+        expected = r"/sub/notes \(conn\)"
+    with pytest.raises(ConfigurationError, match=expected + '.*scope="function"'):
         async with app.router.lifespan_context(app):
             pass
 
@@ -183,16 +204,40 @@ async def test_a_mounted_app_is_guarded_once_and_labelled_by_its_full_path(
     app, sub = app_of(db), app_of(db)
     setattr(app.state, STATS_KEY, RequestStats())
 
-    @sub.get("/count")
+    router = APIRouter()
+
+    @router.get("/count")
     async def count(database: Db) -> int:
         return int(await database.run(lambda c: c.fetchval("SELECT 3")))
 
+    sub.include_router(router, prefix="/inc")
     app.mount("/sub", sub)
     async with app.router.lifespan_context(app), asgi_client(app) as client:
-        response = await client.get("/sub/count")
+        response = await client.get("/sub/inc/count")
+        await client.get("/sub/nothing/here")
     assert response.json() == 3
     assert len(response.headers.get_list("x-request-id")) == 1
-    assert len(durations(app, "/sub/count")) == 1
+    assert len(durations(app, "/sub/inc/count")) == 1  # the mount's and the router's prefix
+    assert len(durations(app, "unmatched")) == 1
+
+
+async def test_routes_of_a_router_included_twice_are_labelled_by_their_prefixes(
+    db: Database,
+) -> None:
+    app = app_of(db)
+    setattr(app.state, STATS_KEY, RequestStats())
+    router = APIRouter()
+
+    @router.get("/thing/{tid}")
+    async def thing(tid: int) -> int:
+        return tid
+
+    app.include_router(router, prefix="/a")
+    app.include_router(router, prefix="/b")
+    async with asgi_client(app) as client:
+        await client.get("/a/thing/1")
+        await client.get("/b/thing/2")
+    assert len(durations(app, "/a/thing/{tid}")) == len(durations(app, "/b/thing/{tid}")) == 1
 
 
 async def test_an_error_of_background_work_is_logged_once_as_itself(
@@ -212,7 +257,7 @@ async def test_an_error_of_background_work_is_logged_once_as_itself(
         assert (await client.post("/later")).status_code == 202
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
-    assert "ProgrammingError after the response was sent" in errors[0]
+    assert "ProgrammingError after its response was complete" in errors[0]
 
 
 async def test_a_stream_that_fails_midway_is_cut_short_and_logged_once(
@@ -290,3 +335,96 @@ async def test_an_http_exception_keeps_its_structured_detail_and_gets_a_code(
         problem = (await client.get("/limited")).json()
     assert problem["code"] == "too_many_requests"
     assert orjson.loads(problem["detail"]) == {"field": "name", "why": "taken"}
+
+
+async def test_a_database_error_before_a_websocket_is_accepted_is_an_http_problem(
+    db: Database,
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        raise ConnectionLostError()  # as a connection dependency fails, before accept
+
+    async with running(app) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{server.port}/ws")
+    response = refused.value.response
+    assert response.status_code == 503  # not uvicorn's 403: the client may retry
+    assert response.headers["retry-after"]
+
+
+async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        raise RuntimeError("a bug")
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011  # not 1006, the connection dropped
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said == ["websocket /ws -> closed, 500 internal (RuntimeError)"], said
+
+
+async def test_a_commit_that_fails_after_its_websocket_closed_is_logged(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, conn: WriteTransaction) -> None:
+        await websocket.accept()
+        await conn.execute(
+            "CREATE TEMP TABLE d (x int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP;"
+            " INSERT INTO d VALUES (1), (1)"
+        )
+        await websocket.close()  # then the dependency commits, and COMMIT fails
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        with pytest.raises(ConnectionClosed):
+            await ws_.recv()
+        await asyncio.sleep(0.2)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("already closed: lost" in m and "UniqueViolationError" in m for m in said), said
+
+
+async def test_a_405_inside_a_mounted_app_lists_its_own_methods(db: Database) -> None:
+    app, sub = app_of(db), app_of(db)
+
+    @sub.get("/items/{n}")
+    async def item(n: int) -> int:
+        return n
+
+    app.mount("/sub", sub)
+    async with asgi_client(app) as client:
+        response = await client.delete("/sub/items/1")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+async def test_the_apps_own_500_handler_is_not_taken_for_work_after_the_response(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+
+    @app.exception_handler(Exception)
+    async def mine(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"own500": True}, status_code=500)
+
+    setup(app, db)
+
+    @app.get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    async with asgi_client(app) as client:
+        response = await client.get("/crash")
+    assert (response.status_code, response.json()) == (500, {"own500": True})
+    assert not [r for r in caplog.records if "background work" in r.getMessage()]

@@ -514,3 +514,37 @@ def test_a_request_cancelled_at_shutdown_is_one_line_not_a_traceback() -> None:
     assert _AnsweredHere().filter(record)
     assert record.getMessage() == "a request was cancelled: the shutdown's grace ran out"
     assert (record.exc_info, record.levelname) == (None, "WARNING")
+
+
+class _Door:
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, bytes, int]] = []
+
+    def allowed(self, url: bytes) -> str:
+        return "GET, HEAD" if url.startswith(b"/users/") else ""
+
+    def account_refused(self, method: bytes, url: bytes, status: int, *_: object) -> None:
+        self.got.append((method, url, status))
+
+
+def _refusing(read: bytes) -> tuple[BoundedHttpToolsProtocol, _Door]:
+    protocol = BoundedHttpToolsProtocol.__new__(BoundedHttpToolsProtocol)
+    door = _Door()
+    protocol._door, protocol._last_read = door, read
+    return protocol, door
+
+
+def test_an_unknown_method_is_accounted_with_its_path() -> None:
+    protocol, door = _refusing(b"FOO /users/1 HTTP/1.1\r\nHost: s\r\n\r\n")
+    head, _ = protocol._unknown_method(4)
+    assert head.startswith(b"HTTP/1.1 405 ")
+    protocol._account(405, "id")
+    assert door.got == [(b"FOO", b"/users/1", 405)]
+
+
+def test_an_unknown_method_pipelined_behind_a_request_gets_no_other_paths_allow() -> None:
+    # The read begins with the request the parser took; the refused one's target is not
+    # at hand, so the answer names no methods rather than the first request's.
+    protocol, _ = _refusing(b"GET /users/1 HTTP/1.1\r\nHost: s\r\n\r\nFOO /x HTTP/1.1\r\n\r\n")
+    head, _ = protocol._unknown_method(4)
+    assert head.startswith(b"HTTP/1.1 501 ")

@@ -100,9 +100,20 @@ class RequestContext:
     def operation_name(self) -> str:
         name = self.operation
         if name is None:
-            route = None if self.scope is None else self.scope.get("route")
-            return getattr(route, "path", None) or "-"
+            return (None if self.scope is None else route_path(self.scope)) or "-"
         return name if isinstance(name, str) else name()
+
+
+def route_path(scope: MutableMapping[str, Any]) -> str | None:
+    """The template of the route `scope` was routed to, prefixes included (None before)."""
+    included = scope.get("fastapi")
+    if included:
+        # FastAPI's routers, included lazily: `route` is the router's own (no prefix); the
+        # route as included, with the prefixes it was included under, is here.
+        effective = included.get("effective_route_context")
+        if effective is not None:
+            return getattr(effective, "path_format", None) or None
+    return getattr(scope.get("route"), "path", None)
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("pglayer_context", default=None)

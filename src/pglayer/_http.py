@@ -220,6 +220,10 @@ _METHOD_NOT_IMPLEMENTED = _problem(
 
 
 _NO_ROUTE = _problem(404, "Not Found", "not_found", "No route has this path.")
+_PARSED_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT")
+)
+_MAX_LOGGED_TARGET = 2048  # bytes of an unknown method's target kept (the log cuts further)
 
 
 @functools.lru_cache(maxsize=64)
@@ -258,6 +262,8 @@ def _quiet_uvicorn() -> None:
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` with the bounds of `ServerSettings` (see the module docstring)."""
+
+    _unknown_line: tuple[bytes, bytes] | None = None  # method and target the parser refused
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -500,7 +506,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """A method the parser does not know is one the path does not support: 405 with the
         methods it does (404 for a path the app has no route for), as the app answers
         any other; 501 where no pglayer app can say."""
-        target = self._last_read[target_at:].split(b" ", 1)[0]
+        method = self._last_read[: target_at - 1]
+        if method in _PARSED_METHODS:
+            # A request the parser took came first in this read: the unknown method is in
+            # one pipelined behind it, whose target is not at hand here.
+            return _METHOD_NOT_IMPLEMENTED
+        target = self._last_read[target_at:].split(b" ", 1)[0][:_MAX_LOGGED_TARGET]
+        self._unknown_line = (method[:64], target)
         door = self._door or _front_door(self.app)
         allow = door.allowed(target) if door is not None and target[:1] == b"/" else None
         if allow is None:
@@ -591,6 +603,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Count and log the refusal as the app's own requests are (metrics, access log)."""
         door = self._door or _front_door(self.app)
         if door is None:
+            return
+        if self._unknown_line is not None:  # a method the parser does not know: its line
+            door.account_refused(*self._unknown_line, status, request_id, seconds)
             return
         url: bytes = getattr(self, "url", b"")  # none before the first request began
         # The parser says DELETE (method 0) for a request line it could not read: the

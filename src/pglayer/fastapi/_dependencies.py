@@ -112,7 +112,7 @@ def late_commits(dependant: Any) -> Iterator[str]:
     response (without `scope="function"`)."""
     for sub in dependant.dependencies:
         if getattr(sub.call, "pglayer_commits", False) and sub.scope != "function":
-            yield sub.name or "?"
+            yield sub.name or "transaction_dependency()"  # `dependencies=[...]`: unnamed
         yield from late_commits(sub)
 
 

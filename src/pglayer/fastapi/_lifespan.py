@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.utils import get_dependant
 from fastapi.routing import APIRoute
+from starlette.routing import Mount
 from starlette.types import ASGIApp
 
 from pglayer._database import Database
@@ -89,15 +91,30 @@ def _refuse_late_commits(app: Any) -> None:
         )
 
 
-def _late_commits(routes: Iterable[Any], prefix: str) -> Iterator[str]:
+def _late_commits(routes: Iterable[Any], prefix: str, outer: Sequence[Any] = ()) -> Iterator[str]:
+    """Routes (with their prefixes) whose transaction dependencies would commit late: their
+    own, their routers' (`include_router(..., dependencies=...)`, in `outer`), and those of
+    apps mounted in them (whose own lifespans Starlette never runs)."""
     for route in routes:
         included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
         if included is not None:
-            more = getattr(getattr(route, "include_context", None), "prefix", "")
-            yield from _late_commits(included.routes, prefix + more)
+            context = getattr(route, "include_context", None)
+            more = getattr(context, "prefix", "")
+            deps = [*outer, *getattr(context, "dependencies", ())]
+            yield from _late_commits(included.routes, prefix + more, deps)
+        elif isinstance(route, Mount):
+            yield from _late_commits(getattr(route.app, "routes", ()), prefix + route.path)
         elif getattr(route, "dependant", None) is not None:
+            path = f"{prefix}{route.path}"
+            for depends in outer:
+                call = depends.dependency
+                if getattr(call, "pglayer_commits", False) and depends.scope != "function":
+                    yield f"{path} ({getattr(call, '__name__', '?')}, of its router)"
+                elif call is not None:
+                    for name in late_commits(get_dependant(path=path, call=call)):
+                        yield f"{path} ({name}, of its router)"
             for name in late_commits(route.dependant):
-                yield f"{prefix}{route.path} ({name})"
+                yield f"{path} ({name})"
 
 
 def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:

@@ -25,6 +25,7 @@ It owns what every request needs from pglayer, with one `send` wrapper and one t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -49,10 +50,11 @@ from pglayer._context import (
     current_request_id,
     id_counter,
     new_request_id,
+    route_path,
 )
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
-from pglayer._logs import AccessLog, escape
+from pglayer._logs import AccessLog, Throttle, escape, left_out
 from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
     EXCHANGE_KEY,
@@ -80,6 +82,7 @@ _POLL_EVERY = 5  # ticks: slow requests are checked for a disconnect every 50 ms
 # be thousands a second, written with the CPU the served requests need. The first refusal of
 # each such interval is logged as usual, the rest counted and summed up in one line after it.
 REFUSALS_LOGGED_EVERY = 1.0  # seconds
+_LATE = Throttle()  # errors after a response started
 
 
 # The route label of a request answered before routing (a refusal at the door while the
@@ -107,7 +110,7 @@ def _path(url: bytes) -> str:
 def route_template(scope: Scope) -> str:
     """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
-    return getattr(scope.get("route"), "path", None) or "unmatched"
+    return route_path(scope) or "unmatched"
 
 
 Reply = tuple[int, tuple[tuple[bytes, bytes], ...], bytes]  # status, headers, body
@@ -365,7 +368,10 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or EXCHANGE_KEY in scope:
             # Not HTTP, or a mounted app's guard under its outer app's: that one does it all.
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         ex = _Exchange(scope, receive, send, time.monotonic())
         ex.root = scope.get("root_path", "")
@@ -425,6 +431,23 @@ class RequestGuard:
             scope.pop(EXCHANGE_KEY, None)  # a cycle otherwise, through uvicorn's request cycle
             self._account(scope, ex)
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket's error that no handler took: said once, the socket closed with 1011
+        (uvicorn would log a traceback and drop the connection: 1006 to the client)."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:
+            count = _LATE.allow((type(exc), "websocket"))
+            if count is not None:
+                log.exception(
+                    "websocket %s -> closed, 500 internal (%s)%s",
+                    escape(scope.get("path", "")),
+                    type(exc).__name__,
+                    left_out(count),
+                )
+            with contextlib.suppress(Exception):  # closed already, or the client left
+                await send({"type": "websocket.close", "code": 1011, "reason": "internal"})
+
     @staticmethod
     def _after_start(scope: Scope, ex: _Exchange, exc: Exception) -> None:
         """An error once the response had started, said here once (the app's handler for
@@ -445,16 +468,22 @@ class RequestGuard:
                 escape(str(cause)),
             )
         else:
-            log.error(
-                "%s: %s %s (request_id=%s)",
-                where,
-                type(cause).__name__,
-                "after the response was sent (background work)"
-                if ex.completed
-                else "while the response was being sent: cut short",
-                ex.request_id,
-                exc_info=cause,
-            )
+            # Once a second per kind: unlike a 500, no client holds this line's request id,
+            # and under an outage every request's background work fails alike.
+            count = _LATE.allow((type(cause), ex.completed))
+            if count is not None:
+                log.error(
+                    "%s: %s %s (request_id=%s)%s",
+                    where,
+                    type(cause).__name__,
+                    "after its response was complete (background work, or a stream a"
+                    " middleware completed)"
+                    if ex.completed
+                    else "while the response was being sent: cut short",
+                    ex.request_id,
+                    left_out(count),
+                    exc_info=cause,
+                )
         if ex.completed:
             return
         if ex.cycle is None:
@@ -632,8 +661,8 @@ class RequestGuard:
         seconds = (ex.ended or time.monotonic()) - ex.started
         route = route_template(scope)
         root = scope.get("root_path", "")
-        if root != ex.root:  # routed inside a mounted app: its routes are relative to it
-            route = root[len(ex.root) :] + route
+        if root != ex.root and route != "unmatched":
+            route = root[len(ex.root) :] + route  # a mounted app's routes are relative to it
         method = "HEAD" if ex.head else scope["method"]
         status, request_id = ex.status, ex.request_id
         if not status:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import re
@@ -18,10 +19,12 @@ from fastapi.exception_handlers import (
 )
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Host, Match, Mount
 from starlette.types import Scope
+from starlette.websockets import WebSocketState
 
 from pglayer._errors import (
     CheckViolationError,
@@ -403,22 +406,33 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 
 
 def allowed_methods(scope: Scope) -> str:
-    """`Allow` for the request's path: every method of every route that matches it."""
-    methods: set[str] = set()
-    for route in getattr(scope.get("router"), "routes", ()):
-        route_methods = getattr(route, "methods", None)
-        if route_methods:
-            if route.matches(scope)[0] is not Match.NONE:
-                methods |= route_methods
-        elif not isinstance(route, Mount | Host) and route.matches(scope)[0] is not Match.NONE:
-            # A group of routes (FastAPI keeps an included router as one): asked per method.
-            for method in _METHOD_ORDER:
-                if route.matches({**scope, "method": method})[0] is Match.FULL:
-                    methods.add(method)
+    """`Allow` for the request's path: every method of every route that matches it (in the
+    app that routed it: a mounted app's own)."""
+    router = getattr(scope.get("app"), "router", None) or scope.get("router")
+    methods = _methods_of(getattr(router, "routes", ()), scope)
     if "GET" in methods:
         methods.add("HEAD")  # answered by `RequestGuard` wherever GET is
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
     return ", ".join(sorted(methods, key=lambda m: (order.get(m, len(order)), m)))
+
+
+def _methods_of(routes: Iterable[Any], scope: Scope) -> set[str]:
+    methods: set[str] = set()
+    for route in routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods:
+            if route.matches(scope)[0] is not Match.NONE:
+                methods |= route_methods
+        elif isinstance(route, Mount):
+            match, child = route.matches(scope)
+            if match is Match.FULL:  # an app mounted here: its own routes, under its prefix
+                methods |= _methods_of(route.routes, {**scope, **child})
+        elif not isinstance(route, Host) and route.matches(scope)[0] is not Match.NONE:
+            # A group of routes (FastAPI keeps an included router as one): asked per method.
+            for method in _METHOD_ORDER:
+                if route.matches({**scope, "method": method})[0] is Match.FULL:
+                    methods.add(method)
+    return methods
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
@@ -481,23 +495,37 @@ def _websocket_problem(exc: Exception) -> Problem:
 
 
 async def _close_websocket(websocket: WebSocket, exc: Exception) -> None:
-    """A WebSocket's error: no response can carry it, so the socket closes with a code that
-    says whether to try again (1013), the server failed (1011) or the request did (1008)."""
+    """A WebSocket's error: before the handshake is accepted, the problem as an HTTP
+    answer (where the server can send one); after, the socket closes with a code that says
+    whether to try again (1013), the server failed (1011) or the request did (1008)."""
     problem = _websocket_problem(exc)
+    state = websocket.application_state
+    closed = state == WebSocketState.DISCONNECTED  # its error came after (a failed COMMIT)
     status = problem.status
-    if status >= 500 and (status == 500 or _SAID.allow((status, problem.code, type(exc)))):
-        log.log(
-            logging.ERROR if status == 500 else logging.WARNING,
-            "websocket %s -> closed, %s %s (%s)",
-            escape(websocket.scope.get("path", "")),
-            status,
-            problem.code,
-            type(exc).__name__,
-            exc_info=exc if status == 500 else None,
-        )
-    code = 1013 if status in (503, 504) else 1011 if status >= 500 else 1008
-    with contextlib.suppress(Exception):  # already closed by the client
-        await websocket.close(code=code, reason=problem.code)
+    if status >= 500 or closed:
+        count = _SAID.allow((status, problem.code, type(exc), closed))
+        if count is not None or status == 500:
+            log.log(
+                logging.ERROR if status == 500 or closed else logging.WARNING,
+                "websocket %s -> %s, %s %s (%s)%s",
+                escape(websocket.scope.get("path", "")),
+                "already closed: lost" if closed else "closed",
+                status,
+                problem.code,
+                type(exc).__name__,
+                left_out(count or 0),
+                exc_info=exc if status == 500 or closed else None,
+            )
+    if closed:
+        return
+    with contextlib.suppress(Exception):  # the client left meanwhile
+        if state == WebSocketState.CONNECTING and "websocket.http.response" in (
+            websocket.scope.get("extensions") or {}
+        ):
+            await websocket.send_denial_response(problem_response(problem))
+        else:
+            code = 1013 if status in (503, 504) else 1011 if status >= 500 else 1008
+            await websocket.close(code=code, reason=problem.code)
 
 
 def _http_only(handler: Handler) -> Handler:
@@ -512,6 +540,22 @@ def _http_only(handler: Handler) -> Handler:
     return handle
 
 
+def _noting(own: Any) -> Any:
+    """The app's own handler for `Exception`, telling the request guard that it answered
+    (Starlette raises the error again after it: not to be taken for one after the answer)."""
+
+    async def handle(request: Request, exc: Exception) -> Any:
+        exchange = request.scope.get(EXCHANGE_KEY)
+        if exchange is not None and not exchange.status:
+            exchange.answered = exc
+        if inspect.iscoroutinefunction(own):
+            return await own(request, exc)
+        return await run_in_threadpool(own, request, exc)  # as Starlette runs a sync one
+
+    handle.pglayer_noted = True  # type: ignore[attr-defined]
+    return handle
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every error into a problem response, each unless the
     app has its own for that class already."""
@@ -523,6 +567,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         Exception: _on_unexpected,  # HTTP only: Starlette's ServerErrorMiddleware calls it
     }
     for cls, handler in handlers.items():
-        if app.exception_handlers.get(cls) in (None, *_FASTAPI_DEFAULTS):
+        own = app.exception_handlers.get(cls)
+        if own in (None, *_FASTAPI_DEFAULTS):
             chosen: Any = handler if cls is Exception else _http_only(handler)
             app.add_exception_handler(cls, chosen)
+        elif cls is Exception and not getattr(own, "pglayer_noted", False):
+            app.add_exception_handler(cls, _noting(own))
