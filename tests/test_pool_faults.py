@@ -5,9 +5,10 @@ close that cuts statements short, and two statements at once on one connection."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +16,8 @@ import asyncpg
 import pytest
 
 from pglayer import (
+    Connection,
+    ConnectionLostError,
     Database,
     DatabaseUnavailableError,
     PglayerError,
@@ -25,7 +28,7 @@ from pglayer import (
 from tests.conftest import Server, backends, settings_for, wait_for
 
 
-async def test_a_copy_whose_connection_is_killed_ends_by_its_deadline(
+async def test_a_copy_whose_connection_is_killed_ends_as_a_lost_connection(
     db: Database, admin: asyncpg.Connection[Any]
 ) -> None:
     await db.run(lambda c: c.execute("CREATE TABLE loaded (a int, b text)"))
@@ -47,10 +50,11 @@ async def test_a_copy_whose_connection_is_killed_ends_by_its_deadline(
         " WHERE query LIKE 'COPY%loaded%' AND pid <> pg_backend_pid()"
     )
     started = time.monotonic()
-    with pytest.raises(PglayerError):
+    with pytest.raises(PglayerError) as caught:
         await asyncio.wait_for(task, 10)  # asyncpg's COPY alone waited for ever
     assert time.monotonic() - started < 3.0
     assert db.stats().in_use == 0
+    assert isinstance(caught.value, ConnectionLostError)  # not a timeout: db.run retries it
 
 
 async def test_an_iterator_read_by_an_earlier_attempt_is_refused(db: Database) -> None:
@@ -96,11 +100,18 @@ async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
     try:
         parts = urlsplit(server.admin_url)
         url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
-        async with Database(settings_for(url, min_size=0, max_size=4, acquire_timeout=5)) as db:
+        settings = settings_for(url, min_size=1, max_size=5, acquire_timeout=5)
+        async with Database(settings) as db:
             started = time.monotonic()
-            sleeps = [db.run(lambda c: c.execute("SELECT pg_sleep(0.5)")) for _ in range(4)]
-            await asyncio.gather(*sleeps)  # two at a time: 53300 for the others' connects
-            assert 0.9 < time.monotonic() - started < 4.0
+
+            async def hold() -> None:
+                async with db.connection() as conn:
+                    await conn.execute("SELECT pg_sleep(0.3)")
+
+            # Two at a time: 53300 for the other callers' connects and for those made for
+            # the waiters; every one of them waits for a connection that is open.
+            await asyncio.gather(*(hold() for _ in range(8)))
+            assert 1.1 < time.monotonic() - started < 4.0
     finally:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
@@ -184,3 +195,71 @@ async def test_a_database_never_opened_or_closed_says_so(db_url: str) -> None:
         assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
     with pytest.raises(DatabaseUnavailableError, match="was closed"):
         await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+
+
+async def test_executemany_refuses_an_iterator_an_earlier_attempt_read(db: Database) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE loaded (a int)"))
+    rows = ((i,) for i in range(10))
+    async with db.connection() as conn:
+        await conn.executemany("INSERT INTO loaded VALUES ($1)", rows)
+        with pytest.raises(ValueError, match="earlier attempt"):
+            await conn.executemany("INSERT INTO loaded VALUES ($1)", rows)
+
+
+class Rows:
+    """Re-iterable, not a Sequence, and not hashable: given twice, read twice."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __iter__(self) -> Iterator[tuple[int]]:
+        return iter([(1,), (2,)])
+
+
+async def test_copy_takes_a_re_iterable_that_is_neither_a_list_nor_hashable(
+    db: Database,
+) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE loaded (a int)"))
+    async with db.connection() as conn:
+        for _ in range(2):
+            await conn.copy_records("loaded", Rows(), columns=["a"])
+        assert await conn.fetchval("SELECT count(*) FROM loaded") == 4
+
+
+async def test_a_deadline_that_passes_before_commit_is_a_timeout_with_nothing_applied(
+    db: Database,
+) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE t (a int)"))
+
+    async def insert_then_wait(conn: Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO t VALUES (1)")
+            await asyncio.sleep(0.3)  # COMMIT is not sent: not "outcome unknown"
+
+    async with db.connection() as conn:
+        with deadline(0.2), pytest.raises(QueryTimeoutError):
+            await insert_then_wait(conn)
+        assert await conn.fetchval("SELECT count(*) FROM t") == 0
+    assert db.stats().connections_lost == 0  # rolled back, not terminated
+
+
+async def test_a_savepoint_timed_out_inside_a_deadline_keeps_its_outer_transaction(
+    db: Database,
+) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE t (a int)"))
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO t VALUES (1)")
+        with deadline(0.2), contextlib.suppress(QueryTimeoutError):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_sleep(2)")
+        await conn.execute("INSERT INTO t VALUES (2)")  # its ROLLBACK TO SAVEPOINT was sent
+    assert await db.run(lambda c: c.fetchval("SELECT count(*) FROM t")) == 2
+
+
+async def test_a_second_statement_at_once_is_counted_as_an_error(db: Database) -> None:
+    async with db.connection() as conn:
+        slow = asyncio.create_task(conn.fetchval("SELECT pg_sleep(0.2)"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ProgrammingError):
+            await conn.fetchval("SELECT 1")
+        await slow
+    assert db.stats().errors.get("ProgrammingError") == 1

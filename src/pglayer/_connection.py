@@ -7,7 +7,15 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
@@ -48,17 +56,25 @@ class _TimedOut(Exception):
     """A statement passed its deadline (raised in place of the clock's cancellation)."""
 
 
+class _NotSent(_TimedOut):
+    """The deadline passed before the statement was sent: it was not applied."""
+
+
 _iterators_read: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _read_once(records: Iterable[Any] | AsyncIterable[Any]) -> None:
-    if records in _iterators_read:
-        raise ValueError(
-            "copy_records was given an iterator that an earlier attempt has read (a retry of"
-            " db.run): pass a list, or run it with retry=False"
-        )
+def _read_once(rows: Iterable[Any] | AsyncIterable[Any], method: str) -> None:
+    """Refuse an iterator (a generator) given again: by a retry of `db.run`, which would
+    go on from where the earlier attempt stopped reading it. Re-iterable rows are fine."""
+    if not isinstance(rows, Iterator | AsyncIterator):
+        return
     with contextlib.suppress(TypeError):  # not weakly referable: cannot tell
-        _iterators_read.add(records)
+        if rows in _iterators_read:
+            raise ValueError(
+                f"{method} was given an iterator that an earlier attempt has read (a retry of"
+                " db.run): pass a list, or run it with retry=False"
+            )
+        _iterators_read.add(rows)
 
 
 class Connection:
@@ -109,6 +125,10 @@ class Connection:
             return QueryTimeoutError()
         closed = self.raw.is_closed()
         translated = translate(exc, connection_closed=closed)
+        if closed and not isinstance(translated, PglayerError):
+            # The driver's own failure on a connection that closed under it (asyncpg's
+            # `AttributeError` writing to a transport it dropped): the connection was lost.
+            translated = ConnectionLostError(sqlstate="08003")
         if (
             self._lock_bounded
             and isinstance(translated, QueryTimeoutError)
@@ -127,28 +147,33 @@ class Connection:
         self._pool.observer.error(translated)
         raise_translated(exc, translated)
 
-    def _arm(self, timeout: float | None) -> tuple[Slot, float]:
-        """Start a statement's deadline; the pool's clock cancels the task past it."""
+    def _arm(self, timeout: float | None, bounded: bool = True) -> tuple[Slot, float]:
+        """Start a statement's deadline; the pool's clock cancels the task past it.
+
+        `bounded`: by the request's deadline too (a ROLLBACK is not: it must reach the
+        server, or the connection is lost with the work of its outer transaction)."""
         slot = self._slot
         if slot is None:
             raise RuntimeError("this connection was already given back to the pool")
         if slot.query_deadline:
             # Sent now, the driver would refuse it and leave the connection in a state the
             # next borrower trips on; its own error would not say why.
-            raise ProgrammingError(
+            error = ProgrammingError(
                 "a statement is already running on this connection: one runs at a time"
                 " (for statements side by side, `pglayer.gather` with `db.read`/`db.run`)"
             )
+            self._pool.observer.error(error)
+            raise error
         now = time.monotonic()
         due = now + (self._pool.query_timeout if timeout is None else timeout)
         ctx = self._ctx
-        if ctx is not None and ctx.deadline is not None and ctx.deadline < due:
+        if bounded and ctx is not None and ctx.deadline is not None and ctx.deadline < due:
             due = ctx.deadline
         inner = context.current()  # `deadline()` may have narrowed it since the acquire
-        if inner is not ctx and inner is not None and inner.deadline is not None:
+        if bounded and inner is not ctx and inner is not None and inner.deadline is not None:
             due = min(due, inner.deadline)
         if due <= now:
-            raise _TimedOut("the deadline passed before the statement was sent")
+            raise _NotSent("the deadline passed before the statement was sent")
         slot.query_deadline = due
         slot.query_task = current_task()
         return slot, now
@@ -174,13 +199,16 @@ class Connection:
             result = await method(query, *args)
         except asyncio.CancelledError:
             slot.query_deadline = 0.0
+            lost = slot.lost
             if not self._timed_out(slot):
                 raise
-            error = QueryTimeoutError()
+            error = ConnectionLostError(sqlstate="08006") if lost else QueryTimeoutError()
             self._finished(query, time.monotonic() - started, error)
             raise error from TimeoutError("the statement passed its deadline")
         except Exception as exc:
             slot.query_deadline = 0.0
+            if slot.timed_out:  # our cancellation, come out of the driver as another error
+                self._timed_out(slot)
             translated = self._translate(exc)
             if not isinstance(translated, PglayerError):
                 slot.unsure = True  # the driver failed in a way pglayer does not know
@@ -204,7 +232,9 @@ class Connection:
     async def executemany(
         self, query: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
-        """Run a statement once for each argument tuple, in one round trip."""
+        """Run a statement once for each argument tuple, in one round trip (an iterator of
+        them is read once: see `copy_records`)."""
+        _read_once(args, "executemany")
         await self._call(self.raw.executemany, query, (args,), timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Record]:
@@ -245,9 +275,9 @@ class Connection:
         """Bulk-load `records` into `table` with COPY.
 
         An iterator (a generator) is read once: given again, by a retry of `db.run` after it
-        was partly read, it is refused rather than loading what is left of it."""
-        if not isinstance(records, Sequence):
-            _read_once(records)
+        was partly read, it is refused rather than loading what is left of it. A list, or
+        any other re-iterable, may be given again."""
+        _read_once(records, "copy_records")
 
         async def copy(_statement: str) -> str:
             return await self.raw.copy_records_to_table(
@@ -256,14 +286,14 @@ class Connection:
 
         return await self._call(copy, f"COPY {table}", (), timeout)
 
-    async def _control(self, statement: str) -> str:
+    async def _control(self, statement: str, bounded: bool = True) -> str:
         """BEGIN, COMMIT, ROLLBACK or a savepoint, under the same deadline as any statement.
 
         Sent as a simple query (so `BEGIN; SET LOCAL ...` is one round trip); raises driver
         errors as they are (the caller decides what they mean); past the deadline,
         `_TimedOut`.
         """
-        slot, _ = self._arm(None)
+        slot, _ = self._arm(None, bounded)
         try:
             return await self.raw.execute(statement)
         except asyncio.CancelledError:
@@ -339,6 +369,11 @@ class Connection:
             self._raise(ConnectionLostError(sqlstate="08003"))
         try:
             status = await self._control("COMMIT")
+        except _NotSent as exc:
+            # Past the deadline before COMMIT was sent: nothing applied. Rolled back here,
+            # so the connection goes back clean.
+            await self._rollback_quietly(None)
+            self._raise(exc)
         except asyncpg.InternalClientError as exc:
             # The protocol refused to start COMMIT ("cannot switch to state"): not sent.
             self._raise(exc)
@@ -366,7 +401,7 @@ class Connection:
             return
         statement = "ROLLBACK" if savepoint is None else f"ROLLBACK TO SAVEPOINT {savepoint}"
         try:
-            await self._control(statement)
+            await self._control(statement, bounded=False)
         except Exception:
             if not self.raw.is_closed():
                 getattr(self.raw, "terminate_broken", self.raw.terminate)()
@@ -392,6 +427,8 @@ def outcome_unknown(error: BaseException) -> bool:
             return False
         return not _while_preparing(error.__cause__)
     if isinstance(error, QueryTimeoutError) and error.sqlstate is None:
+        if isinstance(error.__cause__, _NotSent):
+            return False
         cancelled = error.__context__  # where the deadline's cancellation found it
         return not (isinstance(cancelled, asyncio.CancelledError) and _while_preparing(cancelled))
     return False

@@ -56,6 +56,7 @@ __all__ = ["Pool", "Slot"]
 _COOL_DOWN_FIRST = 0.05  # seconds callers leave the database alone after a failed connect
 _COOL_DOWN_MAX = 0.5
 _CANCEL_GRACE = 1.0  # seconds `close` waits for cancelled statements before terminating
+_ORPHAN_GRACE = 1.0  # seconds a statement may outlive its lost connection before it is ended
 log = logging.getLogger("pglayer")
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -99,6 +100,8 @@ class Slot:
         "answered",
         "gone",
         "lane",
+        "lost",
+        "lost_at",
         "query_deadline",
         "query_task",
         "raw",
@@ -114,16 +117,20 @@ class Slot:
         self.query_deadline = 0.0
         self.query_task: asyncio.Task[Any] | None = None
         self.timed_out = False
+        self.lost = False  # cancelled because its connection closed under the statement
+        self.lost_at = 0.0
         self.unsure = False  # given back after an error the driver did not explain
         self.released_at = time.monotonic()
         self.gone = False
 
-    def expire(self) -> None:
-        """Cancel the running query: its deadline passed (see `Connection`)."""
+    def expire(self, lost: bool = False) -> None:
+        """Cancel the running query: its deadline passed, or (`lost`) its connection closed
+        under it and the driver waits on regardless (see `Connection`)."""
         task, self.query_task = self.query_task, None
         self.query_deadline = 0.0
         if task is not None and not task.done():
             self.timed_out = True
+            self.lost = lost
             task.cancel()
 
 
@@ -397,8 +404,9 @@ class Pool:
                 await self._cancel_running(running)
         for slot in list(self._slots):
             slot.raw.terminate()
-        for slot in self._orphans:  # the clock stops now: their deadlines are kept here
-            slot.expire()
+        for slot in [*self._slots, *self._orphans]:  # the clock stops: nothing may run on
+            if slot.query_deadline:
+                slot.expire(lost=True)
         for task in list(self._background):
             task.cancel()
         if self._clock is not None:
@@ -888,15 +896,14 @@ class Pool:
         except Exception as exc:
             self._size -= 1
             error = exc if isinstance(exc, PglayerError) else DatabaseUnavailableError()
-            if not self._size:
+            if not self._size or self._unreachable:
                 # Nothing open or being opened: the waiters would wait for a connect that
                 # the cool-down holds back. Each learns why at once and may retry. (Trying
                 # again at once for each of them was a connect storm against a server that
                 # is down: a thousand failed connects a second under 100 clients.)
                 self._fail_waiters(error)
-            elif self._fail_head(error):
-                # The oldest learns why; the others wait for the connections still open.
-                self.observer.acquire_failed(error)
+            # Else they wait for the connections still open (a server at its connection
+            # limit refuses more: 53300), within their own deadlines.
             return
         self._put(slot)
 
@@ -920,7 +927,8 @@ class Pool:
             self._idle.remove(slot)
         if slot.query_deadline:
             # Lost under a running statement that may never end by itself (asyncpg's COPY
-            # waits on for ever): its deadline is still kept, by the clock.
+            # waits on for ever): the clock ends it if it has not ended a moment later.
+            slot.lost_at = time.monotonic()
             self._orphans.append(slot)
         if not self._waiting or self.closed:
             return
@@ -1018,10 +1026,10 @@ class Pool:
 
     @staticmethod
     def _expired(slot: Slot, now: float) -> bool:
-        """Whether an orphan's statement has ended, or is now made to (its deadline)."""
-        due = slot.query_deadline
-        if due and due <= now:
-            slot.expire()
+        """Whether an orphan's statement has ended, or is now made to: the driver normally
+        ends it with the connection; one still waiting a moment later never will."""
+        if slot.query_deadline and now - slot.lost_at >= _ORPHAN_GRACE:
+            slot.expire(lost=True)
         return not slot.query_deadline
 
     def _measure(self, now: float) -> None:
