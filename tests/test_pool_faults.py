@@ -263,3 +263,16 @@ async def test_a_second_statement_at_once_is_counted_as_an_error(db: Database) -
             await conn.fetchval("SELECT 1")
         await slow
     assert db.stats().errors.get("ProgrammingError") == 1
+
+
+async def test_a_close_while_opening_leaves_nothing_open(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    db = Database(settings_for(db_url, min_size=3))
+    opening = asyncio.create_task(db.open())
+    await asyncio.sleep(0.01)
+    await db.close()
+    with pytest.raises(DatabaseUnavailableError, match="closed while it was opening"):
+        await opening
+    assert not db.is_open
+    assert not await backends(admin, db_name)

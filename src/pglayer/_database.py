@@ -29,6 +29,7 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from pglayer._budget import read_budget
 from pglayer._connection import Connection, Isolation, Record, outcome_unknown
@@ -154,6 +155,24 @@ class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs
         super().terminate()
 
 
+_STATE_SAID = {
+    "new": "the database is not open: `await db.open()` (or `async with db`) first; in an"
+    " app, `setup(app, db)` opens it with the app's lifespan",
+    "failed": "the database is not open: its open() failed (see what it raised)",
+    "closed": "the database was closed",
+}
+
+
+class _Closed(stop_base):
+    """Stops `open()`'s retries once the database is closed meanwhile."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.db._state == "closed"
+
+
 class Database:
     """A pool of PostgreSQL connections.
 
@@ -182,7 +201,7 @@ class Database:
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
-        self._state = "new"  # then "opened", "closed"
+        self._state = "new"  # then "opened" (or "failed"), "closed"
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
         # `reads_read_only`: reads in a READ ONLY transaction; None, in autocommit.
@@ -266,9 +285,15 @@ class Database:
         self._state = "opened"
         try:
             await self._open(wait)
+        except BaseException:
+            if self._state == "opened":  # not closed meanwhile
+                self._state = "failed"
+            raise
         finally:
             self._opening.set_result(None)
             self._opening = None
+        if self._state == "closed":
+            raise DatabaseUnavailableError("the database was closed while it was opening")
 
     async def _open(self, wait: bool | None) -> None:
         if wait if wait is not None else self.settings.require_on_startup:
@@ -354,7 +379,7 @@ class Database:
 
     async def _open_with_retry(self, deadline: float) -> None:
         async for attempt in AsyncRetrying(
-            stop=stop_before_delay(deadline),  # no sleep that ends past it
+            stop=stop_before_delay(deadline) | _Closed(self),  # no sleep that ends past it
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TransientError),
             before_sleep=self._say_retrying(deadline) if deadline != float("inf") else None,
@@ -482,11 +507,19 @@ class Database:
         return connect
 
     async def close(self, timeout: float | None = None) -> None:
-        """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest."""
+        """Close the pool: wait up to `timeout` for in-flight work, then terminate the rest
+        (the replicas' pools at the same time)."""
         if self._state == "opened":
             self._state = "closed"
-        if self.replicas is not None:
-            await self.replicas.close(timeout)
+        if self._opening is not None:
+            # open() under way: it stops trying now, and what it opened is closed here.
+            await asyncio.shield(self._opening)
+        if self.replicas is None:
+            await self._close_primary(timeout)
+        else:
+            await asyncio.gather(self.replicas.close(timeout), self._close_primary(timeout))
+
+    async def _close_primary(self, timeout: float | None) -> None:
         if self._opener is not None:
             self._opener.cancel()
             with contextlib.suppress(asyncio.CancelledError, TransientError):
@@ -502,12 +535,7 @@ class Database:
     def _unavailable(self) -> DatabaseUnavailableError:
         if self._opening is None and self._opener is None and self._state != "opened":
             # A programming slip more often than an outage: say what to do.
-            error = DatabaseUnavailableError(
-                "the database was closed"
-                if self._state == "closed"
-                else "the database is not open: `await db.open()` (or `async with db`) first;"
-                " in an app, `setup(app, db)` opens it with the app's lifespan"
-            )
+            error = DatabaseUnavailableError(_STATE_SAID[self._state])
         else:
             error = DatabaseUnavailableError()
         self._observer.acquire_failed(error)
