@@ -270,9 +270,11 @@ async def test_without_the_pooler_setting_prepared_statements_break(
         async def query(i: int) -> Any:
             return await db.run(lambda c: c.fetchval("SELECT $1::int", i), retry=False)
 
-        for result in await asyncio.gather(*(query(i) for i in range(200)), return_exceptions=True):
-            if isinstance(result, PglayerError | asyncpg.PostgresError):
-                failures += 1
+        for _ in range(5):  # a busy machine may run a round one query at a time
+            results = await asyncio.gather(*(query(i) for i in range(200)), return_exceptions=True)
+            failures += sum(isinstance(r, PglayerError | asyncpg.PostgresError) for r in results)
+            if failures:
+                break
     # This is what pooler="auto" (the default) prevents; see the test above.
     assert failures > 0
 

@@ -201,6 +201,7 @@ class Database:
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
+        self._opening_task: asyncio.Task[Any] | None = None  # the task running it
         self._state = "new"  # then "opened" (or "failed"), "closed"
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
@@ -282,6 +283,7 @@ class Database:
             await asyncio.shield(self._opening)
             return await self.open(wait=wait)
         self._opening = asyncio.get_running_loop().create_future()
+        self._opening_task = asyncio.current_task()
         self._state = "opened"
         try:
             await self._open(wait)
@@ -511,8 +513,9 @@ class Database:
         (the replicas' pools at the same time)."""
         if self._state == "opened":
             self._state = "closed"
-        if self._opening is not None:
-            # open() under way: it stops trying now, and what it opened is closed here.
+        if self._opening is not None and self._opening_task is not asyncio.current_task():
+            # open() under way elsewhere: it stops trying now, and what it opened is closed
+            # here. (open() itself closes what it opened when the budget check refuses.)
             await asyncio.shield(self._opening)
         if self.replicas is None:
             await self._close_primary(timeout)
