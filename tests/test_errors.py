@@ -33,7 +33,7 @@ from pglayer import (
     UniqueViolationError,
     set_retry_testing,
 )
-from pglayer._errors import class_for_sqlstate, raise_translated, translate
+from pglayer._errors import class_for_sqlstate, explain_connect_error, raise_translated, translate
 from pglayer.fastapi import Db, Problem, WriteTransaction, setup
 from pglayer.fastapi._problems import problem_for_database_error, problem_response
 from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
@@ -633,3 +633,9 @@ async def test_a_commit_of_unknown_outcome_sends_the_client_to_the_primary(
         await killer
     assert_clean_problem(response, 500, "commit_unknown")
     assert "pglayer_rw=1" in response.headers.get("set-cookie", "")
+
+
+def test_a_refused_connection_names_every_limit_it_may_be() -> None:
+    said = explain_connect_error(asyncpg.TooManyConnectionsError("too many"), "app@db:5432/x")
+    assert "max_connections" in said
+    assert "CONNECTION LIMIT of the role or the database" in said

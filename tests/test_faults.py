@@ -341,6 +341,9 @@ async def test_while_the_server_is_down_callers_do_not_each_try_to_connect(
                 outcomes.append(type(exc).__name__)
         tried = db.stats().connections_failed
     assert len(outcomes) == 50  # every one a 503, at once
+    # A connect refused is the server unavailable, not a connection lost (the metrics and
+    # the retry reasons would point the operator at the network).
+    assert set(outcomes) == {"DatabaseUnavailableError"}, outcomes
     # The first tries and fails; the rest, within its cool-down, do not try again.
     assert 1 <= tried <= 3, tried
 

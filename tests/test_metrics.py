@@ -77,6 +77,17 @@ async def test_pool_metrics_mirror_the_pool_statistics(
     )
 
 
+async def test_the_error_classes_alerted_on_first_sight_are_exported_at_zero(
+    client: httpx.AsyncClient,
+) -> None:
+    # `increase()` cannot count the first value of a series that appears above 0: the first
+    # commit of unknown outcome would never alert.
+    samples = await scrape(client)
+    for error in ("CommitIndeterminateError", "ProgrammingError", "TransactionAbortedError"):
+        key = ("pglayer_errors_total", (("error", error), ("pool", "primary")))
+        assert samples.get(key) == 0.0, error
+
+
 async def test_methods_outside_the_common_seven_are_counted_as_other(
     client: httpx.AsyncClient,
 ) -> None:

@@ -339,7 +339,10 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return f"the database of {target} does not exist"
     if isinstance(exc, asyncpg.TooManyConnectionsError):
-        return f"{target} has no free connection slots (max_connections reached)"
+        return (
+            f"{target} refused another connection (53300): max_connections is reached, or the"
+            " CONNECTION LIMIT of the role or the database"
+        )
     if isinstance(exc, asyncpg.CannotConnectNowError):
         return f"{target} is starting up, shutting down or in recovery"
     if isinstance(exc, ConnectionError) and "SSL" in str(exc):

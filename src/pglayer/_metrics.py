@@ -71,6 +71,14 @@ _BULKHEAD_SERIES = (
 )  # fmt: skip
 
 
+# Error classes whose first occurrence alerts (`increase()` in deploy/prometheus): shown at 0
+# from the start, since `increase()` cannot count the first value of a series that appears
+# already above 0.
+_ALERTED_ERRORS = dict.fromkeys(
+    ("CommitIndeterminateError", "ProgrammingError", "TransactionAbortedError"), 0
+)
+
+
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     cumulative = 0
@@ -215,7 +223,10 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
     ):
         by_key = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", label, *extra])
         for s, w in zip(snapshots, workers, strict=True):
-            for key, value in getattr(s, attr).items():
+            counts = getattr(s, attr)
+            if attr == "errors":
+                counts = {**_ALERTED_ERRORS, **counts}
+            for key, value in counts.items():
                 by_key.add_metric([s.name, key, *w], float(value))
         yield by_key
     for name, doc, attr, kind in _BULKHEAD_SERIES:
