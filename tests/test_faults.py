@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,8 @@ from pglayer import (
     DatabaseSettings,
     DatabaseUnavailableError,
     PglayerError,
+    QueryTimeoutError,
+    deadline,
 )
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._errors import translate
@@ -392,6 +395,30 @@ async def test_behind_a_pooler_a_server_that_is_down_counts_as_failed_connects(
     # Each is told at once, not left waiting for a connection stuck in the pooler's queue.
     assert "PoolTimeoutError" not in errors, errors
     assert "CommitIndeterminateError" not in errors, errors
+
+
+async def test_a_rollback_the_server_does_not_answer_ends_soon_after_the_deadline(
+    running: EmbeddedPostgres,
+) -> None:
+    frozen: list[int] = []
+
+    async def on_a_frozen_backend(db: Database) -> None:
+        async with db.transaction() as conn:
+            frozen.append(await conn.fetchval("SELECT pg_backend_pid()"))
+            os.kill(frozen[0], signal.SIGSTOP)  # a backend of the test's own cluster
+            await conn.execute("SELECT 1")  # then ROLLBACK, which it will not answer either
+
+    settings = settings_for(running.admin_url("postgres"), query_timeout=10.0)
+    async with Database(settings) as db:
+        started = time.monotonic()
+        try:
+            with deadline(0.5), pytest.raises(QueryTimeoutError):
+                await on_a_frozen_backend(db)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        # The deadline, then a second for the ROLLBACK: not its 10 s query deadline.
+        assert time.monotonic() - started < 4
 
 
 async def test_a_refill_the_server_refuses_logs_why(

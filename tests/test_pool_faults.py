@@ -25,7 +25,7 @@ from pglayer import (
     QueryTimeoutError,
     deadline,
 )
-from tests.conftest import Server, backends, settings_for, wait_for
+from tests.conftest import Server, backends, free_port, settings_for, wait_for
 
 
 async def test_a_copy_whose_connection_is_killed_ends_as_a_lost_connection(
@@ -267,3 +267,30 @@ async def test_a_close_while_opening_leaves_nothing_open(
         await opening
     assert not db.is_open
     assert not await backends(admin, db_name)
+
+
+async def test_a_savepoint_past_its_deadline_before_release_is_undone(db: Database) -> None:
+    await db.run(lambda c: c.execute("CREATE TABLE t (a int)"))
+
+    async def inner(conn: Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO t VALUES (6)")
+            await asyncio.sleep(0.3)  # RELEASE is not sent: the savepoint rolls back
+
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO t VALUES (5)")
+        with deadline(0.2), pytest.raises(QueryTimeoutError):
+            await inner(conn)
+        await conn.execute("INSERT INTO t VALUES (7)")
+    rows = await db.run(lambda c: c.fetch("SELECT a FROM t ORDER BY a"))
+    assert [r["a"] for r in rows] == [5, 7]
+
+
+async def test_a_close_during_a_retried_open_says_it_closed_it() -> None:
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/shop"  # nothing listens there
+    db = Database(settings_for(url, require_on_startup=True, startup_timeout=10))
+    opening = asyncio.create_task(db.open())
+    await asyncio.sleep(0.3)
+    await db.close()
+    with pytest.raises(DatabaseUnavailableError, match="closed while it was opening"):
+        await opening

@@ -286,14 +286,16 @@ class Connection:
 
         return await self._call(copy, f"COPY {table}", (), timeout)
 
-    async def _control(self, statement: str, bounded: bool = True) -> str:
+    async def _control(
+        self, statement: str, bounded: bool = True, timeout: float | None = None
+    ) -> str:
         """BEGIN, COMMIT, ROLLBACK or a savepoint, under the same deadline as any statement.
 
         Sent as a simple query (so `BEGIN; SET LOCAL ...` is one round trip); raises driver
         errors as they are (the caller decides what they mean); past the deadline,
         `_TimedOut`.
         """
-        slot, _ = self._arm(None, bounded)
+        slot, _ = self._arm(timeout, bounded)
         try:
             return await self.raw.execute(statement)
         except asyncio.CancelledError:
@@ -341,6 +343,11 @@ class Connection:
             else:
                 try:
                     await self._control(f"RELEASE SAVEPOINT {savepoint}")
+                except _NotSent as exc:
+                    # Past the deadline before RELEASE was sent: the savepoint's work is
+                    # undone here, or the outer transaction would commit what failed.
+                    await self._rollback_quietly(savepoint)
+                    self._raise(exc)
                 except Exception as exc:
                     self._raise(exc)
         finally:
@@ -401,7 +408,10 @@ class Connection:
             return
         statement = "ROLLBACK" if savepoint is None else f"ROLLBACK TO SAVEPOINT {savepoint}"
         try:
-            await self._control(statement, bounded=False)
+            # Not bound by the request's deadline, which may have passed (it must reach the
+            # server), but by a short one of its own: a server that does not answer a
+            # ROLLBACK at once loses the connection instead.
+            await self._control(statement, bounded=False, timeout=_ROLLBACK_TIMEOUT)
         except Exception:
             if not self.raw.is_closed():
                 getattr(self.raw, "terminate_broken", self.raw.terminate)()
@@ -414,6 +424,7 @@ _ISOLATION = {
 }
 
 
+_ROLLBACK_TIMEOUT = 1.0  # seconds a ROLLBACK may take past the request's deadline
 _UNKNOWN_SAID = Throttle()  # each request's own line (pglayer.http) has its request id
 
 

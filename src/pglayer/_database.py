@@ -287,9 +287,12 @@ class Database:
         self._state = "opened"
         try:
             await self._open(wait)
-        except BaseException:
-            if self._state == "opened":  # not closed meanwhile
-                self._state = "failed"
+        except BaseException as exc:
+            if self._state == "closed" and isinstance(exc, Exception):
+                raise DatabaseUnavailableError(
+                    "the database was closed while it was opening"
+                ) from exc
+            self._state = "failed"
             raise
         finally:
             self._opening.set_result(None)
