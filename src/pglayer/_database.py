@@ -202,6 +202,7 @@ class Database:
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
         self._opening_task: asyncio.Task[Any] | None = None  # the task running it
+        self._closed_while_opening = False  # by another task: open() then says so
         self._state = "new"  # then "opened" (or "failed"), "closed"
         self.pooler: PoolerInfo | None = None  # known once the pool has been created
         self.replicas: ReplicaSet | None = None
@@ -284,20 +285,22 @@ class Database:
             return await self.open(wait=wait)
         self._opening = asyncio.get_running_loop().create_future()
         self._opening_task = asyncio.current_task()
+        self._closed_while_opening = False
         self._state = "opened"
         try:
             await self._open(wait)
         except BaseException as exc:
-            if self._state == "closed" and isinstance(exc, Exception):
+            if self._closed_while_opening and isinstance(exc, Exception):
                 raise DatabaseUnavailableError(
                     "the database was closed while it was opening"
                 ) from exc
-            self._state = "failed"
+            if self._state != "closed":  # closed by its own budget check: said so
+                self._state = "failed"
             raise
         finally:
             self._opening.set_result(None)
             self._opening = None
-        if self._state == "closed":
+        if self._closed_while_opening:
             raise DatabaseUnavailableError("the database was closed while it was opening")
 
     async def _open(self, wait: bool | None) -> None:
@@ -519,6 +522,7 @@ class Database:
         if self._opening is not None and self._opening_task is not asyncio.current_task():
             # open() under way elsewhere: it stops trying now, and what it opened is closed
             # here. (open() itself closes what it opened when the budget check refuses.)
+            self._closed_while_opening = True
             await asyncio.shield(self._opening)
         if self.replicas is None:
             await self._close_primary(timeout)
