@@ -106,14 +106,16 @@ class RequestContext:
 
 def route_path(scope: MutableMapping[str, Any]) -> str | None:
     """The template of the route `scope` was routed to, prefixes included (None before)."""
+    # FastAPI's routers, included lazily: `route` is the router's own (no prefix); the route
+    # as included, with the prefixes it was included under, is FastAPI's effective route.
     included = scope.get("fastapi")
-    if included:
-        # FastAPI's routers, included lazily: `route` is the router's own (no prefix); the
-        # route as included, with the prefixes it was included under, is here.
-        effective = included.get("effective_route_context")
-        if effective is not None:
-            return getattr(effective, "path_format", None) or None
-    return getattr(scope.get("route"), "path", None)
+    effective = included.get("effective_route_context") if included else None
+    path = getattr(effective, "path_format", None) or getattr(scope.get("route"), "path", None)
+    if path and "app_root_path" in scope:
+        # Routed inside a mounted app (Starlette's `Mount` sets the outermost root path):
+        # its routes are relative to where it is mounted.
+        path = scope["root_path"][len(scope["app_root_path"]) :] + path
+    return path
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("pglayer_context", default=None)

@@ -9,7 +9,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.dependencies.utils import get_dependant
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_parameterless_sub_dependant
 from fastapi.routing import APIRoute
 from starlette.routing import Mount
 from starlette.types import ASGIApp
@@ -55,10 +56,33 @@ def database_lifespan(
     return lifespan
 
 
+def _routes(
+    routes: Iterable[Any], prefix: str = "", outer: Sequence[Any] = ()
+) -> Iterator[tuple[str, Any, Sequence[Any]]]:
+    """Every route with its full path and the dependencies of the routers it was included
+    by (`include_router(..., dependencies=...)`), through included routers and the apps
+    mounted in it (whose own lifespans Starlette never runs)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
+        if included is not None:
+            context = route.include_context
+            yield from _routes(
+                included.routes, prefix + context.prefix, [*outer, *context.dependencies]
+            )
+        elif isinstance(route, Mount):
+            yield from _routes(getattr(route.app, "routes", ()), prefix + route.path)
+        else:
+            yield prefix + getattr(route, "path", ""), route, outer
+
+
 def _warn_plain_routes(app: Any) -> None:
     """Say which routes are FastAPI's own, not pglayer's `Route`: declared before `setup()`,
     or on an `APIRouter` without `route_class=Route`, they skip its body checks."""
-    plain = list(_plain_routes(getattr(app, "routes", ()), ""))
+    plain = [
+        path
+        for path, route, _ in _routes(getattr(app, "routes", ()))
+        if type(route) is APIRoute and route.body_field is not None
+    ]
     if plain:
         log.warning(
             "%d route(s) with a body are FastAPI's APIRoute, not pglayer's Route, so"
@@ -69,19 +93,9 @@ def _warn_plain_routes(app: Any) -> None:
         )
 
 
-def _plain_routes(routes: Iterable[Any], prefix: str) -> Iterator[str]:
-    for route in routes:
-        included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
-        if included is not None:
-            more = getattr(getattr(route, "include_context", None), "prefix", "")
-            yield from _plain_routes(included.routes, prefix + more)
-        elif type(route) is APIRoute and route.body_field is not None:
-            yield prefix + route.path
-
-
 def _refuse_late_commits(app: Any) -> None:
     """Refuse to start an app whose routes would commit after their response is sent."""
-    late = sorted(set(_late_commits(getattr(app, "routes", ()), "")))
+    late = sorted(set(_late_commits(app)))
     if late:
         raise ConfigurationError(
             f"{len(late)} route(s) take a transaction_dependency() without"
@@ -91,30 +105,16 @@ def _refuse_late_commits(app: Any) -> None:
         )
 
 
-def _late_commits(routes: Iterable[Any], prefix: str, outer: Sequence[Any] = ()) -> Iterator[str]:
-    """Routes (with their prefixes) whose transaction dependencies would commit late: their
-    own, their routers' (`include_router(..., dependencies=...)`, in `outer`), and those of
-    apps mounted in them (whose own lifespans Starlette never runs)."""
-    for route in routes:
-        included = getattr(route, "original_router", None)  # FastAPI includes routers lazily
-        if included is not None:
-            context = getattr(route, "include_context", None)
-            more = getattr(context, "prefix", "")
-            deps = [*outer, *getattr(context, "dependencies", ())]
-            yield from _late_commits(included.routes, prefix + more, deps)
-        elif isinstance(route, Mount):
-            yield from _late_commits(getattr(route.app, "routes", ()), prefix + route.path)
-        elif getattr(route, "dependant", None) is not None:
-            path = f"{prefix}{route.path}"
-            for depends in outer:
-                call = depends.dependency
-                if getattr(call, "pglayer_commits", False) and depends.scope != "function":
-                    yield f"{path} ({getattr(call, '__name__', '?')}, of its router)"
-                elif call is not None:
-                    for name in late_commits(get_dependant(path=path, call=call)):
-                        yield f"{path} ({name}, of its router)"
-            for name in late_commits(route.dependant):
-                yield f"{path} ({name})"
+def _late_commits(app: Any) -> Iterator[str]:
+    for path, route, outer in _routes(getattr(app, "routes", ())):
+        dependant = getattr(route, "dependant", None)
+        if dependant is None:
+            continue
+        routers = Dependant(
+            dependencies=[get_parameterless_sub_dependant(depends=d, path=path) for d in outer]
+        )
+        yield from (f"{path} ({name}, of its router)" for name in late_commits(routers))
+        yield from (f"{path} ({name})" for name in late_commits(dependant))
 
 
 def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:

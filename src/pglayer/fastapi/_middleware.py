@@ -200,7 +200,6 @@ class _Exchange:
     done = False
     stopped_by_us = False
     told = False  # the HTTP server calls `_left` when the client leaves (`pglayer._http`)
-    root = ""  # the scope's root_path as it came in
     gone: asyncio.Future[None] | None = None
     task: asyncio.Task[Any] | None = None
     watcher: asyncio.Task[None] | None = None
@@ -374,7 +373,6 @@ class RequestGuard:
                 await self.app(scope, receive, send)
             return
         ex = _Exchange(scope, receive, send, time.monotonic())
-        ex.root = scope.get("root_path", "")
         if scope["method"] == "HEAD":
             # A copy: the server keeps seeing HEAD (uvicorn then expects no body).
             scope = {**scope, "method": "GET"}
@@ -526,8 +524,10 @@ class RequestGuard:
         has it; None: unknown, without the app's router)."""
         if self.router is None:
             return None
-        scope = {"type": "http", "method": "GET", "path": _path(url), "root_path": ""}
-        return allowed_methods({**scope, "router": self.router, "headers": []})
+        return allowed_methods(
+            {"type": "http", "method": "GET", "path": _path(url), "root_path": "",
+             "router": self.router, "headers": []}
+        )  # fmt: skip
 
     def _turned(self) -> None:
         self._coming = 0  # their tasks run next, in order, and queue in the pool
@@ -660,9 +660,6 @@ class RequestGuard:
             return
         seconds = (ex.ended or time.monotonic()) - ex.started
         route = route_template(scope)
-        root = scope.get("root_path", "")
-        if root != ex.root and route != "unmatched":
-            route = root[len(ex.root) :] + route  # a mounted app's routes are relative to it
         method = "HEAD" if ex.head else scope["method"]
         status, request_id = ex.status, ex.request_id
         if not status:

@@ -474,14 +474,24 @@ def internal_error_response(
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware calls this for anything unhandled; RequestGuard,
     # outside it, has put the request id in the state.
-    exchange = request.scope.get(EXCHANGE_KEY)
-    if exchange is not None:
-        if exchange.status:  # too late to answer: the guard says so
-            return Response(status_code=500)
-        exchange.answered = exc  # Starlette raises it again once answered
+    if _too_late(request, exc):  # the guard says what happened
+        return Response(status_code=500)
     return internal_error_response(
         exc, request.method, request.scope.get("path", ""), _request_id(request)
     )
+
+
+def _too_late(request: Request, exc: Exception) -> bool:
+    """Whether the response had started before `exc` (no answer can be sent: the request
+    guard says what happened); else tell the guard the app answers it, since Starlette
+    raises it again afterwards."""
+    exchange = request.scope.get(EXCHANGE_KEY)
+    if exchange is None:
+        return False
+    if exchange.status:
+        return True
+    exchange.answered = exc
+    return False
 
 
 def _websocket_problem(exc: Exception) -> Problem:
@@ -545,9 +555,7 @@ def _noting(own: Any) -> Any:
     (Starlette raises the error again after it: not to be taken for one after the answer)."""
 
     async def handle(request: Request, exc: Exception) -> Any:
-        exchange = request.scope.get(EXCHANGE_KEY)
-        if exchange is not None and not exchange.status:
-            exchange.answered = exc
+        _too_late(request, exc)
         if inspect.iscoroutinefunction(own):
             return await own(request, exc)
         return await run_in_threadpool(own, request, exc)  # as Starlette runs a sync one
