@@ -14,8 +14,9 @@ import orjson
 import pytest
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.routing import Route
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -428,3 +429,43 @@ async def test_the_apps_own_500_handler_is_not_taken_for_work_after_the_response
         response = await client.get("/crash")
     assert (response.status_code, response.json()) == (500, {"own500": True})
     assert not [r for r in caplog.records if "background work" in r.getMessage()]
+
+
+async def test_plain_starlette_routes_and_mounts_are_labelled_by_their_templates(
+    db: Database,
+) -> None:
+    app = app_of(db)
+    setattr(app.state, STATS_KEY, RequestStats())
+    app.router.routes.append(Route("/plain/{x}", lambda request: PlainTextResponse("p")))
+    app.mount("/files", lambda scope, receive, send: PlainTextResponse("f")(scope, receive, send))
+    async with asgi_client(app) as client:
+        for path in ("/openapi.json", "/docs", "/plain/1", "/plain/2", "/files/a/b", "/nowhere"):
+            await client.get(path)
+    stats: RequestStats = getattr(app.state, STATS_KEY)
+    counted = {s.route: s.duration.count for s in stats.snapshot()}
+    assert counted == {
+        "/openapi.json": 1,
+        "/docs": 1,
+        "/plain/{x}": 2,
+        "/files/{path:path}": 1,
+        "unmatched": 1,
+    }
+
+
+async def test_the_error_line_of_a_head_request_says_head(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    @app.get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    caplog.set_level(logging.WARNING)
+    async with asgi_client(app) as client:
+        response = await client.head("/crash")
+    assert response.status_code == 500
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said == [
+        f"unhandled RuntimeError on HEAD /crash (request_id={response.headers['x-request-id']})"
+    ]

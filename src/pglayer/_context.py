@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -111,11 +112,46 @@ def route_path(scope: MutableMapping[str, Any]) -> str | None:
     included = scope.get("fastapi")
     effective = included.get("effective_route_context") if included else None
     path = getattr(effective, "path_format", None) or getattr(scope.get("route"), "path", None)
+    if path is None and "endpoint" in scope:
+        path = _plain_route_path(scope)
     if path and "app_root_path" in scope:
         # Routed inside a mounted app (Starlette's `Mount` sets the outermost root path):
         # its routes are relative to where it is mounted.
         path = scope["root_path"][len(scope["app_root_path"]) :] + path
     return path
+
+
+# Per app: the templates of the routes that only Starlette routes (its own `Route`s, as
+# FastAPI's /docs and /openapi.json are, and its `Mount`s), by endpoint, with the count of
+# routes they were read from; those routes leave no `route` in the scope, only the endpoint.
+_plain_templates: weakref.WeakKeyDictionary[Any, tuple[int, dict[int, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plain_route_path(scope: MutableMapping[str, Any]) -> str | None:
+    """The template of the plain Starlette route or mount `scope` was routed to, if any."""
+    app = scope.get("app")
+    routes = getattr(getattr(app, "router", None), "routes", None)
+    if routes is None:
+        return None
+    count, templates = _plain_templates.get(app) or (-1, {})
+    if count != len(routes):
+        templates = _templates(routes)
+        _plain_templates[app] = (len(routes), templates)
+    return templates.get(id(scope["endpoint"]))
+
+
+def _templates(routes: Iterable[Any]) -> dict[int, str]:
+    """Each endpoint's template, for the endpoints that only one route has."""
+    found: dict[int, list[str]] = {}
+    for route in routes:
+        endpoint = getattr(route, "app", None) if hasattr(route, "routes") else None
+        if endpoint is not None:  # a Mount: what it matched is the mounted app
+            found.setdefault(id(endpoint), []).append("/{path:path}")
+        elif (endpoint := getattr(route, "endpoint", None)) is not None:
+            found.setdefault(id(endpoint), []).append(str(getattr(route, "path", "")))
+    return {key: paths[0] for key, paths in found.items() if len(paths) == 1}
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("pglayer_context", default=None)

@@ -60,6 +60,7 @@ from pglayer.fastapi._problems import (
     EXCHANGE_KEY,
     Problem,
     allowed_methods,
+    client_method,
     internal_error_response,
     problem_for_database_error,
     problem_response,
@@ -413,7 +414,7 @@ class RequestGuard:
                     self._after_start(scope, ex, exc)
                     return
                 response = internal_error_response(
-                    exc, scope.get("method", ""), scope.get("path", ""), ex.request_id
+                    exc, client_method(scope), scope.get("path", ""), ex.request_id
                 )
                 await response(scope, ex.receive, ex.send)
             finally:
@@ -453,7 +454,7 @@ class RequestGuard:
         sent is cut short, the connection closed without its final chunk, so the client
         knows it is incomplete; after a complete response it came from background work."""
         cause = _unwrapped(exc)
-        where = f"{escape(scope.get('method', ''))} {escape(scope.get('path', ''))}"
+        where = f"{escape(client_method(scope))} {escape(scope.get('path', ''))}"
         if isinstance(cause, StreamAbandoned):
             # Complete here only when a middleware (Starlette's BaseHTTPMiddleware) ended
             # the response itself: the client cannot tell it was cut short.

@@ -53,6 +53,7 @@ __all__ = [
     "FieldError",
     "Problem",
     "ProblemDetails",
+    "client_method",
     "field_error",
     "install_problem_handlers",
     "problem_response",
@@ -66,6 +67,13 @@ _FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handle
 Handler = Callable[[Any, Exception], Awaitable[Response | None]]
 
 log = logging.getLogger("pglayer.http")
+
+
+def client_method(scope: Any) -> str:
+    """The method the client sent: the app sees a HEAD request as a GET."""
+    exchange = scope.get(EXCHANGE_KEY)
+    return "HEAD" if exchange is not None and exchange.head else str(scope.get("method", ""))
+
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 1
@@ -370,7 +378,7 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
             log.log(
                 level,
                 "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)%s",
-                escape(request.method),
+                escape(client_method(request.scope)),
                 escape(request.scope.get("path", "")),
                 problem.status,
                 problem.code,
@@ -477,7 +485,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     if _too_late(request, exc):  # the guard says what happened
         return Response(status_code=500)
     return internal_error_response(
-        exc, request.method, request.scope.get("path", ""), _request_id(request)
+        exc, client_method(request.scope), request.scope.get("path", ""), _request_id(request)
     )
 
 
