@@ -198,6 +198,18 @@ async def test_a_database_never_opened_or_closed_says_so(db_url: str) -> None:
         await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
 
 
+async def test_a_database_not_open_is_not_retried(db_url: str) -> None:
+    # Nothing is opening it: a retry cannot succeed, and its waits only delay the error.
+    db = Database(settings_for(db_url, retry_attempts=5))
+    with pytest.raises(DatabaseUnavailableError, match="not open"):
+        await db.read(lambda c: c.fetchval("SELECT 1"))
+    async with db:
+        pass
+    with pytest.raises(DatabaseUnavailableError, match="was closed"):
+        await db.run_in_transaction(lambda c: c.fetchval("SELECT 1"))
+    assert db.stats().retries == {}
+
+
 async def test_executemany_refuses_an_iterator_an_earlier_attempt_read(db: Database) -> None:
     await db.run(lambda c: c.execute("CREATE TABLE loaded (a int)"))
     rows = ((i,) for i in range(10))

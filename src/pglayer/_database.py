@@ -546,6 +546,7 @@ class Database:
         if self._opening is None and self._opener is None and self._state != "opened":
             # A programming slip more often than an outage: say what to do.
             error = DatabaseUnavailableError(_STATE_SAID[self._state])
+            error.lasting = True
         else:
             error = DatabaseUnavailableError()
         self._observer.acquire_failed(error)

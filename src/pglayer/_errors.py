@@ -160,9 +160,13 @@ class LockTimeoutError(TransientError):
 
 
 class DatabaseUnavailableError(TransientError):
-    """The pool is not open (yet) or was closed, or the server refused a new connection."""
+    """The pool is not open (yet) or was closed, or the server refused a new connection.
+
+    `lasting` is true when the pool is not open and nothing is opening it: no retry is made.
+    """
 
     default_message = "the database pool is not open"
+    lasting = False
 
 
 class CommitIndeterminateError(DatabaseError):

@@ -68,7 +68,7 @@ def set_testing(enabled: bool) -> None:
 
 def reason_for(exc: BaseException) -> str | None:
     """A stable label for a retryable error, or None if it must not be retried."""
-    if isinstance(exc, CommitIndeterminateError):
+    if isinstance(exc, CommitIndeterminateError) or getattr(exc, "lasting", False):
         return None
     for cls, reason in _REASONS:
         if isinstance(exc, cls):
