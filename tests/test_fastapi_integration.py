@@ -38,6 +38,7 @@ from pglayer.fastapi import (
     ndjson_response,
     setup,
     transaction_dependency,
+    transactional,
 )
 from pglayer.fastapi._middleware import STATS_KEY
 from tests.conftest import LiveServer, asgi_client, settings_for
@@ -469,3 +470,37 @@ async def test_the_error_line_of_a_head_request_says_head(
     assert said == [
         f"unhandled RuntimeError on HEAD /crash (request_id={response.headers['x-request-id']})"
     ]
+
+
+async def test_a_route_with_two_transactions_refuses_to_start(db: Database) -> None:
+    # Each dependency commits on its own: a failure in one would leave the other applied.
+    app = app_of(db)
+
+    @app.post("/both")
+    async def both(conn: WriteTransaction, strict: Serializable) -> None:
+        pass
+
+    @app.post("/same-twice")  # FastAPI gives both parameters the one transaction
+    async def same_twice(conn: WriteTransaction, again: WriteTransaction) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"two transactions.*: /both \(conn, strict\)$"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_a_transactional_handler_with_a_transaction_dependency_refuses_to_start(
+    db: Database,
+) -> None:
+    # @transactional replays the handler; the dependency's transaction would commit once,
+    # with every attempt's writes in it.
+    app = app_of(db)
+
+    @app.post("/replayed")
+    @transactional()
+    async def replayed(conn: Connection, other: WriteTransaction) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"@transactional.*: /replayed \(other\)$"):
+        async with app.router.lifespan_context(app):
+            pass

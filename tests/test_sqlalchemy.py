@@ -16,11 +16,11 @@ from sqlalchemy import BigInteger, String, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from pglayer import Database
-from pglayer.fastapi import setup
+from pglayer import ConfigurationError, Connection, Database, DatabaseSettings
+from pglayer.fastapi import WriteTransaction, setup, transactional
 from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
-from pglayer.sqlalchemy import create_engine
-from tests.conftest import asgi_client, settings_for
+from pglayer.sqlalchemy import count_engine, create_engine
+from tests.conftest import asgi_client, free_port, settings_for
 from tests.test_shop_users import assert_problem
 
 
@@ -192,3 +192,113 @@ async def test_the_engine_recovers_from_lost_connections_without_failing_a_reque
     await asyncio.sleep(0.2)
     response = await sa_client.post("/sa/users", json={"name": "Bob", "email": "bob@example.com"})
     assert response.status_code == 201, response.text
+
+
+def orm_app(settings: DatabaseSettings) -> FastAPI:
+    app = FastAPI()
+    db = Database(settings)
+    setup(app, db)
+    setup_sqlalchemy(app, create_engine(database=db))
+    return app
+
+
+async def test_an_orm_route_answers_503_while_the_database_is_down() -> None:
+    app = orm_app(settings_for(f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+                               require_on_startup=False))  # fmt: skip
+
+    @app.get("/sa/one")
+    async def one(session: SqlSession) -> int:
+        return int(await session.scalar(text("SELECT 1")) or 0)
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get("/sa/one")
+    assert_problem(response, 503, "unavailable")
+    assert "retry-after" in response.headers
+
+
+async def test_an_orm_statement_past_the_query_timeout_is_504(db_url: str) -> None:
+    app = orm_app(settings_for(db_url, query_timeout=0.3, statement_timeout=30))
+
+    @app.get("/sa/slow")
+    async def slow(session: SqlSession) -> None:
+        await session.execute(text("SELECT pg_sleep(2)"))
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get("/sa/slow")
+    assert_problem(response, 504, "timeout")
+
+
+@pytest.mark.parametrize("ends", ["commit", "rollback"])
+async def test_a_handler_that_ends_the_sessions_transaction_is_refused(
+    db_url: str, ends: str
+) -> None:
+    # The dependency commits: a commit in the handler would apply its writes before the
+    # handler is done, and a rollback discard them behind a 2xx.
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/ends")
+    async def end(session: SqlSession) -> None:
+        session.add(UserRow(name="Ann", email="ann@example.com"))
+        await session.flush()
+        await getattr(session, ends)()
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.post("/sa/ends")
+    assert_problem(response, 500, "internal")
+    assert await count_rows(db_url, "users") == 0
+
+
+async def test_a_route_with_a_session_and_a_pglayer_transaction_refuses_to_start(
+    db_url: str,
+) -> None:
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/mixed")
+    async def mixed(session: SqlSession, conn: WriteTransaction) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"two transactions.*/sa/mixed \(session, conn\)"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_a_transactional_handler_with_a_session_refuses_to_start(db_url: str) -> None:
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/replayed")
+    @transactional()
+    async def replayed(conn: Connection, session: SqlSession) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"@transactional.*/sa/replayed \(session\)"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_two_engines_are_both_counted(db_url: str) -> None:
+    settings = settings_for(db_url)
+    db = Database(settings)
+    first = create_engine(database=db, pool_size=3)
+    second = create_engine(database=db, pool_size=2)
+    count_engine(db, first)  # counting the same engine again changes nothing
+    try:
+        assert sorted(s.max_size for s in db.stats().external.values()) == [2, 3]
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def test_a_sessions_isolation_is_set_by_its_first_call(db_url: str) -> None:
+    # As the README says; and the connection goes back to the pool at the default.
+    app = orm_app(settings_for(db_url))
+
+    @app.get("/sa/isolation")
+    async def isolation(session: SqlSession, strict: bool = False) -> str:
+        if strict:
+            await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        return str(await session.scalar(text("SHOW transaction_isolation")))
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        levels = [(await client.get("/sa/isolation", params={"strict": s})).json()
+                  for s in ("true", "false")]  # fmt: skip
+    assert levels == ["repeatable read", "read committed"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from pglayer import Connection, Database
-from pglayer.fastapi import setup
+from pglayer.fastapi import WriteTransaction, setup
 from pglayer.fastapi._transactional import transactional
 from tests.conftest import asgi_client, settings_for
 
@@ -108,3 +109,11 @@ async def test_an_answer_its_response_model_refuses_rolls_the_change_back(db: Da
         response = await client.post("/orders", json={"product_id": 1, "quantity": 1})
     assert response.status_code == 500
     assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM orders")) == 0
+
+
+def test_a_handler_taking_a_transaction_dependency_is_told_to_take_a_plain_connection() -> None:
+    async def handler(conn: WriteTransaction) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"plain.*not `WriteTransaction`"):
+        transactional()(handler)

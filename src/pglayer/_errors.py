@@ -65,6 +65,7 @@ __all__ = [
     "explain_connect_error",
     "raise_translated",
     "translate",
+    "translate_connect",
 ]
 
 
@@ -323,6 +324,20 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")
     return exc
+
+
+def translate_connect(exc: BaseException) -> BaseException:
+    """`translate()` for a failed connect: no connection was lost, and a refusal (a database
+    renamed or closed to connections, a role that may not log in) leaves the app without its
+    database, which is an outage to its clients (503), not a bug; 53300 stays as it is."""
+    error = translate(exc)
+    if isinstance(error, ConnectionLostError) or (
+        isinstance(error, DatabaseError) and not isinstance(error, TransientError)
+    ):
+        return DatabaseUnavailableError(
+            f"cannot connect ({type(exc).__name__})", sqlstate=error.sqlstate
+        )
+    return error
 
 
 def explain_connect_error(exc: BaseException, target: str) -> str:

@@ -38,17 +38,15 @@ from asyncpg import connect_utils
 
 from pglayer._clock import Clock, clock
 from pglayer._errors import (
-    ConnectionLostError,
     DatabaseError,
     DatabaseUnavailableError,
     LockTimeoutError,
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
-    TransientError,
     explain_connect_error,
     raise_translated,
-    translate,
+    translate_connect,
 )
 from pglayer._observability import Observer
 
@@ -841,20 +839,7 @@ class Pool:
             raw = await self._connect_abandonable(timeout or self.connect_timeout)
         except Exception as exc:
             self._connect_failed()
-            error = translate(exc)
-            if isinstance(error, ConnectionLostError):
-                # Refused or cut off while connecting: no connection was lost, the server is
-                # unavailable (counted and said as such, not as a connection loss).
-                error = DatabaseUnavailableError(
-                    f"cannot connect ({type(exc).__name__})", sqlstate=error.sqlstate
-                )
-            elif isinstance(error, DatabaseError) and not isinstance(error, TransientError):
-                # Refused at connect (a database renamed or closed to connections, a role
-                # that may not log in): the app is without its database, which is an outage
-                # to its clients (503), not a bug of theirs or its own.
-                error = DatabaseUnavailableError(
-                    f"cannot connect ({type(exc).__name__})", sqlstate=error.sqlstate
-                )
+            error = translate_connect(exc)
             if isinstance(error, DatabaseError):
                 self._connect_error = error
             raise_translated(exc, error)

@@ -19,17 +19,21 @@ from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
+    AsyncSessionTransaction,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
 from pglayer._database import Database
 from pglayer._errors import (
+    ConfigurationError,
     ConnectionLostError,
     PoolTimeoutError,
     TransactionAbortedError,
     raise_translated,
     translate,
+    translate_connect,
 )
 from pglayer._observability import ExternalPoolStats
 from pglayer._settings import DatabaseSettings
@@ -38,15 +42,23 @@ __all__ = ["count_engine", "create_engine", "session_transaction", "translate_sq
 
 
 def create_engine(
-    settings: DatabaseSettings, *, database: Database | None = None, pool_size: int | None = None
+    settings: DatabaseSettings | None = None,
+    *,
+    database: Database | None = None,
+    pool_size: int | None = None,
 ) -> AsyncEngine:
     """An asyncpg-backed engine with pglayer's deadlines and startup parameters.
 
-    Its pool is a second pool on the server: `pool_size` (default `settings.max_size`)
-    connections per worker. Pass the app's `database` so they count in its connection
-    budget and show in its `stats()`. Connections are pinged before use, so one lost while
-    idle (a restart, a failover) is replaced instead of failing a request.
+    Its settings are `settings`, else `database`'s. Its pool is a second pool on the server:
+    `pool_size` (default `settings.max_size`) connections per worker. Pass the app's
+    `database` so they count in its connection budget and show in its `stats()`.
+    Connections are pinged before use, so one lost while idle (a restart, a failover) is
+    replaced instead of failing a request.
     """
+    if settings is None:
+        if database is None:
+            raise ConfigurationError("create_engine() needs settings or a database")
+        settings = database.settings
     size = settings.max_size if pool_size is None else pool_size
     url = make_url(settings.dsn()).set(drivername="postgresql+asyncpg")
     engine = create_async_engine(
@@ -62,13 +74,19 @@ def create_engine(
             "timeout": settings.connect_timeout,
         },
     )
+    _watch(engine.sync_engine)
     if database is not None:
         count_engine(database, engine)
     return engine
 
 
+# Per database, the name each engine counted in it has (`sqlalchemy`, `sqlalchemy-2`, ...).
+_counted: weakref.WeakKeyDictionary[Database, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
 def count_engine(database: Database, engine: AsyncEngine) -> None:
-    """Count `engine`'s pool in `database`'s connection budget and `stats()`."""
+    """Count `engine`'s pool in `database`'s connection budget and `stats()` (once however
+    often it is given; each engine under its own name: `sqlalchemy`, then `sqlalchemy-2`)."""
     pool: Any = engine.pool  # a QueuePool: size and counters, read without a lock
     size = int(pool.size()) + max(int(getattr(pool, "_max_overflow", 0)), 0)
 
@@ -76,11 +94,19 @@ def count_engine(database: Database, engine: AsyncEngine) -> None:
         idle, in_use = pool.checkedin(), pool.checkedout()
         return ExternalPoolStats(max_size=size, size=idle + in_use, idle=idle, in_use=in_use)
 
-    database.count_external_pool("sqlalchemy", size, stats)
+    names = _counted.setdefault(database, {})
+    name = names.setdefault(
+        id(engine.sync_engine), f"sqlalchemy-{len(names) + 1}" if names else "sqlalchemy"
+    )
+    database.count_external_pool(name, size, stats)
 
 
 def translate_sqlalchemy(exc: BaseException) -> BaseException:
-    """Map a SQLAlchemy error to a pglayer error by the driver error underneath it."""
+    """Map a SQLAlchemy error to a pglayer error by the driver error underneath it.
+
+    The driver's own errors that SQLAlchemy does not wrap (a refused connect, a statement
+    past the client-side timeout) are translated as they are raised, on engines built by
+    `create_engine` or used through `session_transaction`."""
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return PoolTimeoutError()
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
@@ -99,9 +125,25 @@ def translate_sqlalchemy(exc: BaseException) -> BaseException:
 _failed: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
-def _note_failure(context: ExceptionContext) -> None:
+def _on_error(context: ExceptionContext) -> BaseException | None:
+    """Note the connection whose transaction failed; translate what SQLAlchemy leaves as the
+    driver raised it (its client-side timeout: `TimeoutError`)."""
     if context.connection is not None:
         _failed.add(context.connection)
+    if context.sqlalchemy_exception is None:
+        error = translate(context.original_exception)
+        if error is not context.original_exception:
+            return error
+    return None
+
+
+def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+    """Connect as SQLAlchemy would; a failure is the database unavailable, as for pglayer's
+    pool (SQLAlchemy raises the driver's errors at connect untranslated, past `handle_error`)."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except Exception as exc:
+        raise_translated(exc, translate_connect(exc))
 
 
 def _note_recovery(connection: Connection, *_: object) -> None:
@@ -109,11 +151,35 @@ def _note_recovery(connection: Connection, *_: object) -> None:
 
 
 def _watch(engine: Engine) -> None:
-    """Note, on `engine`, the connections whose transaction a failed statement aborted."""
+    """Translate `engine`'s errors; note the connections whose transaction a failed
+    statement aborted."""
     if not engine.__dict__.get("_pglayer_watched"):
-        event.listen(engine, "handle_error", _note_failure)
+        event.listen(engine, "handle_error", _on_error, retval=True)
         event.listen(engine, "rollback_savepoint", _note_recovery)
+        event.listen(engine, "do_connect", _connect)
         engine.__dict__["_pglayer_watched"] = True
+
+
+# `session.info` key: set while the handler runs in `session_transaction`, whose block ends
+# the transaction itself.
+_HANDLED = "pglayer_in_handler"
+
+
+@event.listens_for(Session, "before_commit")
+def _refuse_handlers_commit(session: Session) -> None:
+    if session.info.get(_HANDLED) and session.get_nested_transaction() is None:
+        raise sqlalchemy.exc.InvalidRequestError(
+            "session.commit() inside session_transaction (SqlSession): its block commits"
+            " when it ends, before the response"
+        )
+
+
+def _check_not_ended(session: AsyncSession, begun: AsyncSessionTransaction) -> None:
+    if session.sync_session.get_transaction() is not begun.sync_transaction:
+        raise sqlalchemy.exc.InvalidRequestError(
+            "the transaction of session_transaction (SqlSession) was ended in its block"
+            " (session.rollback()): nothing after it would be committed"
+        )
 
 
 async def _check_not_aborted(session: AsyncSession) -> None:
@@ -138,10 +204,17 @@ async def session_transaction(
     PostgreSQL answers the COMMIT of that transaction with ROLLBACK, not an error, and the
     driver does not look (a 2xx would stand for writes that were never applied)."""
     try:
-        async with sessions() as session, session.begin():
+        async with sessions() as session:
             bind = session.get_bind()
             _watch(bind if isinstance(bind, Engine) else bind.engine)
-            yield session
-            await _check_not_aborted(session)
+            begun = session.begin()
+            async with begun:
+                session.info[_HANDLED] = True
+                try:
+                    yield session
+                finally:
+                    del session.info[_HANDLED]
+                _check_not_ended(session, begun)
+                await _check_not_aborted(session)
     except Exception as exc:
         raise_translated(exc, translate_sqlalchemy(exc))

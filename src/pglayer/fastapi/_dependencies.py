@@ -116,6 +116,14 @@ def late_commits(dependant: Any) -> Iterator[str]:
         yield from late_commits(sub)
 
 
+def transactions(dependant: Any) -> Iterator[tuple[str, Any]]:
+    """The transaction dependencies under `dependant`, each as its name and callable."""
+    for sub in dependant.dependencies:
+        if getattr(sub.call, "pglayer_commits", False):
+            yield sub.name or "transaction_dependency()", sub.call
+        yield from transactions(sub)
+
+
 def _depends(dependency: Callable[..., Any]) -> Any:
     return Depends(dependency, scope="function")
 

@@ -20,7 +20,7 @@ from pglayer._errors import ConfigurationError
 from pglayer._gc import tune_gc as _tune_gc
 from pglayer._logs import configure_logging
 from pglayer._settings import ServerSettings, misspelt_settings
-from pglayer.fastapi._dependencies import STATE_KEY, late_commits
+from pglayer.fastapi._dependencies import STATE_KEY, late_commits, transactions
 from pglayer.fastapi._middleware import RequestGuard
 from pglayer.fastapi._openapi import complete_openapi
 from pglayer.fastapi._problems import install_problem_handlers
@@ -41,6 +41,7 @@ def database_lifespan(
     async def lifespan(app: Any) -> AsyncIterator[Any]:
         _warn_plain_routes(app)
         _refuse_late_commits(app)
+        _refuse_split_transactions(app)
         await db.open()
         if tune_gc:
             _tune_gc()
@@ -106,6 +107,41 @@ def _refuse_late_commits(app: Any) -> None:
 
 
 def _late_commits(app: Any) -> Iterator[str]:
+    for path, _, routers, dependant in _dependants(app):
+        yield from (f"{path} ({name}, of its router)" for name in late_commits(routers))
+        yield from (f"{path} ({name})" for name in late_commits(dependant))
+
+
+def _refuse_split_transactions(app: Any) -> None:
+    """Refuse to start an app with a route whose database work would not be one transaction:
+    two transaction dependencies (each commits on its own, so one can fail with the other
+    applied), or one under `@transactional` (it commits once, however often it replays)."""
+    two, replayed = [], []
+    for path, route, routers, dependant in _dependants(app):
+        found = dict(
+            (call, name) for name, call in [*transactions(routers), *transactions(dependant)]
+        )
+        names = ", ".join(found.values())
+        if getattr(getattr(route, "endpoint", None), "pglayer_transactional", False) and found:
+            replayed.append(f"{path} ({names})")
+        elif len(found) > 1:
+            two.append(f"{path} ({names})")
+    if replayed:
+        raise ConfigurationError(
+            "@transactional replays the handler in its own transaction, but a transaction"
+            " dependency commits once, with every attempt's writes:"
+            f" {', '.join(sorted(replayed)[:5])}"
+        )
+    if two:
+        raise ConfigurationError(
+            "route(s) take two transactions that commit separately (one can fail with the"
+            " other applied); use one (with SQLAlchemy, `await session.connection()` runs"
+            f" SQL in the session's): {', '.join(sorted(two)[:5])}"
+        )
+
+
+def _dependants(app: Any) -> Iterator[tuple[str, Any, Dependant, Dependant]]:
+    """Each route's path, the route, its routers' dependencies and its own dependant."""
     for path, route, outer in _routes(getattr(app, "routes", ())):
         dependant = getattr(route, "dependant", None)
         if dependant is None:
@@ -113,8 +149,7 @@ def _late_commits(app: Any) -> Iterator[str]:
         routers = Dependant(
             dependencies=[get_parameterless_sub_dependant(depends=d, path=path) for d in outer]
         )
-        yield from (f"{path} ({name}, of its router)" for name in late_commits(routers))
-        yield from (f"{path} ({name})" for name in late_commits(dependant))
+        yield path, route, routers, dependant
 
 
 def wrap_lifespan(app: FastAPI, *, on_shutdown: Callable[[], Awaitable[None]]) -> None:

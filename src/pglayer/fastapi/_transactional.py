@@ -47,7 +47,8 @@ def _connection_parameter(hints: dict[str, Any], handler: Callable[..., Any]) ->
     if len(names) != 1:
         raise TypeError(
             f"@transactional handler {handler.__qualname__} needs exactly one parameter"
-            " annotated `Connection`"
+            " annotated `Connection`, plain (the decorator gives it its transaction), not"
+            " `WriteTransaction` or another dependency"
         )
     return names[0]
 
@@ -106,6 +107,7 @@ def transactional(
                 bulkhead=bulkhead,
             )
 
+        endpoint.pglayer_transactional = True  # type: ignore[attr-defined]
         # FastAPI reads the signature: without the connection, with the request it needs.
         endpoint.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=[*visible, request],

@@ -43,5 +43,6 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+_session.pglayer_commits = True  # type: ignore[attr-defined]  # one transaction per route
 SqlSession = Annotated[AsyncSession, Depends(_session, scope="function")]
 """A session in a transaction, committed (or its failure answered) before the response."""
