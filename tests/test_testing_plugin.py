@@ -158,6 +158,33 @@ async def test_a_session_drops_the_databases_of_sessions_that_ended_without_tear
         await conn.close()
 
 
+async def test_the_databases_prefix_is_configurable(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = f"my_app_t_{testing._HOST}_{_a_pid_that_has_ended()}_0123456789ab"
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server.admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{ended}"')
+        pytester.makefile(".sql", **{"migrations/0001_notes": "CREATE TABLE notes (id int);"})
+        mine = f"my_app_t_{testing._HOST}_"
+        named = (
+            "def test_named(pglayer_database_url):\n"
+            f"    assert pglayer_database_url.rsplit('/', 1)[1].startswith({mine!r})\n"
+        )
+        pytester.makepyfile(app=APP, conftest=CONFTEST, test_named=named)
+        pytester.makeini(
+            "[pytest]\nasyncio_mode = auto\npglayer_migrations = migrations\n"
+            "pglayer_database_prefix = my_app\n"
+        )
+        monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+        result = await asyncio.to_thread(pytester.runpytest_subprocess, "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        assert await _databases(server, "my\\_app\\_%") == set()  # the ended session's too
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{ended}"')
+        await conn.close()
+
+
 def test_a_session_removes_the_embedded_server_of_a_session_that_ended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

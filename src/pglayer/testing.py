@@ -12,6 +12,9 @@ has no PostgreSQL). The migrations are applied once, to a template database; eac
 `CREATE DATABASE ... TEMPLATE` of it, dropped afterwards; what a session stopped without
 its teardown left behind is removed by the next session on the host.
 
+The test databases are named `pglayer_t_...` and `pglayer_tpl_...`; `pglayer_database_prefix =
+myapp` in the configuration names them `myapp_t_...`, to tell projects apart on one server.
+
 Fixtures: `pglayer_server_url`, `pglayer_template`, `pglayer_database_url`,
 `pglayer_settings`, `pglayer_db` (an open `Database`) and `pglayer_client` (an
 `httpx.AsyncClient` for your `pglayer_app`, its lifespan running). Async fixtures need
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -49,6 +53,7 @@ from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
 __all__ = ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"]
 
 _SERVER_ENV = "PGLAYER_TEST_DATABASE_URL"
+_PREFIX = re.compile(r"[A-Za-z0-9_]{1,20}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,6 +62,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "Directories of SQL migrations applied to the test template, in order",
         type="paths",
         default=[],
+    )
+    parser.addini(
+        "pglayer_database_prefix",
+        "How the names of the test databases begin (letters, digits, _; at most 20)",
+        default="pglayer",
     )
 
 
@@ -119,18 +129,19 @@ def _sweep_abandoned_servers() -> None:
             shutil.rmtree(base, ignore_errors=True)
 
 
-async def _drop_abandoned_databases(server_url: str) -> None:
+async def _drop_abandoned_databases(server_url: str, prefix: str) -> None:
     from pglayer._embedded import _alive
 
     conn: asyncpg.Connection[Any] = await asyncpg.connect(server_url)
+    escaped = prefix.replace("_", "\\_")
     try:
         names = await conn.fetch(
             "SELECT datname FROM pg_database WHERE datname LIKE $1 OR datname LIKE $2",
-            f"pglayer\\_t\\_{_HOST}\\_%",
-            f"pglayer\\_tpl\\_{_HOST}\\_%",
+            f"{escaped}\\_t\\_{_HOST}\\_%",
+            f"{escaped}\\_tpl\\_{_HOST}\\_%",
         )
         for (name,) in names:
-            pid = name.split("_")[3]
+            pid = name.rsplit("_", 2)[1]  # {prefix}_t_{host}_{pid}_{random}
             if pid.isdigit() and not _alive(int(pid)):
                 await conn.execute(f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)")
     finally:
@@ -166,12 +177,25 @@ def pglayer_migration_dirs(pytestconfig: pytest.Config) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]) -> Iterator[str]:
+def pglayer_database_prefix(pytestconfig: pytest.Config) -> str:
+    """How the test databases' names begin: `pglayer_database_prefix` (default `pglayer`)."""
+    prefix = str(pytestconfig.getini("pglayer_database_prefix"))
+    if not _PREFIX.fullmatch(prefix):
+        raise pytest.UsageError(
+            f"pglayer_database_prefix {prefix!r}: use letters, digits and _, at most 20"
+        )
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def pglayer_template(
+    pglayer_server_url: str, pglayer_migration_dirs: list[Path], pglayer_database_prefix: str
+) -> Iterator[str]:
     """A database with every migration applied, cloned by each test."""
-    name = f"pglayer_tpl_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"{pglayer_database_prefix}_tpl_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
     async def build() -> None:
-        await _drop_abandoned_databases(pglayer_server_url)
+        await _drop_abandoned_databases(pglayer_server_url, pglayer_database_prefix)
         await _admin(pglayer_server_url, f"CREATE DATABASE {_quoted(name)}")
         settings = DatabaseSettings(
             url=database_url_for(pglayer_server_url, name), min_size=1, max_size=1
@@ -190,9 +214,11 @@ def pglayer_template(pglayer_server_url: str, pglayer_migration_dirs: list[Path]
 
 
 @pytest.fixture
-def pglayer_database_url(pglayer_server_url: str, pglayer_template: str) -> Iterator[str]:
+def pglayer_database_url(
+    pglayer_server_url: str, pglayer_template: str, pglayer_database_prefix: str
+) -> Iterator[str]:
     """The URL of a database of this test's own, cloned from the template."""
-    name = f"pglayer_t_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    name = f"{pglayer_database_prefix}_t_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:12]}"
     create = f"CREATE DATABASE {_quoted(name)} TEMPLATE {_quoted(pglayer_template)}"
     asyncio.run(_admin(pglayer_server_url, create))
     try:
