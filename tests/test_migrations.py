@@ -213,3 +213,96 @@ async def test_a_role_that_may_not_create_tables_finds_an_applied_schema_up_to_d
         await owner.execute(f"DROP OWNED BY {role}")
         await owner.close()
         await admin.execute(f"DROP ROLE {role}")
+
+
+async def test_a_runner_waits_out_another_runs_lock_past_the_lock_bound(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The advisory lock is waited for as long as the run may take, not PGLAYER_LOCK_TIMEOUT.
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(1.2); CREATE TABLE s (i int);")
+    settings = settings_for(empty_db_url, lock_timeout=0.3)
+    async with Database(settings) as first, Database(settings) as second:
+        slow = asyncio.create_task(migrate(first, load_migrations(tmp_path)))
+        await asyncio.sleep(0.3)
+        assert await migrate(second, load_migrations(tmp_path)) == []
+        assert await slow == ["0001_slow.sql"]
+
+
+async def test_a_migration_may_outlast_the_query_timeout_within_its_own(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_long.sql").write_text("SELECT pg_sleep(0.8); CREATE TABLE l (i int);")
+    async with Database(settings_for(empty_db_url, query_timeout=0.3)) as db:
+        with pytest.raises(MigrationError, match=r"0001_long.sql did not finish within 0.4 s"):
+            await migrate(db, load_migrations(tmp_path), timeout=0.4)
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_long.sql"]
+
+
+async def test_a_migration_waiting_on_an_apps_lock_fails_naming_the_bound(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_t.sql").write_text("CREATE TABLE t (i int);")
+    (tmp_path / "0002_alter.sql").write_text("ALTER TABLE t ADD COLUMN j int;")
+    async with Database(settings_for(empty_db_url, lock_timeout=0.2)) as db:
+        await migrate(db, load_migrations(tmp_path)[:1])
+        holder: asyncpg.Connection[Any] = await asyncpg.connect(empty_db_url)
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE t IN ACCESS SHARE MODE")
+                with pytest.raises(MigrationError, match=r"0002_alter.sql.*PGLAYER_LOCK_TIMEOUT"):
+                    await migrate(db, load_migrations(tmp_path))
+        finally:
+            await holder.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE b (i int); COMMIT;",
+        "ROLLBACK; CREATE TABLE b (i int);",
+        "BEGIN; CREATE TABLE b (i int); COMMIT;",
+        "begin transaction isolation level serializable; CREATE TABLE b (i int); end;",
+        "/* a note */ start transaction; CREATE TABLE b (i int); abort",
+    ],
+)
+async def test_a_migration_that_ends_the_runs_transaction_is_refused(
+    empty_db_url: str, tmp_path: Path, sql: str
+) -> None:
+    # One run is one transaction: a COMMIT would apply the files before it, a ROLLBACK
+    # undo them while the rest of the run goes on in autocommit.
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (i int);")
+    (tmp_path / "0002_b.sql").write_text(sql)
+    async with Database(settings_for(empty_db_url)) as db:
+        with pytest.raises(MigrationError, match=r"0002_b.sql.*transaction"):
+            await migrate(db, load_migrations(tmp_path))
+        tables = await db.run(
+            lambda c: c.fetchval("SELECT count(*) FROM pg_tables WHERE tablename IN ('a', 'b')")
+        )
+    assert tables == 0
+
+
+async def test_transaction_words_inside_bodies_strings_and_comments_are_not_refused(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_words.sql").write_text(
+        "-- COMMIT; is only a comment\n"
+        "CREATE TABLE w (note text DEFAULT 'ROLLBACK; COMMIT');\n"
+        "/* BEGIN; /* nested */ COMMIT; */\n"
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n"
+        "BEGIN\n  RETURN 1;\nEND;\n$body$;\n"
+        "CREATE FUNCTION g() RETURNS int LANGUAGE sql\n"
+        "BEGIN ATOMIC\n  SELECT 1;\n  SELECT CASE WHEN true THEN 2 END;\nEND;\n"
+        'CREATE TABLE "commit" (i int);\n'
+    )
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_words.sql"]
+
+
+async def test_a_slow_migration_is_not_logged_with_its_sql(
+    empty_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file may hold secrets (CREATE ROLE ... PASSWORD); the slow-query log shows SQL text.
+    (tmp_path / "0001_role.sql").write_text("SELECT pg_sleep(0.3); SELECT 'TopSecret123';")
+    async with Database(settings_for(empty_db_url, slow_query_threshold=0.1)) as db:
+        await migrate(db, load_migrations(tmp_path))
+    assert "TopSecret123" not in caplog.text

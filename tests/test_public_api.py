@@ -40,7 +40,8 @@ PUBLIC: dict[str, list[str]] = {
         "transactional", "with_database",
     ],
     "pglayer.migrations": [
-        "Migration", "MigrationError", "install_pglayer_tables", "load_migrations", "migrate",
+        "DEFAULT_TIMEOUT", "Migration", "MigrationError", "install_pglayer_tables",
+        "load_migrations", "migrate",
     ],
     "pglayer.sqlalchemy": [
         "count_engine", "create_engine", "session_transaction", "translate_sqlalchemy",

@@ -22,6 +22,7 @@ from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, check_app, serve
 from pglayer._settings import DatabaseSettings, ServerSettings
+from pglayer.migrations import DEFAULT_TIMEOUT
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
@@ -120,6 +121,14 @@ def migrate(
         str | None,
         typer.Option(help="The directory's history (default: its name)"),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds the run may take, waiting for another process's run included (its"
+            " statements are not bound by PGLAYER_QUERY_TIMEOUT or statement_timeout)",
+        ),
+    ] = DEFAULT_TIMEOUT,
 ) -> None:
     """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name
     (or `--history`)."""
@@ -129,7 +138,9 @@ def migrate(
     try:
         histories = [history] if history else []
         applied = asyncio.run(
-            apply_directories(DatabaseSettings.for_command(), [directory], None, histories)
+            apply_directories(
+                DatabaseSettings.for_command(), [directory], None, histories, timeout=timeout
+            )
         )
     except PglayerError as exc:
         raise fail(str(exc)) from None

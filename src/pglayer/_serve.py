@@ -25,7 +25,12 @@ from pglayer._errors import ConfigurationError
 from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, pooled
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
-from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
+from pglayer.migrations import (
+    DEFAULT_TIMEOUT,
+    install_pglayer_tables,
+    load_migrations,
+    migrate,
+)
 
 __all__ = ["apply_directories", "check_app", "check_importable", "event_loop", "serve"]
 
@@ -50,6 +55,8 @@ async def apply_directories(
     prepare: Prepare | None = None,
     histories: Sequence[str] = (),
     say: Callable[[str], None] | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> list[str]:
     """Apply pglayer's own tables, each directory's migrations (each its own history: the
     directory's name, or the name `histories` gives it in turn), then `prepare(db)`; what
@@ -61,7 +68,7 @@ async def apply_directories(
     async with Database(settings) as db:
         applied += [f"pglayer/{name}" for name in await install_pglayer_tables(db)]
         for directory, history in zip(directories, named, strict=True):
-            names = await migrate(db, load_migrations(directory), history=history)
+            names = await migrate(db, load_migrations(directory), history=history, timeout=timeout)
             applied += [f"{history}/{name}" for name in names]
         if applied and say is not None:
             say(f"applied migrations: {', '.join(applied)}")

@@ -12,6 +12,8 @@ import hashlib
 import itertools
 import logging
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -23,13 +25,18 @@ from pglayer._connection import Connection
 from pglayer._database import Database
 from pglayer._errors import (
     DatabaseError,
+    LockTimeoutError,
     PglayerError,
     ProgrammingError,
+    QueryTimeoutError,
     TransactionAbortedError,
     TransientError,
+    raise_translated,
+    translate,
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "Migration",
     "MigrationError",
     "install_pglayer_tables",
@@ -41,6 +48,7 @@ log = logging.getLogger("pglayer.migrations")
 
 # Any fixed 64-bit key; it only has to differ from other users of advisory locks.
 LOCK_KEY = 0x70676C61796572  # "pglayer"
+DEFAULT_TIMEOUT = 3600.0  # seconds a run may take, waiting for another's included
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Comments, blanks and semicolons: a file of only these holds no statement.
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
@@ -118,26 +126,42 @@ END $$;
 
 
 async def migrate(
-    db: Database, migrations: list[Migration], *, history: str = "default"
+    db: Database,
+    migrations: list[Migration],
+    *,
+    history: str = "default",
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> list[str]:
     """Apply what is not applied yet; return the names applied. Safe to run concurrently.
 
     Each `history` (one per migration directory) is versioned apart, so two applications'
-    `0001_...` files on one database never collide.
+    `0001_...` files on one database never collide. `timeout` (seconds) bounds the whole
+    run, waiting for another process's run included; the files' statements are bound by it,
+    not by `PGLAYER_QUERY_TIMEOUT` or `statement_timeout`, and each lock they wait for (on a
+    table an app is using) by `PGLAYER_LOCK_TIMEOUT`.
     """
+    deadline = time.monotonic() + timeout
     async with db.transaction(timeout=60) as conn:
         try:
             if await conn.fetchval("SELECT pg_is_in_recovery()"):
                 raise MigrationError(
                     "this server is a read-only standby: run migrations against the primary"
                 )
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
-            await conn.execute("SET LOCAL statement_timeout = 0")
+            await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            try:
+                await _script(conn, f"SELECT pg_advisory_xact_lock({LOCK_KEY})", deadline)
+            except QueryTimeoutError:
+                raise MigrationError(
+                    f"waited {timeout:g} s for another process's migrations to finish (the"
+                    " migration lock); nothing was applied"
+                ) from None
+            lock_ms = round(db.settings.lock_timeout * 1000)
+            await conn.execute(f"SET LOCAL lock_timeout = {lock_ms}")
             # Made (or brought up to date) only when it must be: an app's role may lack the
             # privilege to create tables once its schema is in place.
             if not await conn.fetchval(_HISTORY_READY):
                 await conn.execute(_HISTORY_TABLE)
-            return await _apply(conn, migrations, history)
+            return await _apply(conn, migrations, history, _Run(deadline, timeout, lock_ms))
         except (ProgrammingError, TransactionAbortedError) as exc:  # 42501: no privilege
             # A migration's own failure is a MigrationError naming it: this is the history's.
             raise MigrationError(
@@ -166,12 +190,38 @@ def _position(sql: str, exc: DatabaseError) -> str:
     return f" at line {line}, column {column}"
 
 
-async def _apply(conn: Connection, migrations: list[Migration], history: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class _Run:
+    deadline: float  # time.monotonic()
+    timeout: float
+    lock_ms: int
+
+
+async def _script(conn: Connection, sql: str, deadline: float) -> None:
+    """Run `sql` (statements of a file, or a lock's wait) by the run's deadline.
+
+    On the driver's connection: not timed as the app's queries are, nor logged as a slow
+    query with its text, which may hold a secret (`CREATE ROLE ... PASSWORD`)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise QueryTimeoutError()
+    try:
+        await conn.raw.execute(sql, timeout=left)
+    except Exception as exc:
+        raise_translated(exc, translate(exc))
+
+
+async def _apply(
+    conn: Connection, migrations: list[Migration], history: str, run: _Run
+) -> list[str]:
     rows = await conn.fetch(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
     _check_order(migrations, applied, history)
+    for m in migrations:
+        if m.version not in applied:
+            _refuse_transaction_control(m)
     done: list[str] = []
     for m in migrations:
         previous = applied.get(m.version)
@@ -194,14 +244,13 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         try:
             # asyncpg fails on a query with no statement (an AttributeError of its own).
             if not _NOTHING.fullmatch(m.sql):
-                await conn.execute(m.sql)
+                await _script(conn, m.sql, run.deadline)
         except DatabaseError as exc:
-            if isinstance(exc, TransientError):
-                raise
-            where = _position(m.sql, exc)
+            raise _failed(m, exc, run, done) from exc
+        if not conn.raw.is_in_transaction():  # what the check before running missed
             raise MigrationError(
-                f"migration {m.name} failed{where}: {_server_reason(exc)}"
-            ) from exc
+                f"migration {m.name} ended the run's transaction: {_ONE_TRANSACTION}"
+            )
         await conn.execute(
             "INSERT INTO pglayer_migrations (history, version, name, checksum)"
             " VALUES ($1, $2, $3, $4)",
@@ -212,6 +261,104 @@ async def _apply(conn: Connection, migrations: list[Migration], history: str) ->
         )
         done.append(m.name)
     return done
+
+
+def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[str]) -> Exception:
+    """The error to raise for `m`'s failure `exc`, saying what it means for the run."""
+    if isinstance(exc, QueryTimeoutError):
+        reason = f"did not finish within {run.timeout:g} s (the run's timeout)"
+    elif isinstance(exc, LockTimeoutError):
+        reason = (
+            f"waited longer than PGLAYER_LOCK_TIMEOUT ({run.lock_ms / 1000:g} s) for a lock"
+            " another session holds on what it changes; retry when that work is done"
+        )
+    elif isinstance(exc, TransientError):
+        return exc  # lost, or refused: nothing of the run was committed; said by the caller
+    else:
+        reason = f"failed{_position(m.sql, exc)}: {_server_reason(exc)}"
+    earlier = f" (nor {', '.join(done)}, before it in this run)" if done else ""
+    return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}")
+
+
+# One run is one transaction: a COMMIT in a file would apply the files before it, and a
+# ROLLBACK undo them while the rest of the run goes on, each statement committed alone.
+_ONE_TRANSACTION = (
+    "a run applies its files in one transaction, so BEGIN, COMMIT, ROLLBACK and END do not"
+    " belong in them (nor what cannot run in a transaction, as CREATE INDEX CONCURRENTLY)"
+)
+_TOKEN = re.compile(
+    r"""(?P<skip>\s+|--[^\n]*|[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*")
+      | (?P<block>/\*)
+      | (?P<dollar>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
+      | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+      | (?P<semi>;)
+      | (?P<other>.)""",
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def _first_words(sql: str) -> Iterator[list[str]]:
+    """The first two words of each statement of `sql` (upper case), outside strings, quoted
+    names, comments and dollar-quoted bodies; a `BEGIN ATOMIC` body is part of its statement."""
+    words: list[str] = []
+    previous = ""
+    atomic = body_statement_starts = False
+    pos = 0
+    while pos < len(sql):
+        token = _TOKEN.match(sql, pos)
+        assert token is not None  # `other` matches any character
+        kind, pos = token.lastgroup, token.end()
+        if kind == "block":
+            pos = _block_end(sql, pos)
+        elif kind == "dollar":
+            end = sql.find(token.group(), pos)
+            pos = len(sql) if end < 0 else end + len(token.group())
+        elif kind == "word":
+            word = token.group().upper()
+            if atomic and body_statement_starts and word == "END":
+                atomic = False
+            elif (previous, word) == ("BEGIN", "ATOMIC"):
+                atomic = True  # a body of statements, up to an END where one would start
+            body_statement_starts = atomic and word == "ATOMIC"
+            previous = word
+            if len(words) < 2:
+                words.append(word)
+        elif kind == "semi":
+            if atomic:
+                body_statement_starts = True
+            elif words:
+                yield words
+                words, previous = [], ""
+    if words:
+        yield words
+
+
+def _block_end(sql: str, pos: int) -> int:
+    """Where a /* comment */ that began before `pos` ends (they nest)."""
+    depth = 1
+    while depth and pos < len(sql):
+        if sql.startswith("/*", pos):
+            depth, pos = depth + 1, pos + 2
+        elif sql.startswith("*/", pos):
+            depth, pos = depth - 1, pos + 2
+        else:
+            pos += 1
+    return pos
+
+
+def _ends_transaction(words: list[str]) -> bool:
+    first, second = words[0], (words[1:] or [""])[0]
+    if first in ("BEGIN", "COMMIT", "END", "ABORT"):
+        return True
+    if first == "ROLLBACK":
+        return second != "TO"  # ROLLBACK TO SAVEPOINT stays inside
+    return second == "TRANSACTION" and first in ("START", "PREPARE")
+
+
+def _refuse_transaction_control(m: Migration) -> None:
+    for words in _first_words(m.sql):
+        if _ends_transaction(words):
+            raise MigrationError(f"migration {m.name} has {' '.join(words)}: {_ONE_TRANSACTION}")
 
 
 def _check_order(
