@@ -292,6 +292,45 @@ def test_serve_with_workers_that_fail_to_start_exits_with_their_status(
     assert result.returncode == 3, result.stdout + result.stderr  # as with one worker
 
 
+@pytest.mark.parametrize(
+    ("source", "options", "said"),
+    [
+        ("def create_app():\n    raise RuntimeError('no app')\n", ["--factory"],
+         "RuntimeError: no app"),
+        ("raise ImportError('a missing dependency')\napp = None\n", [],
+         "ImportError: a missing dependency"),
+        ("app = 42\n", [], "is not an ASGI app"),
+    ],
+)  # fmt: skip
+def test_serve_with_workers_whose_app_cannot_be_loaded_exits_at_once(
+    db_url: str, tmp_path: Path, source: str, options: list[str], said: str
+) -> None:
+    # uvicorn's supervisor restarts a worker that fails this way for ever.
+    (tmp_path / "badapp.py").write_text(source)
+    target = "badapp:create_app" if options else "badapp:app"
+    command = [PGLAYER_SCRIPT, "serve", target, *options, "--workers", "2",
+               "--port", str(free_port())]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert said in result.stderr
+    assert result.stderr.count(said) <= 4  # a line and a traceback per worker, not per restart
+
+
+def test_serve_refuses_an_app_that_is_not_an_asgi_app(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "notapp.py").write_text("app = 42\n")
+    result = subprocess.run(
+        [PGLAYER_SCRIPT, "serve", "notapp:app", "--port", str(free_port())], cwd=tmp_path,
+        env=clean_env(DATABASE_URL=db_url), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "'notapp:app' is not an ASGI app" in result.stderr
+    assert "serving" not in result.stdout + result.stderr
+
+
 async def _setting(url: str, name: str) -> str:
     conn = await asyncpg.connect(url)
     try:

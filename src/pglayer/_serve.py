@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pglayer._budget import read_budget
 from pglayer._database import Database
@@ -173,6 +174,33 @@ def check_app(app: str) -> None:
         if not hasattr(found, part):
             raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
         found = getattr(found, part)
+    if not callable(found):
+        raise ConfigurationError(f"{app!r} is not an ASGI app (it is {type(found).__name__})")
+
+
+_APP_ENV = "PGLAYER_SERVE_APP"  # what `load_app` loads in each worker, and how
+_FACTORY_ENV = "PGLAYER_SERVE_FACTORY"
+
+
+def load_app() -> Any:
+    """The app `serve` was given, as uvicorn would load it (`--factory`: called), in the
+    worker; one that cannot be loaded ends the worker as failing to start. (uvicorn's
+    supervisor restarts a worker whose import or factory raised for ever.)"""
+    from uvicorn.importer import import_from_string
+
+    target = os.environ[_APP_ENV]
+    try:
+        loaded = import_from_string(target)
+        if os.environ.get(_FACTORY_ENV) == "1":
+            loaded = loaded()
+    except Exception:
+        log.exception("cannot load %s", target)
+        sys.exit(_STARTUP_FAILURE)
+    if not callable(loaded):
+        log.error("cannot load %s: %r is not an ASGI app (it is %s)", target, target,
+                  type(loaded).__name__)  # fmt: skip
+        sys.exit(_STARTUP_FAILURE)
+    return loaded
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -287,9 +315,10 @@ def serve(
         say(f"serving {app} on http://{host}:{port}")
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)
+        os.environ[_APP_ENV], os.environ[_FACTORY_ENV] = app, "1" if factory else "0"
         uvicorn.run(
-            app,
-            factory=factory,
+            "pglayer._serve:load_app",
+            factory=True,
             host=host,
             port=port,
             workers=workers,
