@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI, Response
+from fastapi import BackgroundTasks, FastAPI, Response
 from pydantic import BaseModel
 from sqlalchemy import BigInteger, String, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+import pglayer
 from pglayer import ConfigurationError, Connection, Database, DatabaseSettings
 from pglayer.fastapi import WriteTransaction, setup, transactional
 from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
 from pglayer.sqlalchemy import count_engine, create_engine
 from tests.conftest import asgi_client, free_port, settings_for
+from tests.test_errors import SLOW_COMMIT, kill_when_committing
 from tests.test_shop_users import assert_problem
 
 
@@ -302,3 +306,90 @@ async def test_a_sessions_isolation_is_set_by_its_first_call(db_url: str) -> Non
         levels = [(await client.get("/sa/isolation", params={"strict": s})).json()
                   for s in ("true", "false")]  # fmt: skip
     assert levels == ["repeatable read", "read committed"]
+
+
+async def test_an_orm_commit_whose_connection_is_lost_is_commit_unknown(
+    db_url: str, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # COMMIT was sent: it may have applied, so the client must not be told to retry.
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(SLOW_COMMIT)
+    finally:
+        await conn.close()
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/slow")
+    async def slow(session: SqlSession) -> None:
+        await session.execute(text("INSERT INTO slow VALUES (1)"))
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        killer = asyncio.create_task(kill_when_committing(admin, db_name))
+        response = await client.post("/sa/slow")
+        await killer
+    assert_problem(response, 500, "commit_unknown")
+
+
+async def test_a_session_used_after_its_handler_is_refused_and_leaks_nothing(
+    db_url: str,
+) -> None:
+    # A closed session would begin again, on a connection nothing gives back.
+    app = orm_app(settings_for(db_url))
+    kept, failed = [], []
+
+    async def use(session: AsyncSession) -> None:
+        try:
+            await session.execute(text("SELECT 1"))
+        except InvalidRequestError as exc:
+            failed.append(exc)
+
+    @app.post("/sa/later")
+    async def later(session: SqlSession, tasks: BackgroundTasks) -> None:
+        kept.append(session)  # alive: the garbage collector does not give it back either
+        tasks.add_task(use, session)
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        for _ in range(3):
+            await client.post("/sa/later")
+        engine = app.state.pglayer_sessions.kw["bind"]
+        assert engine.pool.checkedout() == 0
+    assert len(failed) == 3
+
+
+async def test_the_request_deadline_bounds_orm_statements(db_url: str) -> None:
+    app = orm_app(settings_for(db_url, query_timeout=10, statement_timeout=10))
+
+    @app.get("/sa/bounded")
+    async def bounded(session: SqlSession) -> None:
+        with pglayer.deadline(0.3):
+            await session.execute(text("SELECT pg_sleep(3)"))
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        started = time.monotonic()
+        response = await client.get("/sa/bounded")
+    assert_problem(response, 504, "timeout")
+    assert time.monotonic() - started < 2.5
+
+
+async def test_a_second_engine_bound_to_one_app_is_refused(db_url: str) -> None:
+    app = orm_app(settings_for(db_url))
+    with pytest.raises(ConfigurationError, match="already"):
+        setup_sqlalchemy(app, create_engine(settings_for(db_url)))
+
+
+async def test_a_rollback_in_the_handler_is_said_as_such(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/rolled")
+    async def rolled(session: SqlSession) -> None:
+        await session.execute(text("SELECT 1"))
+        await session.rollback()
+        await session.execute(text("SELECT 2"))  # a transaction of its own, begun anew
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        await client.post("/sa/rolled")
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert len(logged) == 1
+    assert "was ended in its block (session.rollback())" in logged[0]

@@ -8,6 +8,7 @@ and faster for hand-written SQL.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,8 +26,10 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
+from pglayer._context import remaining
 from pglayer._database import Database
 from pglayer._errors import (
+    CommitIndeterminateError,
     ConfigurationError,
     ConnectionLostError,
     PoolTimeoutError,
@@ -39,6 +42,8 @@ from pglayer._observability import ExternalPoolStats
 from pglayer._settings import DatabaseSettings
 
 __all__ = ["count_engine", "create_engine", "session_transaction", "translate_sqlalchemy"]
+
+log = logging.getLogger("pglayer")
 
 
 def create_engine(
@@ -125,16 +130,59 @@ def translate_sqlalchemy(exc: BaseException) -> BaseException:
 _failed: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
+# Connections whose COMMIT was sent (until their next BEGIN): lost then, it may have applied.
+_committing: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
 def _on_error(context: ExceptionContext) -> BaseException | None:
-    """Note the connection whose transaction failed; translate what SQLAlchemy leaves as the
-    driver raised it (its client-side timeout: `TimeoutError`)."""
-    if context.connection is not None:
-        _failed.add(context.connection)
-    if context.sqlalchemy_exception is None:
-        error = translate(context.original_exception)
-        if error is not context.original_exception:
-            return error
+    """Note the connection whose transaction failed; a connection lost during COMMIT is an
+    unknown outcome; translate what SQLAlchemy leaves as the driver raised it (its
+    client-side timeout: `TimeoutError`)."""
+    connection, wrapped = context.connection, context.sqlalchemy_exception
+    if connection is not None:
+        _failed.add(connection)
+    error = (
+        translate_sqlalchemy(wrapped)
+        if wrapped is not None
+        else translate(context.original_exception)
+    )
+    if connection in _committing and (
+        context.is_disconnect or isinstance(error, ConnectionLostError)
+    ):
+        log.error(
+            "COMMIT outcome unknown (SQLAlchemy session): the connection failed while it was"
+            " in flight; it may or may not have been applied"
+        )
+        return CommitIndeterminateError()
+    if wrapped is None and error is not context.original_exception:
+        return error
     return None
+
+
+# The driver's own `command_timeout` of each connection (PGLAYER_QUERY_TIMEOUT from
+# `create_engine`), for statements outside any deadline.
+_own_timeouts: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
+
+
+def _bound(connection: Connection, *_: object) -> None:
+    """Bound the statement about to run by the request's deadline (or `pglayer.deadline()`),
+    as pglayer's own statements are: through the driver's `command_timeout`, which asyncpg
+    reads for every statement (no round trip; it cancels the statement on the server)."""
+    driver: Any = connection.connection.driver_connection
+    config = driver._config  # asyncpg's, private: its per-statement default timeout
+    own = _own_timeouts.setdefault(driver, config.command_timeout)
+    left = remaining()
+    timeout = own if left is None else max(min(left, own or left), 0.001)
+    if config.command_timeout != timeout:
+        driver._config = config._replace(command_timeout=timeout)
+
+
+def _note_commit(connection: Connection) -> None:
+    _committing.add(connection)
+
+
+def _note_begin(connection: Connection) -> None:
+    _committing.discard(connection)
 
 
 def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
@@ -157,6 +205,9 @@ def _watch(engine: Engine) -> None:
         event.listen(engine, "handle_error", _on_error, retval=True)
         event.listen(engine, "rollback_savepoint", _note_recovery)
         event.listen(engine, "do_connect", _connect)
+        event.listen(engine, "commit", _note_commit)
+        event.listen(engine, "begin", _note_begin)
+        event.listen(engine, "before_cursor_execute", _bound)
         engine.__dict__["_pglayer_watched"] = True
 
 
@@ -204,17 +255,19 @@ async def session_transaction(
     PostgreSQL answers the COMMIT of that transaction with ROLLBACK, not an error, and the
     driver does not look (a 2xx would stand for writes that were never applied)."""
     try:
-        async with sessions() as session:
+        # Closed for good at the end: used again (background work, a stream), it would begin
+        # anew, on a connection that nothing gives back.
+        async with sessions(close_resets_only=False) as session:
             bind = session.get_bind()
             _watch(bind if isinstance(bind, Engine) else bind.engine)
-            begun = session.begin()
-            async with begun:
-                session.info[_HANDLED] = True
-                try:
-                    yield session
-                finally:
-                    del session.info[_HANDLED]
-                _check_not_ended(session, begun)
-                await _check_not_aborted(session)
+            transaction = await session.begin()
+            session.info[_HANDLED] = True
+            try:
+                yield session
+            finally:
+                del session.info[_HANDLED]
+            _check_not_ended(session, transaction)
+            await _check_not_aborted(session)
+            await transaction.commit()  # on an error instead, closing the session rolls back
     except Exception as exc:
         raise_translated(exc, translate_sqlalchemy(exc))

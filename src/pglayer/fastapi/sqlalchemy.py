@@ -24,6 +24,8 @@ def setup_sqlalchemy(app: FastAPI, engine: AsyncEngine) -> None:
 
     After `setup(app, db)`, the engine's pool counts in `db`'s budget and stats.
     """
+    if getattr(app.state, _STATE_KEY, None) is not None:
+        raise ConfigurationError("an engine is already bound to this app (setup_sqlalchemy)")
     setattr(app.state, _STATE_KEY, async_sessionmaker(engine, expire_on_commit=False))
     db = getattr(app.state, STATE_KEY, None)
     if isinstance(db, Database):
