@@ -20,6 +20,7 @@ from pglayer import (
     ConnectionLostError,
     Database,
     DatabaseUnavailableError,
+    InvalidInputError,
     PglayerError,
     ProgrammingError,
     QueryTimeoutError,
@@ -306,3 +307,14 @@ async def test_a_close_during_a_retried_open_says_it_closed_it() -> None:
     await db.close()
     with pytest.raises(DatabaseUnavailableError, match="closed while it was opening"):
         await opening
+
+
+async def test_an_argument_the_driver_refuses_leaves_the_connection_clean(db_url: str) -> None:
+    # asyncpg leaves the server inside an extended query (no Sync) after failing to encode an
+    # argument: its statement_timeout later fails whoever holds the connection next.
+    db = Database(settings_for(db_url, min_size=1, max_size=1, statement_timeout=0.3))
+    async with db:
+        with pytest.raises(InvalidInputError):
+            await db.read(lambda c: c.fetchrow("SELECT $1::bigint", 2**70))
+        await asyncio.sleep(0.6)
+        assert await db.run(lambda c: c.fetchval("SELECT 1"), retry=False) == 1

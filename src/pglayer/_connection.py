@@ -210,8 +210,13 @@ class Connection:
             if slot.timed_out:  # our cancellation, come out of the driver as another error
                 self._timed_out(slot)
             translated = self._translate(exc)
-            if not isinstance(translated, PglayerError):
-                slot.unsure = True  # the driver failed in a way pglayer does not know
+            if getattr(exc, "server_source_function", None) is None:
+                # Not the server's answer (which names its routine), though asyncpg may raise
+                # the server's classes: the driver failed on its side, and may have left the
+                # server mid-statement (an argument it could not encode leaves an extended
+                # query without its Sync, which statement_timeout later ends, failing the
+                # next holder): checked before the connection is lent again.
+                slot.unsure = True
             if self._writes is not None and self._depth == 0 and outcome_unknown(translated):
                 self._writes.wrote = True  # a statement in autocommit that may have applied
             self._finished(query, time.monotonic() - started, translated)
