@@ -4,6 +4,7 @@ dependency overrides, mounted apps and errors after the response."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import pglayer._gc
 from pglayer import (
     ConfigurationError,
     Connection,
@@ -504,3 +506,51 @@ async def test_a_transactional_handler_with_a_transaction_dependency_refuses_to_
     with pytest.raises(ConfigurationError, match=r"@transactional.*: /replayed \(other\)$"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_a_client_leaving_a_websocket_is_not_an_error(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:  # as an app waiting for messages would: the client's leaving raises
+            await websocket.receive_text()
+
+    async with running(app) as server:
+        async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+            await ws_.send("hi")
+        await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_websocket_ending_brings_a_collection_in_a_tuned_process(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a socket dropped mid-message leaves in reference cycles (its partial message) is
+    # freed then, not after the tuned threshold's 200,000 allocations.
+    monkeypatch.setattr(pglayer._gc, "_tuned", True)
+    monkeypatch.setattr(pglayer._gc, "_COLLECT_AFTER", 0.05)
+    app = app_of(db)
+    full: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+
+    gc.callbacks.append(seen)
+    try:
+        async with running(app) as server:
+            async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+                await ws_.send("hi")
+            await asyncio.sleep(0.5)
+    finally:
+        gc.callbacks.remove(seen)
+    assert full

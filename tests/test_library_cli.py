@@ -21,6 +21,8 @@ import asyncpg
 import httpx
 import pytest
 from pydantic import ValidationError
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from pglayer import DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
@@ -34,7 +36,7 @@ PGLAYER = [sys.executable, "-m", "pglayer"]
 PGLAYER_SCRIPT = str(Path(sys.executable).with_name("pglayer"))
 
 APP = """
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 
 from pglayer import Database
 from pglayer.fastapi import Db, setup
@@ -51,6 +53,12 @@ async def count(db: Db) -> int:
 @app.post("/notes/echo")
 async def echo(note: dict[str, str]) -> dict[str, str]:
     return note
+
+
+@app.websocket("/echo")
+async def echo_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
 """
 
 
@@ -237,6 +245,23 @@ def test_serve_sets_up_every_workers_logs_and_bounds_from_the_environment(
     assert all(isinstance(r["worker"], int) for r in records if r["logger"] == "pglayer.access")
     access = [r for r in records if r["logger"] == "pglayer.access"]
     assert {r["status"] for r in access} >= {200, 413}, output
+
+
+def test_serve_bounds_a_websocket_message_as_a_body(db_url: str, tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_MAX_BODY_SIZE="64")
+
+    async def exchange(url: str, text: str) -> str | int:
+        async with connect(url.replace("http", "ws") + "/echo") as socket_:
+            await socket_.send(text)
+            try:
+                return str(await socket_.recv())
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else 1006
+
+    with serving(tmp_path, env=env) as served:
+        small = asyncio.run(exchange(served.url, "hi"))
+        large = asyncio.run(exchange(served.url, "x" * 100))
+    assert (small, large) == ("hi", 1009)  # "message too big" (uvicorn's default: 16 MiB)
 
 
 def test_serve_names_an_app_it_cannot_find_before_migrating(db_url: str, tmp_path: Path) -> None:

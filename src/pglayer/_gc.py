@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
-__all__ = ["GC_THRESHOLD", "tune_gc"]
+__all__ = ["GC_THRESHOLD", "collect_soon", "tune_gc"]
 
 # Container objects allocated (net) between young collections; CPython's default is 700.
 # A request allocates ~50, so at the default every ~14 requests trigger one, and under high
@@ -32,3 +33,25 @@ def tune_gc() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, middle, old)
+
+
+_COLLECT_AFTER = 1.0  # seconds
+_collecting: asyncio.TimerHandle | None = None
+
+
+def collect_soon() -> None:
+    """In a tuned process, one full collection a second from now, however many ask.
+
+    What a connection that ended abruptly leaves in reference cycles (a WebSocket's partial
+    message, up to its size bound) is then freed at once, not after 200,000 allocations
+    (under load that allocates and frees, none: 2.7 GB kept after 80 dropped sockets). The
+    startup heap is frozen, so a full collection scans only what came after it."""
+    global _collecting
+    if _tuned and _collecting is None:
+        _collecting = asyncio.get_running_loop().call_later(_COLLECT_AFTER, _collect)
+
+
+def _collect() -> None:
+    global _collecting
+    _collecting = None
+    gc.collect()

@@ -326,6 +326,7 @@ def serve(
             # httptools with bounds on header size and header/body read time (see _http).
             http=PROTOCOL if importlib.util.find_spec("httptools") else "h11",
             timeout_graceful_shutdown=10,
+            ws_max_size=server.max_body_size,  # a WebSocket message, as a request's body
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id
         )

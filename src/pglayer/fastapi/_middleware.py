@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
 
 from pglayer import _context as context
 from pglayer._clock import Clock, clock, current_task
@@ -54,6 +55,7 @@ from pglayer._context import (
 )
 from pglayer._database import Database
 from pglayer._errors import PoolOverloadedError
+from pglayer._gc import collect_soon
 from pglayer._logs import AccessLog, Throttle, escape, left_out
 from pglayer._observability import RequestStats
 from pglayer.fastapi._problems import (
@@ -435,6 +437,8 @@ class RequestGuard:
         (uvicorn would log a traceback and drop the connection: 1006 to the client)."""
         try:
             await self.app(scope, receive, send)
+        except WebSocketDisconnect:
+            pass  # the client left: not an error of the app's
         except Exception as exc:
             count = _LATE.allow((type(exc), "websocket"))
             if count is not None:
@@ -446,6 +450,8 @@ class RequestGuard:
                 )
             with contextlib.suppress(Exception):  # closed already, or the client left
                 await send({"type": "websocket.close", "code": 1011, "reason": "internal"})
+        finally:
+            collect_soon()
 
     @staticmethod
     def _after_start(scope: Scope, ex: _Exchange, exc: Exception) -> None:
