@@ -548,3 +548,37 @@ def test_an_unknown_method_pipelined_behind_a_request_gets_no_other_paths_allow(
     protocol, _ = _refusing(b"GET /users/1 HTTP/1.1\r\nHost: s\r\n\r\nFOO /x HTTP/1.1\r\n\r\n")
     head, _ = protocol._unknown_method(4)
     assert head.startswith(b"HTTP/1.1 501 ")
+
+
+WS_HEAD = (
+    "Host: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        f"POST /users HTTP/1.1\r\n{WS_HEAD}Content-Type: application/json\r\n"
+        "Content-Length: 2\r\n\r\n{}",
+        f"GET /users/1 HTTP/1.1\r\n{WS_HEAD}Content-Length: 2\r\n\r\n{{}}",
+        f"PUT /users/1 HTTP/1.1\r\n{WS_HEAD}Transfer-Encoding: chunked\r\n\r\n"
+        "2\r\n{}\r\n0\r\n\r\n",
+    ],
+    ids=["post", "get-with-body", "put-chunked"],
+)
+async def test_a_websocket_handshake_with_a_body_gets_a_400(served: Served, head: str) -> None:
+    # It was never answered, nor timed out: the upgrade stops the head and body timers.
+    answer = await asyncio.wait_for(send_head(served, head.encode()), 5)
+    assert_problem(answer, 400, "validation_error")
+
+
+async def test_a_body_whose_trailers_go_on_and_on_gets_413(served: Served) -> None:
+    # Trailers are bound by neither the header nor the body bound, and cost the parser
+    # quadratic CPU (100 MB: 11 s of the event loop).
+    head = (
+        b"POST /users HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: "
+    )
+    answer = await asyncio.wait_for(send_head(served, head + b"t" * 6_000_000), 10)
+    assert_problem(answer, 413, "payload_too_large")

@@ -9,7 +9,9 @@ reset by every byte), so one client dripping bytes holds a connection forever. H
   first byte on a kept-alive connection, gets 408 (a connection that sent nothing is
   just closed);
 - a body not complete `body_timeout` seconds after its head gets 408 (the app sees the
-  client leave), or the connection is closed if the response has already started;
+  client leave), or the connection is closed if the response has already started; as does
+  one that takes more than four times `max_body_size` on the wire (chunk framing and
+  trailers, which the parser does not bound) with 413;
 - a request the parser rejects (a bad request line, header or framing) gets 400, as does
   an HTTP/1.1 request without exactly one valid `Host`, a fragment (`#`) in a target, `*`
   outside OPTIONS, or Transfer-Encoding in HTTP/1.0; a method the parser does not know
@@ -272,6 +274,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._max_head = limits.max_header_size
         self._head_timeout = limits.header_timeout
         self._body_timeout = limits.body_timeout
+        # Bytes a body may take on the wire, chunk framing and trailers included: trailers
+        # are not bounded by the parser, which costs quadratic CPU on a long one (100 MB:
+        # 11 s of the event loop).
+        self._max_body_read = 4 * limits.max_body_size + limits.max_header_size
+        self._body_read = 0
         self._in_head = False  # a request's first byte arrived, its headers have not ended
         self._head_size = 0  # bytes of the reads that began inside the current head
         self._read_size = 0
@@ -339,13 +346,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 return
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self._head_timeout, self._head_too_slow)
-        elif self._body_pending and self._body_timer is None:
-            self._body_timer = self.loop.call_later(self._body_timeout, self._body_too_slow)
+        elif self._body_pending:
+            self._body_read += len(data)
+            if self._body_read > self._max_body_read:
+                self._body_too_large()
+            elif self._body_timer is None:
+                self._body_timer = self.loop.call_later(self._body_timeout, self._body_too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_size = 0
+        self._body_read = 0
         self._skipping = False
 
     # After a refusal, the rest of that read is still parsed (url and headers are collected,
@@ -387,8 +399,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._running = cycle  # else queued behind it, in `pipeline`
 
     def handle_websocket_upgrade(self) -> None:
-        if not self._refused:  # a refused head never reached uvicorn's (no scope to upgrade)
-            super().handle_websocket_upgrade()
+        if self._refused:  # a refused head never reached uvicorn's (no scope to upgrade)
+            return
+        if self.scope["method"] != "GET" or any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in self.headers
+        ):
+            # The WebSocket implementation would wait for ever on such a handshake, past the
+            # head and body timeouts, which stop at an upgrade (RFC 6455: a GET, no body).
+            detail = "A WebSocket handshake is a GET request without a body."
+            self._refuse(_problem(400, "Bad Request", "validation_error", detail))
+            return
+        super().handle_websocket_upgrade()
 
     def on_body(self, body: bytes) -> None:
         if not (self._refused or self._skipping):
@@ -542,6 +564,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         detail = f"The request body did not arrive within {self._body_timeout:g} seconds."
         self._refuse(_problem(408, "Request Timeout", "timeout", detail), self._body_timeout)
+
+    def _body_too_large(self) -> None:
+        if self.cycle is not None and self.cycle.response_started:
+            self._abandon_cycle()
+            self.transport.close()
+            return
+        detail = "The request body, its framing and trailers, is too large."
+        self._refuse(_problem(413, "Content Too Large", "payload_too_large", detail))
 
     def _refuse_head_too_large(self) -> None:
         detail = f"The request line and headers exceed {self._max_head} bytes."
