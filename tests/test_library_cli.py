@@ -679,3 +679,16 @@ def test_doctor_says_a_port_that_is_not_postgresql_may_be_the_mistake() -> None:
         result = run("doctor", env=clean_env(DATABASE_URL=url, COLUMNS="300"))
     assert result.returncode == 1
     assert "is it a PostgreSQL server at that port?" in " ".join(result.stdout.split())
+
+
+async def test_doctor_shows_text_from_the_server_as_it_is(db_url: str) -> None:
+    # Another client's application_name is not Rich markup (`[/bold]` raised MarkupError).
+    name = "[/bold] :fire: [red]x"
+    other = await asyncpg.connect(db_url, server_settings={"application_name": name})
+    try:
+        env = clean_env(DATABASE_URL=db_url, COLUMNS="300")
+        result = await asyncio.to_thread(run, "doctor", env=env)
+    finally:
+        await other.close()
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert f"by '{name}'" in result.stdout

@@ -10,6 +10,7 @@ from typing import Annotated
 try:
     import typer
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the pglayer command needs its extra: pip install 'pglayer[cli]'") from exc
@@ -29,7 +30,15 @@ __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings
 app = typer.Typer(
     help="pglayer: serve, migrate and check an app built on pglayer.", no_args_is_help=True
 )
-console = Console(stderr=True)
+# Text from elsewhere (a server's application names, paths, errors) is never markup or emoji
+# codes (`[/bold]` raised MarkupError, `:fire:` became an emoji), and lines are not wrapped.
+console = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+out = Console(emoji=False, highlight=False, soft_wrap=True)
+
+
+def say(text: str) -> None:
+    """A line of the command's own output to stderr, as it is (no markup)."""
+    console.print(text, markup=False)
 
 
 def _version(asked: bool) -> None:
@@ -72,7 +81,7 @@ Histories = Annotated[
 def fail(message: str) -> typer.Exit:
     """Print `message` as an error; the exit to raise."""
     # One line however narrow the terminal: scripts grep it, and logs keep it whole.
-    console.print(f"[red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code=1)
 
 
@@ -103,7 +112,7 @@ def serve_command(
             histories=history or [],
             data_dir=data_dir,
             database=database,
-            say=console.print,
+            say=say,
         )
     except PglayerError as exc:
         raise fail(str(exc)) from None
@@ -144,7 +153,7 @@ def migrate(
         )
     except PglayerError as exc:
         raise fail(str(exc)) from None
-    console.print(f"applied: {', '.join(applied)}" if applied else "up to date")
+    say(f"applied: {', '.join(applied)}" if applied else "up to date")
 
 
 @app.command()
@@ -173,7 +182,7 @@ def doctor(
         try:
             check_app(target)
         except PglayerError as exc:  # its name still names its connections: go on
-            console.print(f"[yellow]warning:[/] {exc}", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(str(exc))}")
     settings, server = DatabaseSettings(), ServerSettings()  # both as the app reads them
     if settings_only:
         print_settings(settings, server)
@@ -196,10 +205,10 @@ def print_settings(*groups: BaseSettings) -> None:
         for name, field in type(settings).model_fields.items():
             table.add_row(
                 _variable(name),
-                _shown(name, getattr(settings, name)),
-                field.description or "",
+                escape(_shown(name, getattr(settings, name))),
+                escape(field.description or ""),
             )
-    Console().print(table)
+    out.print(table)
 
 
 def _shown(name: str, value: object) -> str:
@@ -224,8 +233,7 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
     table.add_column("detail", overflow="fold")
     marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
     for finding in diagnosis.findings:
-        table.add_row(finding.check, marks[finding.level], finding.detail)
-    out = Console()
+        table.add_row(escape(finding.check), marks[finding.level], escape(finding.detail))
     out.print(table)
     if diagnosis.failed or not diagnosis.findings:
         return

@@ -18,6 +18,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pglayer
@@ -29,7 +30,8 @@ from pglayer_shop.settings import ShopSettings
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="pglayer-shop: the reference service and its tools.", no_args_is_help=True)
-console = Console(stderr=True)
+# Paths and errors are never markup or emoji codes, and lines are not wrapped.
+console = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 log = logging.getLogger("pglayer_shop.cli")
 
 
@@ -99,7 +101,9 @@ def _database(data_dir: Path) -> Iterator[None]:
         return
     embedded = pglayer.EmbeddedPostgres(data_dir, database="shop")
     os.environ["DATABASE_URL"] = embedded.start()
-    console.print(f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}")
+    console.print(
+        f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}", markup=False
+    )
     try:
         yield
     finally:
@@ -114,7 +118,7 @@ def _variable(loc: tuple[int | str, ...]) -> str:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)  # one line, however narrow
+    console.print(f"[red]error:[/] {escape(message)}")  # one line, however narrow
     return typer.Exit(code=1)
 
 
@@ -148,7 +152,7 @@ def serve(
             data_dir=data_dir,
             database="shop",
             prepare=prepare,
-            say=console.print,
+            say=lambda text: console.print(text, markup=False),
         )
     except PglayerError as exc:
         raise _fail(str(exc)) from None
