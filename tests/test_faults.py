@@ -464,3 +464,22 @@ def test_one_off_commands_open_no_replica(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("DATABASE_URL", "postgresql://app@127.0.0.1:1/app")
     monkeypatch.setenv("PGLAYER_REPLICA_URLS", "postgresql://app@127.0.0.1:2/app")
     assert DatabaseSettings.for_command().replica_urls == []
+
+
+async def test_behind_a_pooler_whose_server_just_went_opening_ends_with_its_deadline(
+    running: EmbeddedPostgres,
+) -> None:
+    # PgBouncer logs clients in and queues their statements: the pooler probes at open
+    # waited in that queue (120 s by default), past any startup deadline.
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    with PgBouncer(running.admin_url(), pool_mode="transaction", pool_size=2,
+                   server_login_retry=2) as bouncer:  # fmt: skip
+        url = bouncer.url("postgres")
+        async with Database(settings_for(url)) as db:
+            await db.run(lambda c: c.fetchval("SELECT 1"))  # PgBouncer keeps a server
+        await asyncio.to_thread(wait_stopped, running)
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError, match=r"not reachable within 1\.5s"):
+            async with Database(settings_for(url, startup_timeout=1.5)):
+                pass
+        assert time.monotonic() - started < 4  # not the probes' 5 s connect timeouts, nor 120

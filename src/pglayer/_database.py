@@ -198,6 +198,7 @@ class Database:
             )
         self.name = name
         self.target = describe_target(self.settings.dsn())
+        self._attempts_end = float("inf")  # when `open()`'s retries must have ended
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
@@ -386,6 +387,7 @@ class Database:
         return "".join(f" + {name} {size}" for name, (size, _) in self._external.items())
 
     async def _open_with_retry(self, deadline: float) -> None:
+        self._attempts_end = time.monotonic() + deadline
         async for attempt in AsyncRetrying(
             stop=stop_before_delay(deadline) | _Closed(self),  # no sleep that ends past it
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
@@ -439,8 +441,12 @@ class Database:
     async def _create_pool(self) -> Pool:
         s = self.settings
         if self.pooler is None:
+            left = self._attempts_end - time.monotonic()
             try:
-                self.pooler = await self._resolve_pooler()
+                # Behind a pooler whose server has just gone, its probes wait in the pooler's
+                # queue: each is bounded, and together they end with the startup deadline.
+                async with asyncio.timeout(left if left != float("inf") else None):
+                    self.pooler = await self._resolve_pooler()
             except Exception as exc:
                 raise self._startup_error(exc) from exc
             if self.pooler.mode != "none":

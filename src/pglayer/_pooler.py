@@ -69,12 +69,35 @@ class PoolerInfo:
     prepared_statements: bool  # whether named prepared statements survive it
 
 
+class _Probe(asyncpg.Connection):  # generic only in the stubs
+    """A probe's connection, whose statements and close are bounded too: behind a pooler
+    whose server has just gone, a statement waits in the pooler's queue (PgBouncer's
+    `query_wait_timeout`: 120 s by default), and `close()` for ever."""
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        protocol: Any = self._protocol  # type: ignore[attr-defined]
+        if protocol._is_cancelling():
+            # A statement timed out: a graceful close would wait for its cancel request,
+            # which a pooler without its server cannot pass on.
+            self.terminate()
+            return
+        bound: float | None = self._config.command_timeout  # type: ignore[attr-defined]
+        try:
+            await super().close(timeout=timeout or bound)
+        except Exception:
+            self.terminate()
+
+
 async def connect_plain(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> Any:
+    """A connection of its own for a check (no pool), every wait bounded by the connect
+    timeout: a server that does not answer that soon is not reachable."""
+    kwargs.setdefault("command_timeout", settings.connect_timeout)
     return await asyncpg.connect(
         dsn,
         timeout=settings.connect_timeout,
         statement_cache_size=kwargs.pop("statement_cache_size", 0),
         server_settings={"application_name": f"{settings.application_name}-doctor"},
+        connection_class=_Probe,
         **kwargs,
     )
 
