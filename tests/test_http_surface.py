@@ -167,6 +167,19 @@ async def test_a_body_not_sent_as_json_is_415(
     assert_problem(response, 415, "unsupported_media_type")
 
 
+@pytest.mark.parametrize(
+    "types", [["text/plain", "application/json"], ["application/json", "text/plain"]]
+)
+async def test_two_content_types_are_415_whichever_comes_first(
+    http: httpx.AsyncClient, types: list[str]
+) -> None:
+    # The request layer read the last, FastAPI the first: 422 one way, 415 the other.
+    body = orjson.dumps({"name": "Ada", "email": f"{uuid.uuid4().hex}@example.com"})
+    headers = [("content-type", t) for t in types]
+    response = await http.post("/users", content=body, headers=headers)
+    assert_problem(response, 415, "unsupported_media_type")
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "identity"])
 async def test_any_content_encoding_is_415(http: httpx.AsyncClient, encoding: str) -> None:
     body = orjson.dumps({"name": "Ada", "email": f"{uuid.uuid4().hex}@example.com"})

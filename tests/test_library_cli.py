@@ -692,3 +692,17 @@ async def test_doctor_shows_text_from_the_server_as_it_is(db_url: str) -> None:
         await other.close()
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert f"by '{name}'" in result.stdout
+
+
+def test_a_log_level_that_is_not_one_is_refused_in_one_line() -> None:
+    env = clean_env(PGLAYER_LOG_LEVEL="LOUD", DATABASE_URL="postgresql://x@127.0.0.1/x")
+    result = run("migrate", "--dir", ".", env=env)
+    assert result.returncode == 1
+    assert "PGLAYER_LOG_LEVEL: Value error, must be DEBUG, INFO" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_warns_of_a_directory_without_migrations(db_url: str, tmp_path: Path) -> None:
+    result = run("migrate", "--dir", str(tmp_path), env=clean_env(DATABASE_URL=db_url))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: no NNNN_name.sql files in {tmp_path}" in result.stderr

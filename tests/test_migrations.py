@@ -77,6 +77,17 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
         load_migrations(tmp_path)
 
 
+@pytest.mark.parametrize("make", ["upper-case", "directory"])
+def test_what_looks_like_a_migration_but_is_not_one_is_refused(tmp_path: Path, make: str) -> None:
+    # Skipped in silence, or a traceback, before.
+    if make == "upper-case":
+        (tmp_path / "0005_x.SQL").write_text("SELECT 1;")
+    else:
+        (tmp_path / "0001_dir.sql").mkdir()
+    with pytest.raises(MigrationError, match=r"must look like 0001_name\.sql"):
+        load_migrations(tmp_path)
+
+
 def test_a_migration_that_is_not_utf8_is_refused_saying_so(tmp_path: Path) -> None:
     (tmp_path / "0001_latin1.sql").write_bytes("SELECT 'caf\u00e9';".encode("latin-1"))
     with pytest.raises(MigrationError, match=r"0001_latin1\.sql is not UTF-8 text \(byte 0xe9"):

@@ -23,7 +23,7 @@ from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, check_app, serve
 from pglayer._settings import DatabaseSettings, ServerSettings
-from pglayer.migrations import DEFAULT_TIMEOUT
+from pglayer.migrations import DEFAULT_TIMEOUT, load_migrations
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
 
@@ -144,6 +144,11 @@ def migrate(
     configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
     if DatabaseSettings().url is None:
         raise fail("no DATABASE_URL set")
+    try:
+        if not load_migrations(directory):
+            console.print(f"[yellow]warning:[/] no NNNN_name.sql files in {escape(str(directory))}")
+    except PglayerError as exc:
+        raise fail(str(exc)) from None
     try:
         histories = [history] if history else []
         applied = asyncio.run(

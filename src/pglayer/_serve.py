@@ -304,10 +304,10 @@ def serve(
                 f"embedded PostgreSQL at {describe_target(os.environ['DATABASE_URL'])}"
                 f" (password in {embedded.base_dir / 'password'})"
             )
+        asyncio.run(check_budget(workers))  # before migrating: a refusal changes nothing
         asyncio.run(
             apply_directories(DatabaseSettings.for_command(), migrations, prepare, histories, say)
         )
-        asyncio.run(check_budget(workers))
         if workers == 1:
             # uvicorn imports it here too: a missing attribute is one line, not "serving"
             # and a traceback. (Workers import it themselves; a failure ends with status 3.)

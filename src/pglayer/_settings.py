@@ -429,7 +429,11 @@ class ServerSettings(BaseSettings):
         "in this format, masked, with the request id; unset leaves logging to the host "
         "(`pglayer serve`: text).",
     )
-    log_level: str = Field(default="INFO", description="The root log level, with `log_format`.")
+    log_level: str = Field(
+        default="INFO",
+        description="The root log level, with `log_format`: DEBUG, INFO, WARNING, ERROR or"
+        " CRITICAL.",
+    )
     metrics: bool = Field(
         default=True,
         description="`setup_metrics()`: Prometheus HTTP metrics too (pool metrics are read at "
@@ -445,6 +449,14 @@ class ServerSettings(BaseSettings):
         description="Bearer token of the admin routes (`admin_router(token=...)`); unset, "
         "they answer 404.",
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _a_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
 
 # Read straight from the environment, not by a settings class.

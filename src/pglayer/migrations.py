@@ -73,10 +73,10 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
     """Read `NNNN_name.sql` files from `directory`, in version order."""
     found: list[Migration] = []
     for entry in directory.iterdir():
-        if not entry.name.endswith(".sql"):
+        if not entry.name.lower().endswith(".sql"):
             continue
         match = _NAME.match(entry.name)
-        if match is None:
+        if match is None or not entry.is_file():
             raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
         try:
             sql = entry.read_text(encoding="utf-8")

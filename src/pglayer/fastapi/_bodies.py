@@ -114,6 +114,8 @@ def check_media_type(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     content_type = None
     for name, value in headers:  # the raw ASGI headers: one pass, no decoding
         if name == b"content-type":
+            if content_type is not None:  # which one counts, the framework and we differ
+                raise Problem(415, "unsupported_media_type", "Send one Content-Type.")
             content_type = value
         elif name == b"content-encoding":
             raise Problem(
