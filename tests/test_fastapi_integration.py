@@ -37,6 +37,7 @@ from pglayer.fastapi import (
     ReadConnection,
     WriteTransaction,
     get_database,
+    health_router,
     ndjson_response,
     setup,
     transaction_dependency,
@@ -554,3 +555,13 @@ async def test_a_websocket_ending_brings_a_collection_in_a_tuned_process(
     finally:
         gc.callbacks.remove(seen)
     assert full
+
+
+async def test_ready_says_a_saturated_pool_is_saturated_not_down(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        app = app_of(db)
+        app.include_router(health_router(ready_timeout=0.2))
+        async with asgi_client(app) as client, db.connection():  # its only connection held
+            ready = await client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["pools"] == {"primary": "saturated"}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from pglayer._database import Database
-from pglayer._errors import PglayerError
+from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
 from pglayer._settings import ServerSettings
 from pglayer.fastapi._dependencies import get_database
 from pglayer.fastapi._problems import Problem, problem_responses
@@ -43,6 +43,11 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
             pools.update({name: h.reason for name, h in db.replicas.health.items()})
         try:
             await db.ping(timeout=timeout)
+        except (PoolTimeoutError, PoolOverloadedError):
+            # The database may be fine: this process's connections are all in use.
+            pools[db.name] = "saturated"
+            detail = "Every pooled connection is in use: this process cannot take more now."
+            raise Problem(503, "unavailable", detail, pools=pools) from None
         except PglayerError:
             pools[db.name] = "down"  # replicas still reported: reads may be served by them
             detail = "The database is not answering."
