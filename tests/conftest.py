@@ -31,7 +31,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database, DatabaseSettings
+from pglayer import ConfigurationError, Database, DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._logs import Throttle
 
@@ -291,3 +291,10 @@ def children_of(pid: int) -> list[int]:
         if len(fields) > 1 and fields[1] == str(pid):
             found.append(int(proc.name))
     return found
+
+
+async def refuses_to_start(app: Any, match: str) -> None:
+    """Assert that `app`'s lifespan refuses to start with a `ConfigurationError` matching."""
+    with pytest.raises(ConfigurationError, match=match):
+        async with app.router.lifespan_context(app):
+            pass

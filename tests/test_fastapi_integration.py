@@ -23,7 +23,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import pglayer._gc
 from pglayer import (
-    ConfigurationError,
     Connection,
     ConnectionLostError,
     Database,
@@ -44,7 +43,7 @@ from pglayer.fastapi import (
     transactional,
 )
 from pglayer.fastapi._middleware import STATS_KEY
-from tests.conftest import LiveServer, asgi_client, settings_for
+from tests.conftest import LiveServer, asgi_client, refuses_to_start, settings_for
 
 # Module level: annotations are strings (`from __future__ import annotations`), read here.
 LateSerializable = Annotated[Connection, Depends(transaction_dependency(isolation="serializable"))]
@@ -101,9 +100,7 @@ async def test_a_transaction_dependency_in_fastapis_default_scope_refuses_to_sta
         sub.include_router(router)
         app.mount("/sub", sub)  # its own lifespan never runs: the outer one's checks it
         expected = r"/sub/notes \(conn\)"
-    with pytest.raises(ConfigurationError, match=expected + '.*scope="function"'):
-        async with app.router.lifespan_context(app):
-            pass
+    await refuses_to_start(app, expected + '.*scope="function"')
 
 
 async def test_a_transaction_dependency_in_function_scope_fails_before_its_response(
@@ -487,9 +484,7 @@ async def test_a_route_with_two_transactions_refuses_to_start(db: Database) -> N
     async def same_twice(conn: WriteTransaction, again: WriteTransaction) -> None:
         pass
 
-    with pytest.raises(ConfigurationError, match=r"two transactions.*: /both \(conn, strict\)$"):
-        async with app.router.lifespan_context(app):
-            pass
+    await refuses_to_start(app, r"two transactions.*: /both \(conn, strict\)$")
 
 
 async def test_a_transactional_handler_with_a_transaction_dependency_refuses_to_start(
@@ -504,9 +499,7 @@ async def test_a_transactional_handler_with_a_transaction_dependency_refuses_to_
     async def replayed(conn: Connection, other: WriteTransaction) -> None:
         pass
 
-    with pytest.raises(ConfigurationError, match=r"@transactional.*: /replayed \(other\)$"):
-        async with app.router.lifespan_context(app):
-            pass
+    await refuses_to_start(app, r"@transactional.*: /replayed \(other\)$")
 
 
 async def test_a_client_leaving_a_websocket_is_not_an_error(

@@ -23,7 +23,7 @@ from pglayer import ConfigurationError, Connection, Database, DatabaseSettings
 from pglayer.fastapi import WriteTransaction, setup, transactional
 from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
 from pglayer.sqlalchemy import count_engine, create_engine
-from tests.conftest import asgi_client, free_port, settings_for
+from tests.conftest import asgi_client, free_port, refuses_to_start, settings_for
 from tests.test_errors import SLOW_COMMIT, kill_when_committing
 from tests.test_shop_users import assert_problem
 
@@ -261,9 +261,7 @@ async def test_a_route_with_a_session_and_a_pglayer_transaction_refuses_to_start
     async def mixed(session: SqlSession, conn: WriteTransaction) -> None:
         pass
 
-    with pytest.raises(ConfigurationError, match=r"two transactions.*/sa/mixed \(session, conn\)"):
-        async with app.router.lifespan_context(app):
-            pass
+    await refuses_to_start(app, r"two transactions.*/sa/mixed \(session, conn\)")
 
 
 async def test_a_transactional_handler_with_a_session_refuses_to_start(db_url: str) -> None:
@@ -274,9 +272,7 @@ async def test_a_transactional_handler_with_a_session_refuses_to_start(db_url: s
     async def replayed(conn: Connection, session: SqlSession) -> None:
         pass
 
-    with pytest.raises(ConfigurationError, match=r"@transactional.*/sa/replayed \(session\)"):
-        async with app.router.lifespan_context(app):
-            pass
+    await refuses_to_start(app, r"@transactional.*/sa/replayed \(session\)")
 
 
 async def test_two_engines_are_both_counted(db_url: str) -> None:
