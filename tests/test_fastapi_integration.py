@@ -558,3 +558,20 @@ async def test_ready_says_a_saturated_pool_is_saturated_not_down(db_url: str) ->
             ready = await client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.json()["pools"] == {"primary": "saturated"}
+
+
+async def test_an_override_with_a_database_nobody_opened_says_so_in_the_log(
+    db: Database, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+    unopened = Database(settings_for(db_url))
+
+    @app.get("/count")
+    async def count(database: Db) -> int:
+        return int(await database.run(lambda c: c.fetchval("SELECT 1")))
+
+    app.dependency_overrides[get_database] = lambda: unopened
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get("/count")
+    assert response.status_code == 503
+    assert "the database is not open: `await db.open()`" in caplog.text

@@ -377,7 +377,7 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
         if count is not None or problem.status == 500:
             log.log(
                 level,
-                "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)%s",
+                "%s %s -> %s %s (%s, sqlstate=%s, request_id=%s)%s%s",
                 escape(client_method(request.scope)),
                 escape(request.scope.get("path", "")),
                 problem.status,
@@ -385,6 +385,8 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
                 type(exc).__name__,
                 sqlstate,
                 _request_id(request),
+                # What only the app can mend (a database nothing opened) says how.
+                f": {exc}" if getattr(exc, "lasting", False) else "",
                 left_out(count or 0),
                 exc_info=problem.status == 500 and count is not None,
             )
