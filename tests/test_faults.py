@@ -38,7 +38,7 @@ from pglayer import (
 )
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._errors import translate
-from pglayer.fastapi import Db, setup
+from pglayer.fastapi import Db, health_router, setup
 from pglayer.testing import PgBouncer, pgbouncer_binary
 from tests.conftest import (
     LiveServer,
@@ -483,3 +483,41 @@ async def test_behind_a_pooler_whose_server_just_went_opening_ends_with_its_dead
             async with Database(settings_for(url, startup_timeout=1.5)):
                 pass
         assert time.monotonic() - started < 4  # not the probes' 5 s connect timeouts, nor 120
+
+
+async def test_ready_says_down_of_a_server_that_hangs_not_saturated(
+    running: EmbeddedPostgres,
+) -> None:
+    # Its probes' connections come back to be checked, and its connects never answer: the
+    # pool then has free slots but gives none, which is the database, not the load.
+    settings = settings_for(running.admin_url("postgres"), min_size=1, max_size=4)
+    db = Database(settings)
+    app = FastAPI()
+    setup(app, db)
+    app.include_router(health_router(ready_timeout=0.3))
+    postmaster = int((running.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        backends_ = [int(b["pid"]) for b in await backends_of(running)]
+        frozen = [postmaster, *backends_]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)  # the test's own cluster
+        try:
+            said = [(await client.get("/health/ready")).json()["pools"]["primary"]
+                    for _ in range(5)]  # fmt: skip
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+    assert said == ["down"] * 5, said
+
+
+async def backends_of(cluster: EmbeddedPostgres) -> list[Any]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(cluster.admin_url("postgres"))
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend'"
+            )
+        )
+    finally:
+        await conn.close()

@@ -325,6 +325,8 @@ def test_serve_with_workers_that_fail_to_start_exits_with_their_status(
         ("raise ImportError('a missing dependency')\napp = None\n", [],
          "ImportError: a missing dependency"),
         ("app = 42\n", [], "is not an ASGI app"),
+        ("import sys\nsys.exit('config missing: SECRET_KEY')\n", [],
+         "config missing: SECRET_KEY"),
     ],
 )  # fmt: skip
 def test_serve_with_workers_whose_app_cannot_be_loaded_exits_at_once(
@@ -706,3 +708,38 @@ def test_migrate_warns_of_a_directory_without_migrations(db_url: str, tmp_path: 
     result = run("migrate", "--dir", str(tmp_path), env=clean_env(DATABASE_URL=db_url))
     assert result.returncode == 0, result.stderr
     assert f"warning: no NNNN_name.sql files in {tmp_path}" in result.stderr
+
+
+async def test_migrate_timeout_bounds_the_wait_for_another_run(db_url: str, tmp_path: Path) -> None:
+    # pglayer's own tables are migrated first: their wait for the lock is the run's too.
+    from pglayer.migrations import LOCK_KEY
+
+    write_migrations(tmp_path / "migrations", "notes")
+    other = await asyncpg.connect(db_url)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)  # another run, going on
+        command = ("migrate", "--dir", str(tmp_path / "migrations"), "--timeout", "2")
+        env = clean_env(DATABASE_URL=db_url)
+        started = time.monotonic()
+        result = await asyncio.to_thread(run, *command, env=env)
+        took = time.monotonic() - started
+    finally:
+        await other.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"waited [12](\.\d+)? s for another process's migrations", result.stderr)
+    assert took < 20
+
+
+def test_serve_with_workers_and_a_budget_to_refuse_says_a_down_database_in_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "notesapp.py").write_text(APP)
+    env = clean_env(DATABASE_URL=f"postgresql://app@127.0.0.1:{free_port()}/app",
+                    PGLAYER_ON_BUDGET_EXCEEDED="refuse", PGLAYER_STARTUP_TIMEOUT="1")  # fmt: skip
+    result = subprocess.run(
+        [PGLAYER_SCRIPT, "serve", "notesapp:app", "--workers", "2", "--port", str(free_port())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert "database not reachable within 1s" in result.stderr + result.stdout

@@ -274,6 +274,11 @@ async def test_a_migration_waiting_on_an_apps_lock_fails_naming_the_bound(
         "BEGIN; CREATE TABLE b (i int); COMMIT;",
         "begin transaction isolation level serializable; CREATE TABLE b (i int); end;",
         "/* a note */ start transaction; CREATE TABLE b (i int); abort",
+        # What a re-trial slipped past the first check:
+        "CREATE TABLE begin (atomic int); COMMIT; CREATE TABLE b (i int);",
+        "SELECT begin.atomic FROM (SELECT 1 AS atomic) AS begin; COMMIT;",
+        "CREATE TABLE t (\u00e9$$ int); COMMIT; CREATE TABLE b (\u00fc$$ int);",
+        "SET standard_conforming_strings = off; SELECT '\\'' ; COMMIT; --';",
     ],
 )
 async def test_a_migration_that_ends_the_runs_transaction_is_refused(
@@ -304,6 +309,9 @@ async def test_transaction_words_inside_bodies_strings_and_comments_are_not_refu
         "CREATE FUNCTION g() RETURNS int LANGUAGE sql\n"
         "BEGIN ATOMIC\n  SELECT 1;\n  SELECT CASE WHEN true THEN 2 END;\nEND;\n"
         'CREATE TABLE "commit" (i int);\n'
+        "CREATE FUNCTION h() RETURNS int LANGUAGE plpgsql\n"
+        "AS $\u00e9$ BEGIN RETURN 1; END; $\u00e9$;\n"
+        "SELECT 'C:\\' AS path, E'it\\'s' AS quoted;\n"
     )
     async with Database(settings_for(empty_db_url)) as db:
         assert await migrate(db, load_migrations(tmp_path)) == ["0001_words.sql"]

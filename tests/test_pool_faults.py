@@ -318,3 +318,15 @@ async def test_an_argument_the_driver_refuses_leaves_the_connection_clean(db_url
             await db.read(lambda c: c.fetchrow("SELECT $1::bigint", 2**70))
         await asyncio.sleep(0.6)
         assert await db.run(lambda c: c.fetchval("SELECT 1"), retry=False) == 1
+
+
+async def test_a_copy_of_a_value_the_driver_cannot_encode_is_invalid_input(
+    db: Database,
+) -> None:
+    async def load(conn: Connection) -> None:
+        await conn.execute("CREATE TEMP TABLE tt (id bigint) ON COMMIT DROP")
+        await conn.copy_records("tt", [(1,), (2**70,)], columns=["id"])
+
+    with pytest.raises(InvalidInputError):  # 422, not a 500 of an OverflowError
+        await db.run_in_transaction(load)
+    assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1

@@ -134,6 +134,7 @@ def migrate(
         float,
         typer.Option(
             min=1,
+            max=7 * 86400,
             help="Seconds the run may take, waiting for another process's run included (its"
             " statements are not bound by PGLAYER_QUERY_TIMEOUT or statement_timeout)",
         ),

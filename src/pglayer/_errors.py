@@ -310,7 +310,7 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
             table=getattr(exc, "table_name", None),
             column=getattr(exc, "column_name", None),
         )
-    if isinstance(exc, _ClientDataError):
+    if isinstance(exc, _ClientDataError | OverflowError):  # COPY's encoder: OverflowError
         return InvalidInputError(InvalidInputError.default_message)
     # TimeoutError is an OSError subclass, so it must be tested first.
     if isinstance(exc, TimeoutError):

@@ -14,15 +14,18 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import asyncpg
+
 from pglayer._budget import read_budget
 from pglayer._database import Database
 from pglayer._dsn import describe_target
-from pglayer._errors import ConfigurationError
+from pglayer._errors import ConfigurationError, explain_connect_error
 from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, pooled
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
@@ -66,10 +69,15 @@ async def apply_directories(
         raise ConfigurationError("more histories than migration directories")
     named = [*histories, *(d.name for d in directories[len(histories) :])]
     applied: list[str] = []
+    ends = time.monotonic() + timeout  # one deadline for the whole run
+
+    def left() -> float:
+        return max(ends - time.monotonic(), 0.001)
+
     async with Database(settings) as db:
-        applied += [f"pglayer/{name}" for name in await install_pglayer_tables(db)]
+        applied += [f"pglayer/{n}" for n in await install_pglayer_tables(db, timeout=left())]
         for directory, history in zip(directories, named, strict=True):
-            names = await migrate(db, load_migrations(directory), history=history, timeout=timeout)
+            names = await migrate(db, load_migrations(directory), history=history, timeout=left())
             applied += [f"{history}/{name}" for name in names]
         if applied and say is not None:
             say(f"applied migrations: {', '.join(applied)}")
@@ -85,19 +93,28 @@ async def check_budget(workers: int) -> None:
     settings = DatabaseSettings()
     if workers < 2 or settings.on_budget_exceeded != "refuse":
         return
-    conn = await connect_plain(settings.dsn(), settings)
     try:
-        if pooled(settings.dsn(), await conn.fetchval("SELECT inet_server_port()")):
-            return  # behind a pooler the server's limit is the pooler's business
-        budget = await read_budget(
-            conn,
-            application_name=settings.application_name,
-            workers=workers,
-            max_size=settings.max_size,
-            reserve=settings.connection_reserve,
+        conn = await connect_plain(settings.dsn(), settings)
+        try:
+            if pooled(settings.dsn(), await conn.fetchval("SELECT inet_server_port()")):
+                return  # behind a pooler the server's limit is the pooler's business
+            budget = await read_budget(
+                conn,
+                application_name=settings.application_name,
+                workers=workers,
+                max_size=settings.max_size,
+                reserve=settings.connection_reserve,
+            )
+        finally:
+            await conn.close()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # TimeoutError too
+        # Unreachable now: each worker checks it when it opens (and refuses, or waits).
+        log.warning(
+            "connection budget not checked before the workers start (%s: %s)",
+            type(exc).__name__,
+            explain_connect_error(exc, describe_target(settings.dsn())),
         )
-    finally:
-        await conn.close()
+        return
     if not budget.fits:
         target = describe_target(settings.dsn())
         sizes = f"max_size {settings.max_size}"
@@ -193,7 +210,7 @@ def load_app() -> Any:
         loaded = import_from_string(target)
         if os.environ.get(_FACTORY_ENV) == "1":
             loaded = loaded()
-    except Exception:
+    except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)
         sys.exit(_STARTUP_FAILURE)
     if not callable(loaded):

@@ -152,7 +152,7 @@ async def migrate(
                 await _script(conn, f"SELECT pg_advisory_xact_lock({LOCK_KEY})", deadline)
             except QueryTimeoutError:
                 raise MigrationError(
-                    f"waited {timeout:g} s for another process's migrations to finish (the"
+                    f"waited {timeout:.3g} s for another process's migrations to finish (the"
                     " migration lock); nothing was applied"
                 ) from None
             lock_ms = round(db.settings.lock_timeout * 1000)
@@ -266,7 +266,7 @@ async def _apply(
 def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[str]) -> Exception:
     """The error to raise for `m`'s failure `exc`, saying what it means for the run."""
     if isinstance(exc, QueryTimeoutError):
-        reason = f"did not finish within {run.timeout:g} s (the run's timeout)"
+        reason = f"did not finish within {run.timeout:.3g} s (the run's timeout)"
     elif isinstance(exc, LockTimeoutError):
         reason = (
             f"waited longer than PGLAYER_LOCK_TIMEOUT ({run.lock_ms / 1000:g} s) for a lock"
@@ -286,49 +286,67 @@ _ONE_TRANSACTION = (
     "a run applies its files in one transaction, so BEGIN, COMMIT, ROLLBACK and END do not"
     " belong in them (nor what cannot run in a transaction, as CREATE INDEX CONCURRENTLY)"
 )
-_TOKEN = re.compile(
-    r"""(?P<skip>\s+|--[^\n]*|[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*")
-      | (?P<block>/\*)
-      | (?P<dollar>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
-      | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
-      | (?P<semi>;)
-      | (?P<other>.)""",
-    re.VERBOSE | re.DOTALL,
-)
+# PostgreSQL's identifiers take any non-ASCII character as a letter (`é$$` is one word).
+_LETTER = "A-Za-z_\u0080-\U0010ffff"
+_STRINGS = {
+    # With standard_conforming_strings on (the default) a backslash is a plain character in
+    # '...', with it off (a file may set that) it escapes: a file is read both ways.
+    True: r"[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'",
+    False: r"[Ee]?'(?:[^'\\]|\\.|'')*'",
+}
+_TOKENS = {
+    conforming: re.compile(
+        rf"""(?P<skip>\s+|--[^\n]*|{strings}|"(?:[^"]|"")*")
+          | (?P<block>/\*)
+          | (?P<dollar>\$(?:[{_LETTER}][{_LETTER}0-9]*)?\$)
+          | (?P<word>[{_LETTER}][{_LETTER}0-9$]*)
+          | (?P<semi>;)
+          | (?P<other>.)""",
+        re.VERBOSE | re.DOTALL,
+    )
+    for conforming, strings in _STRINGS.items()
+}
 
 
-def _first_words(sql: str) -> Iterator[list[str]]:
+def _first_words(sql: str, conforming: bool) -> Iterator[list[str]]:
     """The first two words of each statement of `sql` (upper case), outside strings, quoted
-    names, comments and dollar-quoted bodies; a `BEGIN ATOMIC` body is part of its statement."""
+    names, comments and dollar-quoted bodies; the `BEGIN ATOMIC` body of a `CREATE` is part
+    of its statement."""
+    tokens = _TOKENS[conforming]
     words: list[str] = []
-    previous = ""
+    previous = ""  # the token before, if a word
     atomic = body_statement_starts = False
     pos = 0
     while pos < len(sql):
-        token = _TOKEN.match(sql, pos)
+        token = tokens.match(sql, pos)
         assert token is not None  # `other` matches any character
         kind, pos = token.lastgroup, token.end()
+        if kind == "skip":
+            continue
         if kind == "block":
             pos = _block_end(sql, pos)
-        elif kind == "dollar":
+            continue
+        if kind == "dollar":
             end = sql.find(token.group(), pos)
             pos = len(sql) if end < 0 else end + len(token.group())
         elif kind == "word":
             word = token.group().upper()
             if atomic and body_statement_starts and word == "END":
                 atomic = False
-            elif (previous, word) == ("BEGIN", "ATOMIC"):
+            elif (previous, word) == ("BEGIN", "ATOMIC") and words[:1] == ["CREATE"]:
                 atomic = True  # a body of statements, up to an END where one would start
             body_statement_starts = atomic and word == "ATOMIC"
-            previous = word
             if len(words) < 2:
                 words.append(word)
+            previous = word
+            continue
         elif kind == "semi":
             if atomic:
                 body_statement_starts = True
             elif words:
                 yield words
-                words, previous = [], ""
+                words = []
+        previous = ""
     if words:
         yield words
 
@@ -356,7 +374,7 @@ def _ends_transaction(words: list[str]) -> bool:
 
 
 def _refuse_transaction_control(m: Migration) -> None:
-    for words in _first_words(m.sql):
+    for words in (*_first_words(m.sql, True), *_first_words(m.sql, False)):
         if _ends_transaction(words):
             raise MigrationError(f"migration {m.name} has {' '.join(words)}: {_ONE_TRANSACTION}")
 
@@ -386,6 +404,7 @@ def _check_order(
     )
 
 
-async def install_pglayer_tables(db: Database) -> list[str]:
+async def install_pglayer_tables(db: Database, *, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
     """Create pglayer's own tables (idempotency keys), in the `pglayer` history; idempotent."""
-    return await migrate(db, load_migrations(files("pglayer") / "_sql"), history="pglayer")
+    migrations = load_migrations(files("pglayer") / "_sql")
+    return await migrate(db, migrations, history="pglayer", timeout=timeout)

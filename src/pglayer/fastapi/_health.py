@@ -23,6 +23,16 @@ class Health(BaseModel):
     pools: dict[str, str] = Field(default_factory=dict)
 
 
+_DOWN = "The database is not answering."
+
+
+def _saturated(db: Database) -> bool:
+    """Whether the reads' connections (a probe is one) are all in use now."""
+    stats = db.stats()
+    reads = stats.bulkheads.get("read")
+    return stats.in_use >= stats.max_size or (reads is not None and reads.in_use >= reads.cap)
+
+
 def health_router(*, prefix: str = "/health", ready_timeout: float | None = None) -> APIRouter:
     """`GET {prefix}/live` (200 while serving) and `{prefix}/ready` (200 when the database
     answers `SELECT 1` within `ready_timeout` seconds, default `PGLAYER_READY_TIMEOUT`, else
@@ -44,14 +54,16 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
         try:
             await db.ping(timeout=timeout)
         except (PoolTimeoutError, PoolOverloadedError):
+            if not _saturated(db):  # free slots, yet none came: connects that do not answer
+                pools[db.name] = "down"
+                raise Problem(503, "unavailable", _DOWN, pools=pools) from None
             # The database may be fine: this process's connections are all in use.
             pools[db.name] = "saturated"
             detail = "Every pooled connection is in use: this process cannot take more now."
             raise Problem(503, "unavailable", detail, pools=pools) from None
         except PglayerError:
             pools[db.name] = "down"  # replicas still reported: reads may be served by them
-            detail = "The database is not answering."
-            raise Problem(503, "unavailable", detail, pools=pools) from None
+            raise Problem(503, "unavailable", _DOWN, pools=pools) from None
         return Health(status="ok", pools=pools)
 
     return router
