@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
@@ -198,7 +199,6 @@ class Database:
             )
         self.name = name
         self.target = describe_target(self.settings.dsn())
-        self._attempts_end = float("inf")  # when `open()`'s retries must have ended
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
@@ -387,7 +387,7 @@ class Database:
         return "".join(f" + {name} {size}" for name, (size, _) in self._external.items())
 
     async def _open_with_retry(self, deadline: float) -> None:
-        self._attempts_end = time.monotonic() + deadline
+        ends = time.monotonic() + deadline
         async for attempt in AsyncRetrying(
             stop=stop_before_delay(deadline) | _Closed(self),  # no sleep that ends past it
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
@@ -396,7 +396,7 @@ class Database:
             reraise=True,
         ):
             with attempt:
-                self._pool = await self._create_pool()
+                self._pool = await self._create_pool(ends)
 
     def _say_retrying(self, deadline: float) -> Callable[[RetryCallState], None]:
         """Log the first failed attempt, so a wait for a server that is down is not silent."""
@@ -438,14 +438,16 @@ class Database:
             return PoolerInfo("transaction", prepared_statements=safe)
         return await detect_pooler(self.settings)
 
-    async def _create_pool(self) -> Pool:
+    async def _create_pool(self, ends: float = math.inf) -> Pool:
+        """The pool; the pooler in front, if not known yet, probed before `ends`
+        (`time.monotonic()`: the startup deadline)."""
         s = self.settings
         if self.pooler is None:
-            left = self._attempts_end - time.monotonic()
             try:
                 # Behind a pooler whose server has just gone, its probes wait in the pooler's
                 # queue: each is bounded, and together they end with the startup deadline.
-                async with asyncio.timeout(left if left != float("inf") else None):
+                left = ends - time.monotonic()
+                async with asyncio.timeout(None if math.isinf(left) else left):
                     self.pooler = await self._resolve_pooler()
             except Exception as exc:
                 raise self._startup_error(exc) from exc

@@ -24,8 +24,8 @@ __all__ = [
     "WriteConnection",
     "WriteTransaction",
     "bound_database",
+    "dependency_name",
     "get_database",
-    "late_commits",
     "transaction_dependency",
 ]
 
@@ -107,21 +107,17 @@ def transaction_dependency(
     return dependency
 
 
-def late_commits(dependant: Any) -> Iterator[str]:
-    """The names of transaction dependencies under `dependant` that would commit after the
-    response (without `scope="function"`)."""
-    for sub in dependant.dependencies:
-        if getattr(sub.call, "pglayer_commits", False) and sub.scope != "function":
-            yield sub.name or "transaction_dependency()"  # `dependencies=[...]`: unnamed
-        yield from late_commits(sub)
-
-
-def transactions(dependant: Any) -> Iterator[tuple[str, Any]]:
-    """The transaction dependencies under `dependant`, each as its name and callable."""
+def transactions(dependant: Any) -> Iterator[Any]:
+    """The transaction dependencies under `dependant` (FastAPI's sub-dependants)."""
     for sub in dependant.dependencies:
         if getattr(sub.call, "pglayer_commits", False):
-            yield sub.name or "transaction_dependency()", sub.call
+            yield sub
         yield from transactions(sub)
+
+
+def dependency_name(sub: Any) -> str:
+    """A transaction dependency's parameter name (`dependencies=[...]`: unnamed)."""
+    return str(sub.name or "transaction_dependency()")
 
 
 def _depends(dependency: Callable[..., Any]) -> Any:

@@ -23,7 +23,7 @@ class Health(BaseModel):
     pools: dict[str, str] = Field(default_factory=dict)
 
 
-_DOWN = "The database is not answering."
+_SATURATED = "Every pooled connection is in use: this process cannot take more now."
 
 
 def _saturated(db: Database) -> bool:
@@ -53,17 +53,14 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
             pools.update({name: h.reason for name, h in db.replicas.health.items()})
         try:
             await db.ping(timeout=timeout)
-        except (PoolTimeoutError, PoolOverloadedError):
-            if not _saturated(db):  # free slots, yet none came: connects that do not answer
-                pools[db.name] = "down"
-                raise Problem(503, "unavailable", _DOWN, pools=pools) from None
-            # The database may be fine: this process's connections are all in use.
-            pools[db.name] = "saturated"
-            detail = "Every pooled connection is in use: this process cannot take more now."
+        except PglayerError as exc:
+            # No connection came: the database may be fine and this process's connections all
+            # in use; with free slots, its connects do not answer. Replicas still reported.
+            no_connection = isinstance(exc, PoolTimeoutError | PoolOverloadedError)
+            saturated = no_connection and _saturated(db)
+            pools[db.name] = "saturated" if saturated else "down"
+            detail = _SATURATED if saturated else "The database is not answering."
             raise Problem(503, "unavailable", detail, pools=pools) from None
-        except PglayerError:
-            pools[db.name] = "down"  # replicas still reported: reads may be served by them
-            raise Problem(503, "unavailable", _DOWN, pools=pools) from None
         return Health(status="ok", pools=pools)
 
     return router

@@ -20,7 +20,7 @@ from pglayer._errors import ConfigurationError
 from pglayer._gc import tune_gc as _tune_gc
 from pglayer._logs import configure_logging
 from pglayer._settings import ServerSettings, misspelt_settings
-from pglayer.fastapi._dependencies import STATE_KEY, late_commits, transactions
+from pglayer.fastapi._dependencies import STATE_KEY, dependency_name, transactions
 from pglayer.fastapi._middleware import RequestGuard
 from pglayer.fastapi._openapi import complete_openapi
 from pglayer.fastapi._problems import install_problem_handlers
@@ -107,9 +107,12 @@ def _refuse_late_commits(app: Any) -> None:
 
 
 def _late_commits(app: Any) -> Iterator[str]:
+    """Transaction dependencies without `scope="function"`: they commit after the response."""
     for path, _, routers, dependant in _dependants(app):
-        yield from (f"{path} ({name}, of its router)" for name in late_commits(routers))
-        yield from (f"{path} ({name})" for name in late_commits(dependant))
+        late = [s for s in transactions(routers) if s.scope != "function"]
+        yield from (f"{path} ({dependency_name(s)}, of its router)" for s in late)
+        late = [s for s in transactions(dependant) if s.scope != "function"]
+        yield from (f"{path} ({dependency_name(s)})" for s in late)
 
 
 def _refuse_split_transactions(app: Any) -> None:
@@ -118,9 +121,10 @@ def _refuse_split_transactions(app: Any) -> None:
     applied), or one under `@transactional` (it commits once, however often it replays)."""
     two, replayed = [], []
     for path, route, routers, dependant in _dependants(app):
-        found = dict(
-            (call, name) for name, call in [*transactions(routers), *transactions(dependant)]
-        )
+        found = {
+            sub.call: dependency_name(sub)
+            for sub in (*transactions(routers), *transactions(dependant))
+        }
         names = ", ".join(found.values())
         if getattr(getattr(route, "endpoint", None), "pglayer_transactional", False) and found:
             replayed.append(f"{path} ({names})")
