@@ -22,6 +22,7 @@ from pglayer import (
     PoolOverloadedError,
     PoolTimeoutError,
     QueryTimeoutError,
+    TransactionEndedError,
 )
 from tests.conftest import backends, free_port, settings_for, wait_for
 
@@ -359,3 +360,36 @@ async def test_reads_read_only_refuses_a_write_through_a_read_as_a_replica_would
         await db.run(lambda c: c.execute("CREATE TABLE written (id int)"))  # writes still write
     assert through_read.value.sqlstate == through_connection.value.sqlstate == "25006"
     assert "through db.read" in str(through_read.value)  # what to look for, not "database error"
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK", "COMMIT; BEGIN; ROLLBACK"])
+@pytest.mark.parametrize("nested", [False, True])
+async def test_a_transaction_its_block_ended_is_an_error_not_a_commit(
+    db: Database, statement: str, nested: bool
+) -> None:
+    async def end_it(conn: Connection) -> None:
+        async with conn.transaction():
+            if nested:
+                async with conn.transaction():
+                    await conn.execute(statement)
+            else:
+                await conn.execute(statement)
+
+    async with db.connection() as conn:
+        with pytest.raises(TransactionEndedError, match="COMMIT or ROLLBACK"):
+            await end_it(conn)
+
+
+async def test_a_transaction_its_block_ended_raises_that_even_on_the_way_out_of_an_error(
+    db: Database,
+) -> None:
+    async def end_it_then_fail() -> None:
+        async with db.transaction() as conn:
+            await conn.execute("COMMIT")
+            raise ValueError("the handler's own error")
+
+    with pytest.raises(TransactionEndedError) as raised:
+        await end_it_then_fail()
+    assert isinstance(raised.value.__cause__, ValueError)
+    async with db.connection() as conn:  # the connection went back fit for use
+        assert await conn.fetchval("SELECT 1") == 1

@@ -575,3 +575,31 @@ async def test_an_override_with_a_database_nobody_opened_says_so_in_the_log(
         response = await client.get("/count")
     assert response.status_code == 503
     assert "the database is not open: `await db.open()`" in caplog.text
+
+
+async def test_apps_that_share_a_database_keep_it_open_until_the_last_one_ends(
+    db_url: str,
+) -> None:
+    db = Database(settings_for(db_url))
+    first, second = app_of(db), app_of(db)
+    async with first.router.lifespan_context(first):
+        async with second.router.lifespan_context(second):
+            pass
+        async with db.connection() as conn:  # the first app still serves
+            assert await conn.fetchval("SELECT 1") == 1
+    assert not db.is_open
+
+
+async def test_a_database_its_owner_opened_stays_open_after_the_apps_lifespan(
+    db: Database,
+) -> None:
+    app = app_of(db)
+    async with app.router.lifespan_context(app):
+        pass
+    assert db.is_open
+
+
+def test_setup_twice_on_one_app_is_refused(db_url: str) -> None:
+    app = app_of(Database(settings_for(db_url)))
+    with pytest.raises(PglayerError, match="already called"):
+        setup(app, Database(settings_for(db_url)))

@@ -17,7 +17,14 @@ from starlette.types import Message, Receive, Scope, Send
 from pglayer import Database
 from pglayer._context import FRONT_DOOR_KEY
 from pglayer._http import PROTOCOL
-from pglayer.fastapi import Route, WriteConnection, WriteTransaction, setup
+from pglayer.fastapi import (
+    Route,
+    WriteConnection,
+    WriteTransaction,
+    setup,
+    transaction_dependency,
+    transactional,
+)
 from pglayer.fastapi._middleware import WATCH_AFTER
 from tests.conftest import LiveServer, asgi_client, backends, settings_for, wait_for
 
@@ -46,6 +53,12 @@ def build_app(db: Database) -> FastAPI:
     async def then_crash(k: int, conn: WriteTransaction) -> None:
         await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
         raise RuntimeError("secret internals: SELECT password FROM vault")
+
+    @app.post("/items/{k}/own-commit")
+    async def own_commit(k: int, conn: WriteTransaction) -> dict[str, int]:
+        await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
+        await conn.execute("COMMIT")
+        return {"k": k}
 
     @app.post("/sleep")
     async def sleep(conn: WriteTransaction) -> None:
@@ -147,6 +160,17 @@ async def test_unexpected_exception_rolls_back_and_hides_internals(
     for leak in ("secret", "SELECT", "RuntimeError", "Traceback"):
         assert leak not in response.text
     assert await count(admin, db_url, "items") == 0
+
+
+async def test_a_handler_that_ends_its_transaction_itself_gets_a_500_not_a_2xx(
+    tx_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        response = await client.post("/items/4/own-commit")
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal"
+    assert "TransactionEndedError" in caplog.text
+    assert tx_db.stats().in_use == 0
 
 
 async def test_cancelling_the_request_task_mid_query_releases_everything(
@@ -306,3 +330,29 @@ async def test_the_shops_routes_all_take_pglayers_body_checks(
     async with app.router.lifespan_context(app):
         pass
     assert not [r for r in caplog.records if "not pglayer's Route" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"isolation": "REPEATABLE READ"}, "read_committed, repeatable_read, serializable"),
+        ({"isolation": "snapshot"}, "is not one of"),
+        ({"lock_timeout": 0}, "lock_timeout must be seconds above 0"),
+        ({"lock_timeout": -1.0}, "lock_timeout must be seconds above 0"),
+        ({"lock_timeout": float("nan")}, "lock_timeout must be seconds above 0"),
+    ],
+)
+def test_transaction_options_no_transaction_can_take_are_refused_where_they_are_written(
+    options: dict[str, Any], said: str
+) -> None:
+    with pytest.raises(ValueError, match=said):
+        transaction_dependency(**options)
+    with pytest.raises(ValueError, match=said):
+        transactional(**options)
+
+
+async def test_an_unknown_isolation_level_is_a_value_error_at_the_call(tx_db: Database) -> None:
+    with pytest.raises(ValueError, match="is not one of"):
+        async with tx_db.transaction(isolation="Serializable"):  # type: ignore[arg-type]
+            pass
+    assert tx_db.stats().in_use == 0

@@ -346,6 +346,24 @@ def test_serve_with_workers_whose_app_cannot_be_loaded_exits_at_once(
     assert result.stderr.count(said) <= 4  # a line and a traceback per worker, not per restart
 
 
+@pytest.mark.parametrize(("workers", "status"), [("1", 1), ("2", 3)])
+def test_serve_refuses_a_factory_given_as_an_app_and_says_to_add_factory(
+    db_url: str, tmp_path: Path, workers: str, status: int
+) -> None:
+    # uvicorn takes a function of no arguments for an ASGI2 app: every request a 500.
+    (tmp_path / "factoryapp.py").write_text(
+        "from fastapi import FastAPI\ndef create_app():\n    return FastAPI()\n"
+    )
+    command = [PGLAYER_SCRIPT, "serve", "factoryapp:create_app", "--workers", workers,
+               "--port", str(free_port())]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "as an app factory does, not an ASGI app: add --factory" in result.stderr
+
+
 def test_serve_refuses_an_app_that_is_not_an_asgi_app(db_url: str, tmp_path: Path) -> None:
     (tmp_path / "notapp.py").write_text("app = 42\n")
     result = subprocess.run(
@@ -540,6 +558,10 @@ app = FastAPI()
 @app.get("/loop")
 async def loop() -> str:
     return type(asyncio.get_running_loop()).__module__
+
+
+def create_app() -> FastAPI:
+    return app
 """
 
 
@@ -549,9 +571,9 @@ def test_plain_uvicorn_runs_on_pglayers_loop_and_bounds_as_the_readme_says(
     (tmp_path / "loopapp.py").write_text(LOOP_APP)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     options = "--loop pglayer.uvicorn:new_event_loop --http pglayer.uvicorn:HttpProtocol"
-    assert f"uvicorn notes:app {options}\n" in readme
+    assert f"uvicorn notes:create_app --factory {options}\n" in readme
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "loopapp:app", *options.split(),
+    command = [sys.executable, "-m", "uvicorn", "loopapp:create_app", "--factory", *options.split(),
                "--port", str(port)]  # fmt: skip
     env = clean_env(PGLAYER_MAX_HEADER_SIZE="4096")
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
@@ -743,3 +765,17 @@ def test_serve_with_workers_and_a_budget_to_refuse_says_a_down_database_in_one_l
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert "database not reachable within 1s" in result.stderr + result.stdout
+
+
+def test_migrate_dir_dot_names_the_history_after_the_directory_itself(
+    db_url: str, tmp_path: Path
+) -> None:
+    directory = write_migrations(tmp_path / "notes", "notes")
+    env = clean_env(DATABASE_URL=db_url)
+    assert run("migrate", "--dir", str(directory), env=env).returncode == 0
+    again = subprocess.run(
+        [PGLAYER_SCRIPT, "migrate", "--dir", "."], cwd=directory, env=env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date" in again.stderr

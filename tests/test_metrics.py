@@ -83,7 +83,8 @@ async def test_the_error_classes_alerted_on_first_sight_are_exported_at_zero(
     # `increase()` cannot count the first value of a series that appears above 0: the first
     # commit of unknown outcome would never alert.
     samples = await scrape(client)
-    for error in ("CommitIndeterminateError", "ProgrammingError", "TransactionAbortedError"):
+    alerted = ("CommitIndeterminateError", "ProgrammingError", "TransactionAbortedError")
+    for error in (*alerted, "TransactionEndedError"):
         key = ("pglayer_errors_total", (("error", error), ("pool", "primary")))
         assert samples.get(key) == 0.0, error
 

@@ -325,3 +325,37 @@ async def test_a_slow_migration_is_not_logged_with_its_sql(
     async with Database(settings_for(empty_db_url, slow_query_threshold=0.1)) as db:
         await migrate(db, load_migrations(tmp_path))
     assert "TopSecret123" not in caplog.text
+
+
+async def test_a_directory_applied_under_another_history_is_refused_not_applied_again(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The CLI names a history after its directory; migrate() defaults to "default".
+    (tmp_path / "0001_schema.sql").write_text("CREATE TABLE IF NOT EXISTS things (id int);")
+    (tmp_path / "0002_rows.sql").write_text("INSERT INTO things VALUES (1);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path), history="migrations")
+        with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
+            await migrate(db, load_migrations(tmp_path))
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM things") == 1
+
+
+async def test_another_apps_history_that_shares_a_first_file_does_not_stop_a_new_one(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    billing, notes = tmp_path / "billing", tmp_path / "notes"
+    for directory, table in ((billing, "bills"), (notes, "notes")):
+        directory.mkdir()
+        (directory / "0001_extensions.sql").write_text("CREATE EXTENSION IF NOT EXISTS citext;")
+        (directory / "0002_schema.sql").write_text(f"CREATE TABLE {table} (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(billing), history="billing")
+        assert len(await migrate(db, load_migrations(notes), history="notes")) == 2
+
+
+async def test_migrate_given_a_directory_instead_of_its_files_says_what_it_takes(
+    db: Database, tmp_path: Path
+) -> None:
+    with pytest.raises(TypeError, match=r"load_migrations\(Path"):
+        await migrate(db, tmp_path)  # type: ignore[arg-type]

@@ -26,9 +26,9 @@ PUBLIC: dict[str, list[str]] = {
         "PoolOverloadedError", "PoolStats", "PoolTimeoutError", "ProgrammingError",
         "QueryEvent", "QueryTimeoutError", "Record", "RetryEvent", "SerializationError",
         "ServerSettings", "SlowQuery", "TooManyConnectionsError", "TransactionAbortedError",
-        "TransientError", "UniqueViolationError", "body_hash", "configure_logging",
-        "current_operation", "current_request_id", "deadline", "gather", "mask_dsn",
-        "mask_text", "operation", "remaining", "serve", "set_retry_testing",
+        "TransactionEndedError", "TransientError", "UniqueViolationError", "body_hash",
+        "configure_logging", "current_operation", "current_request_id", "deadline", "gather",
+        "mask_dsn", "mask_text", "operation", "remaining", "serve", "set_retry_testing",
     ],
     "pglayer.fastapi": [
         "After", "Cursors", "Db", "DecimalInt", "Health", "IdempotencyKey", "Limit", "MAX_ID",

@@ -91,6 +91,28 @@ def test_a_project_gets_a_migrated_database_per_test(
     result.assert_outcomes(passed=3)
 
 
+@pytest.mark.parametrize(
+    "ini",
+    [
+        "asyncio_default_fixture_loop_scope = session\n",
+        "asyncio_default_fixture_loop_scope = function\nasyncio_default_test_loop_scope = module\n",
+    ],
+)
+def test_fixtures_and_tests_on_different_event_loops_are_refused_with_both_options_named(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch, ini: str
+) -> None:
+    # The pool would be opened on one loop and used from another: every test a 500.
+    pytester.makefile(".sql", **{"migrations/0001_notes": "CREATE TABLE notes (body text);"})
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini(f"[pytest]\nasyncio_mode = auto\n{ini}pglayer_migrations = migrations\n")
+    monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(
+        ["*asyncio_default_fixture_loop_scope*asyncio_default_test_loop_scope*"]
+    )
+
+
 def test_without_the_testing_extra_the_import_error_names_it() -> None:
     # As without pytest installed: a None in sys.modules makes its import fail.
     code = "import sys; sys.modules['pytest_asyncio'] = None; import pglayer.testing"

@@ -35,6 +35,7 @@ from pglayer._errors import (
     SerializationError,
     TooManyConnectionsError,
     TransactionAbortedError,
+    TransactionEndedError,
     TransientError,
     UniqueViolationError,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "SlowQuery",
     "TooManyConnectionsError",
     "TransactionAbortedError",
+    "TransactionEndedError",
     "TransientError",
     "UniqueViolationError",
     "body_hash",

@@ -186,7 +186,7 @@ def doctor(
     """Check DATABASE_URL: reachable, version, connection budget, pooler; exit 1 on a problem."""
     if target is not None:
         try:
-            check_app(target)
+            check_app(target, factory=None)
         except PglayerError as exc:  # its name still names its connections: go on
             console.print(f"[yellow]warning:[/] {escape(str(exc))}")
     settings, server = DatabaseSettings(), ServerSettings()  # both as the app reads them

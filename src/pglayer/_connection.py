@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import (
@@ -33,6 +34,7 @@ from pglayer._errors import (
     ProgrammingError,
     QueryTimeoutError,
     TransactionAbortedError,
+    TransactionEndedError,
     raise_translated,
     translate,
 )
@@ -339,9 +341,13 @@ class Connection:
                 self._raise(exc)
             try:
                 yield self
-            except Exception:
+            except Exception as exc:
+                if self._ended_inside() and not isinstance(exc, TransactionEndedError):
+                    raise self._ended() from exc
                 await self._rollback_quietly(savepoint)
                 raise
+            if self._ended_inside():
+                raise self._ended()
             # On cancellation nothing is sent here: the pool rolls back before reuse.
             if savepoint is None:
                 await self._commit(readonly)
@@ -358,6 +364,17 @@ class Connection:
         finally:
             self._depth -= 1
             self._lock_bounded = bounded
+
+    def _ended_inside(self) -> bool:
+        # The server's transaction status from its last ReadyForQuery: no round trip.
+        return not self.raw.is_in_transaction() and not self.raw.is_closed()
+
+    def _ended(self) -> TransactionEndedError:
+        """The error for a block that sent its own COMMIT or ROLLBACK: pglayer can neither
+        commit nor undo what it did, so no success may be reported."""
+        error = TransactionEndedError()
+        self._pool.observer.error(error)
+        return error
 
     def _indeterminate(self, what: str) -> CommitIndeterminateError:
         """The error for a connection that failed while `what` (a COMMIT, or a write in
@@ -468,6 +485,16 @@ def _while_preparing(error: BaseException | None) -> bool:
     return False
 
 
+def check_transaction_options(isolation: object, lock_timeout: object) -> None:
+    """Raise `ValueError` for an isolation level or a lock bound no transaction can take."""
+    if isolation is not None and isolation not in _ISOLATION:
+        raise ValueError(f"isolation {isolation!r} is not one of: {', '.join(_ISOLATION)}")
+    if lock_timeout is not None and not (
+        isinstance(lock_timeout, int | float) and 0 < lock_timeout < math.inf
+    ):
+        raise ValueError(f"lock_timeout must be seconds above 0, not {lock_timeout!r}")
+
+
 def _begin(
     readonly: bool,
     isolation: Isolation | None,
@@ -481,12 +508,17 @@ def _begin(
     else:
         statement = "BEGIN"
         if isolation is not None:
-            statement += f" ISOLATION LEVEL {_ISOLATION[isolation]}"
+            level = _ISOLATION.get(isolation)
+            if level is None:
+                check_transaction_options(isolation, lock_timeout)
+            statement += f" ISOLATION LEVEL {level}"
         if readonly:
             statement += " READ ONLY"
         if deferrable:
             statement += " DEFERRABLE"
     if lock_timeout is not None:
+        if not 0 < lock_timeout < math.inf:  # NaN too
+            check_transaction_options(isolation, lock_timeout)
         ms = max(int(lock_timeout * 1000), 1)
         # A statement can wait twice: for a row's tuple lock (queued behind other waiters),
         # then for the transaction that holds the row. Its own deadline keeps it in the

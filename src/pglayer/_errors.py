@@ -22,6 +22,7 @@
         ├── InvalidInputError              22*, asyncpg's client-side DataError (422)
         ├── QueryTimeoutError              57014, client-side query deadline (504)
         ├── TransactionAbortedError        COMMIT answered ROLLBACK: an error was swallowed
+        ├── TransactionEndedError          the block sent its own COMMIT or ROLLBACK (500)
         └── ProgrammingError               42* (500)
 
 `translate()` is the one place that turns asyncpg and socket errors into these.
@@ -60,6 +61,7 @@ __all__ = [
     "SerializationError",
     "TooManyConnectionsError",
     "TransactionAbortedError",
+    "TransactionEndedError",
     "TransientError",
     "UniqueViolationError",
     "explain_connect_error",
@@ -230,6 +232,16 @@ class TransactionAbortedError(DatabaseError):
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message, sqlstate="25P02")
+
+
+class TransactionEndedError(DatabaseError):
+    """A statement inside a transaction block ended the transaction (COMMIT or ROLLBACK):
+    what came before it was applied or undone, what came after ran in autocommit."""
+
+    default_message = (
+        "the transaction was ended inside its block by a COMMIT or ROLLBACK statement; "
+        "let the block commit (or raise to roll back), or use a plain connection"
+    )
 
 
 class ProgrammingError(DatabaseError):

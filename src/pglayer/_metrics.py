@@ -75,7 +75,13 @@ _BULKHEAD_SERIES = (
 # from the start, since `increase()` cannot count the first value of a series that appears
 # already above 0.
 _ALERTED_ERRORS = dict.fromkeys(
-    ("CommitIndeterminateError", "ProgrammingError", "TransactionAbortedError"), 0
+    (
+        "CommitIndeterminateError",
+        "ProgrammingError",
+        "TransactionAbortedError",
+        "TransactionEndedError",
+    ),
+    0,
 )
 
 

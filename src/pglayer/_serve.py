@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -67,7 +68,10 @@ async def apply_directories(
     was applied is said (`say`) before `prepare` runs."""
     if len(histories) > len(directories):
         raise ConfigurationError("more histories than migration directories")
-    named = [*histories, *(d.name for d in directories[len(histories) :])]
+    # Resolved: `--dir .` (or `migrations/`, `../app/migrations`) names the directory's own.
+    named = [*histories, *(d.resolve().name for d in directories[len(histories) :])]
+    if "" in named:
+        raise ConfigurationError("the root directory has no name: name its history (--history)")
     applied: list[str] = []
     ends = time.monotonic() + timeout  # one deadline for the whole run
 
@@ -175,8 +179,9 @@ def check_port(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
-def check_app(app: str) -> None:
-    """Raise `ConfigurationError` unless `app` (`module:attr`) imports and names something."""
+def check_app(app: str, *, factory: bool | None = False) -> None:
+    """Raise `ConfigurationError` unless `app` (`module:attr`) imports and names an app (a
+    factory with `factory`; either with None)."""
     check_importable(app)
     module_name, _, attr = app.partition(":")
     if not attr:
@@ -191,8 +196,29 @@ def check_app(app: str) -> None:
         if not hasattr(found, part):
             raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
         found = getattr(found, part)
+    refusal = _not_servable(app, found, factory)
+    if refusal is not None:
+        raise ConfigurationError(refusal)
+
+
+def _not_servable(target: str, found: object, factory: bool | None) -> str | None:
+    """Why `found` cannot be served as `target`, if it cannot."""
     if not callable(found):
-        raise ConfigurationError(f"{app!r} is not an ASGI app (it is {type(found).__name__})")
+        return f"{target!r} is not an ASGI app (it is {type(found).__name__})"
+    if factory is False and inspect.isfunction(found) and not _required_positional(found):
+        # uvicorn would take it for an ASGI2 app and answer every request with a 500.
+        return (
+            f"{target!r} takes no arguments, as an app factory does, not an ASGI app: add --factory"
+        )
+    return None
+
+
+def _required_positional(function: Callable[..., object]) -> int:
+    return sum(
+        parameter.default is parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        for parameter in inspect.signature(function).parameters.values()
+    )
 
 
 _APP_ENV = "PGLAYER_SERVE_APP"  # what `load_app` loads in each worker, and how
@@ -208,14 +234,15 @@ def load_app() -> Any:
     target = os.environ[_APP_ENV]
     try:
         loaded = import_from_string(target)
-        if os.environ.get(_FACTORY_ENV) == "1":
+        factory = os.environ.get(_FACTORY_ENV) == "1"
+        if factory:
             loaded = loaded()
     except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)
         sys.exit(_STARTUP_FAILURE)
-    if not callable(loaded):
-        log.error("cannot load %s: %r is not an ASGI app (it is %s)", target, target,
-                  type(loaded).__name__)  # fmt: skip
+    refusal = _not_servable(target, loaded, None if factory else False)
+    if refusal is not None:
+        log.error("cannot load %s: %s", target, refusal)
         sys.exit(_STARTUP_FAILURE)
     return loaded
 
@@ -328,7 +355,7 @@ def serve(
         if workers == 1:
             # uvicorn imports it here too: a missing attribute is one line, not "serving"
             # and a traceback. (Workers import it themselves; a failure ends with status 3.)
-            check_app(app)
+            check_app(app, factory=factory)
         say(f"serving {app} on http://{host}:{port}")
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)

@@ -140,6 +140,11 @@ async def migrate(
     not by `PGLAYER_QUERY_TIMEOUT` or `statement_timeout`, and each lock they wait for (on a
     table an app is using) by `PGLAYER_LOCK_TIMEOUT`.
     """
+    if not isinstance(migrations, list):
+        raise TypeError(
+            f"migrations must be a list of Migration, as load_migrations(Path(...)) returns,"
+            f" not {type(migrations).__name__}"
+        )
     deadline = time.monotonic() + timeout
     async with db.transaction(timeout=60) as conn:
         try:
@@ -218,6 +223,8 @@ async def _apply(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
+    if not applied and migrations:
+        await _refuse_applied_elsewhere(conn, migrations, history)
     _check_order(migrations, applied, history)
     for m in migrations:
         if m.version not in applied:
@@ -377,6 +384,31 @@ def _refuse_transaction_control(m: Migration) -> None:
     for words in (*_first_words(m.sql, True), *_first_words(m.sql, False)):
         if _ends_transaction(words):
             raise MigrationError(f"migration {m.name} has {' '.join(words)}: {_ONE_TRANSACTION}")
+
+
+async def _refuse_applied_elsewhere(
+    conn: Connection, migrations: list[Migration], history: str
+) -> None:
+    """Refuse a new history when another holds only files of this directory, unchanged: the
+    same directory under another name (the CLI names a history after its directory,
+    `migrate()` defaults to "default"), which would apply every file again. Another app's
+    history that merely shares a first file has files of its own."""
+    ours = {(m.version, m.name, m.checksum) for m in migrations}
+    others: dict[str, bool] = {}
+    for row in await conn.fetch(
+        "SELECT history, version, name, checksum FROM pglayer_migrations WHERE history <> $1",
+        history,
+    ):
+        key = (row["version"], row["name"], row["checksum"])
+        others[row["history"]] = others.get(row["history"], True) and key in ours
+    same = sorted(name for name, within in others.items() if within)
+    if same:
+        raise MigrationError(
+            f"history {history!r} has nothing applied on this database, but history"
+            f" {same[0]!r} holds these same files, unchanged: they were applied under that"
+            f" name (pass `--history {same[0]}`, or `history={same[0]!r}`); nothing was"
+            " applied"
+        )
 
 
 def _check_order(

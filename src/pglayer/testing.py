@@ -70,6 +70,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_ASYNC_FIXTURES = ("pglayer_db", "pglayer_client")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse tests that would use the async fixtures from another event loop than the one
+    they were made on (the pool's connections belong to that loop: every test would fail)."""
+    fixtures = config.getini("asyncio_default_fixture_loop_scope") or "function"
+    if fixtures == "fixture-scope":
+        fixtures = "function"  # the scope of pglayer_db and pglayer_client
+    default = config.getini("asyncio_default_test_loop_scope") or "function"
+    for item in items:
+        if not any(name in getattr(item, "fixturenames", ()) for name in _ASYNC_FIXTURES):
+            continue
+        marker = item.get_closest_marker("asyncio")  # async tests only
+        if marker is None:
+            continue
+        test = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope") or default
+        if test != fixtures:
+            raise pytest.UsageError(
+                f"{item.nodeid} runs on a {test}-scoped event loop, but pglayer_db and"
+                f" pglayer_client run on a {fixtures}-scoped one: set"
+                " asyncio_default_fixture_loop_scope and asyncio_default_test_loop_scope to"
+                ' the same scope ("function" for a database per test)'
+            )
+
+
 def database_url_for(server_url: str, database: str) -> str:
     """`server_url` with its database replaced by `database`."""
     base, _, query = server_url.partition("?")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from pglayer._connection import Connection, Isolation
+from pglayer._connection import Connection, Isolation, check_transaction_options
 from pglayer._database import Database
 from pglayer._errors import ConfigurationError
 
@@ -96,6 +96,7 @@ def transaction_dependency(
     that uses it so. `lock_timeout` bounds each lock wait (503 `busy` past it); `bulkhead`
     names the connections it counts against (default `read` or `write`).
     """
+    check_transaction_options(isolation, lock_timeout)
 
     async def dependency(request: HTTPConnection) -> AsyncIterator[Connection]:
         async with (await bound_database(request)).transaction(

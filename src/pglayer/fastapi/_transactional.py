@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.exceptions import ResponseValidationError
 
-from pglayer._connection import Connection, Isolation
+from pglayer._connection import Connection, Isolation, check_transaction_options
 from pglayer.fastapi._dependencies import bound_database
 
 __all__ = ["transactional"]
@@ -69,6 +69,7 @@ def transactional(
     3), then answers 503 `busy`. COMMIT happens before the response is sent. `lock_timeout`
     bounds each lock wait (503 `busy`); `bulkhead` names the class of work it counts in.
     """
+    check_transaction_options(isolation, lock_timeout)
 
     def decorate(handler: F) -> F:
         # Resolved here: FastAPI would evaluate string annotations in this module's globals.
