@@ -162,6 +162,22 @@ async def test_open_without_wait_fails_fast_then_serves_transient_errors() -> No
         await db.close()
 
 
+async def test_connects_failing_while_the_app_starts_are_counted_as_failed_connections() -> None:
+    # The alerts on an unreachable database read this counter: an app started while its
+    # server is down retries in the background, and those failures must show.
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/shop"
+    db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.2))
+    await db.open()
+    try:
+
+        async def failing() -> bool:
+            return db.stats().connections_failed >= 2
+
+        assert await wait_for(failing, timeout=10)
+    finally:
+        await db.close()
+
+
 @contextlib.asynccontextmanager
 async def refusing_connections(
     db: Database, admin: asyncpg.Connection[Any], db_name: str

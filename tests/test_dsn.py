@@ -52,3 +52,36 @@ def test_settings_read_database_url_and_keep_it_secret(monkeypatch: pytest.Monke
 def test_settings_reject_min_size_above_max_size() -> None:
     with pytest.raises(ValueError, match="min_size"):
         DatabaseSettings(url="postgresql://x@y/z", min_size=5, max_size=2)
+
+
+# Passwords with a character a URL reserves, written without percent-encoding: the parsers
+# end the host part early, and the rest of the password looks like a port or a path.
+UNENCODED = [
+    "postgresql://app:Prim#Pass88@127.0.0.1:18460/app",
+    "postgresql://app:S3cret/xyz@127.0.0.1:18460/app",
+    "postgresql://app:S3cret?xyz@127.0.0.1:18460/app",
+    "postgresql://app:123/xyz@127.0.0.1:18460/app",
+    "postgresql://app:p@ss@127.0.0.1:18460/app",
+]
+
+
+def _leaked(text: str, dsn: str) -> list[str]:
+    password = dsn.split("//app:", 1)[1].rsplit("@", 1)[0]
+    pieces = [password, *(p for p in password.replace("#", "/").replace("?", "/").split("/"))]
+    return [p for p in pieces if len(p) >= 3 and p in text]
+
+
+@pytest.mark.parametrize("dsn", UNENCODED)
+def test_a_password_a_url_cannot_hold_unencoded_is_masked_whole(dsn: str) -> None:
+    from pglayer import mask_text
+
+    for said in (mask_dsn(dsn), describe_target(dsn), mask_text(f"cannot connect to {dsn}")):
+        assert not _leaked(said, dsn), said
+    assert "127.0.0.1" in describe_target(dsn)
+
+
+@pytest.mark.parametrize("dsn", UNENCODED)
+def test_settings_refuse_an_unencoded_password_without_quoting_it(dsn: str) -> None:
+    with pytest.raises(ValueError, match="percent-encoded") as refused:
+        DatabaseSettings(url=dsn)
+    assert not _leaked(str(refused.value), dsn), str(refused.value)

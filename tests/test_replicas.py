@@ -19,12 +19,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConnectionLostError, Database, _replicas
 from pglayer._embedded import EmbeddedPostgres
+from pglayer.fastapi import ReadConnection, setup
 from pglayer.migrations import MigrationError, migrate
 from tests.conftest import asgi_client, children_of, free_port, settings_for, wait_for
 from tests.test_doctor import doctor
@@ -702,3 +704,89 @@ async def test_a_read_that_fails_on_one_replica_is_given_to_another_before_the_p
         assert await db.read(read)  # answered by the other replica, not the primary
         assert attempts == 2
         assert sorted(h.healthy for h in db.replicas.health.values()) == [False, True]
+
+
+async def _write_on(primary: EmbeddedPostgres) -> None:
+    conn = await asyncpg.connect(primary.admin_url(DB))
+    try:
+        await conn.execute("INSERT INTO products (name, price, stock) VALUES ('lag', 1, 1)")
+    finally:
+        await conn.close()
+
+
+async def test_a_replica_paused_before_the_app_starts_is_lagging_from_its_first_check(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # Just after start the primary's positions go back no time at all: without the
+    # replica's own account it looked current for PGLAYER_REPLICA_MAX_LAG seconds.
+    async with replay_paused(standby):
+        await _write_on(primary)
+        await asyncio.sleep(1.5)  # three times the bound
+        async with Database(replicated_settings(primary, standby)) as db:
+            assert db.replicas is not None
+            assert db.replicas.health["replica-1"].reason == "lagging"
+            assert not await in_recovery(db)
+
+
+async def test_the_lag_reported_keeps_growing_past_the_positions_kept(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # Positions are kept for the bound plus three intervals (1.1 s here): the lag reported
+    # stopped there, so an alert on a long lag could never fire.
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert db.replicas is not None
+        assert await in_rotation(db)
+        async with replay_paused(standby):
+            await _write_on(primary)
+
+            async def long_behind() -> bool:
+                assert db.replicas is not None
+                lag = db.replicas.health["replica-1"].lag_seconds
+                return lag is not None and lag > 3.0
+
+            assert await wait_for(long_behind, timeout=10)
+
+
+async def test_a_replica_whose_connections_are_all_busy_stays_in_rotation_for_read_connection(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    settings = replicated_settings(
+        primary, standby, replica_max_lag=600, min_size=1, max_size=2, acquire_timeout=0.3
+    )
+    async with Database(settings) as db:
+        assert db.replicas is not None
+        assert await in_rotation(db, timeout=10)
+        slow = [asyncio.create_task(db.read(lambda c: c.fetchval("SELECT pg_sleep(1.5)")))
+                for _ in range(2)]  # fmt: skip
+        await asyncio.sleep(0.2)  # both of its connections taken
+        async with db.read_connection() as conn:
+            assert not await conn.fetchval("SELECT pg_is_in_recovery()")  # the primary's
+        assert db.replicas.health["replica-1"].healthy  # busy is not broken
+        await asyncio.gather(*slow)
+
+
+async def test_a_read_connection_on_what_the_replica_has_not_replayed_is_a_503_not_a_500(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    db = Database(replicated_settings(primary, standby, replica_max_lag=600))
+    app = FastAPI()
+    setup(app, db)
+
+    @app.get("/migrated")
+    async def migrated(conn: ReadConnection) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM just_migrated_too"))
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert db.replicas is not None
+        assert await in_rotation(db)
+        async with replay_paused(standby):
+            await db.run(lambda c: c.execute("CREATE TABLE just_migrated_too (id int)"))
+            try:
+                first = await client.get("/migrated")
+                assert first.status_code == 503, first.text
+                assert first.json()["code"] == "unavailable"
+                assert "retry-after" in first.headers
+                assert db.replicas.health["replica-1"].reason == "lagging"
+                assert (await client.get("/migrated")).json() == 0  # the primary answers
+            finally:
+                await db.run(lambda c: c.execute("DROP TABLE just_migrated_too"))

@@ -46,6 +46,7 @@ from pglayer._errors import (
     PoolOverloadedError,
     PoolTimeoutError,
     QueryTimeoutError,
+    SerializationError,
     TransientError,
     explain_connect_error,
     translate,
@@ -85,6 +86,9 @@ Work = Callable[[Connection], Awaitable[T]]
 
 
 _NO_CONNECTION = (PoolTimeoutError, PoolOverloadedError)
+# What fails a read on a replica that is working: its connections all busy, or a conflict
+# with recovery (40001: a statement cancelled as the replay needed what it read).
+_REPLICA_BUSY = (PoolTimeoutError, PoolOverloadedError, SerializationError)
 
 
 def _busy(exc: Exception) -> LockTimeoutError:
@@ -450,6 +454,9 @@ class Database:
                 async with asyncio.timeout(None if math.isinf(left) else left):
                     self.pooler = await self._resolve_pooler()
             except Exception as exc:
+                # Counted as the pool's own connects are: an app started while its server is
+                # down retries here, and the alerts on failed connects must see it.
+                self._observer.connection_failed()
                 raise self._startup_error(exc) from exc
             if self.pooler.mode != "none":
                 log.info(
@@ -655,7 +662,7 @@ class Database:
             # rotation. One that failed leaves the rotation, and another replica answers.
             if self.replicas is None:
                 raise error
-            if isinstance(error, _NO_CONNECTION) or (
+            if isinstance(error, _REPLICA_BUSY) or (
                 getattr(error, "sqlstate", None) in _NOT_REPLAYED_YET
             ):
                 return await self._call(self, fn, True, timeout, tx, bulkhead)
@@ -784,15 +791,27 @@ class Database:
         """A connection of a healthy replica (else of the primary), for reads only."""
         target = self._read_target()
         if target is not self:
+            assert self.replicas is not None
             lease = _Lease(target, timeout, bulkhead, writer=False)
             try:
                 conn = await lease.__aenter__()
+            except _NO_CONNECTION:
+                pass  # busy, not broken: it stays in rotation, the primary answers
             except TransientError:
-                assert self.replicas is not None
                 self.replicas.mark_failed(target)
             else:
                 try:
                     yield conn
+                except DatabaseError as exc:
+                    if exc.sqlstate not in _NOT_REPLAYED_YET:
+                        raise
+                    # The handler ran on it (it cannot be replayed here, as `read` is): it
+                    # leaves the rotation until its next check, and the client retries.
+                    self.replicas.mark_failed(target, behind=True)
+                    raise TransientError(
+                        "the replica has not yet replayed a table or column this read needs",
+                        sqlstate=exc.sqlstate,
+                    ) from exc
                 finally:
                     await lease.__aexit__(None, None, None)
                 return

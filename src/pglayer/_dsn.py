@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 __all__ = ["describe_target", "mask_dsn", "mask_text"]
 
@@ -12,8 +12,9 @@ _MASK = "***"
 _PASSWORD_PARAM = re.compile(r"(?i)(password\s*=\s*)('[^']*'|[^\s&]*)")
 
 
-# Any URL with a password in it, wherever it appears in free text.
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
+# Any URL with a password in it, wherever it appears in free text: up to its last `@`, for a
+# password may hold a `/`, `#`, `?` or `@` its writer did not percent-encode.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):\S*@")
 
 
 def mask_text(text: str) -> str:
@@ -24,33 +25,40 @@ def mask_text(text: str) -> str:
     return _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", text)
 
 
+def _userinfo(dsn: str) -> tuple[str, str, str, str] | None:
+    """A URL's scheme, user, password (or "") and what follows its userinfo, taking the
+    userinfo up to the last `@`: a URL parser ends it at the first `/`, `?` or `#`, which an
+    unencoded password may hold. None for a URL without userinfo, or not a URL."""
+    scheme, found, rest = dsn.partition("://")
+    if not found or "@" not in rest:
+        return None
+    userinfo, _, after = rest.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return scheme, user, password, after
+
+
 def mask_dsn(dsn: str) -> str:
     """Return `dsn` with any password replaced by `***`."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
+    split = _userinfo(dsn)
+    if split is None:
         return _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", dsn)
-    if not parts.scheme or not parts.netloc:
-        return _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:{_MASK}@{hostinfo}"
-    query = _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    scheme, user, password, after = split
+    userinfo = f"{user}:{_MASK}" if password else user
+    after = _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", after)
+    return f"{scheme}://{userinfo}@{after}"
 
 
 def describe_target(dsn: str) -> str:
     """Return `user@host:port/database` for messages; never includes a password."""
+    split = _userinfo(dsn)
+    plain = dsn if split is None else f"{split[0]}://{split[3]}"  # no userinfo left to misread
     try:
-        parts = urlsplit(dsn)
+        parts = urlsplit(plain)
         host = parts.hostname or "localhost"
         port = parts.port or 5432
     except ValueError:
         return mask_dsn(dsn)
-    user = parts.username or ""
+    user = split[1] if split is not None else parts.username or ""
     database = parts.path.lstrip("/") or user
     prefix = f"{user}@" if user else ""
     return f"{prefix}{host}:{port}/{database}"

@@ -62,20 +62,25 @@ class _Positions:
         while len(seen) > 1 and seen[1][0] < asked - self.keep:
             seen.popleft()
 
-    def behind(self, replayed: int, now: float) -> float | None:
-        """How long ago the primary was first seen past `replayed` (0: not seen past it).
+    def behind(self, replayed: int, now: float) -> tuple[float, bool] | None:
+        """How long ago the primary was first seen past `replayed` (0: not seen past it),
+        and whether a position kept is at or before `replayed`.
 
-        A lower bound on the replica's lag, by at most the time between two checks; None
-        before the primary was ever read.
+        With one, a lower bound on the replica's lag short by at most the time between two
+        checks; without (behind every position kept: just after start, or for longer than
+        they are kept), only a lower bound. None before the primary was ever read.
         """
         passed: float | None = None
         for asked, lsn in reversed(self._seen):
             if lsn <= replayed:
                 break
             passed = asked
+        else:
+            if passed is not None:
+                return max(now - passed, 0.0), False
         if passed is None:
-            return None if not self._seen else 0.0
-        return max(now - passed, 0.0)
+            return None if not self._seen else (0.0, True)
+        return max(now - passed, 0.0), True
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +116,8 @@ class ReplicaSet:
         # Kept past the lag bound, so that a replica behind all of them is lagging.
         self._positions = _Positions(keep=max_lag + 3 * interval)
         self._cluster: int | None = None  # the primary's system identifier, once read
+        # Replicas behind every position kept: since when, at the latest.
+        self._behind_since: dict[str, float] = {}
         self._refused: dict[str, float] = {}  # replicas that refused to open: when to try again
         self._clusters: dict[str, int] = {}  # each replica's system identifier, as last read
         # One connection per replica for its checks, outside its pool: a check must not
@@ -215,7 +222,7 @@ class ReplicaSet:
             await replica.open(wait=False)
         # Refused (a password, a database; the driver's reading of its URL's parameters):
         # not worth a retry a second, and never fatal to the app.
-        except (PglayerError, asyncpg.ClientConfigurationError) as exc:
+        except (PglayerError, asyncpg.ClientConfigurationError, ValueError) as exc:
             if replica.name not in self._refused:
                 log.warning(
                     "replica %s cannot be opened (%s); reads use the primary; tried again"
@@ -249,14 +256,30 @@ class ReplicaSet:
             # A standby of another server: whatever its lag, not the primary's data.
             return ReplicaHealth(replica.name, False, "another cluster", None)
         self._clusters[replica.name] = row["cluster"]
-        lag = row["lag"]
-        if row["replayed"] is not None:
-            behind = self._positions.behind(_lsn(row["replayed"]), time.monotonic())
-            lag = lag if behind is None else behind
+        lag = self._lag(replica.name, row)
         # NULL: behind, and nothing replayed since it started, so by how much is unknown.
         if lag is None or lag > self.max_lag:
             return ReplicaHealth(replica.name, False, "lagging", lag)
         return ReplicaHealth(replica.name, True, "ok", lag)
+
+    def _lag(self, name: str, row: asyncpg.Record) -> float | None:
+        """The replica's lag: from the primary's positions where they reach back to its own;
+        behind all of them, the longest of how long it has been so and its own estimate (an
+        upper bound, from its last replayed commit): just after start the positions go back
+        no time at all, and a replica paused for minutes would look current."""
+        estimate: float | None = row["lag"]
+        if row["replayed"] is None:
+            return estimate
+        now = time.monotonic()
+        behind = self._positions.behind(_lsn(row["replayed"]), now)
+        if behind is None:
+            return estimate
+        seconds, reached = behind
+        if reached:
+            self._behind_since.pop(name, None)
+            return seconds
+        since = self._behind_since.setdefault(name, now - seconds)
+        return None if estimate is None else max(now - since, estimate)
 
     async def _probe(self, replica: Database) -> asyncpg.Record:
         probe = self._probes.pop(replica.name, None)
@@ -284,8 +307,14 @@ class ReplicaSet:
             return None
         return healthy[next(self._turn) % len(healthy)]
 
-    def mark_failed(self, replica: Database) -> None:
-        """Take `replica` out of rotation until its next successful check."""
+    def mark_failed(self, replica: Database, *, behind: bool = False) -> None:
+        """Take `replica` out of rotation until its next successful check: unreachable, or
+        (`behind`) without a table or column a read needed, which the primary has."""
+        reason, why = (
+            ("lagging", "it has not replayed a table or column a read needed")
+            if behind
+            else ("unreachable", "a read failed on it")
+        )
         if self.health[replica.name].healthy:
-            log.warning("replica %s is out of rotation (a read failed on it)", replica.name)
-        self.health[replica.name] = ReplicaHealth(replica.name, False, "unreachable", None)
+            log.warning("replica %s is out of rotation (%s)", replica.name, why)
+        self.health[replica.name] = ReplicaHealth(replica.name, False, reason, None)

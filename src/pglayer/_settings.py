@@ -363,16 +363,17 @@ def _postgres_url(url: str) -> str:
     if driver[1]:  # SQLAlchemy's form (postgresql+asyncpg://): the driver is asyncpg anyway
         url = f"postgresql://{rest}"
     authority = rest.split("/", 1)[0].split("?", 1)[0]
-    if authority.count("@") > 1:
-        raise ValueError("more than one '@' before the host: write an '@' of the user or"
-                         " password as %40")  # fmt: skip
+    if "#" in rest or "@" in rest[len(authority) :] or authority.count("@") > 1:
+        # Never quoted: what a parser takes for the port or path here is part of a password.
+        raise ValueError(_UNENCODED)
     hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):  # libpq's multi-host form: host1:5432,host2:5433
         if host.count("[") != host.count("]"):
             raise ValueError("an IPv6 host needs both brackets: write [::1]:5432")
         port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
         if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"the port {port[:10]!r} is not one of 1..65535")
+            said = f" {port[:10]!r}" if port.isascii() and port.isdigit() else ""
+            raise ValueError(f"the port{said} is not one of 1..65535 ({_UNENCODED})")
     query = urllib.parse.parse_qs(rest.partition("?")[2])
     for mode in query.get("sslmode", []):
         if mode not in _SSL_MODES:
@@ -381,6 +382,10 @@ def _postgres_url(url: str) -> str:
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_UNENCODED = (
+    "a '/', '?', '#', '@' or ',' in the user or password must be percent-encoded"
+    " (%2F, %3F, %23, %40, %2C)"
+)
 
 
 class ServerSettings(BaseSettings):

@@ -125,7 +125,7 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
         SerializationError,  # deadlocks too: contention, not an outage
         503,
         "busy",
-        "The change conflicted with concurrent changes to the same data. Retry later.",
+        "The request conflicted with concurrent changes to the same data. Retry later.",
     ),
     (TransientError, 503, "unavailable", "The database is temporarily unavailable. Retry later."),
     (
