@@ -603,3 +603,21 @@ def test_setup_twice_on_one_app_is_refused(db_url: str) -> None:
     app = app_of(Database(settings_for(db_url)))
     with pytest.raises(PglayerError, match="already called"):
         setup(app, Database(settings_for(db_url)))
+
+
+async def test_a_4xx_the_database_decided_is_logged_with_its_sqlstate(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 22012 in a query is a bug that the client sees as a 422: the log must say which.
+    app = app_of(db)
+
+    @app.get("/divide")
+    async def divide(conn: ReadConnection) -> int:
+        return int(await conn.fetchval("SELECT 1/0"))
+
+    caplog.set_level(logging.INFO, logger="pglayer")
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        response = await client.get("/divide")
+    assert response.status_code == 422
+    said = [r for r in caplog.records if "sqlstate=22012" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]

@@ -178,7 +178,7 @@ def test_an_invalid_setting_is_one_line_that_never_shows_the_url() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "invalid settings" in output
-    assert "min_size must not exceed max_size" in output
+    assert "min_size (2) must not exceed max_size (1): PGLAYER_MIN_SIZE" in output
     assert "hunter2" not in output
     assert "Traceback" not in output
     with pytest.raises(ValidationError) as refused:
@@ -779,3 +779,39 @@ def test_migrate_dir_dot_names_the_history_after_the_directory_itself(
     )  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date" in again.stderr
+
+
+LATE_COMMIT_APP = """
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+
+from pglayer import Connection, Database
+from pglayer.fastapi import setup, transaction_dependency
+
+app = FastAPI()
+setup(app, Database())
+Late = Annotated[Connection, Depends(transaction_dependency())]
+
+
+@app.post("/late")
+async def late(conn: Late) -> None:
+    await conn.execute("SELECT 1")
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_says_why_an_app_refuses_to_start_in_one_line(
+    db_url: str, tmp_path: Path, workers: str
+) -> None:
+    (tmp_path / "lateapp.py").write_text(LATE_COMMIT_APP)
+    command = [PGLAYER_SCRIPT, "serve", "lateapp:app", "--workers", workers,
+               "--port", str(free_port())]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cannot start: " in result.stderr
+    assert "/late" in result.stderr
+    assert "Traceback" not in result.stderr

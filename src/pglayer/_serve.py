@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import inspect
 import logging
@@ -138,6 +139,27 @@ class _StartupFailures(logging.Handler):
             self.seen = True
 
 
+class _OneLineRefusals(logging.Filter):
+    """An app's lifespan refusing to start (a `ConfigurationError`: a late commit, two
+    transactions in one route) is one line saying why, as the command's own errors are,
+    not Starlette's traceback of the lifespan."""
+
+    marker = "\npglayer.ConfigurationError: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if isinstance(message, str) and self.marker in message and "Traceback" in message:
+            record.msg = "cannot start: %s"
+            record.args = (message.rpartition(self.marker)[2].strip(),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+@functools.cache
+def _one_line_refusals() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_OneLineRefusals())
+
+
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
 _PR_SET_PDEATHSIG = 1  # Linux's prctl(2): a signal when the parent ends
 
@@ -232,6 +254,7 @@ def load_app() -> Any:
     from uvicorn.importer import import_from_string
 
     target = os.environ[_APP_ENV]
+    _one_line_refusals()
     try:
         loaded = import_from_string(target)
         factory = os.environ.get(_FACTORY_ENV) == "1"

@@ -289,7 +289,10 @@ class DatabaseSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:
         if self.min_size > self.max_size:
-            raise ValueError("min_size must not exceed max_size")
+            raise ValueError(
+                f"min_size ({self.min_size}) must not exceed max_size ({self.max_size}):"
+                " PGLAYER_MIN_SIZE, PGLAYER_MAX_SIZE"
+            )
         if any(cap < 1 for cap in self.bulkheads.values()):
             raise ValueError("every bulkhead needs at least one connection")
         return self

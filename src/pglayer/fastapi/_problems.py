@@ -361,12 +361,16 @@ async def _on_pglayer_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, PglayerError)
     problem = problem_for_database_error(exc)
     sqlstate = exc.sqlstate if isinstance(exc, DatabaseError) else None
-    if problem.status >= 500:
+    if problem.status >= 500 or sqlstate is not None:
         # Shed and timed-out acquires are counted in the pool's metrics; a warning per
-        # request would add log volume exactly when the process is overloaded.
+        # request would add log volume exactly when the process is overloaded. A 4xx the
+        # database decided (22012 in a query is a bug the client sees as a 422) is said at
+        # INFO, with its SQLSTATE, for whoever looks for it.
         if problem.status == 500:
             level = logging.ERROR
-        elif isinstance(exc, PoolOverloadedError | PoolTimeoutError | LockTimeoutError):
+        elif problem.status < 500 or isinstance(
+            exc, PoolOverloadedError | PoolTimeoutError | LockTimeoutError
+        ):
             level = logging.INFO
         else:
             level = logging.WARNING
