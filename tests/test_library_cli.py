@@ -354,12 +354,8 @@ def test_serve_refuses_a_factory_given_as_an_app_and_says_to_add_factory(
     (tmp_path / "factoryapp.py").write_text(
         "from fastapi import FastAPI\ndef create_app():\n    return FastAPI()\n"
     )
-    command = [PGLAYER_SCRIPT, "serve", "factoryapp:create_app", "--workers", workers,
-               "--port", str(free_port())]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
-        text=True, timeout=60, check=False,
-    )  # fmt: skip
+    args = "serve", "factoryapp:create_app", "--workers", workers, "--port", str(free_port())
+    result = run(*args, env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
     assert result.returncode == status, result.stdout + result.stderr
     assert "as an app factory does, not an ASGI app: add --factory" in result.stderr
 
@@ -773,10 +769,7 @@ def test_migrate_dir_dot_names_the_history_after_the_directory_itself(
     directory = write_migrations(tmp_path / "notes", "notes")
     env = clean_env(DATABASE_URL=db_url)
     assert run("migrate", "--dir", str(directory), env=env).returncode == 0
-    again = subprocess.run(
-        [PGLAYER_SCRIPT, "migrate", "--dir", "."], cwd=directory, env=env,
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    again = run("migrate", "--dir", ".", env=env, cwd=directory)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date" in again.stderr
 
@@ -805,12 +798,8 @@ def test_serve_says_why_an_app_refuses_to_start_in_one_line(
     db_url: str, tmp_path: Path, workers: str
 ) -> None:
     (tmp_path / "lateapp.py").write_text(LATE_COMMIT_APP)
-    command = [PGLAYER_SCRIPT, "serve", "lateapp:app", "--workers", workers,
-               "--port", str(free_port())]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=tmp_path, env=clean_env(DATABASE_URL=db_url), capture_output=True,
-        text=True, timeout=60, check=False,
-    )  # fmt: skip
+    args = "serve", "lateapp:app", "--workers", workers, "--port", str(free_port())
+    result = run(*args, env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "cannot start: " in result.stderr
     assert "/late" in result.stderr
