@@ -409,3 +409,29 @@ async def test_a_transaction_its_block_ended_raises_that_even_on_the_way_out_of_
     assert isinstance(raised.value.__cause__, ValueError)
     async with db.connection() as conn:  # the connection went back fit for use
         assert await conn.fetchval("SELECT 1") == 1
+
+
+async def test_a_connection_whose_block_ended_its_transaction_is_not_lent_again(
+    db_url: str,
+) -> None:
+    # After its own COMMIT a block's SET is the session's, not the transaction's.
+    async def end_then_set(db: Database) -> None:
+        async with db.transaction() as conn:
+            await conn.execute("COMMIT")
+            await conn.execute("SET statement_timeout = 1")
+
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        with pytest.raises(TransactionEndedError):
+            await end_then_set(db)
+        async with db.connection() as conn:
+            assert await conn.fetchval("SHOW statement_timeout") != "1ms"
+
+
+async def test_a_url_of_several_hosts_opens_on_the_one_that_answers(db_url: str) -> None:
+    # libpq's host1:port1,host2:port2 form: the pooler check read one port from it and raised.
+    base, _, rest = db_url.partition("@")
+    url = f"{base}@127.0.0.1:{free_port()},{rest}"
+    async with Database(settings_for(url)) as db:
+        assert db.pooler is not None
+        assert db.pooler.mode == "none"
+        assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1

@@ -67,7 +67,9 @@ UNENCODED = [
 
 def _leaked(text: str, dsn: str) -> list[str]:
     password = dsn.split("//app:", 1)[1].rsplit("@", 1)[0]
-    pieces = [password, *(p for p in password.replace("#", "/").replace("?", "/").split("/"))]
+    for mark in "#?,@":
+        password = password.replace(mark, "/")
+    pieces = [password, *password.split("/")]
     return [p for p in pieces if len(p) >= 3 and p in text]
 
 
@@ -85,3 +87,23 @@ def test_settings_refuse_an_unencoded_password_without_quoting_it(dsn: str) -> N
     with pytest.raises(ValueError, match="percent-encoded") as refused:
         DatabaseSettings(url=dsn)
     assert not _leaked(str(refused.value), dsn), str(refused.value)
+
+
+def test_a_password_with_a_space_the_driver_takes_is_masked_in_log_text() -> None:
+    from pglayer import mask_text
+
+    said = mask_text("cannot connect to postgresql://u:Zq9 sp4ce@127.0.0.1/db: refused")
+    assert "Zq9" not in said
+    assert "sp4ce" not in said
+    assert "127.0.0.1/db: refused" in said
+
+
+def test_a_replica_list_split_inside_a_password_quotes_no_part_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The list's comma splits `987654321,Zq9`: its first part looks like a port.
+    monkeypatch.setenv("PGLAYER_REPLICA_URLS", "postgresql://app:987654321,Zq9@127.0.0.1/app")
+    with pytest.raises(ValueError, match="percent-encoded") as refused:
+        DatabaseSettings(url="postgresql://app@127.0.0.1/app")
+    assert "987654321" not in str(refused.value)
+    assert "Zq9" not in str(refused.value)

@@ -340,6 +340,7 @@ async def test_the_shops_routes_all_take_pglayers_body_checks(
         ({"lock_timeout": 0}, "lock_timeout must be seconds above 0"),
         ({"lock_timeout": -1.0}, "lock_timeout must be seconds above 0"),
         ({"lock_timeout": float("nan")}, "lock_timeout must be seconds above 0"),
+        ({"lock_timeout": 3e6}, "at most 86400"),  # past PostgreSQL's int milliseconds
     ],
 )
 def test_transaction_options_no_transaction_can_take_are_refused_where_they_are_written(
@@ -356,3 +357,21 @@ async def test_an_unknown_isolation_level_is_a_value_error_at_the_call(tx_db: Da
         async with tx_db.transaction(isolation="Serializable"):  # type: ignore[arg-type]
             pass
     assert tx_db.stats().in_use == 0
+
+
+async def test_a_lock_bound_no_transaction_can_take_is_a_value_error_at_the_call(
+    tx_db: Database,
+) -> None:
+    with pytest.raises(ValueError, match="lock_timeout"):
+        await tx_db.run(lambda c: c.execute("SELECT 1"), lock_timeout=-1)
+
+    async def nested_with_a_bad_isolation() -> None:
+        async with (
+            tx_db.connection() as conn,
+            conn.transaction(),
+            conn.transaction(isolation="bad"),  # type: ignore[arg-type]
+        ):
+            pass
+
+    with pytest.raises(ValueError, match="is not one of"):
+        await nested_with_a_bad_isolation()

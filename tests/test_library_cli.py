@@ -346,18 +346,65 @@ def test_serve_with_workers_whose_app_cannot_be_loaded_exits_at_once(
     assert result.stderr.count(said) <= 4  # a line and a traceback per worker, not per restart
 
 
+FACTORIES = """
+import functools
+
+from fastapi import FastAPI
+
+
+def create_app(title="app"):
+    return FastAPI(title=title)
+
+
+class Holder:
+    @classmethod
+    def create(cls):
+        return FastAPI()
+
+
+class Maker:
+    def __call__(self):
+        return FastAPI()
+
+
+partial = functools.partial(create_app, "partial")
+make = Maker()
+"""
+
+
+@pytest.mark.parametrize("factory", ["create_app", "Holder.create", "partial", "make"])
 @pytest.mark.parametrize(("workers", "status"), [("1", 1), ("2", 3)])
 def test_serve_refuses_a_factory_given_as_an_app_and_says_to_add_factory(
-    db_url: str, tmp_path: Path, workers: str, status: int
+    db_url: str, tmp_path: Path, workers: str, status: int, factory: str
 ) -> None:
-    # uvicorn takes a function of no arguments for an ASGI2 app: every request a 500.
-    (tmp_path / "factoryapp.py").write_text(
-        "from fastapi import FastAPI\ndef create_app():\n    return FastAPI()\n"
-    )
-    args = "serve", "factoryapp:create_app", "--workers", workers, "--port", str(free_port())
+    # uvicorn takes a callable of no arguments for an ASGI2 app: every request a 500.
+    (tmp_path / "factoryapp.py").write_text(FACTORIES)
+    args = "serve", f"factoryapp:{factory}", "--workers", workers, "--port", str(free_port())
     result = run(*args, env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
     assert result.returncode == status, result.stdout + result.stderr
     assert "as an app factory does, not an ASGI app: add --factory" in result.stderr
+
+
+def test_serve_takes_an_asgi_app_of_any_shape_and_refuses_an_async_factory(
+    db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "shapes.py").write_text(
+        "from fastapi import FastAPI\n"
+        "async def app(*args):\n    pass\n"
+        "async def create_app():\n    return FastAPI()\n"
+    )
+    env = clean_env(DATABASE_URL=db_url)
+    from pglayer._serve import check_app
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        check_app("shapes:app")  # ASGI3 with *args: served
+    finally:
+        sys.path.remove(str(tmp_path))
+    args = "serve", "shapes:create_app", "--factory", "--port", str(free_port())
+    result = run(*args, env=env, cwd=tmp_path)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "is an async factory: make it a plain def" in result.stderr
 
 
 def test_serve_refuses_an_app_that_is_not_an_asgi_app(db_url: str, tmp_path: Path) -> None:
@@ -804,3 +851,13 @@ def test_serve_says_why_an_app_refuses_to_start_in_one_line(
     assert "cannot start: " in result.stderr
     assert "/late" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_migrate_names_a_linked_directory_after_the_link_as_it_always_did(
+    db_url: str, tmp_path: Path
+) -> None:
+    directory = write_migrations(tmp_path / "real" / "migrations", "linked")
+    (tmp_path / "app_sql").symlink_to(directory)
+    result = run("migrate", "--dir", str(tmp_path / "app_sql"), env=clean_env(DATABASE_URL=db_url))
+    assert result.returncode == 0, result.stderr
+    assert "app_sql/0001_schema.sql" in result.stderr

@@ -359,3 +359,17 @@ async def test_migrate_given_a_directory_instead_of_its_files_says_what_it_takes
 ) -> None:
     with pytest.raises(TypeError, match=r"load_migrations\(Path"):
         await migrate(db, tmp_path)  # type: ignore[arg-type]
+
+
+async def test_a_history_named_by_its_caller_is_taken_as_given(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # Another app whose files begin with all of this one's: named, the two stay apart.
+    small, large = tmp_path / "small", tmp_path / "large"
+    for directory in (small, large):
+        directory.mkdir()
+        (directory / "0001_extensions.sql").write_text("CREATE EXTENSION IF NOT EXISTS citext;")
+    (large / "0002_schema.sql").write_text("CREATE TABLE larger (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(small), history="small")
+        assert len(await migrate(db, load_migrations(large), history="large")) == 2

@@ -763,12 +763,25 @@ async def test_a_read_connection_on_what_the_replica_has_not_replayed_is_a_503_n
     async def migrated(conn: ReadConnection) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM just_migrated_too"))
 
+    @app.get("/typo")
+    async def typo(conn: ReadConnection) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM no_such_table_anywhere"))
+
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         assert db.replicas is not None
         assert await in_rotation(db)
+        # A replica in step: a bug (500), and the replica is not at fault.
+        assert (await client.get("/typo")).status_code == 500
+        assert db.replicas.health["replica-1"].healthy
         async with replay_paused(standby):
             await db.run(lambda c: c.execute("CREATE TABLE just_migrated_too (id int)"))
+            replica = db.replicas.replicas[0]
+
+            async def seen_behind() -> bool:
+                return db.replicas is not None and db.replicas.behind(replica)
+
             try:
+                assert await wait_for(seen_behind)  # in rotation still (its bound: 600 s)
                 first = await client.get("/migrated")
                 assert first.status_code == 503, first.text
                 assert first.json()["code"] == "unavailable"

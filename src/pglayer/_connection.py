@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import weakref
 from collections.abc import (
@@ -342,7 +341,7 @@ class Connection:
             try:
                 yield self
             except Exception as exc:
-                if self._ended_inside() and not isinstance(exc, TransactionEndedError):
+                if not isinstance(exc, TransactionEndedError) and self._ended_inside():
                     raise self._ended() from exc
                 await self._rollback_quietly(savepoint)
                 raise
@@ -367,11 +366,15 @@ class Connection:
 
     def _ended_inside(self) -> bool:
         # The server's transaction status from its last ReadyForQuery: no round trip.
-        return not self.raw.is_in_transaction() and not self.raw.is_closed()
+        raw = self.raw
+        return not raw.is_closed() and not raw.is_in_transaction()
 
     def _ended(self) -> TransactionEndedError:
         """The error for a block that sent its own COMMIT or ROLLBACK: pglayer can neither
-        commit nor undo what it did, so no success may be reported."""
+        commit nor undo what it did, so no success may be reported. The connection is not
+        lent again: what the block set after it (a `SET`, outside any transaction) would
+        stay with it."""
+        getattr(self.raw, "terminate_broken", self.raw.terminate)()
         error = TransactionEndedError()
         self._pool.observer.error(error)
         return error
@@ -485,14 +488,21 @@ def _while_preparing(error: BaseException | None) -> bool:
     return False
 
 
+# PostgreSQL takes lock_timeout in int milliseconds; past a day a bound bounds nothing.
+MAX_LOCK_TIMEOUT = 86400.0
+
+
 def check_transaction_options(isolation: object, lock_timeout: object) -> None:
     """Raise `ValueError` for an isolation level or a lock bound no transaction can take."""
     if isolation is not None and isolation not in _ISOLATION:
         raise ValueError(f"isolation {isolation!r} is not one of: {', '.join(_ISOLATION)}")
     if lock_timeout is not None and not (
-        isinstance(lock_timeout, int | float) and 0 < lock_timeout < math.inf
+        isinstance(lock_timeout, int | float) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT
     ):
-        raise ValueError(f"lock_timeout must be seconds above 0, not {lock_timeout!r}")
+        raise ValueError(
+            f"lock_timeout must be seconds above 0, at most {MAX_LOCK_TIMEOUT:g} (a day),"
+            f" not {lock_timeout!r}"
+        )
 
 
 def _begin(
@@ -504,6 +514,8 @@ def _begin(
 ) -> str:
     """The statement(s) that open a transaction or a savepoint, as one simple query."""
     if savepoint is not None:
+        if isolation is not None and isolation not in _ISOLATION:
+            check_transaction_options(isolation, lock_timeout)  # a savepoint has none
         statement = f"SAVEPOINT {savepoint}"
     else:
         statement = "BEGIN"
@@ -517,7 +529,7 @@ def _begin(
         if deferrable:
             statement += " DEFERRABLE"
     if lock_timeout is not None:
-        if not 0 < lock_timeout < math.inf:  # NaN too
+        if not 0 < lock_timeout <= MAX_LOCK_TIMEOUT:  # NaN too
             check_transaction_options(isolation, lock_timeout)
         ms = max(int(lock_timeout * 1000), 1)
         # A statement can wait twice: for a row's tuple lock (queued behind other waiters),

@@ -33,7 +33,13 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from pglayer._budget import read_budget
-from pglayer._connection import Connection, Isolation, Record, outcome_unknown
+from pglayer._connection import (
+    Connection,
+    Isolation,
+    Record,
+    check_transaction_options,
+    outcome_unknown,
+)
 from pglayer._context import RequestContext, current, reads_need_primary
 from pglayer._dsn import describe_target
 from pglayer._errors import (
@@ -713,6 +719,7 @@ class Database:
         """
         if lock_timeout is None:
             return self._call(self, fn, retry, timeout, None, bulkhead)
+        check_transaction_options(None, lock_timeout)
         tx = _Tx(lock_timeout=lock_timeout, begin=False)
         return self._call(self, fn, retry, timeout, tx, bulkhead)
 
@@ -803,8 +810,8 @@ class Database:
                 try:
                     yield conn
                 except DatabaseError as exc:
-                    if exc.sqlstate not in _NOT_REPLAYED_YET:
-                        raise
+                    if exc.sqlstate not in _NOT_REPLAYED_YET or not self.replicas.behind(target):
+                        raise  # a replica in step with the primary: a bug, not a lag
                     # The handler ran on it (it cannot be replayed here, as `read` is): it
                     # leaves the rotation until its next check, and the client retries.
                     self.replicas.mark_failed(target, behind=True)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -21,6 +20,7 @@ from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
     connect_plain,
+    dsn_ports,
     pool_mode,
     pooled,
     prepared_statements_safe,
@@ -126,7 +126,7 @@ async def diagnose(
     if row["in_recovery"]:
         result.add("primary", "fail", "this server is a read-only standby, not a primary")
 
-    port = urlsplit(dsn).port or 5432
+    port = ", ".join(map(str, dsn_ports(dsn)))
     behind = pooled(dsn, row["server_port"])
     result.facts["pooler"] = None
     if behind:

@@ -15,12 +15,15 @@ _PASSWORD_PARAM = re.compile(r"(?i)(password\s*=\s*)('[^']*'|[^\s&]*)")
 # Any URL with a password in it, wherever it appears in free text: up to its last `@`, for a
 # password may hold a `/`, `#`, `?` or `@` its writer did not percent-encode.
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):\S*@")
+# A PostgreSQL URL's password may even hold a space the driver takes: up to the line's next `@`.
+_PG_URL_PASSWORD = re.compile(r"(?i)\b(postgres(?:ql)?(?:\+[a-z0-9]+)?://[^\s:/@]*):[^@\n]*@")
 
 
 def mask_text(text: str) -> str:
     """Return `text` with the password of every URL or `password=` parameter masked."""
     if "@" not in text and "assword" not in text and "ASSWORD" not in text:
         return text
+    text = _PG_URL_PASSWORD.sub(rf"\g<1>:{_MASK}@", text)
     text = _URL_PASSWORD.sub(rf"\g<1>:{_MASK}@", text)
     return _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", text)
 

@@ -14,13 +14,12 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["PoolerInfo", "detect_pooler", "pooled", "server_timeouts", "settings_off"]
+__all__ = ["PoolerInfo", "detect_pooler", "dsn_ports", "pooled", "server_timeouts", "settings_off"]
 
 _SERVER_TIMEOUTS = """
 SELECT name, CASE WHEN name = 'jit' THEN (setting = 'on')::int ELSE setting::bigint END AS ms
@@ -56,8 +55,20 @@ def settings_off(
 
 
 def pooled(dsn: str, server_port: int | None) -> bool:
-    """Whether something sits between `dsn` and the server: the server says another port."""
-    return server_port is not None and server_port != (urlsplit(dsn).port or 5432)
+    """Whether something sits between `dsn` and the server: the server says another port
+    than any of the URL's hosts (libpq's `host1:5432,host2:5433` form included)."""
+    return server_port is not None and server_port not in dsn_ports(dsn)
+
+
+def dsn_ports(dsn: str) -> list[int]:
+    """The port of each of a URL's hosts, 5432 where it names none."""
+    authority = dsn.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    ports = []
+    for host in authority.split(","):
+        after = host.rpartition("]")[2]  # an IPv6 literal's colons are not a port's
+        port = after.rpartition(":")[2] if ":" in after else ""
+        ports.append(int(port) if port.isdigit() else 5432)
+    return ports
 
 
 PoolMode = Literal["none", "session", "transaction", "statement"]

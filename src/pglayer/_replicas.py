@@ -279,7 +279,8 @@ class ReplicaSet:
             self._behind_since.pop(name, None)
             return seconds
         since = self._behind_since.setdefault(name, now - seconds)
-        return None if estimate is None else max(now - since, estimate)
+        # No account (nothing replayed since it started): the positions' bound alone.
+        return max(now - since, estimate or 0.0)
 
     async def _probe(self, replica: Database) -> asyncpg.Record:
         probe = self._probes.pop(replica.name, None)
@@ -306,6 +307,12 @@ class ReplicaSet:
         if not healthy:
             return None
         return healthy[next(self._turn) % len(healthy)]
+
+    def behind(self, replica: Database) -> bool:
+        """Whether `replica` was behind the primary at its last check by more than a check
+        interval (in step, a lag measured from the primary's positions is at most one)."""
+        lag = self.health[replica.name].lag_seconds
+        return lag is None or lag > self.interval
 
     def mark_failed(self, replica: Database, *, behind: bool = False) -> None:
         """Take `replica` out of rotation until its next successful check: unreachable, or

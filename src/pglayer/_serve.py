@@ -33,9 +33,9 @@ from pglayer._pooler import connect_plain, pooled
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
+    _migrate,
     install_pglayer_tables,
     load_migrations,
-    migrate,
 )
 
 __all__ = ["apply_directories", "check_app", "check_importable", "event_loop", "serve"]
@@ -55,6 +55,10 @@ _SERVE_DEFAULTS = {
 }
 
 
+def _absolute(directory: Path) -> Path:
+    return Path(os.path.abspath(directory))  # the path alone: no link followed
+
+
 async def apply_directories(
     settings: DatabaseSettings,
     directories: Sequence[Path],
@@ -69,10 +73,12 @@ async def apply_directories(
     was applied is said (`say`) before `prepare` runs."""
     if len(histories) > len(directories):
         raise ConfigurationError("more histories than migration directories")
-    # Resolved: `--dir .` (or `migrations/`, `../app/migrations`) names the directory's own.
-    named = [*histories, *(d.resolve().name for d in directories[len(histories) :])]
-    if "" in named:
+    # Made absolute, not resolved: `--dir .` (or `../app/migrations`) names the directory's
+    # own, and a symbolic link keeps its own name, as it always had.
+    implicit = [_absolute(d).name for d in directories[len(histories) :]]
+    if "" in implicit:
         raise ConfigurationError("the root directory has no name: name its history (--history)")
+    names = [*histories, *implicit]
     applied: list[str] = []
     ends = time.monotonic() + timeout  # one deadline for the whole run
 
@@ -81,9 +87,11 @@ async def apply_directories(
 
     async with Database(settings) as db:
         applied += [f"pglayer/{n}" for n in await install_pglayer_tables(db, timeout=left())]
-        for directory, history in zip(directories, named, strict=True):
-            names = await migrate(db, load_migrations(directory), history=history, timeout=left())
-            applied += [f"{history}/{name}" for name in names]
+        for i, (directory, history) in enumerate(zip(directories, names, strict=True)):
+            done = await _migrate(
+                db, load_migrations(directory), history, named=i < len(histories), timeout=left()
+            )
+            applied += [f"{history}/{name}" for name in done]
         if applied and say is not None:
             say(f"applied migrations: {', '.join(applied)}")
         if prepare is not None:
@@ -225,9 +233,12 @@ def check_app(app: str, *, factory: bool | None = False) -> None:
 
 def _not_servable(target: str, found: object, factory: bool | None) -> str | None:
     """Why `found` cannot be served as `target`, if it cannot."""
+    if inspect.iscoroutine(found):
+        found.close()
+        return f"{target!r} is an async factory: make it a plain def that returns the app"
     if not callable(found):
         return f"{target!r} is not an ASGI app (it is {type(found).__name__})"
-    if factory is False and inspect.isfunction(found) and not _required_positional(found):
+    if factory is False and _takes_no_arguments(found):
         # uvicorn would take it for an ASGI2 app and answer every request with a 500.
         return (
             f"{target!r} takes no arguments, as an app factory does, not an ASGI app: add --factory"
@@ -235,11 +246,19 @@ def _not_servable(target: str, found: object, factory: bool | None) -> str | Non
     return None
 
 
-def _required_positional(function: Callable[..., object]) -> int:
-    return sum(
-        parameter.default is parameter.empty
-        and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-        for parameter in inspect.signature(function).parameters.values()
+def _takes_no_arguments(found: Callable[..., object]) -> bool:
+    """Whether `found` can be called with nothing: an app (ASGI3 or ASGI2) takes a scope."""
+    try:
+        parameters = inspect.signature(found).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: not for us to judge
+        return False
+    return not any(
+        parameter.kind is parameter.VAR_POSITIONAL
+        or (
+            parameter.default is parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        )
+        for parameter in parameters
     )
 
 

@@ -375,8 +375,8 @@ def _postgres_url(url: str) -> str:
             raise ValueError("an IPv6 host needs both brackets: write [::1]:5432")
         port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
         if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            said = f" {port[:10]!r}" if port.isascii() and port.isdigit() else ""
-            raise ValueError(f"the port{said} is not one of 1..65535 ({_UNENCODED})")
+            # Not quoted, digits neither: it may be a password's first part (`pw,rest@`).
+            raise ValueError(f"a port is not one of 1..65535 ({_UNENCODED})")
     query = urllib.parse.parse_qs(rest.partition("?")[2])
     for mode in query.get("sslmode", []):
         if mode not in _SSL_MODES:

@@ -129,17 +129,34 @@ async def migrate(
     db: Database,
     migrations: list[Migration],
     *,
-    history: str = "default",
+    history: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[str]:
     """Apply what is not applied yet; return the names applied. Safe to run concurrently.
 
     Each `history` (one per migration directory) is versioned apart, so two applications'
-    `0001_...` files on one database never collide. `timeout` (seconds) bounds the whole
-    run, waiting for another process's run included; the files' statements are bound by it,
+    `0001_...` files on one database never collide. Unnamed, it is "default", and a new one
+    whose files are all applied under another history is refused (the same directory under
+    another name); named, it is taken as given. `timeout` (seconds) bounds the whole run,
+    waiting for another process's run included; the files' statements are bound by it,
     not by `PGLAYER_QUERY_TIMEOUT` or `statement_timeout`, and each lock they wait for (on a
     table an app is using) by `PGLAYER_LOCK_TIMEOUT`.
     """
+    return await _migrate(
+        db, migrations, history or "default", named=history is not None, timeout=timeout
+    )
+
+
+async def _migrate(
+    db: Database,
+    migrations: list[Migration],
+    history: str,
+    *,
+    named: bool,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[str]:
+    """`migrate`, with the history's name said to be given (`named`) or taken by default
+    (a directory's name, "default")."""
     if not isinstance(migrations, list):
         raise TypeError(
             f"migrations must be a list of Migration, as load_migrations(Path(...)) returns,"
@@ -166,7 +183,8 @@ async def migrate(
             # privilege to create tables once its schema is in place.
             if not await conn.fetchval(_HISTORY_READY):
                 await conn.execute(_HISTORY_TABLE)
-            return await _apply(conn, migrations, history, _Run(deadline, timeout, lock_ms))
+            run = _Run(deadline, timeout, lock_ms)
+            return await _apply(conn, migrations, history, named, run)
         except (ProgrammingError, TransactionAbortedError) as exc:  # 42501: no privilege
             # A migration's own failure is a MigrationError naming it: this is the history's.
             raise MigrationError(
@@ -217,13 +235,13 @@ async def _script(conn: Connection, sql: str, deadline: float) -> None:
 
 
 async def _apply(
-    conn: Connection, migrations: list[Migration], history: str, run: _Run
+    conn: Connection, migrations: list[Migration], history: str, named: bool, run: _Run
 ) -> list[str]:
     rows = await conn.fetch(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
-    if not applied and migrations:
+    if not applied and migrations and not named:
         await _refuse_applied_elsewhere(conn, migrations, history)
     _check_order(migrations, applied, history)
     for m in migrations:
@@ -406,8 +424,8 @@ async def _refuse_applied_elsewhere(
         raise MigrationError(
             f"history {history!r} has nothing applied on this database, but history"
             f" {same[0]!r} holds these same files, unchanged: they were applied under that"
-            f" name (pass `--history {same[0]}`, or `history={same[0]!r}`); nothing was"
-            " applied"
+            f" name (pass `--history {same[0]}`, or `history={same[0]!r}`; or, for another"
+            " app's files, name this history yourself); nothing was applied"
         )
 
 

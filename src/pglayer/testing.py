@@ -73,27 +73,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 _ASYNC_FIXTURES = ("pglayer_db", "pglayer_client")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse tests that would use the async fixtures from another event loop than the one
-    they were made on (the pool's connections belong to that loop: every test would fail)."""
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Refuse a test that would use the async fixtures from another event loop than the one
+    they were made on (the pool's connections belong to that loop: every test would fail).
+    Here, not at collection: a test deselected is never refused, and xdist's workers report
+    it as a test's error."""
+    if not any(name in getattr(item, "fixturenames", ()) for name in _ASYNC_FIXTURES):
+        return
+    marker = item.get_closest_marker("asyncio")  # async tests only
+    if marker is None:
+        return
+    config = item.config
     fixtures = config.getini("asyncio_default_fixture_loop_scope") or "function"
     if fixtures == "fixture-scope":
         fixtures = "function"  # the scope of pglayer_db and pglayer_client
     default = config.getini("asyncio_default_test_loop_scope") or "function"
-    for item in items:
-        if not any(name in getattr(item, "fixturenames", ()) for name in _ASYNC_FIXTURES):
-            continue
-        marker = item.get_closest_marker("asyncio")  # async tests only
-        if marker is None:
-            continue
-        test = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope") or default
-        if test != fixtures:
-            raise pytest.UsageError(
-                f"{item.nodeid} runs on a {test}-scoped event loop, but pglayer_db and"
-                f" pglayer_client run on a {fixtures}-scoped one: set"
-                " asyncio_default_fixture_loop_scope and asyncio_default_test_loop_scope to"
-                ' the same scope ("function" for a database per test)'
-            )
+    test = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope") or default
+    if test != fixtures:
+        pytest.fail(
+            f"this test runs on a {test}-scoped event loop, but pglayer_db and pglayer_client"
+            f" run on a {fixtures}-scoped one: set asyncio_default_fixture_loop_scope and"
+            " asyncio_default_test_loop_scope to the same scope (\"function\" for a database"
+            " per test)",
+            pytrace=False,
+        )
 
 
 def database_url_for(server_url: str, database: str) -> str:
