@@ -93,7 +93,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(
             f"this test runs on a {test}-scoped event loop, but pglayer_db and pglayer_client"
             f" run on a {fixtures}-scoped one: set asyncio_default_fixture_loop_scope and"
-            " asyncio_default_test_loop_scope to the same scope (\"function\" for a database"
+            ' asyncio_default_test_loop_scope to the same scope ("function" for a database'
             " per test)",
             pytrace=False,
         )
