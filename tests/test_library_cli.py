@@ -514,8 +514,11 @@ def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path
     [
         ("127.0.0.1:5432/app", "not a URL"),
         ("mysql://app:hunter2@127.0.0.1/app", "the scheme is 'mysql'"),
-        ("postgresql://app:hun@ter2@127.0.0.1/app", "write an '@' of the user or password as %40"),
-        ("postgresql://app:hunter2@127.0.0.1:99999/app", "the port '99999' is not one of"),
+        (
+            "postgresql://app:hun@ter2@127.0.0.1/app",
+            "must be percent-encoded (%2F, %3F, %23, %40, %2C)",
+        ),
+        ("postgresql://app:hunter2@127.0.0.1:99999/app", "a port is not one of 1..65535"),
         ("postgresql://app:hunter2@[::1/app", "an IPv6 host needs both brackets"),
         ("postgresql://app:hunter2@127.0.0.1/app?sslmode=bogus", "sslmode 'bogus' is not one"),
     ],
