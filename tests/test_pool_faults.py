@@ -120,6 +120,42 @@ async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
         await admin.execute(f"DROP ROLE {role}")
 
 
+async def test_connections_that_came_back_while_callers_connected_serve_those_callers(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # Short work on the two connections the server allows: they come back (idle, as nobody
+    # waits yet) while the other callers' connects are refused; those callers then queued
+    # with both connections idle, and waited out their deadline.
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 2")
+    try:
+        parts = urlsplit(server.admin_url)
+        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+        settings = settings_for(url, min_size=2, max_size=8, acquire_timeout=3)
+        async with Database(settings) as db:
+            go = asyncio.Event()
+
+            async def hold() -> None:
+                async with db.connection() as conn:
+                    await conn.execute("SELECT 1")
+                    await go.wait()
+
+            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            await wait_for(lambda: asyncio.sleep(0, db.stats().in_use == 2))
+            started = time.monotonic()
+            late = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 1"), retry=False))
+            await asyncio.sleep(0.001)  # its connect is on its way, to be refused
+            go.set()  # both come back while nobody waits in line yet
+            await asyncio.gather(*holders)
+            assert await late == 1
+            assert time.monotonic() - started < 2  # not its 3 s deadline
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await admin.execute(f"DROP ROLE {role}")
+
+
 async def test_two_opens_at_once_make_one_pool(
     db_url: str, db_name: str, admin: asyncpg.Connection[Any]
 ) -> None:
@@ -330,3 +366,16 @@ async def test_a_copy_of_a_value_the_driver_cannot_encode_is_invalid_input(
     with pytest.raises(InvalidInputError):  # 422, not a 500 of an OverflowError
         await db.run_in_transaction(load)
     assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+
+
+async def test_a_database_that_refuses_writes_is_unavailable_and_its_sessions_are_not_kept(
+    db_url: str,
+) -> None:
+    # A session keeps default_transaction_read_only from its start: one that refused a write
+    # (a demoted primary, the setting turned on) would refuse it for ever once writable again.
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        async with db.connection() as conn:
+            await conn.execute("SET default_transaction_read_only = on")
+        with pytest.raises(DatabaseUnavailableError, match="read-only"):
+            await db.run(lambda c: c.execute("CREATE TEMP TABLE t (id int)"), retry=False)
+        assert await db.run(lambda c: c.execute("CREATE TEMP TABLE t (id int)"))

@@ -28,6 +28,7 @@ from pglayer._context import RequestContext
 from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
+    DatabaseUnavailableError,
     LockTimeoutError,
     PglayerError,
     ProgrammingError,
@@ -91,6 +92,7 @@ class Connection:
         "_depth",
         "_lock_bounded",
         "_pool",
+        "_read_only",
         "_slot",
         "_writes",
         "lock_timeout_ms",
@@ -112,6 +114,7 @@ class Connection:
         # the bound, for a statement that applies it itself (several lock waits in a row).
         self.lock_timeout_ms: int | None = None
         self._lock_bounded = False  # in a transaction whose lock waits are bounded
+        self._read_only = False  # in a transaction pglayer began READ ONLY
 
     @property
     def observer(self) -> Observer:
@@ -138,6 +141,16 @@ class Connection:
             # The bound's own statement_timeout (see `_begin`): stuck on locks past the bound.
             translated = LockTimeoutError(sqlstate=translated.sqlstate)
             translated.__cause__ = exc
+        if getattr(translated, "sqlstate", None) == "25006" and not self._read_only:
+            # A write refused outside a READ ONLY transaction of pglayer's: the server is
+            # read-only (a primary demoted, `default_transaction_read_only` set), which a
+            # session keeps from its start: unavailable for writes, and not lent again.
+            translated = DatabaseUnavailableError(
+                "the database refuses writes: it is read-only for now", sqlstate="25006"
+            )
+            translated.__cause__ = exc
+            if not closed:
+                getattr(self.raw, "terminate_broken", self.raw.terminate)()
         if isinstance(translated, ConnectionLostError) and not closed:
             # Broken but not yet closed: make sure the pool never hands it out again.
             getattr(self.raw, "terminate_broken", self.raw.terminate)()
@@ -329,7 +342,9 @@ class Connection:
         """
         self._depth += 1
         savepoint = f"pglayer_{self._depth}" if self._depth > 1 else None
-        bounded = self._lock_bounded
+        bounded, read_only = self._lock_bounded, self._read_only
+        if readonly:
+            self._read_only = True
         if lock_timeout is not None:
             self._lock_bounded = True
         try:
@@ -362,7 +377,7 @@ class Connection:
                     self._raise(exc)
         finally:
             self._depth -= 1
-            self._lock_bounded = bounded
+            self._lock_bounded, self._read_only = bounded, read_only
 
     def _ended_inside(self) -> bool:
         # The server's transaction status from its last ReadyForQuery: no round trip.

@@ -593,7 +593,9 @@ class Pool:
         lane.waiting += 1
         self._waiting += 1
         heapq.heappush(self._deadlines, (waiter.until, next(self._order), waiter))
-        if self._size < self.max_size and cooling is None:
+        if self._idle:
+            self._serve_idle()
+        if self._size < self.max_size and cooling is None and not waiter.future.done():
             self._grow_for_waiters()
         assert self._clock is not None
         self._clock.wake()
@@ -607,6 +609,20 @@ class Pool:
             elif future.exception() is None:
                 self._return_unused(future.result())  # handed one just as it was cancelled
             raise
+
+    def _serve_idle(self) -> None:
+        """Hand idle connections to those in line: connections that came back while a
+        caller was connecting (nobody waited yet) stay idle once its connect is refused and
+        it queues, and no release would come to wake it (a server at its connection limit:
+        every caller then waited out its deadline beside idle connections)."""
+        for _ in range(len(self._idle)):
+            if not self._waiting:
+                return
+            slot = self._idle.pop()
+            if slot.raw.is_closed():
+                self._forget(slot)
+            else:
+                self._put(slot)  # back to the idle set if no lane in line may take it
 
     @staticmethod
     def _forecast_refuses(lane: Lane, predicted: float, wait: float) -> bool:
@@ -1069,6 +1085,11 @@ class Pool:
                     log.info("pool %s: refilled after %d failed attempt(s)", self.name, failures)
                 backoff, failures = 0.1, 0
                 self._put(slot)
+            if failures and self._size >= self.min_size:
+                # Callers' own connects refilled it first: the outage is over all the same,
+                # and the next one counts its attempts from one.
+                log.info("pool %s: connecting again after %d failed refill(s)", self.name, failures)
+                backoff, failures = 0.1, 0
 
     def _shrink(self, now: float) -> None:
         if not self.max_idle:

@@ -113,7 +113,7 @@ async def connect_plain(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> 
     )
 
 
-_ROUNDS = 5  # turns each of two clients takes in `pool_mode`
+_ROUNDS = 12  # turns each of two clients takes in `pool_mode` (a few ms each)
 
 
 async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
