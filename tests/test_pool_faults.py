@@ -93,14 +93,27 @@ async def test_writes_stuck_on_a_lock_cannot_take_the_reads_share_while_the_pool
         await asyncio.gather(*writes, return_exceptions=True)
 
 
-async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
+@contextlib.asynccontextmanager
+async def two_connections_allowed(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
-) -> None:
+) -> AsyncIterator[str]:
+    """The URL of a role the server lets open two connections (53300 past them)."""
     role = f"r_{uuid.uuid4().hex[:12]}"
     await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 2")
     try:
         parts = urlsplit(server.admin_url)
-        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+        yield f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await admin.execute(f"DROP ROLE {role}")
+
+
+async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    async with two_connections_allowed(server, admin, db_name) as url:
         settings = settings_for(url, min_size=1, max_size=5, acquire_timeout=5)
         async with Database(settings) as db:
             started = time.monotonic()
@@ -113,11 +126,6 @@ async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
             # the waiters; every one of them waits for a connection that is open.
             await asyncio.gather(*(hold() for _ in range(8)))
             assert 1.1 < time.monotonic() - started < 4.0
-    finally:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-        )
-        await admin.execute(f"DROP ROLE {role}")
 
 
 async def test_connections_that_came_back_while_callers_connected_serve_those_callers(
@@ -126,11 +134,7 @@ async def test_connections_that_came_back_while_callers_connected_serve_those_ca
     # Short work on the two connections the server allows: they come back (idle, as nobody
     # waits yet) while the other callers' connects are refused; those callers then queued
     # with both connections idle, and waited out their deadline.
-    role = f"r_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 2")
-    try:
-        parts = urlsplit(server.admin_url)
-        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+    async with two_connections_allowed(server, admin, db_name) as url:
         settings = settings_for(url, min_size=2, max_size=8, acquire_timeout=3)
         async with Database(settings) as db:
             go = asyncio.Event()
@@ -149,11 +153,6 @@ async def test_connections_that_came_back_while_callers_connected_serve_those_ca
             await asyncio.gather(*holders)
             assert await late == 1
             assert time.monotonic() - started < 2  # not its 3 s deadline
-    finally:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-        )
-        await admin.execute(f"DROP ROLE {role}")
 
 
 async def test_two_opens_at_once_make_one_pool(
