@@ -24,7 +24,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import ConnectionLostError, Database, _replicas
+from pglayer import ConnectionLostError, Database, PglayerError, TransientError, _replicas
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.fastapi import ReadConnection, setup
 from pglayer.migrations import MigrationError, migrate
@@ -790,3 +790,17 @@ async def test_a_read_connection_on_what_the_replica_has_not_replayed_is_a_503_n
                 assert (await client.get("/migrated")).json() == 0  # the primary answers
             finally:
                 await db.run(lambda c: c.execute("DROP TABLE just_migrated_too"))
+
+
+async def test_a_write_through_a_read_on_a_replica_is_the_callers_error_not_an_outage(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # The standby refuses it as read-only (25006): the handler's bug, not a read-only primary
+    # (which would take the replica out of rotation and run the write on the primary).
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert db.replicas is not None
+        assert await in_rotation(db)
+        with pytest.raises(PglayerError) as raised:
+            await db.read(lambda c: c.execute("CREATE TABLE written_through_a_read (id int)"))
+        assert not isinstance(raised.value, TransientError)
+        assert db.replicas.health["replica-1"].healthy

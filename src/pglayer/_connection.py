@@ -114,7 +114,9 @@ class Connection:
         # the bound, for a statement that applies it itself (several lock waits in a row).
         self.lock_timeout_ms: int | None = None
         self._lock_bounded = False  # in a transaction whose lock waits are bounded
-        self._read_only = False  # in a transaction pglayer began READ ONLY
+        # Lent for reads, or in a transaction pglayer began READ ONLY: a write refused here
+        # (25006) is the caller's, not a server that has become read-only.
+        self._read_only = not writer
 
     @property
     def observer(self) -> Observer:
@@ -142,9 +144,10 @@ class Connection:
             translated = LockTimeoutError(sqlstate=translated.sqlstate)
             translated.__cause__ = exc
         if getattr(translated, "sqlstate", None) == "25006" and not self._read_only:
-            # A write refused outside a READ ONLY transaction of pglayer's: the server is
-            # read-only (a primary demoted, `default_transaction_read_only` set), which a
-            # session keeps from its start: unavailable for writes, and not lent again.
+            # A write refused on a connection lent for writes, outside a READ ONLY
+            # transaction: the server is read-only (a primary demoted,
+            # `default_transaction_read_only` set), which a session keeps from its start:
+            # unavailable for writes, and not lent again.
             translated = DatabaseUnavailableError(
                 "the database refuses writes: it is read-only for now", sqlstate="25006"
             )
