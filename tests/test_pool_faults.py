@@ -146,13 +146,11 @@ async def test_connections_that_came_back_while_callers_connected_serve_those_ca
 
             holders = [asyncio.create_task(hold()) for _ in range(2)]
             await wait_for(lambda: asyncio.sleep(0, db.stats().in_use == 2))
-            started = time.monotonic()
             late = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 1"), retry=False))
             await asyncio.sleep(0.001)  # its connect is on its way, to be refused
             go.set()  # both come back while nobody waits in line yet
             await asyncio.gather(*holders)
-            assert await late == 1
-            assert time.monotonic() - started < 2  # not its 3 s deadline
+            assert await late == 1  # not PoolTimeoutError after its 3 s deadline
 
 
 async def test_two_opens_at_once_make_one_pool(

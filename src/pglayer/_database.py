@@ -94,7 +94,7 @@ Work = Callable[[Connection], Awaitable[T]]
 _NO_CONNECTION = (PoolTimeoutError, PoolOverloadedError)
 # What fails a read on a replica that is working: its connections all busy, or a conflict
 # with recovery (40001: a statement cancelled as the replay needed what it read).
-_REPLICA_BUSY = (PoolTimeoutError, PoolOverloadedError, SerializationError)
+_REPLICA_BUSY = (*_NO_CONNECTION, SerializationError)
 
 
 def _busy(exc: Exception) -> LockTimeoutError:

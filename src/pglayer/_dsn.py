@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["describe_target", "mask_dsn", "mask_text"]
+__all__ = ["describe_target", "host_ports", "mask_dsn", "mask_text"]
 
 _MASK = "***"
 # key=value DSNs (libpq style) and URL query parameters may carry the password too.
@@ -49,6 +49,17 @@ def mask_dsn(dsn: str) -> str:
     userinfo = f"{user}:{_MASK}" if password else user
     after = _PASSWORD_PARAM.sub(rf"\g<1>{_MASK}", after)
     return f"{scheme}://{userinfo}@{after}"
+
+
+def host_ports(url: str) -> list[tuple[str, str]]:
+    """Each host of a URL (libpq's `host1:5432,host2:5433` form included) with its port as
+    written, "" where it names none."""
+    authority = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    pairs = []
+    for host in authority.split(","):
+        after = host.rpartition("]")[2]  # an IPv6 literal's colons are not a port's
+        pairs.append((host, after.rpartition(":")[2] if ":" in after else ""))
+    return pairs
 
 
 def describe_target(dsn: str) -> str:

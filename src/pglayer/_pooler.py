@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from pglayer._dsn import host_ports
 from pglayer._settings import DatabaseSettings
 
 __all__ = ["PoolerInfo", "detect_pooler", "dsn_ports", "pooled", "server_timeouts", "settings_off"]
@@ -62,13 +63,7 @@ def pooled(dsn: str, server_port: int | None) -> bool:
 
 def dsn_ports(dsn: str) -> list[int]:
     """The port of each of a URL's hosts, 5432 where it names none."""
-    authority = dsn.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-    ports = []
-    for host in authority.split(","):
-        after = host.rpartition("]")[2]  # an IPv6 literal's colons are not a port's
-        port = after.rpartition(":")[2] if ":" in after else ""
-        ports.append(int(port) if port.isdigit() else 5432)
-    return ports
+    return [int(port) if port.isdigit() else 5432 for _, port in host_ports(dsn)]
 
 
 PoolMode = Literal["none", "session", "transaction", "statement"]

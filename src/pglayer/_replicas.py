@@ -71,16 +71,15 @@ class _Positions:
         they are kept), only a lower bound. None before the primary was ever read.
         """
         passed: float | None = None
+        reached = False
         for asked, lsn in reversed(self._seen):
             if lsn <= replayed:
+                reached = True
                 break
             passed = asked
-        else:
-            if passed is not None:
-                return max(now - passed, 0.0), False
         if passed is None:
             return None if not self._seen else (0.0, True)
-        return max(now - passed, 0.0), True
+        return max(now - passed, 0.0), reached
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pglayer._dsn import host_ports
+
 __all__ = [
     "DatabaseSettings",
     "ServerSettings",
@@ -369,11 +371,9 @@ def _postgres_url(url: str) -> str:
     if "#" in rest or "@" in rest[len(authority) :] or authority.count("@") > 1:
         # Never quoted: what a parser takes for the port or path here is part of a password.
         raise ValueError(_UNENCODED)
-    hosts = authority.rpartition("@")[2]
-    for host in hosts.split(","):  # libpq's multi-host form: host1:5432,host2:5433
+    for host, port in host_ports(url):
         if host.count("[") != host.count("]"):
             raise ValueError("an IPv6 host needs both brackets: write [::1]:5432")
-        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
         if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             # Not quoted, digits neither: it may be a password's first part (`pw,rest@`).
             raise ValueError(f"a port is not one of 1..65535 ({_UNENCODED})")
