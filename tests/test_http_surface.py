@@ -110,6 +110,17 @@ async def rows(http: httpx.AsyncClient) -> dict[str, int]:
         pytest.param(b'{"amount": "1.00",}', "not valid JSON", id="trailing-comma"),
         pytest.param(b'{"amount": x}', "not valid JSON", id="syntax"),
         pytest.param(b'{"amount": NaN}', "not valid JSON", id="nan"),
+        pytest.param(
+            b'{"amount": 1e999, "x": NaN}', "not valid JSON", id="nan-after-a-huge-number"
+        ),
+        pytest.param(
+            b'{"amount": 1e999, "x": "\\ud800"}', "surrogate", id="surrogate-after-a-huge-number"
+        ),
+        pytest.param(
+            b'{"a": 1e999, "b": ' + b"[" * 65 + b"]" * 65 + b"}",
+            "nested",
+            id="nested-after-a-huge-number",
+        ),
         pytest.param(b'{"amount": "\\ud800"}', "not valid JSON", id="lone-surrogate-escape"),
         pytest.param(b'{"amount": "1.00"} {}', "not valid JSON", id="extra-data"),
         pytest.param(b"\xef\xbb\xbf{}", "not valid JSON", id="bom"),
@@ -318,7 +329,10 @@ async def test_limits_at_the_bounds_are_accepted(http: httpx.AsyncClient, limit:
     assert (await http.get(f"/users?limit={limit}")).status_code == 200
 
 
-@pytest.mark.parametrize("bad_id", ["1", 1.0, True, 2**63, 0, -1, 1e3, None, [1]])
+@pytest.mark.parametrize(
+    "bad_id",
+    ["1", 1.0, True, 2**63, pytest.param(10**400, id="400-digits"), 0, -1, 1e3, None, [1]],
+)
 @pytest.mark.parametrize("field", ["from_user_id", "to_user_id"])
 async def test_a_body_id_must_be_a_json_integer_in_range(
     http: httpx.AsyncClient, rows: dict[str, int], field: str, bad_id: Any
