@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI
 from hypothesis import example, given, settings
@@ -19,6 +20,7 @@ from pglayer import (
     ConnectionLostError,
     Database,
     DatabaseError,
+    DatabaseNotAnsweringError,
     DeadlockError,
     ForeignKeyViolationError,
     IntegrityError,
@@ -568,6 +570,13 @@ def test_retry_after_is_the_predicted_wait_within_one_to_ten_seconds(
     # rebuilt was near zero.
     problem = problem_for_database_error(PoolOverloadedError(retry_after=predicted))
     assert problem.headers == {"Retry-After": header}
+
+
+def test_a_database_that_answers_nothing_is_503_unavailable_with_retry_after() -> None:
+    response = problem_response(problem_for_database_error(DatabaseNotAnsweringError()))
+    assert response.status_code == 503
+    assert orjson.loads(response.body)["code"] == "unavailable"
+    assert response.headers["Retry-After"] == "1"
 
 
 def test_a_problem_of_a_status_pglayer_does_not_name_takes_http_s_reason_phrase() -> None:

@@ -28,8 +28,10 @@ from pglayer_shop.seed import SeedCounts, seed
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import (
+    Connection,
     ConnectionLostError,
     Database,
+    DatabaseNotAnsweringError,
     DatabaseSettings,
     DatabaseUnavailableError,
     PglayerError,
@@ -419,6 +421,58 @@ async def test_a_rollback_the_server_does_not_answer_ends_soon_after_the_deadlin
                 os.kill(pid, signal.SIGCONT)
         # The deadline, then a second for the ROLLBACK: not its 10 s query deadline.
         assert time.monotonic() - started < 4
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """`pids` (of the test's own cluster) stopped, answering nothing, until the block ends."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_deadline_past_statement_timeout_on_a_silent_server_is_not_answering(
+    running: EmbeddedPostgres,
+) -> None:
+    settings = settings_for(running.admin_url("postgres"), query_timeout=1.0, statement_timeout=0.5)
+    async with Database(settings) as db:
+        await db.run(lambda c: c.fetchval("SELECT 1"))
+        postmaster = int((running.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        pids = [postmaster, *[int(b["pid"]) for b in await backends_of(running)]]
+        with stopped(pids), pytest.raises(DatabaseNotAnsweringError):
+            await db.run(lambda c: c.fetchval("SELECT 1"))
+
+
+async def test_a_deadline_past_statement_timeout_while_the_server_answers_is_a_timeout(
+    running: EmbeddedPostgres,
+) -> None:
+    settings = settings_for(running.admin_url("postgres"), query_timeout=1.0, statement_timeout=0.5)
+    stuck: list[int] = []
+
+    async def on_a_stopped_backend(conn: Connection) -> None:
+        stuck.append(await conn.fetchval("SELECT pg_backend_pid()"))
+        os.kill(stuck[0], signal.SIGSTOP)  # a backend of the test's own cluster
+        await conn.fetchval("SELECT 1")
+
+    async def others_answered() -> None:
+        while True:
+            await db.run(lambda c: c.fetchval("SELECT 1"))
+            await asyncio.sleep(0.05)
+
+    async with Database(settings) as db:
+        answering = asyncio.create_task(others_answered())
+        try:
+            with pytest.raises(QueryTimeoutError) as raised:
+                await db.run(on_a_stopped_backend)
+        finally:
+            answering.cancel()
+            for pid in stuck:
+                os.kill(pid, signal.SIGCONT)
+        assert type(raised.value) is QueryTimeoutError
 
 
 async def test_a_refill_the_server_refuses_logs_why(

@@ -19,7 +19,8 @@ PUBLIC: dict[str, list[str]] = {
     "pglayer": [
         "BulkheadStats", "CheckViolationError", "CommitIndeterminateError",
         "ConfigurationError", "Connection", "ConnectionLostError", "Database", "DatabaseError",
-        "DatabaseSettings", "DatabaseUnavailableError", "DeadlockError", "EmbeddedPostgres",
+        "DatabaseNotAnsweringError", "DatabaseSettings", "DatabaseUnavailableError",
+        "DeadlockError", "EmbeddedPostgres",
         "Event", "ExternalPoolStats", "ForeignKeyViolationError", "Histogram", "Hook",
         "IdempotencyKeyReusedError", "IdempotencyKeys", "IntegrityError", "InvalidInputError",
         "Isolation", "LockTimeoutError", "NotNullViolationError", "PglayerError", "PoolEvent",

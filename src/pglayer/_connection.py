@@ -28,6 +28,8 @@ from pglayer._context import RequestContext
 from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
+    DatabaseError,
+    DatabaseNotAnsweringError,
     DatabaseUnavailableError,
     LockTimeoutError,
     PglayerError,
@@ -219,15 +221,18 @@ class Connection:
             lost = slot.lost
             if not self._timed_out(slot):
                 raise
-            error = ConnectionLostError(sqlstate="08006") if lost else QueryTimeoutError()
-            self._finished(query, time.monotonic() - started, error)
+            spent = time.monotonic() - started
+            error = self._deadline_error(lost, started, spent)
+            self._finished(query, spent, error)
             raise error from TimeoutError("the statement passed its deadline")
         except Exception as exc:
             slot.query_deadline = 0.0
             if slot.timed_out:  # our cancellation, come out of the driver as another error
                 self._timed_out(slot)
             translated = self._translate(exc)
-            if getattr(exc, "server_source_function", None) is None:
+            if getattr(exc, "server_source_function", None) is not None:
+                self._pool.answered_at = time.monotonic()
+            else:
                 # Not the server's answer (which names its routine), though asyncpg may raise
                 # the server's classes: the driver failed on its side, and may have left the
                 # server mid-statement (an argument it could not encode leaves an extended
@@ -241,8 +246,17 @@ class Connection:
         slot.query_deadline = 0.0
         if self._writes is not None and self._depth == 0:
             self._writes.wrote = True
-        self._finished(query, time.monotonic() - started, None)
+        self._pool.answered_at = now = time.monotonic()
+        self._finished(query, now - started, None)
         return result
+
+    def _deadline_error(self, lost: bool, started: float, spent: float) -> DatabaseError:
+        """What a statement cancelled at its deadline failed with."""
+        if lost:
+            return ConnectionLostError(sqlstate="08006")
+        if self._pool.silent(started, spent):
+            return DatabaseNotAnsweringError()
+        return QueryTimeoutError()
 
     def _finished(self, query: str, seconds: float, error: BaseException | None) -> None:
         self._pool.observer.query_finished(query, seconds, error, self._ctx)

@@ -350,6 +350,8 @@ class Database:
                 server_ms = await server_timeouts(conn)
         except (PglayerError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             return
+        # The bound a live server ends statements by (see `Pool.silent`) is its own here.
+        self._pool.statement_timeout = server_ms.get("statement_timeout", 0) / 1000
         off = [said for said, _ in settings_off(self.settings, server_ms).values()]
         if off:
             log.warning(
@@ -479,6 +481,7 @@ class Database:
             max_waiters=s.max_waiters,
             acquire_timeout=s.acquire_timeout,
             query_timeout=s.query_timeout,
+            statement_timeout=s.statement_timeout,
             max_idle=s.max_inactive_connection_lifetime,
             connect_timeout=s.connect_timeout,
             observer=self._observer,

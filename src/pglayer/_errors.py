@@ -21,6 +21,7 @@
         │   └── NotNullViolationError      23502 (422)
         ├── InvalidInputError              22*, asyncpg's client-side DataError (422)
         ├── QueryTimeoutError              57014, client-side query deadline (504)
+        │   └── DatabaseNotAnsweringError  the deadline, with the server silent (503)
         ├── TransactionAbortedError        COMMIT answered ROLLBACK: an error was swallowed
         ├── TransactionEndedError          the block sent its own COMMIT or ROLLBACK (500)
         └── ProgrammingError               42* (500)
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
     "DatabaseError",
+    "DatabaseNotAnsweringError",
     "DatabaseUnavailableError",
     "DeadlockError",
     "ForeignKeyViolationError",
@@ -222,6 +224,14 @@ class QueryTimeoutError(DatabaseError):
     """A statement did not finish within its deadline (57014, or client-side)."""
 
     default_message = "the query did not finish within its deadline"
+
+
+class DatabaseNotAnsweringError(QueryTimeoutError):
+    """A statement's client-side deadline passed, past the server's own `statement_timeout`,
+    and the server answered nothing on any connection of its pool meanwhile: it is stopped
+    or cut off (frozen, a network partition), not slow."""
+
+    default_message = "the database answered nothing on any connection within the deadline"
 
 
 class TransactionAbortedError(DatabaseError):

@@ -275,6 +275,7 @@ class Pool:
         max_waiters: int,
         acquire_timeout: float,
         query_timeout: float,
+        statement_timeout: float = 0.0,
         max_idle: float,
         connect_timeout: float,
         observer: Observer,
@@ -294,6 +295,9 @@ class Pool:
         self.max_waiters = max_waiters
         self.acquire_timeout = acquire_timeout
         self.query_timeout = query_timeout
+        self.statement_timeout = statement_timeout  # the server's own bound (0: none)
+        # When the server last answered on any connection (see `silent`).
+        self.answered_at = time.monotonic()
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.observer = observer
@@ -830,6 +834,12 @@ class Pool:
         self._connect_failures = 0
         self._unreachable = False
 
+    def silent(self, since: float, spent: float) -> bool:
+        """Whether the server answered nothing on any connection since `since`, though its
+        own `statement_timeout` would have ended a statement that ran `spent` seconds: a
+        deadline then finds it stopped or cut off, not slow."""
+        return 0.0 < self.statement_timeout < spent and self.answered_at < since
+
     def abandon(self) -> None:
         """Fail the waiters and the connects under way, and close every connection, in use
         too (see `Database.abandon`)."""
@@ -865,6 +875,7 @@ class Pool:
         slot = Slot(raw, answered=not self.behind_pooler)
         if slot.answered:
             self._connect_failures = 0
+            self.answered_at = time.monotonic()
         raw.add_termination_listener(lambda _raw: self._forget(slot))
         self._slots.append(slot)
         self.observer.connection_opened()

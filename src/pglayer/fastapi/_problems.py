@@ -30,6 +30,7 @@ from pglayer._errors import (
     CheckViolationError,
     CommitIndeterminateError,
     DatabaseError,
+    DatabaseNotAnsweringError,
     ForeignKeyViolationError,
     IdempotencyKeyReusedError,
     IntegrityError,
@@ -135,6 +136,12 @@ _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
         "The connection to the database was lost while the change was being committed, so"
         " it may or may not have been applied. Read the resource back, or resend the request"
         " with the same Idempotency-Key.",
+    ),
+    (
+        DatabaseNotAnsweringError,
+        503,
+        "unavailable",
+        "The database is not answering. Retry later.",
     ),
     (QueryTimeoutError, 504, "timeout", "The database did not answer within the deadline."),
     (UniqueViolationError, 409, "conflict", "A resource with these values already exists."),
