@@ -220,6 +220,29 @@ async def test_an_orm_route_answers_503_while_the_database_is_down() -> None:
     assert "retry-after" in response.headers
 
 
+async def test_an_orm_route_answers_503_while_the_server_refuses_its_database(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    app = orm_app(settings_for(db_url))
+
+    @app.get("/sa/one")
+    async def one(session: SqlSession) -> int:
+        return int(await session.scalar(text("SELECT 1")) or 0)
+
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')  # 55000
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                db_name,
+            )
+            response = await client.get("/sa/one")
+        finally:
+            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+    assert_problem(response, 503, "unavailable")
+    assert "retry-after" in response.headers
+
+
 async def test_an_orm_statement_past_the_query_timeout_is_504(db_url: str) -> None:
     app = orm_app(settings_for(db_url, query_timeout=0.3, statement_timeout=30))
 

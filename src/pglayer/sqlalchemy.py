@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
@@ -191,7 +192,11 @@ def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
     try:
         return dialect.connect(*cargs, **cparams)
     except Exception as exc:
-        raise_translated(exc, translate_connect(exc))
+        # The dialect adapts the driver's errors: asyncpg's own (a refusal) is the cause.
+        cause = exc.__cause__
+        driver_error = cause if isinstance(cause, asyncpg.PostgresError) else exc
+        translated = translate_connect(driver_error)
+        raise_translated(exc, exc if translated is driver_error else translated)
 
 
 def _note_recovery(connection: Connection, *_: object) -> None:
