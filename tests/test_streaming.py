@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from pglayer import Database
 from pglayer._http import PROTOCOL
-from pglayer.fastapi import setup
+from pglayer.fastapi import json_response, setup
 from pglayer.fastapi._streaming import ndjson_response
 from tests.conftest import LiveServer, asgi_client, settings_for, wait_for
 
@@ -148,6 +148,32 @@ async def test_streams_hold_at_most_their_bulkheads_share_of_the_pool(db_url: st
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_uuid_interval_and_inet_columns_are_written_as_pydantic_writes_them(
+    db: Database,
+) -> None:
+    app = FastAPI()
+    setup(app, db)
+    query = (
+        "SELECT '6c3a3a3e-8e1f-4b7e-9a55-0d2b9a4c1f10'::uuid AS id,"
+        " interval '1 day 2 hours' AS took, inet '10.0.0.1' AS host, cidr '10.0.0.0/8' AS net"
+    )
+
+    @app.get("/stream")
+    async def stream() -> Response:
+        return await ndjson_response(db, query)
+
+    @app.get("/one")
+    async def one() -> Response:
+        return json_response(await db.read(lambda conn: conn.fetchrow(query)))
+
+    expected = {"id": "6c3a3a3e-8e1f-4b7e-9a55-0d2b9a4c1f10", "took": "P1DT2H",
+                "host": "10.0.0.1", "net": "10.0.0.0/8"}  # fmt: skip
+    async with asgi_client(app) as client:
+        streamed, single = await client.get("/stream"), await client.get("/one")
+    assert [orjson.loads(line) for line in streamed.text.splitlines()] == [expected]
+    assert single.json() == expected
 
 
 async def test_a_column_json_cannot_hold_is_a_500_before_the_stream_starts(db: Database) -> None:

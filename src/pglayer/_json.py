@@ -6,6 +6,7 @@ answer replayed from storage is the same text as the first.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 __all__ = ["OPTIONS", "default", "dumps"]
 
@@ -30,6 +32,10 @@ def default(value: Any) -> Any:
         return value.model_dump(mode="json")
     if isinstance(value, Mapping):
         return dict(value)
+    if not isinstance(value, bytes):  # bytea: no text of it is the one a client expects
+        # asyncpg's UUID subclass, intervals, inet and cidr, as Pydantic writes them.
+        with contextlib.suppress(PydanticSerializationError):
+            return to_jsonable_python(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 

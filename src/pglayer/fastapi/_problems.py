@@ -118,6 +118,8 @@ _CODES = {
     504: "timeout",
 }
 
+UNEXPECTED = "An unexpected error occurred. Quote the correlation id when reporting it."
+
 # Most specific first: the first class the error is an instance of decides.
 _DATABASE_PROBLEMS: tuple[tuple[type[PglayerError], int, str, str], ...] = (
     (PoolOverloadedError, 503, "overloaded", "The service is overloaded. Retry later."),
@@ -349,7 +351,7 @@ def problem_for_database_error(exc: PglayerError) -> Problem:
             if isinstance(exc, PoolOverloadedError):
                 headers = {"Retry-After": retry_after(exc.retry_after)}
             return Problem(status, code, detail, headers=headers)
-    return Problem(500, "internal", "An unexpected error occurred.")
+    return Problem(500, "internal", UNEXPECTED)
 
 
 _SAID = Throttle()
@@ -486,7 +488,7 @@ def internal_error_response(
         Problem(
             500,
             "internal",
-            "An unexpected error occurred. Quote the correlation id when reporting it.",
+            UNEXPECTED,
             correlation_id=request_id,
         )
     )
