@@ -427,6 +427,53 @@ async def test_a_connection_whose_block_ended_its_transaction_is_not_lent_again(
             assert await conn.fetchval("SHOW statement_timeout") != "1ms"
 
 
+async def _begin_and_insert(conn: Connection) -> None:
+    await conn.execute("BEGIN")
+    await conn.execute("INSERT INTO products (name, price, stock) VALUES ('ghost', 1, 1)")
+
+
+async def _ghosts(db: Database) -> int:
+    return int(
+        await db.run(lambda c: c.fetchval("SELECT count(*) FROM products WHERE name = 'ghost'"))
+    )
+
+
+async def test_a_transaction_db_run_began_and_left_open_is_an_error_not_a_success(
+    db: Database,
+) -> None:
+    with pytest.raises(TransactionEndedError, match="left it open"):
+        await db.run(_begin_and_insert)
+    assert await _ghosts(db) == 0
+
+
+async def test_a_transaction_a_lent_connection_began_and_left_open_is_an_error(
+    db: Database,
+) -> None:
+    with pytest.raises(TransactionEndedError, match="left it open"):
+        async with db.connection() as conn:
+            await _begin_and_insert(conn)
+    assert await _ghosts(db) == 0
+
+
+async def test_a_block_that_begins_and_commits_its_own_transaction_succeeds(db: Database) -> None:
+    async def begin_and_commit(conn: Connection) -> None:
+        await _begin_and_insert(conn)
+        await conn.execute("COMMIT")
+
+    await db.run(begin_and_commit)
+    assert await _ghosts(db) == 1
+
+
+@pytest.mark.parametrize("statement", ["DISCARD ALL", "DEALLOCATE ALL"])
+async def test_statements_cached_before_a_discard_still_run_on_that_connection(
+    db_url: str, statement: str
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42  # cached
+        await db.run(lambda c: c.execute(statement))
+        assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42
+
+
 async def test_a_url_of_several_hosts_opens_on_the_one_that_answers(db_url: str) -> None:
     # libpq's host1:port1,host2:port2 form: the pooler check read one port from it and raised.
     base, _, rest = db_url.partition("@")

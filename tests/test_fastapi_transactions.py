@@ -60,6 +60,12 @@ def build_app(db: Database) -> FastAPI:
         await conn.execute("COMMIT")
         return {"k": k}
 
+    @app.post("/items/{k}/own-begin")
+    async def own_begin(k: int, conn: WriteConnection) -> dict[str, int]:
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO items (k) VALUES ($1)", k)
+        return {"k": k}
+
     @app.post("/sleep")
     async def sleep(conn: WriteTransaction) -> None:
         await conn.execute("INSERT INTO items (k) VALUES (99)")
@@ -171,6 +177,16 @@ async def test_a_handler_that_ends_its_transaction_itself_gets_a_500_not_a_2xx(
     assert response.json()["code"] == "internal"
     assert "TransactionEndedError" in caplog.text
     assert tx_db.stats().in_use == 0
+
+
+async def test_a_handler_that_begins_a_transaction_and_leaves_it_open_gets_a_500(
+    tx_db: Database, db_url: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async with asgi_client(build_app(tx_db)) as client:
+        response = await client.post("/items/5/own-begin")
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal"
+    assert await count(admin, db_url, "items") == 0
 
 
 async def test_cancelling_the_request_task_mid_query_releases_everything(

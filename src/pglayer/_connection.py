@@ -215,7 +215,12 @@ class Connection:
         except _TimedOut as exc:
             self._raise(exc)
         try:
-            result = await method(query, *args)
+            try:
+                result = await method(query, *args)
+            except asyncpg.InvalidSQLStatementNameError:
+                if not self._statements_forgotten():
+                    raise
+                result = await method(query, *args)  # it never ran: prepared again now
         except asyncio.CancelledError:
             slot.query_deadline = 0.0
             lost = slot.lost
@@ -249,6 +254,15 @@ class Connection:
         self._pool.answered_at = now = time.monotonic()
         self._finished(query, now - started, None)
         return result
+
+    def _statements_forgotten(self) -> bool:
+        """After 26000 (a prepared statement the server does not know): the session's were
+        dropped under the driver's cache (`DISCARD ALL`, `DEALLOCATE ALL`), which would fail
+        every statement it cached before on this connection. Forget them too; True if the
+        failed statement may simply run again (outside a transaction, which it aborted)."""
+        raw: Any = self.raw
+        raw._drop_local_statement_cache()  # private, as asyncpg's own codec changes call it
+        return not raw.is_in_transaction()
 
     def _deadline_error(self, lost: bool, started: float, spent: float) -> DatabaseError:
         """What a statement cancelled at its deadline failed with."""
@@ -400,6 +414,17 @@ class Connection:
         # The server's transaction status from its last ReadyForQuery: no round trip.
         raw = self.raw
         return not raw.is_closed() and not raw.is_in_transaction()
+
+    def _left_open(self) -> TransactionEndedError:
+        """The error for a block lent a connection without a transaction that began one of
+        its own (`BEGIN`) and left it open: the pool rolls it back, so nothing it did since
+        was applied, and no success may be reported."""
+        error = TransactionEndedError(
+            "the block began a transaction (BEGIN) and left it open: it was rolled back"
+            " (for a transaction, use db.transaction, db.run_in_transaction or WriteTransaction)"
+        )
+        self._pool.observer.error(error)
+        return error
 
     def _ended(self) -> TransactionEndedError:
         """The error for a block that sent its own COMMIT or ROLLBACK: pglayer can neither

@@ -624,11 +624,12 @@ class Database:
         conn = Connection(slot, pool, ctx, writer=target is self and bulkhead != "read")
         held_since = time.monotonic()
         suspect = True  # until it ends well: see `Pool.release`
+        failed = False
         try:
             if tx is None:
                 result = await fn(conn)
                 suspect = False
-                return result
+                return result  # unless `finally` finds a transaction `fn` left open
             if asked and bound is not None:
                 bound = max(bound - (held_since - asked), 0.001)
             if not tx.begin:
@@ -641,7 +642,7 @@ class Database:
                 ):
                     result = await fn(conn)
         except Exception as exc:
-            error = exc
+            error, failed = exc, True
             suspect = isinstance(exc, QueryTimeoutError)
             if isinstance(exc, LockTimeoutError):
                 pool.stuck(lane)
@@ -652,7 +653,9 @@ class Database:
             return result
         finally:
             conn._slot = None
-            pool.release(slot, time.monotonic() - held_since, suspect)
+            left_open = pool.release(slot, time.monotonic() - held_since, suspect)
+            if left_open and not failed:
+                raise conn._left_open()  # instead of its success: nothing was applied
         return await self._recover(error, target, fn, retry, timeout, tx, bulkhead)
 
     async def _recover(
@@ -982,4 +985,6 @@ class _Lease:
             not issubclass(exc_type, Exception) or issubclass(exc_type, QueryTimeoutError)
         )
         # To the pool it came from: during close() that pool is still waiting for it.
-        pool.release(slot, time.monotonic() - self._held_since, suspect)
+        left_open = pool.release(slot, time.monotonic() - self._held_since, suspect)
+        if left_open and exc_type is None:
+            raise conn._left_open()

@@ -23,7 +23,7 @@
         ├── QueryTimeoutError              57014, client-side query deadline (504)
         │   └── DatabaseNotAnsweringError  the deadline, with the server silent (503)
         ├── TransactionAbortedError        COMMIT answered ROLLBACK: an error was swallowed
-        ├── TransactionEndedError          the block sent its own COMMIT or ROLLBACK (500)
+        ├── TransactionEndedError          the block's own COMMIT, ROLLBACK, or open BEGIN (500)
         └── ProgrammingError               42* (500)
 
 `translate()` is the one place that turns asyncpg and socket errors into these.
@@ -245,8 +245,10 @@ class TransactionAbortedError(DatabaseError):
 
 
 class TransactionEndedError(DatabaseError):
-    """A statement inside a transaction block ended the transaction (COMMIT or ROLLBACK):
-    what came before it was applied or undone, what came after ran in autocommit."""
+    """A block managed a transaction itself against pglayer: inside pglayer's, a COMMIT or
+    ROLLBACK ended it (what came before it was applied or undone, what came after ran in
+    autocommit); or, lent a connection without one, it began its own and left it open (rolled
+    back)."""
 
     default_message = (
         "the transaction was ended inside its block by a COMMIT or ROLLBACK statement; "

@@ -720,8 +720,10 @@ class Pool:
                 rate += lane.rate
         return len(self._paced) / rate if rate else 0.0
 
-    def release(self, slot: Slot, held: float, suspect: bool = False) -> None:
+    def release(self, slot: Slot, held: float, suspect: bool = False) -> bool:
         """Give `slot` back: to the oldest waiter, to the idle set, or to a reset first.
+        True if its holder left a transaction of its own open (its `BEGIN`), which the
+        reset rolls back.
 
         `suspect`: its work ended by a cancellation or a deadline, which may have come
         between a statement's Parse (sent without a Sync) and its Bind: the server then still
@@ -743,7 +745,7 @@ class Pool:
             # A statement still running on it (its holder left without waiting for it), or
             # the driver's state unknown: checked before it is lent again (see `_reset`).
             suspect, slot.unsure = True, False
-        self._give_back(slot, suspect)
+        return self._give_back(slot, suspect)
 
     def _return_unused(self, slot: Slot) -> None:
         lane = slot.lane
@@ -752,15 +754,18 @@ class Pool:
         self._in_use -= 1
         self._give_back(slot)
 
-    def _give_back(self, slot: Slot, suspect: bool = False) -> None:
+    def _give_back(self, slot: Slot, suspect: bool = False) -> bool:
         slot.query_task = None
         slot.lane = None
-        raw = slot.raw
+        raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
+        left_open = False
         if raw.is_closed():
             self._forget(slot)
         elif self.closed:
             self._spawn(self._close_slot(slot))
         elif suspect or _needs_reset(raw):
+            # Asked only here: on the way back to the idle set it costs nothing.
+            left_open = not suspect and raw.is_in_transaction() and raw._top_xact is None
             self._spawn(self._reset(slot))
         else:
             if not slot.answered:
@@ -768,6 +773,7 @@ class Pool:
             self._put(slot)
         if self._drained is not None and not self._in_use:
             self._drained.set()
+        return left_open
 
     def _first_answer(self, slot: Slot) -> None:
         slot.answered = True
