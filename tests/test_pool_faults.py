@@ -365,6 +365,53 @@ async def test_a_copy_of_a_value_the_driver_cannot_encode_is_invalid_input(
     assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
 
 
+async def set_read_only(admin: asyncpg.Connection[Any], db_name: str, on: bool) -> None:
+    """`db_name` read-only (or not) for every session that starts from now on."""
+    setting = (
+        "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+    )
+    await admin.execute(f'ALTER DATABASE "{db_name}" {setting}')
+
+
+async def _create_temp_table(db: Database) -> None:
+    await db.run(lambda c: c.execute("CREATE TEMP TABLE t (id int)"), retry=False)
+
+
+async def test_writes_refused_by_a_read_only_database_replace_connections_once_a_second(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    await set_read_only(admin, db_name, True)
+    try:
+        async with Database(settings_for(db_url, max_size=4)) as db:
+            before = db.stats().connections_opened
+            for _ in range(20):  # well within a second
+                with pytest.raises(DatabaseUnavailableError, match="read-only"):
+                    await _create_temp_table(db)
+            # One replacement of the connection open then, not one connect per refused write.
+            assert db.stats().connections_opened - before <= 2
+    finally:
+        await set_read_only(admin, db_name, False)
+
+
+async def test_writes_succeed_soon_after_a_read_only_database_is_writable_again(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    async def written() -> bool:
+        with contextlib.suppress(DatabaseUnavailableError):
+            await _create_temp_table(db)
+            return True
+        return False
+
+    await set_read_only(admin, db_name, True)
+    try:
+        async with Database(settings_for(db_url, max_size=4)) as db:
+            assert not any([await written() for _ in range(5)])
+            await set_read_only(admin, db_name, False)
+            assert await wait_for(written, timeout=5)
+    finally:
+        await set_read_only(admin, db_name, False)
+
+
 async def test_a_database_that_refuses_writes_is_unavailable_and_its_sessions_are_not_kept(
     db_url: str,
 ) -> None:

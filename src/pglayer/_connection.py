@@ -154,8 +154,7 @@ class Connection:
                 "the database refuses writes: it is read-only for now", sqlstate="25006"
             )
             translated.__cause__ = exc
-            if not closed:
-                getattr(self.raw, "terminate_broken", self.raw.terminate)()
+            self._pool.writes_refused()
         if isinstance(translated, ConnectionLostError) and not closed:
             # Broken but not yet closed: make sure the pool never hands it out again.
             getattr(self.raw, "terminate_broken", self.raw.terminate)()

@@ -27,6 +27,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -105,6 +106,7 @@ class Slot:
         "query_task",
         "raw",
         "released_at",
+        "retired",
         "timed_out",
         "unsure",
     )
@@ -121,6 +123,7 @@ class Slot:
         self.unsure = False  # given back after an error the driver did not explain
         self.released_at = time.monotonic()
         self.gone = False
+        self.retired = False  # closed when given back, not lent again (see `writes_refused`)
 
     def expire(self, lost: bool = False) -> None:
         """Cancel the running query: its deadline passed, or (`lost`) its connection closed
@@ -241,6 +244,7 @@ _PACE_MAX = 1.0
 # admitted waiters timed out (`storm`, one worker), each after costing what a served request
 # costs, where a refusal at the door costs a fifth of it. With a floor of a half it sat at
 # the floor with 6% still missing; at a quarter, ~3%.
+_RETIRE_EVERY = 1.0  # seconds between two replacements of every connection (read-only)
 _ADMIT_STEP = 0.01
 _ADMIT_MIN = 0.25
 
@@ -298,6 +302,7 @@ class Pool:
         self.statement_timeout = statement_timeout  # the server's own bound (0: none)
         # When the server last answered on any connection (see `silent`).
         self.answered_at = time.monotonic()
+        self._retired_at = -math.inf  # when `writes_refused` last retired every connection
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.observer = observer
@@ -846,6 +851,22 @@ class Pool:
         deadline then finds it stopped or cut off, not slow."""
         return 0.0 < self.statement_timeout < spent and self.answered_at < since
 
+    def writes_refused(self) -> None:
+        """A write was refused as read-only (25006) on a connection lent for writes. A session
+        keeps `default_transaction_read_only` from its start, so every connection open now is
+        replaced: idle ones now, those in use when given back. At most once a second: while
+        new sessions are read-only too, once per refused write would be a connect storm."""
+        now = time.monotonic()
+        if now - self._retired_at < _RETIRE_EVERY:
+            return
+        self._retired_at = now
+        idle, self._idle = list(self._idle), deque()
+        for slot in idle:
+            self._spawn(self._close_slot(slot))
+        for slot in self._slots:
+            if slot.lane is not None:
+                slot.retired = slot.unsure = True  # through `_reset`, which closes it
+
     def abandon(self) -> None:
         """Fail the waiters and the connects under way, and close every connection, in use
         too (see `Database.abandon`)."""
@@ -966,6 +987,9 @@ class Pool:
             self._fail_waiters(self._connect_error)
 
     async def _reset(self, slot: Slot) -> None:
+        if slot.retired:
+            await self._close_slot(slot)
+            return
         raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
         try:
             async with asyncio.timeout(_RESET_TIMEOUT):
