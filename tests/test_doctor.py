@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -61,6 +62,16 @@ def test_doctor_detects_pgbouncer_and_its_pool_mode(
         code, out = doctor(bouncer.url(db_name), PGLAYER_STATEMENT_CACHE_SIZE="0")
     assert code == 0, out
     assert f"in {mode} mode" in out
+
+
+def test_doctor_detects_pgbouncer_on_the_servers_own_port(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer]
+) -> None:
+    port = urlsplit(server.admin_url).port or 5432
+    with bouncer_for(server.admin_url, host="127.0.0.2", port=port) as bouncer:
+        code, out = doctor(bouncer.url(db_name), PGLAYER_STATEMENT_CACHE_SIZE="0")
+    assert code == 0, out
+    assert "in transaction mode" in out
 
 
 def test_doctor_says_the_pooler_has_no_such_database(

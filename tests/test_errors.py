@@ -644,6 +644,21 @@ async def test_a_commit_of_unknown_outcome_sends_the_client_to_the_primary(
     assert "pglayer_rw=1" in response.headers.get("set-cookie", "")
 
 
+@pytest.mark.parametrize(
+    ("pgbouncer_says", "said"),
+    [
+        ('role "ghost" does not exist', "the role of app@db:5432/x does not exist"),
+        ('database "shop" does not exist', "the database of app@db:5432/x does not exist"),
+        ("no such database: shop", "the database of app@db:5432/x does not exist"),
+        ("unsupported startup parameter: statement_timeout", "set PGLAYER_POOLER"),
+    ],
+)
+def test_a_poolers_refusal_in_words_is_explained(pgbouncer_says: str, said: str) -> None:
+    # PgBouncer answers these with 08P01 and its own words: no SQLSTATE tells them apart.
+    exc = asyncpg.ProtocolViolationError(pgbouncer_says)
+    assert said in explain_connect_error(exc, "app@db:5432/x")
+
+
 def test_a_refused_connection_names_every_limit_it_may_be() -> None:
     said = explain_connect_error(asyncpg.TooManyConnectionsError("too many"), "app@db:5432/x")
     assert "max_connections" in said

@@ -17,7 +17,7 @@ import pytest
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import Database, PglayerError
+from pglayer import ConfigurationError, Database, PglayerError
 from pglayer._pooler import detect_pooler
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, asgi_client, require_external, settings_for
@@ -75,6 +75,28 @@ async def test_the_pooler_is_detected_and_prepared_statements_follow_it(
         assert db.pooler.mode == bouncer.pool_mode
         # Debian's 1.18 loses named statements across transactions; session mode keeps them.
         assert db.pooler.prepared_statements is (bouncer.pool_mode == "session")
+
+
+async def test_a_pooler_on_the_servers_own_port_is_detected(server: Server, db_name: str) -> None:
+    # Production's usual layout (pgbouncer:5432 in front of postgres:5432): the server's port
+    # says nothing, the backend the login named does.
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    port = urlsplit(server.admin_url).port or 5432
+    with PgBouncer(server.admin_url, pool_size=3, host="127.0.0.2", port=port) as bouncer:
+        async with Database(settings_for(bouncer.url(db_name))) as db:
+            assert db.pooler is not None
+            assert db.pooler.mode == "transaction"
+            assert db.pooler.prepared_statements is False
+
+
+async def test_a_statement_mode_pooler_is_refused_at_open(server: Server, db_name: str) -> None:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    with (
+        PgBouncer(server.admin_url, pool_mode="statement", pool_size=3) as bouncer,
+        pytest.raises(ConfigurationError, match="statement mode, where transactions"),
+    ):
+        async with Database(settings_for(bouncer.url(db_name))):
+            pass
 
 
 async def test_detection_holds_while_other_clients_probe_the_pooler_at_once(

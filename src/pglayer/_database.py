@@ -466,6 +466,11 @@ class Database:
                 # down retries here, and the alerts on failed connects must see it.
                 self._observer.connection_failed()
                 raise self._startup_error(exc) from exc
+            if self.pooler.mode == "statement":
+                raise ConfigurationError(
+                    f"database {self.target}: behind a pooler in statement mode, where"
+                    " transactions cannot work; set its pool_mode to transaction or session"
+                )
             if self.pooler.mode != "none":
                 log.info(
                     "database %s: behind a pooler in %s mode; prepared statements %s",

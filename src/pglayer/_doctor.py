@@ -66,6 +66,7 @@ SELECT coalesce(datname, '') AS database, application_name, count(*)::int AS con
 _SERVER_FACTS = """
 SELECT current_setting('server_version') AS version,
        inet_server_port() AS server_port,
+       pg_backend_pid() AS backend_pid,
        pg_is_in_recovery() AS in_recovery,
        current_user AS role,
        current_database() AS database,
@@ -92,6 +93,7 @@ async def diagnose(
             # A pooler accepts the connection itself and holds the query while its server is
             # down (PgBouncer: `query_wait_timeout`, 120 s): bounded as a connect is.
             row = await conn.fetchrow(_SERVER_FACTS, timeout=settings.connect_timeout)
+            login_pid = conn.get_server_pid()
         except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             reason = explain_connect_error(exc, target)
             result.add(
@@ -114,7 +116,9 @@ async def diagnose(
         await conn.close(timeout=settings.connect_timeout)
     assert row is not None
     position = _Position(row["lsn"], row["cluster"])
-    result.facts.update({k: v for k, v in row.items() if k not in ("lsn", "cluster")})
+    result.facts.update(
+        {k: v for k, v in row.items() if k not in ("lsn", "cluster", "backend_pid")}
+    )
     result.add("reachable", "ok", f"connected to {target}")
     major = int(str(row["version"]).split(".")[0])
     result.add(
@@ -127,7 +131,7 @@ async def diagnose(
         result.add("primary", "fail", "this server is a read-only standby, not a primary")
 
     port = ", ".join(map(str, dsn_ports(dsn)))
-    behind = pooled(dsn, row["server_port"])
+    behind = pooled(dsn, row["server_port"], row["backend_pid"], login_pid)
     result.facts["pooler"] = None
     if behind:
         mode = await pool_mode(dsn, settings)
@@ -136,8 +140,8 @@ async def diagnose(
             "pooler",
             "ok" if mode != "statement" else "fail",
             f"a connection pooler sits between (client port {port}, server port "
-            f"{row['server_port']}), in {mode} mode"
-            + (": transactions cannot work" if mode == "statement" else ""),
+            f"{row['server_port']}, backend {row['backend_pid']} of login {login_pid}),"
+            f" in {mode} mode" + (": transactions cannot work" if mode == "statement" else ""),
         )
         if mode == "transaction":
             _check_role_timeouts(settings, row, timeouts, result)

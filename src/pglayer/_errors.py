@@ -403,10 +403,17 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     # PgBouncer says what PostgreSQL says with 28P01 or 3D000 with 08P01, in words.
     if isinstance(exc, asyncpg.ProtocolViolationError) and "authentication failed" in str(exc):
         return f"{target} rejected the user or password (the pooler's check)"
+    if isinstance(exc, asyncpg.ProtocolViolationError) and 'role "' in str(exc):
+        return f"the role of {target} does not exist (for the pooler or behind it)"
     if isinstance(exc, asyncpg.ProtocolViolationError) and (
         "no such database" in str(exc) or "does not exist" in str(exc)
     ):
         return f"the database of {target} does not exist (for the pooler or behind it)"
+    if isinstance(exc, asyncpg.ProtocolViolationError) and "startup parameter" in str(exc):
+        return (
+            f"{target} refused a startup parameter: a pooler is in between that pglayer did"
+            " not detect; set PGLAYER_POOLER"
+        )
     if isinstance(exc, asyncpg.PostgresError):
         return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
     return f"cannot connect to {target} ({type(exc).__name__})"

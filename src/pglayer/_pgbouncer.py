@@ -39,6 +39,9 @@ def pgbouncer_binary() -> str | None:
 class PgBouncer:
     """PgBouncer on a free loopback port, forwarding every database to `server_url`'s server.
 
+    `host` and `port` put it elsewhere on the loopback: `127.0.0.2` and the server's own port
+    is a pooler a client cannot tell by its port.
+
     The client user and password are the server's; the same user is an admin of the
     console (database `pgbouncer`), for PAUSE/RESUME/RECONNECT.
     """
@@ -51,6 +54,8 @@ class PgBouncer:
         pool_size: int = 5,
         max_client_conn: int = 2000,
         server_login_retry: int = 15,
+        host: str = "127.0.0.1",
+        port: int | None = None,
     ) -> None:
         binary = pgbouncer_binary()
         if binary is None:
@@ -61,7 +66,8 @@ class PgBouncer:
         self.password = parts.password or ""
         self.server_host = parts.hostname or "127.0.0.1"
         self.server_port = parts.port or 5432
-        self.port = _free_port()
+        self.host = host
+        self.port = _free_port() if port is None else port
         self.pool_mode = pool_mode
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
@@ -72,7 +78,7 @@ class PgBouncer:
 
     def url(self, database: str) -> str:
         auth = f"{self.user}:{self.password}" if self.password else self.user
-        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
 
     def _write_config(self) -> Path:
         auth_file = self.dir / "users.txt"
@@ -84,7 +90,7 @@ class PgBouncer:
 * = host={self.server_host} port={self.server_port}
 
 [pgbouncer]
-listen_addr = 127.0.0.1
+listen_addr = {self.host}
 listen_port = {self.port}
 unix_socket_dir =
 auth_type = {"scram-sha-256" if self.password else "trust"}
@@ -121,7 +127,7 @@ logfile = {self.dir / "pgbouncer.log"}
                     f"pgbouncer exited with {self._proc.returncode}: {stderr.read_text()}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)

@@ -924,6 +924,10 @@ class Pool:
             if not connecting.done():
                 connecting.cancel()
                 connecting.add_done_callback(_terminate_late)
+            elif not connecting.cancelled():
+                # Its failure may have come as `wait_for` gave up, when the shield no longer
+                # retrieves it: asyncio would log "Task exception was never retrieved".
+                connecting.exception()
 
     def _connect_failed(self) -> None:
         self.observer.connection_failed()

@@ -20,7 +20,15 @@ import asyncpg
 from pglayer._dsn import host_ports
 from pglayer._settings import DatabaseSettings
 
-__all__ = ["PoolerInfo", "detect_pooler", "dsn_ports", "pooled", "server_timeouts", "settings_off"]
+__all__ = [
+    "PoolerInfo",
+    "connected_through_pooler",
+    "detect_pooler",
+    "dsn_ports",
+    "pooled",
+    "server_timeouts",
+    "settings_off",
+]
 
 _SERVER_TIMEOUTS = """
 SELECT name, CASE WHEN name = 'jit' THEN (setting = 'on')::int ELSE setting::bigint END AS ms
@@ -55,10 +63,23 @@ def settings_off(
     return off
 
 
-def pooled(dsn: str, server_port: int | None) -> bool:
+def pooled(dsn: str, server_port: int | None, backend_pid: int, login_pid: int) -> bool:
     """Whether something sits between `dsn` and the server: the server says another port
-    than any of the URL's hosts (libpq's `host1:5432,host2:5433` form included)."""
+    than any of the URL's hosts (libpq's `host1:5432,host2:5433` form included), or another
+    backend than the one the login named (a pooler hands out cancel keys of its own, so it
+    shows on the server's own port too, and on a Unix socket)."""
+    if backend_pid != login_pid:
+        return True
     return server_port is not None and server_port not in dsn_ports(dsn)
+
+
+_WHERE = "SELECT inet_server_port() AS server_port, pg_backend_pid() AS backend_pid"
+
+
+async def connected_through_pooler(conn: Any, dsn: str) -> bool:
+    """`pooled()` for an open connection to `dsn` (one round trip)."""
+    row = await conn.fetchrow(_WHERE)
+    return pooled(dsn, row["server_port"], row["backend_pid"], conn.get_server_pid())
 
 
 def dsn_ports(dsn: str) -> list[int]:
@@ -168,14 +189,14 @@ async def prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool
 
 
 async def detect_pooler(settings: DatabaseSettings) -> PoolerInfo:
-    """Whether a pooler sits in front of the server (its port differs), and its mode."""
+    """Whether a pooler sits in front of the server (see `pooled`), and its mode."""
     dsn = settings.dsn()
     conn = await connect_plain(dsn, settings)
     try:
-        server_port = await conn.fetchval("SELECT inet_server_port()")
+        behind = await connected_through_pooler(conn, dsn)
     finally:
         await conn.close()
-    if not pooled(dsn, server_port):
+    if not behind:
         return PoolerInfo("none", prepared_statements=True)
     mode = await pool_mode(dsn, settings)
     if mode != "transaction":

@@ -29,7 +29,7 @@ from pglayer._database import Database
 from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError, explain_connect_error
 from pglayer._logs import configure_logging
-from pglayer._pooler import connect_plain, pooled
+from pglayer._pooler import connect_plain, connected_through_pooler
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
@@ -109,7 +109,7 @@ async def check_budget(workers: int) -> None:
     try:
         conn = await connect_plain(settings.dsn(), settings)
         try:
-            if pooled(settings.dsn(), await conn.fetchval("SELECT inet_server_port()")):
+            if await connected_through_pooler(conn, settings.dsn()):
                 return  # behind a pooler the server's limit is the pooler's business
             budget = await read_budget(
                 conn,
