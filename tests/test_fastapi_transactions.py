@@ -357,6 +357,8 @@ async def test_the_shops_routes_all_take_pglayers_body_checks(
         ({"lock_timeout": -1.0}, "lock_timeout must be seconds above 0"),
         ({"lock_timeout": float("nan")}, "lock_timeout must be seconds above 0"),
         ({"lock_timeout": 3e6}, "at most 86400"),  # past PostgreSQL's int milliseconds
+        ({"lock_timeout": "1"}, "lock_timeout must be seconds above 0"),
+        ({"lock_timeout": True}, "lock_timeout must be seconds above 0"),
     ],
 )
 def test_transaction_options_no_transaction_can_take_are_refused_where_they_are_written(
@@ -366,6 +368,54 @@ def test_transaction_options_no_transaction_can_take_are_refused_where_they_are_
         transaction_dependency(**options)
     with pytest.raises(ValueError, match=said):
         transactional(**options)
+
+
+@pytest.mark.parametrize("attempts", ["3", 0, -1, 1.5, True])
+def test_attempts_no_replay_policy_can_take_are_refused_where_they_are_written(
+    attempts: Any,
+) -> None:
+    # Read only on the conflict path: a per-request 500 no happy-path test would meet.
+    with pytest.raises(ValueError, match="attempts must be a whole number"):
+        transactional(attempts=attempts)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"attempts": "3"}, "attempts must be a whole number"),
+        ({"lock_timeout": float("nan")}, "lock_timeout must be seconds above 0"),
+        ({"lock_timeout": float("inf")}, "at most 86400"),
+        ({"lock_timeout": "1s"}, "lock_timeout must be seconds above 0"),
+    ],
+)
+async def test_run_in_transaction_refuses_options_no_transaction_can_take(
+    tx_db: Database, options: dict[str, Any], said: str
+) -> None:
+    with pytest.raises(ValueError, match=said):
+        await tx_db.run_in_transaction(lambda c: c.execute("SELECT 1"), **options)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0, "1"])
+async def test_a_deadline_that_never_fires_or_has_passed_is_a_value_error(
+    tx_db: Database, timeout: Any
+) -> None:
+    with pytest.raises(ValueError, match="timeout must be seconds above 0"):
+        await tx_db.run(lambda c: c.fetchval("SELECT 1"), timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be seconds above 0"):
+        await tx_db.run(lambda c: c.fetchval("SELECT 1", timeout=timeout))
+    with pytest.raises(ValueError, match="timeout must be seconds above 0"):
+        async with tx_db.connection(timeout=timeout):
+            pass
+    assert tx_db.stats().in_use == 0
+
+
+async def test_a_lock_bound_given_as_text_is_a_value_error_in_a_transaction_block(
+    tx_db: Database,
+) -> None:
+    with pytest.raises(ValueError, match="lock_timeout must be seconds above 0"):
+        async with tx_db.transaction(lock_timeout="1"):  # type: ignore[arg-type]
+            pass
+    assert tx_db.stats().in_use == 0
 
 
 async def test_an_unknown_isolation_level_is_a_value_error_at_the_call(tx_db: Database) -> None:

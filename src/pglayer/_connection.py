@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import (
@@ -182,6 +183,8 @@ class Connection:
             )
             self._pool.observer.error(error)
             raise error
+        if timeout is not None:
+            check_timeout(timeout)
         now = time.monotonic()
         due = now + (self._pool.query_timeout if timeout is None else timeout)
         ctx = self._ctx
@@ -548,12 +551,29 @@ def _while_preparing(error: BaseException | None) -> bool:
 MAX_LOCK_TIMEOUT = 86400.0
 
 
-def check_transaction_options(isolation: object, lock_timeout: object) -> None:
-    """Raise `ValueError` for an isolation level or a lock bound no transaction can take."""
+def _seconds(value: object) -> bool:
+    """Whether `value` is a number, not a bool or a string (a bound of it would fail in a
+    request); NaN and infinity fail the range checks."""
+    return type(value) in (int, float)
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Raise `ValueError` for a deadline that would never fire (NaN) or is already past."""
+    if timeout is not None and not (_seconds(timeout) and 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be seconds above 0, not {timeout!r}")
+
+
+def check_transaction_options(
+    isolation: object, lock_timeout: object, attempts: object = None
+) -> None:
+    """Raise `ValueError` for an isolation level, a lock bound or a number of attempts no
+    transaction can take (told where they are written, not in a request's conflict)."""
     if isolation is not None and isolation not in _ISOLATION:
         raise ValueError(f"isolation {isolation!r} is not one of: {', '.join(_ISOLATION)}")
+    if attempts is not None and not (type(attempts) is int and attempts >= 1):
+        raise ValueError(f"attempts must be a whole number, 1 or more, not {attempts!r}")
     if lock_timeout is not None and not (
-        isinstance(lock_timeout, int | float) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT
+        _seconds(lock_timeout) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT  # type: ignore[operator]
     ):
         raise ValueError(
             f"lock_timeout must be seconds above 0, at most {MAX_LOCK_TIMEOUT:g} (a day),"
@@ -585,7 +605,7 @@ def _begin(
         if deferrable:
             statement += " DEFERRABLE"
     if lock_timeout is not None:
-        if not 0 < lock_timeout <= MAX_LOCK_TIMEOUT:  # NaN too
+        if not (_seconds(lock_timeout) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT):
             check_transaction_options(isolation, lock_timeout)
         ms = max(int(lock_timeout * 1000), 1)
         # A statement can wait twice: for a row's tuple lock (queued behind other waiters),

@@ -37,6 +37,7 @@ from pglayer._connection import (
     Connection,
     Isolation,
     Record,
+    check_timeout,
     check_transaction_options,
     outcome_unknown,
 )
@@ -592,6 +593,8 @@ class Database:
     ) -> T:
         # Every read and write in one coroutine: acquire, run, release; retries and the
         # replica fallback only on the `except` path.
+        if timeout is not None:
+            check_timeout(timeout)
         ctx = current()
         pool = target._pool
         if pool is None:
@@ -771,6 +774,7 @@ class Database:
         came in time).
         `attempts` overrides `retry_attempts` (the request's deadline bounds both).
         """
+        check_transaction_options(isolation, lock_timeout, attempts)
         tx = _Tx(readonly, isolation, lock_timeout, attempts)
         lane = bulkhead or ("read" if readonly else "write")
         return self._call(self, fn, retry, timeout, tx, lane)
@@ -951,6 +955,8 @@ class _Lease:
     )
 
     def __init__(self, db: Database, timeout: float | None, bulkhead: str, writer: bool) -> None:
+        if timeout is not None:
+            check_timeout(timeout)
         self._db = db
         self._timeout = timeout
         self._bulkhead = bulkhead

@@ -69,7 +69,7 @@ def transactional(
     3), then answers 503 `busy`. COMMIT happens before the response is sent. `lock_timeout`
     bounds each lock wait (503 `busy`); `bulkhead` names the class of work it counts in.
     """
-    check_transaction_options(isolation, lock_timeout)
+    check_transaction_options(isolation, lock_timeout, attempts)
 
     def decorate(handler: F) -> F:
         # Resolved here: FastAPI would evaluate string annotations in this module's globals.
