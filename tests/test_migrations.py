@@ -373,3 +373,30 @@ async def test_a_history_named_by_its_caller_is_taken_as_given(
     async with Database(settings_for(empty_db_url)) as db:
         await migrate(db, load_migrations(small), history="small")
         assert len(await migrate(db, load_migrations(large), history="large")) == 2
+
+
+async def test_a_history_named_as_another_but_for_its_case_is_refused(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path), history="many")
+        with pytest.raises(MigrationError, match="history 'many' holds these same files"):
+            await migrate(db, load_migrations(tmp_path), history="Many")
+
+
+@pytest.mark.parametrize("history", ["many ", " many", "\tmany"])
+async def test_a_history_name_with_spaces_around_it_is_refused(
+    db: Database, tmp_path: Path, history: str
+) -> None:
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (id int);")
+    with pytest.raises(MigrationError, match="spaces around it"):
+        await migrate(db, load_migrations(tmp_path), history=history)
+
+
+async def test_a_file_an_editor_saved_with_a_byte_order_mark_applies(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_a.sql").write_bytes(b"\xef\xbb\xbfCREATE TABLE bom (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_a.sql"]

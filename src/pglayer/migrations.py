@@ -77,9 +77,12 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
             continue
         match = _NAME.match(entry.name)
         if match is None or not entry.is_file():
-            raise MigrationError(f"migration file name must look like 0001_name.sql: {entry.name}")
+            raise MigrationError(
+                "migration file name must look like 0001_name.sql (four digits, then lowercase"
+                f" letters, digits and _): {entry.name}"
+            )
         try:
-            sql = entry.read_text(encoding="utf-8")
+            sql = entry.read_text(encoding="utf-8-sig")  # an editor's BOM is not SQL
         except UnicodeDecodeError as exc:
             raise MigrationError(
                 f"migration {entry.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x}"
@@ -157,6 +160,8 @@ async def _migrate(
 ) -> list[str]:
     """`migrate`, with the history's name said to be given (`named`) or taken by default
     (a directory's name, "default")."""
+    if not history or history != history.strip():
+        raise MigrationError(f"history name {history!r} is empty or has spaces around it")
     if not isinstance(migrations, list):
         raise TypeError(
             f"migrations must be a list of Migration, as load_migrations(Path(...)) returns,"
@@ -241,8 +246,8 @@ async def _apply(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
-    if not applied and migrations and not named:
-        await _refuse_applied_elsewhere(conn, migrations, history)
+    if not applied and migrations:
+        await _refuse_applied_elsewhere(conn, migrations, history, named)
     _check_order(migrations, applied, history)
     for m in migrations:
         if m.version not in applied:
@@ -405,12 +410,13 @@ def _refuse_transaction_control(m: Migration) -> None:
 
 
 async def _refuse_applied_elsewhere(
-    conn: Connection, migrations: list[Migration], history: str
+    conn: Connection, migrations: list[Migration], history: str, named: bool
 ) -> None:
     """Refuse a new history when another holds only files of this directory, unchanged: the
     same directory under another name (the CLI names a history after its directory,
     `migrate()` defaults to "default"), which would apply every file again. Another app's
-    history that merely shares a first file has files of its own."""
+    history that merely shares a first file has files of its own. A name given by the caller
+    is taken as given, unless it is that other name but for its case (a typo)."""
     ours = {(m.version, m.name, m.checksum) for m in migrations}
     others: dict[str, bool] = {}
     for row in await conn.fetch(
@@ -420,6 +426,8 @@ async def _refuse_applied_elsewhere(
         key = (row["version"], row["name"], row["checksum"])
         others[row["history"]] = others.get(row["history"], True) and key in ours
     same = sorted(name for name, within in others.items() if within)
+    if named:
+        same = [name for name in same if name.casefold() == history.casefold()]
     if same:
         raise MigrationError(
             f"history {history!r} has nothing applied on this database, but history"
