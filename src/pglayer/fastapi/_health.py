@@ -24,6 +24,8 @@ class Health(BaseModel):
 
 
 _SATURATED = "Every pooled connection is in use: this process cannot take more now."
+# Not answering, or refusing this process's connections (a connection limit reached).
+_DOWN = "The database did not answer, or refused a connection, within the deadline."
 
 
 def _saturated(db: Database) -> bool:
@@ -59,7 +61,7 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
             no_connection = isinstance(exc, PoolTimeoutError | PoolOverloadedError)
             saturated = no_connection and _saturated(db)
             pools[db.name] = "saturated" if saturated else "down"
-            detail = _SATURATED if saturated else "The database is not answering."
+            detail = _SATURATED if saturated else _DOWN
             raise Problem(503, "unavailable", detail, pools=pools) from None
         return Health(status="ok", pools=pools)
 
