@@ -385,6 +385,26 @@ def test_serve_refuses_a_factory_given_as_an_app_and_says_to_add_factory(
     assert "as an app factory does, not an ASGI app: add --factory" in result.stderr
 
 
+@pytest.mark.parametrize(("workers", "status"), [("1", 1), ("2", 3)])
+def test_serve_refuses_an_app_given_as_a_factory_and_says_to_drop_factory(
+    db_url: str, tmp_path: Path, workers: str, status: int
+) -> None:
+    (tmp_path / "plainapp.py").write_text("from fastapi import FastAPI\napp = FastAPI()\n")
+    args = "serve", "plainapp:app", "--factory", "--workers", workers, "--port", str(free_port())
+    result = run(*args, env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "not an app factory: drop --factory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_module_that_exits_as_it_is_imported(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    args = "serve", "exits:app", "--port", str(free_port())
+    result = run(*args, env=clean_env(DATABASE_URL=db_url), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "called sys.exit(0)" in result.stderr
+
+
 def test_serve_takes_an_asgi_app_of_any_shape_and_refuses_an_async_factory(
     db_url: str, tmp_path: Path
 ) -> None:

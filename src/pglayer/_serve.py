@@ -222,6 +222,10 @@ def check_app(app: str, *, factory: bool | None = False) -> None:
         raise ConfigurationError(
             f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from None
+    except SystemExit as exc:  # `sys.exit(0)` at import would end serve with success
+        raise ConfigurationError(
+            f"importing module {module_name!r} called sys.exit({exc.code!r})"
+        ) from None
     for part in attr.split("."):
         if not hasattr(found, part):
             raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}")
@@ -238,6 +242,10 @@ def _not_servable(target: str, found: object, factory: bool | None) -> str | Non
         return f"{target!r} is an async factory: make it a plain def that returns the app"
     if not callable(found):
         return f"{target!r} is not an ASGI app (it is {type(found).__name__})"
+    if factory is True and not _takes_no_arguments(found):
+        return (
+            f"{target!r} takes arguments, as an ASGI app does, not an app factory: drop --factory"
+        )
     if factory is False and _takes_no_arguments(found):
         # uvicorn would take it for an ASGI2 app and answer every request with a 500.
         return (
@@ -274,19 +282,28 @@ def load_app() -> Any:
 
     target = os.environ[_APP_ENV]
     _one_line_refusals()
+    factory = os.environ.get(_FACTORY_ENV) == "1"
+    loaded = _loaded(target, import_from_string, target)
+    if factory:
+        _refuse(target, _not_servable(target, loaded, True))
+        loaded = _loaded(target, loaded)
+    _refuse(target, _not_servable(target, loaded, None if factory else False))
+    return loaded
+
+
+def _loaded(target: str, load: Callable[..., Any], *args: Any) -> Any:
+    """`load(*args)` (an import, a factory's call); what it raises ends the worker."""
     try:
-        loaded = import_from_string(target)
-        factory = os.environ.get(_FACTORY_ENV) == "1"
-        if factory:
-            loaded = loaded()
+        return load(*args)
     except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)
         sys.exit(_STARTUP_FAILURE)
-    refusal = _not_servable(target, loaded, None if factory else False)
+
+
+def _refuse(target: str, refusal: str | None) -> None:
     if refusal is not None:
         log.error("cannot load %s: %s", target, refusal)
         sys.exit(_STARTUP_FAILURE)
-    return loaded
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
