@@ -219,7 +219,7 @@ class Connection:
         try:
             try:
                 result = await method(query, *args)
-            except asyncpg.InvalidSQLStatementNameError:
+            except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError):
                 if not self._statements_forgotten():
                     raise
                 result = await method(query, *args)  # it never ran: prepared again now
@@ -258,12 +258,17 @@ class Connection:
         return result
 
     def _statements_forgotten(self) -> bool:
-        """After 26000 (a prepared statement the server does not know): the session's were
-        dropped under the driver's cache (`DISCARD ALL`, `DEALLOCATE ALL`), which would fail
-        every statement it cached before on this connection. Forget them too; True if the
-        failed statement may simply run again (outside a transaction, which it aborted)."""
+        """After 26000 (a prepared statement the server does not know) or 42P05 (one it knows
+        already): the session's were dropped under the driver's cache (`DISCARD ALL`,
+        `DEALLOCATE ALL`), which would fail every statement it cached before on this
+        connection, or a pooler hands out server connections per transaction after all
+        (its mode changed, or `PGLAYER_POOLER` says otherwise). Forget them too, and behind
+        a pooler stop naming them; True if the failed statement may simply run again
+        (outside a transaction, which it aborted)."""
         raw: Any = self.raw
         raw._drop_local_statement_cache()  # private, as asyncpg's own codec changes call it
+        if self._pool.behind_pooler:
+            self._pool.statements_lost()
         return not raw.is_in_transaction()
 
     def _deadline_error(self, lost: bool, started: float, spent: float) -> DatabaseError:

@@ -249,6 +249,12 @@ _ADMIT_STEP = 0.01
 _ADMIT_MIN = 0.25
 
 
+def _stop_naming_statements(raw: Any) -> None:
+    # Private, as asyncpg reads it: with it off, new statements are unnamed. Those it cached
+    # stay (one may be running now): each fails once, and its connection forgets them.
+    raw._stmt_cache_enabled = False
+
+
 def _needs_reset(raw: Any) -> bool:
     # A transaction left open (on the server, or in asyncpg's bookkeeping: a task cancelled
     # inside `transaction()` leaves both), a query cancelled mid-flight (asyncpg's pool asks
@@ -303,6 +309,7 @@ class Pool:
         # When the server last answered on any connection (see `silent`).
         self.answered_at = time.monotonic()
         self._retired_at = -math.inf  # when `writes_refused` last retired every connection
+        self.statements_kept = True  # False once `statements_lost`
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.observer = observer
@@ -851,6 +858,21 @@ class Pool:
         deadline then finds it stopped or cut off, not slow."""
         return 0.0 < self.statement_timeout < spent and self.answered_at < since
 
+    def statements_lost(self) -> None:
+        """Prepared statements do not survive the pooler in front (see `Connection`): every
+        connection, and each made from now on, stops naming them (asyncpg's cache off)."""
+        if not self.statements_kept:
+            return
+        self.statements_kept = False
+        log.warning(
+            "pool %s: prepared statements are lost behind the pooler (a transaction pooler"
+            " now?): asyncpg's statement cache is off from now on; set"
+            " PGLAYER_POOLER=pgbouncer-transaction (or auto)",
+            self.name,
+        )
+        for slot in self._slots:
+            _stop_naming_statements(slot.raw)
+
     def writes_refused(self) -> None:
         """A write was refused as read-only (25006) on a connection lent for writes. A session
         keeps `default_transaction_read_only` from its start, so every connection open now is
@@ -900,6 +922,8 @@ class Pool:
             raw.terminate()
             raise DatabaseUnavailableError()
         slot = Slot(raw, answered=not self.behind_pooler)
+        if not self.statements_kept:
+            _stop_naming_statements(raw)
         if slot.answered:
             self._connect_failures = 0
             self.answered_at = time.monotonic()
