@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -24,7 +26,8 @@ from pglayer import (
     QueryTimeoutError,
     TransactionEndedError,
 )
-from tests.conftest import backends, free_port, settings_for, wait_for
+from tests.conftest import Server, backends, free_port, settings_for, wait_for
+from tests.test_pool_faults import two_connections_allowed
 
 
 class Row(BaseModel):
@@ -304,6 +307,39 @@ async def test_open_warns_about_a_pool_budget_beyond_max_connections(
     async with Database(settings_for(db_url, workers=2)):
         pass
     assert not any("connection budget" in r.getMessage() for r in caplog.records)
+
+
+async def test_open_refuses_a_pool_budget_beyond_the_roles_connection_limit(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    async with two_connections_allowed(server, admin, db_name) as url:
+        settings = settings_for(url, workers=2, max_size=2, on_budget_exceeded="refuse")
+        with pytest.raises(ConfigurationError, match="the role's CONNECTION LIMIT 2"):
+            async with Database(settings):
+                pass
+
+
+async def test_open_refuses_a_pool_budget_beyond_the_databases_connection_limit(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    role = f"r_{uuid.uuid4().hex[:12]}"  # not a superuser, whom PostgreSQL does not limit
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    await admin.execute(f'ALTER DATABASE "{db_name}" CONNECTION LIMIT 3')
+    try:
+        parts = urlsplit(server.admin_url)
+        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+        settings = settings_for(
+            url, workers=2, max_size=2, connection_reserve=0, on_budget_exceeded="refuse"
+        )
+        with pytest.raises(ConfigurationError, match="the database's CONNECTION LIMIT 3"):
+            async with Database(settings):
+                pass
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db_name}" CONNECTION LIMIT -1')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await admin.execute(f"DROP ROLE {role}")
 
 
 async def test_a_transaction_cancelled_mid_query_leaves_its_connection_fit_for_the_next(

@@ -1,4 +1,5 @@
-"""The connection budget: do `workers * max_size` (+ a reserve) fit in the server's limit?"""
+"""The connection budget: do `workers * max_size` (+ a reserve) fit in the server's limit,
+and in the role's and the database's `CONNECTION LIMIT`?"""
 
 from __future__ import annotations
 
@@ -16,8 +17,36 @@ SELECT current_setting('max_connections')::int AS max_connections,
          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int AS in_use,
        (SELECT count(*) FROM pg_stat_activity
          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-           AND application_name = $1 AND datname = current_database())::int AS ours
+           AND application_name = $1 AND datname = current_database())::int AS ours,
+       r.rolsuper AS superuser,
+       r.rolconnlimit AS role_limit,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+           AND usesysid = r.oid)::int AS role_in_use,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND usesysid = r.oid
+           AND application_name = $1 AND datname = current_database())::int AS role_ours,
+       d.datconnlimit AS database_limit,
+       (SELECT count(*) FROM pg_stat_activity
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+           AND datname = current_database())::int AS database_in_use
+  FROM pg_roles r, pg_database d
+ WHERE r.rolname = current_user AND d.datname = current_database()
 """
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """A `CONNECTION LIMIT` (of the role, or the database) and the connections under it."""
+
+    name: str
+    limit: int
+    in_use: int
+    ours: int
+
+    @property
+    def available(self) -> int:
+        return self.limit - (self.in_use - self.ours)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +58,8 @@ class ConnectionBudget:
     superuser_reserved: int
     in_use: int  # client connections now, all applications (the asking one left out)
     ours: int  # of those, the ones with this application_name, in this database
+    # The role's and the database's CONNECTION LIMIT, where one applies (superusers: none).
+    limits: tuple[_Limit, ...] = ()
 
     @property
     def used_by_others(self) -> int:
@@ -39,8 +70,12 @@ class ConnectionBudget:
         return self.workers * self.max_size + self.reserve
 
     @property
-    def available(self) -> int:
+    def server_available(self) -> int:
         return self.max_connections - self.superuser_reserved - self.used_by_others
+
+    @property
+    def available(self) -> int:
+        return min([self.server_available, *(limit.available for limit in self.limits)])
 
     @property
     def fits(self) -> bool:
@@ -55,12 +90,19 @@ class ConnectionBudget:
         )
 
     def describe(self) -> str:
-        return (
+        said = (
             f"{self.workers} worker(s) x max_size {self.max_size} + reserve {self.reserve} = "
             f"{self.needed}; the server allows {self.max_connections} - "
             f"{self.superuser_reserved} reserved - {self.used_by_others} used by others = "
-            f"{self.available}"
+            f"{self.server_available}"
         )
+        for limit in self.limits:
+            if limit.available < self.server_available:
+                said += (
+                    f"; the {limit.name}'s CONNECTION LIMIT {limit.limit} -"
+                    f" {limit.in_use - limit.ours} used by others = {limit.available}"
+                )
+        return said
 
 
 async def read_budget(
@@ -68,6 +110,14 @@ async def read_budget(
 ) -> ConnectionBudget:
     """Read the server's limits over `conn` (an asyncpg or pglayer connection)."""
     row = await conn.fetchrow(_QUERY, application_name)
+    limits = []
+    if not row["superuser"]:  # PostgreSQL holds superusers to neither limit
+        if row["role_limit"] >= 0:
+            limits.append(_Limit("role", row["role_limit"], row["role_in_use"], row["role_ours"]))
+        if row["database_limit"] >= 0:
+            limits.append(
+                _Limit("database", row["database_limit"], row["database_in_use"], row["ours"])
+            )
     return ConnectionBudget(
         workers=workers,
         max_size=max_size,
@@ -76,4 +126,5 @@ async def read_budget(
         superuser_reserved=row["reserved"],
         in_use=row["in_use"],
         ours=row["ours"],
+        limits=tuple(limits),
     )
