@@ -62,6 +62,7 @@ def test_doctor_detects_pgbouncer_and_its_pool_mode(
         code, out = doctor(bouncer.url(db_name), PGLAYER_STATEMENT_CACHE_SIZE="0")
     assert code == 0, out
     assert f"in {mode} mode" in out
+    assert ("must hold 10 (workers x max_size)" in out) is (mode == "session")
 
 
 def test_doctor_detects_pgbouncer_on_the_servers_own_port(

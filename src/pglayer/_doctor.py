@@ -181,6 +181,14 @@ async def diagnose(
     described = f"{budget.describe()}; workers: {source}"
     if behind:
         result.add("connection budget", "ok", f"{described} (the pooler's own limits apply)")
+        if result.facts["pooler"] == "session":
+            result.add(
+                "pooler pool size",
+                "ok",
+                "session mode pins one server connection per client connection: the pooler's"
+                f" pool for this database and user must hold {budget.workers * budget.max_size}"
+                " (workers x max_size), or clients wait in its queue",
+            )
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", described)
     await _check_replicas(settings, result, position)
