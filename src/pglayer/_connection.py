@@ -220,7 +220,9 @@ class Connection:
             try:
                 result = await method(query, *args)
             except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError):
-                if not self._statements_forgotten():
+                # An iterator of rows (executemany) may have been read from: not sent again.
+                iterated = any(isinstance(a, Iterator | AsyncIterator) for a in args)
+                if not self._statements_forgotten() or iterated:
                     raise
                 result = await method(query, *args)  # it never ran: prepared again now
         except asyncio.CancelledError:

@@ -468,6 +468,7 @@ class Database:
                 self._observer.connection_failed()
                 raise self._startup_error(exc) from exc
             if self.pooler.mode == "statement":
+                self.pooler = None  # probed again by the next open()
                 raise ConfigurationError(
                     f"database {self.target}: behind a pooler in statement mode, where"
                     " transactions cannot work; set its pool_mode to transaction or session"

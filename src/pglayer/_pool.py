@@ -244,9 +244,11 @@ _PACE_MAX = 1.0
 # admitted waiters timed out (`storm`, one worker), each after costing what a served request
 # costs, where a refusal at the door costs a fifth of it. With a floor of a half it sat at
 # the floor with 6% still missing; at a quarter, ~3%.
-_RETIRE_EVERY = 1.0  # seconds between two replacements of every connection (read-only)
 _ADMIT_STEP = 0.01
 _ADMIT_MIN = 0.25
+
+
+_RETIRE_EVERY = 1.0  # seconds between two replacements of every connection (read-only)
 
 
 def _stop_naming_statements(raw: Any) -> None:
