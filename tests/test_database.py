@@ -21,6 +21,7 @@ from pglayer import (
     Database,
     DatabaseError,
     DatabaseUnavailableError,
+    InvalidInputError,
     PoolOverloadedError,
     PoolTimeoutError,
     QueryTimeoutError,
@@ -319,6 +320,16 @@ async def test_open_refuses_a_pool_budget_beyond_the_roles_connection_limit(
                 pass
 
 
+async def test_the_reserve_is_not_charged_to_a_roles_connection_limit(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # The reserve keeps server slots free for an admin, who need not be this role.
+    async with two_connections_allowed(server, admin, db_name) as url:
+        settings = settings_for(url, workers=2, max_size=1, on_budget_exceeded="refuse")
+        async with Database(settings) as db:
+            assert db.is_open
+
+
 async def test_open_refuses_a_pool_budget_beyond_the_databases_connection_limit(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:
@@ -488,6 +499,19 @@ async def test_a_transaction_a_lent_connection_began_and_left_open_is_an_error(
     with pytest.raises(TransactionEndedError, match="left it open"):
         async with db.connection() as conn:
             await _begin_and_insert(conn)
+    assert await _ghosts(db) == 0
+
+
+async def test_a_transaction_left_open_after_a_caught_driver_error_is_still_an_error(
+    db: Database,
+) -> None:
+    async def begin_insert_and_swallow(conn: Connection) -> None:
+        await _begin_and_insert(conn)
+        with contextlib.suppress(InvalidInputError):  # refused by the driver, not the server
+            await conn.fetchval("SELECT $1::int", "not an int")
+
+    with pytest.raises(TransactionEndedError, match="left it open"):
+        await db.run(begin_insert_and_swallow)
     assert await _ghosts(db) == 0
 
 

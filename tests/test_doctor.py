@@ -35,6 +35,12 @@ def test_doctor_reports_a_healthy_direct_connection(db_url: str) -> None:
     assert "statement_cache_size=1024" in out
 
 
+def test_doctor_takes_the_reserve_from_the_settings(db_url: str) -> None:
+    code, out = doctor(db_url, PGLAYER_CONNECTION_RESERVE="0")
+    assert code == 0, out
+    assert "+ reserve 0 =" in out
+
+
 def test_doctor_explains_an_unreachable_server_and_fails() -> None:
     code, out = doctor(f"postgresql://u:topsecret@127.0.0.1:{free_port()}/x")
     assert code == 1

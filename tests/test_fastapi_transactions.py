@@ -14,7 +14,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 from starlette.types import Message, Receive, Scope, Send
 
-from pglayer import Database
+from pglayer import Database, deadline, gather
 from pglayer._context import FRONT_DOOR_KEY
 from pglayer._http import PROTOCOL
 from pglayer.fastapi import (
@@ -395,7 +395,7 @@ async def test_run_in_transaction_refuses_options_no_transaction_can_take(
         await tx_db.run_in_transaction(lambda c: c.execute("SELECT 1"), **options)
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0, "1"])
+@pytest.mark.parametrize("timeout", [float("nan"), 0, -1.0, "1", 10**400])
 async def test_a_deadline_that_never_fires_or_has_passed_is_a_value_error(
     tx_db: Database, timeout: Any
 ) -> None:
@@ -407,6 +407,15 @@ async def test_a_deadline_that_never_fires_or_has_passed_is_a_value_error(
         async with tx_db.connection(timeout=timeout):
             pass
     assert tx_db.stats().in_use == 0
+
+
+async def test_a_deadline_or_a_concurrency_bound_that_bounds_nothing_is_a_value_error(
+    tx_db: Database,
+) -> None:
+    with pytest.raises(ValueError, match="a deadline is seconds"), deadline(float("nan")):
+        pass
+    with pytest.raises(ValueError, match="max_connections must be a whole number"):
+        await gather(tx_db, lambda c: c.fetchval("SELECT 1"), max_connections=float("nan"))  # type: ignore[call-overload]
 
 
 async def test_a_lock_bound_given_as_text_is_a_value_error_in_a_transaction_block(

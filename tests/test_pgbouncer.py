@@ -301,6 +301,23 @@ async def test_a_pooler_told_wrong_loses_prepared_statements_once_and_the_cache_
     assert len(lost) == 1, [r.getMessage() for r in caplog.records]
 
 
+async def test_an_apps_own_missing_or_repeated_prepared_statement_keeps_the_cache(
+    server: Server, db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    caplog.set_level(logging.WARNING, logger="pglayer")
+    with PgBouncer(server.admin_url, pool_mode="session", pool_size=10) as bouncer:
+        async with (
+            Database(settings_for(bouncer.url(db_name), max_size=1)) as db,
+            db.connection() as conn,
+        ):
+            await conn.execute("PREPARE twice AS SELECT 1")  # the app's own name
+            for statement in ("EXECUTE nosuch", "PREPARE twice AS SELECT 1"):
+                with pytest.raises(PglayerError):
+                    await conn.execute(statement)
+    assert not [r for r in caplog.records if "prepared statements are lost" in r.getMessage()]
+
+
 async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_timeouts(
     tx_bouncer: PgBouncer, db_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

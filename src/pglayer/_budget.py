@@ -67,19 +67,23 @@ class ConnectionBudget:
 
     @property
     def needed(self) -> int:
-        return self.workers * self.max_size + self.reserve
+        return self.pools + self.reserve
 
     @property
     def server_available(self) -> int:
         return self.max_connections - self.superuser_reserved - self.used_by_others
 
     @property
-    def available(self) -> int:
-        return min([self.server_available, *(limit.available for limit in self.limits)])
+    def pools(self) -> int:
+        """The connections the pools may hold: a role's or a database's limit is theirs
+        alone (the reserve is the server's, for an admin of another role too)."""
+        return self.workers * self.max_size
 
     @property
     def fits(self) -> bool:
-        return self.needed <= self.available
+        return self.needed <= self.server_available and all(
+            self.pools <= limit.available for limit in self.limits
+        )
 
     def exceeded(self, target: str, sizes: str, source: str) -> str:
         """What a pool opening past this budget says: `sizes` the pools counted, `source`
@@ -97,10 +101,11 @@ class ConnectionBudget:
             f"{self.server_available}"
         )
         for limit in self.limits:
-            if limit.available < self.server_available:
+            if self.pools > limit.available:
                 said += (
                     f"; the {limit.name}'s CONNECTION LIMIT {limit.limit} -"
-                    f" {limit.in_use - limit.ours} used by others = {limit.available}"
+                    f" {limit.in_use - limit.ours} used by others = {limit.available},"
+                    f" for {self.pools}"
                 )
         return said
 

@@ -177,8 +177,13 @@ def doctor(
         typer.Option(min=1, help="Worker processes planned (default: PGLAYER_WORKERS, else 1)"),
     ] = None,
     reserve: Annotated[
-        int, typer.Option(min=0, help="Connections to keep free for admins, migrations, cron")
-    ] = 5,
+        int | None,
+        typer.Option(
+            min=0,
+            help="Connections to keep free for admins, migrations, cron"
+            " (default: PGLAYER_CONNECTION_RESERVE, else 5)",
+        ),
+    ] = None,
     settings_only: Annotated[
         bool, typer.Option("--settings", help="Print every setting and its value, and stop")
     ] = False,
@@ -195,6 +200,8 @@ def doctor(
         return
     if settings.url is None:
         raise fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")
+    if reserve is None:
+        reserve = settings.connection_reserve
     diagnosis = asyncio.run(diagnose(settings, workers=workers, reserve=reserve))
     print_diagnosis(diagnosis, settings)
     if diagnosis.failed:

@@ -103,8 +103,10 @@ async def gather(db: Database, *queries: Query, max_connections: int = 3) -> tup
     the pool. If any fails, the others are cancelled — their queries are cancelled on the
     server and their connections released — and that first error is raised as it is.
     """
-    if max_connections < 1:
-        raise ValueError("max_connections must be at least 1")
+    if type(max_connections) is not int or max_connections < 1:  # NaN bounded nothing
+        raise ValueError(
+            f"max_connections must be a whole number, 1 or more, not {max_connections!r}"
+        )
     slots = asyncio.Semaphore(max_connections)
 
     async def one(query: Query) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import weakref
 from collections.abc import (
@@ -219,10 +218,14 @@ class Connection:
         try:
             try:
                 result = await method(query, *args)
-            except (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError):
-                # An iterator of rows (executemany) may have been read from: not sent again.
+            except (
+                asyncpg.InvalidSQLStatementNameError,
+                asyncpg.DuplicatePreparedStatementError,
+            ) as exc:
+                # Only the driver's own statements (the app's EXECUTE or PREPARE are its own
+                # business); an iterator of rows (executemany) may have been read: not resent.
                 iterated = any(isinstance(a, Iterator | AsyncIterator) for a in args)
-                if not self._statements_forgotten() or iterated:
+                if '"__asyncpg_' not in str(exc) or not self._statements_forgotten() or iterated:
                     raise
                 result = await method(query, *args)  # it never ran: prepared again now
         except asyncio.CancelledError:
@@ -429,8 +432,9 @@ class Connection:
         its own (`BEGIN`) and left it open: the pool rolls it back, so nothing it did since
         was applied, and no success may be reported."""
         error = TransactionEndedError(
-            "the block began a transaction (BEGIN) and left it open: it was rolled back"
-            " (for a transaction, use db.transaction, db.run_in_transaction or WriteTransaction)"
+            "the block began a transaction (BEGIN) and left it open: what it did since its"
+            " last BEGIN was rolled back (for a transaction, use db.transaction,"
+            " db.run_in_transaction or WriteTransaction)"
         )
         self._pool.observer.error(error)
         return error
@@ -556,6 +560,7 @@ def _while_preparing(error: BaseException | None) -> bool:
 
 # PostgreSQL takes lock_timeout in int milliseconds; past a day a bound bounds nothing.
 MAX_LOCK_TIMEOUT = 86400.0
+MAX_TIMEOUT = 1e9  # seconds (31 years): past it a deadline overflows the clock's float
 
 
 def _seconds(value: object) -> bool:
@@ -566,8 +571,10 @@ def _seconds(value: object) -> bool:
 
 def check_timeout(timeout: float | None) -> None:
     """Raise `ValueError` for a deadline that would never fire (NaN) or is already past."""
-    if timeout is not None and not (_seconds(timeout) and 0 < timeout < math.inf):
-        raise ValueError(f"timeout must be seconds above 0, not {timeout!r}")
+    if timeout is not None and not (_seconds(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(
+            f"timeout must be seconds above 0, at most {MAX_TIMEOUT:g}, not {timeout!r}"
+        )
 
 
 def check_transaction_options(

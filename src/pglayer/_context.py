@@ -219,6 +219,8 @@ def bounded(seconds: float | None) -> Iterator[None]:
     if seconds is None:
         yield
         return
+    if not 0 <= seconds <= 1e9:  # NaN too, which `min` would have taken for the deadline
+        raise ValueError(f"a deadline is seconds from 0 up, not {seconds!r}")
     at = time.monotonic() + seconds
     outer = _current.get()
     if outer is not None and outer.deadline is not None:

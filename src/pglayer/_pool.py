@@ -755,11 +755,12 @@ class Pool:
         samples = lane.samples
         lane.hold += (held - lane.hold) * (1 / samples if samples < _MEAN_OF else _HOLD_WEIGHT)
         self.observer.released(held)
+        ended_well = not suspect  # its holder's work was not cut short
         if slot.query_deadline or slot.unsure:
             # A statement still running on it (its holder left without waiting for it), or
             # the driver's state unknown: checked before it is lent again (see `_reset`).
             suspect, slot.unsure = True, False
-        return self._give_back(slot, suspect)
+        return self._give_back(slot, suspect, ended_well)
 
     def _return_unused(self, slot: Slot) -> None:
         lane = slot.lane
@@ -768,7 +769,7 @@ class Pool:
         self._in_use -= 1
         self._give_back(slot)
 
-    def _give_back(self, slot: Slot, suspect: bool = False) -> bool:
+    def _give_back(self, slot: Slot, suspect: bool = False, ended_well: bool = False) -> bool:
         slot.query_task = None
         slot.lane = None
         raw: Any = slot.raw  # private state, as asyncpg's own pool reads it
@@ -779,7 +780,7 @@ class Pool:
             self._spawn(self._close_slot(slot))
         elif suspect or _needs_reset(raw):
             # Asked only here: on the way back to the idle set it costs nothing.
-            left_open = not suspect and raw.is_in_transaction() and raw._top_xact is None
+            left_open = ended_well and raw.is_in_transaction() and raw._top_xact is None
             self._spawn(self._reset(slot))
         else:
             if not slot.answered:
