@@ -647,10 +647,13 @@ async def test_a_commit_of_unknown_outcome_sends_the_client_to_the_primary(
 @pytest.mark.parametrize(
     ("pgbouncer_says", "said"),
     [
-        ('role "ghost" does not exist', "the role of app@db:5432/x does not exist"),
+        (
+            'role "ghost" does not exist',
+            'a role does not exist (for the pooler at app@db:5432/x or behind it): role "ghost"',
+        ),
         ('database "shop" does not exist', "the database of app@db:5432/x does not exist"),
         ("no such database: shop", "the database of app@db:5432/x does not exist"),
-        ("unsupported startup parameter: statement_timeout", "set PGLAYER_POOLER"),
+        ("unsupported startup parameter: options", "(unsupported startup parameter: options)"),
     ],
 )
 def test_a_poolers_refusal_in_words_is_explained(pgbouncer_says: str, said: str) -> None:

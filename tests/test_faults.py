@@ -435,16 +435,43 @@ def stopped(pids: list[int]) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-async def test_a_deadline_past_statement_timeout_on_a_silent_server_is_not_answering(
+async def test_deadlines_past_statement_timeout_on_a_silent_server_are_not_answering(
     running: EmbeddedPostgres,
 ) -> None:
-    settings = settings_for(running.admin_url("postgres"), query_timeout=1.0, statement_timeout=0.5)
+    # Two statements in flight when the server stops, sent before its last answer.
+    settings = settings_for(
+        running.admin_url("postgres"), min_size=3, query_timeout=1.0, statement_timeout=0.5
+    )
+
+    def sleep(seconds: float) -> Any:
+        return db.run(lambda c: c.fetchval("SELECT pg_sleep($1)", seconds), retry=False)
+
     async with Database(settings) as db:
-        await db.run(lambda c: c.fetchval("SELECT 1"))
+        await asyncio.gather(*(sleep(0) for _ in range(3)))  # three connections open
         postmaster = int((running.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         pids = [postmaster, *[int(b["pid"]) for b in await backends_of(running)]]
-        with stopped(pids), pytest.raises(DatabaseNotAnsweringError):
-            await db.run(lambda c: c.fetchval("SELECT 1"))
+        in_flight = [asyncio.create_task(sleep(0.4)) for _ in range(2)]
+        await sleep(0.1)  # the last answer
+        with stopped(pids):
+            errors = await asyncio.gather(*in_flight, return_exceptions=True)
+    assert all(isinstance(e, DatabaseNotAnsweringError) for e in errors), errors
+
+
+async def test_a_statement_alone_past_a_bound_it_lifted_itself_is_a_timeout(
+    running: EmbeddedPostgres,
+) -> None:
+    # Nothing else answered while it ran, but nothing else waited either: a long report
+    # whose transaction lifted statement_timeout, not a silent server.
+    settings = settings_for(running.admin_url("postgres"), query_timeout=1.0, statement_timeout=0.5)
+
+    async def report(conn: Connection) -> None:
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute("SELECT pg_sleep(3)")
+
+    async with Database(settings) as db:
+        with pytest.raises(QueryTimeoutError) as raised:
+            await db.run_in_transaction(report, retry=False)
+    assert type(raised.value) is QueryTimeoutError
 
 
 async def test_a_deadline_past_statement_timeout_while_the_server_answers_is_a_timeout(

@@ -318,6 +318,21 @@ async def test_an_apps_own_missing_or_repeated_prepared_statement_keeps_the_cach
     assert not [r for r in caplog.records if "prepared statements are lost" in r.getMessage()]
 
 
+async def test_opening_behind_a_session_pooler_warns_of_the_servers_own_timeouts(
+    server: Server, db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pglayer sends only application_name through any pooler: the server's own apply.
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    caplog.set_level(logging.WARNING, logger="pglayer")
+    with PgBouncer(server.admin_url, pool_mode="session", pool_size=10) as bouncer:
+        async with Database(settings_for(bouncer.url(db_name))) as db:
+            assert db._pool is not None
+            assert db._pool.statement_timeout == 0  # the server's, not the configured 10 s
+    warned = [r.getMessage() for r in caplog.records if "server's own settings" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert "statement_timeout 0ms (configured 10s)" in warned[0]
+
+
 async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_timeouts(
     tx_bouncer: PgBouncer, db_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

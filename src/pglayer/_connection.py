@@ -234,7 +234,7 @@ class Connection:
             if not self._timed_out(slot):
                 raise
             spent = time.monotonic() - started
-            error = self._deadline_error(lost, started, spent)
+            error = self._deadline_error(lost, spent)
             self._finished(query, spent, error)
             raise error from TimeoutError("the statement passed its deadline")
         except Exception as exc:
@@ -276,11 +276,11 @@ class Connection:
             self._pool.statements_lost()
         return not raw.is_in_transaction()
 
-    def _deadline_error(self, lost: bool, started: float, spent: float) -> DatabaseError:
+    def _deadline_error(self, lost: bool, spent: float) -> DatabaseError:
         """What a statement cancelled at its deadline failed with."""
         if lost:
             return ConnectionLostError(sqlstate="08006")
-        if self._pool.silent(started, spent):
+        if self._pool.silent(spent):
             return DatabaseNotAnsweringError()
         return QueryTimeoutError()
 

@@ -341,9 +341,9 @@ class Database:
             await self.replicas.open()
 
     async def _check_pooled_timeouts(self) -> None:
-        """Warn when a transaction pooler's server applies other timeouts than configured
-        (it drops what pglayer sends at connect; `pglayer doctor` prints the fix)."""
-        if self.pooler is None or self.pooler.mode not in ("transaction", "statement"):
+        """Warn when a pooler's server applies other timeouts than configured (pglayer sends
+        only `application_name` at connect through one; `pglayer doctor` prints the fix)."""
+        if self.pooler is None or self.pooler.mode == "none":
             return
         assert self._pool is not None
         try:

@@ -143,8 +143,9 @@ async def diagnose(
             f"{row['server_port']}, backend {row['backend_pid']} of login {login_pid}),"
             f" in {mode} mode" + (": transactions cannot work" if mode == "statement" else ""),
         )
-        if mode == "transaction":
+        if mode in ("transaction", "session"):  # either drops what is sent at connect
             _check_role_timeouts(settings, row, timeouts, result)
+        if mode == "transaction":
             safe = await prepared_statements_safe(dsn, settings)
             result.facts["prepared_statements"] = safe
             if safe:
@@ -226,7 +227,7 @@ def _check_role_timeouts(
     server_ms: dict[str, int],
     result: Diagnosis,
 ) -> None:
-    """Behind a transaction pooler no timeout is sent at connect: the server's own apply."""
+    """Behind a pooler no timeout is sent at connect: the server's own apply."""
     result.facts["server_timeouts_ms"] = server_ms
     off = settings_off(settings, server_ms)
     if not off:

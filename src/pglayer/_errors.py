@@ -403,16 +403,17 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     # PgBouncer says what PostgreSQL says with 28P01 or 3D000 with 08P01, in words.
     if isinstance(exc, asyncpg.ProtocolViolationError) and "authentication failed" in str(exc):
         return f"{target} rejected the user or password (the pooler's check)"
-    if isinstance(exc, asyncpg.ProtocolViolationError) and 'role "' in str(exc):
-        return f"the role of {target} does not exist (for the pooler or behind it)"
+    said = str(exc)[:200]  # the pooler's words: they name the role or database it means
+    if isinstance(exc, asyncpg.ProtocolViolationError) and 'role "' in said:
+        return f"a role does not exist (for the pooler at {target} or behind it): {said}"
     if isinstance(exc, asyncpg.ProtocolViolationError) and (
-        "no such database" in str(exc) or "does not exist" in str(exc)
+        "no such database" in said or "does not exist" in said
     ):
-        return f"the database of {target} does not exist (for the pooler or behind it)"
-    if isinstance(exc, asyncpg.ProtocolViolationError) and "startup parameter" in str(exc):
+        return f"the database of {target} does not exist (for the pooler or behind it): {said}"
+    if isinstance(exc, asyncpg.ProtocolViolationError) and "startup parameter" in said:
         return (
-            f"{target} refused a startup parameter: a pooler is in between that pglayer did"
-            " not detect; set PGLAYER_POOLER"
+            f"the pooler at {target} refused a startup parameter ({said}): it forwards only a"
+            " few (application_name); take the others out of the URL and set them on the role"
         )
     if isinstance(exc, asyncpg.PostgresError):
         return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"

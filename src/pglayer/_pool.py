@@ -310,6 +310,7 @@ class Pool:
         self.statement_timeout = statement_timeout  # the server's own bound (0: none)
         # When the server last answered on any connection (see `silent`).
         self.answered_at = time.monotonic()
+        self._silent_at = 0.0  # when `silent` last found the server silent
         self._retired_at = -math.inf  # when `writes_refused` last retired every connection
         self.statements_kept = True  # False once `statements_lost`
         self.max_idle = max_idle
@@ -855,11 +856,22 @@ class Pool:
         self._connect_failures = 0
         self._unreachable = False
 
-    def silent(self, since: float, spent: float) -> bool:
-        """Whether the server answered nothing on any connection since `since`, though its
-        own `statement_timeout` would have ended a statement that ran `spent` seconds: a
-        deadline then finds it stopped or cut off, not slow."""
-        return 0.0 < self.statement_timeout < spent and self.answered_at < since
+    def silent(self, spent: float) -> bool:
+        """Whether a statement that ran `spent` seconds to its deadline found the server
+        stopped or cut off, not slow: its own `statement_timeout` would have ended it, the
+        server has answered nothing on any connection for longer than that, and others wait
+        on it too (a statement alone may have lifted its bound with `SET LOCAL`), or did
+        since its last answer (the last of those that went silent together)."""
+        bound = self.statement_timeout
+        now = time.monotonic()
+        if not 0.0 < bound < spent or now - self.answered_at <= bound:
+            return False
+        if self._silent_at > self.answered_at:
+            return True
+        if self._in_use > 1 or self._waiting > 0 or self._connecting:
+            self._silent_at = now
+            return True
+        return False
 
     def statements_lost(self) -> None:
         """Prepared statements do not survive the pooler in front (see `Connection`): every
@@ -884,6 +896,13 @@ class Pool:
         now = time.monotonic()
         if now - self._retired_at < _RETIRE_EVERY:
             return
+        if self.behind_pooler and now - self._retired_at > 60:
+            log.warning(
+                "pool %s: the database refuses writes as read-only; a pooler in front keeps"
+                " its server connections (and their setting) after the server is writable"
+                " again: RECONNECT them on its console",
+                self.name,
+            )
         self._retired_at = now
         idle, self._idle = list(self._idle), deque()
         for slot in idle:
