@@ -52,6 +52,7 @@ from tests.conftest import (
     settings_for,
     wait_for,
 )
+from tests.test_replicas import frozen
 
 pytestmark = pytest.mark.slow
 
@@ -423,18 +424,6 @@ async def test_a_rollback_the_server_does_not_answer_ends_soon_after_the_deadlin
         assert time.monotonic() - started < 4
 
 
-@contextlib.contextmanager
-def stopped(pids: list[int]) -> Iterator[None]:
-    """`pids` (of the test's own cluster) stopped, answering nothing, until the block ends."""
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-
-
 async def test_deadlines_past_statement_timeout_on_a_silent_server_are_not_answering(
     running: EmbeddedPostgres,
 ) -> None:
@@ -448,11 +437,9 @@ async def test_deadlines_past_statement_timeout_on_a_silent_server_are_not_answe
 
     async with Database(settings) as db:
         await asyncio.gather(*(sleep(0) for _ in range(3)))  # three connections open
-        postmaster = int((running.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        pids = [postmaster, *[int(b["pid"]) for b in await backends_of(running)]]
         in_flight = [asyncio.create_task(sleep(0.4)) for _ in range(2)]
         await sleep(0.1)  # the last answer
-        with stopped(pids):
+        with frozen(running):
             errors = await asyncio.gather(*in_flight, return_exceptions=True)
     assert all(isinstance(e, DatabaseNotAnsweringError) for e in errors), errors
 
