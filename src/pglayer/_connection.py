@@ -17,7 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeGuard, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
@@ -563,7 +563,7 @@ MAX_LOCK_TIMEOUT = 86400.0
 MAX_TIMEOUT = 1e9  # seconds (31 years): past it a deadline overflows the clock's float
 
 
-def _seconds(value: object) -> bool:
+def _seconds(value: object) -> TypeGuard[float]:
     """Whether `value` is a number, not a bool or a string (a bound of it would fail in a
     request); NaN and infinity fail the range checks."""
     return type(value) in (int, float)
@@ -587,7 +587,7 @@ def check_transaction_options(
     if attempts is not None and not (type(attempts) is int and attempts >= 1):
         raise ValueError(f"attempts must be a whole number, 1 or more, not {attempts!r}")
     if lock_timeout is not None and not (
-        _seconds(lock_timeout) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT  # type: ignore[operator]
+        _seconds(lock_timeout) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT
     ):
         raise ValueError(
             f"lock_timeout must be seconds above 0, at most {MAX_LOCK_TIMEOUT:g} (a day),"
@@ -619,7 +619,8 @@ def _begin(
         if deferrable:
             statement += " DEFERRABLE"
     if lock_timeout is not None:
-        if not (_seconds(lock_timeout) and 0 < lock_timeout <= MAX_LOCK_TIMEOUT):
+        # Inline, not a call per transaction: `check_transaction_options` says what is wrong.
+        if type(lock_timeout) not in (int, float) or not 0 < lock_timeout <= MAX_LOCK_TIMEOUT:
             check_transaction_options(isolation, lock_timeout)
         ms = max(int(lock_timeout * 1000), 1)
         # A statement can wait twice: for a row's tuple lock (queued behind other waiters),

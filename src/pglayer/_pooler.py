@@ -73,12 +73,12 @@ def pooled(dsn: str, server_port: int | None, backend_pid: int, login_pid: int) 
     return server_port is not None and server_port not in dsn_ports(dsn)
 
 
-_WHERE = "SELECT inet_server_port() AS server_port, pg_backend_pid() AS backend_pid"
+_SERVER_SIDE = "SELECT inet_server_port() AS server_port, pg_backend_pid() AS backend_pid"
 
 
 async def connected_through_pooler(conn: Any, dsn: str) -> bool:
     """`pooled()` for an open connection to `dsn` (one round trip)."""
-    row = await conn.fetchrow(_WHERE)
+    row = await conn.fetchrow(_SERVER_SIDE)
     return pooled(dsn, row["server_port"], row["backend_pid"], conn.get_server_pid())
 
 

@@ -140,7 +140,8 @@ async def migrate(
     Each `history` (one per migration directory) is versioned apart, so two applications'
     `0001_...` files on one database never collide. Unnamed, it is "default", and a new one
     whose files are all applied under another history is refused (the same directory under
-    another name); named, it is taken as given. `timeout` (seconds) bounds the whole run,
+    another name); named, it is taken as given, unless it is that other name but for its
+    case (a typo). `timeout` (seconds) bounds the whole run,
     waiting for another process's run included; the files' statements are bound by it,
     not by `PGLAYER_QUERY_TIMEOUT` or `statement_timeout`, and each lock they wait for (on a
     table an app is using) by `PGLAYER_LOCK_TIMEOUT`.

@@ -31,6 +31,7 @@ from pglayer.fastapi._problems import MAX_ERRORS, OMITTED_ERRORS, Problem, clip,
 __all__ = ["MAX_DEPTH", "check_media_type", "json_body_handler", "parse_json"]
 
 MAX_DEPTH = 64
+_NESTED = f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels."
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -76,7 +77,7 @@ def _syntax_error(body: bytes, exc: orjson.JSONDecodeError) -> Problem:
     except UnicodeDecodeError as bad:
         return _invalid(f"The body is not valid UTF-8: {bad.reason} at byte {bad.start}.")
     if "depth" in exc.msg:
-        return _invalid(f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels.")
+        return _invalid(_NESTED)
     at = len(text[: exc.pos].encode("utf-8", "surrogatepass"))
     return _invalid(f"The body is not valid JSON: {exc.msg} at byte {at}.")
 
@@ -110,20 +111,10 @@ def parse_json(body: bytes) -> Any:
     except orjson.JSONDecodeError as exc:
         if not exc.msg.startswith(_BEYOND_DOUBLE):
             raise _syntax_error(body, exc) from None
-        # Valid JSON all the same (orjson stops there): its field's own check says why not.
-        value = _exact(body)
-        if type(value) in (dict, list) and _too_deep(value):
-            raise _invalid(
-                f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels."
-            ) from None
-        if not _encodable(value):
-            raise _invalid(
-                "The body is not valid JSON: it escapes a lone UTF-16 surrogate."
-            ) from None
-        return value
+        return _beyond_double(body)
     objects, arrays = body.count(b"{"), body.count(b"[")
     if objects + arrays > MAX_DEPTH and type(value) in (dict, list) and _too_deep(value):
-        raise _invalid(f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels.")
+        raise _invalid(_NESTED)
     if (
         objects == 1
         and not arrays
@@ -135,6 +126,18 @@ def parse_json(body: bytes) -> Any:
     return _exact(body)
 
 
+def _beyond_double(body: bytes) -> Any:
+    """A body orjson stops at for a number past a double's range, which is valid JSON all
+    the same (its field's own check says why not): the standard library's, checked for what
+    orjson would have refused after that number."""
+    value = _exact(body)
+    if type(value) in (dict, list) and _too_deep(value):
+        raise _invalid(_NESTED)
+    if not _encodable(value):
+        raise _invalid("The body is not valid JSON: it escapes a lone UTF-16 surrogate.")
+    return value
+
+
 def _exact(body: bytes) -> Any:
     """`body` parsed by the standard library: the exact integers, and no key twice."""
     try:
@@ -142,9 +145,7 @@ def _exact(body: bytes) -> Any:
     except UnicodeDecodeError as bad:
         raise _invalid(f"The body is not valid UTF-8: {bad.reason} at byte {bad.start}.") from None
     except RecursionError:
-        raise _invalid(
-            f"The body is not valid JSON: it is nested deeper than {MAX_DEPTH} levels."
-        ) from None
+        raise _invalid(_NESTED) from None
     except _DuplicateKeyError as exc:
         raise _invalid(
             f"The body is not valid JSON: the key {clip(exc.key)!r} appears twice in an"
