@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import ConfigurationError, Database, DatabaseSettings
+from pglayer import ConfigurationError, Database, DatabaseSettings, _logs
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._logs import Throttle
 
@@ -192,6 +194,18 @@ def asgi_client(application: FastAPI) -> httpx.AsyncClient:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(app) as c:
         yield c
+
+
+def logs_clock(monkeypatch: pytest.MonkeyPatch, start: float) -> list[float]:
+    """Hold the log throttles' clock at `now[0]`, returned to move it: `pglayer._logs`'s
+    alone, as the suite's shared event loop keeps reading the real one (turned back, it
+    left the loop's clock waiting for that moment to come again)."""
+    now = [start]
+    fake = types.ModuleType("time")
+    fake.__dict__.update(time.__dict__)
+    fake.monotonic = lambda: now[0]  # type: ignore[attr-defined]
+    monkeypatch.setattr(_logs, "time", fake)
+    return now
 
 
 def free_port() -> int:

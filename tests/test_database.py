@@ -26,6 +26,7 @@ from pglayer import (
     PoolTimeoutError,
     QueryTimeoutError,
     TransactionEndedError,
+    TransientError,
 )
 from tests.conftest import Server, backends, free_port, settings_for, wait_for
 from tests.test_pool_faults import two_connections_allowed
@@ -531,6 +532,45 @@ async def test_statements_cached_before_a_discard_still_run_on_that_connection(
     async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
         assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42  # cached
         await db.run(lambda c: c.execute(statement))
+        assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42
+
+
+async def test_a_transaction_whose_cached_statements_were_dropped_is_replayed(
+    db_url: str,
+) -> None:
+    # Inside a transaction the missing statement (26000) aborted it, so it cannot simply run
+    # again as in autocommit; the transaction can, with the cache dropped (as after a
+    # pooler's mode changed under the app), instead of a 500.
+    attempts = 0
+
+    async def work(conn: Connection) -> int:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await conn.execute("DEALLOCATE ALL")
+        value: int = await conn.fetchval("SELECT 41 + $1::int", 1)
+        return value
+
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42  # cached
+        assert await db.run_in_transaction(work) == 42
+    assert attempts == 2
+
+
+async def test_a_transaction_block_whose_cached_statements_were_dropped_says_retry(
+    db_url: str,
+) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42  # cached
+
+        async def block() -> None:
+            async with db.transaction() as conn:
+                await conn.execute("DEALLOCATE ALL")
+                await conn.fetchval("SELECT 41 + $1::int", 1)
+
+        with pytest.raises(TransientError) as caught:
+            await block()
+        assert caught.value.sqlstate == "26000"
         assert await db.run(lambda c: c.fetchval("SELECT 41 + $1::int", 1)) == 42
 
 

@@ -38,7 +38,7 @@ from pglayer import (
 from pglayer._errors import class_for_sqlstate, explain_connect_error, raise_translated, translate
 from pglayer.fastapi import Db, Problem, WriteTransaction, setup
 from pglayer.fastapi._problems import problem_for_database_error, problem_response
-from tests.conftest import Server, asgi_client, backends, settings_for, wait_for
+from tests.conftest import Server, asgi_client, backends, logs_clock, settings_for, wait_for
 
 LEAKS = ("asyncpg", "Traceback", "SELECT", "INSERT", "UPDATE", "postgres:", "Error:")
 
@@ -587,8 +587,7 @@ def test_a_problem_of_a_status_pglayer_does_not_name_takes_http_s_reason_phrase(
 async def test_an_outages_503s_are_logged_once_a_second_and_each_500_alone(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [1000.0]
-    monkeypatch.setattr("pglayer._logs.time.monotonic", lambda: now[0])
+    now = logs_clock(monkeypatch, 1000.0)
     app = FastAPI()
     setup(app, Database(settings_for("postgresql://u@127.0.0.1:1/x")))
 

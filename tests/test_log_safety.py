@@ -26,7 +26,7 @@ from pglayer._logs import (
     escape,
 )
 from pglayer.fastapi._middleware import _Exchange
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, logs_clock
 
 # Raw request targets and the path the server decodes from each.
 FORGED = "2026-11-25 00:00:00,000 ERROR pglayer.http [-] forged"
@@ -392,8 +392,7 @@ def test_an_access_lines_milliseconds_have_one_decimal_halves_up(ms: float, text
 def test_a_throttled_line_says_how_many_like_it_were_left_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    now = [100.0]
-    monkeypatch.setattr("pglayer._logs.time.monotonic", lambda: now[0])
+    now = logs_clock(monkeypatch, 100.0)
     throttle = _logs.Throttle(every=1.0)
     said = [throttle.allow("retry") for _ in range(5)]
     now[0] += 1.5

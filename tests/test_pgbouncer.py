@@ -301,6 +301,26 @@ async def test_a_pooler_told_wrong_loses_prepared_statements_once_and_the_cache_
     assert len(lost) == 1, [r.getMessage() for r in caplog.records]
 
 
+async def test_transactions_that_lose_prepared_statements_to_the_pooler_are_replayed(
+    tx_bouncer: PgBouncer, db_name: str
+) -> None:
+    # Inside a transaction the lost statement aborted it: a 500 for each one in flight when
+    # the cache went off, unless the transaction is replayed.
+    settings = settings_for(tx_bouncer.url(db_name), pooler="pgbouncer-session", max_size=8)
+    failures: list[BaseException] = []
+    async with Database(settings) as db:
+
+        async def transaction(i: int) -> Any:
+            return await db.run_in_transaction(lambda c: c.fetchval("SELECT $1::int", i))
+
+        for _ in range(5):
+            results = await asyncio.gather(
+                *(transaction(i) for i in range(200)), return_exceptions=True
+            )
+            failures += [r for r in results if isinstance(r, BaseException)]
+    assert failures == []
+
+
 async def test_an_apps_own_missing_or_repeated_prepared_statement_keeps_the_cache(
     server: Server, db_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,6 +35,7 @@ from pglayer._errors import (
     PglayerError,
     ProgrammingError,
     QueryTimeoutError,
+    StatementsLostError,
     TransactionAbortedError,
     TransactionEndedError,
     raise_translated,
@@ -224,8 +225,11 @@ class Connection:
             ) as exc:
                 # Only the driver's own statements (the app's EXECUTE or PREPARE are its own
                 # business); an iterator of rows (executemany) may have been read: not resent.
-                iterated = any(isinstance(a, Iterator | AsyncIterator) for a in args)
-                if '"__asyncpg_' not in str(exc) or not self._statements_forgotten() or iterated:
+                if '"__asyncpg_' not in str(exc):
+                    raise
+                if not self._statements_forgotten():
+                    raise StatementsLostError(sqlstate=exc.sqlstate) from exc
+                if any(isinstance(a, Iterator | AsyncIterator) for a in args):
                     raise
                 result = await method(query, *args)  # it never ran: prepared again now
         except asyncio.CancelledError:

@@ -12,6 +12,8 @@
         │   ├── PoolTimeoutError           no connection within the acquire deadline
         │   ├── PoolOverloadedError        refused at once: would wait past its deadline
         │   ├── LockTimeoutError           55P03: a lock held past the lock bound (busy)
+        │   ├── StatementsLostError        26000, 42P05 on the driver's own statements, in a
+        │   │                              transaction (not exported: replayed, else 503)
         │   └── DatabaseUnavailableError   pool not open (yet) or closed; a connect refused
         ├── CommitIndeterminateError       lost after COMMIT was sent: outcome unknown (500)
         ├── IntegrityError
@@ -162,6 +164,14 @@ class LockTimeoutError(TransientError):
     """A row or table stayed locked past `lock_timeout` (55P03): busy, try again later."""
 
     default_message = "a lock was held by another transaction past the lock bound"
+
+
+class StatementsLostError(TransientError):
+    """Inside a transaction, the driver's prepared statements were gone from the server's
+    session (`DEALLOCATE ALL`, or a pooler that hands out server connections per
+    transaction): the transaction is aborted, and a replay prepares them again."""
+
+    default_message = "the connection's prepared statements were lost inside a transaction"
 
 
 class DatabaseUnavailableError(TransientError):

@@ -33,6 +33,7 @@ from pglayer._errors import (
     DatabaseUnavailableError,
     DeadlockError,
     SerializationError,
+    StatementsLostError,
     TooManyConnectionsError,
 )
 from pglayer._logs import Throttle, left_out
@@ -54,6 +55,7 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (DeadlockError, "deadlock"),
     (SerializationError, "serialization_failure"),
     (ConnectionLostError, "connection_lost"),
+    (StatementsLostError, "statements_lost"),
     (TooManyConnectionsError, "too_many_connections"),
     (DatabaseUnavailableError, "unavailable"),
 )
