@@ -155,6 +155,28 @@ async def test_doctor_finds_the_timeouts_set_on_the_role_behind_a_transaction_po
     assert "the role's server-side timeouts are the configured ones" in " ".join(out.split())
 
 
+async def test_doctor_is_not_cancelled_by_a_tiny_statement_timeout_on_the_database(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # The misconfiguration it is there to report ended it with a traceback (57014).
+    await admin.execute(f"ALTER DATABASE \"{db_name}\" SET statement_timeout = '1ms'")
+    code, out = await asyncio.to_thread(doctor, db_url)
+    assert code == 0, out
+    assert "Traceback" not in out, out
+    assert "none: connected straight to PostgreSQL" in out, out
+
+
+async def test_doctor_reports_a_tiny_statement_timeout_behind_a_transaction_pooler(
+    server: Server, db_name: str, bouncer_for: type[PgBouncer], admin: asyncpg.Connection[Any]
+) -> None:
+    await admin.execute(f"ALTER DATABASE \"{db_name}\" SET statement_timeout = '1ms'")
+    with bouncer_for(server.admin_url, pool_mode="transaction") as bouncer:
+        code, out = await asyncio.to_thread(doctor, bouncer.url(db_name), COLUMNS="500")
+    text = " ".join(out.split())
+    assert code == 0, out  # a warning
+    assert "statement_timeout 1ms (configured 10s)" in text, out
+
+
 async def test_doctor_given_the_app_counts_its_connections_as_the_apps(db_url: str) -> None:
     served = ["uvicorn", "notesapp:app"]  # as the app's server was started, from here
     name = default_application_name(served, cwd=os.getcwd())

@@ -89,29 +89,20 @@ async def diagnose(
         result.add("reachable", "fail", explain_connect_error(exc, target))
         return result
     try:
-        try:
-            # A pooler accepts the connection itself and holds the query while its server is
-            # down (PgBouncer: `query_wait_timeout`, 120 s): bounded as a connect is.
-            row = await conn.fetchrow(_SERVER_FACTS, timeout=settings.connect_timeout)
-            login_pid = conn.get_server_pid()
-        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            reason = explain_connect_error(exc, target)
-            result.add(
-                "reachable",
-                "fail",
-                f"{reason}, after it accepted the connection (a pooler whose server is down"
-                " or full answers so)",
-            )
-            return result
-        timeouts = await server_timeouts(conn)
-        budget = await read_budget(
-            conn,
-            application_name=settings.application_name,
-            workers=workers,
-            max_size=settings.max_size,
-            reserve=reserve,
+        # A pooler accepts the connection itself and holds the query while its server is
+        # down (PgBouncer: `query_wait_timeout`, 120 s): bounded as a connect is.
+        row, login_pid, timeouts, budget, groups = await _read_server(
+            conn, settings, workers, reserve
         )
-        groups = await conn.fetch(_GROUPS)
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        reason = explain_connect_error(exc, target)
+        result.add(
+            "reachable",
+            "fail",
+            f"{reason}, after it accepted the connection (a pooler whose server is down"
+            " or full answers so)",
+        )
+        return result
     finally:
         await conn.close(timeout=settings.connect_timeout)
     assert row is not None
@@ -219,6 +210,28 @@ async def diagnose(
         f" {listed or 'none'}{hint}",
     )
     return result
+
+
+async def _read_server(
+    conn: Any, settings: DatabaseSettings, workers: int, reserve: int
+) -> tuple[Any, int, dict[str, int], Any, list[Any]]:
+    """What the checks need, read in one transaction bounded by its own `statement_timeout`
+    (`SET LOCAL`, which a transaction pooler keeps to this client): a role's tiny one, which
+    doctor reports, must not cancel doctor's own reads."""
+    bound = settings.connect_timeout
+    async with conn.transaction(readonly=True):
+        await conn.execute(f"SET LOCAL statement_timeout = {math.ceil(bound * 1000)}")
+        row = await conn.fetchrow(_SERVER_FACTS, timeout=bound)
+        timeouts = await server_timeouts(conn)
+        budget = await read_budget(
+            conn,
+            application_name=settings.application_name,
+            workers=workers,
+            max_size=settings.max_size,
+            reserve=reserve,
+        )
+        groups = await conn.fetch(_GROUPS)
+    return row, conn.get_server_pid(), timeouts, budget, groups
 
 
 def _check_role_timeouts(

@@ -30,8 +30,10 @@ __all__ = [
     "settings_off",
 ]
 
+# `reset_val`: the session's own value (the role's and database's), not one a `SET LOCAL`
+# (doctor's own bound) or a session `SET` leaked by another client of a pooler put over it.
 _SERVER_TIMEOUTS = """
-SELECT name, CASE WHEN name = 'jit' THEN (setting = 'on')::int ELSE setting::bigint END AS ms
+SELECT name, CASE WHEN name = 'jit' THEN (reset_val = 'on')::int ELSE reset_val::bigint END AS ms
   FROM pg_settings
  WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'jit')
 """
