@@ -9,7 +9,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -43,7 +45,8 @@ from pglayer.fastapi import (
     transactional,
 )
 from pglayer.fastapi._middleware import STATS_KEY
-from tests.conftest import LiveServer, asgi_client, refuses_to_start, settings_for
+from tests.conftest import LiveServer, Server, asgi_client, refuses_to_start, settings_for
+from tests.test_pool_faults import two_connections_allowed
 
 # Module level: annotations are strings (`from __future__ import annotations`), read here.
 LateSerializable = Annotated[Connection, Depends(transaction_dependency(isolation="serializable"))]
@@ -558,6 +561,33 @@ async def test_ready_says_a_saturated_pool_is_saturated_not_down(db_url: str) ->
             ready = await client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.json()["pools"] == {"primary": "saturated"}
+
+
+async def test_ready_says_a_server_that_refuses_connections_refused_not_down(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # It answered (53300: its connection limit): "did not answer" sends an operator to the
+    # network; the connections it lets in are held by others.
+    async with (
+        two_connections_allowed(server, admin, db_name) as url,
+        Database(settings_for(url, min_size=0, max_size=2)) as db,
+    ):
+        role = urlsplit(url).username
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        others = [await asyncpg.connect(url) for _ in range(2)]
+        try:
+            app = app_of(db)
+            app.include_router(health_router(ready_timeout=0.5))
+            async with asgi_client(app) as client:
+                ready = await client.get("/health/ready")
+        finally:
+            for conn in others:
+                await conn.close()
+    assert ready.status_code == 503
+    assert ready.json()["pools"] == {"primary": "refused"}
+    assert "refused" in ready.json()["detail"]
 
 
 async def test_an_override_with_a_database_nobody_opened_says_so_in_the_log(

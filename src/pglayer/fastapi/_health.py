@@ -8,7 +8,14 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from pglayer._database import Database
-from pglayer._errors import PglayerError, PoolOverloadedError, PoolTimeoutError
+from pglayer._errors import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    PglayerError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    TooManyConnectionsError,
+)
 from pglayer._settings import ServerSettings
 from pglayer.fastapi._dependencies import get_database
 from pglayer.fastapi._problems import Problem, problem_responses
@@ -24,8 +31,25 @@ class Health(BaseModel):
 
 
 _SATURATED = "Every pooled connection is in use: this process cannot take more now."
-# Not answering, or refusing this process's connections (a connection limit reached).
-_DOWN = "The database did not answer, or refused a connection, within the deadline."
+_REFUSED = (
+    "The database refused this process a connection: a connection limit is reached, or it is"
+    " closed to connections, starting or stopping."
+)
+_DOWN = "The database did not answer within the deadline."
+
+
+def _state(exc: PglayerError, db: Database) -> str:
+    """`saturated`, `refused` or `down`: why the probe got no answer."""
+    if isinstance(exc, PoolTimeoutError | PoolOverloadedError):
+        # No connection came: the database may be fine and this process's connections all
+        # in use; with free slots, its connects do not answer.
+        return "saturated" if _saturated(db) else "down"
+    said = exc.sqlstate if isinstance(exc, DatabaseError) else None
+    # The server's own refusal of a connect (53300, 3D000, 28P01, 55000, 57P03...); socket
+    # failures are the client's 08006.
+    if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and said:
+        return "down" if said.startswith("08") else "refused"
+    return "down"
 
 
 def _saturated(db: Database) -> bool:
@@ -56,12 +80,8 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
         try:
             await db.ping(timeout=timeout)
         except PglayerError as exc:
-            # No connection came: the database may be fine and this process's connections all
-            # in use; with free slots, its connects do not answer. Replicas still reported.
-            no_connection = isinstance(exc, PoolTimeoutError | PoolOverloadedError)
-            saturated = no_connection and _saturated(db)
-            pools[db.name] = "saturated" if saturated else "down"
-            detail = _SATURATED if saturated else _DOWN
+            pools[db.name] = state = _state(exc, db)  # replicas still reported
+            detail = {"saturated": _SATURATED, "refused": _REFUSED}.get(state, _DOWN)
             raise Problem(503, "unavailable", detail, pools=pools) from None
         return Health(status="ok", pools=pools)
 
