@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import backends, free_port, wait_for
+from tests.conftest import backends, children_of, free_port, wait_for
 from tests.test_cli import SHOP, clean_env, wait_ready
 
 
@@ -149,3 +150,31 @@ async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
         output = log_file.read()
     assert response.status_code == 201, response.text
     assert code == 0, output[-3000:]
+
+
+async def test_a_worker_killed_under_the_supervisor_is_logged_as_an_error(db_url: str) -> None:
+    # uvicorn says it at INFO; an alert on errors would miss a worker the kernel killed
+    # for its memory.
+    port = free_port()
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json")
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = serve_two_workers(port, env, log_file)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            workers = children_of(proc.pid)
+            assert len(workers) >= 2, workers
+            victim = max(workers)  # one of our own workers, by its PID
+            os.kill(victim, signal.SIGKILL)
+
+            def said() -> list[dict[str, Any]]:
+                log_file.seek(0)
+                lines = [orjson.loads(x) for x in log_file.read().splitlines() if x[:1] == "{"]
+                return [r for r in lines if f"[{victim}] died" in r["message"]]
+
+            assert await wait_for(lambda: asyncio.sleep(0, said()), timeout=15)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        (record,) = said()
+    assert record["level"] == "error", record
+    assert "replaces it" in record["message"], record

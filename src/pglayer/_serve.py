@@ -163,9 +163,27 @@ class _OneLineRefusals(logging.Filter):
         return True
 
 
+class _WorkerDeaths(logging.Filter):
+    """uvicorn's supervisor says at INFO that a worker died (killed: out of memory, a signal;
+    or crashed) before it starts another: an error to alerts, which would miss it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if (
+            isinstance(message, str)
+            and message.startswith("Child process [")
+            and (message.endswith("] died"))
+        ):
+            record.levelno, record.levelname = logging.ERROR, "ERROR"
+            record.msg = f"{message} (killed, out of memory, or crashed): a new worker replaces it"
+        return True
+
+
 @functools.cache
-def _one_line_refusals() -> None:
-    logging.getLogger("uvicorn.error").addFilter(_OneLineRefusals())
+def _uvicorn_filters() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    logger.addFilter(_OneLineRefusals())
+    logger.addFilter(_WorkerDeaths())
 
 
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
@@ -281,7 +299,7 @@ def load_app() -> Any:
     from uvicorn.importer import import_from_string
 
     target = os.environ[_APP_ENV]
-    _one_line_refusals()
+    _uvicorn_filters()
     factory = os.environ.get(_FACTORY_ENV) == "1"
     loaded = _loaded(target, import_from_string, target)
     if factory:
@@ -418,6 +436,7 @@ def serve(
         say(f"serving {app} on http://{host}:{port}")
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)
+        _uvicorn_filters()  # the supervisor's own lines too
         os.environ[_APP_ENV], os.environ[_FACTORY_ENV] = app, "1" if factory else "0"
         uvicorn.run(
             "pglayer._serve:load_app",
