@@ -444,6 +444,21 @@ async def test_deadlines_past_statement_timeout_on_a_silent_server_are_not_answe
     assert all(isinstance(e, DatabaseNotAnsweringError) for e in errors), errors
 
 
+async def test_a_statement_alone_on_a_silent_server_is_not_answering(
+    running: EmbeddedPostgres,
+) -> None:
+    # Nothing else in flight to tell a stopped server from a slow statement: a connect to
+    # the server, which a live one answers even at its limits, tells it.
+    settings = settings_for(
+        running.admin_url("postgres"), min_size=1, query_timeout=1.0, statement_timeout=0.5
+    )
+    async with Database(settings) as db:
+        await db.run(lambda c: c.fetchval("SELECT 1"))
+        with frozen(running), pytest.raises(QueryTimeoutError) as raised:
+            await db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+    assert type(raised.value) is DatabaseNotAnsweringError
+
+
 async def test_a_statement_alone_past_a_bound_it_lifted_itself_is_a_timeout(
     running: EmbeddedPostgres,
 ) -> None:

@@ -238,7 +238,7 @@ class Connection:
             if not self._timed_out(slot):
                 raise
             spent = time.monotonic() - started
-            error = self._deadline_error(lost, spent)
+            error = await self._deadline_error(lost, spent)
             self._finished(query, spent, error)
             raise error from TimeoutError("the statement passed its deadline")
         except Exception as exc:
@@ -280,13 +280,14 @@ class Connection:
             self._pool.statements_lost()
         return not raw.is_in_transaction()
 
-    def _deadline_error(self, lost: bool, spent: float) -> DatabaseError:
+    async def _deadline_error(self, lost: bool, spent: float) -> DatabaseError:
         """What a statement cancelled at its deadline failed with."""
         if lost:
             return ConnectionLostError(sqlstate="08006")
-        if self._pool.silent(spent):
-            return DatabaseNotAnsweringError()
-        return QueryTimeoutError()
+        silent = self._pool.silent(spent)
+        if silent is None:
+            silent = await self._pool.server_silent()
+        return DatabaseNotAnsweringError() if silent else QueryTimeoutError()
 
     def _finished(self, query: str, seconds: float, error: BaseException | None) -> None:
         self._pool.observer.query_finished(query, seconds, error, self._ctx)

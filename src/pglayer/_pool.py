@@ -249,6 +249,7 @@ _ADMIT_MIN = 0.25
 
 
 _RETIRE_EVERY = 1.0  # seconds between two replacements of every connection (read-only)
+_PROBE_TIMEOUT = 1.0  # seconds a live server takes at most to answer a connect and SELECT 1
 
 
 def _stop_naming_statements(raw: Any) -> None:
@@ -311,6 +312,7 @@ class Pool:
         # When the server last answered on any connection (see `silent`).
         self.answered_at = time.monotonic()
         self._silent_at = 0.0  # when `silent` last found the server silent
+        self._probe: asyncio.Future[bool] | None = None  # `server_silent`'s, while it runs
         self._retired_at = -math.inf  # when `writes_refused` last retired every connection
         self.statements_kept = True  # False once `statements_lost`
         self.max_idle = max_idle
@@ -856,12 +858,14 @@ class Pool:
         self._connect_failures = 0
         self._unreachable = False
 
-    def silent(self, spent: float) -> bool:
+    def silent(self, spent: float) -> bool | None:
         """Whether a statement that ran `spent` seconds to its deadline found the server
         stopped or cut off, not slow: its own `statement_timeout` would have ended it, the
         server has answered nothing on any connection for longer than that, and others wait
-        on it too (a statement alone may have lifted its bound with `SET LOCAL`), or did
-        since its last answer (the last of those that went silent together)."""
+        on it too, or did since its last answer (the last of those that went silent
+        together). None for a statement alone, which may have lifted its bound with `SET
+        LOCAL`: `server_silent()` asks the server (not behind a pooler, which answers a
+        connect itself and may queue a query: False)."""
         bound = self.statement_timeout
         now = time.monotonic()
         if not 0.0 < bound < spent or now - self.answered_at <= bound:
@@ -871,6 +875,30 @@ class Pool:
         if self._in_use > 1 or self._waiting > 0 or self._connecting:
             self._silent_at = now
             return True
+        return None if not self.behind_pooler else False
+
+    async def server_silent(self) -> bool:
+        """Whether the server answers nothing to a connect and `SELECT 1` of its own within
+        a second (a live one answers a connect even at its limits: with 53300). One probe
+        at a time, shared by those who ask while it runs."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_once())
+        return await asyncio.shield(self._probe)
+
+    async def _probe_once(self) -> bool:
+        try:
+            async with asyncio.timeout(min(_PROBE_TIMEOUT, self.connect_timeout)):
+                raw = await self._connect()
+                try:
+                    await raw.fetchval("SELECT 1")
+                finally:
+                    raw.terminate()
+        except asyncpg.PostgresError:
+            return False  # a refusal is an answer
+        except Exception:  # no answer in time, or nothing listening
+            self._silent_at = time.monotonic()
+            return True
+        self.answered_at = time.monotonic()
         return False
 
     def statements_lost(self) -> None:
