@@ -359,6 +359,24 @@ async def test_a_database_error_before_a_websocket_is_accepted_is_an_http_proble
     assert response.headers["retry-after"]
 
 
+async def test_a_websocket_handshake_where_no_websocket_route_is_gets_a_404_problem(
+    db: Database,
+) -> None:
+    app = app_of(db)
+
+    @app.get("/page")
+    async def page() -> str:
+        return "a page"
+
+    async with running(app) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{server.port}/page")
+    response = refused.value.response
+    assert response.status_code == 404  # not uvicorn's bare 403
+    assert response.headers["content-type"] == "application/problem+json"
+    assert orjson.loads(response.body)["code"] == "not_found"
+
+
 async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Host, Match, Mount
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from pglayer._errors import (
@@ -604,3 +604,19 @@ def install_problem_handlers(app: FastAPI) -> None:
             app.add_exception_handler(cls, chosen)
         elif cls is Exception and not getattr(own, "pglayer_noted", False):
             app.add_exception_handler(cls, _noting(own))
+    if not getattr(app.router.default, "pglayer", False):
+        app.router.default = _websockets_not_found(app.router.default)
+
+
+def _websockets_not_found(default: ASGIApp) -> ASGIApp:
+    """The router's answer to a path no route takes: for a WebSocket handshake, a 404
+    problem as for HTTP (Starlette closes it unaccepted, which uvicorn sends as a bare 403:
+    a handshake at an HTTP route's path got that)."""
+
+    async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            raise StarletteHTTPException(404)  # to `_close_websocket`, as a route's would
+        await default(scope, receive, send)
+
+    not_found.pglayer = True  # type: ignore[attr-defined]
+    return not_found
