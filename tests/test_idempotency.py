@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from pglayer import Connection, Database, IdempotencyKeys, body_hash
 from pglayer._errors import IdempotencyKeyReusedError
@@ -98,3 +101,47 @@ async def test_expired_keys_are_taken_over_and_swept(db: Database, keys: Idempot
         )
     )
     assert await keys.expire(db, batch=1) == 1
+
+
+def test_a_body_with_decimals_hashes_as_its_json() -> None:
+    # `model_dump()` of a money field: a 500 on every request of the route before.
+    at = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)  # hashed as before: keys stored stay good
+    assert body_hash({"amount": Decimal("10.50"), "at": at}) == body_hash(
+        {"amount": "10.50", "at": "2026-11-28T06:00:00+00:00"}
+    )
+
+
+class Balance(BaseModel):
+    amount: Decimal
+
+
+async def deposit(conn: Connection) -> Balance:
+    return Balance(amount=await conn.fetchval("SELECT 110.00::numeric"))
+
+
+@pytest.mark.parametrize("returns", [Balance, None])
+async def test_a_replay_returns_what_the_first_call_returned(
+    db: Database, keys: IdempotencyKeys, returns: type[Balance] | None
+) -> None:
+    # The replay came back as stored JSON (a dict where the first call had a model, a str
+    # where it had a Decimal): handler code that worked the first time failed on replays.
+    async def call() -> tuple[Any, bool]:
+        return await db.run_in_transaction(
+            lambda c: keys.run(c, "deposits", "k", body_hash(b"a"), deposit, returns=returns)
+        )
+
+    first, replayed_first = await call()
+    again, replayed_again = await call()
+    assert (replayed_first, replayed_again) == (False, True)
+    assert type(first) is type(again)
+    assert first == again
+    assert first == (Balance(amount=Decimal("110.00")) if returns else {"amount": "110.00"})
+
+
+async def test_without_a_key_the_result_is_what_a_replay_would_return(
+    db: Database, keys: IdempotencyKeys
+) -> None:
+    result, replayed = await db.run_in_transaction(
+        lambda c: keys.run(c, "deposits", None, body_hash(b"a"), deposit)
+    )
+    assert (result, replayed) == ({"amount": "110.00"}, False)

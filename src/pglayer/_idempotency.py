@@ -13,17 +13,19 @@ key sent with another body is refused (`IdempotencyKeyReusedError`, 422). Keys o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import orjson
+from pydantic import TypeAdapter
 
 from pglayer._connection import Connection
 from pglayer._database import Database
 from pglayer._errors import IdempotencyKeyReusedError, PglayerError
-from pglayer._json import dumps
+from pglayer._json import default, dumps
 
 __all__ = ["IdempotencyKeys", "body_hash"]
 
@@ -60,9 +62,26 @@ SELECT count(*) FROM gone
 
 
 def body_hash(body: Any) -> str:
-    """What a key is bound to: a digest of the request body (bytes, or JSON-serialisable)."""
-    raw = body if isinstance(body, bytes) else orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    """What a key is bound to: a digest of the request body (bytes, or what pglayer's JSON
+    writes: a `model_dump()` with Decimals, UUIDs, records)."""
+    raw = (
+        body
+        if isinstance(body, bytes)
+        else orjson.dumps(body, default=default, option=orjson.OPT_SORT_KEYS)
+    )
     return hashlib.sha256(raw).hexdigest()
+
+
+@functools.cache
+def _adapter(returns: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(returns)
+
+
+def _as(returns: Any, written: bytes) -> Any:
+    """A result as a replay returns it: its JSON, or that validated into `returns`."""
+    if returns is None:
+        return orjson.loads(written)
+    return _adapter(returns).validate_json(written)
 
 
 class IdempotencyKeys:
@@ -73,17 +92,47 @@ class IdempotencyKeys:
             raise ValueError("ttl must be positive")
         self.ttl = ttl
 
+    @overload
     async def run(
         self,
         conn: Connection,
         scope: str,
         key: str | None,
         request_hash: str,
-        work: Callable[[Connection], Awaitable[T]],
-    ) -> tuple[T, bool]:
+        work: Callable[[Connection], Awaitable[object]],
+        *,
+        returns: type[T],
+    ) -> tuple[T, bool]: ...
+
+    @overload
+    async def run(
+        self,
+        conn: Connection,
+        scope: str,
+        key: str | None,
+        request_hash: str,
+        work: Callable[[Connection], Awaitable[object]],
+        *,
+        returns: None = None,
+    ) -> tuple[Any, bool]: ...
+
+    async def run(
+        self,
+        conn: Connection,
+        scope: str,
+        key: str | None,
+        request_hash: str,
+        work: Callable[[Connection], Awaitable[object]],
+        *,
+        returns: Any = None,
+    ) -> tuple[Any, bool]:
         """`work(conn)` inside the caller's transaction, or the stored result; and whether
-        it was replayed. The result is stored as pglayer's JSON responses serialise it
-        (records, Decimals as strings, UTC datetimes as "…Z"), and replayed as that JSON."""
+        it was replayed.
+
+        The result is stored as pglayer's JSON responses write it (records, Decimals as
+        strings, UTC datetimes as "…Z"), and every call returns it in that form, replay or
+        not, key or none, so code that works on the first answer works on a replay; or,
+        with `returns` (a model, `Decimal`, `list[Order]`…), validated into that type."""
         if not conn.raw.is_in_transaction():
             # In autocommit the claim would commit alone: a failed `work` would leave the
             # key spent with no answer stored, and every resend would replay nothing. Said
@@ -93,18 +142,20 @@ class IdempotencyKeys:
                 " (db.run_in_transaction, WriteTransaction, @transactional)"
             )
         if key is None:
-            return await work(conn), False
+            return _as(returns, dumps(await work(conn))), False
         fresh = await conn.fetchval(_CLAIM, scope, key, request_hash, self.ttl)
         if not fresh:
             stored = await conn.fetchrow(_STORED, scope, key)
             assert stored is not None  # the claim's row, committed by the first request
             if stored["request_hash"] != request_hash:
                 raise IdempotencyKeyReusedError()
-            response: T = stored["response"]
-            return response, True
-        result = await work(conn)
-        await conn.execute(_STORE, scope, key, dumps(result).decode())
-        return result, False
+            response = stored["response"]
+            return (
+                response if returns is None else _adapter(returns).validate_python(response)
+            ), True
+        written = dumps(await work(conn))
+        await conn.execute(_STORE, scope, key, written.decode())
+        return _as(returns, written), False
 
     async def expire(self, db: Database, *, batch: int = 500) -> int:
         """Delete keys older than `ttl`, `batch` at a time, each batch its own transaction that
