@@ -45,6 +45,13 @@ def _token_bytes(token: SecretStr | str | None) -> bytes | None:
     if raw and raw.strip() != raw:
         # A header's value is read without the spaces at its ends: it could never match.
         raise ConfigurationError("the admin token has spaces at its ends: no request can send it")
+    if raw and not all("!" <= c <= "~" for c in raw):
+        # Header values are read as Latin-1, what clients send as UTF-8: no usual client
+        # could send such a token in `Authorization` as it is written.
+        raise ConfigurationError(
+            "the admin token must be printable ASCII, without spaces (letters, digits,"
+            " punctuation): clients could not send it in an Authorization header"
+        )
     return raw.encode() if raw else None
 
 
