@@ -276,6 +276,19 @@ def test_serve_names_an_app_it_cannot_find_before_migrating(db_url: str, tmp_pat
     assert asyncio.run(_regclass(db_url, "notes")) is None  # nothing applied
 
 
+def test_serve_without_a_database_url_refuses_when_embedded_is_off(tmp_path: Path) -> None:
+    # A production deploy that lost DATABASE_URL: not a new, empty database served.
+    (tmp_path / "notesapp.py").write_text(APP)
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--port", str(free_port())]
+    env = clean_env(PGLAYER_EMBEDDED="false", PGLAYER_DATA_DIR=str(tmp_path / "data"))
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no DATABASE_URL set, and PGLAYER_EMBEDDED=false" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_serve_with_workers_refuses_a_budget_the_workers_would_refuse(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -186,6 +186,10 @@ def _uvicorn_filters() -> None:
     logger.addFilter(_WorkerDeaths())
 
 
+NO_EMBEDDED = (
+    "no DATABASE_URL set, and PGLAYER_EMBEDDED=false: set DATABASE_URL (or unset"
+    " PGLAYER_EMBEDDED for an embedded PostgreSQL)"
+)
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
 _PR_SET_PDEATHSIG = 1  # Linux's prctl(2): a signal when the parent ends
 
@@ -417,6 +421,8 @@ def serve(
     hung_up = signal.signal(signal.SIGHUP, _hang_up) if workers == 1 else None
     try:
         if DatabaseSettings().url is None:
+            if not DatabaseSettings().embedded:
+                raise ConfigurationError(NO_EMBEDDED)
             embedded = EmbeddedPostgres(data_dir, database=database)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()

@@ -111,6 +111,12 @@ class DatabaseSettings(BaseSettings):
         validation_alias=AliasChoices("url", "DATABASE_URL", "PGLAYER_DATABASE_URL"),
         description="The primary's URL (`DATABASE_URL`); masked wherever it is shown.",
     )
+    embedded: bool = Field(
+        default=True,
+        description="Without `url`, `pglayer serve` (and the shop's commands) start an "
+        "embedded PostgreSQL; false: they refuse to start instead, so a deploy that lost "
+        "`DATABASE_URL` fails rather than serve a new, empty database.",
+    )
     min_size: int = Field(
         default=2, ge=0, description="Connections kept open; made at open(), refilled later."
     )

@@ -96,9 +96,12 @@ async def _seed(settings: DatabaseSettings, counts: SeedCounts) -> None:
 def _database(data_dir: Path) -> Iterator[None]:
     """`DATABASE_URL`, or else the embedded server in `data_dir` (the one `serve` uses),
     started or reused for this command."""
-    if DatabaseSettings().url is not None:
+    settings = DatabaseSettings()
+    if settings.url is not None:
         yield
         return
+    if not settings.embedded:
+        raise pglayer.ConfigurationError("no DATABASE_URL set, and PGLAYER_EMBEDDED=false")
     embedded = pglayer.EmbeddedPostgres(data_dir, database="shop")
     os.environ["DATABASE_URL"] = embedded.start()
     console.print(
