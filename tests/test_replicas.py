@@ -11,7 +11,7 @@ import signal
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,15 @@ from pglayer_shop.app import create_app
 from pglayer_shop.schema import apply_migrations, shop_migrations
 from pglayer_shop.settings import ShopSettings
 
-from pglayer import ConnectionLostError, Database, PglayerError, TransientError, _replicas
+from pglayer import (
+    Connection,
+    ConnectionLostError,
+    Database,
+    PglayerError,
+    TransientError,
+    _replicas,
+    gather,
+)
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.fastapi import ReadConnection, setup
 from pglayer.migrations import MigrationError, migrate
@@ -130,6 +138,18 @@ async def test_reads_go_to_the_replica_and_writes_to_the_primary(
         assert names == {"primary", "replica-1"}
         assert db.replicas is not None
         assert db.replicas.health["replica-1"].reason == "ok"
+
+
+async def test_gathered_reads_go_to_the_replica_when_told_they_only_read(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    def recovering(c: Connection) -> Awaitable[bool]:
+        return c.fetchval("SELECT pg_is_in_recovery()")
+
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert await in_rotation(db)
+        assert await gather(db, recovering, recovering, read=True) == (True, True)
+        assert await gather(db, recovering, recovering) == (False, False)
 
 
 async def test_a_lagging_replica_is_skipped_until_it_catches_up(

@@ -34,6 +34,7 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1]: ...
 @overload
 async def gather(
@@ -43,6 +44,7 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1, T2]: ...
 @overload
 async def gather(
@@ -53,6 +55,7 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1, T2, T3]: ...
 @overload
 async def gather(
@@ -64,6 +67,7 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1, T2, T3, T4]: ...
 @overload
 async def gather(
@@ -76,6 +80,7 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1, T2, T3, T4, T5]: ...
 @overload
 async def gather(
@@ -89,19 +94,25 @@ async def gather(
     /,
     *,
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T1, T2, T3, T4, T5, T6]: ...
 @overload
 async def gather(
     db: Database,
     *queries: Callable[[Connection], Awaitable[T]],
     max_connections: int = ...,
+    read: bool = ...,
 ) -> tuple[T, ...]: ...
-async def gather(db: Database, *queries: Query, max_connections: int = 3) -> tuple[Any, ...]:
+async def gather(
+    db: Database, *queries: Query, max_connections: int = 3, read: bool = False
+) -> tuple[Any, ...]:
     """Run each `query(conn)` via `db.run` (retried reads) at once; return results in order.
 
     At most `max_connections` of them hold a connection at once, so one request cannot drain
     the pool. If any fails, the others are cancelled — their queries are cancelled on the
     server and their connections released — and that first error is raised as it is.
+    `read=True` runs each via `db.read` instead (a healthy replica, else the primary), for
+    queries that only read.
     """
     if type(max_connections) is not int or max_connections < 1:  # NaN bounded nothing
         raise ValueError(
@@ -109,9 +120,11 @@ async def gather(db: Database, *queries: Query, max_connections: int = 3) -> tup
         )
     slots = asyncio.Semaphore(max_connections)
 
+    run = db.read if read else db.run
+
     async def one(query: Query) -> Any:
         async with slots:
-            return await db.run(query)
+            return await run(query)
 
     try:
         async with asyncio.TaskGroup() as group:
