@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -213,3 +214,39 @@ def test_server_files_kept_apart_from_a_removed_directory_do_not_block_a_new_one
         EmbeddedPostgres(base).destroy()
         shutil.rmtree(kept_apart, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
+
+
+_CTRL_C_DURING_STOP = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from pglayer._embedded import EmbeddedPostgres
+
+signal.signal(signal.SIGINT, lambda *_: None)  # this process carries on, as serve does
+server = EmbeddedPostgres(Path(sys.argv[1]))
+server.start()
+failed = []
+
+def stop():
+    try:
+        server.stop()
+    except Exception as exc:
+        failed.append(exc)
+
+stopping = threading.Thread(target=stop)
+stopping.start()
+while stopping.is_alive():  # a terminal's Ctrl-C, again and again, to the whole group
+    os.killpg(os.getpgrp(), signal.SIGINT)
+    time.sleep(0.002)
+print("failed" if failed else "stopped", failed)
+"""
+
+
+def test_a_ctrl_c_to_the_terminal_while_it_stops_does_not_fail_the_stop(base: Path) -> None:
+    # `pg_ctl stop` shared the terminal's process group: Ctrl-C killed it halfway ("pg_ctl
+    # stop failed (exit -2)") though the server went on stopping.
+    result = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_DURING_STOP, str(base)],
+        capture_output=True, text=True, timeout=120, start_new_session=True, check=False,
+    )  # fmt: skip
+    assert result.stdout.startswith("stopped"), result.stdout + result.stderr
+    assert EmbeddedPostgres(base).running_port() is None

@@ -266,6 +266,9 @@ class EmbeddedPostgres:
                 "group": self._user.pw_gid,
                 "extra_groups": [],
             }
+        # A session of its own: a terminal's Ctrl-C reaches the process that drives the
+        # server (which decides), not `pg_ctl` or `initdb` halfway through.
+        kwargs.setdefault("start_new_session", True)
         result = subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd="/", **user_kwargs, **kwargs
         )
@@ -399,10 +402,9 @@ class EmbeddedPostgres:
             settings = dict(_FAST_TEST_SETTINGS if self.fast_unsafe else {})
             settings.update(self.server_settings)
             options = " ".join([f"-p {self.port}", *(f"-c {k}={v}" for k, v in settings.items())])
-            # A new session keeps a terminal's Ctrl-C away from the server: we stop it ourselves.
             result = self._run(
                 "pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log_file),
-                "-w", "-t", "60", "-o", options, start_new_session=True,
+                "-w", "-t", "60", "-o", options,
             )  # fmt: skip
             self._check(result, "pg_ctl start")
             if forget_users:
@@ -555,7 +557,7 @@ class EmbeddedPostgres:
         """Restart the server on the same port (for fault-injection tests)."""
         result = self._run(
             "pg_ctl", "restart", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60",
-            "-l", str(self.log_file), start_new_session=True,
+            "-l", str(self.log_file),
         )  # fmt: skip
         self._check(result, "pg_ctl restart")
 

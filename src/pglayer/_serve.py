@@ -468,6 +468,12 @@ def serve(
         if unwatch is not None:
             unwatch()
         if embedded is not None:
-            embedded.stop()
+            # Stopping already: a second Ctrl-C would only cut the wait for it short (and
+            # call a stopped server's stop failed).
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                embedded.stop()
+            finally:
+                signal.signal(signal.SIGINT, interrupt)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
