@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from pglayer import _http
 from pglayer._http import _MAX_PIPELINED, PROTOCOL, BoundedHttpToolsProtocol
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, wait_for
 
 KEEP_ALIVE = 1  # seconds; idle connections are looked at every quarter of it
 SLACK = 3.0  # a loaded two-core machine: how late a close may still come
@@ -185,3 +185,38 @@ def test_a_client_that_leaves_with_requests_queued_causes_no_traceback(
         runner.run(leave_early())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "Exception in ASGI application" not in capfd.readouterr().err
+
+
+async def test_a_request_that_arrives_as_the_server_shuts_down_gets_a_503_not_a_close() -> None:
+    # Under load a signal finds requests sent but not read yet on kept-alive connections:
+    # closed on them, the client could not tell whether they were applied.
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    live = LiveServer(app, http=PROTOCOL, timeout_keep_alive=30)
+    await live.__aenter__()
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    try:
+        assert (await ask(reader, writer)).startswith(b"HTTP/1.1 200")
+        live.server.should_exit = True  # as a SIGTERM does
+        stopping = asyncio.ensure_future(live.__aexit__())
+
+        async def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", live.port)) != 0
+
+        # Listening ends as connections are told to shut down.
+        assert await wait_for(refused, timeout=SLACK, interval=0.005)
+        writer.write(REQUEST)
+        async with asyncio.timeout(SLACK):
+            answer = await reader.read()  # until the server closes
+        await stopping
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"retry-after: 1\r\n" in answer.lower()
+    assert b"connection: close" in answer.lower()
+    assert b"shutting down" in answer

@@ -63,6 +63,7 @@ __all__ = ["PROTOCOL", "BoundedHttpToolsProtocol"]
 PROTOCOL = "pglayer._http:BoundedHttpToolsProtocol"
 _LINGER = 1.0  # seconds a refused connection keeps reading (and dropping) before it closes
 _MAX_PIPELINED = 32  # requests queued behind the one running, per connection
+_SHUTDOWN_READ = 0.5  # seconds an idle connection is still read once shutdown begins
 
 
 class _Answered:
@@ -165,6 +166,13 @@ def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, by
     return head.encode(), body
 
 
+_SHUTTING_DOWN = _problem(
+    503,
+    "Service Unavailable",
+    "unavailable",
+    "The server is shutting down; send the request again.",
+)
+_SHUTTING_DOWN = (_SHUTTING_DOWN[0] + b"retry-after: 1\r\n", _SHUTTING_DOWN[1])
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")  # RFC 9110's method token, then SP
 _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9])\r?\n")
 # RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
@@ -266,6 +274,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` with the bounds of `ServerSettings` (see the module docstring)."""
 
     _unknown_line: tuple[bytes, bytes] | None = None  # method and target the parser refused
+    _stopping = False  # the server shuts down: each request read from now on gets a 503
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -320,6 +329,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._deferred is not None:
             deferred, self._deferred = self._deferred, None
             deferred()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            # A busy loop may not have read requests already sent on it: read on for a
+            # moment and answer each 503 (`_SHUTTING_DOWN`), rather than close on them,
+            # which left the client unable to tell whether they were applied.
+            self.loop.call_later(_SHUTDOWN_READ, self._close_if_idle)
+        else:
+            cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        cycle = self.cycle
+        if not self._refused and (cycle is None or cycle.response_complete):
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = 0.0
@@ -378,6 +403,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         malformed = self._malformed()
         if malformed is not None:
             self._refuse(malformed)
+            return
+        if self._stopping:
+            self._refuse(_SHUTTING_DOWN)
             return
         self._body_pending = True
         door = self._door or _front_door(self.app)
