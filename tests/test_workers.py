@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import IO, Any
 
 import asyncpg
@@ -14,6 +15,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from pglayer._serve import metrics_directory
 from tests.conftest import backends, children_of, free_port, wait_for
 from tests.test_cli import SHOP, clean_env, wait_ready
 
@@ -178,3 +180,23 @@ async def test_a_worker_killed_under_the_supervisor_is_logged_as_an_error(db_url
         (record,) = said()
     assert record["level"] == "error", record
     assert "replaces it" in record["message"], record
+
+
+def test_metrics_directories_of_servers_gone_without_removing_them_are_removed() -> None:
+    # `kill -9` of `pglayer serve --workers N` left its directory in /tmp for good.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = Path(tempfile.mkdtemp(prefix=f"pglayer-metrics-{ended.pid}-"))
+    ours = Path(tempfile.mkdtemp(prefix=f"pglayer-metrics-{os.getpid()}-"))  # a live one's
+    try:
+        made = metrics_directory()
+        try:
+            assert not gone.exists()
+            assert ours.exists()
+            assert made.name.startswith(f"pglayer-metrics-{os.getpid()}-")
+        finally:
+            made.rmdir()
+    finally:
+        for path in (gone, ours):
+            if path.exists():
+                path.rmdir()

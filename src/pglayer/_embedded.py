@@ -32,6 +32,7 @@ from typing import Any, Self
 import asyncpg
 
 from pglayer._errors import PglayerError, explain_connect_error
+from pglayer._process import alive
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
 
@@ -92,16 +93,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
-
-
 def _started(pid: int) -> str:
     """When `pid` started (Linux: ticks since boot; "" where /proc cannot tell, or a zombie's
     which has ended), to tell a process from a later one given the same PID."""
@@ -119,7 +110,7 @@ def _still_running(entry: str) -> bool:
     if not pid.isdigit():
         return False
     if not Path("/proc/self").exists():  # no /proc here: the PID alone
-        return _alive(int(pid))
+        return alive(int(pid))
     return bool(started) and _started(int(pid)) == started
 
 
@@ -521,7 +512,7 @@ class EmbeddedPostgres:
             first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
         except OSError:
             return False
-        return first.isdigit() and _alive(int(first)) and _runs_cluster(int(first), self.data_dir)
+        return first.isdigit() and alive(int(first)) and _runs_cluster(int(first), self.data_dir)
 
     # -- who uses it ---------------------------------------------------------------------
 

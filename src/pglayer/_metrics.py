@@ -32,6 +32,7 @@ from pglayer._observability import (
     RequestSeries,
     RequestStats,
 )
+from pglayer._process import alive
 
 __all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
 
@@ -188,23 +189,13 @@ class SharedPoolCollector(PoolCollector):
         for path in sorted(self.directory.glob("pglayer-pools-*.json")):
             pid = path.stem.rsplit("-", 1)[1]
             try:
-                if path.stat().st_mtime < stale_before or not _alive(int(pid)):
+                if path.stat().st_mtime < stale_before or not alive(int(pid)):
                     continue
                 snapshot = _snapshot_from_json(orjson.loads(path.read_bytes()))
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # removed, half-written or from an older version: skip it
             out.append((snapshot, pid))
         return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iterator[Metric]:

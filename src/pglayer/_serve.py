@@ -4,6 +4,7 @@ migrations applied, then uvicorn with pglayer's defaults and limits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -30,6 +31,7 @@ from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError, explain_connect_error
 from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, connected_through_pooler
+from pglayer._process import alive
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
@@ -190,6 +192,19 @@ NO_EMBEDDED = (
     "no DATABASE_URL set, and PGLAYER_EMBEDDED=false: set DATABASE_URL (or unset"
     " PGLAYER_EMBEDDED for an embedded PostgreSQL)"
 )
+
+
+def metrics_directory() -> Path:
+    """A directory for the workers' metrics, named for this process; those of processes
+    gone without removing theirs (`kill -9`) are removed."""
+    for old in Path(tempfile.gettempdir()).glob("pglayer-metrics-*-*"):
+        pid = old.name.split("-")[2]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and not alive(int(pid)) and old.stat().st_uid == os.getuid():
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"pglayer-metrics-{os.getpid()}-"))
+
+
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
 _PR_SET_PDEATHSIG = 1  # Linux's prctl(2): a signal when the parent ends
 
@@ -411,7 +426,7 @@ def serve(
     metrics_dir: Path | None = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Any worker answers /metrics for all of them (see pglayer.fastapi.metrics).
-        metrics_dir = Path(tempfile.mkdtemp(prefix="pglayer-metrics-"))
+        metrics_dir = metrics_directory()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # uvicorn drains, then re-raises the signal it caught; SIGTERM's default action would end
     # the process before the embedded server is stopped below.

@@ -159,7 +159,7 @@ def _sweep_abandoned_servers() -> None:
 
 
 async def _drop_abandoned_databases(server_url: str, prefix: str) -> None:
-    from pglayer._embedded import _alive
+    from pglayer._process import alive
 
     conn: asyncpg.Connection[Any] = await asyncpg.connect(server_url)
     escaped = prefix.replace("_", "\\_")
@@ -171,7 +171,7 @@ async def _drop_abandoned_databases(server_url: str, prefix: str) -> None:
         )
         for (name,) in names:
             pid = name.rsplit("_", 2)[1]  # {prefix}_t_{host}_{pid}_{random}
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 await conn.execute(f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)")
     finally:
         await conn.close()
