@@ -146,7 +146,9 @@ def _limits() -> ServerSettings:
     return ServerSettings()
 
 
-def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, bytes]:
+def _problem(
+    status: int, title: str, code: str, detail: str, retry_after: int | None = None
+) -> tuple[bytes, bytes]:
     """A problem response's status line and headers (unterminated), and its body."""
     body = orjson.dumps(
         {
@@ -163,6 +165,8 @@ def _problem(status: int, title: str, code: str, detail: str) -> tuple[bytes, by
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n"
     )
+    if retry_after is not None:
+        head += f"retry-after: {retry_after}\r\n"
     return head.encode(), body
 
 
@@ -171,8 +175,8 @@ _SHUTTING_DOWN = _problem(
     "Service Unavailable",
     "unavailable",
     "The server is shutting down; send the request again.",
+    retry_after=1,
 )
-_SHUTTING_DOWN = (_SHUTTING_DOWN[0] + b"retry-after: 1\r\n", _SHUTTING_DOWN[1])
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")  # RFC 9110's method token, then SP
 _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9])\r?\n")
 # RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
