@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from importlib.resources import files
 from typing import Any
 
+import asyncpg
 import pytest
 from pydantic import BaseModel
 
 from pglayer import Connection, Database, IdempotencyKeys, body_hash
 from pglayer._errors import IdempotencyKeyReusedError
 from pglayer.migrations import install_pglayer_tables as install
+from pglayer.migrations import load_migrations, migrate
+from tests.conftest import Server, settings_for
 
 NOTES = "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL)"
 
@@ -88,7 +93,7 @@ async def test_expired_keys_are_taken_over_and_swept(db: Database, keys: Idempot
     await db.run_in_transaction(lambda c: keys.run(c, "notes", "old", body_hash(b"a"), add_note))
     await db.run(
         lambda conn: conn.execute(
-            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '2 minutes'"
+            "UPDATE pglayer_idempotency_keys SET expires_at = now() - interval '1 second'"
         )
     )
     _, replayed = await db.run_in_transaction(
@@ -97,7 +102,7 @@ async def test_expired_keys_are_taken_over_and_swept(db: Database, keys: Idempot
     assert not replayed  # a new body is fine once the key expired
     await db.run(
         lambda conn: conn.execute(
-            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '2 minutes'"
+            "UPDATE pglayer_idempotency_keys SET expires_at = now() - interval '1 second'"
         )
     )
     assert await keys.expire(db, batch=1) == 1
@@ -145,3 +150,50 @@ async def test_without_a_key_the_result_is_what_a_replay_would_return(
         lambda c: keys.run(c, "deposits", None, body_hash(b"a"), deposit)
     )
     assert (result, replayed) == ({"amount": "110.00"}, False)
+
+
+async def test_a_sweep_deletes_only_the_keys_past_their_own_ttl(db: Database) -> None:
+    # The table is shared: a cart's one-second keys were swept with a payment's week-long
+    # one, whose work then ran again when its key came back.
+    await install(db)
+    payments, carts = IdempotencyKeys(ttl=7 * 86_400), IdempotencyKeys(ttl=0.001)
+
+    async def pay(conn: Connection) -> int:
+        return 1
+
+    await db.run_in_transaction(lambda c: payments.run(c, "payments", "pay-1", "h", pay))
+    await db.run_in_transaction(lambda c: carts.run(c, "carts", "cart-1", "h", pay))
+    await asyncio.sleep(0.01)
+    assert await carts.expire(db) == 1  # the cart's own
+    _, replayed = await db.run_in_transaction(
+        lambda c: payments.run(c, "payments", "pay-1", "h", pay)
+    )
+    assert replayed
+
+
+async def test_keys_claimed_before_expiry_per_key_expire_a_day_after_their_claim(
+    server: Server, admin: asyncpg.Connection[Any]
+) -> None:
+    name = (
+        f"t_up_{uuid.uuid4().hex[:12]}"  # no template: pglayer's tables as an older one left them
+    )
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        async with Database(settings_for(server.url_for(name))) as db:
+            earlier = [m for m in load_migrations(files("pglayer") / "_sql") if m.version < "0004"]
+            await migrate(db, earlier, history="pglayer")
+            await db.run(
+                lambda c: c.execute(
+                    "INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, created_at)"
+                    " VALUES ('orders', 'k', 'h', now() - interval '2 hours')"
+                )
+            )
+            assert await install(db) == ["0004_idempotency_expiry_per_key.sql"]
+            left = await db.run(
+                lambda c: c.fetchval(
+                    "SELECT expires_at - created_at FROM pglayer_idempotency_keys WHERE key = 'k'"
+                )
+            )
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    assert left == timedelta(days=1)

@@ -732,11 +732,11 @@ async def test_expiry_deletes_only_expired_keys(db: Database) -> None:
     await db.run(
         lambda c: c.execute(
             """
-            INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, created_at)
-            SELECT 'orders', 'old-' || g, 'h', now() - interval '2 days'
+            INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, expires_at)
+            SELECT 'orders', 'old-' || g, 'h', now() - interval '1 day'
               FROM generate_series(1, 1200) g
             UNION ALL
-            SELECT 'orders', 'new-' || g, 'h', now() - interval '1 hour'
+            SELECT 'orders', 'new-' || g, 'h', now() + interval '23 hours'
               FROM generate_series(1, 30) g
             """
         )
@@ -762,7 +762,7 @@ async def test_a_key_resent_after_expiry_makes_a_new_order(client: httpx.AsyncCl
     db: Database = app.state.pglayer_database
     await db.run(
         lambda c: c.execute(
-            "UPDATE pglayer_idempotency_keys SET created_at = now() - interval '25 hours'"
+            "UPDATE pglayer_idempotency_keys SET expires_at = now() - interval '1 hour'"
             " WHERE key = 'k-expiring'"
         )
     )

@@ -3,8 +3,9 @@
 The key is inserted first, in the write's own transaction. A concurrent request with the same
 key waits on that row until the first one's transaction ends, then finds the stored response
 and replays it; if the first one rolled back, so did its key, and the retry does the work. A
-key sent with another body is refused (`IdempotencyKeyReusedError`, 422). Keys older than
-`ttl` count as gone and are taken over; `expire()` deletes them in small batches.
+key sent with another body is refused (`IdempotencyKeyReusedError`, 422). A key expires
+`ttl` seconds after its claim (the claiming instance's `ttl`); an expired key counts as gone
+and is taken over, and `expire()` deletes expired keys, whoever claimed them, in small batches.
 
 `pglayer.migrations.install_pglayer_tables(db)` creates its table (`pglayer serve`,
 `pglayer migrate` and `pglayer.testing` call it).
@@ -33,10 +34,12 @@ log = logging.getLogger("pglayer.idempotency")
 T = TypeVar("T")
 
 _CLAIM = """
-INSERT INTO pglayer_idempotency_keys (scope, key, request_hash) VALUES ($1, $2, $3)
+INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, expires_at)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4))
 ON CONFLICT (scope, key) DO UPDATE
-    SET request_hash = EXCLUDED.request_hash, response = NULL, created_at = now()
-    WHERE pglayer_idempotency_keys.created_at < now() - make_interval(secs => $4)
+    SET request_hash = EXCLUDED.request_hash, response = NULL, created_at = now(),
+        expires_at = EXCLUDED.expires_at
+    WHERE pglayer_idempotency_keys.expires_at < now()
 RETURNING true
 """
 _STORED = (
@@ -49,9 +52,9 @@ _STORE = (
 _SWEEP = """
 WITH doomed AS (
     SELECT scope, key FROM pglayer_idempotency_keys
-    WHERE created_at < now() - make_interval(secs => $1)
-    ORDER BY created_at
-    LIMIT $2
+    WHERE expires_at < now()
+    ORDER BY expires_at
+    LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM pglayer_idempotency_keys AS k USING doomed
@@ -158,13 +161,12 @@ class IdempotencyKeys:
         return _as(returns, written), False
 
     async def expire(self, db: Database, *, batch: int = 500) -> int:
-        """Delete keys older than `ttl`, `batch` at a time, each batch its own transaction that
-        skips keys in use (no request waits on it); return how many."""
+        """Delete expired keys, `batch` at a time, each batch its own transaction that skips
+        keys in use (no request waits on it); return how many. Each key expires by the `ttl`
+        of the instance that claimed it: the table is shared by every instance and scope."""
         deleted = 0
         while True:
-            count: int = await db.run(
-                lambda conn: conn.fetchval(_SWEEP, self.ttl, batch), retry=False
-            )
+            count: int = await db.run(lambda conn: conn.fetchval(_SWEEP, batch), retry=False)
             deleted += count
             if count < batch:
                 return deleted
