@@ -19,6 +19,7 @@ from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConfigurationError, Database, PglayerError
 from pglayer._pooler import detect_pooler
+from pglayer.migrations import migrate
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, asgi_client, require_external, settings_for
 from tests.test_shop_orders import funded_user, make_product
@@ -319,6 +320,24 @@ async def test_transactions_that_lose_prepared_statements_to_the_pooler_are_repl
             )
             failures += [r for r in results if isinstance(r, BaseException)]
     assert failures == []
+
+
+async def test_migrations_that_lose_prepared_statements_to_the_pooler_run_again(
+    tx_bouncer: PgBouncer, db_name: str
+) -> None:
+    # `pglayer serve` migrates first, in one transaction block: told "session" in front of
+    # a transaction pooler, its statements prepared in one transaction were missing in the
+    # next one's server connection, and serve ended with status 1.
+    settings = settings_for(tx_bouncer.url(db_name), pooler="pgbouncer-session", max_size=1)
+    async with Database(settings) as db:
+        await migrate(db, [], history="app")  # its statements prepared on one server connection
+        other = await asyncpg.connect(tx_bouncer.url(db_name), statement_cache_size=0)
+        try:
+            async with other.transaction():  # holds that server connection
+                await other.execute("SELECT 1")
+                assert await migrate(db, [], history="app") == []  # on another one
+        finally:
+            await other.close()
 
 
 async def test_an_apps_own_missing_or_repeated_prepared_statement_keeps_the_cache(

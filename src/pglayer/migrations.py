@@ -29,6 +29,7 @@ from pglayer._errors import (
     PglayerError,
     ProgrammingError,
     QueryTimeoutError,
+    StatementsLostError,
     TransactionAbortedError,
     TransientError,
     raise_translated,
@@ -169,6 +170,23 @@ async def _migrate(
             f" not {type(migrations).__name__}"
         )
     deadline = time.monotonic() + timeout
+    try:
+        return await _migrate_once(db, migrations, history, named, deadline, timeout)
+    except StatementsLostError:
+        # A pooler lost the driver's statements (its mode changed, or it was said to be a
+        # session pooler): the pool names none from now on, and the run, which aborted
+        # with nothing applied, can run again.
+        return await _migrate_once(db, migrations, history, named, deadline, timeout)
+
+
+async def _migrate_once(
+    db: Database,
+    migrations: list[Migration],
+    history: str,
+    named: bool,
+    deadline: float,
+    timeout: float,
+) -> list[str]:
     async with db.transaction(timeout=60) as conn:
         try:
             if await conn.fetchval("SELECT pg_is_in_recovery()"):
