@@ -214,6 +214,21 @@ async def test_only_the_cookie_itself_sends_reads_to_the_primary(
             assert (await client.get(path, headers={"cookie": "a=b; pglayer_rw=1"})).is_success
 
 
+@pytest.mark.parametrize("strategy", ["single", "concurrent"])
+async def test_the_dashboard_reads_from_the_replica_and_marks_no_write(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres, strategy: str
+) -> None:
+    # Gathered without `read=True`, its three reads went to the primary as writes, and
+    # set the cookie that sent the client's next reads there too.
+    db = Database(replicated_settings(primary, standby))
+    app = create_app(db=db, settings=ShopSettings(dashboard_strategy=strategy))
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert await in_rotation(db)
+        response = await client.get("/dashboard/1")
+    assert response.status_code in (200, 404)
+    assert "pglayer_rw" not in response.headers.get("set-cookie", "")
+
+
 async def test_autocommit_writes_mark_the_client_too(
     primary: EmbeddedPostgres, standby: EmbeddedPostgres
 ) -> None:

@@ -59,7 +59,7 @@ async def _concurrent(db: Database, user_id: int) -> dict[str, Any] | None:
     async def balance(conn: Connection) -> Any:
         return await conn.fetchval("SELECT balance FROM accounts WHERE user_id = $1", user_id)
 
-    found, recent, money = await gather(db, user, orders, balance, max_connections=3)
+    found, recent, money = await gather(db, user, orders, balance, max_connections=3, read=True)
     if found is None or money is None:
         return None
     return {"user": found, "recent_orders": recent, "balance": money}
