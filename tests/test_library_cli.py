@@ -418,6 +418,23 @@ def test_serve_refuses_a_module_that_exits_as_it_is_imported(db_url: str, tmp_pa
     assert "called sys.exit(0)" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_says_in_one_line_why_a_factory_refused_its_settings(
+    db_url: str, tmp_path: Path, workers: str
+) -> None:
+    # An admin token no header can carry, say: ~20 lines of traceback around the reason.
+    (tmp_path / "refuses.py").write_text(
+        "from pglayer import ConfigurationError\n"
+        "def create_app():\n    raise ConfigurationError('the admin token is not usable')\n"
+    )
+    args = "serve", "refuses:create_app", "--factory", "--workers", workers
+    env = clean_env(DATABASE_URL=db_url)
+    result = run(*args, "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "the admin token is not usable" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_serve_takes_an_asgi_app_of_any_shape_and_refuses_an_async_factory(
     db_url: str, tmp_path: Path
 ) -> None:

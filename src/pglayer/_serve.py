@@ -332,6 +332,9 @@ def _loaded(target: str, load: Callable[..., Any], *args: Any) -> Any:
     """`load(*args)` (an import, a factory's call); what it raises ends the worker."""
     try:
         return load(*args)
+    except ConfigurationError as exc:  # the app's own refusal says why: no traceback
+        log.error("cannot load %s: %s", target, exc)
+        sys.exit(_STARTUP_FAILURE)
     except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)
         sys.exit(_STARTUP_FAILURE)
