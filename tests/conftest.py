@@ -218,7 +218,12 @@ class LiveServer:
     """A real uvicorn server for `application`, in this event loop, on a free port."""
 
     def __init__(
-        self, application: FastAPI, *, http: str = "auto", timeout_keep_alive: int = 5
+        self,
+        application: FastAPI,
+        *,
+        http: str = "auto",
+        ws: str = "auto",
+        timeout_keep_alive: int = 5,
     ) -> None:
         self.port = free_port()
         config = uvicorn.Config(
@@ -228,6 +233,7 @@ class LiveServer:
             log_level="warning",
             lifespan="off",
             http=http,
+            ws=ws,
             timeout_keep_alive=timeout_keep_alive,
         )
         self.server = uvicorn.Server(config)

@@ -33,6 +33,7 @@ from pglayer import (
     UniqueViolationError,
 )
 from pglayer._observability import RequestStats
+from pglayer._ws import WS_PROTOCOL
 from pglayer.fastapi import (
     Db,
     ReadConnection,
@@ -377,6 +378,24 @@ async def test_a_websocket_handshake_where_no_websocket_route_is_gets_a_404_prob
     assert orjson.loads(response.body)["code"] == "not_found"
 
 
+async def test_a_handshake_refused_with_a_problem_logs_no_error_under_serve(
+    db: Database, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # uvicorn took a denial response for an app that never answered: an ERROR line for each
+    # stray probe, which the alerts on errors count.
+    app = app_of(db)
+
+    @app.get("/page")
+    async def page() -> str:
+        return "a page"
+
+    async with LiveServer(app, http="httptools", ws=WS_PROTOCOL) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{server.port}/page")
+    assert refused.value.response.status_code == 404
+    assert "without completing handshake" not in capfd.readouterr().err
+
+
 async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -394,6 +413,24 @@ async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
     assert closed.value.rcvd.code == 1011  # not 1006, the connection dropped
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert said == ["websocket /ws -> closed, 500 internal (RuntimeError)"], said
+
+
+async def test_an_unexpected_error_before_a_websocket_is_accepted_is_a_500_problem(
+    db: Database,
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        raise RuntimeError("a bug")
+
+    async with running(app) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{server.port}/ws")
+    response = refused.value.response
+    assert response.status_code == 500  # not uvicorn's bare 403
+    assert response.headers["content-type"] == "application/problem+json"
+    assert orjson.loads(response.body)["code"] == "internal"
 
 
 async def test_a_commit_that_fails_after_its_websocket_closed_is_logged(

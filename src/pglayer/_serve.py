@@ -33,6 +33,7 @@ from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, connected_through_pooler
 from pglayer._process import alive
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
+from pglayer._ws import WS_PROTOCOL
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
     _migrate,
@@ -333,7 +334,7 @@ def _loaded(target: str, load: Callable[..., Any], *args: Any) -> Any:
     try:
         return load(*args)
     except ConfigurationError as exc:  # the app's own refusal says why: no traceback
-        log.error("cannot load %s: %s", target, exc)
+        log.error("cannot load %s: %s", target, exc)  # noqa: TRY400  (no traceback: the point)
         sys.exit(_STARTUP_FAILURE)
     except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)
@@ -471,6 +472,7 @@ def serve(
             loop=event_loop() if workers == 1 else "pglayer._serve:worker_loop",
             # httptools with bounds on header size and header/body read time (see _http).
             http=PROTOCOL if importlib.util.find_spec("httptools") else "h11",
+            ws=WS_PROTOCOL if importlib.util.find_spec("websockets") else "auto",
             timeout_graceful_shutdown=10,
             ws_max_size=server.max_body_size,  # a WebSocket message, as a request's body
             log_config=None,

@@ -188,6 +188,12 @@ _ENCODED_SEPARATOR_REPLY = _reply(
 )
 
 
+# What answers a WebSocket handshake: after it, an error can only close the socket.
+_HANDSHAKE_ANSWERS = frozenset(
+    ("websocket.accept", "websocket.close", "websocket.http.response.start")
+)
+
+
 class _Exchange:
     """One request as the guard sees it: replayed body, noted status, disconnect watch."""
 
@@ -434,9 +440,18 @@ class RequestGuard:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket's error that no handler took: said once, the socket closed with 1011
-        (uvicorn would log a traceback and drop the connection: 1006 to the client)."""
+        (uvicorn would log a traceback and drop the connection: 1006 to the client), or,
+        before the handshake was answered, a 500 problem where the server can send one
+        (uvicorn answers a close then with a bare 403)."""
+        answered = False
+
+        async def send_noted(message: Message) -> None:
+            nonlocal answered
+            answered = answered or message["type"] in _HANDSHAKE_ANSWERS
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noted)
         except WebSocketDisconnect:
             pass  # the client left: not an error of the app's
         except Exception as exc:
@@ -449,7 +464,10 @@ class RequestGuard:
                     left_out(count),
                 )
             with contextlib.suppress(Exception):  # closed already, or the client left
-                await send({"type": "websocket.close", "code": 1011, "reason": "internal"})
+                if not answered and "websocket.http.response" in scope.get("extensions", {}):
+                    await problem_response(Problem(500, "internal"))(scope, receive, send)
+                else:
+                    await send({"type": "websocket.close", "code": 1011, "reason": "internal"})
         finally:
             collect_soon()
 
