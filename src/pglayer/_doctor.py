@@ -21,6 +21,7 @@ from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
     connect_plain,
     dsn_ports,
+    own_bound,
     pool_mode,
     pooled,
     prepared_statements_safe,
@@ -75,6 +76,20 @@ SELECT current_setting('server_version') AS version,
 """
 
 
+_PROBE_FAILURES = (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+def _why(exc: BaseException, target: str) -> str:
+    """A probe's failure: a statement timeout set too short to run a catalogue read is
+    named as such (the role's or database's `statement_timeout`, which doctor reports)."""
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return (
+            "a statement was cancelled (57014): the role's or database's statement_timeout is"
+            " too short for any work (`ALTER ROLE ... RESET statement_timeout`)"
+        )
+    return explain_connect_error(exc, target)
+
+
 async def diagnose(
     settings: DatabaseSettings, *, workers: int | None = None, reserve: int = 5
 ) -> Diagnosis:
@@ -94,7 +109,7 @@ async def diagnose(
         row, login_pid, timeouts, budget, groups = await _read_server(
             conn, settings, workers, reserve
         )
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except _PROBE_FAILURES as exc:
         reason = explain_connect_error(exc, target)
         result.add(
             "reachable",
@@ -125,7 +140,11 @@ async def diagnose(
     behind = pooled(dsn, row["server_port"], row["backend_pid"], login_pid)
     result.facts["pooler"] = None
     if behind:
-        mode = await pool_mode(dsn, settings)
+        try:
+            mode = await pool_mode(dsn, settings)
+        except _PROBE_FAILURES as exc:
+            result.add("pooler", "fail", f"probing the pooler failed: {_why(exc, target)}")
+            return result
         result.facts["pooler"] = mode
         result.add(
             "pooler",
@@ -137,7 +156,11 @@ async def diagnose(
         if mode in ("transaction", "session"):  # either drops what is sent at connect
             _check_role_timeouts(settings, row, timeouts, result)
         if mode == "transaction":
-            safe = await prepared_statements_safe(dsn, settings)
+            try:
+                safe = await prepared_statements_safe(dsn, settings)
+            except _PROBE_FAILURES as exc:
+                result.add("prepared statements", "fail", f"the probe failed: {_why(exc, target)}")
+                return result
             result.facts["prepared_statements"] = safe
             if safe:
                 result.add(
@@ -218,10 +241,9 @@ async def _read_server(
     """What the checks need, read in one transaction bounded by its own `statement_timeout`
     (`SET LOCAL`, which a transaction pooler keeps to this client): a role's tiny one, which
     doctor reports, must not cancel doctor's own reads."""
-    bound = settings.connect_timeout
     async with conn.transaction(readonly=True):
-        await conn.execute(f"SET LOCAL statement_timeout = {math.ceil(bound * 1000)}")
-        row = await conn.fetchrow(_SERVER_FACTS, timeout=bound)
+        await own_bound(conn, settings)
+        row = await conn.fetchrow(_SERVER_FACTS, timeout=settings.connect_timeout)
         timeouts = await server_timeouts(conn)
         budget = await read_budget(
             conn,

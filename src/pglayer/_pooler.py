@@ -10,6 +10,7 @@ it does not know, such as `statement_timeout`.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "connected_through_pooler",
     "detect_pooler",
     "dsn_ports",
+    "own_bound",
     "pooled",
     "server_timeouts",
     "settings_off",
@@ -131,6 +133,15 @@ async def connect_plain(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> 
     )
 
 
+async def own_bound(conn: Any, settings: DatabaseSettings) -> None:
+    """Bound a check's transaction by its own `statement_timeout` (`SET LOCAL`, which a
+    transaction pooler keeps to this client): a role's tiny one, which the checks report,
+    must not cancel the checks' own statements."""
+    await conn.execute(
+        f"SET LOCAL statement_timeout = {math.ceil(settings.connect_timeout * 1000)}"
+    )
+
+
 _ROUNDS = 12  # turns each of two clients takes in `pool_mode` (a few ms each)
 
 
@@ -147,14 +158,17 @@ async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
     try:
         try:
             async with first.transaction():
-                await first.execute("SELECT 1")
+                await own_bound(first, settings)
                 await first.execute("SELECT 2")
+        except asyncpg.QueryCanceledError:
+            raise
         except asyncpg.PostgresError:
             return "statement"  # multi-statement transactions are refused
         seen: dict[int, set[Any]] = {0: set(), 1: set()}
         for _ in range(_ROUNDS):
             for k, conn in enumerate((first, second)):
                 async with conn.transaction():
+                    await own_bound(conn, settings)
                     seen[k].add(await conn.fetchval("SELECT pg_backend_pid()"))
             if len(seen[0]) > 1 or len(seen[1]) > 1 or seen[0] & seen[1]:
                 return "transaction"
@@ -177,6 +191,7 @@ async def prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool
     name = f"pglayer_probe_{secrets.token_hex(8)}"
     try:
         async with conn.transaction():
+            await own_bound(conn, settings)
             # Kept referenced: asyncpg closes a statement object that is collected.
             statement = await conn.prepare("SELECT 1", name=name)
             passed_through = await conn.fetchval(
