@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import IO, Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer._serve import metrics_directory
@@ -139,6 +141,10 @@ async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
                     proc.send_signal(signal.SIGTERM)  # our own child, by its PID
                     await asyncio.sleep(0.5)
                     assert proc.poll() is None, "exited with a request in flight"
+                    # Draining: a new connection is refused, not taken into a backlog that
+                    # no worker accepts from any more and reset at the exit.
+                    with pytest.raises(ConnectionRefusedError):
+                        socket.create_connection(("127.0.0.1", port), timeout=2).close()
                     await tx.rollback()  # the order proceeds now
                 finally:
                     await locker.close()

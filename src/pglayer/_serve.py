@@ -206,6 +206,22 @@ def metrics_directory() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"pglayer-metrics-{os.getpid()}-"))
 
 
+def _supervise(config: Any) -> None:
+    """Run uvicorn's process manager, which closes its listening socket here as the workers
+    are told to stop. It keeps the socket for the workers it starts; while they drained, the
+    kernel went on taking new connections into a backlog no one accepted from any more, and
+    reset them at the exit (a single worker's refuses them at once)."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
 _PR_SET_PDEATHSIG = 1  # Linux's prctl(2): a signal when the parent ends
 
@@ -463,7 +479,7 @@ def serve(
         logging.getLogger("uvicorn.error").addHandler(failures)
         _uvicorn_filters()  # the supervisor's own lines too
         os.environ[_APP_ENV], os.environ[_FACTORY_ENV] = app, "1" if factory else "0"
-        uvicorn.run(
+        config = uvicorn.Config(
             "pglayer._serve:load_app",
             factory=True,
             host=host,
@@ -478,6 +494,14 @@ def serve(
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id
         )
+        single = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # as `uvicorn.run`
+            if workers > 1:
+                _supervise(config)
+            else:
+                single.run()
+        if workers == 1 and not single.started:
+            raise SystemExit(_STARTUP_FAILURE)
         logging.getLogger("uvicorn.error").removeHandler(failures)
         if failures.seen:
             raise SystemExit(_STARTUP_FAILURE)
