@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.resources import files
 from typing import Any
@@ -171,9 +171,11 @@ async def test_a_sweep_deletes_only_the_keys_past_their_own_ttl(db: Database) ->
     assert replayed
 
 
-async def test_keys_claimed_before_expiry_per_key_expire_a_day_after_their_claim(
+async def test_keys_claimed_before_expiry_per_key_keep_the_ttl_of_whoever_reads_them(
     server: Server, admin: asyncpg.Connection[Any]
 ) -> None:
+    # Cut to a day at the upgrade, a week-long key two days old was swept and its work ran
+    # again; it keeps the rule it was claimed under.
     name = (
         f"t_up_{uuid.uuid4().hex[:12]}"  # no template: pglayer's tables as an older one left them
     )
@@ -184,16 +186,18 @@ async def test_keys_claimed_before_expiry_per_key_expire_a_day_after_their_claim
             await migrate(db, earlier, history="pglayer")
             await db.run(
                 lambda c: c.execute(
-                    "INSERT INTO pglayer_idempotency_keys (scope, key, request_hash, created_at)"
-                    " VALUES ('orders', 'k', 'h', now() - interval '2 hours')"
+                    "INSERT INTO pglayer_idempotency_keys"
+                    " (scope, key, request_hash, response, created_at)"
+                    " VALUES ('notes', 'k', 'h', '{\"id\": 1}', now() - interval '2 days')"
                 )
             )
             assert await install(db) == ["0004_idempotency_expiry_per_key.sql"]
-            left = await db.run(
-                lambda c: c.fetchval(
-                    "SELECT expires_at - created_at FROM pglayer_idempotency_keys WHERE key = 'k'"
-                )
+            week = IdempotencyKeys(ttl=7 * 86_400)
+            assert await week.expire(db) == 0
+            replayed = await db.run_in_transaction(
+                lambda c: week.run(c, "notes", "k", "h", add_note)
             )
+            assert replayed == ({"id": 1}, True)
+            assert await IdempotencyKeys(ttl=86_400).expire(db) == 1  # past a day's TTL
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    assert left == timedelta(days=1)

@@ -39,7 +39,10 @@ VALUES ($1, $2, $3, now() + make_interval(secs => $4))
 ON CONFLICT (scope, key) DO UPDATE
     SET request_hash = EXCLUDED.request_hash, response = NULL, created_at = now(),
         expires_at = EXCLUDED.expires_at
-    WHERE pglayer_idempotency_keys.expires_at < now()
+    WHERE coalesce(
+        pglayer_idempotency_keys.expires_at,
+        pglayer_idempotency_keys.created_at + make_interval(secs => $4)
+    ) < now()
 RETURNING true
 """
 _STORED = (
@@ -53,7 +56,7 @@ _SWEEP = """
 WITH doomed AS (
     SELECT scope, key FROM pglayer_idempotency_keys
     WHERE expires_at < now()
-    ORDER BY expires_at
+       OR (expires_at IS NULL AND created_at < now() - make_interval(secs => $2))
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), gone AS (
@@ -163,10 +166,13 @@ class IdempotencyKeys:
     async def expire(self, db: Database, *, batch: int = 500) -> int:
         """Delete expired keys, `batch` at a time, each batch its own transaction that skips
         keys in use (no request waits on it); return how many. Each key expires by the `ttl`
-        of the instance that claimed it: the table is shared by every instance and scope."""
+        of the instance that claimed it: the table is shared by every instance and scope.
+        (A key claimed by a release before 0004 has no expiry of its own: this `ttl`.)"""
         deleted = 0
         while True:
-            count: int = await db.run(lambda conn: conn.fetchval(_SWEEP, batch), retry=False)
+            count: int = await db.run(
+                lambda conn: conn.fetchval(_SWEEP, batch, self.ttl), retry=False
+            )
             deleted += count
             if count < batch:
                 return deleted
