@@ -33,7 +33,6 @@ from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, connected_through_pooler
 from pglayer._process import alive
 from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
-from pglayer._ws import WS_PROTOCOL
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
     _migrate,
@@ -424,6 +423,7 @@ def serve(
 
     from pglayer._embedded import EmbeddedPostgres
     from pglayer._http import PROTOCOL
+    from pglayer._ws import WS_PROTOCOL
 
     check_importable(app)  # before migrating
     port = check_port(host, port)  # 0: a free one, said below as the one served on
