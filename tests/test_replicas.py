@@ -152,6 +152,34 @@ async def test_gathered_reads_go_to_the_replica_when_told_they_only_read(
         assert await gather(db, recovering, recovering) == (False, False)
 
 
+async def test_a_probe_whose_connection_is_wedged_leaves_the_checker_running(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncpg's InternalClientError (a protocol state it cannot leave, seen on a probe as
+    # the standby restarted) is no InterfaceError: it ended the checker for good, and the
+    # replica never came back into rotation.
+    async with Database(replicated_settings(primary, standby)) as db:
+        assert await in_rotation(db)
+        assert db.replicas is not None
+        real = db.replicas._probe
+        wedged = [1]
+
+        async def probe(replica: Database) -> Any:
+            if wedged:
+                wedged.pop()
+                raise asyncpg.InternalClientError("cannot switch to state 12")
+            return await real(replica)
+
+        monkeypatch.setattr(db.replicas, "_probe", probe)
+
+        async def out() -> bool:
+            assert db.replicas is not None
+            return not db.replicas.health["replica-1"].healthy
+
+        assert await wait_for(out, timeout=5)
+        assert await in_rotation(db)
+
+
 async def test_a_lagging_replica_is_skipped_until_it_catches_up(
     primary: EmbeddedPostgres, standby: EmbeddedPostgres
 ) -> None:

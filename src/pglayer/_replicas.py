@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from pglayer._errors import PglayerError
+from pglayer._logs import Throttle, left_out
 
 if TYPE_CHECKING:
     from pglayer._database import Database
@@ -24,6 +25,16 @@ __all__ = ["PRIMARY_POSITION_SQL", "REPLICA_HEALTH_SQL", "ReplicaHealth", "Repli
 log = logging.getLogger("pglayer.replicas")
 
 REOPEN_EVERY = 30.0  # seconds between attempts to open a replica that refused (see _open_one)
+# What a probe fails with when the replica is gone or cut off; asyncpg's InternalClientError
+# (a protocol state it cannot leave, seen as a standby restarted) is no InterfaceError.
+_PROBE_FAILURES = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+_CHECK_FAILED = Throttle()
 
 # `lag`, the replica's own estimate: zero when everything received is replayed (after a
 # restart the received position starts behind the replayed one), however long ago the last
@@ -165,7 +176,14 @@ class ReplicaSet:
     async def _check_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:
+                # A check that failed in a way not foreseen must not end the checks: the
+                # replicas' health would stay as it was for good.
+                count = _CHECK_FAILED.allow("check")
+                if count is not None:
+                    log.exception("replica check failed%s", left_out(count))
 
     async def check(self) -> None:
         """Refresh every replica's health now."""
@@ -241,7 +259,7 @@ class ReplicaSet:
             return ReplicaHealth(replica.name, False, "refused", None)
         try:
             row = await self._probe(replica)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except _PROBE_FAILURES:
             if self.health[replica.name].healthy:
                 # It stopped answering: reads queued for its connections, or running on
                 # them, would wait out their deadlines; they fail now and read the primary.

@@ -174,7 +174,7 @@ class _WorkerDeaths(logging.Filter):
         if (
             isinstance(message, str)
             and message.startswith("Child process [")
-            and (message.endswith("] died"))
+            and message.endswith("] died")
         ):
             record.levelno, record.levelname = logging.ERROR, "ERROR"
             record.msg = f"{message} (killed, out of memory, or crashed): a new worker replaces it"
