@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from pglayer import _context as context
 from pglayer._clock import current_task
-from pglayer._context import RequestContext
+from pglayer._context import MAX_TIMEOUT, RequestContext
 from pglayer._errors import (
     CommitIndeterminateError,
     ConnectionLostError,
@@ -565,7 +565,6 @@ def _while_preparing(error: BaseException | None) -> bool:
 
 # PostgreSQL takes lock_timeout in int milliseconds; past a day a bound bounds nothing.
 MAX_LOCK_TIMEOUT = 86400.0
-MAX_TIMEOUT = 1e9  # seconds (31 years): past it a deadline overflows the clock's float
 
 
 def _seconds(value: object) -> TypeGuard[float]:

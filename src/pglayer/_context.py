@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "FRONT_DOOR_KEY",
+    "MAX_TIMEOUT",
     "RequestContext",
     "Writes",
     "client_request_id",
@@ -33,6 +34,8 @@ __all__ = [
     "request_id",
     "set_operation",
 ]
+
+MAX_TIMEOUT = 1e9  # seconds (31 years): past it a deadline overflows the clock's float
 
 # The app.state attribute where the request guard offers early refusals to the HTTP server
 # (`pglayer._http`): the two meet there without importing each other.
@@ -219,7 +222,7 @@ def bounded(seconds: float | None) -> Iterator[None]:
     if seconds is None:
         yield
         return
-    if not 0 <= seconds <= 1e9:  # NaN too, which `min` would have taken for the deadline
+    if not 0 <= seconds <= MAX_TIMEOUT:  # NaN too, which `min` would have taken for the deadline
         raise ValueError(f"a deadline is seconds from 0 up, not {seconds!r}")
     at = time.monotonic() + seconds
     outer = _current.get()

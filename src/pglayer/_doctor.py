@@ -110,7 +110,7 @@ async def diagnose(
             conn, settings, workers, reserve
         )
     except _PROBE_FAILURES as exc:
-        reason = explain_connect_error(exc, target)
+        reason = _why(exc, target)
         result.add(
             "reachable",
             "fail",
@@ -201,7 +201,7 @@ async def diagnose(
                 "pooler pool size",
                 "ok",
                 "session mode pins one server connection per client connection: the pooler's"
-                f" pool for this database and user must hold {budget.workers * budget.max_size}"
+                f" pool for this database and user must hold {budget.pools}"
                 " (workers x max_size), or clients wait in its queue",
             )
     else:

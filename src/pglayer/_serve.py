@@ -188,7 +188,7 @@ def _uvicorn_filters() -> None:
     logger.addFilter(_WorkerDeaths())
 
 
-NO_EMBEDDED = (
+_NO_EMBEDDED = (
     "no DATABASE_URL set, and PGLAYER_EMBEDDED=false: set DATABASE_URL (or unset"
     " PGLAYER_EMBEDDED for an embedded PostgreSQL)"
 )
@@ -457,7 +457,7 @@ def serve(
     try:
         if DatabaseSettings().url is None:
             if not DatabaseSettings().embedded:
-                raise ConfigurationError(NO_EMBEDDED)
+                raise ConfigurationError(_NO_EMBEDDED)
             embedded = EmbeddedPostgres(data_dir, database=database)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()
@@ -494,14 +494,14 @@ def serve(
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id
         )
-        single = uvicorn.Server(config)
         with contextlib.suppress(KeyboardInterrupt):  # as `uvicorn.run`
             if workers > 1:
                 _supervise(config)
             else:
+                single = uvicorn.Server(config)
                 single.run()
-        if workers == 1 and not single.started:
-            raise SystemExit(_STARTUP_FAILURE)
+                if not single.started:
+                    raise SystemExit(_STARTUP_FAILURE)
         logging.getLogger("uvicorn.error").removeHandler(failures)
         if failures.seen:
             raise SystemExit(_STARTUP_FAILURE)

@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 
 from pglayer._database import Database
 from pglayer._errors import (
-    DatabaseError,
     DatabaseUnavailableError,
     PglayerError,
     PoolOverloadedError,
@@ -44,11 +43,10 @@ def _state(exc: PglayerError, db: Database) -> str:
         # No connection came: the database may be fine and this process's connections all
         # in use; with free slots, its connects do not answer.
         return "saturated" if _saturated(db) else "down"
-    said = exc.sqlstate if isinstance(exc, DatabaseError) else None
     # The server's own refusal of a connect (53300, 3D000, 28P01, 55000, 57P03...); socket
     # failures are the client's 08006.
-    if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and said:
-        return "down" if said.startswith("08") else "refused"
+    if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and exc.sqlstate:
+        return "down" if exc.sqlstate.startswith("08") else "refused"
     return "down"
 
 
