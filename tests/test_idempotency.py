@@ -7,11 +7,11 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.resources import files
-from typing import Any
+from typing import Any, assert_type
 
 import asyncpg
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from pglayer import Connection, Database, IdempotencyKeys, body_hash
 from pglayer._errors import IdempotencyKeyReusedError
@@ -141,6 +141,22 @@ async def test_a_replay_returns_what_the_first_call_returned(
     assert type(first) is type(again)
     assert first == again
     assert first == (Balance(amount=Decimal("110.00")) if returns else {"amount": "110.00"})
+
+
+async def test_a_type_adapter_types_a_result_that_is_not_a_class(
+    db: Database, keys: IdempotencyKeys
+) -> None:
+    # `returns=Balance | None` worked but mypy refused it (a union is not a `type[T]`).
+    async def nothing(conn: Connection) -> Balance | None:
+        return None
+
+    maybe = TypeAdapter(Balance | None)
+    for replay in (False, True):
+        result, replayed = await db.run_in_transaction(
+            lambda c: keys.run(c, "maybe", "k", body_hash(b"a"), nothing, returns=maybe)
+        )
+        assert_type(result, Balance | None)  # checked by mypy
+        assert (result, replayed) == (None, replay)
 
 
 async def test_without_a_key_the_result_is_what_a_replay_would_return(

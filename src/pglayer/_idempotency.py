@@ -80,7 +80,7 @@ def body_hash(body: Any) -> str:
 
 @functools.cache
 def _adapter(returns: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(returns)
+    return returns if isinstance(returns, TypeAdapter) else TypeAdapter(returns)
 
 
 def _as(returns: Any, written: bytes) -> Any:
@@ -107,7 +107,7 @@ class IdempotencyKeys:
         request_hash: str,
         work: Callable[[Connection], Awaitable[object]],
         *,
-        returns: type[T],
+        returns: type[T] | TypeAdapter[T],
     ) -> tuple[T, bool]: ...
 
     @overload
@@ -138,7 +138,8 @@ class IdempotencyKeys:
         The result is stored as pglayer's JSON responses write it (records, Decimals as
         strings, UTC datetimes as "…Z"), and every call returns it in that form, replay or
         not, key or none, so code that works on the first answer works on a replay; or,
-        with `returns` (a model, `Decimal`, `list[Order]`…), validated into that type."""
+        with `returns` (a model, `Decimal`, `list[Order]`…), validated into that type; a
+        type that is not a class (`Order | None`) is typed as `TypeAdapter(Order | None)`."""
         if not conn.raw.is_in_transaction():
             # In autocommit the claim would commit alone: a failed `work` would leave the
             # key spent with no answer stored, and every resend would replay nothing. Said
