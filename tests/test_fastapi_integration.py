@@ -32,6 +32,7 @@ from pglayer import (
     ProgrammingError,
     UniqueViolationError,
 )
+from pglayer._logs import install_request_id
 from pglayer._observability import RequestStats
 from pglayer._ws import WS_PROTOCOL
 from pglayer.fastapi import (
@@ -45,7 +46,7 @@ from pglayer.fastapi import (
     transaction_dependency,
     transactional,
 )
-from pglayer.fastapi._middleware import STATS_KEY
+from pglayer.fastapi._middleware import STATS_KEY, current_request_id
 from tests.conftest import LiveServer, Server, asgi_client, refuses_to_start, settings_for
 from tests.test_pool_faults import two_connections_allowed
 
@@ -394,6 +395,54 @@ async def test_a_handshake_refused_with_a_problem_logs_no_error_under_serve(
             await connect(f"ws://127.0.0.1:{server.port}/page")
     assert refused.value.response.status_code == 404
     assert "without completing handshake" not in capfd.readouterr().err
+
+
+def access_fields(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    names = ("method", "path", "route", "status", "request_id")
+    lines = [r for r in caplog.records if r.name == "pglayer.access"]
+    return [{k: getattr(r, k) for k in names} for r in lines]
+
+
+async def test_a_websocket_has_a_request_id_and_an_access_line(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Handshakes left no trace in the access log, and a handler's logs had no request id.
+    app = app_of(db, access_log=True)
+    install_request_id()
+    caplog.set_level("INFO", logger="pglayer.access")
+
+    @app.websocket("/rooms/{room}")
+    async def ws(websocket: WebSocket, room: int) -> None:
+        await websocket.accept()
+        await websocket.send_text(current_request_id())
+        await websocket.close()
+
+    async with (
+        running(app) as server,
+        connect(f"ws://127.0.0.1:{server.port}/rooms/7", additional_headers=ID) as ws_,
+    ):
+        assert await ws_.recv() == "ws-1"
+        assert ws_.response is not None
+        assert ws_.response.headers["x-request-id"] == "ws-1"
+    line = {"method": "WS", "path": "/rooms/7", "route": "/rooms/{room}", "status": 101}
+    assert access_fields(caplog) == [{**line, "request_id": "ws-1"}]
+
+
+async def test_a_refused_websocket_handshake_has_a_request_id_and_an_access_line(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db, access_log=True)
+    install_request_id()
+    caplog.set_level("INFO", logger="pglayer.access")
+    async with running(app) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{server.port}/nowhere", additional_headers=ID)
+    assert refused.value.response.headers["x-request-id"] == "ws-1"
+    [line] = access_fields(caplog)
+    assert (line["method"], line["status"], line["request_id"]) == ("WS", 404, "ws-1")
+
+
+ID = {"X-Request-ID": "ws-1"}
 
 
 async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(

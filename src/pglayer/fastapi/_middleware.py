@@ -188,6 +188,17 @@ _ENCODED_SEPARATOR_REPLY = _reply(
 )
 
 
+def _handshake_answer(message: Message, request_id: str) -> tuple[int, Message]:
+    """The status a handshake's answer gives (a close before accepting is a 403), and the
+    answer with the request id among its headers."""
+    kind = message["type"]
+    if kind == "websocket.close":
+        return 403, message
+    status = 101 if kind == "websocket.accept" else message["status"]
+    headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+    return status, {**message, "headers": headers}
+
+
 # What answers a WebSocket handshake: after it, an error can only close the socket.
 _HANDSHAKE_ANSWERS = frozenset(
     ("websocket.accept", "websocket.close", "websocket.http.response.start")
@@ -439,22 +450,32 @@ class RequestGuard:
             self._account(scope, ex)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A WebSocket's error that no handler took: said once, the socket closed with 1011
+        """A WebSocket with a request id (its logs', its handshake's answer's) and an access
+        line when it ends: `WS`, the handshake's status (101 accepted), its whole life.
+
+        A WebSocket's error that no handler took: said once, the socket closed with 1011
         (uvicorn would log a traceback and drop the connection: 1006 to the client), or,
         before the handshake was answered, a 500 problem where the server can send one
         (uvicorn answers a close then with a bare 403)."""
-        answered = False
+        started = time.monotonic()
+        request_id = client_request_id(scope["headers"]) or new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
 
         async def send_noted(message: Message) -> None:
-            nonlocal answered
-            answered = answered or message["type"] in _HANDSHAKE_ANSWERS
+            nonlocal status
+            if not status and message["type"] in _HANDSHAKE_ANSWERS:
+                status, message = _handshake_answer(message, request_id)
             await send(message)
 
+        token = context.enter(RequestContext(request_id, None, None, scope))
         try:
             await self.app(scope, receive, send_noted)
         except WebSocketDisconnect:
             pass  # the client left: not an error of the app's
         except Exception as exc:
+            answered = bool(status)
+            status = status or 500
             count = _LATE.allow((type(exc), "websocket"))
             if count is not None:
                 log.exception(
@@ -469,7 +490,15 @@ class RequestGuard:
                 else:
                     await send({"type": "websocket.close", "code": 1011, "reason": "internal"})
         finally:
+            context.leave(token)
             collect_soon()
+            if self.access_log is not None:
+                seconds = time.monotonic() - started
+                route = route_template(scope)
+                # Never answered: the server refuses the handshake itself, with a 403.
+                self.access_log.write(
+                    "WS", scope["path"], route, status or 403, seconds, request_id
+                )
 
     @staticmethod
     def _after_start(scope: Scope, ex: _Exchange, exc: Exception) -> None:
