@@ -247,6 +247,20 @@ def test_serve_sets_up_every_workers_logs_and_bounds_from_the_environment(
     assert {r["status"] for r in access} >= {200, 413}, output
 
 
+def test_serve_names_each_workers_pid_in_text_logs(db_url: str, tmp_path: Path) -> None:
+    # Text lines of two workers could not be told apart (JSON has a `worker` field).
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="text", PGLAYER_ACCESS_LOG="true")
+    with serving(tmp_path, "--workers", "2", env=env) as served:
+        for _ in range(4):  # a new connection each: both workers answer, most likely
+            assert httpx.get(f"{served.url}/notes/echo", timeout=5).status_code == 405
+    lines = served.output.splitlines()
+    started = [re.search(r" INFO \S+\[(\d+)\] .*Started server process", x) for x in lines]
+    assert len({m[1] for m in started if m}) == 2, served.output
+    access = [x for x in lines if " pglayer.access" in x]
+    assert len(access) >= 4, served.output  # and the readiness probe's
+    assert all(re.search(r" INFO pglayer\.access\[\d+\] \[", x) for x in access), access
+
+
 def test_serve_bounds_a_websocket_message_as_a_body(db_url: str, tmp_path: Path) -> None:
     env = clean_env(DATABASE_URL=db_url, PGLAYER_MAX_BODY_SIZE="64")
 

@@ -120,14 +120,17 @@ _TRACEBACK = "Traceback (most recent call last):"
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger [request id] message`, then any extra fields as key=value.
+    """`time level logger [request id] message`, then any extra fields as key=value; the
+    logger's name followed by the PID (`pglayer.pool[4242]`) with `worker`.
 
     A record is one line, whatever its message holds; a traceback follows on lines
     indented by two spaces, so no text inside a record can pass for the start of another.
     """
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    def __init__(self, *, worker: bool = False) -> None:
+        # `name[pid]` where several workers write to one stream: which one said it.
+        name = "%(name)s[%(process)d]" if worker else "%(name)s"
+        super().__init__(f"%(asctime)s %(levelname)s {name} [%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
@@ -347,7 +350,7 @@ class AccessLog:
             duration = _TENTHS[tenths] if 0 <= tenths < 1000 else _tenths(ms)
             quoted = self._routes.get(route) or self._quoted(route)
             line = (
-                f'{text},{millis} INFO pglayer.access [{request_id}] "{method} {path}" '
+                f'{text},{millis} INFO {handler.access_name} [{request_id}] "{method} {path}" '
                 f"{code} {duration}ms route={quoted}"
             )
         batch = self._batch
@@ -370,9 +373,10 @@ class AccessLog:
 class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler `configure_logging()` installs; it knows its format by name."""
 
-    def __init__(self, format_name: str) -> None:
+    def __init__(self, format_name: str, *, worker: bool = False) -> None:
         super().__init__(sys.stderr)
         self.format_name = format_name
+        self.access_name = f"pglayer.access[{os.getpid()}]" if worker else "pglayer.access"
 
     def write_lines(self, lines: list[str]) -> None:
         """Write `lines`, then empty the list (`AccessLog` starts its next batch in it)."""
@@ -389,11 +393,14 @@ class StreamHandlerWithFormat(logging.StreamHandler):  # type: ignore[type-arg]
 def configure_logging(
     *, format: Literal["text", "json"] = "text", level: str | int = "INFO"
 ) -> logging.Handler:
-    """Send all logs (pglayer's, uvicorn's, the app's) to stderr in one format; masked."""
+    """Send all logs (pglayer's, uvicorn's, the app's) to stderr in one format; masked.
+    Text names the PID with each logger where `serve --workers` runs several (JSON always
+    does)."""
     install_request_id()
-    handler = StreamHandlerWithFormat(format)
+    worker = os.environ.get("PGLAYER_WORKERS", "1").strip() not in ("", "0", "1")
+    handler = StreamHandlerWithFormat(format, worker=worker)
     handler.addFilter(MaskSecrets())
-    handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter(worker=worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
