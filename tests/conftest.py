@@ -36,6 +36,7 @@ from pglayer_shop.settings import ShopSettings
 from pglayer import ConfigurationError, Database, DatabaseSettings, _logs
 from pglayer._embedded import EmbeddedPostgres
 from pglayer._logs import Throttle
+from pglayer.testing import PgBouncer, pgbouncer_binary
 
 pytest_plugins = ["pytester"]
 
@@ -123,6 +124,14 @@ async def db_name(admin: asyncpg.Connection[Any], template: str) -> AsyncIterato
         yield name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def tx_bouncer(server: Server) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode, three server connections for all its clients."""
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    with PgBouncer(server.admin_url, pool_mode="transaction", pool_size=3) as b:
+        yield b
 
 
 @pytest.fixture

@@ -37,13 +37,6 @@ def bouncer(request: pytest.FixtureRequest, server: Server) -> Iterator[PgBounce
         yield b
 
 
-@pytest.fixture
-def tx_bouncer(server: Server) -> Iterator[PgBouncer]:
-    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
-    with PgBouncer(server.admin_url, pool_mode="transaction", pool_size=3) as b:
-        yield b
-
-
 @asynccontextmanager
 async def shop_through(bouncer: PgBouncer, db_name: str) -> AsyncIterator[httpx.AsyncClient]:
     db = Database(settings_for(bouncer.url(db_name), min_size=2, max_size=8))

@@ -35,10 +35,13 @@ from pglayer import (
 )
 from pglayer._embedded import EmbeddedPostgres
 from pglayer.fastapi import ReadConnection, setup
+from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
 from pglayer.migrations import MigrationError, migrate
+from pglayer.sqlalchemy import create_engine
 from tests.conftest import asgi_client, children_of, free_port, settings_for, wait_for
 from tests.test_doctor import doctor
 from tests.test_metrics import scrape
+from tests.test_sqlalchemy import UserRow
 
 DB = "shop_replicated"
 
@@ -279,6 +282,38 @@ async def test_autocommit_writes_mark_the_client_too(
             assert "pglayer_rw=1" in created.headers.get("set-cookie", "")
             reread = await client.get(created.headers["location"])
             assert reread.status_code == 200
+
+
+async def test_orm_writes_mark_the_client_and_orm_reads_do_not(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # A `SqlSession` write set no cookie: the client's next read, on a replica, missed it.
+    db = Database(replicated_settings(primary, standby, replica_max_lag=600))
+    app = FastAPI()
+    setup(app, db)
+    setup_sqlalchemy(app, create_engine(database=db))
+
+    @app.post("/sa/users", status_code=201)
+    async def add(session: SqlSession) -> int:
+        row = UserRow(name="O", email="orm@example.com")
+        session.add(row)
+        await session.flush()
+        return row.id
+
+    @app.get("/sa/users/{user_id}")
+    async def get(user_id: int, session: SqlSession) -> str | None:
+        row = await session.get(UserRow, user_id)
+        return None if row is None else row.name
+
+    async with app.router.lifespan_context(app):
+        async with asgi_client(app) as writer:
+            created = await writer.post("/sa/users")
+            assert created.status_code == 201
+        async with asgi_client(app) as reader:
+            read = await reader.get(f"/sa/users/{created.json()}")
+            assert read.json() == "O"
+    assert "pglayer_rw=1" in created.headers.get("set-cookie", "")
+    assert "pglayer_rw" not in read.headers.get("set-cookie", "")
 
 
 async def test_stopping_the_standby_under_load_gives_no_5xx_and_reads_return(

@@ -13,16 +13,18 @@ import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI, Response
 from pydantic import BaseModel
-from sqlalchemy import BigInteger, String, text
+from sqlalchemy import BigInteger, String, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import pglayer
 from pglayer import ConfigurationError, Connection, Database, DatabaseSettings
+from pglayer._errors import StatementsLostError
 from pglayer.fastapi import WriteTransaction, setup, transactional
 from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
-from pglayer.sqlalchemy import count_engine, create_engine
+from pglayer.sqlalchemy import count_engine, create_engine, session_transaction
+from pglayer.testing import PgBouncer
 from tests.conftest import asgi_client, free_port, refuses_to_start, settings_for
 from tests.test_errors import SLOW_COMMIT, kill_when_committing
 from tests.test_shop_users import assert_problem
@@ -412,3 +414,51 @@ async def test_a_rollback_in_the_handler_is_said_as_such(
     logged = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
     assert len(logged) == 1
     assert "was ended in its block (session.rollback())" in logged[0]
+
+
+@pytest.mark.parametrize("given", ["database", "settings"])
+async def test_an_engine_behind_a_transaction_pooler_runs_sessions_without_errors(
+    tx_bouncer: PgBouncer, db_name: str, given: str
+) -> None:
+    # PgBouncer closed every connection that sent `statement_timeout` at startup (a 503 for
+    # each ORM request while readiness said ok); without that, SQLAlchemy's named
+    # statements met each other on PgBouncer's three server connections.
+    settings = settings_for(tx_bouncer.url(db_name), max_size=6)
+    async with Database(settings) as db:
+        engine = create_engine(database=db) if given == "database" else create_engine(settings)
+        sessions = async_sessionmaker(engine)
+
+        async def add(i: int) -> None:
+            async with session_transaction(sessions) as session:
+                session.add(UserRow(name=f"u{i}", email=f"u{i}@example.com"))
+                await session.flush()
+                await session.execute(select(UserRow).where(UserRow.name == f"u{i}"))
+
+        try:
+            for _ in range(3):  # a statement prepared in one round is reused by the next
+                await asyncio.gather(*(add(i) for i in range(_ * 20, _ * 20 + 20)))
+            async with session_transaction(sessions) as session:
+                count = await session.scalar(select(func.count()).select_from(UserRow))
+        finally:
+            await engine.dispose()
+    assert count == 60
+
+
+async def test_statements_lost_to_the_server_are_transient_not_the_apps_bug(
+    db_url: str,
+) -> None:
+    # An engine not fitted to its pooler: the driver's statements gone (26000) were a 500.
+    engine = create_engine(settings_for(db_url))
+    sessions = async_sessionmaker(engine)
+
+    async def lose_statements() -> None:
+        async with session_transaction(sessions) as session:
+            await session.execute(select(UserRow).where(UserRow.id == 1))
+            await session.execute(text("DEALLOCATE ALL"))
+            await session.execute(select(UserRow).where(UserRow.id == 1))
+
+    try:
+        with pytest.raises(StatementsLostError):
+            await lose_statements()
+    finally:
+        await engine.dispose()

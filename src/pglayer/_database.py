@@ -70,10 +70,11 @@ from pglayer._observability import (
 from pglayer._pool import Pool, Slot
 from pglayer._pooler import (
     PoolerInfo,
-    detect_pooler,
-    prepared_statements_safe,
+    keeps_statements,
+    resolve_pooler,
     server_timeouts,
     settings_off,
+    startup_parameters,
 )
 from pglayer._replicas import ReplicaSet
 from pglayer._retry import RetryPolicy, retry_after
@@ -439,18 +440,6 @@ class Database:
         if self.replicas is not None:
             await self.replicas.open()
 
-    async def _resolve_pooler(self) -> PoolerInfo:
-        kind = self.settings.pooler
-        if kind == "none":
-            return PoolerInfo("none", prepared_statements=True)
-        if kind == "pgbouncer-session":
-            return PoolerInfo("session", prepared_statements=True)
-        if kind == "pgbouncer-transaction":
-            # Told, not probed: assume PgBouncer < 1.21 unless the probe says otherwise.
-            safe = await prepared_statements_safe(self.settings.dsn(), self.settings)
-            return PoolerInfo("transaction", prepared_statements=safe)
-        return await detect_pooler(self.settings)
-
     async def _create_pool(self, ends: float = math.inf) -> Pool:
         """The pool; the pooler in front, if not known yet, probed before `ends`
         (`time.monotonic()`: the startup deadline)."""
@@ -461,7 +450,7 @@ class Database:
                 # queue: each is bounded, and together they end with the startup deadline.
                 left = ends - time.monotonic()
                 async with asyncio.timeout(None if math.isinf(left) else left):
-                    self.pooler = await self._resolve_pooler()
+                    self.pooler = await resolve_pooler(self.settings)
             except Exception as exc:
                 # Counted as the pool's own connects are: an app started while its server is
                 # down retries here, and the alerts on failed connects must see it.
@@ -518,13 +507,8 @@ class Database:
 
     def _connector(self, pooler: PoolerInfo) -> Callable[[], Awaitable[asyncpg.Connection]]:
         s = self.settings
-        pooled = pooler.mode in ("transaction", "statement")
-        server_settings = s.server_settings()
-        if pooler.mode != "none":
-            # PgBouncer refuses unknown startup parameters: keep what it forwards and
-            # set the timeouts on the role instead (see the README).
-            server_settings = {"application_name": s.application_name}
-        cache = 0 if pooled and not pooler.prepared_statements else s.statement_cache_size
+        server_settings = startup_parameters(s, pooler)
+        cache = s.statement_cache_size if keeps_statements(pooler) else 0
 
         async def connect() -> asyncpg.Connection:
             conn: asyncpg.Connection = await asyncpg.connect(

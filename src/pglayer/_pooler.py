@@ -219,3 +219,30 @@ async def detect_pooler(settings: DatabaseSettings) -> PoolerInfo:
     if mode != "transaction":
         return PoolerInfo(mode, prepared_statements=mode == "session")
     return PoolerInfo(mode, prepared_statements=await prepared_statements_safe(dsn, settings))
+
+
+async def resolve_pooler(settings: DatabaseSettings) -> PoolerInfo:
+    """The pooler in front as `settings.pooler` says, probed where it says `auto`."""
+    kind = settings.pooler
+    if kind == "none":
+        return PoolerInfo("none", prepared_statements=True)
+    if kind == "pgbouncer-session":
+        return PoolerInfo("session", prepared_statements=True)
+    if kind == "pgbouncer-transaction":
+        # Told, not probed: assume PgBouncer < 1.21 unless the probe says otherwise.
+        safe = await prepared_statements_safe(settings.dsn(), settings)
+        return PoolerInfo("transaction", prepared_statements=safe)
+    return await detect_pooler(settings)
+
+
+def startup_parameters(settings: DatabaseSettings, pooler: PoolerInfo) -> dict[str, str]:
+    """What a connection sends at startup: behind a pooler only its name, since PgBouncer
+    refuses unknown startup parameters (the timeouts are then the role's; see the README)."""
+    if pooler.mode == "none":
+        return settings.server_settings()
+    return {"application_name": settings.application_name}
+
+
+def keeps_statements(pooler: PoolerInfo) -> bool:
+    """Whether a named prepared statement survives from one transaction to the next."""
+    return pooler.mode not in ("transaction", "statement") or pooler.prepared_statements

@@ -9,6 +9,8 @@ and faster for hand-written SQL.
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,20 +28,23 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
 
-from pglayer._context import remaining
+from pglayer._context import mark_wrote, remaining
 from pglayer._database import Database
 from pglayer._errors import (
     CommitIndeterminateError,
     ConfigurationError,
     ConnectionLostError,
     PoolTimeoutError,
+    StatementsLostError,
     TransactionAbortedError,
     raise_translated,
     translate,
     translate_connect,
 )
 from pglayer._observability import ExternalPoolStats
+from pglayer._pooler import PoolerInfo, keeps_statements, resolve_pooler, startup_parameters
 from pglayer._settings import DatabaseSettings
 
 __all__ = ["count_engine", "create_engine", "session_transaction", "translate_sqlalchemy"]
@@ -75,15 +80,48 @@ def create_engine(
         pool_recycle=settings.max_inactive_connection_lifetime,
         pool_pre_ping=True,
         connect_args={
-            "server_settings": settings.server_settings(),
             "command_timeout": settings.query_timeout,
             "timeout": settings.connect_timeout,
         },
     )
+    # Before `_watch`'s connect, which the first listener to return a connection makes.
+    event.listen(engine.sync_engine, "do_connect", _fit_to_pooler(settings, database))
     _watch(engine.sync_engine)
     if database is not None:
         count_engine(database, engine)
     return engine
+
+
+def _fit_to_pooler(settings: DatabaseSettings, database: Database | None) -> Any:
+    """A `do_connect` listener: the startup parameters and statements that the pooler in
+    front allows, as for pglayer's own pool (the pooler `database` found, else probed once).
+
+    PgBouncer closes a connection that sends `statement_timeout` at startup; and in
+    transaction mode before 1.21, SQLAlchemy's named statements meet another client's on a
+    server connection (42P05) or are gone in the next transaction (26000): uniquely named
+    and never cached, as SQLAlchemy's documentation asks for PgBouncer."""
+    found: list[PoolerInfo] = []
+
+    def fit(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        pooler = database.pooler if database is not None else None
+        if pooler is None:
+            if not found:
+                try:
+                    found.append(await_only(resolve_pooler(settings)))
+                except Exception as exc:
+                    raise_translated(exc, translate_connect(exc))
+            pooler = found[0]
+        cparams["server_settings"] = startup_parameters(settings, pooler)
+        if not keeps_statements(pooler):
+            cparams["statement_cache_size"] = 0
+            cparams["prepared_statement_cache_size"] = 0
+            cparams["prepared_statement_name_func"] = _statement_name
+
+    return fit
+
+
+def _statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
 # Per database, the name each engine counted in it has (`sqlalchemy`, `sqlalchemy-2`, ...).
@@ -107,6 +145,9 @@ def count_engine(database: Database, engine: AsyncEngine) -> None:
     database.count_external_pool(name, size, stats)
 
 
+_LOST = (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError)
+
+
 def translate_sqlalchemy(exc: BaseException) -> BaseException:
     """Map a SQLAlchemy error to a pglayer error by the driver error underneath it.
 
@@ -118,6 +159,10 @@ def translate_sqlalchemy(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         # SQLAlchemy raises its adapted error `from` asyncpg's exception.
         driver_error = exc.orig.__cause__ if exc.orig is not None else None
+        if isinstance(driver_error, _LOST) and '"__asyncpg_' in str(driver_error):
+            # The driver's own statements, gone with a pooler's server connection (an engine
+            # not fitted to it, see `_fit_to_pooler`): not the app's bug.
+            return StatementsLostError(sqlstate=driver_error.sqlstate)
         if driver_error is not None:
             translated = translate(driver_error, connection_closed=exc.connection_invalidated)
             if translated is not driver_error:
@@ -165,10 +210,19 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
 _own_timeouts: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
 
 
-def _bound(connection: Connection, *_: object) -> None:
+# Connections whose transaction ran a statement other than a read: its COMMIT marks the
+# request for read-your-writes (its client's next reads go to the primary).
+_writing: weakref.WeakSet[Connection] = weakref.WeakSet()
+_READ = re.compile(r"\s*(?:SELECT|SHOW)\b", re.IGNORECASE)
+
+
+def _bound(connection: Connection, cursor: object, statement: str, *_: object) -> None:
     """Bound the statement about to run by the request's deadline (or `pglayer.deadline()`),
     as pglayer's own statements are: through the driver's `command_timeout`, which asyncpg
-    reads for every statement (no round trip; it cancels the statement on the server)."""
+    reads for every statement (no round trip; it cancels the statement on the server).
+    Note a connection that may write."""
+    if connection not in _writing and not _READ.match(statement):
+        _writing.add(connection)
     driver: Any = connection.connection.driver_connection
     config = driver._config  # asyncpg's, private: its per-statement default timeout
     own = _own_timeouts.setdefault(driver, config.command_timeout)
@@ -180,10 +234,13 @@ def _bound(connection: Connection, *_: object) -> None:
 
 def _note_commit(connection: Connection) -> None:
     _committing.add(connection)
+    if connection in _writing:
+        mark_wrote()  # before it is sent: a COMMIT whose outcome is unknown counts too
 
 
 def _note_begin(connection: Connection) -> None:
     _committing.discard(connection)
+    _writing.discard(connection)
 
 
 def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
