@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 from typing import Any
 
@@ -55,6 +55,8 @@ async def _product_and_buyer(app: FastAPI) -> tuple[int, int]:
 
 
 async def _locked(holder: asyncpg.Connection[Any]) -> bool:
+    # Inside the holder's transaction, PostgreSQL 15 would answer from its first snapshot.
+    await holder.execute("SELECT pg_stat_clear_snapshot()")
     waiting = await holder.fetchval(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -171,6 +173,44 @@ async def test_an_order_whose_client_left_before_its_call_is_not_placed(
     finally:
         await holder.close()
     assert (batches.calls, batches.orders) == (2, 2)
+
+
+async def test_a_call_whose_clients_all_left_is_cancelled_and_places_nothing(
+    shop: FastAPI, db_url: str
+) -> None:
+    # Placed 13 s after its client left (499), or after a stopping server told it 503
+    # "send the request again": a second order when the client did.
+    product, user = await _product_and_buyer(shop)
+    body = {"user_id": user, "product_id": product, "quantity": 1}
+    batches: OrderBatches = shop.state.order_batches
+    holder = await asyncpg.connect(db_url)
+    try:
+        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
+        async with asgi_client(shop) as client:
+            alone = asyncio.create_task(client.post("/orders", json=body))
+            assert await wait_for(lambda: _locked(holder))
+            pair = [asyncio.create_task(client.post("/orders", json=body)) for _ in range(2)]
+            assert await wait_for(lambda: _async(batches.waiting == 2))
+            alone.cancel()  # its call carries it alone: cancelled; the pair's call begins
+            assert await wait_for(lambda: _async(batches.waiting == 0 and batches.calls == 2))
+            assert await wait_for(lambda: _locked(holder))
+            pair[0].cancel()
+            await asyncio.sleep(0.1)
+            assert batches._calls  # the other order it carries still waits for it
+            pair[1].cancel()
+            assert await wait_for(lambda: _async(not batches._calls))
+            await asyncio.gather(alone, *pair, return_exceptions=True)
+            assert await wait_for(lambda: _async_not(_locked(holder)))  # cancelled on the server
+            await holder.execute("ROLLBACK")
+        placed = await holder.fetchval("SELECT count(*) FROM orders WHERE product_id = $1", product)
+    finally:
+        await holder.close()
+    assert placed == 0
+    assert (batches.calls, batches.orders) == (2, 3)
+
+
+async def _async_not(value: Awaitable[bool]) -> bool:
+    return not await value
 
 
 async def test_with_a_batch_size_of_one_every_order_is_its_own_call(

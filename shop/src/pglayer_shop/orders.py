@@ -106,12 +106,22 @@ async def _place_alone(db: Database, body: OrderCreate, lock_timeout: float) -> 
 class _Pending:
     """An order waiting for its call: what it asks, and where its answer goes."""
 
-    __slots__ = ("body", "context", "future")
+    __slots__ = ("batch", "body", "call", "context", "future")
 
     def __init__(self, body: OrderCreate) -> None:
         self.body = body
         self.context = contextvars.copy_context()  # its deadline and request id
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.call: asyncio.Task[None] | None = None  # the call that carries it, once begun
+        self.batch: list[_Pending] = []  # the orders that call carries
+
+    def abandon(self) -> None:
+        """Its client left: the call that carries it is cancelled, with its statement on the
+        server, once every order it carries was abandoned. (A client told 503 "send again"
+        by a stopping server, or 499 in the log, must not find its order placed after.)"""
+        call = self.call
+        if call is not None and all(order.future.done() for order in self.batch):
+            call.cancel()
 
 
 class OrderBatches:
@@ -125,7 +135,8 @@ class OrderBatches:
     waits on a timer when idle. Each call has the whole lock bound; when one ends `busy`,
     the orders that waited for it end `busy` too (they waited on the same lock), so no
     order waits much past its bound. An order whose client left before its call began is
-    not placed.
+    not placed; one whose client left during its call is placed with the others it carries,
+    unless their clients all left too: then the call is cancelled on the server.
     """
 
     def __init__(self, db: Database, *, lock_timeout: float, max_batch: int = 64) -> None:
@@ -156,13 +167,19 @@ class OrderBatches:
             self._start(product, [order])
         else:
             waiting.append(order)
-        # Cancelled (the client left): still placed if its call had begun, as an order whose
-        # statement had reached the server; dropped otherwise.
-        return await order.future
+        try:
+            return await order.future
+        except asyncio.CancelledError:
+            # The client left: dropped if its call has not begun, else placed with the
+            # others its call carries, unless they all left too.
+            order.abandon()
+            raise
 
     def _start(self, product: int, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._call(product, batch), context=batch[0].context)
+        for order in batch:
+            order.call, order.batch = task, batch
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
