@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -129,6 +130,31 @@ async def test_a_client_that_stops_reading_loses_the_stream_and_its_connection(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [m for level, m in said if "stream cut short" in m] != [], said
     assert [m for level, m in said if level == "ERROR"] == [], said
+
+
+async def test_a_client_that_reads_slowly_keeps_its_stream(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cut at the deadline though it read all along: a full socket lets the next chunk in only
+    # after its client has taken a large share of the kernel's buffers (megabytes).
+    caplog.set_level("WARNING")
+    async with (
+        Database(settings_for(db_url, query_timeout=1.0)) as db,
+        LiveServer(streaming_app(db), http=PROTOCOL) as server,
+    ):
+        sock = _stalled_client(server.port)
+        sock.setblocking(False)
+        taken = 0
+        try:
+            for _ in range(100):  # 5 s at 40 KB/s, five times the deadline
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(BlockingIOError):
+                    taken += len(sock.recv(2000))
+            assert db.stats().in_use == 1  # still streaming
+        finally:
+            sock.close()
+    assert taken > 100_000
+    assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == []
 
 
 async def test_streams_hold_at_most_their_bulkheads_share_of_the_pool(db_url: str) -> None:

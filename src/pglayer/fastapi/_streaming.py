@@ -13,7 +13,9 @@ reading, once a chunk has waited the query deadline to be taken.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -24,6 +26,15 @@ from starlette.types import Message, Receive, Scope, Send
 from pglayer._database import Database
 from pglayer._errors import raise_translated, translate
 from pglayer._json import OPTIONS, default
+from pglayer.fastapi._problems import EXCHANGE_KEY
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ: bytes in the socket's send queue
+else:
+    _OUTQ = None
 
 __all__ = ["NDJSON", "StreamAbandoned", "ndjson_response"]
 
@@ -44,15 +55,29 @@ class _CursorStream(StreamingResponse):
         self._timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        untaken = _untaken(scope)
+
         async def bounded(message: Message) -> None:
             # A client that stops reading (but stays connected) leaves the write waiting for
             # room in the socket: bounded, or it would hold the connection and its snapshot
-            # for as long as it likes.
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await send(message)
-            except TimeoutError:
-                raise StreamAbandoned(f"the client took no data for {self._timeout:g}s") from None
+            # for as long as it likes. Not by the wait alone: a full socket lets the next
+            # chunk in only once its client has taken a share of the kernel's buffers
+            # (megabytes), which a slow reader takes longer than the deadline to do.
+            while True:
+                before = untaken()
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        # The server waits for room before it writes: cut short here, the
+                        # chunk was not written, and is sent again.
+                        await send(message)
+                except TimeoutError:
+                    after = untaken()
+                    if before is None or after is None or after >= before:
+                        raise StreamAbandoned(
+                            f"the client took no data for {self._timeout:g}s"
+                        ) from None
+                else:
+                    return
 
         try:
             await super().__call__(scope, receive, bounded)
@@ -62,6 +87,29 @@ class _CursorStream(StreamingResponse):
                 raise StreamAbandoned(str(exc) or type(exc).__name__) from exc
             raise
         await self._exits.aclose()
+
+
+def _untaken(scope: Scope) -> Callable[[], int | None]:
+    """Bytes written for the client that it has not taken yet (the transport's buffer and,
+    on Linux, the socket's send queue), or None where they cannot be read."""
+    exchange = scope.get(EXCHANGE_KEY)
+    transport = getattr(getattr(exchange, "cycle", None), "transport", None)
+    if transport is None:
+        return lambda: None
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    request = _OUTQ
+
+    def untaken() -> int | None:
+        queued: int = transport.get_write_buffer_size()
+        if fd >= 0 and request is not None:
+            try:
+                queued += struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+            except OSError:  # closed meanwhile
+                return None
+        return queued
+
+    return untaken
 
 
 class StreamAbandoned(Exception):
