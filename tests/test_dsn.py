@@ -107,3 +107,46 @@ def test_a_replica_list_split_inside_a_password_quotes_no_part_of_it(
         DatabaseSettings(url="postgresql://app@127.0.0.1/app")
     assert "987654321" not in str(refused.value)
     assert "Zq9" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["statement_timeout", "lock_timeout", "idle_in_transaction_timeout",
+     "client_connection_check_interval"],
+)  # fmt: skip
+def test_a_timeout_postgresql_cannot_take_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # 3,000,000 s passed here, then every connect failed: "refused the connection (22023)".
+    monkeypatch.setenv(f"PGLAYER_{name.upper()}", "3000000")
+    with pytest.raises(ValueError, match=name):
+        DatabaseSettings(url="postgresql://app@127.0.0.1/app")
+
+
+def test_a_timeout_under_a_millisecond_is_one_not_none() -> None:
+    # 0.0004 s became "0": no bound at all.
+    settings = DatabaseSettings(url="postgresql://app@db/app", statement_timeout=0.0004)
+    assert settings.server_settings()["statement_timeout"] == "1"
+    assert DatabaseSettings(lock_timeout=0).server_settings()["lock_timeout"] == "0"
+
+
+@pytest.mark.parametrize("name", ["shöp☃", "", "tab\there"])
+def test_an_application_name_the_server_would_change_is_refused(name: str) -> None:
+    # Stored as 'sh??p???': the budget no longer knew the app's own connections.
+    with pytest.raises(ValueError, match="application_name"):
+        DatabaseSettings(application_name=name)
+
+
+def test_libpqs_connect_timeout_in_a_url_is_the_connect_timeout() -> None:
+    # Sent on to the server as a setting, which refused every connection.
+    url = "postgresql://app:pw@db/app?sslmode=require&connect_timeout=7&target_session_attrs=any"
+    settings = DatabaseSettings(url=url, replica_urls=[f"{url}x"])
+    assert settings.dsn() == "postgresql://app:pw@db/app?sslmode=require&target_session_attrs=any"
+    assert settings.connect_timeout == 7
+    assert "connect_timeout" not in settings.replica_urls[0].get_secret_value()
+    told = DatabaseSettings(url=url, connect_timeout=3)
+    assert told.connect_timeout == 3  # the setting itself wins
+
+
+def test_a_url_with_a_stray_space_at_its_ends_is_taken() -> None:
+    assert DatabaseSettings(url=" postgresql://app@db/app\n").dsn() == "postgresql://app@db/app"

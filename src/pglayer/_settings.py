@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
 import shlex
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.:@/-]")
+PG_MAX_SECONDS = 2_147_483.647  # the longest timeout PostgreSQL takes: 2^31 - 1 ms
 _SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian")
 
 
@@ -159,20 +161,28 @@ class DatabaseSettings(BaseSettings):
         " `statement_timeout` fires first.",
     )
     statement_timeout: float = Field(
-        default=10.0, ge=0, description="Server-side `statement_timeout` (seconds; 0: none)."
+        default=10.0,
+        ge=0,
+        le=PG_MAX_SECONDS,
+        description="Server-side `statement_timeout` (seconds; 0: none; under a millisecond: one).",
     )
     lock_timeout: float = Field(
-        default=5.0, ge=0, description="Server-side `lock_timeout` (seconds; 0: none)."
+        default=5.0,
+        ge=0,
+        le=PG_MAX_SECONDS,
+        description="Server-side `lock_timeout` (seconds; 0: none; under a millisecond: one).",
     )
     idle_in_transaction_timeout: float = Field(
         default=30.0,
         ge=0,
+        le=PG_MAX_SECONDS,
         description="`idle_in_transaction_session_timeout` (seconds): a transaction left open"
         " by a stuck client is ended by the server.",
     )
     client_connection_check_interval: float = Field(
         default=1.0,
         ge=0,
+        le=PG_MAX_SECONDS,
         description="PostgreSQL 14+: how often a busy backend checks its client is still there,"
         " so a query whose connection was cut stops on the server too (seconds).",
     )
@@ -282,6 +292,14 @@ class DatabaseSettings(BaseSettings):
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else SecretStr(_postgres_url(value.get_secret_value()))
 
+    @field_validator("application_name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        # PostgreSQL shows other characters as '?': the budget would not know its own.
+        if not value or not (value.isascii() and value.isprintable()):
+            raise ValueError("must be printable ASCII, not empty")
+        return value
+
     @field_validator("replica_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
@@ -293,6 +311,21 @@ class DatabaseSettings(BaseSettings):
     @classmethod
     def _postgres_urls(cls, value: list[SecretStr]) -> list[SecretStr]:
         return [SecretStr(_postgres_url(url.get_secret_value())) for url in value]
+
+    @model_validator(mode="after")
+    def _connect_timeout_from_url(self) -> DatabaseSettings:
+        """libpq's `connect_timeout` in a URL (platforms write it there) is this setting,
+        unless it is set itself; the driver would send it to the server, which refuses it."""
+        # Frozen settings, still being built: set as pydantic itself does.
+        put = object.__setattr__
+        if self.url is not None:
+            url, seconds = _without_connect_timeout(self.url.get_secret_value())
+            put(self, "url", SecretStr(url))
+            if seconds and "connect_timeout" not in self.model_fields_set:
+                put(self, "connect_timeout", max(seconds, 2.0))  # libpq's least
+        replicas = [_without_connect_timeout(u.get_secret_value())[0] for u in self.replica_urls]
+        put(self, "replica_urls", [SecretStr(u) for u in replicas])
+        return self
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DatabaseSettings:
@@ -340,7 +373,8 @@ class DatabaseSettings(BaseSettings):
         """Startup parameters for every connection (not `SET`: PgBouncer-safe)."""
 
         def ms(seconds: float) -> str:
-            return str(int(seconds * 1000))
+            # Rounded, and at least 1: 0 turns the bound off, which 0.0004 s did.
+            return str(max(round(seconds * 1000), 1)) if seconds > 0 else "0"
 
         return {
             "application_name": self.application_name,
@@ -365,6 +399,7 @@ class DatabaseSettings(BaseSettings):
 
 def _postgres_url(url: str) -> str:
     """`url` as asyncpg takes it, or a ValueError that says what is wrong (never the URL)."""
+    url = url.strip()  # a compose file's stray space or newline
     scheme, found, rest = url.partition("://")
     if not found:
         raise ValueError("not a URL: write postgresql://user:password@host:port/database")
@@ -388,6 +423,29 @@ def _postgres_url(url: str) -> str:
         if mode not in _SSL_MODES:
             raise ValueError(f"sslmode {mode[:20]!r} is not one of {', '.join(_SSL_MODES)}")
     return url
+
+
+def _without_connect_timeout(url: str) -> tuple[str, float | None]:
+    """`url` without its `connect_timeout` parameter, and that parameter's seconds."""
+    base, found, query = url.partition("?")
+    if not found or "connect_timeout" not in query:
+        return url, None
+    kept, seconds = [], None
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if urllib.parse.unquote(name) == "connect_timeout":
+            seconds = _timeout_seconds(urllib.parse.unquote(value))
+        else:
+            kept.append(part)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), seconds
+
+
+def _timeout_seconds(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"connect_timeout {value[:20]!r} in the URL is not a number") from None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None  # 0: libpq's "no bound"
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
