@@ -449,6 +449,25 @@ def test_serve_says_in_one_line_why_a_factory_refused_its_settings(
     assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ("PGLAYER_ORDER_BATCH_SIZE=0", "ShopSettings.order_batch_size: Input should be greater"),
+        ("PGLAYER_CURSOR_SECRET= ", "a cursor secret must not be empty or blank"),
+    ],
+)
+def test_serve_says_in_one_line_what_an_apps_settings_refused(
+    db_url: str, tmp_path: Path, setting: str, said: str
+) -> None:
+    # 18 lines of traceback naming a Python field, where `pglayer-shop serve` said one.
+    name, _, value = setting.partition("=")
+    args = "serve", "pglayer_shop.app:create_app", "--factory", "--port", str(free_port())
+    result = run(*args, env=clean_env(DATABASE_URL=db_url, **{name: value}), cwd=tmp_path)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_serve_takes_an_asgi_app_of_any_shape_and_refuses_an_async_factory(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ from pglayer._doctor import Diagnosis, diagnose
 from pglayer._errors import PglayerError
 from pglayer._logs import configure_logging
 from pglayer._serve import apply_directories, check_app, serve
-from pglayer._settings import DatabaseSettings, ServerSettings
+from pglayer._settings import DatabaseSettings, ServerSettings, invalid_fields, setting_variable
 from pglayer.migrations import DEFAULT_TIMEOUT, load_migrations
 
 __all__ = ["app", "invalid_settings", "main", "print_diagnosis", "print_settings"]
@@ -217,7 +217,7 @@ def print_settings(*groups: BaseSettings) -> None:
     for settings in groups:
         for name, field in type(settings).model_fields.items():
             table.add_row(
-                _variable(name),
+                setting_variable(name),
                 escape(_shown(name, getattr(settings, name))),
                 escape(field.description or ""),
             )
@@ -283,11 +283,7 @@ def main() -> None:
 
 def invalid_settings(exc: ValidationError) -> str:
     """What is wrong with the settings, by environment variable (never their values)."""
-    problems = []
-    for error in exc.errors(include_input=False, include_url=False):
-        loc = error["loc"]
-        problems.append(f"{_variable(str(loc[0]))}: {error['msg']}" if loc else error["msg"])
-    return "; ".join(problems)
+    return invalid_fields(exc)
 
 
 def unparsable_setting(exc: SettingsError) -> str:
@@ -295,9 +291,4 @@ def unparsable_setting(exc: SettingsError) -> str:
     field = re.search(r'for field "(\w+)"', str(exc))
     if field is None:
         return str(exc)
-    return f"{_variable(field[1])}: not valid JSON"
-
-
-def _variable(field: str) -> str:
-    """The environment variable of a settings field."""
-    return "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}"
+    return f"{setting_variable(field[1])}: not valid JSON"

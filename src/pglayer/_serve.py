@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from pglayer._budget import read_budget
 from pglayer._database import Database
@@ -32,7 +33,12 @@ from pglayer._errors import ConfigurationError, explain_connect_error
 from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, connected_through_pooler
 from pglayer._process import alive
-from pglayer._settings import DatabaseSettings, ServerSettings, default_application_name
+from pglayer._settings import (
+    DatabaseSettings,
+    ServerSettings,
+    default_application_name,
+    invalid_fields,
+)
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
     _migrate,
@@ -350,6 +356,9 @@ def _loaded(target: str, load: Callable[..., Any], *args: Any) -> Any:
         return load(*args)
     except ConfigurationError as exc:  # the app's own refusal says why: no traceback
         log.error("cannot load %s: %s", target, exc)  # noqa: TRY400  (no traceback: the point)
+        sys.exit(_STARTUP_FAILURE)
+    except ValidationError as exc:  # the app's settings, from the environment: said as such
+        log.error("cannot load %s: invalid settings: %s", target, invalid_fields(exc))  # noqa: TRY400
         sys.exit(_STARTUP_FAILURE)
     except (Exception, SystemExit, KeyboardInterrupt):  # `sys.exit("no SECRET_KEY")` too
         log.exception("cannot load %s", target)

@@ -14,7 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pglayer._dsn import host_ports
@@ -566,3 +573,20 @@ def misspelt_settings(environ: Mapping[str, str] | None = None) -> list[str]:
         if close:
             messages.append(f"{name} is not a setting (ignored): did you mean {close[0]}?")
     return messages
+
+
+def invalid_fields(exc: ValidationError) -> str:
+    """What a settings class refused, field by field (never the values): by environment
+    variable for pglayer's own, `Class.field` for others (whose variables it cannot know)."""
+    own = exc.title in ("DatabaseSettings", "ServerSettings")
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        name = setting_variable(field) if own else f"{exc.title}.{field}"
+        problems.append(f"{name}: {error['msg']}" if field else error["msg"])
+    return "; ".join(problems)
+
+
+def setting_variable(field: str) -> str:
+    """The environment variable of a pglayer settings field."""
+    return "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from pglayer._connection import Connection
 from pglayer._database import Database
+from pglayer._errors import ConfigurationError
 from pglayer.fastapi._params import MAX_ID, DecimalInt
 from pglayer.fastapi._problems import Problem
 
@@ -77,8 +78,9 @@ class Cursors:
 
     def __init__(self, secret: str | bytes) -> None:
         raw = secret.encode() if isinstance(secret, str) else secret
-        if not raw:
-            raise ValueError("a cursor secret must not be empty")
+        if not raw.strip():
+            # An empty variable (`PGLAYER_CURSOR_SECRET=`): anyone could sign cursors.
+            raise ConfigurationError("a cursor secret must not be empty or blank")
         self._key = hashlib.sha256(b"pglayer-cursor\0" + raw).digest()
 
     @classmethod
