@@ -10,9 +10,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from pglayer._pooler import bounded_transaction, connect_plain
 from pglayer._settings import default_application_name
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
-from tests.conftest import Server, free_port, require_external
+from tests.conftest import Server, free_port, require_external, settings_for
 from tests.test_cli import PGLAYER, clean_env, run_cli
 
 
@@ -164,6 +165,32 @@ async def test_doctor_is_not_cancelled_by_a_tiny_statement_timeout_on_the_databa
     assert code == 0, out
     assert "Traceback" not in out, out
     assert "none: connected straight to PostgreSQL" in out, out
+
+
+async def test_doctor_is_not_ended_by_tiny_timeouts_of_every_kind_on_the_database(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # 1 ms of idleness between its BEGIN and its own bound ended the session, in half the
+    # runs: "reachable FAIL ... (a pooler whose server is down or full answers so)".
+    for name in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"):
+        await admin.execute(f"ALTER DATABASE \"{db_name}\" SET {name} = '1ms'")
+    for _ in range(3):
+        code, out = await asyncio.to_thread(doctor, db_url)
+        assert code == 0, out
+        assert "none: connected straight to PostgreSQL" in out, out
+
+
+async def test_a_checks_transaction_outlives_a_tiny_idle_in_transaction_timeout(
+    db_url: str,
+) -> None:
+    conn = await connect_plain(db_url, settings_for(db_url))
+    try:
+        await conn.execute("SET idle_in_transaction_session_timeout = 1")
+        async with bounded_transaction(conn, settings_for(db_url), readonly=True):
+            await asyncio.sleep(0.05)  # a busy client's pause between two statements
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
 
 
 async def test_doctor_reports_a_tiny_statement_timeout_behind_a_transaction_pooler(

@@ -19,9 +19,9 @@ from pglayer._budget import read_budget
 from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
+    bounded_transaction,
     connect_plain,
     dsn_ports,
-    own_bound,
     pool_mode,
     pooled,
     prepared_statements_safe,
@@ -238,11 +238,9 @@ async def diagnose(
 async def _read_server(
     conn: Any, settings: DatabaseSettings, workers: int, reserve: int
 ) -> tuple[Any, int, dict[str, int], Any, list[Any]]:
-    """What the checks need, read in one transaction bounded by its own `statement_timeout`
-    (`SET LOCAL`, which a transaction pooler keeps to this client): a role's tiny one, which
-    doctor reports, must not cancel doctor's own reads."""
-    async with conn.transaction(readonly=True):
-        await own_bound(conn, settings)
+    """What the checks need, read in one transaction bounded by its own timeouts (see
+    `bounded_transaction`): a role's tiny ones, which doctor reports, must not end its reads."""
+    async with bounded_transaction(conn, settings, readonly=True):
         row = await conn.fetchrow(_SERVER_FACTS, timeout=settings.connect_timeout)
         timeouts = await server_timeouts(conn)
         budget = await read_budget(

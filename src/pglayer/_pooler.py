@@ -10,9 +10,11 @@ it does not know, such as `statement_timeout`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,10 +25,10 @@ from pglayer._settings import DatabaseSettings
 
 __all__ = [
     "PoolerInfo",
+    "bounded_transaction",
     "connected_through_pooler",
     "detect_pooler",
     "dsn_ports",
-    "own_bound",
     "pooled",
     "server_timeouts",
     "settings_off",
@@ -133,13 +135,27 @@ async def connect_plain(dsn: str, settings: DatabaseSettings, **kwargs: Any) -> 
     )
 
 
-async def own_bound(conn: Any, settings: DatabaseSettings) -> None:
-    """Bound a check's transaction by its own `statement_timeout` (`SET LOCAL`, which a
-    transaction pooler keeps to this client): a role's tiny one, which the checks report,
-    must not cancel the checks' own statements."""
+@asynccontextmanager
+async def bounded_transaction(
+    conn: Any, settings: DatabaseSettings, *, readonly: bool = False
+) -> AsyncIterator[None]:
+    """A check's transaction, bounded by its own `statement_timeout` and
+    `idle_in_transaction_session_timeout` set in the message that begins it (`SET LOCAL`,
+    which a transaction pooler keeps to this client): a role's tiny ones, which the checks
+    report, must not end the checks' own work (1 ms of idleness ended the session between a
+    separate BEGIN and SET)."""
+    ms = math.ceil(settings.connect_timeout * 1000)
     await conn.execute(
-        f"SET LOCAL statement_timeout = {math.ceil(settings.connect_timeout * 1000)}"
+        f"BEGIN{' READ ONLY' if readonly else ''}; SET LOCAL statement_timeout = {ms};"
+        f" SET LOCAL idle_in_transaction_session_timeout = {ms}"
     )
+    try:
+        yield
+    except Exception:
+        with contextlib.suppress(Exception):  # the connection may be gone: the caller says why
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
 
 
 _ROUNDS = 12  # turns each of two clients takes in `pool_mode` (a few ms each)
@@ -157,8 +173,7 @@ async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
     second = await connect_plain(dsn, settings)
     try:
         try:
-            async with first.transaction():
-                await own_bound(first, settings)
+            async with bounded_transaction(first, settings):
                 await first.execute("SELECT 2")
         except asyncpg.QueryCanceledError:
             raise
@@ -167,8 +182,7 @@ async def pool_mode(dsn: str, settings: DatabaseSettings) -> PoolMode:
         seen: dict[int, set[Any]] = {0: set(), 1: set()}
         for _ in range(_ROUNDS):
             for k, conn in enumerate((first, second)):
-                async with conn.transaction():
-                    await own_bound(conn, settings)
+                async with bounded_transaction(conn, settings):
                     seen[k].add(await conn.fetchval("SELECT pg_backend_pid()"))
             if len(seen[0]) > 1 or len(seen[1]) > 1 or seen[0] & seen[1]:
                 return "transaction"
@@ -190,8 +204,7 @@ async def prepared_statements_safe(dsn: str, settings: DatabaseSettings) -> bool
     conn = await connect_plain(dsn, settings)
     name = f"pglayer_probe_{secrets.token_hex(8)}"
     try:
-        async with conn.transaction():
-            await own_bound(conn, settings)
+        async with bounded_transaction(conn, settings):
             # Kept referenced: asyncpg closes a statement object that is collected.
             statement = await conn.prepare("SELECT 1", name=name)
             passed_through = await conn.fetchval(
