@@ -101,7 +101,10 @@ def _database(data_dir: Path) -> Iterator[None]:
         yield
         return
     if not settings.embedded:
-        raise pglayer.ConfigurationError("no DATABASE_URL set, and PGLAYER_EMBEDDED=false")
+        raise pglayer.ConfigurationError(
+            "no DATABASE_URL set, and PGLAYER_EMBEDDED=false: set DATABASE_URL"
+            " (or unset PGLAYER_EMBEDDED for an embedded PostgreSQL)"
+        )
     embedded = pglayer.EmbeddedPostgres(data_dir, database="shop")
     os.environ["DATABASE_URL"] = embedded.start()
     console.print(
