@@ -17,7 +17,7 @@ from starlette.responses import Response
 from pglayer import Database
 from pglayer._http import PROTOCOL
 from pglayer.fastapi import json_response, setup
-from pglayer.fastapi._streaming import ndjson_response
+from pglayer.fastapi._streaming import NDJSON, ndjson_response
 from tests.conftest import LiveServer, asgi_client, settings_for, wait_for
 
 ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"
@@ -155,6 +155,28 @@ async def test_a_client_that_reads_slowly_keeps_its_stream(
             sock.close()
     assert taken > 100_000
     assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == []
+
+
+async def test_a_head_request_reads_only_the_first_batch(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It read and dropped all 200,000 rows of the export (0.5-1.1 s each).
+    app = FastAPI()
+    setup(app, db)
+    failing = "SELECT 1 / (150 - g) AS id FROM generate_series(1, 300) AS g"  # 0 at row 150
+
+    @app.get("/later-fails")
+    async def later_fails() -> Response:
+        return await ndjson_response(db, failing, batch=100)
+
+    async with asgi_client(app) as client:
+        head = await client.head("/later-fails")
+        got = await client.get("/later-fails")
+    assert (head.status_code, head.headers["content-type"], head.content) == (200, NDJSON, b"")
+    assert got.status_code == 200  # cut short at its second batch: the GET reads it
+    cut = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(cut) == 1, cut  # the GET's, not the HEAD's
+    assert db.stats().in_use == 0
 
 
 async def test_streams_hold_at_most_their_bulkheads_share_of_the_pool(db_url: str) -> None:

@@ -80,7 +80,13 @@ class _CursorStream(StreamingResponse):
                     return
 
         try:
-            await super().__call__(scope, receive, bounded)
+            if getattr(scope.get(EXCHANGE_KEY), "head", False):
+                # HEAD (the app sees a GET): the head alone, not every row read and dropped.
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})  # fmt: skip
+                await send({"type": "http.response.body", "body": b""})
+            else:
+                await super().__call__(scope, receive, bounded)
         except BaseException as exc:
             await _close(self._exits, exc)
             if isinstance(exc, Exception) and not isinstance(exc, StreamAbandoned):
