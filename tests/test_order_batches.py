@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -33,16 +34,22 @@ async def _held_up(
     """Send `bodies` while another connection holds the product's row: the first order's
     call waits on it, the others wait for that call; then let the row go."""
     batches: OrderBatches = app.state.order_batches
+    async with _row_held(db_url, product) as holder, asgi_client(app) as client:
+        first = asyncio.create_task(client.post("/orders", json=bodies[0]))
+        assert await wait_for(lambda: _locked(holder))
+        rest = [asyncio.create_task(client.post("/orders", json=b)) for b in bodies[1:]]
+        assert await wait_for(lambda: _async(batches.waiting == len(rest)))
+        await holder.execute("ROLLBACK")
+        return [await first, *[await task for task in rest]]
+
+
+@asynccontextmanager
+async def _row_held(db_url: str, product: int) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """Another connection that holds `product`'s row locked (until it rolls back)."""
     holder = await asyncpg.connect(db_url)
     try:
         await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
-        async with asgi_client(app) as client:
-            first = asyncio.create_task(client.post("/orders", json=bodies[0]))
-            assert await wait_for(lambda: _locked(holder))
-            rest = [asyncio.create_task(client.post("/orders", json=b)) for b in bodies[1:]]
-            assert await wait_for(lambda: _async(batches.waiting == len(rest)))
-            await holder.execute("ROLLBACK")
-            return [await first, *[await task for task in rest]]
+        yield holder
     finally:
         await holder.close()
 
@@ -156,9 +163,7 @@ async def test_an_order_whose_client_left_before_its_call_is_not_placed(
     product, user = await _product_and_buyer(shop)
     body = {"user_id": user, "product_id": product, "quantity": 1}
     batches: OrderBatches = shop.state.order_batches
-    holder = await asyncpg.connect(db_url)
-    try:
-        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
+    async with _row_held(db_url, product) as holder:
         async with asgi_client(shop) as client:
             first = asyncio.create_task(client.post("/orders", json=body))
             assert await wait_for(lambda: _locked(holder))
@@ -170,8 +175,6 @@ async def test_an_order_whose_client_left_before_its_call_is_not_placed(
             await holder.execute("ROLLBACK")
             assert [(await first).status_code, (await stays).status_code] == [201, 201]
         assert await holder.fetchval("SELECT stock FROM products WHERE id = $1", product) == 97
-    finally:
-        await holder.close()
     assert (batches.calls, batches.orders) == (2, 2)
 
 
@@ -183,9 +186,7 @@ async def test_a_call_whose_clients_all_left_is_cancelled_and_places_nothing(
     product, user = await _product_and_buyer(shop)
     body = {"user_id": user, "product_id": product, "quantity": 1}
     batches: OrderBatches = shop.state.order_batches
-    holder = await asyncpg.connect(db_url)
-    try:
-        await holder.execute(f"BEGIN; SELECT 1 FROM products WHERE id = {product} FOR UPDATE")
+    async with _row_held(db_url, product) as holder:
         async with asgi_client(shop) as client:
             alone = asyncio.create_task(client.post("/orders", json=body))
             assert await wait_for(lambda: _locked(holder))
@@ -203,8 +204,6 @@ async def test_a_call_whose_clients_all_left_is_cancelled_and_places_nothing(
             assert await wait_for(lambda: _async_not(_locked(holder)))  # cancelled on the server
             await holder.execute("ROLLBACK")
         placed = await holder.fetchval("SELECT count(*) FROM orders WHERE product_id = $1", product)
-    finally:
-        await holder.close()
     assert placed == 0
     assert (batches.calls, batches.orders) == (2, 3)
 

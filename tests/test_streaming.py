@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -102,6 +104,20 @@ async def test_a_first_batch_that_fails_answers_its_own_error(db_url: str) -> No
     assert response.json()["code"] == "busy"
 
 
+@asynccontextmanager
+async def _large_stream(db_url: str) -> AsyncIterator[tuple[Database, socket.socket]]:
+    """A server with a 1 s query deadline, and a `_stalled_client` of it."""
+    async with (
+        Database(settings_for(db_url, query_timeout=1.0)) as db,
+        LiveServer(streaming_app(db), http=PROTOCOL) as server,
+    ):
+        sock = _stalled_client(server.port)
+        try:
+            yield db, sock
+        finally:
+            sock.close()
+
+
 def _stalled_client(port: int) -> socket.socket:
     """A client that asks for a large stream and then reads nothing, staying connected."""
     sock = socket.socket()
@@ -115,18 +131,11 @@ async def test_a_client_that_stops_reading_loses_the_stream_and_its_connection(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("WARNING")
-    async with (
-        Database(settings_for(db_url, query_timeout=1.0)) as db,
-        LiveServer(streaming_app(db), http=PROTOCOL) as server,
-    ):
-        sock = _stalled_client(server.port)
-        try:
-            assert await wait_for(lambda: _async(db.stats().in_use == 1))
-            # Once the socket's buffers are full, a chunk waits the query deadline, then the
-            # stream is cut short and its connection (and snapshot) let go.
-            assert await wait_for(lambda: _async(db.stats().in_use == 0), timeout=20)
-        finally:
-            sock.close()
+    async with _large_stream(db_url) as (db, _):
+        assert await wait_for(lambda: _async(db.stats().in_use == 1))
+        # Once the socket's buffers are full, a chunk waits the query deadline, then the
+        # stream is cut short and its connection (and snapshot) let go.
+        assert await wait_for(lambda: _async(db.stats().in_use == 0), timeout=20)
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [m for level, m in said if "stream cut short" in m] != [], said
     assert [m for level, m in said if level == "ERROR"] == [], said
@@ -138,21 +147,14 @@ async def test_a_client_that_reads_slowly_keeps_its_stream(
     # Cut at the deadline though it read all along: a full socket lets the next chunk in only
     # after its client has taken a large share of the kernel's buffers (megabytes).
     caplog.set_level("WARNING")
-    async with (
-        Database(settings_for(db_url, query_timeout=1.0)) as db,
-        LiveServer(streaming_app(db), http=PROTOCOL) as server,
-    ):
-        sock = _stalled_client(server.port)
+    taken = 0
+    async with _large_stream(db_url) as (db, sock):
         sock.setblocking(False)
-        taken = 0
-        try:
-            for _ in range(100):  # 5 s at 40 KB/s, five times the deadline
-                await asyncio.sleep(0.05)
-                with contextlib.suppress(BlockingIOError):
-                    taken += len(sock.recv(2000))
-            assert db.stats().in_use == 1  # still streaming
-        finally:
-            sock.close()
+        for _ in range(100):  # 5 s at 40 KB/s, five times the deadline
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(BlockingIOError):
+                taken += len(sock.recv(2000))
+        assert db.stats().in_use == 1  # still streaming
     assert taken > 100_000
     assert [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()] == []
 
