@@ -216,13 +216,15 @@ _writing: weakref.WeakSet[Connection] = weakref.WeakSet()
 _READ = re.compile(r"\s*(?:SELECT|SHOW)\b", re.IGNORECASE)
 
 
-def _bound(connection: Connection, cursor: object, statement: str, *_: object) -> None:
-    """Bound the statement about to run by the request's deadline (or `pglayer.deadline()`),
-    as pglayer's own statements are: through the driver's `command_timeout`, which asyncpg
-    reads for every statement (no round trip; it cancels the statement on the server).
-    Note a connection that may write."""
+def _note_write(connection: Connection, cursor: object, statement: str, *_: object) -> None:
     if connection not in _writing and not _READ.match(statement):
         _writing.add(connection)
+
+
+def _bound(connection: Connection, *_: object) -> None:
+    """Bound the statement about to run by the request's deadline (or `pglayer.deadline()`),
+    as pglayer's own statements are: through the driver's `command_timeout`, which asyncpg
+    reads for every statement (no round trip; it cancels the statement on the server)."""
     driver: Any = connection.connection.driver_connection
     config = driver._config  # asyncpg's, private: its per-statement default timeout
     own = _own_timeouts.setdefault(driver, config.command_timeout)
@@ -270,6 +272,7 @@ def _watch(engine: Engine) -> None:
         event.listen(engine, "commit", _note_commit)
         event.listen(engine, "begin", _note_begin)
         event.listen(engine, "before_cursor_execute", _bound)
+        event.listen(engine, "before_cursor_execute", _note_write)
         engine.__dict__["_pglayer_watched"] = True
 
 
