@@ -150,3 +150,8 @@ def test_libpqs_connect_timeout_in_a_url_is_the_connect_timeout() -> None:
 
 def test_a_url_with_a_stray_space_at_its_ends_is_taken() -> None:
     assert DatabaseSettings(url=" postgresql://app@db/app\n").dsn() == "postgresql://app@db/app"
+
+
+def test_a_connect_timeout_in_a_url_that_is_not_a_number_is_the_urls_fault() -> None:
+    with pytest.raises(ValueError, match=r"url\n.*connect_timeout 'soon' in the URL"):
+        DatabaseSettings(url="postgresql://app@db/app?connect_timeout=soon")

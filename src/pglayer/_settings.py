@@ -429,6 +429,8 @@ def _postgres_url(url: str) -> str:
     for mode in query.get("sslmode", []):
         if mode not in _SSL_MODES:
             raise ValueError(f"sslmode {mode[:20]!r} is not one of {', '.join(_SSL_MODES)}")
+    for seconds in query.get("connect_timeout", []):
+        _timeout_seconds(seconds)  # taken out of the URL later, said here as the URL's fault
     return url
 
 
