@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,6 +86,28 @@ async def test_json_and_jsonb_decode_to_python(db: Database) -> None:
         plain = await conn.fetchval("""SELECT '{"b": null}'::json""")
     assert value == {"a": [1, "é"]}
     assert plain == {"b": None}
+
+
+async def test_copy_loads_json_and_jsonb_columns(db: Database) -> None:
+    # The text codec made every COPY of a json column fail ("no binary format encoder"),
+    # taken for a lost connection: retried, then 503 `unavailable`.
+    async with db.connection() as conn:
+        await conn.execute("CREATE TABLE docs (j json, b jsonb)")
+        rows = [({"i": i}, {"n": [i, "é"]}) for i in range(3)]
+        await conn.copy_records("docs", rows, columns=["j", "b"])
+        got = await conn.fetch("SELECT j, b FROM docs ORDER BY b->'n'->0")
+    assert [tuple(row) for row in got] == rows
+
+
+async def test_jsonb_numbers_come_back_as_exact_as_postgresql_keeps_them(db: Database) -> None:
+    # 2^64 came back as 1.8446744073709552e+19; 1e400 was a JSONDecodeError (a 500).
+    async with db.connection() as conn:
+        big = await conn.fetchval("""SELECT '{"n": 18446744073709551616}'::jsonb""")
+        huge = await conn.fetchval("SELECT '1e400'::jsonb")
+        money = await conn.fetchval("SELECT $1::jsonb", {"d": Decimal("1.10")})
+    assert big == {"n": 18446744073709551616}
+    assert huge == 10**400  # PostgreSQL writes it out in full
+    assert money == {"d": "1.10"}  # as pglayer's responses write a Decimal
 
 
 async def test_per_call_timeout_cancels_the_query_and_keeps_the_connection(

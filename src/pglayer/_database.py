@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import asyncpg
-import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -58,6 +57,7 @@ from pglayer._errors import (
     explain_connect_error,
     translate,
 )
+from pglayer._json import json_decode, json_encode, jsonb_decode, jsonb_encode
 from pglayer._observability import (
     BulkheadStats,
     ExternalPoolStats,
@@ -138,13 +138,14 @@ class _Tx:
 
 
 async def _init_connection(conn: asyncpg.Connection[Record]) -> None:
-    for pg_type in ("json", "jsonb"):
-        await conn.set_type_codec(
-            pg_type,
-            encoder=lambda value: orjson.dumps(value).decode(),
-            decoder=orjson.loads,
-            schema="pg_catalog",
-        )
+    # Binary, as COPY needs (a text codec made `copy_records` fail on every json column);
+    # jsonb's binary form is a version byte, then the text.
+    await conn.set_type_codec(
+        "json", encoder=json_encode, decoder=json_decode, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb", encoder=jsonb_encode, decoder=jsonb_decode, schema="pg_catalog", format="binary"
+    )
 
 
 class _TrackedConnection(asyncpg.Connection):  # generic only in the stubs

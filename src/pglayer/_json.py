@@ -7,6 +7,8 @@ answer replayed from storage is the same text as the first.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -16,7 +18,15 @@ import orjson
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-__all__ = ["OPTIONS", "default", "dumps"]
+__all__ = [
+    "OPTIONS",
+    "default",
+    "dumps",
+    "json_decode",
+    "json_encode",
+    "jsonb_decode",
+    "jsonb_encode",
+]
 
 # Datetimes as Pydantic writes them ("…Z" for UTC), so both paths answer the same text.
 OPTIONS = orjson.OPT_UTC_Z
@@ -42,3 +52,31 @@ def default(value: Any) -> Any:
 def dumps(content: Any) -> bytes:
     """`content` as JSON bytes: records, mappings, lists, models, Decimals as strings."""
     return orjson.dumps(content, default=default, option=OPTIONS)
+
+
+# The codecs of json and jsonb parameters and columns. In: what `default` writes (Decimals
+# as strings, records, models), datetimes as before ("+00:00"). Out: orjson's, except where
+# it is not exact: integers of 19 digits or more (orjson makes those past 64 bits floats)
+# and numbers past a float's range, which it refuses (PostgreSQL keeps both): the standard
+# library's parser then, whose integers are exact.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+_JSONB_VERSION = b"\x01"
+
+
+def json_encode(value: Any) -> bytes:
+    return orjson.dumps(value, default=default)
+
+
+def json_decode(data: bytes) -> Any:
+    if _LONG_NUMBER.search(data) is None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return orjson.loads(data)
+    return json.loads(data)
+
+
+def jsonb_encode(value: Any) -> bytes:
+    return _JSONB_VERSION + orjson.dumps(value, default=default)
+
+
+def jsonb_decode(data: bytes) -> Any:
+    return json_decode(data[1:])
