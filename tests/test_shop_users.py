@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -10,6 +12,7 @@ import httpx
 import pytest
 from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
+from pydantic import TypeAdapter
 
 from pglayer import Database
 from pglayer.fastapi import Cursors
@@ -272,3 +275,14 @@ async def test_a_database_that_refuses_new_connections_is_503_not_500(
                 await admin.execute(f'ALTER DATABASE "{moved}" RENAME TO "{db_name}"')
             else:
                 await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+
+
+async def test_a_cursor_takes_the_uuid_and_decimal_keys_a_row_holds(db: Database) -> None:
+    # asyncpg's UUID and Decimal were "not JSON serializable": a 500 for a list by UUID.
+    async with db.connection() as conn:
+        row = await conn.fetchrow("SELECT gen_random_uuid() AS id, 12.50::numeric AS price")
+    assert row is not None
+    cursors = Cursors("secret")
+    cursor = cursors.encode(row["price"], row["id"], of="items")
+    key = cursors.decode(cursor, TypeAdapter(tuple[Decimal, uuid.UUID]), of="items")
+    assert key == (Decimal("12.50"), uuid.UUID(str(row["id"])))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pglayer._connection import Connection
 from pglayer._database import Database
 from pglayer._errors import ConfigurationError
+from pglayer._json import default
 from pglayer.fastapi._params import MAX_ID, DecimalInt
 from pglayer.fastapi._problems import Problem
 
@@ -104,8 +105,10 @@ class Cursors:
         return hmac.new(self._key, signed, hashlib.sha256).digest()[:_TAG]
 
     def encode(self, *key: Any, of: str = "") -> str:
-        """An opaque cursor for a sort key (JSON-serialisable values) of the list `of`."""
-        payload = orjson.dumps(key)
+        """An opaque cursor for a sort key of the list `of`: JSON values, or what pglayer's
+        responses write (a UUID or a Decimal as its string, a datetime as ISO 8601), which
+        `decode` turns back by its key type."""
+        payload = orjson.dumps(key, default=default)
         token = self._tag(payload, of) + payload
         return base64.urlsafe_b64encode(token).decode().rstrip("=")
 
