@@ -8,6 +8,7 @@ import copy
 import hashlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from pglayer import (
@@ -112,8 +113,8 @@ class _Pending:
         self.body = body
         self.context = contextvars.copy_context()  # its deadline and request id
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.call: asyncio.Task[None] | None = None  # the call that carries it, once begun
-        self.batch: list[_Pending] = []  # the orders that call carries
+        self.call: asyncio.Task[None] | None = None  # the call that carries it, while it runs
+        self.batch: Sequence[_Pending] = ()  # the orders that call carries
 
     def abandon(self) -> None:
         """Its client left: the call that carries it is cancelled, with its statement on the
@@ -196,8 +197,8 @@ class OrderBatches:
         elif not waiting:
             del self._waiting[product]
 
-    async def _call(self, product: int, batch: list[_Pending]) -> None:
-        batch = [order for order in batch if not order.future.done()]  # their clients left
+    async def _call(self, product: int, carried: list[_Pending]) -> None:
+        batch = [order for order in carried if not order.future.done()]  # their clients left
         try:
             if batch:
                 await self._place(product, batch)
@@ -207,11 +208,13 @@ class OrderBatches:
         except Exception as exc:
             for order in batch:
                 _fail(order, _own(exc))
-        except BaseException:  # cancelled: the app is stopping
+        except BaseException:  # cancelled: the app is stopping, or its clients all left
             for order in batch:
                 order.future.cancel()
             raise
         finally:
+            for order in carried:  # no cycle through the task for the collector to find
+                order.call, order.batch = None, ()
             self._next(product)
 
     async def _place(self, product: int, batch: list[_Pending]) -> None:
