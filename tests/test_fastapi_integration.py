@@ -694,6 +694,30 @@ async def test_ready_says_a_server_that_refuses_connections_refused_not_down(
     assert "refused" in ready.json()["detail"]
 
 
+async def test_ready_says_refused_while_a_refused_pool_opens_in_the_background(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # A worker started with the database at its limit: "did not answer within the deadline".
+    async with two_connections_allowed(server, admin, db_name) as url:
+        role = urlsplit(url).username
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        others = [await asyncpg.connect(url) for _ in range(2)]
+        try:
+            async with Database(settings_for(url, min_size=1, require_on_startup=False)) as db:
+                assert db.stats().size == 0  # opening in the background
+                app = app_of(db)
+                app.include_router(health_router(ready_timeout=0.5))
+                async with asgi_client(app) as client:
+                    ready = await client.get("/health/ready")
+        finally:
+            for conn in others:
+                await conn.close()
+    assert ready.status_code == 503
+    assert ready.json()["pools"] == {"primary": "refused"}
+
+
 async def test_an_override_with_a_database_nobody_opened_says_so_in_the_log(
     db: Database, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

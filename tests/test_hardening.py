@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -120,6 +122,30 @@ async def test_the_budget_counts_as_ours_only_this_databases_connections_not_the
     # left out (a doctor's probe is neither the app's nor another user's).
     assert budget.ours == 1
     assert budget.used_by_others >= 1
+
+
+async def test_the_budget_counts_another_roles_connections_it_cannot_see_in_full(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # Their `backend_type` is NULL to a role without pg_read_all_stats: a second app under
+    # its own role was never counted, and the database's CONNECTION LIMIT always "fit".
+    role = f"pglayer_plain_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'plain'")
+    others = [await asyncpg.connect(db_url) for _ in range(3)]  # the superuser's: another app
+    user, at = urlsplit(db_url).netloc.rsplit("@", 1)
+    try:
+        plain = await asyncpg.connect(db_url.replace(f"{user}@{at}", f"{role}:plain@{at}"))
+        try:
+            budget = await read_budget(
+                plain, application_name="mine", workers=1, max_size=1, reserve=0
+            )
+        finally:
+            await plain.close()
+    finally:
+        for conn in others:
+            await conn.close()
+        await admin.execute(f"DROP ROLE {role}")
+    assert budget.used_by_others >= 3
 
 
 @pytest.mark.parametrize(

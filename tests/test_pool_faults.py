@@ -128,6 +128,25 @@ async def test_callers_wait_for_pooled_connections_when_the_server_refuses_more(
             assert 1.1 < time.monotonic() - started < 4.0
 
 
+async def test_a_pool_held_small_by_the_servers_limit_says_so_once(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another app's connections took the server's slots: callers waited on the two open,
+    # p99 in seconds, and not a line in the log.
+    async with two_connections_allowed(server, admin, db_name) as url:
+        settings = settings_for(url, min_size=1, max_size=5, acquire_timeout=5)
+        async with Database(settings) as db:
+
+            async def hold() -> None:
+                async with db.connection() as conn:
+                    await conn.execute("SELECT pg_sleep(0.2)")
+
+            await asyncio.gather(*(hold() for _ in range(6)))
+    said = [r.getMessage() for r in caplog.records if "53300" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "serving with 1 of 5" in said[0] or "serving with 2 of 5" in said[0], said
+
+
 async def test_connections_that_came_back_while_callers_connected_serve_those_callers(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:

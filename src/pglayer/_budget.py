@@ -6,29 +6,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ConnectionBudget", "read_budget"]
+__all__ = ["CLIENT", "ConnectionBudget", "read_budget"]
+
+# A client connection. To a role without `pg_read_all_stats`, another role's sessions show
+# no `backend_type` (their database, role and application name stay): counted by having a
+# database, as a few background workers of a database are too (the safe side). Without it,
+# a second app under its own role always fit.
+CLIENT = "(backend_type = 'client backend' OR (backend_type IS NULL AND datname IS NOT NULL))"
 
 # The asking connection is left out of both counts: `pglayer doctor`'s own probe is neither
 # the app's nor another user's (the pool's own, at open, is one of ours either way).
-_QUERY = """
+_QUERY = f"""
 SELECT current_setting('max_connections')::int AS max_connections,
        current_setting('superuser_reserved_connections')::int AS reserved,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int AS in_use,
+         WHERE {CLIENT} AND pid <> pg_backend_pid())::int AS in_use,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+         WHERE {CLIENT} AND pid <> pg_backend_pid()
            AND application_name = $1 AND datname = current_database())::int AS ours,
        r.rolsuper AS superuser,
        r.rolconnlimit AS role_limit,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+         WHERE {CLIENT} AND pid <> pg_backend_pid()
            AND usesysid = r.oid)::int AS role_in_use,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND usesysid = r.oid
+         WHERE {CLIENT} AND pid <> pg_backend_pid() AND usesysid = r.oid
            AND application_name = $1 AND datname = current_database())::int AS role_ours,
        d.datconnlimit AS database_limit,
        (SELECT count(*) FROM pg_stat_activity
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+         WHERE {CLIENT} AND pid <> pg_backend_pid()
            AND datname = current_database())::int AS database_in_use
   FROM pg_roles r, pg_database d
  WHERE r.rolname = current_user AND d.datname = current_database()

@@ -214,6 +214,9 @@ class Database:
         self.target = describe_target(self.settings.dsn())
         self._pool: Pool | None = None
         self._opener: asyncio.Task[None] | None = None
+        # Why the pool is not open yet (the last connect refused while it opens in the
+        # background): what a caller meanwhile is told, readiness's 53300 `refused` among it.
+        self._not_open_yet: TransientError | None = None
         self._opening: asyncio.Future[None] | None = None  # while open() runs
         self._opening_task: asyncio.Task[Any] | None = None  # the task running it
         self._closed_while_opening = False  # by another task: open() then says so
@@ -330,6 +333,7 @@ class Database:
             try:
                 self._pool = await self._create_pool()
             except TransientError as exc:
+                self._not_open_yet = exc
                 log.warning(
                     "database %s not reachable (%s); retrying in the background", self.target, exc
                 )
@@ -411,7 +415,12 @@ class Database:
             reraise=True,
         ):
             with attempt:
-                self._pool = await self._create_pool(ends)
+                try:
+                    self._pool = await self._create_pool(ends)
+                except TransientError as exc:
+                    self._not_open_yet = exc
+                    raise
+                self._not_open_yet = None
 
     def _say_retrying(self, deadline: float) -> Callable[[RetryCallState], None]:
         """Log the first failed attempt, so a wait for a server that is down is not silent."""
@@ -564,7 +573,8 @@ class Database:
             error = DatabaseUnavailableError(_STATE_SAID[self._state])
             error.lasting = True
         else:
-            error = DatabaseUnavailableError()
+            why = self._not_open_yet
+            error = DatabaseUnavailableError(sqlstate=why.sqlstate if why is not None else None)
         self._observer.acquire_failed(error)
         return error
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from pglayer._budget import read_budget
+from pglayer._budget import CLIENT, read_budget
 from pglayer._dsn import describe_target
 from pglayer._errors import explain_connect_error
 from pglayer._pooler import (
@@ -57,9 +57,9 @@ class Diagnosis:
         return any(f.level == "fail" for f in self.findings)
 
 
-_GROUPS = """
+_GROUPS = f"""
 SELECT coalesce(datname, '') AS database, application_name, count(*)::int AS connections
-  FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+  FROM pg_stat_activity WHERE {CLIENT} AND pid <> pg_backend_pid()
  GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 8
 """
 

@@ -45,10 +45,12 @@ from pglayer._errors import (
     PglayerError,
     PoolOverloadedError,
     PoolTimeoutError,
+    TooManyConnectionsError,
     explain_connect_error,
     raise_translated,
     translate_connect,
 )
+from pglayer._logs import Throttle
 from pglayer._observability import Observer
 
 __all__ = ["Pool", "Slot"]
@@ -58,6 +60,7 @@ _COOL_DOWN_MAX = 0.5
 _CANCEL_GRACE = 1.0  # seconds `close` waits for cancelled statements before terminating
 _ORPHAN_GRACE = 1.0  # seconds a statement may outlive its lost connection before it is ended
 log = logging.getLogger("pglayer")
+_LIMITED = Throttle(every=60.0)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -967,6 +970,8 @@ class Pool:
             error = translate_connect(exc)
             if isinstance(error, DatabaseError):
                 self._connect_error = error
+            if isinstance(error, TooManyConnectionsError) and self._size > 1:
+                self._say_limited()
             raise_translated(exc, error)
         if self.closed:
             raw.terminate()
@@ -981,6 +986,20 @@ class Pool:
         self._slots.append(slot)
         self.observer.connection_opened()
         return slot
+
+    def _say_limited(self) -> None:
+        """Said once a minute: callers wait for the connections open, so without it a pool
+        held small by the server's limit (another app's connections) is silent but slow."""
+        left_out = _LIMITED.allow(self.name)
+        if left_out is not None:
+            log.warning(
+                "pool %s: the server refused another connection (53300: a connection limit is"
+                " reached); serving with %d of %d, refused %d more time(s) since this was said",
+                self.name,
+                self._size - 1,
+                self.max_size,
+                left_out,
+            )
 
     async def _connect_abandonable(self, timeout: float) -> asyncpg.Connection:
         """`_connect()` within `timeout`, cut short by `abandon()` (a server that stopped
