@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,11 +22,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 import pglayer
 from pglayer import ConfigurationError, Connection, Database, DatabaseSettings
 from pglayer._errors import StatementsLostError
+from pglayer._http import PROTOCOL
 from pglayer.fastapi import WriteTransaction, setup, transactional
 from pglayer.fastapi.sqlalchemy import SqlSession, setup_sqlalchemy
 from pglayer.sqlalchemy import count_engine, create_engine, session_transaction
 from pglayer.testing import PgBouncer
-from tests.conftest import asgi_client, free_port, refuses_to_start, settings_for
+from tests.conftest import LiveServer, asgi_client, free_port, refuses_to_start, settings_for
 from tests.test_errors import SLOW_COMMIT, kill_when_committing
 from tests.test_shop_users import assert_problem
 
@@ -349,6 +351,36 @@ async def test_an_orm_commit_whose_connection_is_lost_is_commit_unknown(
         response = await client.post("/sa/slow")
         await killer
     assert_problem(response, 500, "commit_unknown")
+
+
+async def test_a_client_that_leaves_during_an_orm_commit_is_a_499_not_commit_unknown(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its cancellation was taken for a lost connection: ERROR "COMMIT outcome unknown" and a
+    # 500 in the metrics, where pglayer's own transaction logs the client leaving (499).
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(SLOW_COMMIT)
+    finally:
+        await conn.close()
+    app = orm_app(settings_for(db_url))
+
+    @app.post("/sa/slow")
+    async def slow(session: SqlSession) -> None:
+        await session.execute(text("INSERT INTO slow VALUES (1)"))
+
+    async with app.router.lifespan_context(app), LiveServer(app, http=PROTOCOL) as server:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/sa/slow", timeout=1.0)  # it leaves during the COMMIT
+        await asyncio.sleep(0.5)  # the server notices, and the handler is cancelled
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM slow") == 0  # cancelled: rolled back
+    finally:
+        await conn.close()
 
 
 async def test_a_session_used_after_its_handler_is_refused_and_leaks_nothing(

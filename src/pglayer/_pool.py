@@ -970,7 +970,7 @@ class Pool:
             error = translate_connect(exc)
             if isinstance(error, DatabaseError):
                 self._connect_error = error
-            if isinstance(error, TooManyConnectionsError) and self._size > 1:
+            if isinstance(error, TooManyConnectionsError) and self._slots:
                 self._say_limited()
             raise_translated(exc, error)
         if self.closed:
@@ -996,7 +996,7 @@ class Pool:
                 "pool %s: the server refused another connection (53300: a connection limit is"
                 " reached); serving with %d of %d, refused %d more time(s) since this was said",
                 self.name,
-                self._size - 1,
+                len(self._slots),
                 self.max_size,
                 left_out,
             )

@@ -187,6 +187,10 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
     connection, wrapped = context.connection, context.sqlalchemy_exception
     if connection is not None:
         _failed.add(connection)
+    if not isinstance(context.original_exception, Exception):
+        # Cancelled (its client left, the server stops): the caller's own cancellation goes
+        # on as it is, as for pglayer's transactions; SQLAlchemy drops the connection.
+        return None
     error = (
         translate_sqlalchemy(wrapped)
         if wrapped is not None
