@@ -110,6 +110,26 @@ async def test_jsonb_numbers_come_back_as_exact_as_postgresql_keeps_them(db: Dat
     assert money == {"d": "1.10"}  # as pglayer's responses write a Decimal
 
 
+async def test_jsonb_integers_past_64_bits_go_back_in_exact(db: Database) -> None:
+    # Read exact, then refused on the way back in ("Integer exceeds 64-bit range").
+    value = {"n": 2**70, "m": -(2**64)}
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT $1::jsonb", value) == value
+        await conn.execute("CREATE TABLE big (b jsonb)")
+        await conn.copy_records("big", [(value,)], columns=["b"])
+        assert await conn.fetchval("SELECT b FROM big") == value
+
+
+@pytest.mark.parametrize("value", [float("nan"), {"x": float("inf")}, [1.0, -float("inf")]])
+async def test_a_float_json_cannot_hold_is_refused_not_stored_as_null(
+    db: Database, value: object
+) -> None:
+    # orjson writes NaN and infinity as null: stored, silently, as JSON null.
+    async with db.connection() as conn:
+        with pytest.raises(InvalidInputError):
+            await conn.fetchval("SELECT $1::jsonb", value)
+
+
 async def test_per_call_timeout_cancels_the_query_and_keeps_the_connection(
     db: Database, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -64,7 +65,15 @@ _JSONB_VERSION = b"\x01"
 
 
 def json_encode(value: Any) -> bytes:
-    return orjson.dumps(value, default=default)
+    try:
+        out = orjson.dumps(value, default=default)
+    except orjson.JSONEncodeError:
+        # An integer past 64 bits, which orjson refuses (one read from jsonb, say): the
+        # standard library's writer has them exact; what it cannot write either is refused.
+        return json.dumps(value, default=default, allow_nan=False, separators=(",", ":")).encode()
+    if b"null" in out:
+        _finite(value)  # orjson writes NaN and infinity as null: refused, not changed
+    return out
 
 
 def json_decode(data: bytes) -> Any:
@@ -75,7 +84,19 @@ def json_decode(data: bytes) -> Any:
 
 
 def jsonb_encode(value: Any) -> bytes:
-    return _JSONB_VERSION + orjson.dumps(value, default=default)
+    return _JSONB_VERSION + json_encode(value)
+
+
+def _finite(value: Any) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and infinity have no JSON form")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _finite(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _finite(item)
 
 
 def jsonb_decode(data: bytes) -> Any:
