@@ -718,6 +718,25 @@ async def test_ready_says_refused_while_a_refused_pool_opens_in_the_background(
     assert ready.json()["pools"] == {"primary": "refused"}
 
 
+async def test_ready_says_refused_for_a_pool_the_servers_limit_keeps_small(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # Two of its five connections in use, the server refusing a third: "down", "did not
+    # answer within the deadline", answered in a fifth of a second.
+    async with (
+        two_connections_allowed(server, admin, db_name) as url,
+        Database(settings_for(url, min_size=1, max_size=5)) as db,
+        db.connection(),
+        db.connection(),
+    ):
+        app = app_of(db)
+        app.include_router(health_router(ready_timeout=0.5))
+        async with asgi_client(app) as client:
+            ready = await client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["pools"] == {"primary": "refused"}
+
+
 async def test_an_override_with_a_database_nobody_opened_says_so_in_the_log(
     db: Database, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

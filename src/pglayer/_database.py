@@ -567,6 +567,15 @@ class Database:
 
     # -- running work ----------------------------------------------------------------
 
+    def connect_refused(self) -> str | None:
+        """The SQLSTATE with which the server refuses the primary's pool connections now (a
+        connection limit, 53300: the pool cannot open or grow), else None."""
+        if self._pool is not None:
+            return self._pool.refused_by
+        why = self._not_open_yet
+        sqlstate = why.sqlstate if why is not None else None
+        return sqlstate if sqlstate and not sqlstate.startswith("08") else None
+
     def _unavailable(self) -> DatabaseUnavailableError:
         if self._opening is None and self._opener is None and self._state != "opened":
             # A programming slip more often than an outage: say what to do.

@@ -987,6 +987,13 @@ class Pool:
         self.observer.connection_opened()
         return slot
 
+    @property
+    def refused_by(self) -> str | None:
+        """The SQLSTATE with which the server refused this pool's last connect (53300, its
+        connection limit, say), until a connect succeeds; None otherwise."""
+        sqlstate = self._connect_error.sqlstate if self._connect_failures else None
+        return sqlstate if sqlstate and not sqlstate.startswith("08") else None
+
     def _say_limited(self) -> None:
         """Said once a minute: callers wait for the connections open, so without it a pool
         held small by the server's limit (another app's connections) is silent but slow."""

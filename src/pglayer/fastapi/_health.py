@@ -41,8 +41,11 @@ def _state(exc: PglayerError, db: Database) -> str:
     """`saturated`, `refused` or `down`: why the probe got no answer."""
     if isinstance(exc, PoolTimeoutError | PoolOverloadedError):
         # No connection came: the database may be fine and this process's connections all
-        # in use; with free slots, its connects do not answer.
-        return "saturated" if _saturated(db) else "down"
+        # in use; or the pool cannot grow to its size because the server refuses more
+        # (another app's connections took its slots); else its connects do not answer.
+        if _saturated(db):
+            return "saturated"
+        return "refused" if db.connect_refused() else "down"
     # The server's own refusal of a connect (53300, 3D000, 28P01, 55000, 57P03...); socket
     # failures are the client's 08006.
     if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and exc.sqlstate:
