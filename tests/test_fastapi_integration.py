@@ -667,6 +667,27 @@ async def test_ready_says_a_saturated_pool_is_saturated_not_down(db_url: str) ->
     assert ready.json()["pools"] == {"primary": "saturated"}
 
 
+async def _ready(db: Database) -> httpx.Response:
+    app = app_of(db)
+    app.include_router(health_router(ready_timeout=0.5))
+    async with asgi_client(app) as client:
+        return await client.get("/health/ready")
+
+
+@asynccontextmanager
+async def _slots_taken(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> AsyncIterator[str]:
+    """The URL of a role whose two connections the server allows are held by others."""
+    async with two_connections_allowed(server, admin, db_name) as url:
+        others = [await asyncpg.connect(url) for _ in range(2)]
+        try:
+            yield url
+        finally:
+            for conn in others:
+                await conn.close()
+
+
 async def test_ready_says_a_server_that_refuses_connections_refused_not_down(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:
@@ -682,10 +703,7 @@ async def test_ready_says_a_server_that_refuses_connections_refused_not_down(
         )
         others = [await asyncpg.connect(url) for _ in range(2)]
         try:
-            app = app_of(db)
-            app.include_router(health_router(ready_timeout=0.5))
-            async with asgi_client(app) as client:
-                ready = await client.get("/health/ready")
+            ready = await _ready(db)
         finally:
             for conn in others:
                 await conn.close()
@@ -698,22 +716,12 @@ async def test_ready_says_refused_while_a_refused_pool_opens_in_the_background(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
 ) -> None:
     # A worker started with the database at its limit: "did not answer within the deadline".
-    async with two_connections_allowed(server, admin, db_name) as url:
-        role = urlsplit(url).username
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-        )
-        others = [await asyncpg.connect(url) for _ in range(2)]
-        try:
-            async with Database(settings_for(url, min_size=1, require_on_startup=False)) as db:
-                assert db.stats().size == 0  # opening in the background
-                app = app_of(db)
-                app.include_router(health_router(ready_timeout=0.5))
-                async with asgi_client(app) as client:
-                    ready = await client.get("/health/ready")
-        finally:
-            for conn in others:
-                await conn.close()
+    async with (
+        _slots_taken(server, admin, db_name) as url,
+        Database(settings_for(url, min_size=1, require_on_startup=False)) as db,
+    ):
+        assert db.stats().size == 0  # opening in the background
+        ready = await _ready(db)
     assert ready.status_code == 503
     assert ready.json()["pools"] == {"primary": "refused"}
 
@@ -729,10 +737,7 @@ async def test_ready_says_refused_for_a_pool_the_servers_limit_keeps_small(
         db.connection(),
         db.connection(),
     ):
-        app = app_of(db)
-        app.include_router(health_router(ready_timeout=0.5))
-        async with asgi_client(app) as client:
-            ready = await client.get("/health/ready")
+        ready = await _ready(db)
     assert ready.status_code == 503
     assert ready.json()["pools"] == {"primary": "refused"}
 

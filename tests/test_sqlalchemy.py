@@ -331,10 +331,8 @@ async def test_a_sessions_isolation_is_set_by_its_first_call(db_url: str) -> Non
     assert levels == ["repeatable read", "read committed"]
 
 
-async def test_an_orm_commit_whose_connection_is_lost_is_commit_unknown(
-    db_url: str, admin: asyncpg.Connection[Any], db_name: str
-) -> None:
-    # COMMIT was sent: it may have applied, so the client must not be told to retry.
+async def slow_commit_app(db_url: str) -> FastAPI:
+    """An ORM app whose `POST /sa/slow` commits for 10 s (a deferred trigger)."""
     conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
     try:
         await conn.execute(SLOW_COMMIT)
@@ -346,6 +344,14 @@ async def test_an_orm_commit_whose_connection_is_lost_is_commit_unknown(
     async def slow(session: SqlSession) -> None:
         await session.execute(text("INSERT INTO slow VALUES (1)"))
 
+    return app
+
+
+async def test_an_orm_commit_whose_connection_is_lost_is_commit_unknown(
+    db_url: str, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # COMMIT was sent: it may have applied, so the client must not be told to retry.
+    app = await slow_commit_app(db_url)
     async with app.router.lifespan_context(app), asgi_client(app) as client:
         killer = asyncio.create_task(kill_when_committing(admin, db_name))
         response = await client.post("/sa/slow")
@@ -358,17 +364,7 @@ async def test_a_client_that_leaves_during_an_orm_commit_is_a_499_not_commit_unk
 ) -> None:
     # Its cancellation was taken for a lost connection: ERROR "COMMIT outcome unknown" and a
     # 500 in the metrics, where pglayer's own transaction logs the client leaving (499).
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(db_url)
-    try:
-        await conn.execute(SLOW_COMMIT)
-    finally:
-        await conn.close()
-    app = orm_app(settings_for(db_url))
-
-    @app.post("/sa/slow")
-    async def slow(session: SqlSession) -> None:
-        await session.execute(text("INSERT INTO slow VALUES (1)"))
-
+    app = await slow_commit_app(db_url)
     async with app.router.lifespan_context(app), LiveServer(app, http=PROTOCOL) as server:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
             with pytest.raises(httpx.ReadTimeout):
