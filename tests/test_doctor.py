@@ -180,6 +180,15 @@ async def test_doctor_is_not_ended_by_tiny_timeouts_of_every_kind_on_the_databas
         assert "none: connected straight to PostgreSQL" in out, out
 
 
+async def test_doctor_says_the_statement_timeout_the_server_gets(db_url: str) -> None:
+    # It said 0.0004s where the server gets 1 ms, the least that is not "none".
+    code, out = await asyncio.to_thread(
+        doctor, db_url, PGLAYER_STATEMENT_TIMEOUT="0.0004", COLUMNS="500"
+    )
+    assert code == 0, out
+    assert "statement_timeout=0.001s" in " ".join(out.split()), out
+
+
 async def test_a_checks_transaction_outlives_a_tiny_idle_in_transaction_timeout(
     db_url: str,
 ) -> None:

@@ -258,7 +258,7 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
         cache = 0
     server_ms = diagnosis.facts.get("server_timeouts_ms", {}).get("statement_timeout")
     statement_timeout = (
-        f"{settings.statement_timeout:g}s"
+        f"{int(settings.server_settings()['statement_timeout']) / 1000:g}s"  # as sent: 1 ms least
         if server_ms is None
         else f"{server_ms / 1000:g}s (the role's: a transaction pooler drops pglayer's)"
     )
