@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pglayer import DatabaseSettings, mask_dsn
 from pglayer._dsn import describe_target
+from pglayer._settings import invalid_fields
 
 
 @pytest.mark.parametrize(
@@ -155,3 +158,16 @@ def test_a_url_with_a_stray_space_at_its_ends_is_taken() -> None:
 def test_a_connect_timeout_in_a_url_that_is_not_a_number_is_the_urls_fault() -> None:
     with pytest.raises(ValueError, match=r"url\n.*connect_timeout 'soon' in the URL"):
         DatabaseSettings(url="postgresql://app@db/app?connect_timeout=soon")
+
+
+def test_an_invalid_setting_is_named_by_its_variable_whatever_its_class() -> None:
+    class BillingSettings(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="billing_")
+        retries: int = Field(default=1, ge=0)
+
+    with pytest.raises(ValidationError) as refused:
+        BillingSettings(retries=-1)
+    assert invalid_fields(refused.value).startswith("BILLING_RETRIES: Input should be greater")
+    with pytest.raises(ValidationError) as ours:
+        DatabaseSettings(max_size=0)
+    assert invalid_fields(ours.value).startswith("PGLAYER_MAX_SIZE: ")

@@ -452,7 +452,7 @@ def test_serve_says_in_one_line_why_a_factory_refused_its_settings(
 @pytest.mark.parametrize(
     ("setting", "said"),
     [
-        ("PGLAYER_ORDER_BATCH_SIZE=0", "ShopSettings.order_batch_size: Input should be greater"),
+        ("PGLAYER_ORDER_BATCH_SIZE=0", "PGLAYER_ORDER_BATCH_SIZE: Input should be greater"),
         ("PGLAYER_CURSOR_SECRET= ", "a cursor secret must not be empty or blank"),
     ],
 )

@@ -578,17 +578,33 @@ def misspelt_settings(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def invalid_fields(exc: ValidationError) -> str:
-    """What a settings class refused, field by field (never the values): by environment
-    variable for pglayer's own, `Class.field` for others (whose variables it cannot know)."""
-    own = exc.title in ("DatabaseSettings", "ServerSettings")
+    """What a settings class refused, field by field (never the values), by environment
+    variable: its class found by the error's title among the settings classes loaded, its
+    prefix read from it (`Class.field` for a class not found, or a field of a nested value)."""
+    prefix = _env_prefix(exc.title)
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in error["loc"])
-        name = setting_variable(field) if own else f"{exc.title}.{field}"
-        problems.append(f"{name}: {error['msg']}" if field else error["msg"])
+        loc = error["loc"]
+        if prefix is not None and len(loc) == 1:
+            name = setting_variable(str(loc[0]), prefix)
+        else:
+            name = ".".join([exc.title, *(str(part) for part in loc)])
+        problems.append(f"{name}: {error['msg']}" if loc else error["msg"])
     return "; ".join(problems)
 
 
-def setting_variable(field: str) -> str:
-    """The environment variable of a pglayer settings field."""
-    return "DATABASE_URL" if field == "url" else f"PGLAYER_{field.upper()}"
+def setting_variable(field: str, prefix: str = "PGLAYER_") -> str:
+    """The environment variable of a settings field (pglayer's by default)."""
+    if field == "url" and prefix == "PGLAYER_":
+        return "DATABASE_URL"
+    return f"{prefix}{field}".upper()
+
+
+def _env_prefix(title: str) -> str | None:
+    classes: list[type[BaseSettings]] = [BaseSettings]
+    while classes:
+        cls = classes.pop()
+        if cls.__name__ == title:
+            return str(cls.model_config.get("env_prefix", ""))
+        classes.extend(cls.__subclasses__())
+    return None
