@@ -16,7 +16,7 @@ from pydantic import TypeAdapter
 
 from pglayer import Database
 from pglayer.fastapi import Cursors
-from tests.conftest import Server, asgi_client, free_port, settings_for
+from tests.conftest import Server, asgi_client, free_port, refuses_to_start, settings_for
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 
@@ -286,3 +286,17 @@ async def test_a_cursor_takes_the_uuid_and_decimal_keys_a_row_holds(db: Database
     cursor = cursors.encode(row["price"], row["id"], of="items")
     key = cursors.decode(cursor, TypeAdapter(tuple[Decimal, uuid.UUID]), of="items")
     assert key == (Decimal("12.50"), uuid.UUID(str(row["id"])))
+
+
+async def test_the_shop_refuses_to_start_on_a_database_without_its_tables(
+    server: Server, admin: asyncpg.Connection[Any]
+) -> None:
+    # Served by `pglayer serve` without its migrations: ready 200, and every route a 500.
+    name = f"t_empty_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        db = Database(settings_for(server.url_for(name)))
+        app = create_app(db=db, settings=ShopSettings(admin_token=None))
+        await refuses_to_start(app, "pglayer-shop migrate")
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

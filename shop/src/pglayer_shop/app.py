@@ -10,7 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
-from pglayer import Database, DatabaseSettings, IdempotencyKeys
+from pglayer import (
+    ConfigurationError,
+    Database,
+    DatabaseSettings,
+    IdempotencyKeys,
+    TransientError,
+)
 from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
 from pglayer_shop.orders import OrderBatches
 from pglayer_shop.routes import router
@@ -22,6 +28,20 @@ __all__ = ["create_app"]
 _NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
+async def _check_schema(db: Database) -> None:
+    """Refuse to start on a database without the shop's tables (served by `pglayer serve`
+    without its migrations: readiness said 200, and every route was a 500)."""
+    try:
+        found = await db.run(lambda c: c.fetchval("SELECT to_regclass('orders')"), retry=False)
+    except TransientError:
+        return  # not reachable yet: the pool opens in the background, and routes say 503
+    if found is None:
+        raise ConfigurationError(
+            "the shop's tables are missing from this database: run `pglayer-shop migrate`"
+            " first, or serve it with `pglayer-shop serve`, which migrates"
+        )
+
+
 def create_app(db: Database | None = None, settings: ShopSettings | None = None) -> FastAPI:
     """Build the shop; with no arguments, from `DATABASE_URL` and `PGLAYER_*`."""
     settings = settings if settings is not None else ShopSettings()
@@ -31,6 +51,7 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runs inside pglayer's lifespan (see `setup`): the pool is open here.
+        await _check_schema(db)
         sweep = asyncio.create_task(keys.sweep_forever(db, settings.idempotency_sweep_interval))
         try:
             yield
