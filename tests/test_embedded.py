@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -44,6 +46,46 @@ def test_the_process_that_started_it_leaves_it_running_for_another_that_uses_it(
     assert second.running_port() is not None  # still served to the second
     second.stop()  # the last user: it stops it, though it did not start it
     assert second.running_port() is None
+
+
+def test_a_cluster_without_pglayers_settings_gets_them_at_its_next_start(
+    base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Ctrl-C between initdb and the settings left such a cluster, started as it was for
+    # good: localhost, the system's socket directory, 100 connections.
+    server = EmbeddedPostgres(base)
+    server.start()
+    server.stop()
+    conf = base / "pg" / "data" / "postgresql.conf"
+    text = conf.read_text()
+    conf.write_text(text[: text.index("# added by pglayer")])
+    server.start()
+    max_connections = asyncio.run(_show(server.url, "max_connections"))
+    assert max_connections == "200"
+    assert any("lacked pglayer's settings" in r.getMessage() for r in caplog.records)
+
+
+async def _show(url: str, name: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return str(await conn.fetchval(f"SHOW {name}"))
+    finally:
+        await conn.close()
+
+
+def test_an_interrupted_initdb_leaves_no_cluster_that_counts_as_made() -> None:
+    with embedded_dir("pglayer-embedded-init-") as fresh:
+        server = EmbeddedPostgres(fresh)
+        leftover = server.pg_dir / "data.new"  # as an initdb cut short leaves it
+        leftover.mkdir(parents=True)
+        (leftover / "PG_VERSION").write_text("15\n")
+        assert not server.initialized()
+        server.start()
+        try:
+            assert asyncio.run(_show(server.url, "listen_addresses")) == "127.0.0.1"
+            assert not leftover.exists()
+        finally:
+            server.stop()
 
 
 def test_a_server_whose_user_was_killed_is_stopped_by_the_next_user(base: Path) -> None:

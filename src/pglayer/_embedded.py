@@ -87,6 +87,26 @@ def _pgserver_bindir() -> Path | None:
     return bindir if _has_server(bindir) else None
 
 
+_CONFIGURED = "# added by pglayer"
+_CONF = {
+    "listen_addresses": "'127.0.0.1'",
+    "unix_socket_directories": "''",
+    "max_connections": "200",
+    "logging_collector": "off",
+}
+
+
+def _configure(data_dir: Path) -> bool:
+    """Add pglayer's settings to `data_dir`'s configuration, unless there; whether it did."""
+    conf = data_dir / "postgresql.conf"
+    if _CONFIGURED in conf.read_text(errors="replace"):
+        return False
+    with conf.open("a") as f:
+        f.write(f"\n{_CONFIGURED}\n")
+        f.writelines(f"{k} = {v}\n" for k, v in _CONF.items())
+    return True
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -310,23 +330,21 @@ class EmbeddedPostgres:
         pwfile.write_text(self.password)
         pwfile.chmod(0o600)
         self._own(pwfile)
+        # Made aside and renamed once configured: a Ctrl-C after initdb left a cluster that
+        # counted as made without pglayer's settings (localhost, the system's socket
+        # directory, 100 connections), for good.
+        staging = self.pg_dir / "data.new"
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt's, interrupted
         try:
             result = self._run(
-                "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=scram-sha-256",
+                "initdb", "-D", str(staging), "-U", "postgres", "--auth=scram-sha-256",
                 f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "--no-instructions",
             )  # fmt: skip
             self._check(result, "initdb")
         finally:
             pwfile.unlink(missing_ok=True)
-        conf = {
-            "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": "''",
-            "max_connections": "200",
-            "logging_collector": "off",
-        }
-        with (self.data_dir / "postgresql.conf").open("a") as f:
-            f.write("\n# added by pglayer\n")
-            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        _configure(staging)
+        staging.rename(self.data_dir)
 
     def running_port(self) -> int | None:
         """The port of a server already running on this data directory, if any."""
@@ -384,6 +402,10 @@ class EmbeddedPostgres:
         if not self.initialized():
             log.info("initialising an embedded PostgreSQL cluster in %s", self.data_dir)
             self._initdb()
+        elif not self.standby and _configure(self.data_dir):
+            log.warning(
+                "%s lacked pglayer's settings (its initdb was interrupted): added", self.data_dir
+            )
         running = self.running_port()
         if running is not None:
             self.port = running
