@@ -567,6 +567,24 @@ def test_doctor_says_a_replica_cut_off_from_the_primary_is_behind(
     asyncio.run(cut_then_write())
 
 
+def test_doctor_fails_when_a_replica_promoted_beside_its_primary_takes_writes(
+    primary: EmbeddedPostgres,
+) -> None:
+    # After a failover with the old primary started again: a warning ("not a standby"),
+    # exit 0, while new connections could write to either server.
+    split = _cluster("pglayer-split-")
+    try:
+        split.make_standby_of(primary)
+        split.start()
+        split._check(split._run("pg_ctl", "promote", "-w", "-D", str(split.data_dir)), "promote")
+        code, out = doctor(primary.admin_url(DB), PGLAYER_REPLICA_URLS=split.admin_url(DB))
+    finally:
+        split.destroy()
+        shutil.rmtree(split.base_dir, ignore_errors=True)
+    assert code == 1, out
+    assert "takes writes, and so does the primary" in " ".join(out.split()), out
+
+
 def test_doctor_says_a_standby_of_another_server_will_not_serve(
     db_url: str, standby: EmbeddedPostgres
 ) -> None:

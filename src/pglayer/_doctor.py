@@ -312,7 +312,14 @@ async def _check_replicas(
         finally:
             await conn.close()
         bound = settings.replica_max_lag
-        if not row["standby"]:
+        if not row["standby"] and same and primary.lsn is not None:
+            result.add(
+                name,
+                "fail",
+                f"{target} takes writes, and so does the primary, both of one cluster: a"
+                " failover left the old primary running? A new connection may write to either",
+            )
+        elif not row["standby"]:
             result.add(name, "warn", f"{target} is not a standby; it will not serve reads")
         elif not same:
             result.add(
