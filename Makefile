@@ -35,5 +35,6 @@ bench: $(BIN)/.installed
 
 clean:
 	# The embedded server first: stopped, and its files removed wherever they are kept.
-	-test -x $(BIN)/python && $(BIN)/python -c 'import pglayer; pglayer.EmbeddedPostgres(".pglayer").destroy()'
+	# Refused while a running `make run` (or another process) uses it.
+	if test -x $(BIN)/python; then $(BIN)/python -c 'import sys, pglayer; sys.excepthook = lambda t, e, tb: print("make clean:", e, file=sys.stderr); pglayer.EmbeddedPostgres(".pglayer").destroy()' || exit 1; fi
 	rm -rf $(VENV) .pglayer .mypy_cache .pytest_cache .ruff_cache

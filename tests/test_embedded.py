@@ -88,6 +88,33 @@ def test_an_interrupted_initdb_leaves_no_cluster_that_counts_as_made() -> None:
             server.stop()
 
 
+def test_destroying_a_server_another_process_uses_is_refused(base: Path) -> None:
+    # `make clean` under a running `make run` took the shop's database from under it.
+    user = subprocess.Popen(
+        [sys.executable, "-c", _USES_IT, str(base)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert user.stdout is not None
+        assert user.stdout.readline().strip() == "started"
+        with pytest.raises(EmbeddedPostgresError, match=f"in use by PID {user.pid}"):
+            EmbeddedPostgres(base).destroy()
+        assert EmbeddedPostgres(base).running_port() is not None  # still serving its user
+    finally:
+        user.terminate()
+        user.communicate(timeout=30)
+
+
+_USES_IT = """
+import sys, time
+from pathlib import Path
+from pglayer._embedded import EmbeddedPostgres
+
+EmbeddedPostgres(Path(sys.argv[1])).start()
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_server_whose_user_was_killed_is_stopped_by_the_next_user(base: Path) -> None:
     orphaned = EmbeddedPostgres(base)
     orphaned.start()

@@ -574,8 +574,17 @@ class EmbeddedPostgres:
         )  # fmt: skip
         self._check(result, "pg_ctl restart")
 
-    def destroy(self) -> None:
-        """Stop the server (if running) and delete every file of the cluster."""
+    def destroy(self, *, force: bool = False) -> None:
+        """Stop the server (if running) and delete every file of the cluster; refused while
+        another process uses it (`make clean` under a running `make run` took its database
+        from under it), unless `force`."""
+        if not force and (self.base_dir / "users").is_dir():
+            with self._locked():
+                others = [pid for pid in self._unregister() if pid != os.getpid()]
+            if others:
+                raise EmbeddedPostgresError(
+                    f"{self.base_dir} is in use by PID {', '.join(map(str, others))}: stop it first"
+                )
         with contextlib.suppress(EmbeddedPostgresError):
             self.stop(force=True, mode="immediate")
         shutil.rmtree(self.pg_dir, ignore_errors=True)
