@@ -55,6 +55,7 @@ from pglayer._errors import (
     SerializationError,
     TransientError,
     explain_connect_error,
+    refusal,
     translate,
 )
 from pglayer._json import json_decode, json_encode, jsonb_decode, jsonb_encode
@@ -570,11 +571,7 @@ class Database:
     def connect_refused(self) -> str | None:
         """The SQLSTATE with which the server refuses the primary's pool connections now (a
         connection limit, 53300: the pool cannot open or grow), else None."""
-        if self._pool is not None:
-            return self._pool.refused_by
-        why = self._not_open_yet
-        sqlstate = why.sqlstate if why is not None else None
-        return sqlstate if sqlstate and not sqlstate.startswith("08") else None
+        return self._pool.refused_by if self._pool is not None else refusal(self._not_open_yet)
 
     def _unavailable(self) -> DatabaseUnavailableError:
         if self._opening is None and self._opener is None and self._state != "opened":

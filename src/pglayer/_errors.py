@@ -70,6 +70,7 @@ __all__ = [
     "UniqueViolationError",
     "explain_connect_error",
     "raise_translated",
+    "refusal",
     "translate",
     "translate_connect",
 ]
@@ -358,6 +359,13 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     if isinstance(exc, asyncpg.InterfaceError) and connection_closed:
         return ConnectionLostError(ConnectionLostError.default_message, sqlstate="08003")
     return exc
+
+
+def refusal(error: DatabaseError | None) -> str | None:
+    """The SQLSTATE of the server's own refusal of a connect (53300, 3D000, 28P01, 55000,
+    57P03...), or None: no error, or a socket failure (the client's 08006)."""
+    sqlstate = error.sqlstate if error is not None else None
+    return sqlstate if sqlstate and not sqlstate.startswith("08") else None
 
 
 def translate_connect(exc: BaseException) -> BaseException:

@@ -87,6 +87,10 @@ def jsonb_encode(value: Any) -> bytes:
     return _JSONB_VERSION + json_encode(value)
 
 
+def jsonb_decode(data: bytes) -> Any:
+    return json_decode(data[1:])
+
+
 def _finite(value: Any) -> None:
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -97,7 +101,3 @@ def _finite(value: Any) -> None:
     elif isinstance(value, list | tuple):
         for item in value:
             _finite(item)
-
-
-def jsonb_decode(data: bytes) -> Any:
-    return json_decode(data[1:])

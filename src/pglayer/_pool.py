@@ -48,6 +48,7 @@ from pglayer._errors import (
     TooManyConnectionsError,
     explain_connect_error,
     raise_translated,
+    refusal,
     translate_connect,
 )
 from pglayer._logs import Throttle
@@ -991,8 +992,7 @@ class Pool:
     def refused_by(self) -> str | None:
         """The SQLSTATE with which the server refused this pool's last connect (53300, its
         connection limit, say), until a connect succeeds; None otherwise."""
-        sqlstate = self._connect_error.sqlstate if self._connect_failures else None
-        return sqlstate if sqlstate and not sqlstate.startswith("08") else None
+        return refusal(self._connect_error) if self._connect_failures else None
 
     def _say_limited(self) -> None:
         """Said once a minute: callers wait for the connections open, so without it a pool

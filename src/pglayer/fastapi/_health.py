@@ -14,6 +14,7 @@ from pglayer._errors import (
     PoolOverloadedError,
     PoolTimeoutError,
     TooManyConnectionsError,
+    refusal,
 )
 from pglayer._settings import ServerSettings
 from pglayer.fastapi._dependencies import get_database
@@ -46,10 +47,8 @@ def _state(exc: PglayerError, db: Database) -> str:
         if _saturated(db):
             return "saturated"
         return "refused" if db.connect_refused() else "down"
-    # The server's own refusal of a connect (53300, 3D000, 28P01, 55000, 57P03...); socket
-    # failures are the client's 08006.
-    if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and exc.sqlstate:
-        return "down" if exc.sqlstate.startswith("08") else "refused"
+    if isinstance(exc, TooManyConnectionsError | DatabaseUnavailableError) and refusal(exc):
+        return "refused"
     return "down"
 
 
