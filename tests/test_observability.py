@@ -142,6 +142,22 @@ async def test_a_slow_query_says_when_the_event_loop_was_late_meanwhile(
     assert getattr(record, "loop_lag_seconds") >= blocked - 0.1  # noqa: B009
 
 
+async def test_a_greater_lag_just_before_a_slow_query_does_not_hide_its_own(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(db_url, slow_query_threshold=0.05)
+    caplog.set_level(logging.WARNING, logger="pglayer.slow_query")
+    loop = asyncio.get_running_loop()
+    async with Database(settings) as db, db.connection() as conn:
+        loop.call_later(0.02, time.sleep, 0.3)
+        await conn.execute("SELECT pg_sleep(0.05)")
+        caplog.clear()
+        loop.call_later(0.02, time.sleep, 0.2)  # less than the first, within its second
+        await conn.execute("SELECT pg_sleep(0.05)")
+    [record] = [r for r in caplog.records if r.name == "pglayer.slow_query"]
+    assert getattr(record, "loop_lag_seconds") >= 0.1  # noqa: B009
+
+
 def test_json_lines_mask_passwords_anywhere_in_the_message() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

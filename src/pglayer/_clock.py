@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("pglayer")
 
 TICK = 0.01  # seconds; deadlines fire at most this late
+_LATE = 0.001  # a tick later than this is noted as the loop's lag...
+_LAG_KEPT = 60.0  # ...for this long (seconds)
 
 Tick = Callable[[float], bool]  # gets `time.monotonic()`; returns whether it has work left
 
@@ -34,20 +36,33 @@ Tick = Callable[[float], bool]  # gets `time.monotonic()`; returns whether it ha
 class Clock:
     """Calls every subscriber each `TICK` while any of them reports work in flight."""
 
-    __slots__ = ("_due", "_handle", "_late", "_late_at", "_loop", "_subscribers")
+    __slots__ = ("_due", "_handle", "_lateness", "_loop", "_subscribers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._handle: asyncio.TimerHandle | None = None
         self._subscribers: list[Tick] = []
         self._due = 0.0  # when the armed tick should run (0: armed by `wake`, not timed)
-        self._late = 0.0  # the latest tick's lateness (the loop's lag), and when it was seen
-        self._late_at = 0.0
+        # (when seen, how late) of the ticks that ran late, each later one less late than
+        # the one before: the worst since any moment is then the first seen after it. A
+        # single "worst of the last second" hid a lag behind a greater one just before.
+        self._lateness: list[tuple[float, float]] = []
 
     def lag(self, since: float) -> float:
         """How late the tick ran at worst since `since` (a lower bound on the loop's lag:
-        seen only while the tick runs, and only the worst of the last second kept)."""
-        return self._late if self._late_at >= since else 0.0
+        seen only while the tick runs; kept for `_LAG_KEPT` seconds)."""
+        for seen, late in self._lateness:
+            if seen >= since:
+                return late
+        return 0.0
+
+    def _note_lateness(self, now: float, late: float) -> None:
+        lateness = self._lateness
+        while lateness and lateness[-1][1] <= late:
+            lateness.pop()
+        lateness.append((now, late))
+        if lateness[0][0] < now - _LAG_KEPT:
+            del lateness[0]
 
     def subscribe(self, tick: Tick) -> None:
         self._subscribers.append(tick)
@@ -64,10 +79,8 @@ class Clock:
 
     def _run(self) -> None:
         now = time.monotonic()
-        if self._due:
-            late = now - self._due
-            if late >= self._late or now - self._late_at > 1.0:
-                self._late, self._late_at = late, now
+        if self._due and now - self._due >= _LATE:
+            self._note_lateness(now, now - self._due)
         busy = False
         for tick in list(self._subscribers):
             try:
