@@ -147,7 +147,7 @@ async def insert_users(db: Database, emails: list[str]) -> list[int]:
 async def test_the_migration_normalises_existing_emails_and_keys_them(old_schema_url: str) -> None:
     async with Database(settings_for(old_schema_url)) as db:
         ids = await insert_users(db, [nfd("zoë@example.com"), "Straße@example.com", "a@b.c"])
-        applied = await apply_migrations(db)
+        applied = [n for n in await apply_migrations(db) if not n.startswith("pglayer/")]
         assert len(applied) == len(shop_migrations()) - BEFORE_KEYS
         async with db.connection() as conn:
             emails = await conn.fetch("SELECT id, email FROM users ORDER BY id")

@@ -134,6 +134,26 @@ async def test_migrate_keeps_each_directorys_history_apart(db_url: str, tmp_path
     assert [r["history"] for r in histories] == ["billing", "default", "notes", "pglayer"]
 
 
+async def test_migrate_applies_nothing_when_one_history_is_refused(
+    db_url: str, tmp_path: Path
+) -> None:
+    env = clean_env(DATABASE_URL=db_url)
+    directory = write_migrations(tmp_path / "billing", "bills")
+    assert run("migrate", "--dir", str(directory), env=env).returncode == 0
+    (directory / "0001_schema.sql").write_text("CREATE TABLE bills (id bigint);")
+    pending = "DELETE FROM pglayer_migrations WHERE history = 'pglayer' AND version = '0004'"
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(pending)  # one of pglayer's own files left to apply
+        refused = run("migrate", "--dir", str(directory), env=env)
+        assert refused.returncode == 1
+        assert "changed after it was applied" in " ".join(refused.stderr.split())
+        mine = "SELECT count(*) FROM pglayer_migrations WHERE history = 'pglayer'"
+        assert await conn.fetchval(mine + " AND version = '0004'") == 0
+    finally:
+        await conn.close()
+
+
 def test_two_apps_directories_of_one_name_are_told_apart_by_history(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,7 +34,8 @@ async def test_concurrent_runners_apply_each_migration_exactly_once(empty_db_url
         async with Database(settings_for(empty_db_url, max_size=1)) as db:
             return await apply_migrations(db)
 
-    results = await asyncio.gather(*(run() for _ in range(6)))
+    ran = await asyncio.gather(*(run() for _ in range(6)))
+    results = [[n for n in r if not n.startswith("pglayer/")] for r in ran]
     expected = [m.name for m in shop_migrations()]
     assert sorted(results, key=len, reverse=True)[0] == expected
     assert sum(len(r) for r in results) == len(expected)
@@ -49,6 +51,54 @@ async def test_a_changed_applied_migration_is_refused(empty_db_url: str, tmp_pat
         (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id bigint);")
         with pytest.raises(MigrationError, match="changed after it was applied"):
             await migrate(db, load_migrations(tmp_path))
+
+
+async def test_a_changed_file_that_lists_the_applied_texts_checksum_is_taken_as_applied(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    first = "CREATE TABLE t (id int);\n"
+    (tmp_path / "0001_first.sql").write_text(first)
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_first.sql"]
+        applied = hashlib.sha256(first.encode()).hexdigest()
+        (tmp_path / "0001_first.sql").write_text(
+            f"-- pglayer:replaces {applied}\nCREATE TABLE t (id bigint);\n"
+        )
+        assert await migrate(db, load_migrations(tmp_path)) == []
+        (tmp_path / "0001_first.sql").write_text(
+            f"-- pglayer:replaces {'0' * 64}\nCREATE TABLE t (id bigint);\n"
+        )
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(db, load_migrations(tmp_path))
+
+
+def test_a_replaces_line_leaves_the_files_own_checksum_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id int);\n")
+    [before] = load_migrations(tmp_path)
+    (tmp_path / "0001_first.sql").write_text(
+        f"CREATE TABLE t (id int);\n-- pglayer:replaces {'a' * 64}\n"
+    )
+    [after] = load_migrations(tmp_path)
+    assert after.checksum == before.checksum
+    assert after.replaces == {"a" * 64}
+
+
+async def test_a_refused_history_leaves_pglayers_tables_unapplied_too(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id int);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path))
+        (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id bigint);")
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(db, load_migrations(tmp_path), pglayer_tables=True)
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT to_regclass('pglayer_idempotency_keys')") is None
+        (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id int);")
+        (tmp_path / "0002_second.sql").write_text("CREATE TABLE u (id int);")
+        applied = await migrate(db, load_migrations(tmp_path), pglayer_tables=True)
+    assert applied[-1] == "0002_second.sql"
+    assert applied[0] == "pglayer/0001_idempotency_keys.sql"
 
 
 async def test_an_applied_migration_renamed_with_the_same_content_is_not_applied_again(
@@ -121,8 +171,7 @@ async def test_a_history_table_from_before_histories_is_upgraded(empty_db_url: s
             first.checksum,
         )
         await conn.execute(first.sql)
-        applied = await apply_migrations(db)
-        assert first.name not in applied
+        applied = [n for n in await apply_migrations(db) if not n.startswith("pglayer/")]
         assert applied == [m.name for m in shop_migrations()[1:]]
 
 

@@ -42,7 +42,7 @@ PUBLIC: dict[str, list[str]] = {
     ],
     "pglayer.migrations": [
         "DEFAULT_TIMEOUT", "Migration", "MigrationError", "install_pglayer_tables",
-        "load_migrations", "migrate",
+        "load_migrations", "migrate", "pending_migrations",
     ],
     "pglayer.sqlalchemy": [
         "count_engine", "create_engine", "session_transaction", "translate_sqlalchemy",

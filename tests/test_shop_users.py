@@ -11,11 +11,13 @@ import asyncpg
 import httpx
 import pytest
 from pglayer_shop.app import create_app
+from pglayer_shop.schema import shop_migrations
 from pglayer_shop.settings import ShopSettings
 from pydantic import TypeAdapter
 
 from pglayer import Database
 from pglayer.fastapi import Cursors
+from pglayer.migrations import migrate
 from tests.conftest import Server, asgi_client, free_port, refuses_to_start, settings_for
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -298,5 +300,21 @@ async def test_the_shop_refuses_to_start_on_a_database_without_its_tables(
         db = Database(settings_for(server.url_for(name)))
         app = create_app(db=db, settings=ShopSettings(admin_token=None))
         await refuses_to_start(app, "pglayer-shop migrate")
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def test_the_shop_refuses_to_start_on_a_schema_older_than_its_code(
+    server: Server, admin: asyncpg.Connection[Any]
+) -> None:
+    # An upgrade served before `migrate` ran: the new code on the old functions.
+    name = f"t_old_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        db = Database(settings_for(server.url_for(name)))
+        async with db:
+            await migrate(db, shop_migrations()[:-1], pglayer_tables=True)
+        app = create_app(db=db, settings=ShopSettings(admin_token=None))
+        await refuses_to_start(app, shop_migrations()[-1].name)
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -41,8 +40,9 @@ from pglayer._settings import (
 )
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
+    _History,
     _migrate,
-    install_pglayer_tables,
+    _pglayer_migrations,
     load_migrations,
 )
 
@@ -87,19 +87,14 @@ async def apply_directories(
     if "" in implicit:
         raise ConfigurationError("the root directory has no name: name its history (--history)")
     names = [*histories, *implicit]
-    applied: list[str] = []
-    ends = time.monotonic() + timeout  # one deadline for the whole run
-
-    def left() -> float:
-        return max(ends - time.monotonic(), 0.001)
-
+    # One transaction for all: every history is checked before any is applied.
+    runs = [_History("pglayer", _pglayer_migrations(), named=True)] + [
+        _History(history, load_migrations(directory), named=i < len(histories))
+        for i, (directory, history) in enumerate(zip(directories, names, strict=True))
+    ]
     async with Database(settings) as db:
-        applied += [f"pglayer/{n}" for n in await install_pglayer_tables(db, timeout=left())]
-        for i, (directory, history) in enumerate(zip(directories, names, strict=True)):
-            done = await _migrate(
-                db, load_migrations(directory), history, named=i < len(histories), timeout=left()
-            )
-            applied += [f"{history}/{name}" for name in done]
+        done = await _migrate(db, runs, timeout=timeout)
+        applied = [f"{history}/{name}" for history, name in done]
         if applied and say is not None:
             say(f"applied migrations: {', '.join(applied)}")
         if prepare is not None:

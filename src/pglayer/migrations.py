@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import NoReturn
 
 import asyncpg
 
@@ -43,6 +44,7 @@ __all__ = [
     "install_pglayer_tables",
     "load_migrations",
     "migrate",
+    "pending_migrations",
 ]
 
 log = logging.getLogger("pglayer.migrations")
@@ -52,6 +54,8 @@ LOCK_KEY = 0x70676C61796572  # "pglayer"
 DEFAULT_TIMEOUT = 3600.0  # seconds a run may take, waiting for another's included
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Comments, blanks and semicolons: a file of only these holds no statement.
+# `-- pglayer:replaces <sha256> [why]`: the whole line, its end included.
+_REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-f]{64})\b[^\n]*(?:\n|\Z)", re.M)
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -67,7 +71,16 @@ class Migration:
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        """The SHA-256 of its SQL, less its `-- pglayer:replaces` lines (see `replaces`)."""
+        return hashlib.sha256(_REPLACES.sub("", self.sql).encode()).hexdigest()
+
+    @property
+    def replaces(self) -> frozenset[str]:
+        """Checksums of earlier texts of this file, taken as applied where one of them was:
+        each on a line `-- pglayer:replaces <sha256>`. For a released file that had to
+        change; the change must suit a database that ran the earlier text, with a later
+        file bringing it to what this text makes, if they differ."""
+        return frozenset(_REPLACES.findall(self.sql))
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -135,6 +148,7 @@ async def migrate(
     *,
     history: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    pglayer_tables: bool = False,
 ) -> list[str]:
     """Apply what is not applied yet; return the names applied. Safe to run concurrently.
 
@@ -146,47 +160,77 @@ async def migrate(
     waiting for another process's run included; the files' statements are bound by it,
     not by `PGLAYER_QUERY_TIMEOUT` or `statement_timeout`, and each lock they wait for (on a
     table an app is using) by `PGLAYER_LOCK_TIMEOUT`.
+
+    `pglayer_tables`: pglayer's own tables first (`install_pglayer_tables`), in the same
+    transaction, their names returned as `pglayer/NAME`: both histories are checked before
+    either is applied, so a refused run changes nothing.
     """
-    return await _migrate(
-        db, migrations, history or "default", named=history is not None, timeout=timeout
-    )
+    ours = _History(history or "default", migrations, named=history is not None)
+    runs = [ours]
+    if pglayer_tables:
+        runs.insert(0, _History("pglayer", _pglayer_migrations(), named=True))
+    done = await _migrate(db, runs, timeout=timeout)
+    return [name if h == ours.name else f"{h}/{name}" for h, name in done]
+
+
+async def pending_migrations(
+    db: Database,
+    migrations: list[Migration],
+    *,
+    history: str | None = None,
+    pglayer_tables: bool = False,
+) -> list[str]:
+    """The names of `migrations` not applied yet (pglayer's own as `pglayer/NAME`), checked
+    as `migrate` checks them (a changed applied file is a `MigrationError`); nothing is
+    applied. For an app that must not serve a schema older than its code."""
+    ours = _History(history or "default", migrations, named=history is not None)
+    runs = [ours]
+    if pglayer_tables:
+        runs.insert(0, _History("pglayer", _pglayer_migrations(), named=True))
+    missing: list[str] = []
+    async with db.connection() as conn:
+        # Without the table, or with one from before histories, `migrate` has work to do.
+        ready = await conn.fetchval(_HISTORY_READY)
+        for run in runs:
+            applied = await _check(conn, run) if ready else {}
+            prefix = "" if run is ours else f"{run.name}/"
+            missing += [prefix + m.name for m in run.migrations if m.version not in applied]
+    return missing
+
+
+@dataclass(frozen=True, slots=True)
+class _History:
+    name: str
+    migrations: list[Migration]
+    named: bool  # given by the caller, not taken by default (a directory's name, "default")
 
 
 async def _migrate(
-    db: Database,
-    migrations: list[Migration],
-    history: str,
-    *,
-    named: bool,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> list[str]:
-    """`migrate`, with the history's name said to be given (`named`) or taken by default
-    (a directory's name, "default")."""
-    if not history or history != history.strip():
-        raise MigrationError(f"history name {history!r} is empty or has spaces around it")
-    if not isinstance(migrations, list):
-        raise TypeError(
-            f"migrations must be a list of Migration, as load_migrations(Path(...)) returns,"
-            f" not {type(migrations).__name__}"
-        )
+    db: Database, runs: list[_History], *, timeout: float = DEFAULT_TIMEOUT
+) -> list[tuple[str, str]]:
+    """Apply `runs` in one transaction, each history checked before any is applied; return
+    the (history, name) of each file applied."""
+    for run in runs:
+        if not run.name or run.name != run.name.strip():
+            raise MigrationError(f"history name {run.name!r} is empty or has spaces around it")
+        if not isinstance(run.migrations, list):
+            raise TypeError(
+                f"migrations must be a list of Migration, as load_migrations(Path(...))"
+                f" returns, not {type(run.migrations).__name__}"
+            )
     deadline = time.monotonic() + timeout
     try:
-        return await _migrate_once(db, migrations, history, named, deadline, timeout)
+        return await _migrate_once(db, runs, deadline, timeout)
     except StatementsLostError:
         # A pooler lost the driver's statements (its mode changed, or it was said to be a
         # session pooler): the pool names none from now on, and the run, which aborted
         # with nothing applied, can run again.
-        return await _migrate_once(db, migrations, history, named, deadline, timeout)
+        return await _migrate_once(db, runs, deadline, timeout)
 
 
 async def _migrate_once(
-    db: Database,
-    migrations: list[Migration],
-    history: str,
-    named: bool,
-    deadline: float,
-    timeout: float,
-) -> list[str]:
+    db: Database, runs: list[_History], deadline: float, timeout: float
+) -> list[tuple[str, str]]:
     async with db.transaction(timeout=60) as conn:
         try:
             if await conn.fetchval("SELECT pg_is_in_recovery()"):
@@ -207,8 +251,7 @@ async def _migrate_once(
             # privilege to create tables once its schema is in place.
             if not await conn.fetchval(_HISTORY_READY):
                 await conn.execute(_HISTORY_TABLE)
-            run = _Run(deadline, timeout, lock_ms)
-            return await _apply(conn, migrations, history, named, run)
+            return await _apply_all(conn, runs, _Run(deadline, timeout, lock_ms))
         except (ProgrammingError, TransactionAbortedError) as exc:  # 42501: no privilege
             # A migration's own failure is a MigrationError naming it: this is the history's.
             raise MigrationError(
@@ -258,44 +301,69 @@ async def _script(conn: Connection, sql: str, deadline: float) -> None:
         raise_translated(exc, translate(exc))
 
 
-async def _apply(
-    conn: Connection, migrations: list[Migration], history: str, named: bool, run: _Run
-) -> list[str]:
+async def _apply_all(conn: Connection, runs: list[_History], limits: _Run) -> list[tuple[str, str]]:
+    """Check every history against its directory, then apply each in turn."""
+    checked = [(run, await _check(conn, run)) for run in runs]
+    done: list[tuple[str, str]] = []
+    for run, applied in checked:
+        await _apply(conn, run, applied, limits, done)
+    return done
+
+
+async def _check(conn: Connection, run: _History) -> dict[str, asyncpg.Record]:
+    """`run`'s applied files, once its directory is known to fit them; else refused."""
+    migrations, history = run.migrations, run.name
     rows = await conn.fetch(
         "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
     )
     applied = {r["version"]: r for r in rows}
     if not applied and migrations:
-        await _refuse_applied_elsewhere(conn, migrations, history, named)
+        await _refuse_applied_elsewhere(conn, migrations, history, run.named)
     _check_order(migrations, applied, history)
     for m in migrations:
-        if m.version not in applied:
-            _refuse_transaction_control(m)
-    done: list[str] = []
-    for m in migrations:
         previous = applied.get(m.version)
-        if previous is not None:
-            if previous["checksum"] == m.checksum:
-                continue  # applied (under this name, or one since renamed)
-            if previous["name"] != m.name:
-                raise MigrationError(
-                    f"migration {m.name}: version {m.version} of history {history!r} was"
-                    f" applied as {previous['name']}; another directory shares this history"
-                    " on this database (a history is named after its directory): give this"
-                    " one a history of its own (`--history NAME`, or `history=`)"
-                )
-            raise MigrationError(
-                f"migration {m.name} was changed after it was applied; add a new migration"
-                f" instead (or, if another directory named {history!r} shares this"
-                " history on this database, give this one its own: `--history NAME`)"
-            )
-        log.info("applying migration %s/%s", history, m.name)
+        if previous is None:
+            _refuse_transaction_control(m)
+        elif previous["checksum"] != m.checksum and previous["checksum"] not in m.replaces:
+            _refuse_changed(m, previous, history)
+    return applied
+
+
+def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoReturn:
+    if previous["name"] != m.name:
+        raise MigrationError(
+            f"migration {m.name}: version {m.version} of history {history!r} was"
+            f" applied as {previous['name']}; another directory shares this history"
+            " on this database (a history is named after its directory): give this"
+            " one a history of its own (`--history NAME`, or `history=`); nothing was applied"
+        )
+    raise MigrationError(
+        f"migration {m.name} was changed after it was applied (applied: sha256"
+        f" {previous['checksum'][:12]}…, now {m.checksum[:12]}…); add a new migration"
+        f" instead (or, if another directory named {history!r} shares this history on this"
+        " database, give this one its own: `--history NAME`, or `history=`); nothing was"
+        " applied"
+    )
+
+
+async def _apply(
+    conn: Connection,
+    run: _History,
+    applied: dict[str, asyncpg.Record],
+    limits: _Run,
+    done: list[tuple[str, str]],
+) -> None:
+    """Apply `run`'s files not in `applied`, each added to `done` (the run's so far)."""
+    for m in run.migrations:
+        if m.version in applied:
+            continue  # applied (under this name, or one since renamed, or an earlier text)
+        log.info("applying migration %s/%s", run.name, m.name)
         try:
             # asyncpg fails on a query with no statement (an AttributeError of its own).
             if not _NOTHING.fullmatch(m.sql):
-                await _script(conn, m.sql, run.deadline)
+                await _script(conn, m.sql, limits.deadline)
         except DatabaseError as exc:
-            raise _failed(m, exc, run, done) from exc
+            raise _failed(m, exc, limits, done) from exc
         if not conn.raw.is_in_transaction():  # what the check before running missed
             raise MigrationError(
                 f"migration {m.name} ended the run's transaction: {_ONE_TRANSACTION}"
@@ -303,16 +371,15 @@ async def _apply(
         await conn.execute(
             "INSERT INTO pglayer_migrations (history, version, name, checksum)"
             " VALUES ($1, $2, $3, $4)",
-            history,
+            run.name,
             m.version,
             m.name,
             m.checksum,
         )
-        done.append(m.name)
-    return done
+        done.append((run.name, m.name))
 
 
-def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[str]) -> Exception:
+def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[tuple[str, str]]) -> Exception:
     """The error to raise for `m`'s failure `exc`, saying what it means for the run."""
     if isinstance(exc, QueryTimeoutError):
         reason = f"did not finish within {run.timeout:.3g} s (the run's timeout)"
@@ -325,7 +392,8 @@ def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[str]) -> Exc
         return exc  # lost, or refused: nothing of the run was committed; said by the caller
     else:
         reason = f"failed{_position(m.sql, exc)}: {_server_reason(exc)}"
-    earlier = f" (nor {', '.join(done)}, before it in this run)" if done else ""
+    names = ", ".join(f"{history}/{name}" for history, name in done)
+    earlier = f" (nor {names}, before it in this run)" if done else ""
     return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}")
 
 
@@ -482,6 +550,11 @@ def _check_order(
 
 
 async def install_pglayer_tables(db: Database, *, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
-    """Create pglayer's own tables (idempotency keys), in the `pglayer` history; idempotent."""
-    migrations = load_migrations(files("pglayer") / "_sql")
-    return await migrate(db, migrations, history="pglayer", timeout=timeout)
+    """Create pglayer's own tables (idempotency keys), in the `pglayer` history; idempotent.
+    With an app's own migrations, `migrate(..., pglayer_tables=True)` applies both at once."""
+    runs = [_History("pglayer", _pglayer_migrations(), named=True)]
+    return [name for _, name in await _migrate(db, runs, timeout=timeout)]
+
+
+def _pglayer_migrations() -> list[Migration]:
+    return load_migrations(files("pglayer") / "_sql")

@@ -18,9 +18,11 @@ from pglayer import (
     TransientError,
 )
 from pglayer.fastapi import Cursors, health_router, setup, setup_metrics
+from pglayer.migrations import MigrationError
 from pglayer_shop.orders import OrderBatches
 from pglayer_shop.routes import router
 from pglayer_shop.routes.admin import admin_routers
+from pglayer_shop.schema import pending
 from pglayer_shop.settings import ShopSettings
 
 __all__ = ["create_app"]
@@ -29,16 +31,19 @@ _NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": Fa
 
 
 async def _check_schema(db: Database) -> None:
-    """Refuse to start on a database without the shop's tables (served by `pglayer serve`
-    without its migrations: readiness said 200, and every route was a 500)."""
+    """Refuse to start on a database whose schema is older than the shop's code (served by
+    `pglayer serve` without its migrations: readiness said 200, and routes were 500s)."""
     try:
-        found = await db.run(lambda c: c.fetchval("SELECT to_regclass('orders')"), retry=False)
+        missing = await pending(db)
     except TransientError:
         return  # not reachable yet: the pool opens in the background, and routes say 503
-    if found is None:
+    except MigrationError as exc:
+        raise ConfigurationError(f"this database's schema does not fit the shop: {exc}") from None
+    if missing:
         raise ConfigurationError(
-            "the shop's tables are missing from this database: run `pglayer-shop migrate`"
-            " first, or serve it with `pglayer-shop serve`, which migrates"
+            f"this database's schema is older than the shop ({len(missing)} migrations not"
+            f" applied: {', '.join(missing)}): run `pglayer-shop migrate` first, or serve it"
+            " with `pglayer-shop serve`, which migrates"
         )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib.resources import files
 
 from pglayer import Database
-from pglayer.migrations import Migration, install_pglayer_tables, load_migrations, migrate
+from pglayer.migrations import Migration, load_migrations, migrate, pending_migrations
 
-__all__ = ["apply_migrations", "shop_migrations"]
+__all__ = ["apply_migrations", "pending", "shop_migrations"]
 
 
 def shop_migrations() -> list[Migration]:
@@ -16,6 +16,12 @@ def shop_migrations() -> list[Migration]:
 
 
 async def apply_migrations(db: Database) -> list[str]:
-    """Apply pglayer's own tables, then the shop's pending migrations; return their names."""
-    await install_pglayer_tables(db)  # the shop's 0005 moves its keys into pglayer's table
-    return await migrate(db, shop_migrations())
+    """Apply pglayer's own tables, then the shop's pending migrations, in one transaction;
+    return their names (pglayer's as `pglayer/NAME`)."""
+    # pglayer's first: the shop's 0005 moves its keys into pglayer's table.
+    return await migrate(db, shop_migrations(), pglayer_tables=True)
+
+
+async def pending(db: Database) -> list[str]:
+    """The migrations `apply_migrations` would apply (see `pending_migrations`)."""
+    return await pending_migrations(db, shop_migrations(), pglayer_tables=True)

@@ -64,3 +64,4 @@ BEGIN
     RETURN NEXT;
 END;
 $$;
+-- pglayer:replaces 371c5efcfbd503b3939f11b5896ae506ba958786963c0858acb2185caaa5021a (2026-11-26 08:37, e6e97cc: only shop_place_order, another way; 0009 brings it here)
