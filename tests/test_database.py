@@ -167,6 +167,17 @@ async def test_acquire_waits_at_most_its_deadline(db_url: str) -> None:
         assert db.stats().acquire_timeouts == 1
 
 
+async def test_a_wait_that_timed_out_is_in_the_acquire_wait_histogram(db_url: str) -> None:
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+        async with db.connection():
+            with pytest.raises(PoolTimeoutError):
+                async with db.connection(timeout=0.2):
+                    pass
+        stats = db.stats()
+    assert stats.acquire_wait.count == stats.acquisitions + 1
+    assert stats.acquire_wait.total >= 0.2
+
+
 async def test_waiters_beyond_the_bound_are_shed_at_once(db_url: str) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1, max_waiters=2)) as db:
         async with db.connection():

@@ -244,7 +244,11 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
             queries.add_metric([s.name, op, *w], _buckets(per_op), sum_value=per_op.total)
     yield queries
     for name, doc, attr in (
-        ("acquire_wait_seconds", "Time waited for a connection", "acquire_wait"),
+        (
+            "acquire_wait_seconds",
+            "Time waited for a connection, waits that timed out included",
+            "acquire_wait",
+        ),
         ("hold_seconds", "Time a connection was held", "hold_time"),
     ):
         hist = HistogramMetricFamily(f"pglayer_pool_{name}", doc, labels=["pool", *extra])

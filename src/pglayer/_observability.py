@@ -292,6 +292,11 @@ class StatsRecorder:
         self.acquisitions += 1
         self._wait.observe(waited)
 
+    def waited_in_vain(self, waited: float) -> None:
+        """A wait that ended at its deadline: in the wait histogram too, or its p99 looked
+        best exactly when the pool was worst (every long wait a timeout, left out)."""
+        self._wait.observe(waited)
+
     def released(self, held: float) -> None:
         self._hold.observe(held)
 
@@ -482,6 +487,9 @@ class Observer:
     def released(self, held: float) -> None:
         self.stats.released(held)
         self._pool_event("released", held)
+
+    def waited_in_vain(self, waited: float) -> None:
+        self.stats.waited_in_vain(waited)
 
     def acquire_failed(self, error: PglayerError) -> None:
         if isinstance(error, PoolOverloadedError):

@@ -1140,7 +1140,9 @@ class Pool:
     # -- upkeep ----------------------------------------------------------------------
 
     def _time_out(self, waiter: _Waiter) -> None:
-        waiter.lane.arm(time.monotonic())
+        now = time.monotonic()
+        self.observer.waited_in_vain(now - waiter.since)
+        waiter.lane.arm(now)
         waiter.lane.waiting -= 1
         waiter.lane.timeouts += 1
         self._waiting -= 1
