@@ -89,6 +89,16 @@ async def test_the_error_classes_alerted_on_first_sight_are_exported_at_zero(
         assert samples.get(key) == 0.0, error
 
 
+async def test_retries_and_give_ups_are_exported_at_zero_for_every_reason(
+    client: httpx.AsyncClient,
+) -> None:
+    samples = await scrape(client)
+    for name in ("pglayer_retries_total", "pglayer_give_ups_total"):
+        for reason in ("deadlock", "serialization_failure", "connection_lost", "unavailable"):
+            key = (name, (("pool", "primary"), ("reason", reason)))
+            assert samples.get(key) == 0.0, (name, reason)
+
+
 async def test_methods_outside_the_common_seven_are_counted_as_other(
     client: httpx.AsyncClient,
 ) -> None:

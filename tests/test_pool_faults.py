@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from pglayer import (
     PglayerError,
     ProgrammingError,
     QueryTimeoutError,
+    TransientError,
     deadline,
 )
 from tests.conftest import Server, backends, free_port, settings_for, wait_for
@@ -442,3 +444,35 @@ async def test_a_database_that_refuses_writes_is_unavailable_and_its_sessions_ar
         with pytest.raises(DatabaseUnavailableError, match="read-only"):
             await db.run(lambda c: c.execute("CREATE TEMP TABLE t (id int)"), retry=False)
         assert await db.run(lambda c: c.execute("CREATE TEMP TABLE t (id int)"))
+
+
+async def test_a_pool_the_servers_limit_holds_at_none_says_so_as_a_warning(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its connection lost and its slot taken: only "refill failed" at INFO, while every
+    # request of that worker was a 503.
+    async with two_connections_allowed(server, admin, db_name) as url:
+        settings = settings_for(url, min_size=1, max_size=1, acquire_timeout=1)
+        async with Database(settings) as db:
+            taken = [await asyncpg.connect(url)]
+            try:
+                async with db.connection() as conn:
+                    await admin.execute(
+                        "SELECT pg_terminate_backend($1)", conn.raw.get_server_pid()
+                    )
+
+                async def lost() -> bool:
+                    return db.stats().size == 0
+
+                await wait_for(lost)
+                taken.append(await asyncpg.connect(url))
+                with pytest.raises(TransientError):
+                    async with db.connection():
+                        pass
+            finally:
+                for raw in taken:
+                    await raw.close()
+    said = [r for r in caplog.records if "53300" in r.getMessage()]
+    assert said, [r.getMessage() for r in caplog.records]
+    assert said[0].levelno == logging.WARNING
+    assert "it has none" in said[0].getMessage()

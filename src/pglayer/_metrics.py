@@ -33,6 +33,7 @@ from pglayer._observability import (
     RequestStats,
 )
 from pglayer._process import alive
+from pglayer._retry import REASONS
 
 __all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
 
@@ -84,6 +85,8 @@ _ALERTED_ERRORS = dict.fromkeys(
     ),
     0,
 )
+_REASONS_AT_ZERO = dict.fromkeys(REASONS, 0)  # so the first retry or give-up counts too
+_AT_ZERO = {"errors": _ALERTED_ERRORS, "retries": _REASONS_AT_ZERO, "give_ups": _REASONS_AT_ZERO}
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -220,9 +223,7 @@ def _families(snapshots_with_worker: list[tuple[PoolStats, str | None]]) -> Iter
     ):
         by_key = CounterMetricFamily(f"pglayer_{name}", doc, labels=["pool", label, *extra])
         for s, w in zip(snapshots, workers, strict=True):
-            counts = getattr(s, attr)
-            if attr == "errors":
-                counts = {**_ALERTED_ERRORS, **counts}
+            counts = {**_AT_ZERO[attr], **getattr(s, attr)}
             for key, value in counts.items():
                 by_key.add_metric([s.name, key, *w], float(value))
         yield by_key

@@ -971,7 +971,7 @@ class Pool:
             error = translate_connect(exc)
             if isinstance(error, DatabaseError):
                 self._connect_error = error
-            if isinstance(error, TooManyConnectionsError) and self._slots:
+            if isinstance(error, TooManyConnectionsError):
                 self._say_limited()
             raise_translated(exc, error)
         if self.closed:
@@ -996,15 +996,19 @@ class Pool:
 
     def _say_limited(self) -> None:
         """Said once a minute: callers wait for the connections open, so without it a pool
-        held small by the server's limit (another app's connections) is silent but slow."""
+        held small by the server's limit (another app's connections) is silent but slow, and
+        one held at none said only "refill failed" at INFO while its requests were 503s."""
         left_out = _LIMITED.allow(self.name)
         if left_out is not None:
+            open_now = len(self._slots)
             log.warning(
-                "pool %s: the server refused another connection (53300: a connection limit is"
-                " reached); serving with %d of %d, refused %d more time(s) since this was said",
+                "pool %s: the server refused %s connection (53300: a connection limit is"
+                " reached); %s, refused %d more time(s) since this was said",
                 self.name,
-                len(self._slots),
-                self.max_size,
+                "another" if open_now else "a",
+                f"serving with {open_now} of {self.max_size}"
+                if open_now
+                else "it has none, and its requests are answered 503",
                 left_out,
             )
 

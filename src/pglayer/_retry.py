@@ -39,6 +39,7 @@ from pglayer._errors import (
 from pglayer._logs import Throttle, left_out
 
 __all__ = [
+    "REASONS",
     "RetryHooks",
     "RetryPolicy",
     "is_retryable",
@@ -59,6 +60,7 @@ _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (TooManyConnectionsError, "too_many_connections"),
     (DatabaseUnavailableError, "unavailable"),
 )
+REASONS = tuple(reason for _, reason in _REASONS)  # every label `reason_for` gives
 _testing = False
 
 
