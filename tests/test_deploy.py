@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ def exported_names() -> set[str]:
     families = list(text_string_to_metric_families(exposition(FixedCollector(_full_snapshot()))))
     empty = [f.name for f in families if not f.samples]
     assert not empty, f"the synthetic snapshot leaves these families empty: {empty}"
-    return {s.name for f in families for s in f.samples}
+    with tempfile.TemporaryDirectory() as shared:  # and what only the workers' collector adds
+        workers = sample_names(exposition(SharedPoolCollector([], shared)))
+    return {s.name for f in families for s in f.samples} | workers
 
 
 def test_the_exported_names_include_the_replica_gauges_and_histogram_series() -> None:

@@ -180,12 +180,17 @@ async def test_a_worker_killed_under_the_supervisor_is_logged_as_an_error(db_url
                 return [r for r in lines if f"[{victim}] died" in r["message"]]
 
             assert await wait_for(lambda: asyncio.sleep(0, said()), timeout=15)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                scraped = samples((await client.get("/metrics")).text)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         (record,) = said()
     assert record["level"] == "error", record
     assert "replaces it" in record["message"], record
+    # The dead worker's series just vanish: its death is counted for an alert.
+    deaths = [s.value for s in scraped if s.name == "pglayer_worker_deaths_total"]
+    assert deaths == [1.0], deaths
 
 
 def test_metrics_directories_of_servers_gone_without_removing_them_are_removed() -> None:

@@ -32,7 +32,7 @@ from pglayer._observability import (
     RequestSeries,
     RequestStats,
 )
-from pglayer._process import alive
+from pglayer._process import alive, worker_deaths
 from pglayer._retry import REASONS
 
 __all__ = ["PoolCollector", "SharedPoolCollector", "Snapshot"]
@@ -184,6 +184,14 @@ class SharedPoolCollector(PoolCollector):
         while True:
             self.write()
             await asyncio.sleep(self.interval)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        yield CounterMetricFamily(
+            "pglayer_worker_deaths",
+            "Worker processes that died (killed, out of memory, crashed) and were replaced",
+            value=float(worker_deaths(self.directory)),
+        )
 
     def snapshots(self) -> list[tuple[Snapshot, str | None]]:
         self.write()

@@ -31,7 +31,7 @@ from pglayer._dsn import describe_target
 from pglayer._errors import ConfigurationError, explain_connect_error
 from pglayer._logs import configure_logging
 from pglayer._pooler import connect_plain, connected_through_pooler
-from pglayer._process import alive
+from pglayer._process import alive, note_worker_death
 from pglayer._settings import (
     DatabaseSettings,
     ServerSettings,
@@ -179,6 +179,9 @@ class _WorkerDeaths(logging.Filter):
         ):
             record.levelno, record.levelname = logging.ERROR, "ERROR"
             record.msg = f"{message} (killed, out of memory, or crashed): a new worker replaces it"
+            shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            if shared:  # for `pglayer_worker_deaths_total`: the dead one's series just vanish
+                note_worker_death(Path(shared))
         return True
 
 
