@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +35,25 @@ def test_doctor_reports_a_healthy_direct_connection(db_url: str) -> None:
     assert "PostgreSQL 1" in out
     assert "none: connected straight to PostgreSQL" in out
     assert "statement_cache_size=1024" in out
+
+
+async def test_doctor_warns_of_an_app_that_connects_as_a_superuser(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # A database's CONNECTION LIMIT did nothing for it: the operator could not tell why.
+    code, out = doctor(server.url_for(db_name))
+    assert code == 0, out  # a warning
+    assert "a superuser" in out and "CONNECTION LIMIT" in out, out
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    try:
+        parts = urlsplit(server.admin_url)
+        url = f"postgresql://{role}:pw@{parts.hostname}:{parts.port}/{db_name}"
+        code, out = doctor(url)
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+    assert code == 0, out
+    assert "a superuser" not in out, out
 
 
 def test_doctor_takes_the_reserve_from_the_settings(db_url: str) -> None:

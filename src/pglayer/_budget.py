@@ -25,6 +25,7 @@ SELECT current_setting('max_connections')::int AS max_connections,
          WHERE {CLIENT} AND pid <> pg_backend_pid()
            AND application_name = $1 AND datname = current_database())::int AS ours,
        r.rolsuper AS superuser,
+       current_user AS role,
        r.rolconnlimit AS role_limit,
        (SELECT count(*) FROM pg_stat_activity
          WHERE {CLIENT} AND pid <> pg_backend_pid()
@@ -66,6 +67,7 @@ class ConnectionBudget:
     ours: int  # of those, the ones with this application_name, in this database
     # The role's and the database's CONNECTION LIMIT, where one applies (superusers: none).
     limits: tuple[_Limit, ...] = ()
+    superuser: str | None = None  # the role's name, when it is a superuser
 
     @property
     def used_by_others(self) -> int:
@@ -138,4 +140,5 @@ async def read_budget(
         in_use=row["in_use"],
         ours=row["ours"],
         limits=tuple(limits),
+        superuser=row["role"] if row["superuser"] else None,
     )

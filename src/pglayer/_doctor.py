@@ -206,6 +206,15 @@ async def diagnose(
             )
     else:
         result.add("connection budget", "ok" if budget.fits else "fail", described)
+    if budget.superuser is not None:
+        result.add(
+            "role",
+            "warn",
+            f"the app connects as {budget.superuser!r}, a superuser: no CONNECTION LIMIT of"
+            " the role or the database holds it, its connections may take the slots kept"
+            " for administrators (superuser_reserved_connections), and it may do anything"
+            " to any database; give the app a role of its own",
+        )
     await _check_replicas(settings, result, position)
     for message in misspelt_settings():
         result.add("settings", "warn", message)
