@@ -43,7 +43,8 @@ async def test_doctor_warns_of_an_app_that_connects_as_a_superuser(
     # A database's CONNECTION LIMIT did nothing for it: the operator could not tell why.
     code, out = doctor(server.url_for(db_name))
     assert code == 0, out  # a warning
-    assert "a superuser" in out and "CONNECTION LIMIT" in out, out
+    assert "a superuser" in out, out
+    assert "CONNECTION LIMIT" in out, out
     role = f"r_{uuid.uuid4().hex[:12]}"
     await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
     try:
