@@ -881,6 +881,15 @@ def test_migrate_warns_of_a_directory_without_migrations(db_url: str, tmp_path: 
     assert f"warning: no NNNN_name.sql files in {tmp_path}" in result.stderr
 
 
+def test_migrate_without_a_database_url_says_how_the_embedded_server_is_migrated(
+    tmp_path: Path,
+) -> None:
+    result = run("migrate", "--dir", str(tmp_path), env=clean_env())
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert "pglayer serve APP --migrations DIR" in message, message
+
+
 async def test_migrate_timeout_bounds_the_wait_for_another_run(db_url: str, tmp_path: Path) -> None:
     # pglayer's own tables are migrated first: their wait for the lock is the run's too.
     from pglayer.migrations import LOCK_KEY

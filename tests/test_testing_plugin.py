@@ -89,6 +89,17 @@ def test_a_project_gets_a_migrated_database_per_test(
     monkeypatch.setenv("PGLAYER_REPLICA_URLS", server.url_for("postgres"))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
     result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["pglayer: test databases migrated with */migrations"])
+
+
+def test_a_project_without_its_migrations_named_is_told_in_the_header(
+    pytester: pytest.Pytester,
+) -> None:
+    # Its tests failed as 500s, "relation ... does not exist" only in a captured log.
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini("[pytest]\nasyncio_mode = auto\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--collect-only")
+    result.stdout.fnmatch_lines(["*pglayer_migrations is not set*"])
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,10 @@ def migrate(
     (or `--history`)."""
     configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
     if DatabaseSettings().url is None:
-        raise fail("no DATABASE_URL set")
+        raise fail(
+            "no DATABASE_URL set: set it (to reach the embedded server, the URL `pglayer"
+            " serve` prints), or let `pglayer serve APP --migrations DIR` apply DIR as it starts"
+        )
     try:
         if not load_migrations(directory):
             console.print(f"[yellow]warning:[/] no NNNN_name.sql files in {escape(str(directory))}")

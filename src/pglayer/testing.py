@@ -70,6 +70,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """What the template gets: without `pglayer_migrations` only pglayer's tables, and an
+    app's tests then failed as 500s with "relation ... does not exist" in a captured log."""
+    directories = list(config.getini("pglayer_migrations"))
+    if not directories:
+        return "pglayer: test databases have pglayer's tables only: pglayer_migrations is not set"
+    return "pglayer: test databases migrated with " + ", ".join(str(d) for d in directories)
+
+
 _ASYNC_FIXTURES = ("pglayer_db", "pglayer_client")
 
 
