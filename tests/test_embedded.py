@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,19 @@ def test_the_process_that_started_it_leaves_it_running_for_another_that_uses_it(
     assert second.running_port() is not None  # still served to the second
     second.stop()  # the last user: it stops it, though it did not start it
     assert second.running_port() is None
+
+
+def test_a_port_asked_for_is_used_and_one_in_use_is_named(base: Path) -> None:
+    port = free_port()
+    server = EmbeddedPostgres(base, port=port)
+    assert f"127.0.0.1:{port}/" in server.start()
+    server.stop()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(EmbeddedPostgresError, match=f"127.0.0.1:{port}.*in use"):
+            EmbeddedPostgres(base, port=port).start()
 
 
 def test_a_cluster_without_pglayers_settings_gets_them_at_its_next_start(

@@ -113,6 +113,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (bound as PostgreSQL binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _started(pid: int) -> str:
     """When `pid` started (Linux: ticks since boot; "" where /proc cannot tell, or a zombie's
     which has ended), to tell a process from a later one given the same PID."""
@@ -411,6 +422,11 @@ class EmbeddedPostgres:
             self.port = running
             log.info("reusing the embedded PostgreSQL already running on port %s", running)
         else:
+            if self.port and _in_use(self.port):
+                raise EmbeddedPostgresError(
+                    f"127.0.0.1:{self.port}, the embedded server's port, is in use by another"
+                    " program: choose another (PGLAYER_EMBEDDED_PORT), or 0 for a free one"
+                )
             self.port = self.port or _free_port()
             settings = dict(_FAST_TEST_SETTINGS if self.fast_unsafe else {})
             settings.update(self.server_settings)

@@ -465,7 +465,8 @@ def serve(
         if DatabaseSettings().url is None:
             if not DatabaseSettings().embedded:
                 raise ConfigurationError(_NO_EMBEDDED)
-            embedded = EmbeddedPostgres(data_dir, database=database)
+            embedded_port = DatabaseSettings().embedded_port or None
+            embedded = EmbeddedPostgres(data_dir, database=database, port=embedded_port)
             say(f"no DATABASE_URL: using embedded PostgreSQL in {embedded.data_dir}")
             os.environ["DATABASE_URL"] = embedded.start()
             unwatch = embedded.keep_running()

@@ -126,6 +126,13 @@ class DatabaseSettings(BaseSettings):
         "embedded PostgreSQL; false: they refuse to start instead, so a deploy that lost "
         "`DATABASE_URL` fails rather than serve a new, empty database.",
     )
+    embedded_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="The embedded PostgreSQL's port on 127.0.0.1 (0: a free one at each "
+        "start, printed), for tools that connect to it (psql, a GUI).",
+    )
     min_size: int = Field(
         default=2, ge=0, description="Connections kept open; made at open(), refilled later."
     )

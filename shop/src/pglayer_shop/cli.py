@@ -105,7 +105,8 @@ def _database(data_dir: Path) -> Iterator[None]:
             "no DATABASE_URL set, and PGLAYER_EMBEDDED=false: set DATABASE_URL"
             " (or unset PGLAYER_EMBEDDED for an embedded PostgreSQL)"
         )
-    embedded = pglayer.EmbeddedPostgres(data_dir, database="shop")
+    port = settings.embedded_port or None
+    embedded = pglayer.EmbeddedPostgres(data_dir, database="shop", port=port)
     os.environ["DATABASE_URL"] = embedded.start()
     console.print(
         f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}", markup=False
