@@ -25,9 +25,9 @@ from tests.conftest import LiveServer, asgi_client, settings_for, wait_for
 ROWS = "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, $1::int) AS g"
 
 
-def streaming_app(db: Database) -> FastAPI:
+def streaming_app(db: Database, *, access_log: bool = False) -> FastAPI:
     app = FastAPI()
-    setup(app, db)
+    setup(app, db, access_log=access_log)
 
     @app.get("/rows")
     async def rows(n: int, batch: int = 100) -> Response:
@@ -109,7 +109,7 @@ async def _large_stream(db_url: str) -> AsyncIterator[tuple[Database, socket.soc
     """A server with a 1 s query deadline, and a `_stalled_client` of it."""
     async with (
         Database(settings_for(db_url, query_timeout=1.0)) as db,
-        LiveServer(streaming_app(db), http=PROTOCOL) as server,
+        LiveServer(streaming_app(db, access_log=True), http=PROTOCOL) as server,
     ):
         sock = _stalled_client(server.port)
         try:
@@ -131,6 +131,7 @@ async def test_a_client_that_stops_reading_loses_the_stream_and_its_connection(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("WARNING")
+    caplog.set_level("INFO", logger="pglayer.access")
     async with _large_stream(db_url) as (db, _):
         assert await wait_for(lambda: _async(db.stats().in_use == 1))
         # Once the socket's buffers are full, a chunk waits the query deadline, then the
@@ -139,6 +140,10 @@ async def test_a_client_that_stops_reading_loses_the_stream_and_its_connection(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [m for level, m in said if "stream cut short" in m] != [], said
     assert [m for level, m in said if level == "ERROR"] == [], said
+    # Its access line: not a plain 200, which reads as a whole export sent.
+    [access] = [r for r in caplog.records if r.name == "pglayer.access"]
+    assert access.getMessage().endswith("cut short"), access.getMessage()
+    assert getattr(access, "cut_short", False) is True
 
 
 async def test_a_client_that_reads_slowly_keeps_its_stream(

@@ -363,6 +363,25 @@ class AccessLog:
             self._batch_handler = handler
         batch.append(line)
 
+    def write_cut_short(
+        self, method: str, path: str, route: str, status: int, seconds: float, request_id: str
+    ) -> None:
+        """The line of a streamed response that ended without its final chunk: its status
+        alone (200) read as a whole export sent."""
+        with request_id_of(request_id):
+            self.logger.info(
+                "%s cut short",
+                _message(escape(method), mask_text(escape(path)), status, seconds * 1000),
+                extra={
+                    "method": escape(method),
+                    "path": mask_text(escape(path)),
+                    "route": route,
+                    "status": status or None,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "cut_short": True,
+                },
+            )
+
     def _quoted(self, route: str) -> str:
         quoted = f'"{route}"' if " " in route else route
         if len(self._routes) < _MAX_ROUTES:

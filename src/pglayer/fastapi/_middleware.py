@@ -227,6 +227,7 @@ class _Exchange:
     ctx: RequestContext | None = None
     answered: BaseException | None = None  # what the app's handler for `Exception` answered
     ended = 0.0  # when the response's last byte was sent (0: not yet)
+    cut_short = False  # a streamed response ended without its final chunk
     cookie = b""
     cycle: Any = None
 
@@ -509,6 +510,7 @@ class RequestGuard:
         cause = _unwrapped(exc)
         where = f"{escape(client_method(scope))} {escape(scope.get('path', ''))}"
         if isinstance(cause, StreamAbandoned):
+            ex.cut_short = True
             # Complete here only when a middleware (Starlette's BaseHTTPMiddleware) ended
             # the response itself: the client cannot tell it was cut short.
             late = " after a middleware completed its response" if ex.completed else ""
@@ -727,5 +729,9 @@ class RequestGuard:
                 status = 499
         if stats is not None:
             stats.record(method, route, status or 500, seconds)
-        if access_log is not None:
+        if access_log is None:
+            return
+        if ex.cut_short:  # rare: off the per-request path
+            access_log.write_cut_short(method, scope["path"], route, status, seconds, request_id)
+        else:
             access_log.write(method, scope["path"], route, status, seconds, request_id)
