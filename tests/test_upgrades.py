@@ -15,7 +15,8 @@ from pglayer_shop.schema import apply_migrations, pending, shop_migrations
 
 from pglayer import Database
 from pglayer.migrations import Migration, install_pglayer_tables, migrate
-from tests.conftest import Server, settings_for
+from tests.conftest import Server, free_port, settings_for
+from tests.test_cli import clean_env, run_cli
 
 RELEASED = Path(__file__).parent / "data" / "released_migrations"
 FUNCTIONS = """
@@ -37,14 +38,18 @@ async def new_db(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterato
 
 
 def released(upto: str, texts: dict[str, str]) -> list[Migration]:
-    """The shop's files up to version `upto`, with some as an earlier release had them."""
+    """The shop's files up to version `upto`, with some as an earlier release had them
+    (`NAME.COMMIT.sql` in `RELEASED`: its name then, its text)."""
     return [
-        dataclasses.replace(m, sql=(RELEASED / texts[m.version]).read_text())
-        if m.version in texts
-        else m
+        as_released(m, texts[m.version]) if m.version in texts else m
         for m in shop_migrations()
         if m.version <= upto
     ]
+
+
+def as_released(m: Migration, file: str) -> Migration:
+    name = file.split(".")[0] + ".sql"
+    return dataclasses.replace(m, name=name, sql=(RELEASED / file).read_text())
 
 
 async def functions(db: Database) -> list[tuple[str, str]]:
@@ -58,6 +63,13 @@ async def functions(db: Database) -> list[tuple[str, str]]:
         ("0006", {"0006": "0006_place_order_function.e6e97cc.sql"}),
         ("0007", {"0007": "0007_place_orders_together.6b50416.sql"}),
         ("0007", {"0007": "0007_place_orders_together.0823d86.sql"}),
+        (
+            "0007",
+            {
+                "0006": "0006_place_order_function.e6e97cc.sql",
+                "0007": "0007_place_order_total_bound.3c9e164.sql",
+            },
+        ),
     ],
 )
 async def test_a_database_of_an_earlier_release_is_brought_to_todays_functions(
@@ -146,3 +158,24 @@ async def test_replies_stored_in_jsonbs_key_order_are_rewritten_as_the_api_sends
         '"total":"37.50","created_at":"2026-11-26T03:20:04.123456Z"}'
     )
     assert rows["b"] == other
+
+
+async def test_serve_refusing_a_changed_file_applies_nothing_not_even_pglayers_own(
+    new_db: Database,
+) -> None:
+    # pglayer's tables were committed first, then the refusal said "nothing was applied".
+    await migrate(new_db, released("0004", {}))
+    async with new_db.connection() as conn:
+        await conn.execute(
+            "UPDATE pglayer_migrations SET checksum = repeat('0', 64) WHERE version = '0004'"
+        )
+    url = new_db.settings.url
+    assert url is not None
+    env = clean_env(DATABASE_URL=url.get_secret_value())
+    served = await asyncio.to_thread(
+        run_cli, "serve", "--no-seed", "--port", str(free_port()), env=env
+    )
+    assert served.returncode == 1, served.stderr
+    assert "changed after it was applied" in " ".join(served.stderr.split())
+    async with new_db.connection() as conn:
+        assert await conn.fetchval("SELECT to_regclass('pglayer_idempotency_keys')") is None

@@ -55,7 +55,9 @@ DEFAULT_TIMEOUT = 3600.0  # seconds a run may take, waiting for another's includ
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Comments, blanks and semicolons: a file of only these holds no statement.
 # `-- pglayer:replaces <sha256> [why]`: the whole line, its end included.
-_REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-f]{64})\b[^\n]*(?:\n|\Z)", re.M)
+_REPLACES = re.compile(
+    r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M
+)
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -80,7 +82,7 @@ class Migration:
         each on a line `-- pglayer:replaces <sha256>`. For a released file that had to
         change; the change must suit a database that ran the earlier text, with a later
         file bringing it to what this text makes, if they differ."""
-        return frozenset(_REPLACES.findall(self.sql))
+        return frozenset(found.lower() for found in _REPLACES.findall(self.sql))
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -330,19 +332,21 @@ async def _check(conn: Connection, run: _History) -> dict[str, asyncpg.Record]:
 
 
 def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoReturn:
+    # The whole applied checksum: a `-- pglayer:replaces` line needs it.
     if previous["name"] != m.name:
         raise MigrationError(
             f"migration {m.name}: version {m.version} of history {history!r} was"
-            f" applied as {previous['name']}; another directory shares this history"
-            " on this database (a history is named after its directory): give this"
-            " one a history of its own (`--history NAME`, or `history=`); nothing was applied"
+            f" applied as {previous['name']} (sha256 {previous['checksum']}); another"
+            " directory shares this history on this database (a history is named after its"
+            " directory): give this one a history of its own (`--history NAME`, or"
+            " `history=`); or this file replaced that one, which `-- pglayer:replaces` then"
+            " names; nothing was applied"
         )
     raise MigrationError(
         f"migration {m.name} was changed after it was applied (applied: sha256"
-        f" {previous['checksum'][:12]}…, now {m.checksum[:12]}…); add a new migration"
-        f" instead (or, if another directory named {history!r} shares this history on this"
-        " database, give this one its own: `--history NAME`, or `history=`); nothing was"
-        " applied"
+        f" {previous['checksum']}, now {m.checksum}); add a new migration instead (or, if"
+        f" another directory named {history!r} shares this history on this database, give"
+        " this one its own: `--history NAME`, or `history=`); nothing was applied"
     )
 
 

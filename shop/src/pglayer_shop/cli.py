@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import pglayer
 from pglayer import Database, DatabaseSettings, PglayerError, configure_logging
-from pglayer_shop.schema import apply_migrations
+from pglayer_shop.schema import HISTORY, apply_migrations, migrations_directory
 from pglayer_shop.seed import MAX_ORDERS, MAX_PRODUCTS, MAX_USERS, SeedCounts, is_empty, seed
 from pglayer_shop.settings import ShopSettings
 
@@ -143,9 +143,6 @@ def serve(
     ShopSettings()  # refused here, not by each worker after "serving" was said
 
     async def prepare(db: Database) -> None:
-        applied = await apply_migrations(db)
-        if applied:
-            console.print(f"applied migrations: {', '.join(applied)}")
         if seed_data and await is_empty(db):  # checked again under the seed's lock
             await _seed_rows(db, SeedCounts(), only_if_empty=True)
 
@@ -158,6 +155,9 @@ def serve(
             workers=workers,
             data_dir=data_dir,
             database="shop",
+            # With pglayer's own tables, in one run: a refused file applies nothing.
+            migrations=[migrations_directory()],
+            histories=[HISTORY],
             prepare=prepare,
             say=lambda text: console.print(text, markup=False),
         )

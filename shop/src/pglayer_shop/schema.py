@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 from pglayer import Database
 from pglayer.migrations import Migration, load_migrations, migrate, pending_migrations
 
-__all__ = ["apply_migrations", "pending", "shop_migrations"]
+__all__ = ["HISTORY", "apply_migrations", "migrations_directory", "pending", "shop_migrations"]
+
+HISTORY = "default"  # the shop's history: it came before histories had names
+
+
+def migrations_directory() -> Path:
+    """Where the shop's migration files are (an installed package's directory)."""
+    return Path(str(files("pglayer_shop") / "migrations"))
 
 
 def shop_migrations() -> list[Migration]:
     """The shop's migrations, in order."""
-    return load_migrations(files("pglayer_shop") / "migrations")
+    return load_migrations(migrations_directory())
 
 
 async def apply_migrations(db: Database) -> list[str]:

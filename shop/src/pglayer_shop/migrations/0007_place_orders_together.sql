@@ -77,3 +77,4 @@ $$;
 DROP FUNCTION shop_place_order(bigint, bigint, integer, integer);
 -- pglayer:replaces 9bc5a0683ffde8c36f0512953169b7b46fe2cb623548633c3ee0a50866302fe6 (2026-11-27 01:49, 6b50416: shop_place_order kept; 0009 drops it)
 -- pglayer:replaces ea62da0a324bada3da6200530a7b943b48507499f088af8be61785c3813a92b4 (2026-11-27 02:03, 0823d86: an older shop_place_orders; 0009 replaces it)
+-- pglayer:replaces f3c0e5f6572ad32267f4b6c077f2697cd70fb360f04260f8eaed34e460a3bf4c (2026-11-26 09:18, 3c9e164, as 0007_place_order_total_bound.sql: shop_place_order redefined; 0009 drops it)
