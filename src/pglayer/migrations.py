@@ -55,9 +55,7 @@ DEFAULT_TIMEOUT = 3600.0  # seconds a run may take, waiting for another's includ
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Comments, blanks and semicolons: a file of only these holds no statement.
 # `-- pglayer:replaces <sha256> [why]`: the whole line, its end included.
-_REPLACES = re.compile(
-    r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M
-)
+_REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M)
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
