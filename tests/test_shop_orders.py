@@ -167,6 +167,21 @@ async def test_idempotency_key_replays_the_same_order(client: httpx.AsyncClient)
     assert await stock(client, product) == 9
 
 
+async def test_a_key_resent_with_a_space_after_it_is_the_same_key(
+    client: httpx.AsyncClient,
+) -> None:
+    # RFC 9110: the whitespace around a field's value is not part of it. A proxy that adds
+    # one (or a client) made another key: a second order.
+    user = await funded_user(client, "a@example.com")
+    product = await make_product(client)
+    body = {"user_id": user, "product_id": product, "quantity": 1}
+    first = await client.post("/orders", json=body, headers={"Idempotency-Key": "key-2"})
+    again = await client.post("/orders", json=body, headers={"Idempotency-Key": "key-2 \t"})
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert await stock(client, product) == 9
+
+
 async def test_a_failed_order_does_not_consume_its_key(client: httpx.AsyncClient) -> None:
     user = await funded_user(client, "a@example.com", "0")
     product = await make_product(client)

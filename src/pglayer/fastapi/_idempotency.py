@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Header
+from pydantic import BeforeValidator
 
 __all__ = ["IdempotencyKey"]
 
+
+def _field_value(value: Any) -> Any:
+    # RFC 9110: the whitespace around a field's value is not part of it. The parser drops
+    # what comes before; a space after made another key, and a resend was made twice.
+    return value.strip(" \t") if isinstance(value, str) else value
+
+
 IdempotencyKey = Annotated[
     str | None,
+    BeforeValidator(_field_value),
     Header(
         alias="Idempotency-Key",
         min_length=1,
