@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,18 @@ def test_migrate_and_seed_against_database_url(db_url: str) -> None:
     assert "seeded 50 users" in seeded.stderr
     password = db_url.split(":")[2].split("@")[0]
     assert password not in seeded.stderr + seeded.stdout
+
+
+def test_migrate_and_seed_write_only_json_lines_under_json_logs(db_url: str) -> None:
+    # A plain "applied: ..." line and the progress bar broke a shipper that reads JSON lines.
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json")
+    for args in (["migrate"], ["seed", "--users", "5", "--products", "1", "--orders", "5"]):
+        done = run_cli(*args, env=env)
+        assert done.returncode == 0, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert lines, args
+        for line in lines:
+            assert isinstance(json.loads(line), dict), line
 
 
 def test_migrate_and_seed_without_database_url_use_the_embedded_server(data_dir: Path) -> None:

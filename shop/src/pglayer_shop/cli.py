@@ -59,9 +59,25 @@ DataDir = Annotated[
 ]
 
 
+_log = logging.getLogger("pglayer_shop")
+
+
 def _configure_logging() -> None:
     shop = ShopSettings()
     configure_logging(format=shop.log_format or "text", level=shop.log_level)
+
+
+def _json_logs() -> bool:
+    return os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() == "json"
+
+
+def _say(text: str) -> None:
+    """A line for the operator: under JSON logs a record (every line of stderr a JSON
+    object, for a shipper that reads them so), else plain."""
+    if _json_logs():
+        _log.info("%s", text)
+    else:
+        console.print(text, markup=False)
 
 
 async def _migrate(settings: DatabaseSettings) -> list[str]:
@@ -77,6 +93,7 @@ async def _seed_rows(db: Database, counts: SeedCounts, *, only_if_empty: bool = 
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        disable=_json_logs(),  # a bar is not a JSON line
     ) as bar:
         task = bar.add_task("rows", total=total)
 
@@ -108,9 +125,7 @@ def _database(data_dir: Path) -> Iterator[None]:
     port = settings.embedded_port or None
     embedded = pglayer.EmbeddedPostgres(data_dir, database="shop", port=port)
     os.environ["DATABASE_URL"] = embedded.start()
-    console.print(
-        f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}", markup=False
-    )
+    _say(f"no DATABASE_URL: using the embedded PostgreSQL in {embedded.data_dir}")
     try:
         yield
     finally:
@@ -125,7 +140,10 @@ def _variable(loc: tuple[int | str, ...]) -> str:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(message)}")  # one line, however narrow
+    if _json_logs():
+        _log.error("%s", message)
+    else:
+        console.print(f"[red]error:[/] {escape(message)}")  # one line, however narrow
     return typer.Exit(code=1)
 
 
@@ -159,7 +177,7 @@ def serve(
             migrations=[migrations_directory()],
             histories=[HISTORY],
             prepare=prepare,
-            say=lambda text: console.print(text, markup=False),
+            say=_say,
         )
     except PglayerError as exc:
         raise _fail(str(exc)) from None
@@ -175,7 +193,7 @@ def migrate(data_dir: DataDir = Path(".pglayer")) -> None:
             applied = asyncio.run(_migrate(DatabaseSettings.for_command()))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    _say(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
 @app.command("seed")
@@ -199,7 +217,7 @@ def seed_command(
             asyncio.run(_seed(settings, counts))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
-    console.print(
+    _say(
         f"seeded {users} users, {products} products, {orders} orders "
         f"in {time.perf_counter() - started:.1f}s"
     )
