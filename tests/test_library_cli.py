@@ -603,6 +603,13 @@ def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
     ]
 
 
+def test_serve_does_not_name_its_server_software(db_url: str, tmp_path: Path) -> None:
+    with serving(tmp_path, env=clean_env(DATABASE_URL=db_url)) as served:
+        answer = httpx.get(f"{served.url}/notes/count", timeout=5)
+    assert answer.status_code == 200
+    assert "server" not in answer.headers  # `server: uvicorn`: bytes, and a fingerprint
+
+
 def test_serve_warns_of_a_misspelt_setting_in_the_apps_log(db_url: str, tmp_path: Path) -> None:
     env = clean_env(DATABASE_URL=db_url, PGLAYER_ACCES_LOG="false")
     with serving(tmp_path, env=env) as served:

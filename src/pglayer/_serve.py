@@ -501,6 +501,7 @@ def serve(
             ws_max_size=server.max_body_size,  # a WebSocket message, as a request's body
             log_config=None,
             access_log=False,  # pglayer's own access log carries the request id
+            server_header=False,  # `server: uvicorn` on every response: bytes, a fingerprint
         )
         with contextlib.suppress(KeyboardInterrupt):  # as `uvicorn.run`
             if workers > 1:
