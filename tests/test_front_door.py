@@ -287,6 +287,25 @@ async def test_a_body_the_server_refuses_midway_is_logged_and_counted_once(
     assert counted == ["1.0"], counted
 
 
+@pytest.mark.parametrize("target", [b"/users/1\x1b[31m", b"/\xff\xfe"])
+async def test_a_request_line_the_parser_refuses_is_logged_with_its_target(
+    shop: tuple[FastAPI, Database, LiveServer],
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+    target: bytes,
+) -> None:
+    # Logged as `"GET "`: the evidence of what was sent was lost.
+    caplog.set_level("INFO", logger="pglayer.access")
+    client.send(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await client.reply()).status == 400
+    await asyncio.sleep(0.1)
+    [line] = [r for r in caplog.records if r.name == "pglayer.access"]
+    path = line.__dict__["path"]
+    assert path.startswith("/"), line.getMessage()
+    assert len(path) > 1, line.getMessage()
+    assert "\x1b" not in line.getMessage()  # escaped, as every logged path
+
+
 async def test_of_a_storms_refusals_one_a_second_is_logged_and_the_rest_summed_up(
     shop: tuple[FastAPI, Database, LiveServer],
     client: Client,

@@ -182,6 +182,7 @@ _VERSION = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/([0-9]\.[0-9
 # RFC 3986's host (an IP literal or a registered name; no user, path or space), and a port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::([0-9]{1,5}))?")
 _UPGRADE = re.compile(rb"\r\nupgrade:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
+_TARGET = re.compile(rb"[^ \r\n]*")  # a request line's target, up to its end
 _REQUEST_ID = re.compile(rb"\r\n(?i:x-request-id):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
 
 
@@ -670,10 +671,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             door.account_refused(*self._unknown_line, status, request_id, seconds)
             return
         url: bytes = getattr(self, "url", b"")  # none before the first request began
-        # The parser says DELETE (method 0) for a request line it could not read: the
-        # method is then the read's first token, if it is one.
         token = _TOKEN.match(self._last_read)
-        method = self.parser.get_method() if url else token[0][:-1][:64] if token else b"-"
+        if url:
+            method = self.parser.get_method()
+        elif token:
+            # The parser says DELETE (method 0) for a request line it could not read, and
+            # keeps no target: both from the read, or the log had `"GET "` for the evidence.
+            method = token[0][:-1][:64]
+            target = _TARGET.match(self._last_read, token.end())
+            url = target[0][:_MAX_LOGGED_TARGET] if target else b""
+        else:
+            method = b"-"
         door.account_refused(method, url, status, request_id, seconds)
 
     def _abandon_cycle(self) -> None:
