@@ -9,6 +9,7 @@ read per test database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -114,6 +115,23 @@ async def template(server: Server, admin: asyncpg.Connection[Any]) -> AsyncItera
         yield name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def empty_database(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    """The URL of a new database without any schema, dropped afterwards."""
+    name = f"e_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.url_for(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def empty_db_url(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    async with empty_database(server, admin) as url:
+        yield url
 
 
 @pytest.fixture

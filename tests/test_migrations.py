@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,17 +15,7 @@ from pglayer_shop.schema import apply_migrations, shop_migrations
 
 from pglayer import Database
 from pglayer.migrations import MigrationError, load_migrations, migrate
-from tests.conftest import Server, settings_for
-
-
-@pytest.fixture
-async def empty_db_url(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
-    name = f"m_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.url_for(name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+from tests.conftest import settings_for
 
 
 async def test_concurrent_runners_apply_each_migration_exactly_once(empty_db_url: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from pglayer_shop.schema import apply_migrations, pending, shop_migrations
 
 from pglayer import Database
 from pglayer.migrations import Migration, install_pglayer_tables, migrate
-from tests.conftest import Server, free_port, settings_for
+from tests.conftest import Server, empty_database, free_port, settings_for
 from tests.test_cli import clean_env, run_cli
 
 RELEASED = Path(__file__).parent / "data" / "released_migrations"
@@ -27,14 +26,9 @@ SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
 
 
 @pytest.fixture
-async def new_db(server: Server, admin: asyncpg.Connection[Any]) -> AsyncIterator[Database]:
-    name = f"u_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        async with Database(settings_for(server.url_for(name))) as db:
-            yield db
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+async def new_db(empty_db_url: str) -> AsyncIterator[Database]:
+    async with Database(settings_for(empty_db_url)) as db:
+        yield db
 
 
 def released(upto: str, texts: dict[str, str]) -> list[Migration]:
@@ -84,14 +78,12 @@ async def test_a_database_of_an_earlier_release_is_brought_to_todays_functions(
     assert await pending(new_db)  # this release's code would refuse to serve it
     await apply_migrations(new_db)
     assert await pending(new_db) == []
-    fresh = f"u_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{fresh}"')
-    try:
-        async with Database(settings_for(server.url_for(fresh))) as db:
-            await apply_migrations(db)
-            assert await functions(new_db) == await functions(db)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+    async with (
+        empty_database(server, admin) as fresh,
+        Database(settings_for(fresh)) as db,
+    ):
+        await apply_migrations(db)
+        assert await functions(new_db) == await functions(db)
 
 
 async def test_a_key_an_older_shop_commits_while_0005_runs_is_moved_not_lost(
