@@ -233,13 +233,16 @@ async def test_refusals_at_the_door_are_counted_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, db, _ = shop
-    before = db.stats().requests_shed
+    before = db.stats()
     install_request_id()
     caplog.set_level("INFO", logger="pglayer.access")
     async with Saturated(db):
         client.send(get("/users/1?x=%0d", "X-Request-ID: counted"))
         assert (await client.reply()).status == 503
-    assert db.stats().requests_shed == before + 1
+    after = db.stats()
+    assert after.requests_shed == before.requests_shed + 1
+    # The read bulkhead's forecast refused it: its refusals say so (they missed every one).
+    assert after.bulkheads["read"].refused == before.bulkheads["read"].refused + 1
     client.send(get("/metrics"))
     scraped = (await client.reply()).body.decode()
     assert re.search(

@@ -884,8 +884,12 @@ class Database:
         return pool is not None and pool.forecasting()
 
     def count_shed(self) -> None:
-        """Count a request refused for `saturated()` before it asked for a connection."""
+        """Count a request refused for `saturated()` before it asked for a connection: a
+        refusal of the `read` bulkhead too, whose forecast decided it."""
         self._observer.shed()
+        pool = self._pool
+        if pool is not None:
+            pool.lanes_by_name["read"].refused += 1
 
     async def pause_refusal(self, predicted: float = 0.0, deadline: float | None = None) -> None:
         """Pause before answering a refusal: `refusal_delay`, longer for a long `predicted`
