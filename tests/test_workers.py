@@ -162,32 +162,37 @@ async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
 
 async def test_a_worker_killed_under_the_supervisor_is_logged_as_an_error(db_url: str) -> None:
     # uvicorn says it at INFO; an alert on errors would miss a worker the kernel killed
-    # for its memory.
+    # for its memory. One told to stop (SIGTERM) drains: a warning, not a death.
     port = free_port()
     env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json")
     with tempfile.TemporaryFile(mode="w+") as log_file:
         proc = serve_two_workers(port, env, log_file)
+
+        def said(pid: int) -> list[dict[str, Any]]:
+            log_file.seek(0)
+            lines = [orjson.loads(x) for x in log_file.read().splitlines() if x[:1] == "{"]
+            return [r for r in lines if f"[{pid}] " in r["message"] and "replaces" in r["message"]]
+
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc)
             workers = children_of(proc.pid)
             assert len(workers) >= 2, workers
-            victim = max(workers)  # one of our own workers, by its PID
-            os.kill(victim, signal.SIGKILL)
-
-            def said() -> list[dict[str, Any]]:
-                log_file.seek(0)
-                lines = [orjson.loads(x) for x in log_file.read().splitlines() if x[:1] == "{"]
-                return [r for r in lines if f"[{victim}] died" in r["message"]]
-
-            assert await wait_for(lambda: asyncio.sleep(0, said()), timeout=15)
+            killed, stopped = sorted(workers)[-2:]  # our own workers, by their PIDs
+            os.kill(killed, signal.SIGKILL)
+            assert await wait_for(lambda: asyncio.sleep(0, said(killed)), timeout=15)
+            os.kill(stopped, signal.SIGTERM)
+            assert await wait_for(lambda: asyncio.sleep(0, said(stopped)), timeout=15)
+            wait_ready(f"http://127.0.0.1:{port}", proc)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 scraped = samples((await client.get("/metrics")).text)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        (record,) = said()
-    assert record["level"] == "error", record
-    assert "replaces it" in record["message"], record
+        ((died,), (ended,)) = said(killed), said(stopped)
+    assert died["level"] == "error", died
+    assert "killed by SIGKILL" in died["message"], died
+    assert ended["level"] == "warning", ended
+    assert "stopped" in ended["message"], ended
     # The dead worker's series just vanish: its death is counted for an alert.
     deaths = [s.value for s in scraped if s.name == "pglayer_worker_deaths_total"]
     assert deaths == [1.0], deaths

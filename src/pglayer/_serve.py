@@ -167,22 +167,50 @@ class _OneLineRefusals(logging.Filter):
 
 
 class _WorkerDeaths(logging.Filter):
-    """uvicorn's supervisor says at INFO that a worker died (killed: out of memory, a signal;
-    or crashed) before it starts another: an error to alerts, which would miss it."""
+    """uvicorn's supervisor says at INFO that a worker died before it starts another, for
+    any end it did not ask for: an error to alerts, which would miss it, with how it ended
+    (a signal: killed, out of memory; a status: crashed), and counted; a worker that ended
+    well (told to stop on its own, SIGTERM or SIGINT: drained) a warning, not counted."""
+
+    exit_code: Callable[[int], int | None] = staticmethod(lambda pid: None)  # the supervisor's
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg
-        if (
+        if not (
             isinstance(message, str)
             and message.startswith("Child process [")
             and message.endswith("] died")
         ):
-            record.levelno, record.levelname = logging.ERROR, "ERROR"
-            record.msg = f"{message} (killed, out of memory, or crashed): a new worker replaces it"
-            shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-            if shared:  # for `pglayer_worker_deaths_total`: the dead one's series just vanish
-                note_worker_death(Path(shared))
+            return True
+        pid = message[len("Child process [") : -len("] died")]
+        code = self.exit_code(int(pid)) if pid.isdigit() else None
+        # uvicorn drains on SIGTERM and SIGINT, then ends by the signal it caught.
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = (
+                f"Child process [{pid}] stopped (it was told to, and drained):"
+                " a new worker replaces it"
+            )
+            return True
+        record.levelno, record.levelname = logging.ERROR, "ERROR"
+        record.msg = f"{message} ({_ended(code)}): a new worker replaces it"
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:  # for `pglayer_worker_deaths_total`: the dead one's series just vanish
+            note_worker_death(Path(shared))
         return True
+
+
+def _ended(code: int | None) -> str:
+    """How a worker that died ended, from its exit code (multiprocessing's: -N for signal N)."""
+    if code is None:
+        return "killed, out of memory, or crashed"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (": out of memory, or kill -9" if code == -9 else "")
+    return f"exited with status {code}: crashed"
 
 
 @functools.cache
@@ -222,7 +250,15 @@ def _supervise(config: Any) -> None:
                 sock.close()
             super().terminate_all()
 
-    Supervisor(config, sockets=[config.bind_socket()]).run()
+        def exit_code(self, pid: int) -> int | None:
+            for process in self.processes:
+                if process.pid == pid:
+                    return process.exitcode
+            return None
+
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    _WorkerDeaths.exit_code = supervisor.exit_code
+    supervisor.run()
 
 
 _SERVE_PID = "PGLAYER_SERVE_PID"  # the serving process, for its workers (see worker_loop)
