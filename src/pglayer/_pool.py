@@ -1003,13 +1003,13 @@ class Pool:
             open_now = len(self._slots)
             log.warning(
                 "pool %s: the server refused %s connection (53300: a connection limit is"
-                " reached); %s, refused %d more time(s) since this was said",
+                " reached); %s%s",
                 self.name,
                 "another" if open_now else "a",
                 f"serving with {open_now} of {self.max_size}"
                 if open_now
                 else "it has none, and its requests are answered 503",
-                left_out,
+                f", refused {left_out} more time(s) since this was said" if left_out else "",
             )
 
     async def _connect_abandonable(self, timeout: float) -> asyncpg.Connection:
