@@ -467,8 +467,8 @@ def test_a_request_line_the_parser_refused_is_accounted_by_its_method() -> None:
 
     protocol = BoundedHttpToolsProtocol.__new__(BoundedHttpToolsProtocol)
     protocol._door, protocol._last_read = Door(), b"FOO /users/1 HTTP/1.1\r\nHost: s\r\n\r\n"
-    protocol._account(501, "id")  # the parser stopped at the method: no url, no method
-    assert got == [(b"FOO", b"", 501)]
+    protocol._account(501, "id")  # the parser stopped at the method: both from the read
+    assert got == [(b"FOO", b"/users/1", 501)]
 
 
 async def test_a_refusal_from_the_server_keeps_the_clients_request_id(served: Served) -> None:
