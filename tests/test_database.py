@@ -167,6 +167,26 @@ async def test_acquire_waits_at_most_its_deadline(db_url: str) -> None:
         assert db.stats().acquire_timeouts == 1
 
 
+async def test_a_waiter_past_its_deadline_gets_no_connection_freed_before_the_tick(
+    db_url: str,
+) -> None:
+    # Lent anyway, it was served after the bound it was promised (5,003-5,110 ms with 5 s).
+    async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
+
+        async def hold() -> None:
+            async with db.connection():
+                await asyncio.sleep(0.05)  # the waiter queues
+                time.sleep(0.2)  # noqa: ASYNC251 -- its deadline passes; the loop and its tick wait
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        with pytest.raises(PoolTimeoutError):
+            async with db.connection(timeout=0.1):
+                pass
+        await holder
+        assert db.stats().acquisitions == 1  # the holder's only
+
+
 async def test_a_wait_that_timed_out_is_in_the_acquire_wait_histogram(db_url: str) -> None:
     async with Database(settings_for(db_url, min_size=1, max_size=1)) as db:
         async with db.connection():

@@ -21,7 +21,7 @@ from pglayer._logs import install_request_id
 from pglayer._pool import Pool
 from pglayer.fastapi import _middleware
 from pglayer.fastapi._middleware import RequestGuard
-from tests.conftest import LiveServer, settings_for, wait_for
+from tests.conftest import LiveServer, asgi_client, settings_for, wait_for
 
 
 class Reply:
@@ -225,6 +225,20 @@ async def test_a_refusal_with_expect_100_continue_closes_the_connection(
     assert refused.status == 503
     assert refused.headers["connection"] == "close"
     assert rest == b""  # closed: the body it never sent cannot be taken for a request
+
+
+async def test_a_refusal_the_guard_makes_before_routing_is_logged_at_the_door(
+    shop: tuple[FastAPI, Database, LiveServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the HTTP server's front door (plain uvicorn, an ASGI client) the guard refuses
+    # itself: its line said `unmatched`, read as unknown paths.
+    app, db, _ = shop
+    caplog.set_level("INFO", logger="pglayer.access")
+    async with Saturated(db), asgi_client(app) as http:
+        response = await http.get("/users/1")
+    assert response.status_code == 503
+    [line] = [r for r in caplog.records if r.name == "pglayer.access"]
+    assert getattr(line, "route", None) == "refused_at_door", line.getMessage()
 
 
 async def test_refusals_at_the_door_are_counted_and_logged(

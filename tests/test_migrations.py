@@ -57,8 +57,27 @@ async def test_a_changed_file_that_lists_the_applied_texts_checksum_is_taken_as_
         (tmp_path / "0001_first.sql").write_text(
             f"-- pglayer:replaces {'0' * 64}\nCREATE TABLE t (id bigint);\n"
         )
-        with pytest.raises(MigrationError, match="changed after it was applied"):
+        with pytest.raises(MigrationError, match="changed after it was applied") as refused:
             await migrate(db, load_migrations(tmp_path))
+    assert f"`-- pglayer:replaces {applied}`" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"  -- pglayer:replaces {'a' * 64}",
+        f"-- pglayer:replaces sha256:{'a' * 64}",
+        f"-- pglayer:replaces {'a' * 12}",
+        f"-- PGLAYER:REPLACES {'a' * 64}",
+    ],
+)
+def test_a_replaces_line_not_written_as_one_is_refused_not_ignored(
+    tmp_path: Path, line: str
+) -> None:
+    # Taken for a plain comment, the refusal it was written to lift stood, unexplained.
+    (tmp_path / "0001_first.sql").write_text(f"{line}\nCREATE TABLE t (id int);\n")
+    with pytest.raises(MigrationError, match="line 1: write it `-- pglayer:replaces <sha256>`"):
+        load_migrations(tmp_path)
 
 
 def test_a_replaces_line_leaves_the_files_own_checksum_as_it_was(tmp_path: Path) -> None:

@@ -145,8 +145,10 @@ def migrate(
     configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
     if DatabaseSettings().url is None:
         raise fail(
-            "no DATABASE_URL set: set it (to reach the embedded server, the URL `pglayer"
-            " serve` prints), or let `pglayer serve APP --migrations DIR` apply DIR as it starts"
+            "no DATABASE_URL set: set it (for the embedded server,"
+            " postgresql://postgres:PASSWORD@127.0.0.1:PORT/DATABASE with the port and database"
+            " `pglayer serve` prints and the password in its data directory's `password` file),"
+            " or let `pglayer serve APP --migrations DIR` apply DIR as it starts"
         )
     try:
         if not load_migrations(directory):

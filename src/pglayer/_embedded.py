@@ -419,6 +419,14 @@ class EmbeddedPostgres:
             )
         running = self.running_port()
         if running is not None:
+            if self.port and self.port != running:
+                log.warning(
+                    "the embedded PostgreSQL in %s already runs on port %s, not %s as asked:"
+                    " reusing it there (stop it to move it)",
+                    self.data_dir,
+                    running,
+                    self.port,
+                )
             self.port = running
             log.info("reusing the embedded PostgreSQL already running on port %s", running)
         else:

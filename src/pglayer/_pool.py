@@ -806,18 +806,25 @@ class Pool:
         """Whom a free connection goes to: the oldest waiter of a lane below its cap; but
         once that one has waited well past its predicted wait while admission was not
         refusing, the newest of its lane (adaptive LIFO)."""
-        if not self._waiting:
-            return None
-        oldest = None
-        for lane in self._lanes.values():
-            if lane.waiting and lane.in_use < lane.cap:
-                head = lane.head()
-                if head is not None and (oldest is None or head.since < oldest.since):
-                    oldest = head
-        if oldest is None:
-            return None
+        while self._waiting:
+            oldest = None
+            for lane in self._lanes.values():
+                if lane.waiting and lane.in_use < lane.cap:
+                    head = lane.head()
+                    if head is not None and (oldest is None or head.since < oldest.since):
+                        oldest = head
+            if oldest is None:
+                return None
+            now = time.monotonic()
+            if oldest.until > now:
+                return self._take_waiter(oldest, now)
+            # Its deadline passed before the tick saw it (a tick, or the loop's lag, later):
+            # served now, it would wait past the bound it was promised, then 503.
+            self._expire(oldest)
+        return None
+
+    def _take_waiter(self, oldest: _Waiter, now: float) -> _Waiter:
         lane = oldest.lane
-        now = time.monotonic()
         # While armed, admission refuses what its forecast says would miss, which bounds
         # the queue: FIFO serves what it admitted. Newest first then timed out waiters it
         # would have served (`storm`: 2,900-4,100 `unavailable` in 6 s, 1,100-1,700 without).
@@ -1143,6 +1150,11 @@ class Pool:
 
     # -- upkeep ----------------------------------------------------------------------
 
+    def _expire(self, waiter: _Waiter) -> None:
+        lane = waiter.lane
+        lane.admit = max(lane.admit - _ADMIT_STEP, _ADMIT_MIN)
+        self._time_out(waiter)
+
     def _time_out(self, waiter: _Waiter) -> None:
         now = time.monotonic()
         # At its deadline, not when the tick saw it (up to a tick, or the loop's lag, later):
@@ -1168,9 +1180,7 @@ class Pool:
         while deadlines and deadlines[0][0] <= now:
             waiter = heapq.heappop(deadlines)[2]
             if not waiter.future.done():
-                lane = waiter.lane
-                lane.admit = max(lane.admit - _ADMIT_STEP, _ADMIT_MIN)
-                self._time_out(waiter)
+                self._expire(waiter)
         paced = self._paced
         while paced and paced[0][0] <= now:
             paused = heapq.heappop(paced)[2]

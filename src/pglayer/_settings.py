@@ -130,8 +130,9 @@ class DatabaseSettings(BaseSettings):
         default=0,
         ge=0,
         le=65535,
-        description="The embedded PostgreSQL's port on 127.0.0.1 (0: a free one at each "
-        "start, printed), for tools that connect to it (psql, a GUI).",
+        description="The embedded PostgreSQL's port on 127.0.0.1, 1024-65535 (0: a free one "
+        "at each start, printed), for tools that connect to it (psql, a GUI); below 1024 only "
+        "root may listen, and the server runs as another user.",
     )
     min_size: int = Field(
         default=2, ge=0, description="Connections kept open; made at open(), refilled later."
@@ -305,6 +306,16 @@ class DatabaseSettings(BaseSettings):
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else SecretStr(_postgres_url(value.get_secret_value()))
+
+    @field_validator("embedded_port")
+    @classmethod
+    def _port_a_user_may_take(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError(
+                "below 1024 only root may listen, and the server runs as another user: use"
+                " 1024-65535, or 0 for a free port"
+            )
+        return value
 
     @field_validator("application_name")
     @classmethod

@@ -56,6 +56,7 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Comments, blanks and semicolons: a file of only these holds no statement.
 # `-- pglayer:replaces <sha256> [why]`: the whole line, its end included.
 _REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M)
+_MEANT_AS_REPLACES = re.compile(r"\s*--\s*pglayer\s*:\s*replaces", re.IGNORECASE)
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -83,6 +84,18 @@ class Migration:
         return frozenset(found.lower() for found in _REPLACES.findall(self.sql))
 
 
+def _refuse_malformed_replaces(name: str, sql: str) -> None:
+    """A line that means to be a `-- pglayer:replaces` one must be one: taken for a plain
+    comment, it would let the refusal it was written to lift stand, unexplained."""
+    for number, line in enumerate(sql.splitlines(), 1):
+        if _MEANT_AS_REPLACES.match(line) and not _REPLACES.fullmatch(line + "\n"):
+            raise MigrationError(
+                f"migration {name}, line {number}: write it `-- pglayer:replaces <sha256>`"
+                " (the whole 64-digit checksum, at the start of its line), optionally"
+                " followed by why"
+            )
+
+
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
     """Read `NNNN_name.sql` files from `directory`, in version order."""
     found: list[Migration] = []
@@ -102,6 +115,7 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
                 f"migration {entry.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x}"
                 f" at offset {exc.start}): save it as UTF-8"
             ) from None
+        _refuse_malformed_replaces(entry.name, sql)
         found.append(Migration(match.group(1), entry.name, sql))
     found.sort(key=lambda m: m.version)
     for earlier, later in itertools.pairwise(found):
@@ -344,7 +358,9 @@ def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoR
         f"migration {m.name} was changed after it was applied (applied: sha256"
         f" {previous['checksum']}, now {m.checksum}); add a new migration instead (or, if"
         f" another directory named {history!r} shares this history on this database, give"
-        " this one its own: `--history NAME`, or `history=`); nothing was applied"
+        " this one its own: `--history NAME`, or `history=`; or, if the change suits a"
+        " database that ran the applied text, name it in the file: `-- pglayer:replaces"
+        f" {previous['checksum']}`); nothing was applied"
     )
 
 

@@ -228,6 +228,7 @@ class _Exchange:
     answered: BaseException | None = None  # what the app's handler for `Exception` answered
     ended = 0.0  # when the response's last byte was sent (0: not yet)
     cut_short = False  # a streamed response ended without its final chunk
+    at_door = False  # refused for the pool's saturation before routing
     cookie = b""
     cycle: Any = None
 
@@ -413,6 +414,7 @@ class RequestGuard:
                 # validation, so refusing costs little and admitted requests keep the CPU.
                 assert db is not None
                 db.count_shed()
+                ex.at_door = True
                 timeout = self.request_timeout
                 await db.pause_refusal(predicted, None if timeout is None else ex.started + timeout)
                 await ex.reply(_overloaded(float(math.ceil(predicted))))
@@ -715,7 +717,7 @@ class RequestGuard:
         if stats is None and access_log is None:
             return
         seconds = (ex.ended or time.monotonic()) - ex.started
-        route = route_template(scope)
+        route = AT_THE_DOOR if ex.at_door else route_template(scope)
         method = "HEAD" if ex.head else scope["method"]
         status, request_id = ex.status, ex.request_id
         if not status:
