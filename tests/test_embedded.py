@@ -17,7 +17,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
+from pglayer import DatabaseSettings
 from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
 from tests.conftest import free_port
 from tests.test_cli import embedded_dir
@@ -60,6 +62,31 @@ def test_a_port_asked_for_is_used_and_one_in_use_is_named(base: Path) -> None:
         taken.listen()
         with pytest.raises(EmbeddedPostgresError, match=f"127.0.0.1:{port}.*in use"):
             EmbeddedPostgres(base, port=port).start()
+
+
+def test_a_port_asked_for_a_server_already_running_elsewhere_is_said(
+    base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = EmbeddedPostgres(base, port=free_port())
+    first.start()
+    asked = free_port()
+    second = EmbeddedPostgres(base, port=asked)
+    try:
+        url = second.start()  # reused where it runs: it serves the first's users too
+    finally:
+        second.stop()
+        first.stop()
+    assert f":{asked}/" not in url
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"not {asked} as asked" in m for m in said), said
+
+
+def test_an_embedded_port_below_1024_is_refused_by_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGLAYER_EMBEDDED_PORT", "80")
+    with pytest.raises(ValidationError, match="below 1024 only root may listen"):
+        DatabaseSettings()
 
 
 def test_a_cluster_without_pglayers_settings_gets_them_at_its_next_start(
