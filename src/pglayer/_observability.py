@@ -571,7 +571,7 @@ class Observer:
             # The time is the client's: under overload much of it can be the event loop
             # busy elsewhere before it read the answer. Said, so a fast statement is not
             # taken for a slow one.
-            late = loop_lag(time.monotonic() - seconds)
+            late = min(loop_lag(time.monotonic() - seconds), seconds)
             slow_log.warning(
                 "slow query: %.3fs in %s: %s%s",
                 seconds,
@@ -579,7 +579,7 @@ class Observer:
                 text,
                 ""
                 if late < seconds / 4
-                else f" (the event loop ran up to {late:.3f}s late meanwhile: this time"
+                else f" (the event loop ran {late:.3f}s late in all meanwhile: this time"
                 " includes waiting for it, not only the database)",
                 extra={
                     "duration_seconds": round(seconds, 6),
