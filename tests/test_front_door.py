@@ -321,6 +321,7 @@ async def test_a_request_line_the_parser_refuses_is_logged_with_its_target(
     assert path.startswith("/"), line.getMessage()
     assert len(path) > 1, line.getMessage()
     assert "\x1b" not in line.getMessage()  # escaped, as every logged path
+    assert path.isascii(), path  # `\xff`, not `ÿ`: as Latin-1 it read as a valid path
 
 
 async def test_of_a_storms_refusals_one_a_second_is_logged_and_the_rest_summed_up(

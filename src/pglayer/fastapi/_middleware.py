@@ -110,6 +110,11 @@ def _path(url: bytes) -> str:
     return urllib.parse.unquote(path) if "%" in path else path
 
 
+def _raw_path(url: bytes) -> str:
+    """The path of a request target the server refused, its bytes past ASCII escaped."""
+    return url.split(b"?", 1)[0].decode("ascii", "backslashreplace")
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's template, `unmatched` before routing or for unknown paths."""
     # The template ("/users/{user_id}"), never the raw path: a bounded set of names.
@@ -619,7 +624,9 @@ class RequestGuard:
         if self.stats is not None:
             self.stats.record(verb, "unmatched", status, seconds)
         if self.access_log is not None:
-            self.access_log.write(verb, _path(url), "unmatched", status, seconds, request_id)
+            # Bytes past ASCII as `\xe9`: decoded as Latin-1 they read as a valid path (`é`).
+            path = _path(url) if url.isascii() else _raw_path(url)
+            self.access_log.write(verb, path, "unmatched", status, seconds, request_id)
 
     def _sum_up_refusals(self) -> None:
         unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
