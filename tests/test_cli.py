@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,22 @@ def test_migrate_and_seed_write_only_json_lines_under_json_logs(db_url: str) -> 
         assert lines, args
         for line in lines:
             assert isinstance(json.loads(line), dict), line
+
+
+def test_an_error_under_json_logs_is_a_json_line(tmp_path: Path) -> None:
+    # Refused before logging was set up: a plain line among JSON ones.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(DATABASE_URL="postgresql://postgres@127.0.0.1:5432/postgres")
+        env["PGLAYER_LOG_FORMAT"] = "json"
+        refused = run_cli("serve", "--port", str(port), "--no-seed", env=env)
+    assert refused.returncode == 1
+    [line] = [x for x in refused.stderr.splitlines() if x.strip()]
+    record = json.loads(line)
+    assert record["level"] == "error", record
+    assert "cannot listen" in record["message"], record
 
 
 def test_migrate_and_seed_without_database_url_use_the_embedded_server(data_dir: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -79,9 +81,15 @@ Histories = Annotated[
 
 
 def fail(message: str) -> typer.Exit:
-    """Print `message` as an error; the exit to raise."""
-    # One line however narrow the terminal: scripts grep it, and logs keep it whole.
-    console.print(f"[red]error:[/] {escape(message)}")
+    """Print `message` as an error (a JSON record under `PGLAYER_LOG_FORMAT=json`, as every
+    other line then); the exit to raise."""
+    if os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() == "json":
+        if not logging.getLogger().handlers:  # refused before logging was set up
+            configure_logging(format="json")
+        logging.getLogger("pglayer.cli").error("%s", message)
+    else:
+        # One line however narrow the terminal: scripts grep it, and logs keep it whole.
+        console.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code=1)
 
 

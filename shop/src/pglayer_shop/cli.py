@@ -141,6 +141,8 @@ def _variable(loc: tuple[int | str, ...]) -> str:
 
 def _fail(message: str) -> typer.Exit:
     if _json_logs():
+        if not logging.getLogger().handlers:  # refused before logging was set up
+            configure_logging(format="json")
         _log.error("%s", message)
     else:
         console.print(f"[red]error:[/] {escape(message)}")  # one line, however narrow
