@@ -149,10 +149,11 @@ def test_migrate_and_seed_write_only_json_lines_under_json_logs(db_url: str) -> 
     for args in (["migrate"], ["seed", "--users", "5", "--products", "1", "--orders", "5"]):
         done = run_cli(*args, env=env)
         assert done.returncode == 0, done.stderr
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert lines, args
-        for line in lines:
-            assert isinstance(json.loads(line), dict), line
+        records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+        assert records, args
+        assert all(isinstance(record, dict) for record in records), records
+    said = [record["message"] for record in records]
+    assert any(message.startswith("seeding 5 users") for message in said), said  # no bar
 
 
 def test_an_error_under_json_logs_is_a_json_line(tmp_path: Path) -> None:

@@ -100,6 +100,10 @@ async def _seed_rows(db: Database, counts: SeedCounts, *, only_if_empty: bool = 
         def progress(table: str, rows: int) -> None:
             bar.update(task, advance=rows, description=table)
 
+        if _json_logs():  # no bar: its start and end as records
+            _say(
+                f"seeding {counts.users} users, {counts.products} products, {counts.orders} orders"
+            )
         await seed(db, counts, progress=progress, only_if_empty=only_if_empty)
 
 
