@@ -53,10 +53,11 @@ log = logging.getLogger("pglayer.migrations")
 LOCK_KEY = 0x70676C61796572  # "pglayer"
 DEFAULT_TIMEOUT = 3600.0  # seconds a run may take, waiting for another's included
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-# Comments, blanks and semicolons: a file of only these holds no statement.
-# `-- pglayer:replaces <sha256> [why]`: the whole line, its end included.
+# `-- pglayer:replaces <sha256> [why]`: the whole line, its end included; and what a line
+# that means to be one begins with.
 _REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M)
 _MEANT_AS_REPLACES = re.compile(r"\s*--\s*pglayer\s*:\s*replaces", re.IGNORECASE)
+# Comments, blanks and semicolons: a file of only these holds no statement.
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
@@ -179,10 +180,7 @@ async def migrate(
     transaction, their names returned as `pglayer/NAME`: both histories are checked before
     either is applied, so a refused run changes nothing.
     """
-    ours = _History(history or "default", migrations, named=history is not None)
-    runs = [ours]
-    if pglayer_tables:
-        runs.insert(0, _History("pglayer", _pglayer_migrations(), named=True))
+    ours, runs = _histories(migrations, history, pglayer_tables)
     done = await _migrate(db, runs, timeout=timeout)
     return [name if h == ours.name else f"{h}/{name}" for h, name in done]
 
@@ -197,10 +195,7 @@ async def pending_migrations(
     """The names of `migrations` not applied yet (pglayer's own as `pglayer/NAME`), checked
     as `migrate` checks them (a changed applied file is a `MigrationError`); nothing is
     applied. For an app that must not serve a schema older than its code."""
-    ours = _History(history or "default", migrations, named=history is not None)
-    runs = [ours]
-    if pglayer_tables:
-        runs.insert(0, _History("pglayer", _pglayer_migrations(), named=True))
+    ours, runs = _histories(migrations, history, pglayer_tables)
     missing: list[str] = []
     async with db.connection() as conn:
         # Without the table, or with one from before histories, `migrate` has work to do.
@@ -217,6 +212,15 @@ class _History:
     name: str
     migrations: list[Migration]
     named: bool  # given by the caller, not taken by default (a directory's name, "default")
+
+
+def _histories(
+    migrations: list[Migration], history: str | None, pglayer_tables: bool
+) -> tuple[_History, list[_History]]:
+    """The caller's history, and the run's: pglayer's own first where asked."""
+    ours = _History(history or "default", migrations, named=history is not None)
+    pglayers = [_History("pglayer", _pglayer_migrations(), named=True)] if pglayer_tables else []
+    return ours, [*pglayers, ours]
 
 
 async def _migrate(
