@@ -14,7 +14,6 @@ from typing import IO, Any
 import asyncpg
 import httpx
 import orjson
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pglayer._serve import metrics_directory
@@ -31,6 +30,15 @@ def serve_two_workers(port: int, env: dict[str, str], log_file: IO[str]) -> subp
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _refused(port: int) -> bool:
+    """Whether a new connection to `port` is refused now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def samples(text: str) -> list[Any]:
@@ -139,12 +147,11 @@ async def test_sigterm_lets_an_in_flight_order_finish_before_the_workers_exit(
 
                     assert await wait_for(waiting_on_the_lock, timeout=4)
                     proc.send_signal(signal.SIGTERM)  # our own child, by its PID
-                    await asyncio.sleep(0.5)
-                    assert proc.poll() is None, "exited with a request in flight"
                     # Draining: a new connection is refused, not taken into a backlog that
-                    # no worker accepts from any more and reset at the exit.
-                    with pytest.raises(ConnectionRefusedError):
-                        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                    # no worker accepts from any more and reset at the exit. The supervisor
+                    # looks at its signals every half second: refused within a few.
+                    assert await wait_for(lambda: asyncio.to_thread(_refused, port), timeout=5)
+                    assert proc.poll() is None, "exited with a request in flight"
                     await tx.rollback()  # the order proceeds now
                 finally:
                     await locker.close()
