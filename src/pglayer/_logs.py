@@ -298,8 +298,17 @@ class AccessLog:
         return handler if plain and handler.level <= logging.INFO else None
 
     def write(
-        self, method: str, path: str, route: str, status: int, seconds: float, request_id: str
+        self,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        seconds: float,
+        request_id: str,
+        cut_short: bool = False,
     ) -> None:
+        """One request's line; `cut_short`: a streamed response that ended without its final
+        chunk, which its status alone (200) would read as sent whole."""
         if not self.logger.isEnabledFor(logging.INFO):
             return
         if method not in _PLAIN_METHODS:
@@ -312,18 +321,19 @@ class AccessLog:
         path = mask_text(escaped)
         ms = seconds * 1000
         handler = self._batch_handler if self._batch else self._direct()
-        if handler is None:
+        if handler is None or cut_short:  # the latter rare: said through `logging`
+            extra = {
+                "method": method,
+                "path": path,
+                "route": route,
+                "status": status or None,
+                "duration_ms": round(ms, 2),
+            }
+            message = _message(method, path, status, ms)
+            if cut_short:
+                message, extra["cut_short"] = f"{message} cut short", True
             with request_id_of(request_id):  # the request's own context has ended
-                self.logger.info(
-                    _message(method, path, status, ms),
-                    extra={
-                        "method": method,
-                        "path": path,
-                        "route": route,
-                        "status": status or None,
-                        "duration_ms": round(ms, 2),
-                    },
-                )
+                self.logger.info(message, extra=extra)
             return
         text, iso, millis = self._clock.stamps(time.time())
         if handler.format_name == "json":
@@ -362,25 +372,6 @@ class AccessLog:
                 return
             self._batch_handler = handler
         batch.append(line)
-
-    def write_cut_short(
-        self, method: str, path: str, route: str, status: int, seconds: float, request_id: str
-    ) -> None:
-        """The line of a streamed response that ended without its final chunk: its status
-        alone (200) read as a whole export sent."""
-        with request_id_of(request_id):
-            self.logger.info(
-                "%s cut short",
-                _message(escape(method), mask_text(escape(path)), status, seconds * 1000),
-                extra={
-                    "method": escape(method),
-                    "path": mask_text(escape(path)),
-                    "route": route,
-                    "status": status or None,
-                    "duration_ms": round(seconds * 1000, 2),
-                    "cut_short": True,
-                },
-            )
 
     def _quoted(self, route: str) -> str:
         quoted = f'"{route}"' if " " in route else route

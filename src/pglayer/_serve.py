@@ -42,7 +42,7 @@ from pglayer.migrations import (
     DEFAULT_TIMEOUT,
     _History,
     _migrate,
-    _pglayer_migrations,
+    _pglayer_history,
     load_migrations,
 )
 
@@ -88,7 +88,7 @@ async def apply_directories(
         raise ConfigurationError("the root directory has no name: name its history (--history)")
     names = [*histories, *implicit]
     # One transaction for all: every history is checked before any is applied.
-    runs = [_History("pglayer", _pglayer_migrations(), named=True)] + [
+    runs = [_pglayer_history()] + [
         _History(history, load_migrations(directory), named=i < len(histories))
         for i, (directory, history) in enumerate(zip(directories, names, strict=True))
     ]

@@ -219,7 +219,7 @@ def _histories(
 ) -> tuple[_History, list[_History]]:
     """The caller's history, and the run's: pglayer's own first where asked."""
     ours = _History(history or "default", migrations, named=history is not None)
-    pglayers = [_History("pglayer", _pglayer_migrations(), named=True)] if pglayer_tables else []
+    pglayers = [_pglayer_history()] if pglayer_tables else []
     return ours, [*pglayers, ours]
 
 
@@ -574,9 +574,10 @@ def _check_order(
 async def install_pglayer_tables(db: Database, *, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
     """Create pglayer's own tables (idempotency keys), in the `pglayer` history; idempotent.
     With an app's own migrations, `migrate(..., pglayer_tables=True)` applies both at once."""
-    runs = [_History("pglayer", _pglayer_migrations(), named=True)]
+    runs = [_pglayer_history()]
     return [name for _, name in await _migrate(db, runs, timeout=timeout)]
 
 
-def _pglayer_migrations() -> list[Migration]:
-    return load_migrations(files("pglayer") / "_sql")
+def _pglayer_history() -> _History:
+    """pglayer's own tables, in their history."""
+    return _History("pglayer", load_migrations(files("pglayer") / "_sql"), named=True)

@@ -100,7 +100,7 @@ async def _seed_rows(db: Database, counts: SeedCounts, *, only_if_empty: bool = 
         def progress(table: str, rows: int) -> None:
             bar.update(task, advance=rows, description=table)
 
-        if _json_logs():  # no bar: its start and end as records
+        if _json_logs():  # no bar: its start as a record
             _say(
                 f"seeding {counts.users} users, {counts.products} products, {counts.orders} orders"
             )

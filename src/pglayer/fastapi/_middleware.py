@@ -738,9 +738,7 @@ class RequestGuard:
                 status = 499
         if stats is not None:
             stats.record(method, route, status or 500, seconds)
-        if access_log is None:
-            return
-        if ex.cut_short:  # rare: off the per-request path
-            access_log.write_cut_short(method, scope["path"], route, status, seconds, request_id)
-        else:
-            access_log.write(method, scope["path"], route, status, seconds, request_id)
+        if access_log is not None:
+            access_log.write(
+                method, scope["path"], route, status, seconds, request_id, ex.cut_short
+            )
