@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from pglayer_shop.schema import apply_migrations, shop_migrations
 
 from pglayer import Database
-from pglayer.migrations import MigrationError, load_migrations, migrate
+from pglayer.migrations import MigrationError, load_migrations, migrate, pending_migrations
 from tests.conftest import settings_for
 
 
@@ -80,6 +81,21 @@ def test_a_replaces_line_not_written_as_one_is_refused_not_ignored(
         load_migrations(tmp_path)
 
 
+def test_a_replaces_line_inside_a_body_or_string_is_the_bodys_own_text(tmp_path: Path) -> None:
+    # A function's comment was refused as a malformed line, or taken as the file's.
+    sql = (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$\n"
+        "-- pglayer:replaces see ticket 12\n"
+        f"-- pglayer:replaces {'a' * 64}\n"
+        "SELECT 1\n$$;\n"
+        f"SELECT '\n-- pglayer:replaces {'b' * 64}\n';\n"
+    )
+    (tmp_path / "0001_first.sql").write_text(sql)
+    [m] = load_migrations(tmp_path)
+    assert m.replaces == frozenset()
+    assert m.checksum == hashlib.sha256(sql.encode()).hexdigest()
+
+
 def test_a_replaces_line_leaves_the_files_own_checksum_as_it_was(tmp_path: Path) -> None:
     (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (id int);\n")
     [before] = load_migrations(tmp_path)
@@ -135,14 +151,23 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
         load_migrations(tmp_path)
 
 
-@pytest.mark.parametrize("make", ["upper-case", "directory"])
-def test_what_looks_like_a_migration_but_is_not_one_is_refused(tmp_path: Path, make: str) -> None:
-    # Skipped in silence, or a traceback, before.
-    if make == "upper-case":
-        (tmp_path / "0005_x.SQL").write_text("SELECT 1;")
-    else:
-        (tmp_path / "0001_dir.sql").mkdir()
+def test_a_migration_name_in_upper_case_is_refused(tmp_path: Path) -> None:
+    # Skipped in silence before.
+    (tmp_path / "0005_x.SQL").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"must look like 0001_name\.sql"):
+        load_migrations(tmp_path)
+
+
+@pytest.mark.parametrize("make", ["directory", "dangling link"])
+def test_a_well_named_entry_that_is_not_a_file_is_refused_as_such(
+    tmp_path: Path, make: str
+) -> None:
+    # Its name was said to be wrong, when it matched.
+    if make == "directory":
+        (tmp_path / "0001_dir.sql").mkdir()
+    else:
+        (tmp_path / "0001_link.sql").symlink_to(tmp_path / "gone.sql")
+    with pytest.raises(MigrationError, match=r"0001_\w+\.sql is not a regular file"):
         load_migrations(tmp_path)
 
 
@@ -306,6 +331,35 @@ async def test_a_migration_may_outlast_the_query_timeout_within_its_own(
         assert await migrate(db, load_migrations(tmp_path)) == ["0001_long.sql"]
 
 
+async def test_checking_a_large_file_does_not_end_the_run_by_the_pools_idle_bound(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The run's transaction sat idle while its files were checked (about half a second for
+    # this one), and the server ended it (25P03) by the pool's idle-in-transaction bound.
+    (tmp_path / "0001_many.sql").write_text("SELECT 1;\n" * 200_000)
+    async with Database(settings_for(empty_db_url, idle_in_transaction_timeout=0.1)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_many.sql"]
+
+
+async def test_a_long_string_literal_is_checked_without_memory_in_proportion(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The check's regex kept ~140 bytes per character of a literal: 5.4 GB for a 40 MB file.
+    size = 4_000_000
+    (tmp_path / "0001_blob.sql").write_text(
+        f"CREATE TABLE blob (t text); INSERT INTO blob VALUES ('{'a' * size}');"
+    )
+    migrations = load_migrations(tmp_path)
+    async with Database(settings_for(empty_db_url)) as db:
+        tracemalloc.start()
+        try:
+            assert await migrate(db, migrations) == ["0001_blob.sql"]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 10 * size
+
+
 async def test_a_migration_waiting_on_an_apps_lock_fails_naming_the_bound(
     empty_db_url: str, tmp_path: Path
 ) -> None:
@@ -392,6 +446,26 @@ async def test_a_directory_applied_under_another_history_is_refused_not_applied_
     (tmp_path / "0002_rows.sql").write_text("INSERT INTO things VALUES (1);")
     async with Database(settings_for(empty_db_url)) as db:
         await migrate(db, load_migrations(tmp_path), history="migrations")
+        with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
+            await migrate(db, load_migrations(tmp_path))
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM things") == 1
+
+
+async def test_files_that_replace_texts_applied_under_another_history_are_not_applied_again(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The check matched unchanged files only: a fixed file's new text ran a second time.
+    (tmp_path / "0001_schema.sql").write_text("CREATE TABLE IF NOT EXISTS things (id int);")
+    (tmp_path / "0002_rows.sql").write_text("INSERT INTO things VALUES (1);")
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path), history="migrations")
+        [_, rows] = load_migrations(tmp_path)
+        (tmp_path / "0002_rows.sql").write_text(
+            f"INSERT INTO things VALUES (1); -- a fixed typo\n-- pglayer:replaces {rows.checksum}\n"
+        )
+        with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
+            await pending_migrations(db, load_migrations(tmp_path))
         with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
             await migrate(db, load_migrations(tmp_path))
         async with db.connection() as conn:

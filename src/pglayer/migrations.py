@@ -8,9 +8,11 @@ and it also works through PgBouncer in transaction mode.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -57,6 +59,7 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # that means to be one begins with.
 _REPLACES = re.compile(r"^--[ \t]*pglayer:replaces[ \t]+([0-9a-fA-F]{64})\b[^\n]*(?:\n|\Z)", re.M)
 _MEANT_AS_REPLACES = re.compile(r"\s*--\s*pglayer\s*:\s*replaces", re.IGNORECASE)
+_LINES = re.compile(r"[^\n]*")
 # Comments, blanks and semicolons: a file of only these holds no statement.
 _NOTHING = re.compile(r"(?:\s|;|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
@@ -74,7 +77,10 @@ class Migration:
     @property
     def checksum(self) -> str:
         """The SHA-256 of its SQL, less its `-- pglayer:replaces` lines (see `replaces`)."""
-        return hashlib.sha256(_REPLACES.sub("", self.sql).encode()).hexdigest()
+        sql = self.sql
+        for found in reversed(_directives(sql)):
+            sql = sql[: found.start()] + sql[found.end() :]
+        return hashlib.sha256(sql.encode()).hexdigest()
 
     @property
     def replaces(self) -> frozenset[str]:
@@ -82,19 +88,63 @@ class Migration:
         each on a line `-- pglayer:replaces <sha256>`. For a released file that had to
         change; the change must suit a database that ran the earlier text, with a later
         file bringing it to what this text makes, if they differ."""
-        return frozenset(found.lower() for found in _REPLACES.findall(self.sql))
+        return frozenset(found.group(1).lower() for found in _directives(self.sql))
+
+
+def _directives(sql: str) -> list[re.Match[str]]:
+    """The `-- pglayer:replaces` lines of `sql`: outside strings, quoted names, /* */
+    comments and dollar-quoted bodies, where the same text is the body's own."""
+    if "pglayer" not in sql.lower():  # a file without any costs no lexing
+        return []
+    quoted = _quoted_spans(sql)
+    return [m for m in _REPLACES.finditer(sql) if not _inside(quoted, m.start())]
 
 
 def _refuse_malformed_replaces(name: str, sql: str) -> None:
     """A line that means to be a `-- pglayer:replaces` one must be one: taken for a plain
     comment, it would let the refusal it was written to lift stand, unexplained."""
-    for number, line in enumerate(sql.splitlines(), 1):
-        if _MEANT_AS_REPLACES.match(line) and not _REPLACES.fullmatch(line + "\n"):
+    if "pglayer" not in sql.lower():
+        return
+    quoted = _quoted_spans(sql)
+    for line in _LINES.finditer(sql):
+        text = line.group()
+        if (
+            _MEANT_AS_REPLACES.match(text)
+            and not _REPLACES.fullmatch(text + "\n")
+            and not _inside(quoted, line.start())
+        ):
+            number = sql.count("\n", 0, line.start()) + 1
             raise MigrationError(
                 f"migration {name}, line {number}: write it `-- pglayer:replaces <sha256>`"
                 " (the whole 64-digit checksum, at the start of its line), optionally"
                 " followed by why"
             )
+
+
+def _quoted_spans(sql: str) -> list[tuple[int, int]]:
+    """(start, end) of each string, quoted name, /* */ comment and dollar-quoted body of
+    `sql`, in order (read with standard_conforming_strings on, PostgreSQL's default)."""
+    tokens = _TOKENS[True]
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while pos < len(sql):
+        token = tokens.match(sql, pos)
+        assert token is not None  # `other` matches any character
+        kind, start, pos = token.lastgroup, token.start(), token.end()
+        if kind == "block":
+            pos = _block_end(sql, pos)
+        elif kind == "dollar":
+            end = sql.find(token.group(), pos)
+            pos = len(sql) if end < 0 else end + len(token.group())
+        elif not (kind == "skip" and sql[start] in "'\"Ee"):
+            continue
+        spans.append((start, pos))
+    return spans
+
+
+def _inside(spans: list[tuple[int, int]], position: int) -> bool:
+    at = bisect.bisect_left(spans, position, key=lambda span: span[0]) - 1
+    return at >= 0 and position < spans[at][1]
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:
@@ -104,11 +154,13 @@ def load_migrations(directory: Path | Traversable) -> list[Migration]:
         if not entry.name.lower().endswith(".sql"):
             continue
         match = _NAME.match(entry.name)
-        if match is None or not entry.is_file():
+        if match is None:
             raise MigrationError(
                 "migration file name must look like 0001_name.sql (four digits, then lowercase"
                 f" letters, digits and _): {entry.name}"
             )
+        if not entry.is_file():
+            raise MigrationError(f"migration {entry.name} is not a regular file")
         try:
             sql = entry.read_text(encoding="utf-8-sig")  # an editor's BOM is not SQL
         except UnicodeDecodeError as exc:
@@ -236,6 +288,8 @@ async def _migrate(
                 f"migrations must be a list of Migration, as load_migrations(Path(...))"
                 f" returns, not {type(run.migrations).__name__}"
             )
+    if not timeout > 0:  # NaN bounded nothing
+        raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
     deadline = time.monotonic() + timeout
     try:
         return await _migrate_once(db, runs, deadline, timeout)
@@ -255,7 +309,14 @@ async def _migrate_once(
                 raise MigrationError(
                     "this server is a read-only standby: run migrations against the primary"
                 )
-            await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            # The run's deadline bounds it, not the pool's idle-in-transaction bound: between
+            # statements the run checks its files, which for a large one takes seconds.
+            left = min(deadline - time.monotonic(), 2_000_000.0)  # under PostgreSQL's 2^31 ms
+            idle_ms = max(1, math.ceil(left * 1000))
+            await conn.execute(
+                "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0;"
+                f" SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+            )
             try:
                 await _script(conn, f"SELECT pg_advisory_xact_lock({LOCK_KEY})", deadline)
             except QueryTimeoutError:
@@ -427,15 +488,20 @@ _ONE_TRANSACTION = (
 )
 # PostgreSQL's identifiers take any non-ASCII character as a letter (`é$$` is one word).
 _LETTER = "A-Za-z_\u0080-\U0010ffff"
+# Each written as runs of plain characters between the escapes (not one alternation per
+# character), so a long literal is one step of the regex engine and no memory of its own.
+_PLAIN = r"'[^']*(?:''[^']*)*'"
+_ESCAPED = r"'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"
+_QUOTED = r'"[^"]*(?:""[^"]*)*"'
 _STRINGS = {
     # With standard_conforming_strings on (the default) a backslash is a plain character in
     # '...', with it off (a file may set that) it escapes: a file is read both ways.
-    True: r"[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'",
-    False: r"[Ee]?'(?:[^'\\]|\\.|'')*'",
+    True: rf"[Ee]{_ESCAPED}|{_PLAIN}",
+    False: rf"[Ee]?{_ESCAPED}",
 }
 _TOKENS = {
     conforming: re.compile(
-        rf"""(?P<skip>\s+|--[^\n]*|{strings}|"(?:[^"]|"")*")
+        rf"""(?P<skip>\s+|--[^\n]*|{strings}|{_QUOTED})
           | (?P<block>/\*)
           | (?P<dollar>\$(?:[{_LETTER}][{_LETTER}0-9]*)?\$)
           | (?P<word>[{_LETTER}][{_LETTER}0-9$]*)
@@ -521,19 +587,24 @@ def _refuse_transaction_control(m: Migration) -> None:
 async def _refuse_applied_elsewhere(
     conn: Connection, migrations: list[Migration], history: str, named: bool
 ) -> None:
-    """Refuse a new history when another holds only files of this directory, unchanged: the
-    same directory under another name (the CLI names a history after its directory,
-    `migrate()` defaults to "default"), which would apply every file again. Another app's
-    history that merely shares a first file has files of its own. A name given by the caller
-    is taken as given, unless it is that other name but for its case (a typo)."""
-    ours = {(m.version, m.name, m.checksum) for m in migrations}
+    """Refuse a new history when another holds only files of this directory (unchanged, or
+    earlier texts they replace): the same directory under another name (the CLI names a
+    history after its directory, `migrate()` defaults to "default"), which would apply every
+    file again. Another app's history that merely shares a first file has files of its own.
+    A name given by the caller is taken as given, unless it is that other name but for its
+    case (a typo)."""
+    # As `_check` takes them: a file's earlier texts it replaces (under any name) are the file.
+    ours = {m.version: m for m in migrations}
     others: dict[str, bool] = {}
     for row in await conn.fetch(
         "SELECT history, version, name, checksum FROM pglayer_migrations WHERE history <> $1",
         history,
     ):
-        key = (row["version"], row["name"], row["checksum"])
-        others[row["history"]] = others.get(row["history"], True) and key in ours
+        m = ours.get(row["version"])
+        same = m is not None and (
+            (row["name"], row["checksum"]) == (m.name, m.checksum) or row["checksum"] in m.replaces
+        )
+        others[row["history"]] = others.get(row["history"], True) and same
     same = sorted(name for name, within in others.items() if within)
     if named:
         same = [name for name in same if name.casefold() == history.casefold()]
