@@ -601,17 +601,17 @@ async def _refuse_applied_elsewhere(
         history,
     ):
         m = ours.get(row["version"])
-        same = m is not None and (
+        mine = m is not None and (
             (row["name"], row["checksum"]) == (m.name, m.checksum) or row["checksum"] in m.replaces
         )
-        others[row["history"]] = others.get(row["history"], True) and same
+        others[row["history"]] = others.get(row["history"], True) and mine
     same = sorted(name for name, within in others.items() if within)
     if named:
         same = [name for name in same if name.casefold() == history.casefold()]
     if same:
         raise MigrationError(
             f"history {history!r} has nothing applied on this database, but history"
-            f" {same[0]!r} holds these same files, unchanged: they were applied under that"
+            f" {same[0]!r} holds these same files: they were applied under that"
             f" name (pass `--history {same[0]}`, or `history={same[0]!r}`; or, for another"
             " app's files, name this history yourself); nothing was applied"
         )
