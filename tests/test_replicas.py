@@ -40,6 +40,7 @@ from pglayer.migrations import MigrationError, migrate
 from pglayer.sqlalchemy import create_engine
 from tests.conftest import asgi_client, children_of, free_port, settings_for, wait_for
 from tests.test_doctor import doctor
+from tests.test_front_door import Saturated
 from tests.test_metrics import scrape
 from tests.test_sqlalchemy import UserRow
 
@@ -920,3 +921,22 @@ async def test_a_write_through_a_read_on_a_replica_is_the_callers_error_not_an_o
             await db.read(lambda c: c.execute("CREATE TABLE written_through_a_read (id int)"))
         assert not isinstance(raised.value, TransientError)
         assert db.replicas.health["replica-1"].healthy
+
+
+async def test_reads_for_a_healthy_replica_pass_the_door_while_the_primary_is_saturated(
+    primary: EmbeddedPostgres, standby: EmbeddedPostgres
+) -> None:
+    # The door looked at the primary's pool alone: reads a replica would serve got 503
+    # `overloaded` whenever the primary (or its PgBouncer) was in trouble.
+    settings = replicated_settings(
+        primary, standby, replica_max_lag=600, max_size=1, acquire_timeout=0.5, refusal_delay=0
+    )
+    db = Database(settings)
+    app = create_app(db=db, settings=ShopSettings())
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        assert await in_rotation(db)
+        async with Saturated(db):
+            assert (await client.get("/products/1")).status_code in (200, 404)
+            assert db.replicas is not None
+            db.replicas.mark_failed(db.replicas.replicas[0])
+            assert db.saturated() is not None  # no replica to take it: refused at the door

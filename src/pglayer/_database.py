@@ -874,9 +874,15 @@ class Database:
 
     def saturated(self, coming: int = 0) -> float | None:
         """While even a read would be refused at once, its predicted wait (seconds);
-        `coming`: requests let in ahead of it that have not asked for a connection yet."""
+        `coming`: requests let in ahead of it that have not asked for a connection yet.
+        Not while a healthy replica would take the read (the primary's trouble is not its)."""
         pool = self._pool
-        return None if pool is None else pool.saturated(coming)
+        predicted = None if pool is None else pool.saturated(coming)
+        if predicted is None or self.replicas is None:
+            return predicted
+        if any(r.saturated(coming) is None for r in self.replicas.healthy()):
+            return None
+        return predicted
 
     def forecasting(self) -> bool:
         """Whether reads are admitted by their predicted wait now (see `saturated`)."""

@@ -318,9 +318,13 @@ class ReplicaSet:
         assert row is not None
         return row
 
+    def healthy(self) -> list[Database]:
+        """The replicas in rotation."""
+        return [r for r in self.replicas if self.health[r.name].healthy]
+
     def choose(self) -> Database | None:
         """A healthy replica (round-robin), or None when there is none."""
-        healthy = [r for r in self.replicas if self.health[r.name].healthy]
+        healthy = self.healthy()
         if not healthy:
             return None
         return healthy[next(self._turn) % len(healthy)]
