@@ -18,10 +18,12 @@ from pglayer_shop.app import create_app
 from pglayer_shop.settings import ShopSettings
 
 from pglayer import ConfigurationError, Database, PglayerError
+from pglayer._doctor import diagnose
 from pglayer._pooler import detect_pooler
 from pglayer.migrations import migrate
 from pglayer.testing import PgBouncer, PoolMode, pgbouncer_binary
 from tests.conftest import Server, asgi_client, require_external, settings_for
+from tests.test_fastapi_integration import _ready
 from tests.test_shop_orders import funded_user, make_product
 
 
@@ -375,3 +377,27 @@ async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_time
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
     assert "statement_timeout 0ms (configured 10s)" in warned[0]
     assert "jit on (configured off)" in warned[0]
+
+
+async def test_a_connection_limit_behind_the_pooler_is_said_to_be_one(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # PgBouncer passes the server's 53300 on as 08P01 in words: ready said "down" ("did not
+    # answer") and doctor "a role does not exist".
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    role = f"limited_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
+    try:
+        host_port = urlsplit(server.admin_url).netloc.rsplit("@", 1)[-1]
+        url = f"postgresql://{role}:pw@{host_port}/{db_name}"
+        with PgBouncer(url, server_login_retry=1) as b:
+            settings = settings_for(b.url(db_name), min_size=1, require_on_startup=False)
+            async with Database(settings) as db:
+                ready = await _ready(db)
+            found = await diagnose(settings)
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+    assert ready.json()["pools"] == {"primary": "refused"}
+    [reachable] = [f for f in found.findings if f.check == "reachable"]
+    assert "refused another connection" in reachable.detail
+    assert "max_connections" in reachable.detail

@@ -322,6 +322,24 @@ _MESSAGES = {
 }
 
 
+# What PostgreSQL says with 53300, and PgBouncer of its own limits: a pooler passes them on
+# as 08P01, in words only.
+_LIMITS_SAID = (
+    "too many connections for",
+    "too many clients",
+    "remaining connection slots are reserved",
+    "max_client_conn",
+    "max_user_connections",
+    "max_db_connections",
+)
+
+
+def _limit_said_by_pooler(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.ProtocolViolationError) and any(
+        said in str(exc) for said in _LIMITS_SAID
+    )
+
+
 def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseException:
     """Map a driver or socket error to a pglayer error; anything else is returned as is.
 
@@ -331,6 +349,8 @@ def translate(exc: BaseException, *, connection_closed: bool = False) -> BaseExc
     """
     if isinstance(exc, PglayerError):
         return exc
+    if _limit_said_by_pooler(exc):
+        return TooManyConnectionsError(TooManyConnectionsError.default_message, sqlstate="53300")
     if isinstance(exc, asyncpg.PostgresError):
         # asyncpg wraps the server's reason for closing (57P01, 57P02) in a 08003 error.
         if isinstance(exc, asyncpg.ConnectionDoesNotExistError) and isinstance(
@@ -422,6 +442,12 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, asyncpg.ProtocolViolationError) and "authentication failed" in str(exc):
         return f"{target} rejected the user or password (the pooler's check)"
     said = str(exc)[:200]  # the pooler's words: they name the role or database it means
+    if _limit_said_by_pooler(exc):
+        return (
+            f"the pooler at {target}, or the server behind it, refused another connection"
+            f" ({said}): max_connections is reached, or a CONNECTION LIMIT of the role or the"
+            " database, or the pooler's own limits (max_client_conn, max_db_connections)"
+        )
     if isinstance(exc, asyncpg.ProtocolViolationError) and 'role "' in said:
         return f"a role does not exist (for the pooler at {target} or behind it): {said}"
     if isinstance(exc, asyncpg.ProtocolViolationError) and (
