@@ -156,6 +156,21 @@ def test_migrate_and_seed_write_only_json_lines_under_json_logs(db_url: str) -> 
     assert any(message.startswith("seeding 5 users") for message in said), said  # no bar
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [([], "no command given"), (["seed", "--users", "-5"], "--users"), (["bogus"], "bogus")],
+)
+def test_a_usage_error_under_json_logs_is_one_json_record(args: list[str], said: str) -> None:
+    # Drawn in a box by typer (the help's 21 lines with no command at all).
+    done = run_cli(*args, env=clean_env(PGLAYER_LOG_FORMAT="json"))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = [x for x in done.stderr.splitlines() if x.strip()]
+    record = json.loads(line)
+    assert record["level"] == "error"
+    assert said in record["message"]
+
+
 def test_an_error_under_json_logs_is_a_json_line(tmp_path: Path) -> None:
     # Refused before logging was set up: a plain line among JSON ones.
     with socket.socket() as taken:

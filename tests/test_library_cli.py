@@ -134,6 +134,51 @@ async def test_migrate_keeps_each_directorys_history_apart(db_url: str, tmp_path
     assert [r["history"] for r in histories] == ["billing", "default", "notes", "pglayer"]
 
 
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Each line of `text` as a JSON object (fails on a line that is not one)."""
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert all(isinstance(record, dict) for record in records), text
+    return records
+
+
+def test_under_json_logs_migrate_and_doctor_write_only_json(db_url: str, tmp_path: Path) -> None:
+    # Plain "applied:" and warning lines, doctor's tables and click's usage boxes among them.
+    env = clean_env(DATABASE_URL=db_url, PGLAYER_LOG_FORMAT="json")
+    (tmp_path / "empty").mkdir()
+    for args in (
+        ["migrate", "--dir", str(write_migrations(tmp_path / "billing", "bills"))],
+        ["migrate", "--dir", str(tmp_path / "empty")],
+        ["doctor"],
+        ["doctor", "--settings"],
+    ):
+        done = run(*args, env=env)
+        records = json_lines(done.stdout) + json_lines(done.stderr)
+        assert done.returncode in (0, 1), (args, done.stderr)
+        assert records, args
+    applied = json_lines(run("migrate", "--dir", str(tmp_path / "billing"), env=env).stderr)
+    assert [r["message"] for r in applied if r["logger"] == "pglayer.cli"] == ["up to date"]
+    [report] = json_lines(run("doctor", env=env).stdout)
+    assert {"target", "failed", "findings", "will_use"} <= report.keys()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        ([], "no command given"),
+        (["migrate"], "Missing option '--dir'"),
+        (["serve", "--bogus"], "No such option: --bogus"),
+        (["doctor", "--workers", "0"], "--workers"),
+    ],
+)
+def test_a_usage_error_under_json_logs_is_one_json_record(args: list[str], said: str) -> None:
+    done = run(*args, env=clean_env(PGLAYER_LOG_FORMAT="json"))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [record] = json_lines(done.stderr)
+    assert record["level"] == "error"
+    assert said in str(record["message"])
+
+
 async def test_migrate_applies_nothing_when_one_history_is_refused(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,11 +38,35 @@ app = typer.Typer(
 # codes (`[/bold]` raised MarkupError, `:fire:` became an emoji), and lines are not wrapped.
 console = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
 out = Console(emoji=False, highlight=False, soft_wrap=True)
+_log = logging.getLogger("pglayer.cli")
+
+
+def _json_logs() -> bool:
+    return os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() == "json"
+
+
+def _record(level: int, message: str) -> None:
+    """`message` as a JSON log record of pglayer.cli (logging set up here if it is not)."""
+    if not logging.getLogger().handlers:  # before the command set logging up, or refused
+        configure_logging(format="json")
+    _log.log(level, "%s", message)
 
 
 def say(text: str) -> None:
-    """A line of the command's own output to stderr, as it is (no markup)."""
-    console.print(text, markup=False)
+    """A line of the command's own output to stderr, as it is (no markup); a JSON record
+    under `PGLAYER_LOG_FORMAT=json`, as every other line then."""
+    if _json_logs():
+        _record(logging.INFO, text)
+    else:
+        console.print(text, markup=False)
+
+
+def warn(text: str) -> None:
+    """A warning of the command's own, as `say` writes a line."""
+    if _json_logs():
+        _record(logging.WARNING, text)
+    else:
+        console.print(f"[yellow]warning:[/] {escape(text)}")
 
 
 def _version(asked: bool) -> None:
@@ -83,10 +109,8 @@ Histories = Annotated[
 def fail(message: str) -> typer.Exit:
     """Print `message` as an error (a JSON record under `PGLAYER_LOG_FORMAT=json`, as every
     other line then); the exit to raise."""
-    if os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() == "json":
-        if not logging.getLogger().handlers:  # refused before logging was set up
-            configure_logging(format="json")
-        logging.getLogger("pglayer.cli").error("%s", message)
+    if _json_logs():
+        _record(logging.ERROR, message)
     else:
         # One line however narrow the terminal: scripts grep it, and logs keep it whole.
         console.print(f"[red]error:[/] {escape(message)}")
@@ -150,7 +174,10 @@ def migrate(
 ) -> None:
     """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name
     (or `--history`)."""
-    configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
+    if _json_logs():  # every line a record, what is applied included
+        configure_logging(format="json", level="INFO")
+    else:
+        configure_logging(format=ServerSettings().log_format or "text", level="WARNING")
     if DatabaseSettings().url is None:
         raise fail(
             "no DATABASE_URL set: set it (for the embedded server,"
@@ -160,7 +187,7 @@ def migrate(
         )
     try:
         if not load_migrations(directory):
-            console.print(f"[yellow]warning:[/] no NNNN_name.sql files in {escape(str(directory))}")
+            warn(f"no NNNN_name.sql files in {directory}")
     except PglayerError as exc:
         raise fail(str(exc)) from None
     try:
@@ -206,34 +233,38 @@ def doctor(
         try:
             check_app(target, factory=None)
         except PglayerError as exc:  # its name still names its connections: go on
-            console.print(f"[yellow]warning:[/] {escape(str(exc))}")
+            warn(str(exc))
     settings, server = DatabaseSettings(), ServerSettings()  # both as the app reads them
     if settings_only:
-        print_settings(settings, server)
+        print_settings(settings, server, as_json=_json_logs())
         return
     if settings.url is None:
         raise fail("no DATABASE_URL set (pglayer serve would start an embedded PostgreSQL)")
     if reserve is None:
         reserve = settings.connection_reserve
     diagnosis = asyncio.run(diagnose(settings, workers=workers, reserve=reserve))
-    print_diagnosis(diagnosis, settings)
+    print_diagnosis(diagnosis, settings, as_json=_json_logs())
     if diagnosis.failed:
         raise typer.Exit(code=1)
 
 
-def print_settings(*groups: BaseSettings) -> None:
+def print_settings(*groups: BaseSettings, as_json: bool = False) -> None:
     """Every setting of `groups`: its variable, its effective value (secrets masked), and
-    what it does."""
+    what it does; a table, or (`as_json`) one JSON document on one line."""
+    rows = [
+        (setting_variable(name), _shown(name, getattr(settings, name)), field.description or "")
+        for settings in groups
+        for name, field in type(settings).model_fields.items()
+    ]
+    if as_json:
+        keys = ("variable", "value", "meaning")
+        print(json.dumps({"settings": [dict(zip(keys, row, strict=True)) for row in rows]}))
+        return
     table = Table(title="pglayer settings", show_lines=False)
     for column in ("variable", "value", "meaning"):
         table.add_column(column, overflow="fold")
-    for settings in groups:
-        for name, field in type(settings).model_fields.items():
-            table.add_row(
-                setting_variable(name),
-                escape(_shown(name, getattr(settings, name))),
-                escape(field.description or ""),
-            )
+    for variable, value, meaning in rows:
+        table.add_row(variable, escape(value), escape(meaning))
     out.print(table)
 
 
@@ -251,8 +282,19 @@ def _shown(name: str, value: object) -> str:
     return "(not set)" if value is None else repr(value)
 
 
-def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
-    """The findings as a table, and the pool pglayer will use when nothing failed."""
+def print_diagnosis(
+    diagnosis: Diagnosis, settings: DatabaseSettings, *, as_json: bool = False
+) -> None:
+    """The findings as a table, and the pool pglayer will use when nothing failed; or
+    (`as_json`) both in one JSON document on one line."""
+    use = None if diagnosis.failed or not diagnosis.findings else _will_use(diagnosis, settings)
+    if as_json:
+        findings = [
+            {"check": f.check, "level": f.level, "detail": f.detail} for f in diagnosis.findings
+        ]
+        print(json.dumps({"target": diagnosis.target, "failed": diagnosis.failed,
+                          "findings": findings, "will_use": use}))  # fmt: skip
+        return
     table = Table(title=f"pglayer doctor: {diagnosis.target}", show_lines=False)
     table.add_column("check")
     table.add_column("")
@@ -261,8 +303,12 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
     for finding in diagnosis.findings:
         table.add_row(escape(finding.check), marks[finding.level], escape(finding.detail))
     out.print(table)
-    if diagnosis.failed or not diagnosis.findings:
-        return
+    if use is not None:
+        out.print(f"pglayer will use: {use}", markup=False)
+
+
+def _will_use(diagnosis: Diagnosis, settings: DatabaseSettings) -> str:
+    """The pool pglayer will use against the server diagnosed."""
     cache = settings.statement_cache_size
     pooler = diagnosis.facts.get("pooler")
     if pooler in ("transaction", "statement") and not diagnosis.facts.get(
@@ -275,8 +321,7 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
         if server_ms is None
         else f"{server_ms / 1000:g}s (the role's: a transaction pooler drops pglayer's)"
     )
-    out.print(
-        "pglayer will use: "
+    return (
         f"pool {settings.min_size}..{settings.max_size} per worker, "
         f"statement_cache_size={cache}, "
         + ("only application_name as startup parameter, " if pooler else "")
@@ -287,11 +332,32 @@ def print_diagnosis(diagnosis: Diagnosis, settings: DatabaseSettings) -> None:
 
 def main() -> None:
     try:
+        if _json_logs():
+            raise SystemExit(_run_for_json(app))
         app()
     except ValidationError as exc:  # a setting from the environment: one line, not a traceback
         raise SystemExit(fail(f"invalid settings: {invalid_settings(exc)}").exit_code) from None
     except SettingsError as exc:  # a value pydantic-settings could not even parse (JSON)
         raise SystemExit(fail(f"invalid settings: {unparsable_setting(exc)}").exit_code) from None
+
+
+def _run_for_json(command: typer.Typer) -> int:
+    """Run `command` with its usage errors as JSON records (not click's boxes); its exit code."""
+    if len(sys.argv) < 2:  # typer would print its help (a box, to stdout) before the error
+        _record(logging.ERROR, "usage: no command given (see --help)")
+        return 2
+    try:
+        return int(command(standalone_mode=False) or 0)
+    except typer.Abort:
+        fail("aborted")
+        return 1
+    except Exception as exc:
+        # click's usage errors (typer carries its own copy of click: told by their shape).
+        said, code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+        if not callable(said) or not isinstance(code, int):
+            raise
+        _record(logging.ERROR, f"usage: {said()}")
+        return code
 
 
 def invalid_settings(exc: ValidationError) -> str:

@@ -245,6 +245,8 @@ def bench(ctx: typer.Context) -> None:
 
 def main() -> None:
     try:
+        if _json_logs():
+            raise SystemExit(_run_for_json())
         app()
     except ValidationError as exc:  # a setting from the environment: one line, not a traceback
         errors = exc.errors(include_input=False, include_url=False)
@@ -254,3 +256,26 @@ def main() -> None:
         field = re.search(r'for field "(\w+)"', str(exc))
         said = f"{_variable((field[1],))}: not valid JSON" if field else str(exc)
         raise SystemExit(_fail(f"invalid settings: {said}").exit_code) from None
+
+
+def _run_for_json() -> int:
+    """The command with its usage errors as JSON records, as every other line is then (typer
+    draws them in boxes); its exit code."""
+    if len(sys.argv) < 2:  # typer would print its help to stdout before the error
+        return _usage("no command given (see --help)")
+    try:
+        return int(app(standalone_mode=False) or 0)
+    except typer.Abort:
+        return _fail("aborted").exit_code
+    except Exception as exc:
+        # click's usage errors (typer carries its own copy of click: told by their shape).
+        said, code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+        if not callable(said) or not isinstance(code, int):
+            raise
+        _usage(said())
+        return code
+
+
+def _usage(message: str) -> int:
+    _fail(f"usage: {message}")
+    return 2
