@@ -179,6 +179,16 @@ def test_a_usage_error_under_json_logs_is_one_json_record(args: list[str], said:
     assert said in str(record["message"])
 
 
+def test_migrate_refuses_an_empty_history_name(db_url: str, tmp_path: Path) -> None:
+    # Taken silently as the directory's name, where " app" was refused.
+    directory = write_migrations(tmp_path / "billing", "bills")
+    done = run(
+        "migrate", "--dir", str(directory), "--history", "", env=clean_env(DATABASE_URL=db_url)
+    )
+    assert done.returncode == 1
+    assert "history name '' is empty" in done.stderr
+
+
 async def test_migrate_applies_nothing_when_one_history_is_refused(
     db_url: str, tmp_path: Path
 ) -> None:

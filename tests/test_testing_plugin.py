@@ -92,6 +92,25 @@ def test_a_project_gets_a_migrated_database_per_test(
     result.stdout.fnmatch_lines(["pglayer: test databases migrated with */migrations"])
 
 
+def test_two_migration_directories_of_one_name_take_the_histories_named(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both histories were "migrations": the second directory's 0001 was refused, and no
+    # setting could name them apart.
+    notes = "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);"
+    pytester.makefile(".sql", **{"notes/migrations/0001_notes": notes})
+    pytester.makefile(".sql", **{"tags/migrations/0001_tags": "CREATE TABLE tags (name text);"})
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "pglayer_migrations = notes/migrations tags/migrations\n"
+        "pglayer_histories = notes tags\n"
+    )
+    monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=3)
+
+
 def test_a_project_without_its_migrations_named_is_told_in_the_header(
     pytester: pytest.Pytester,
 ) -> None:

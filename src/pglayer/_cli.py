@@ -191,7 +191,7 @@ def migrate(
     except PglayerError as exc:
         raise fail(str(exc)) from None
     try:
-        histories = [history] if history else []
+        histories = [] if history is None else [history]  # "" is refused, not the default
         applied = asyncio.run(
             apply_directories(
                 DatabaseSettings.for_command(), [directory], None, histories, timeout=timeout

@@ -5,6 +5,7 @@ migration directories in the pytest configuration, and define a `pglayer_app` fi
 
     [tool.pytest.ini_options]
     pglayer_migrations = ["migrations"]
+    # pglayer_histories = ["billing", "notes"]  # one per directory, where two share a name
 
 The server is `PGLAYER_TEST_DATABASE_URL` (a superuser URL) when set, else an embedded
 PostgreSQL started once for the session (`pip install 'pglayer[embedded]'` where the machine
@@ -15,9 +16,10 @@ its teardown left behind is removed by the next session on the host.
 The test databases are named `pglayer_t_...` and `pglayer_tpl_...`; `pglayer_database_prefix =
 myapp` in the configuration names them `myapp_t_...`, to tell projects apart on one server.
 
-Fixtures: `pglayer_server_url`, `pglayer_template`, `pglayer_database_url`,
-`pglayer_settings`, `pglayer_db` (an open `Database`) and `pglayer_client` (an
-`httpx.AsyncClient` for your `pglayer_app`, its lifespan running). Async fixtures need
+Fixtures: `pglayer_server_url`, `pglayer_migration_dirs`, `pglayer_migration_histories`,
+`pglayer_template`, `pglayer_database_url`, `pglayer_settings`, `pglayer_db` (an open
+`Database`) and `pglayer_client` (an `httpx.AsyncClient` for your `pglayer_app`, its lifespan
+running). Async fixtures need
 pytest-asyncio (`pip install 'pglayer[testing]'`).
 """
 
@@ -61,6 +63,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "pglayer_migrations",
         "Directories of SQL migrations applied to the test template, in order",
         type="paths",
+        default=[],
+    )
+    parser.addini(
+        "pglayer_histories",
+        "The history of each pglayer_migrations directory, in turn (default: its name, as"
+        " `pglayer migrate --dir` names it); needed where two directories share a name",
+        type="args",
         default=[],
     )
     parser.addini(
@@ -215,6 +224,22 @@ def pglayer_migration_dirs(pytestconfig: pytest.Config) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def pglayer_migration_histories(
+    pytestconfig: pytest.Config, pglayer_migration_dirs: list[Path]
+) -> list[str]:
+    """The history of each directory: `pglayer_histories` in turn, else each one's name."""
+    names = [str(name) for name in pytestconfig.getini("pglayer_histories")]
+    if not names:
+        return [directory.name for directory in pglayer_migration_dirs]
+    if len(names) != len(pglayer_migration_dirs):
+        raise pytest.UsageError(
+            f"pglayer_histories names {len(names)} histories for"
+            f" {len(pglayer_migration_dirs)} pglayer_migrations directories: one each, in turn"
+        )
+    return names
+
+
+@pytest.fixture(scope="session")
 def pglayer_database_prefix(pytestconfig: pytest.Config) -> str:
     """How the test databases' names begin: `pglayer_database_prefix` (default `pglayer`)."""
     prefix = str(pytestconfig.getini("pglayer_database_prefix"))
@@ -227,7 +252,10 @@ def pglayer_database_prefix(pytestconfig: pytest.Config) -> str:
 
 @pytest.fixture(scope="session")
 def pglayer_template(
-    pglayer_server_url: str, pglayer_migration_dirs: list[Path], pglayer_database_prefix: str
+    pglayer_server_url: str,
+    pglayer_migration_dirs: list[Path],
+    pglayer_migration_histories: list[str],
+    pglayer_database_prefix: str,
 ) -> Iterator[str]:
     """A database with every migration applied, cloned by each test."""
     name = f"{pglayer_database_prefix}_tpl_{_HOST}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -240,8 +268,10 @@ def pglayer_template(
         )
         async with Database(settings) as db:
             await install_pglayer_tables(db)
-            for directory in pglayer_migration_dirs:
-                await migrate(db, load_migrations(directory), history=directory.name)
+            for directory, history in zip(
+                pglayer_migration_dirs, pglayer_migration_histories, strict=True
+            ):
+                await migrate(db, load_migrations(directory), history=history)
 
     try:
         asyncio.run(build())  # a migration that fails leaves no template behind either
