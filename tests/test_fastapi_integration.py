@@ -464,6 +464,47 @@ async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
     assert said == ["websocket /ws -> closed, 500 internal (RuntimeError)"], said
 
 
+@pytest.mark.parametrize("read", ["text", "json"])
+async def test_a_frame_of_the_type_a_websocket_does_not_read_closes_it_with_1003(
+    db: Database, caplog: pytest.LogCaptureFixture, read: str
+) -> None:
+    # Starlette's KeyError for a binary frame read as text was a 1011 and an ERROR with a
+    # traceback: any client could fill the log and the alerts with "bugs".
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await (websocket.receive_text() if read == "text" else websocket.receive_json())
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        await ws_.send(b"\x00")
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_.recv()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1003, "unsupported_media_type")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_key_error_of_the_apps_own_in_a_websocket_is_still_a_bug(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        message = await websocket.receive()
+        print(message["text"])  # a bug of the app's: the same KeyError, its own
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        await ws_.send(b"\x00")
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011
+
+
 async def test_an_unexpected_error_before_a_websocket_is_accepted_is_a_500_problem(
     db: Database,
 ) -> None:

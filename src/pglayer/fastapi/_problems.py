@@ -527,6 +527,26 @@ def _websocket_problem(exc: Exception) -> Problem:
     return Problem(500, "internal")
 
 
+# Starlette reads a frame's `text` or `bytes` by key: a frame of the other type is its
+# KeyError, the client's doing (RFC 6455's 1003), not a bug of the app's.
+_FRAME_READERS = frozenset({"receive_text", "receive_bytes", "receive_json"})
+
+
+def wrong_frame(exc: Exception) -> bool:
+    """Whether `exc` is Starlette's KeyError for a WebSocket frame of the type not read."""
+    if not isinstance(exc, KeyError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return code.co_name in _FRAME_READERS and code.co_filename.endswith(
+        ("starlette/websockets.py", "starlette\\websockets.py")
+    )
+
+
 async def _close_websocket(websocket: WebSocket, exc: Exception) -> None:
     """A WebSocket's error: before the handshake is accepted, the problem as an HTTP
     answer (where the server can send one); after, the socket closes with a code that says
