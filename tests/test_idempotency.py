@@ -187,6 +187,25 @@ async def test_a_sweep_deletes_only_the_keys_past_their_own_ttl(db: Database) ->
     assert replayed
 
 
+async def test_a_lifespan_sweeping_deletes_expired_keys_and_stops_with_it(db: Database) -> None:
+    await install(db)
+    keys = IdempotencyKeys(ttl=0.001)
+
+    async def one(conn: Connection) -> int:
+        return 1
+
+    await db.run_in_transaction(lambda c: keys.run(c, "notes", "note-1", "h", one))
+    count = "SELECT count(*) FROM pglayer_idempotency_keys"
+    async with keys.sweeping(db, interval=0.05):
+        for _ in range(100):
+            if not await db.run(lambda c: c.fetchval(count)):
+                break
+            await asyncio.sleep(0.05)
+    assert await db.run(lambda c: c.fetchval(count)) == 0
+    tasks = [t for t in asyncio.all_tasks() if "sweep_forever" in repr(t.get_coro())]
+    assert not [t for t in tasks if not t.done()]
+
+
 async def test_keys_claimed_before_expiry_per_key_keep_the_ttl_of_whoever_reads_them(
     server: Server, admin: asyncpg.Connection[Any]
 ) -> None:

@@ -14,10 +14,11 @@ and is taken over, and `expire()` deletes expired keys, whoever claimed them, in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 import orjson
@@ -190,3 +191,15 @@ class IdempotencyKeys:
                 continue
             if deleted:
                 log.info("deleted %d expired idempotency keys", deleted)
+
+    @contextlib.asynccontextmanager
+    async def sweeping(self, db: Database, interval: float = 60.0) -> AsyncIterator[None]:
+        """`sweep_forever` for the block's life, as an app's lifespan: without a sweep the
+        expired keys stay, and the table grows with every key ever sent."""
+        sweep = asyncio.create_task(self.sweep_forever(db, interval))
+        try:
+            yield
+        finally:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -57,13 +55,8 @@ def create_app(db: Database | None = None, settings: ShopSettings | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runs inside pglayer's lifespan (see `setup`): the pool is open here.
         await _check_schema(db)
-        sweep = asyncio.create_task(keys.sweep_forever(db, settings.idempotency_sweep_interval))
-        try:
+        async with keys.sweeping(db, settings.idempotency_sweep_interval):
             yield
-        finally:
-            sweep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweep
 
     app = FastAPI(
         lifespan=lifespan,
