@@ -156,7 +156,7 @@ def _too_large(max_body_size: int) -> Reply:
     body = orjson.dumps(
         {
             "type": "urn:pglayer:problem:payload_too_large",
-            "title": "Payload Too Large",
+            "title": "Content Too Large",
             "status": 413,
             "detail": f"The request body exceeds {max_body_size} bytes.",
             "code": "payload_too_large",

@@ -96,7 +96,7 @@ _TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
-    413: "Payload Too Large",
+    413: "Content Too Large",  # RFC 9110 (RFC 7231: "Payload Too Large")
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
     500: "Internal Server Error",
