@@ -89,6 +89,7 @@ def test_a_replaces_line_inside_a_body_or_string_is_the_bodys_own_text(tmp_path:
         f"-- pglayer:replaces {'a' * 64}\n"
         "SELECT 1\n$$;\n"
         f"SELECT '\n-- pglayer:replaces {'b' * 64}\n';\n"
+        f"SELECT 'it\\'s\n-- pglayer:replaces {'c' * 64}\n';\n"  # in a string, conforming off
     )
     (tmp_path / "0001_first.sql").write_text(sql)
     [m] = load_migrations(tmp_path)
@@ -341,13 +342,16 @@ async def test_checking_a_large_file_does_not_end_the_run_by_the_pools_idle_boun
         assert await migrate(db, load_migrations(tmp_path)) == ["0001_many.sql"]
 
 
+@pytest.mark.parametrize("text", ["a", "a''", "a\\'"])
 async def test_a_long_string_literal_is_checked_without_memory_in_proportion(
-    empty_db_url: str, tmp_path: Path
+    empty_db_url: str, tmp_path: Path, text: str
 ) -> None:
-    # The check's regex kept ~140 bytes per character of a literal: 5.4 GB for a 40 MB file.
+    # The check's regex kept ~140 bytes per character of a literal: 5.4 GB for a 40 MB file;
+    # then ~67 per escaped quote.
     size = 4_000_000
+    literal = ("E'" if "\\" in text else "'") + text * (size // len(text)) + "'"
     (tmp_path / "0001_blob.sql").write_text(
-        f"CREATE TABLE blob (t text); INSERT INTO blob VALUES ('{'a' * size}');"
+        f"CREATE TABLE blob (t text); INSERT INTO blob VALUES ({literal});"
     )
     migrations = load_migrations(tmp_path)
     async with Database(settings_for(empty_db_url)) as db:
@@ -466,6 +470,23 @@ async def test_files_that_replace_texts_applied_under_another_history_are_not_ap
         )
         with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
             await pending_migrations(db, load_migrations(tmp_path))
+        with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
+            await migrate(db, load_migrations(tmp_path))
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM things") == 1
+
+
+async def test_files_renamed_since_another_history_applied_them_are_not_applied_again(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # Taken as applied under their own history (renamed, the same SQL), they ran again
+    # under a new one.
+    (tmp_path / "0001_rows.sql").write_text(
+        "CREATE TABLE things (id int); INSERT INTO things VALUES (1);"
+    )
+    async with Database(settings_for(empty_db_url)) as db:
+        await migrate(db, load_migrations(tmp_path), history="migrations")
+        (tmp_path / "0001_rows.sql").rename(tmp_path / "0001_renamed.sql")
         with pytest.raises(MigrationError, match="history 'migrations' holds these same files"):
             await migrate(db, load_migrations(tmp_path))
         async with db.connection() as conn:

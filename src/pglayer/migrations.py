@@ -96,8 +96,12 @@ def _directives(sql: str) -> list[re.Match[str]]:
     comments and dollar-quoted bodies, where the same text is the body's own."""
     if "pglayer" not in sql.lower():  # a file without any costs no lexing
         return []
-    quoted = _quoted_spans(sql)
-    return [m for m in _REPLACES.finditer(sql) if not _inside(quoted, m.start())]
+    readings = [_quoted_spans(sql, conforming) for conforming in (True, False)]
+    return [
+        m
+        for m in _REPLACES.finditer(sql)
+        if not any(_inside(quoted, m.start()) for quoted in readings)
+    ]
 
 
 def _refuse_malformed_replaces(name: str, sql: str) -> None:
@@ -105,13 +109,13 @@ def _refuse_malformed_replaces(name: str, sql: str) -> None:
     comment, it would let the refusal it was written to lift stand, unexplained."""
     if "pglayer" not in sql.lower():
         return
-    quoted = _quoted_spans(sql)
+    readings = [_quoted_spans(sql, conforming) for conforming in (True, False)]
     for line in _LINES.finditer(sql):
         text = line.group()
         if (
             _MEANT_AS_REPLACES.match(text)
             and not _REPLACES.fullmatch(text + "\n")
-            and not _inside(quoted, line.start())
+            and not any(_inside(quoted, line.start()) for quoted in readings)
         ):
             number = sql.count("\n", 0, line.start()) + 1
             raise MigrationError(
@@ -121,10 +125,11 @@ def _refuse_malformed_replaces(name: str, sql: str) -> None:
             )
 
 
-def _quoted_spans(sql: str) -> list[tuple[int, int]]:
+def _quoted_spans(sql: str, conforming: bool) -> list[tuple[int, int]]:
     """(start, end) of each string, quoted name, /* */ comment and dollar-quoted body of
-    `sql`, in order (read with standard_conforming_strings on, PostgreSQL's default)."""
-    tokens = _TOKENS[True]
+    `sql`, in order, read with standard_conforming_strings as `conforming` says (a file may
+    set it: what is quoted in either reading is not a directive)."""
+    tokens = _TOKENS[conforming]
     spans: list[tuple[int, int]] = []
     pos = 0
     while pos < len(sql):
@@ -489,10 +494,11 @@ _ONE_TRANSACTION = (
 # PostgreSQL's identifiers take any non-ASCII character as a letter (`é$$` is one word).
 _LETTER = "A-Za-z_\u0080-\U0010ffff"
 # Each written as runs of plain characters between the escapes (not one alternation per
-# character), so a long literal is one step of the regex engine and no memory of its own.
-_PLAIN = r"'[^']*(?:''[^']*)*'"
-_ESCAPED = r"'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"
-_QUOTED = r'"[^"]*(?:""[^"]*)*"'
+# character), possessive (nothing to backtrack into: PostgreSQL's lexer does not either),
+# so that a long literal, or one of many escaped quotes, costs the engine no memory.
+_PLAIN = r"'[^']*+(?:''[^']*+)*+'"
+_ESCAPED = r"'[^'\\]*+(?:(?:\\.|'')[^'\\]*+)*+'"
+_QUOTED = r'"[^"]*+(?:""[^"]*+)*+"'
 _STRINGS = {
     # With standard_conforming_strings on (the default) a backslash is a plain character in
     # '...', with it off (a file may set that) it escapes: a file is read both ways.
@@ -593,7 +599,8 @@ async def _refuse_applied_elsewhere(
     file again. Another app's history that merely shares a first file has files of its own.
     A name given by the caller is taken as given, unless it is that other name but for its
     case (a typo)."""
-    # As `_check` takes them: a file's earlier texts it replaces (under any name) are the file.
+    # As `_check` takes them: the same SQL (under any name: renamed) or an earlier text it
+    # replaces. A file changed without a `replaces` line is another app's, for all one knows.
     ours = {m.version: m for m in migrations}
     others: dict[str, bool] = {}
     for row in await conn.fetch(
@@ -601,9 +608,7 @@ async def _refuse_applied_elsewhere(
         history,
     ):
         m = ours.get(row["version"])
-        mine = m is not None and (
-            (row["name"], row["checksum"]) == (m.name, m.checksum) or row["checksum"] in m.replaces
-        )
+        mine = m is not None and (row["checksum"] == m.checksum or row["checksum"] in m.replaces)
         others[row["history"]] = others.get(row["history"], True) and mine
     same = sorted(name for name, within in others.items() if within)
     if named:
