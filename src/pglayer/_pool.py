@@ -586,12 +586,10 @@ class Pool:
             # the first holds of a cold start (a flood of new clients, cold backends) are
             # slow moments, not the lane's pace. Let it wait; its deadline still bounds it.
             return 0.0
-        queued = sum(
-            other.waiting
-            for other in self._lanes.values()
-            if other is lane or other.in_use < other.cap
-        )
-        ahead = 1 + coming + queued
+        ahead = 1 + coming
+        for other in self._lanes.values():  # a loop, not sum(): every waiter passes here
+            if other is lane or other.in_use < other.cap:
+                ahead += other.waiting
         usable = max(min(lane.cap, self.max_size - (self._in_use - lane.in_use)), 1)
         # The pace at which this lane's connections come free. After a second with a queue,
         # its measured rate: hold times leave out what else takes the CPU, and under a storm
