@@ -489,6 +489,27 @@ async def test_a_frame_of_the_type_a_websocket_does_not_read_closes_it_with_1003
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("frame", ["not json", b"\xff\xfe"])
+async def test_a_frame_that_is_not_json_where_json_is_read_closes_it_with_1007(
+    db: Database, caplog: pytest.LogCaptureFixture, frame: str | bytes
+) -> None:
+    # The client's JSONDecodeError (or UnicodeDecodeError) was a 1011 and an ERROR.
+    app = app_of(db)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_json(mode="binary" if isinstance(frame, bytes) else "text")
+
+    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
+        await ws_.send(frame)
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws_.recv()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1007, "validation_error")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_a_key_error_of_the_apps_own_in_a_websocket_is_still_a_bug(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

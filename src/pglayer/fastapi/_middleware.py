@@ -63,10 +63,10 @@ from pglayer.fastapi._problems import (
     Problem,
     allowed_methods,
     client_method,
+    frame_refusal,
     internal_error_response,
     problem_for_database_error,
     problem_response,
-    wrong_frame,
 )
 from pglayer.fastapi._streaming import StreamAbandoned
 
@@ -92,7 +92,6 @@ _LATE = Throttle()  # errors after a response started
 # The route label of a request answered before routing (a refusal at the door while the
 # database is saturated): not `unmatched`, which 404s of unknown paths use.
 AT_THE_DOOR = "refused_at_door"
-_WRONG_FRAME = "unsupported_media_type"  # a text frame where bytes are read, or the reverse
 
 
 def _unwrapped(exc: BaseException) -> BaseException:
@@ -484,9 +483,11 @@ class RequestGuard:
         except WebSocketDisconnect:
             pass  # the client left: not an error of the app's
         except Exception as exc:
-            if status and wrong_frame(exc):  # the client's doing: RFC 6455's 1003
+            refused = frame_refusal(exc) if status else None
+            if refused is not None:  # the client's doing: closed saying so, not an error
+                code, reason = refused
                 with contextlib.suppress(Exception):  # the client left meanwhile
-                    await send({"type": "websocket.close", "code": 1003, "reason": _WRONG_FRAME})
+                    await send({"type": "websocket.close", "code": code, "reason": reason})
                 return
             answered = bool(status)
             status = status or 500

@@ -527,24 +527,31 @@ def _websocket_problem(exc: Exception) -> Problem:
     return Problem(500, "internal")
 
 
-# Starlette reads a frame's `text` or `bytes` by key: a frame of the other type is its
-# KeyError, the client's doing (RFC 6455's 1003), not a bug of the app's.
+# Starlette reads a frame's `text` or `bytes` by key, and `receive_json` parses it: a frame
+# of the other type (its KeyError) or not JSON is the client's doing, not a bug of the app's.
 _FRAME_READERS = frozenset({"receive_text", "receive_bytes", "receive_json"})
 
 
-def wrong_frame(exc: Exception) -> bool:
-    """Whether `exc` is Starlette's KeyError for a WebSocket frame of the type not read."""
-    if not isinstance(exc, KeyError):
-        return False
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+def frame_refusal(exc: Exception) -> tuple[int, str] | None:
+    """The close code and reason for a WebSocket frame the handler's read refused: of the
+    type not read (RFC 6455's 1003), or not JSON where JSON is read (1007); else None."""
+    if not isinstance(exc, KeyError | ValueError):
+        return None
+    tb, reader = exc.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _FRAME_READERS and code.co_filename.endswith(
+            ("starlette/websockets.py", "starlette\\websockets.py")
+        ):
+            reader = tb
         tb = tb.tb_next
-    if tb is None:
-        return False
-    code = tb.tb_frame.f_code
-    return code.co_name in _FRAME_READERS and code.co_filename.endswith(
-        ("starlette/websockets.py", "starlette\\websockets.py")
-    )
+    if reader is None:
+        return None
+    if isinstance(exc, KeyError):
+        return (1003, "unsupported_media_type") if reader.tb_next is None else None
+    if reader.tb_frame.f_code.co_name == "receive_json":  # json.loads, or the bytes' UTF-8
+        return 1007, "validation_error"
+    return None
 
 
 async def _close_websocket(websocket: WebSocket, exc: Exception) -> None:
