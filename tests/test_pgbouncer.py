@@ -401,3 +401,28 @@ async def test_a_connection_limit_behind_the_pooler_is_said_to_be_one(
     [reachable] = [f for f in found.findings if f.check == "reachable"]
     assert "refused another connection" in reachable.detail
     assert "max_connections" in reachable.detail
+
+
+async def test_a_connection_limit_behind_the_pooler_stays_the_reason_while_it_holds_clients(
+    server: Server, admin: asyncpg.Connection[Any], db_name: str
+) -> None:
+    # PgBouncer says the server's refusal once, then holds its clients until they time out:
+    # ready said "down" and the startup error "did not answer in time" from then on.
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    role = f"limited_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
+    try:
+        host_port = urlsplit(server.admin_url).netloc.rsplit("@", 1)[-1]
+        url, quick = f"postgresql://{role}:pw@{host_port}/{db_name}", {"connect_timeout": 0.5}
+        # Each its own PgBouncer: the first to ask is told why.
+        with PgBouncer(url) as b, pytest.raises(PglayerError) as refused:
+            await Database(settings_for(b.url(db_name), startup_timeout=3, **quick)).open()
+        with PgBouncer(url) as b:
+            background = settings_for(b.url(db_name), require_on_startup=False, **quick)
+            async with Database(background) as db:
+                await asyncio.sleep(2)  # a refusal, then waits the pooler ends in time-outs
+                ready = await _ready(db)
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+    assert "too many connections for role" in str(refused.value)
+    assert ready.json()["pools"] == {"primary": "refused"}

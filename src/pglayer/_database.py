@@ -327,8 +327,10 @@ class Database:
                 await self._open_with_retry(self.settings.startup_timeout)
             except TransientError as exc:
                 # The reason names the target (`explain_connect_error`).
+                said = self._not_open_yet
+                why = f"{exc}" if said is None or said is exc else f"{exc}; before that: {said}"
                 raise DatabaseUnavailableError(
-                    f"database not reachable within {self.settings.startup_timeout:g}s: {exc}"
+                    f"database not reachable within {self.settings.startup_timeout:g}s: {why}"
                 ) from exc
         else:
             try:
@@ -419,7 +421,10 @@ class Database:
                 try:
                     self._pool = await self._create_pool(ends)
                 except TransientError as exc:
-                    self._not_open_yet = exc
+                    # A refusal said stays the reason while what follows is only a wait (a
+                    # pooler holds its clients after a failed login: `Pool._refusal_stands`).
+                    if refusal(exc) is not None or refusal(self._not_open_yet) is None:
+                        self._not_open_yet = exc
                     raise
                 self._not_open_yet = None
 

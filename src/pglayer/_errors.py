@@ -411,7 +411,8 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
     if isinstance(exc, TimeoutError):
         return (
             f"{target} did not answer in time (a firewall, the server overloaded, or a"
-            " pooler waiting for a server it cannot reach)"
+            " pooler waiting for a server it cannot reach or log in to: after a failed login"
+            " PgBouncer holds its clients for server_login_retry, and its log says why)"
         )
     if isinstance(
         exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError

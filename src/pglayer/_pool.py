@@ -974,9 +974,9 @@ class Pool:
         except Exception as exc:
             self._connect_failed()
             error = translate_connect(exc)
-            if isinstance(error, DatabaseError):
+            if isinstance(error, DatabaseError) and not self._refusal_stands(error):
                 self._connect_error = error
-            if isinstance(error, TooManyConnectionsError):
+            if isinstance(self._connect_error, TooManyConnectionsError) and self._connect_failures:
                 self._say_limited()
             raise_translated(exc, error)
         if self.closed:
@@ -992,6 +992,17 @@ class Pool:
         self._slots.append(slot)
         self.observer.connection_opened()
         return slot
+
+    def _refusal_stands(self, error: DatabaseError) -> bool:
+        """Whether the server's refusal said before `error` still says why connects fail:
+        PgBouncer says it once, then holds its clients (`server_login_retry`) until they
+        time out, which would otherwise read as a server that does not answer."""
+        return (
+            self.behind_pooler
+            and self._connect_failures > 1
+            and refusal(error) is None
+            and refusal(self._connect_error) is not None
+        )
 
     @property
     def refused_by(self) -> str | None:
