@@ -761,14 +761,23 @@ def prepare_database(
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    """A comma list of whole numbers, 1 or more (argparse's type: a usage error otherwise)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of whole numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each must be 1 or more: {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pglayer-shop bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
-    parser.add_argument("--workers", default=None, help="comma list, e.g. 1,2")
-    parser.add_argument("--concurrency", default=None, help="comma list, e.g. 64,256,1024")
+    parser.add_argument("--workers", type=_ints, default=None, help="comma list, e.g. 1,2")
+    parser.add_argument(
+        "--concurrency", type=_ints, default=None, help="comma list, e.g. 64,256,1024"
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per run")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--servers", default="shop,baseline,bare,floor")
@@ -797,8 +806,8 @@ def main(argv: list[str] | None = None) -> None:
         generator = "wrk" if wrk_available() else "asyncio"
     plan = Plan(
         quick=quick,
-        workers=_ints(args.workers or ("1" if quick else "1,2")),
-        concurrency=_ints(args.concurrency or ("64" if quick else "64,256,1024")),
+        workers=args.workers or ([1] if quick else [1, 2]),
+        concurrency=args.concurrency or ([64] if quick else [64, 256, 1024]),
         duration=args.duration or (2.0 if quick else 10.0),
         warmup=1.0 if quick else 3.0,
         scenarios=[s for s in args.scenarios.split(",") if s],
