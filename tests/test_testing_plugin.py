@@ -111,6 +111,22 @@ def test_two_migration_directories_of_one_name_take_the_histories_named(
     result.assert_outcomes(passed=3)
 
 
+def test_two_directories_of_one_name_without_histories_are_told_the_setting(
+    pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refusal advised `--history NAME` or `history=`, neither of which pytest takes.
+    pytester.makefile(".sql", **{"notes/migrations/0001_notes": "CREATE TABLE notes (b text);"})
+    pytester.makefile(".sql", **{"tags/migrations/0001_tags": "CREATE TABLE tags (name text);"})
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "pglayer_migrations = notes/migrations tags/migrations\n"
+    )
+    monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "created")
+    result.stdout.fnmatch_lines(["*histories are named by `pglayer_histories`*"])
+
+
 def test_a_project_without_its_migrations_named_is_told_in_the_header(
     pytester: pytest.Pytester,
 ) -> None:

@@ -50,7 +50,7 @@ except ImportError as exc:  # an extra: named, as every other one is
 from pglayer._database import Database
 from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
 from pglayer._settings import DatabaseSettings
-from pglayer.migrations import install_pglayer_tables, load_migrations, migrate
+from pglayer.migrations import MigrationError, install_pglayer_tables, load_migrations, migrate
 
 __all__ = ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"]
 
@@ -271,7 +271,14 @@ def pglayer_template(
             for directory, history in zip(
                 pglayer_migration_dirs, pglayer_migration_histories, strict=True
             ):
-                await migrate(db, load_migrations(directory), history=history)
+                try:
+                    await migrate(db, load_migrations(directory), history=history)
+                except MigrationError as exc:
+                    # Its advice names the CLI's option and migrate()'s: here it is an ini's.
+                    raise MigrationError(
+                        f"{exc} (in the pytest configuration, histories are named by"
+                        " `pglayer_histories`, one per `pglayer_migrations` directory)"
+                    ) from None
 
     try:
         asyncio.run(build())  # a migration that fails leaves no template behind either
