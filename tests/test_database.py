@@ -657,3 +657,23 @@ async def test_a_url_of_several_hosts_opens_on_the_one_that_answers(db_url: str)
         assert db.pooler is not None
         assert db.pooler.mode == "none"
         assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+
+
+async def test_opening_waits_out_a_database_closed_to_connections(
+    db_url: str, db_name: str, admin: asyncpg.Connection[Any]
+) -> None:
+    # 55000 (`ALLOW_CONNECTIONS false`, a maintenance window) ended a restart at once: the
+    # new instance exited where one whose server was not listening waited for it.
+    db = Database(settings_for(db_url, startup_timeout=20))
+    await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+    try:
+        opening = asyncio.create_task(db.open())
+        await asyncio.sleep(1.0)
+        assert not opening.done()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+    await asyncio.wait_for(opening, 20)
+    try:
+        assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
+    finally:
+        await db.close()

@@ -8,7 +8,7 @@ import cProfile
 import gc
 import logging
 import pstats
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -50,7 +50,14 @@ from pglayer.fastapi import (
     transactional,
 )
 from pglayer.fastapi._middleware import STATS_KEY, current_request_id
-from tests.conftest import LiveServer, Server, asgi_client, refuses_to_start, settings_for
+from tests.conftest import (
+    LiveServer,
+    Server,
+    asgi_client,
+    refuses_to_start,
+    settings_for,
+    wait_for,
+)
 from tests.test_pool_faults import two_connections_allowed
 
 # Module level: annotations are strings (`from __future__ import annotations`), read here.
@@ -404,6 +411,46 @@ def access_fields(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     names = ("method", "path", "route", "status", "request_id")
     lines = [r for r in caplog.records if r.name == "pglayer.access"]
     return [{k: getattr(r, k) for k in names} for r in lines]
+
+
+async def test_a_response_the_servers_shutdown_cuts_midway_is_logged_cut_short(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stream still sending when the shutdown's grace ran out was logged as a plain 200.
+    app = app_of(db, access_log=True)
+    caplog.set_level("INFO", logger="pglayer.access")
+
+    @app.get("/slow")
+    async def slow() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first"
+            await asyncio.Event().wait()  # the rest never comes
+            yield b"never"
+
+        return StreamingResponse(chunks())
+
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/slow", "raw_path": b"/slow", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"app")],
+    }  # fmt: skip
+    async with app.router.lifespan_context(app):
+        task = asyncio.create_task(app(scope, receive, send))
+        await wait_for(lambda: asyncio.sleep(0, len(sent) >= 2))
+        task.cancel()  # what uvicorn does once its graceful shutdown times out
+        await asyncio.gather(task, return_exceptions=True)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pglayer.access"]
+    assert line.endswith("cut short"), line
 
 
 async def test_a_websocket_has_a_request_id_and_an_access_line(

@@ -188,6 +188,9 @@ class _Closed(stop_base):
         return self.db._state == "closed"
 
 
+_CLOSED_TO_CONNECTIONS = "55000"  # "database ... is not currently accepting connections"
+
+
 class Database:
     """A pool of PostgreSQL connections.
 
@@ -515,6 +518,9 @@ class Database:
         reason = explain_connect_error(cause, self.target)
         if isinstance(cause, TimeoutError):  # no answer in time: down or overloaded, for now
             return DatabaseUnavailableError(reason)
+        if getattr(translated, "sqlstate", None) == _CLOSED_TO_CONNECTIONS:
+            # `ALLOW_CONNECTIONS false`, a maintenance window: it ends, as an outage does.
+            return DatabaseUnavailableError(reason, sqlstate=_CLOSED_TO_CONNECTIONS)
         if isinstance(translated, TransientError):
             return type(translated)(reason, sqlstate=translated.sqlstate)
         if isinstance(translated, DatabaseError):

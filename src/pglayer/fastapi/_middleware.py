@@ -449,6 +449,8 @@ class RequestGuard:
                 ex.finish()
                 context.leave(token)
         except asyncio.CancelledError:
+            if ex.status and not ex.completed and not ex.stopped_by_us:
+                ex.cut_short = True  # by the server's shutdown, midway: said on its access line
             if ex.stopped_by_us or ex.status:
                 raise
             # Cancelled by the server (its shutdown's grace ran out) before an answer.
