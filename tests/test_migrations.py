@@ -552,3 +552,15 @@ async def test_a_file_an_editor_saved_with_a_byte_order_mark_applies(
     (tmp_path / "0001_a.sql").write_bytes(b"\xef\xbb\xbfCREATE TABLE bom (id int);")
     async with Database(settings_for(empty_db_url)) as db:
         assert await migrate(db, load_migrations(tmp_path)) == ["0001_a.sql"]
+
+
+async def test_a_file_between_block_comments_is_run_not_taken_for_comments(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The comments-only check ran from the first `/*` to the last `*/`: recorded, never run.
+    sql = "/* header */\nCREATE TABLE between_comments (id int);\n" + "/* x */\n" * 40
+    (tmp_path / "0001_between.sql").write_text(sql)
+    async with Database(settings_for(empty_db_url)) as db:
+        assert await migrate(db, load_migrations(tmp_path)) == ["0001_between.sql"]
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT to_regclass('between_comments')") is not None
