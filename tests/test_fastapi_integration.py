@@ -514,46 +514,41 @@ async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
     assert said == ["websocket /ws -> closed, 500 internal (RuntimeError)"], said
 
 
-@pytest.mark.parametrize("read", ["text", "json"])
-async def test_a_frame_of_the_type_a_websocket_does_not_read_closes_it_with_1003(
-    db: Database, caplog: pytest.LogCaptureFixture, read: str
+@pytest.mark.parametrize(
+    ("read", "frame", "code", "reason"),
+    [
+        ("text", b"\x00", 1003, "unsupported_media_type"),  # bytes where text is read
+        ("json", b"\x00", 1003, "unsupported_media_type"),
+        ("json", "not json", 1007, "validation_error"),
+        ("binary json", b"\xff\xfe", 1007, "validation_error"),  # not even UTF-8
+    ],
+)
+async def test_a_frame_a_websocket_handler_cannot_read_closes_it_saying_why(
+    db: Database,
+    caplog: pytest.LogCaptureFixture,
+    read: str,
+    frame: str | bytes,
+    code: int,
+    reason: str,
 ) -> None:
-    # Starlette's KeyError for a binary frame read as text was a 1011 and an ERROR with a
-    # traceback: any client could fill the log and the alerts with "bugs".
+    # Starlette's KeyError (a frame of the other type) or the JSON decoder's error was a
+    # 1011 and an ERROR with a traceback: any client could fill the log and the alerts.
     app = app_of(db)
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept()
-        await (websocket.receive_text() if read == "text" else websocket.receive_json())
-
-    async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
-        await ws_.send(b"\x00")
-        with pytest.raises(ConnectionClosed) as closed:
-            await ws_.recv()
-    assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1003, "unsupported_media_type")
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-@pytest.mark.parametrize("frame", ["not json", b"\xff\xfe"])
-async def test_a_frame_that_is_not_json_where_json_is_read_closes_it_with_1007(
-    db: Database, caplog: pytest.LogCaptureFixture, frame: str | bytes
-) -> None:
-    # The client's JSONDecodeError (or UnicodeDecodeError) was a 1011 and an ERROR.
-    app = app_of(db)
-
-    @app.websocket("/ws")
-    async def ws(websocket: WebSocket) -> None:
-        await websocket.accept()
-        await websocket.receive_json(mode="binary" if isinstance(frame, bytes) else "text")
+        if read == "text":
+            await websocket.receive_text()
+        else:
+            await websocket.receive_json(mode="binary" if read == "binary json" else "text")
 
     async with running(app) as server, connect(f"ws://127.0.0.1:{server.port}/ws") as ws_:
         await ws_.send(frame)
         with pytest.raises(ConnectionClosed) as closed:
             await ws_.recv()
     assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1007, "validation_error")
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (code, reason)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

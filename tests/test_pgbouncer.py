@@ -379,24 +379,31 @@ async def test_opening_behind_a_transaction_pooler_warns_of_the_servers_own_time
     assert "jit on (configured off)" in warned[0]
 
 
-async def test_a_connection_limit_behind_the_pooler_is_said_to_be_one(
+@pytest.fixture
+async def no_slots_url(
     server: Server, admin: asyncpg.Connection[Any], db_name: str
-) -> None:
-    # PgBouncer passes the server's 53300 on as 08P01 in words: ready said "down" ("did not
-    # answer") and doctor "a role does not exist".
+) -> AsyncIterator[str]:
+    """The URL of a role the server gives no connection (`CONNECTION LIMIT 0`: 53300)."""
     require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
     role = f"limited_{uuid.uuid4().hex[:8]}"
     await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
     try:
         host_port = urlsplit(server.admin_url).netloc.rsplit("@", 1)[-1]
-        url = f"postgresql://{role}:pw@{host_port}/{db_name}"
-        with PgBouncer(url, server_login_retry=1) as b:
-            settings = settings_for(b.url(db_name), min_size=1, require_on_startup=False)
-            async with Database(settings) as db:
-                ready = await _ready(db)
-            found = await diagnose(settings)
+        yield f"postgresql://{role}:pw@{host_port}/{db_name}"
     finally:
         await admin.execute(f"DROP ROLE {role}")
+
+
+async def test_a_connection_limit_behind_the_pooler_is_said_to_be_one(
+    no_slots_url: str, db_name: str
+) -> None:
+    # PgBouncer passes the server's 53300 on as 08P01 in words: ready said "down" ("did not
+    # answer") and doctor "a role does not exist".
+    with PgBouncer(no_slots_url, server_login_retry=1) as b:
+        settings = settings_for(b.url(db_name), min_size=1, require_on_startup=False)
+        async with Database(settings) as db:
+            ready = await _ready(db)
+        found = await diagnose(settings)
     assert ready.json()["pools"] == {"primary": "refused"}
     [reachable] = [f for f in found.findings if f.check == "reachable"]
     assert "refused another connection" in reachable.detail
@@ -404,25 +411,18 @@ async def test_a_connection_limit_behind_the_pooler_is_said_to_be_one(
 
 
 async def test_a_connection_limit_behind_the_pooler_stays_the_reason_while_it_holds_clients(
-    server: Server, admin: asyncpg.Connection[Any], db_name: str
+    no_slots_url: str, db_name: str
 ) -> None:
     # PgBouncer says the server's refusal once, then holds its clients until they time out:
     # ready said "down" and the startup error "did not answer in time" from then on.
-    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
-    role = f"limited_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
-    try:
-        host_port = urlsplit(server.admin_url).netloc.rsplit("@", 1)[-1]
-        url, quick = f"postgresql://{role}:pw@{host_port}/{db_name}", {"connect_timeout": 0.5}
-        # Each its own PgBouncer: the first to ask is told why.
-        with PgBouncer(url) as b, pytest.raises(PglayerError) as refused:
-            await Database(settings_for(b.url(db_name), startup_timeout=3, **quick)).open()
-        with PgBouncer(url) as b:
-            background = settings_for(b.url(db_name), require_on_startup=False, **quick)
-            async with Database(background) as db:
-                await asyncio.sleep(2)  # a refusal, then waits the pooler ends in time-outs
-                ready = await _ready(db)
-    finally:
-        await admin.execute(f"DROP ROLE {role}")
+    quick = {"connect_timeout": 0.5}
+    # Each its own PgBouncer: the first to ask is told why.
+    with PgBouncer(no_slots_url) as b, pytest.raises(PglayerError) as refused:
+        await Database(settings_for(b.url(db_name), startup_timeout=3, **quick)).open()
+    with PgBouncer(no_slots_url) as b:
+        background = settings_for(b.url(db_name), require_on_startup=False, **quick)
+        async with Database(background) as db:
+            await asyncio.sleep(2)  # a refusal, then waits the pooler ends in time-outs
+            ready = await _ready(db)
     assert "too many connections for role" in str(refused.value)
     assert ready.json()["pools"] == {"primary": "refused"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -289,9 +290,7 @@ def print_diagnosis(
     (`as_json`) both in one JSON document on one line."""
     use = None if diagnosis.failed or not diagnosis.findings else _will_use(diagnosis, settings)
     if as_json:
-        findings = [
-            {"check": f.check, "level": f.level, "detail": f.detail} for f in diagnosis.findings
-        ]
+        findings = [dataclasses.asdict(f) for f in diagnosis.findings]
         print(json.dumps({"target": diagnosis.target, "failed": diagnosis.failed,
                           "findings": findings, "will_use": use}))  # fmt: skip
         return

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -92,28 +92,22 @@ class Migration:
 def _directives(sql: str) -> list[re.Match[str]]:
     """The `-- pglayer:replaces` lines of `sql`: outside strings, quoted names, /* */
     comments and dollar-quoted bodies, where the same text is the body's own."""
-    if "pglayer" not in sql.lower():  # a file without any costs no lexing
-        return []
-    readings = [_quoted_spans(sql, conforming) for conforming in (True, False)]
-    return [
-        m
-        for m in _REPLACES.finditer(sql)
-        if not any(_inside(quoted, m.start()) for quoted in readings)
-    ]
+    outside = _outside_quotes(sql)
+    return [] if outside is None else [m for m in _REPLACES.finditer(sql) if outside(m.start())]
 
 
 def _refuse_malformed_replaces(name: str, sql: str) -> None:
     """A line that means to be a `-- pglayer:replaces` one must be one: taken for a plain
     comment, it would let the refusal it was written to lift stand, unexplained."""
-    if "pglayer" not in sql.lower():
+    outside = _outside_quotes(sql)
+    if outside is None:
         return
-    readings = [_quoted_spans(sql, conforming) for conforming in (True, False)]
     for line in _LINES.finditer(sql):
         text = line.group()
         if (
             _MEANT_AS_REPLACES.match(text)
             and not _REPLACES.fullmatch(text + "\n")
-            and not any(_inside(quoted, line.start()) for quoted in readings)
+            and outside(line.start())
         ):
             number = sql.count("\n", 0, line.start()) + 1
             raise MigrationError(
@@ -123,10 +117,19 @@ def _refuse_malformed_replaces(name: str, sql: str) -> None:
             )
 
 
+def _outside_quotes(sql: str) -> Callable[[int], bool] | None:
+    """Whether a position of `sql` is outside everything quoted in either reading of
+    standard_conforming_strings (a file may set it); None for a file that never says
+    `pglayer`, which then costs no lexing."""
+    if "pglayer" not in sql.lower():
+        return None
+    readings = [_quoted_spans(sql, conforming) for conforming in (True, False)]
+    return lambda position: not any(_inside(spans, position) for spans in readings)
+
+
 def _quoted_spans(sql: str, conforming: bool) -> list[tuple[int, int]]:
     """(start, end) of each string, quoted name, /* */ comment and dollar-quoted body of
-    `sql`, in order, read with standard_conforming_strings as `conforming` says (a file may
-    set it: what is quoted in either reading is not a directive)."""
+    `sql`, in order, read with standard_conforming_strings as `conforming` says."""
     tokens = _TOKENS[conforming]
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -599,14 +602,13 @@ async def _refuse_applied_elsewhere(
     case (a typo)."""
     # As `_check` takes them: the same SQL (under any name: renamed) or an earlier text it
     # replaces. A file changed without a `replaces` line is another app's, for all one knows.
-    ours = {m.version: m for m in migrations}
+    texts = {m.version: {m.checksum, *m.replaces} for m in migrations}
     others: dict[str, bool] = {}
     for row in await conn.fetch(
         "SELECT history, version, name, checksum FROM pglayer_migrations WHERE history <> $1",
         history,
     ):
-        m = ours.get(row["version"])
-        mine = m is not None and (row["checksum"] == m.checksum or row["checksum"] in m.replaces)
+        mine = row["checksum"] in texts.get(row["version"], ())
         others[row["history"]] = others.get(row["history"], True) and mine
     same = sorted(name for name, within in others.items() if within)
     if named:
