@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +75,10 @@ SCENARIOS = {
     "mix": ("shop", "baseline"),
 }
 POOL_MAX = 10  # every app gets 10 connections per worker
+# Bounds of the options: every server runs at once, each worker with POOL_MAX connections.
+MAX_WORKERS = 16
+MAX_CONCURRENCY = 16_384
+MAX_ROUNDS = 15
 # The overload run uses a small wait bound, so that 4x (pool + bound) is a load the
 # generator can offer on 2 cores; the default (1000) would need 4,040 clients per worker.
 OVERLOAD_WAITERS = 100
@@ -335,88 +339,94 @@ def _row(
     return out
 
 
+_BASE_ENV = {
+    "PGLAYER_MAX_SIZE": str(POOL_MAX),
+    "PGLAYER_MIN_SIZE": str(POOL_MAX),
+    # As `pglayer serve` runs it: access log (text), metrics, frozen GC.
+    "PGLAYER_ACCESS_LOG": "true",
+    "PGLAYER_LOG_FORMAT": "text",
+    "PGLAYER_LOG_LEVEL": "INFO",
+    "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
+    "PGLAYER_TUNE_GC": "true",
+}
+
+
 def run(plan: Plan, url: str, max_id: int, product: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    base_env = {
-        "PGLAYER_MAX_SIZE": str(POOL_MAX),
-        "PGLAYER_MIN_SIZE": str(POOL_MAX),
-        # As `pglayer serve` runs it: access log (text), metrics, frozen GC.
-        "PGLAYER_ACCESS_LOG": "true",
-        "PGLAYER_LOG_FORMAT": "text",
-        "PGLAYER_LOG_LEVEL": "INFO",
-        "PGLAYER_SLOW_QUERY_THRESHOLD": "0",
-        "PGLAYER_TUNE_GC": "true",
-    }
-    # The defaults: admission by predicted wait decides what waits, not a sized bound.
-    normal_env = dict(base_env)
     servers = list(plan.servers)
     if plan.metrics_overhead and "shop" in servers:
         servers.append("shop-quiet")
-    bouncer = None
     if plan.granian:
         servers.append("shop-granian")
-    if plan.via_pgbouncer:
-        from pglayer._pgbouncer import PgBouncer
+    with contextlib.ExitStack() as stack:  # stops PgBouncer however the run ends
+        targets = {name: url for name in servers}
+        if plan.via_pgbouncer:
+            from pglayer._pgbouncer import PgBouncer
 
-        # Transaction pooling, 5 server connections for all workers' pools together.
-        bouncer = PgBouncer(url, pool_mode="transaction", pool_size=5).start()
-        servers.append("shop-pgbouncer")
-    database = urlsplit(url).path.lstrip("/")
-    admin_url = _with_database(url, "postgres")
-    for workers in plan.workers:
-        with contextlib.ExitStack() as stack:
-            # Every server at once, and each point measured for each in turn (the order
-            # rotating): a slower moment of a shared machine hits them all alike.
-            running: dict[str, Server] = {}
-            for name in servers:
-                app = "shop" if name.startswith("shop") else name
-                env = {**normal_env, "PGLAYER_APPLICATION_NAME": f"bench-{name}"}
-                if name == "shop-quiet":
-                    env["PGLAYER_METRICS"] = env["PGLAYER_ACCESS_LOG"] = "false"
-                target = url
-                if name == "shop-pgbouncer":
-                    assert bouncer is not None
-                    target = bouncer.url(database)
-                asgi_server = "granian" if name == "shop-granian" else "uvicorn"
-                running[name] = stack.enter_context(Server(app, workers, target, env, asgi_server))
-            for server in running.values():
-                _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
-                _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
-            turn = 0
-            for scenario in plan.scenarios:
-                for c in plan.concurrency:
-                    names = [n for n in servers if running[n].app in SCENARIOS[scenario]]
-                    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-                    # Rounds interleave the servers (each round in another order), so that
-                    # drift and noise hit them alike; each keeps its median round.
-                    for _ in range(plan.rounds):
-                        turn += 1
-                        for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                            row = _measure(
-                                plan, running[name], name, scenario, workers, c,
-                                admin_url, database, max_id, product,
-                            )  # fmt: skip
-                            samples[name].append(row)
-                            if plan.rounds > 1:
-                                _print_progress(row)
-                    for name in names:
-                        rows.append(median_row(samples[name]))
-                        _print_progress(rows[-1])
-        if plan.overload:
-            rows.extend(_overload(plan, url, workers, base_env, max_id, product))
-        if plan.storm:
-            # Each server's peak: its users req/s at the lowest concurrency measured (64).
-            lowest = min(plan.concurrency)
-            peaks = {
-                r["server"]: r["rps"]
-                for r in rows
-                if (r["scenario"], r["workers"], r["concurrency"]) == ("users", workers, lowest)
-            }
-            rows.extend(_storm(plan, url, workers, base_env, max_id, product, peaks))
-        if plan.hotrow:
-            rows.extend(_hotrow(plan, url, workers, base_env, max_id, product))
-    if bouncer is not None:
-        bouncer.close()
+            # Transaction pooling, 5 server connections for all workers' pools together.
+            bouncer = stack.enter_context(PgBouncer(url, pool_mode="transaction", pool_size=5))
+            targets["shop-pgbouncer"] = bouncer.url(urlsplit(url).path.lstrip("/"))
+        for workers in plan.workers:
+            rows.extend(_points(plan, targets, workers, max_id, product))
+            if plan.overload:
+                rows.extend(_overload(plan, url, workers, _BASE_ENV, max_id, product))
+            if plan.storm:
+                # Each server's peak: its users req/s at the lowest concurrency measured (64).
+                lowest = min(plan.concurrency)
+                peaks = {
+                    r["server"]: r["rps"]
+                    for r in rows
+                    if (r["scenario"], r["workers"], r["concurrency"]) == ("users", workers, lowest)
+                }
+                rows.extend(_storm(plan, url, workers, _BASE_ENV, max_id, product, peaks))
+            if plan.hotrow:
+                rows.extend(_hotrow(plan, url, workers, _BASE_ENV, max_id, product))
+    return rows
+
+
+def _points(
+    plan: Plan, targets: dict[str, str], workers: int, max_id: int, product: int
+) -> list[dict[str, Any]]:
+    """Every scenario at every concurrency against every server (named to its database URL),
+    each with `workers` workers, all serving at once: each point is measured for each in
+    turn, the order rotating, so that a slower moment of a shared machine hits them alike."""
+    rows: list[dict[str, Any]] = []
+    any_url = next(iter(targets.values()))
+    database = urlsplit(any_url).path.lstrip("/")
+    admin_url = _with_database(any_url, "postgres")
+    with contextlib.ExitStack() as stack:
+        running: dict[str, Server] = {}
+        for name, target in targets.items():
+            app = "shop" if name.startswith("shop") else name
+            # The defaults: admission by predicted wait decides what waits, not a sized bound.
+            env = {**_BASE_ENV, "PGLAYER_APPLICATION_NAME": f"bench-{name}"}
+            if name == "shop-quiet":
+                env["PGLAYER_METRICS"] = env["PGLAYER_ACCESS_LOG"] = "false"
+            asgi_server = "granian" if name == "shop-granian" else "uvicorn"
+            running[name] = stack.enter_context(Server(app, workers, target, env, asgi_server))
+        for server in running.values():
+            _load(plan, server.url, "users", 64, plan.warmup, max_id, product)
+            _load(plan, server.url, "dashboard", 64, plan.warmup, max_id, product)
+        turn = 0
+        for scenario in plan.scenarios:
+            for c in plan.concurrency:
+                names = [n for n in targets if running[n].app in SCENARIOS[scenario]]
+                samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                # Rounds interleave the servers (each round in another order), so that
+                # drift and noise hit them alike; each keeps its median round.
+                for _ in range(plan.rounds):
+                    turn += 1
+                    for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                        row = _measure(
+                            plan, running[name], name, scenario, workers, c,
+                            admin_url, database, max_id, product,
+                        )  # fmt: skip
+                        samples[name].append(row)
+                        if plan.rounds > 1:
+                            _print_progress(row)
+                for name in names:
+                    rows.append(median_row(samples[name]))
+                    _print_progress(rows[-1])
     return rows
 
 
@@ -760,27 +770,99 @@ def prepare_database(
     return url, counts.users, product, stop
 
 
-def _ints(text: str) -> list[int]:
-    """A comma list of whole numbers, 1 or more (argparse's type: a usage error otherwise)."""
+def _whole_numbers(most: int) -> Callable[[str], list[int]]:
+    """argparse's type for a comma list of whole numbers from 1 to `most`, in ASCII digits."""
+
+    def parse(text: str) -> list[int]:
+        parts = [part.strip() for part in text.split(",")]
+        # Not int(): it takes other scripts' digits and "1_0", and has no upper bound; a
+        # runaway `--workers` starts processes until the machine gives out.
+        if not all(re.fullmatch(r"[0-9]{1,9}", part) for part in parts):
+            raise argparse.ArgumentTypeError(f"not a comma list of whole numbers: {text!r}")
+        values = [int(part) for part in parts]
+        if not all(1 <= value <= most for value in values):
+            raise argparse.ArgumentTypeError(f"each must be from 1 to {most}: {text!r}")
+        return values
+
+    return parse
+
+
+def _whole_number(most: int) -> Callable[[str], int]:
+    """argparse's type for one whole number from 1 to `most`."""
+    numbers = _whole_numbers(most)
+
+    def parse(text: str) -> int:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"one number, not a list: {text!r}")
+        return numbers(text)[0]
+
+    return parse
+
+
+def _names(known: Collection[str]) -> Callable[[str], list[str]]:
+    """argparse's type for a comma list of names, each one of `known`."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if not names or unknown:
+            said = ", ".join(repr(name) for name in unknown) or "none given"
+            raise argparse.ArgumentTypeError(f"{said} (choose from {', '.join(known)})")
+        return names
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse's type for a run's length: more than 0, at most an hour."""
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of whole numbers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"each must be 1 or more: {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600: {text!r}")
+    return value
 
 
-def main(argv: list[str] | None = None) -> None:
+_stopped_by: list[int] = []  # the signal that asked the benchmark to stop, once one has
+
+
+def _stop_on_signals() -> None:
+    """Unwind on SIGTERM (and SIGINT), so that the benchmark's servers, PgBouncer and
+    embedded PostgreSQL are stopped on the way out (killed, it leaves them running)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        # Once: the unwinding stops each child within a bounded wait; a second signal
+        # (a terminal sends SIGINT to the whole group, `pglayer-shop bench` passes it on)
+        # must not cut it short.
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, signal.SIG_IGN)
+        _stopped_by.append(signum)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise SystemExit(128 + signum) from None
+        # Raised here, an exception would end in the loop's handler of the callback it
+        # interrupted; a stopped loop makes run_until_complete raise instead.
+        loop.stop()
+
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, stop)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options, each bounded."""
     parser = argparse.ArgumentParser(prog="pglayer-shop bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
-    parser.add_argument("--workers", type=_ints, default=None, help="comma list, e.g. 1,2")
-    parser.add_argument(
-        "--concurrency", type=_ints, default=None, help="comma list, e.g. 64,256,1024"
-    )
-    parser.add_argument("--duration", type=float, default=None, help="seconds per run")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--servers", default="shop,baseline,bare,floor")
+    parser.add_argument("--workers", type=_whole_numbers(MAX_WORKERS), default=None,
+                        help=f"comma list, e.g. 1,2 (each at most {MAX_WORKERS})")  # fmt: skip
+    parser.add_argument("--concurrency", type=_whole_numbers(MAX_CONCURRENCY), default=None,
+                        help="comma list, e.g. 64,256,1024"
+                        f" (each at most {MAX_CONCURRENCY})")  # fmt: skip
+    parser.add_argument("--duration", type=_seconds, default=None,
+                        help="seconds per run (at most 3600)")  # fmt: skip
+    parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--servers", type=_names(APPS), default=list(APPS))
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
     parser.add_argument("--no-overload", action="store_true")
     parser.add_argument("--no-storm", action="store_true",
@@ -793,13 +875,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the shop through PgBouncer (transaction mode)")  # fmt: skip
     parser.add_argument("--granian", action="store_true",
                         help="also serve the shop with granian instead of uvicorn")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measure each point this many times, servers interleaved;"
-                        " each keeps its median round (default 1)")  # fmt: skip
+    parser.add_argument("--rounds", type=_whole_number(MAX_ROUNDS), default=1,
+                        help="measure each point this many times, servers interleaved; each"
+                        f" keeps its median round (default 1, at most {MAX_ROUNDS})")  # fmt: skip
     parser.add_argument("--data-dir", default=str(ROOT / ".pglayer"))
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     quick = args.quick
     generator = args.generator
     if generator == "auto":
@@ -810,8 +894,8 @@ def main(argv: list[str] | None = None) -> None:
         concurrency=args.concurrency or ([64] if quick else [64, 256, 1024]),
         duration=args.duration or (2.0 if quick else 10.0),
         warmup=1.0 if quick else 3.0,
-        scenarios=[s for s in args.scenarios.split(",") if s],
-        servers=[s for s in args.servers.split(",") if s],
+        scenarios=args.scenarios,
+        servers=args.servers,
         generator=generator,
         overload=not args.no_overload,
         storm=not args.no_storm,
@@ -822,15 +906,24 @@ def main(argv: list[str] | None = None) -> None:
         rounds=args.rounds,
     )
     counts = _counts(quick)
-    url, max_id, product, stop = prepare_database(quick=quick, data_dir=Path(args.data_dir))
+    _stop_on_signals()
     try:
-        console.print(
-            f"generator: {generator}; workers {plan.workers}; concurrency {plan.concurrency};"
-            f" {plan.duration:g}s per run"
-        )
-        rows = run(plan, url, max_id, product)
-    finally:
-        stop()
+        url, max_id, product, stop = prepare_database(quick=quick, data_dir=Path(args.data_dir))
+        try:
+            console.print(
+                f"generator: {generator}; workers {plan.workers};"
+                f" concurrency {plan.concurrency}; {plan.duration:g}s per run"
+            )
+            rows = run(plan, url, max_id, product)
+        finally:
+            stop()
+    except BaseException:
+        if not _stopped_by:
+            raise
+        # Whatever the signal's unwinding raised (a stopped event loop raises RuntimeError).
+        name = signal.Signals(_stopped_by[0]).name
+        console.print(f"stopped by {name}: every server stopped, no results written")
+        raise SystemExit(128 + _stopped_by[0]) from None
     meta = {
         "plan": asdict(plan),
         "machine": {

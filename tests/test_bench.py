@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
-from benchmarks.run import median_row
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from benchmarks.run import median_row, parser
 from tests.conftest import Server, require_external
 from tests.test_cli import SHOP, clean_env
 
@@ -63,3 +68,71 @@ def test_each_server_keeps_its_median_round() -> None:
     assert row["rps_rounds"] == [900.0, 1200.0, 1000.0]
     assert median_row(rounds[:2])["rps"] == 900.0  # an even count keeps the lower middle
     assert "rps_rounds" not in median_row(rounds[:1])
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--workers", "99999999999999999999"], "whole numbers"),  # started workers without end
+        (["--workers", "17"], "from 1 to 16"),
+        (["--workers", "\uff12"], "whole numbers"),  # a fullwidth 2, which int() takes
+        (["--concurrency", "64,,128"], "whole numbers"),
+        (["--concurrency", "0"], "from 1 to"),
+        (["--duration", "nan"], "more than 0"),
+        (["--duration", "1e9"], "at most 3600"),
+        (["--rounds", "2,3"], "one number"),
+        (["--scenarios", "users,nope"], "'nope' (choose from users"),
+        (["--servers", ","], "none given"),
+    ],
+)
+def test_bench_refuses_options_out_of_bounds_before_starting_anything(
+    args: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(args)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.timeout(420)
+def test_a_terminated_bench_stops_every_server_it_started(server: Server) -> None:
+    bench = subprocess.Popen(
+        [SHOP, "bench", "--quick", "--duration", "60", "--servers", "shop", "--scenarios",
+         "users", "--no-overload", "--no-storm", "--no-hotrow", "--generator", "asyncio"],
+        env=clean_env(DATABASE_URL=server.admin_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        started = _wait_for_a_server(bench, deadline=time.monotonic() + 240)
+        bench.send_signal(signal.SIGTERM)  # to `pglayer-shop bench` alone, not its group
+        output, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [p.cmdline() for p in alive]
+
+
+def _wait_for_a_server(bench: subprocess.Popen[str], deadline: float) -> list[psutil.Process]:
+    """Every process under `bench` once one of them is uvicorn serving under load."""
+    while time.monotonic() < deadline:
+        assert bench.poll() is None, bench.communicate()[0][-3000:]
+        below = psutil.Process(bench.pid).children(recursive=True)
+        with_cmdline = [p for p in below if "uvicorn" in " ".join(_cmdline(p))]
+        if with_cmdline:
+            time.sleep(3)  # into the measured run
+            return list(psutil.Process(bench.pid).children(recursive=True))
+        time.sleep(0.2)
+    raise AssertionError("the benchmark started no server")
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return list(process.cmdline())
+    except psutil.Error:
+        return []

@@ -226,6 +226,20 @@ def test_a_port_outside_the_tcp_range_is_refused(command: str) -> None:
     assert "less than or equal to 65535" in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize("command", [SHOP, PGLAYER])
+def test_serve_refuses_a_worker_count_past_the_bound_before_starting_anything(
+    command: str,
+) -> None:
+    # uvicorn started workers until the machine ran out of memory. Should the check go,
+    # the unreachable database ends the command before uvicorn starts (not a runaway).
+    args = ["serve", "--workers", "99999999999999999999"] + ([] if command == SHOP else ["x:y"])
+    env = clean_env(DATABASE_URL="postgresql://x@127.0.0.1:1/x", PGLAYER_STARTUP_TIMEOUT="1")
+    result = run_cli(*args, env=env, command=command)
+    assert result.returncode == 1, result.stderr
+    assert "--workers must be from 1 to 128, not 99999999999999999999" in result.stderr
+    assert "embedded" not in result.stdout + result.stderr
+
+
 def test_serve_refuses_an_invalid_shop_setting_before_saying_it_serves() -> None:
     env = clean_env(PGLAYER_ORDER_BATCH_SIZE="0", DATABASE_URL="postgresql://u@127.0.0.1:1/x")
     result = run_cli("serve", "--port", str(free_port()), env=env)

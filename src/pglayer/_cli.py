@@ -125,7 +125,7 @@ def serve_command(
     history: Histories = None,
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (at most 128)")] = 1,
     factory: Annotated[bool, typer.Option(help="APP is a function that returns the app")] = False,
     data_dir: Annotated[
         Path,

@@ -283,6 +283,16 @@ def check_importable(app: str) -> None:
         )
 
 
+MAX_WORKERS = 128  # a bound, not advice: past a few per CPU, workers add memory, not speed
+
+
+def check_workers(workers: int) -> None:
+    """`ConfigurationError` for a worker count out of 1..MAX_WORKERS (uvicorn starts any
+    number, until the machine runs out of memory)."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigurationError(f"--workers must be from 1 to {MAX_WORKERS}, not {workers}")
+
+
 def check_port(host: str, port: int) -> int:
     """The port to serve on (a free one for 0); `ConfigurationError` if `host:port` cannot
     be bound (in use, not this host's), before anything is started or migrated."""
@@ -468,6 +478,7 @@ def serve(
     from pglayer._http import PROTOCOL
     from pglayer._ws import WS_PROTOCOL
 
+    check_workers(workers)
     check_importable(app)  # before migrating
     port = check_port(host, port)  # 0: a free one, said below as the one served on
 

@@ -7,10 +7,11 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -157,7 +158,7 @@ def _fail(message: str) -> typer.Exit:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (at most 128)")] = 1,
     seed_data: Annotated[
         bool, typer.Option("--seed/--no-seed", help="Seed an empty database")
     ] = True,
@@ -239,8 +240,29 @@ def bench(ctx: typer.Context) -> None:
     if not (root / "benchmarks" / "run.py").exists():
         raise _fail("pglayer-shop bench runs from a source checkout (benchmarks/ not found)")
     # A child process: the benchmark starts and stops servers and must own its signals.
-    code = subprocess.call([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root)
+    child = subprocess.Popen([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root)
+    # Passed on, not acted on: killed mid-run, the child would leave its servers running
+    # (subprocess.call kills it on Ctrl-C; a SIGTERM would orphan it).
+    forward = {each: signal.signal(each, _pass_on(child)) for each in _STOPPING}
+    try:
+        code = child.wait()
+    finally:
+        for each, handler in forward.items():
+            signal.signal(each, handler)
     raise typer.Exit(code=code)
+
+
+_STOPPING = (signal.SIGINT, signal.SIGTERM)
+
+
+def _pass_on(child: subprocess.Popen[bytes]) -> Callable[[int, object], None]:
+    """A signal handler that sends the signal to `child`, if it still runs."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    return handler
 
 
 def main() -> None:
