@@ -521,6 +521,7 @@ async def test_an_unexpected_error_in_a_websocket_closes_it_with_1011(
         ("json", b"\x00", 1003, "unsupported_media_type"),
         ("json", "not json", 1007, "validation_error"),
         ("binary json", b"\xff\xfe", 1007, "validation_error"),  # not even UTF-8
+        ("json", "[" * 100_000, 1007, "validation_error"),  # the decoder's RecursionError
     ],
 )
 async def test_a_frame_a_websocket_handler_cannot_read_closes_it_saying_why(

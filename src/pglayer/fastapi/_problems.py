@@ -535,7 +535,8 @@ _FRAME_READERS = frozenset({"receive_text", "receive_bytes", "receive_json"})
 def frame_refusal(exc: Exception) -> tuple[int, str] | None:
     """The close code and reason for a WebSocket frame the handler's read refused: of the
     type not read (RFC 6455's 1003), or not JSON where JSON is read (1007); else None."""
-    if not isinstance(exc, KeyError | ValueError):
+    # RecursionError: JSON nested deeper than the decoder goes ("[" * 100000).
+    if not isinstance(exc, KeyError | ValueError | RecursionError):
         return None
     tb, reader = exc.__traceback__, None
     while tb is not None:
