@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -677,3 +678,29 @@ async def test_opening_waits_out_a_database_closed_to_connections(
         assert await db.run(lambda c: c.fetchval("SELECT 1")) == 1
     finally:
         await db.close()
+
+
+async def test_a_pool_that_keeps_failing_to_open_says_so_again_while_it_retries(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Said once at startup, an outage of hours was silent after while requests were 503s.
+    monkeypatch.setattr("pglayer._database.STILL_DOWN_EVERY", 0.3)
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/shop"
+    db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.2))
+    await db.open()
+    try:
+
+        async def said_twice() -> bool:
+            return len(still_down(caplog)) >= 2
+
+        assert await wait_for(said_twice, timeout=10)
+    finally:
+        await db.close()
+    [first, *_] = still_down(caplog)
+    assert "connection refused" in first, first
+    assert "requests are answered 503" in first, first
+
+
+def still_down(caplog: pytest.LogCaptureFixture) -> list[str]:
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return [line for line in said if "still not reachable after" in line]

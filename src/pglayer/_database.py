@@ -87,6 +87,7 @@ __all__ = ["Database"]
 # longer) and until a transaction of it commits, its lock-bounded work counts the wait for a
 # connection into that bound.
 _STUCK_FOR = 1.0
+STILL_DOWN_EVERY = 60.0  # seconds between the warnings of a pool that keeps failing to open
 
 log = logging.getLogger("pglayer")
 T = TypeVar("T")
@@ -411,13 +412,17 @@ class Database:
     def _external_sizes(self) -> str:
         return "".join(f" + {name} {size}" for name, (size, _) in self._external.items())
 
-    async def _open_with_retry(self, deadline: float) -> None:
+    async def _open_with_retry(self, deadline: float, said_at: float | None = None) -> None:
+        """Open the pool, retrying transient failures for `deadline` seconds; `said_at`: when
+        the failure was last logged, for one retrying without end (see `_say_still_down`)."""
         ends = time.monotonic() + deadline
         async for attempt in AsyncRetrying(
             stop=stop_before_delay(deadline) | _Closed(self),  # no sleep that ends past it
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TransientError),
-            before_sleep=self._say_retrying(deadline) if deadline != float("inf") else None,
+            before_sleep=self._say_retrying(deadline)
+            if said_at is None
+            else self._say_still_down(said_at),
             reraise=True,
         ):
             with attempt:
@@ -444,9 +449,30 @@ class Database:
 
         return say
 
+    def _say_still_down(self, said_at: float) -> Callable[[RetryCallState], None]:
+        """Log, once every `STILL_DOWN_EVERY` seconds, a pool that keeps failing to open in
+        the background: said once at startup, the outage was silent after while every
+        request was answered 503."""
+        since = said_at
+
+        def say(state: RetryCallState) -> None:
+            nonlocal since
+            now = time.monotonic()
+            if now - since >= STILL_DOWN_EVERY and state.outcome is not None:
+                since = now
+                log.warning(
+                    "database %s still not reachable after %ds (%s); retrying in the"
+                    " background, its requests are answered 503",
+                    self.target,
+                    now - said_at,
+                    state.outcome.exception(),
+                )
+
+        return say
+
     async def _open_in_background(self) -> None:
         try:
-            await self._open_with_retry(float("inf"))
+            await self._open_with_retry(float("inf"), said_at=time.monotonic())
             log.info("database %s is reachable; pool open", self.target)
         finally:
             self._opener = None
