@@ -36,6 +36,9 @@ PGLAYER = [sys.executable, "-m", "pglayer"]
 PGLAYER_SCRIPT = str(Path(sys.executable).with_name("pglayer"))
 
 APP = """
+import asyncio
+from pathlib import Path
+
 from fastapi import FastAPI, WebSocket
 
 from pglayer import Database
@@ -59,6 +62,12 @@ async def echo(note: dict[str, str]) -> dict[str, str]:
 async def echo_socket(websocket: WebSocket) -> None:
     await websocket.accept()
     await websocket.send_text(await websocket.receive_text())
+
+
+@app.get("/notes/slow")
+async def slow() -> None:
+    Path("entered").touch()  # in the app's directory: the test waits for it
+    await asyncio.sleep(60)
 """
 
 
@@ -897,6 +906,30 @@ def test_a_hang_up_ends_serve_as_sigterm_does(tmp_path: Path, data_dir: Path) ->
         served.proc.wait(timeout=60)
     assert served.proc.returncode == 0, served.output
     assert EmbeddedPostgres(data_dir).running_port() is None  # stopped what it started
+
+
+def test_a_forced_quit_says_in_two_warnings_what_it_cut_and_skipped(
+    db_url: str, tmp_path: Path
+) -> None:
+    # It said "the shutdown's grace ran out" (there was none) and an ERROR with a traceback.
+    with serving(tmp_path, env=clean_env(DATABASE_URL=db_url)) as served:
+        slow = threading.Thread(
+            target=lambda: httpx.get(f"{served.url}/notes/slow", timeout=30), daemon=True
+        )
+        slow.start()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "entered").exists():
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.05)
+        served.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # into the drain: uvicorn takes the second as a forced quit
+        served.proc.send_signal(signal.SIGINT)
+        served.proc.wait(timeout=30)
+    assert "a request was cancelled: the server quit at once" in served.output, served.output
+    assert "WARNING uvicorn.error [-] quit at once: the app's shutdown was skipped" in served.output
+    assert "grace ran out" not in served.output
+    assert "Traceback" not in served.output
+    slow.join(30)
 
 
 def test_doctor_says_a_port_that_is_not_postgresql_may_be_the_mistake() -> None:

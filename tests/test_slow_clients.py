@@ -503,16 +503,28 @@ async def test_an_upgrade_to_a_protocol_not_spoken_is_ignored_and_the_body_kept(
     assert (await send_head(served, pipelined)).count(b"HTTP/1.1 200 OK") == 2
 
 
-def test_a_request_cancelled_at_shutdown_is_one_line_not_a_traceback() -> None:
+@pytest.mark.parametrize(
+    ("cancelled", "said"),
+    [
+        (  # uvicorn's own cancel, when its graceful shutdown times out
+            asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded"),
+            "a request was cancelled: the shutdown's grace ran out",
+        ),
+        (asyncio.CancelledError(), "a request was cancelled: the server quit at once"),
+    ],
+)
+def test_a_request_cancelled_at_shutdown_is_one_line_not_a_traceback(
+    cancelled: asyncio.CancelledError, said: str
+) -> None:
     try:
-        raise asyncio.CancelledError
+        raise cancelled
     except asyncio.CancelledError:
         record = logging.LogRecord(
             "uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n",
             (), sys.exc_info(),
         )  # fmt: skip
     assert _AnsweredHere().filter(record)
-    assert record.getMessage() == "a request was cancelled: the shutdown's grace ran out"
+    assert record.getMessage() == said
     assert (record.exc_info, record.levelname) == (None, "WARNING")
 
 

@@ -263,7 +263,13 @@ class _AnsweredHere(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
-            record.msg, record.args = "a request was cancelled: the shutdown's grace ran out", ()
+            # uvicorn's own cancel says why; without one, the loop's end cancelled it: a
+            # forced quit (a second Ctrl-C), which waits for nothing.
+            graceful = "graceful shutdown" in str(record.exc_info[1])
+            record.msg = "a request was cancelled: " + (
+                "the shutdown's grace ran out" if graceful else "the server quit at once"
+            )
+            record.args = ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             return True

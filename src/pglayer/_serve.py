@@ -166,6 +166,24 @@ class _OneLineRefusals(logging.Filter):
         return True
 
 
+class _SkippedShutdown(logging.Filter):
+    """A forced quit (a second Ctrl-C) skips the app's shutdown and cancels its lifespan:
+    Starlette reports the cancellation as a failed shutdown, which uvicorn logs as an
+    ERROR with its traceback; it is what was asked for, said as a warning in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if (
+            isinstance(message, str)
+            and message.startswith("Traceback")
+            and message.rstrip().endswith("CancelledError")
+            and "in lifespan" in message
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "quit at once: the app's shutdown was skipped", ()
+        return True
+
+
 class _WorkerDeaths(logging.Filter):
     """uvicorn's supervisor says at INFO that a worker died before it starts another, for
     any end it did not ask for: an error to alerts, which would miss it, with how it ended
@@ -217,6 +235,7 @@ def _ended(code: int | None) -> str:
 def _uvicorn_filters() -> None:
     logger = logging.getLogger("uvicorn.error")
     logger.addFilter(_OneLineRefusals())
+    logger.addFilter(_SkippedShutdown())
     logger.addFilter(_WorkerDeaths())
 
 
