@@ -280,6 +280,21 @@ async def test_a_failing_migration_says_where_in_the_file(
             await migrate(db, load_migrations(tmp_path))
 
 
+async def test_the_servers_words_on_a_failing_migration_are_bounded(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The server quotes the token at fault whole: a literal not closed was its whole size.
+    literal = "x" * 200_000
+    (tmp_path / "0001_open.sql").write_text(f"INSERT INTO t VALUES ('{literal}\n);\n")
+    async with Database(settings_for(empty_db_url)) as db:
+        with pytest.raises(MigrationError) as failed:
+            await migrate(db, load_migrations(tmp_path))
+    said = str(failed.value)
+    assert said.startswith("migration 0001_open.sql failed at line 1, column 23: unterminated")
+    assert "... (200," in said, said[-200:]
+    assert len(said) < 1_000
+
+
 async def test_a_role_that_may_not_create_tables_finds_an_applied_schema_up_to_date(
     empty_db_url: str, admin: asyncpg.Connection[Any], tmp_path: Path
 ) -> None:

@@ -351,7 +351,19 @@ def _server_reason(exc: DatabaseError) -> str:
     if not isinstance(cause, asyncpg.PostgresError):
         return str(exc)
     hint = getattr(cause, "hint", None)
-    return f"{cause.args[0] if cause.args else exc} ({exc.sqlstate})" + (f" {hint}" if hint else "")
+    said = f"{_cut(str(cause.args[0])) if cause.args else exc} ({exc.sqlstate})"
+    return said + (f" {_cut(str(hint))}" if hint else "")
+
+
+_MAX_REASON = 500  # characters of the server's words kept: it quotes the token at fault whole
+
+
+def _cut(text: str) -> str:
+    """`text`, or its start and its length where it is long (a 40 MB literal not closed
+    was one line of 40 MB, in the log and on the terminal)."""
+    if len(text) <= _MAX_REASON:
+        return text
+    return f"{text[:_MAX_REASON]}... ({len(text):,} characters)"
 
 
 def _position(sql: str, exc: DatabaseError) -> str:
