@@ -932,6 +932,30 @@ def test_a_forced_quit_says_in_two_warnings_what_it_cut_and_skipped(
     slow.join(30)
 
 
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_stop_while_serve_waits_for_the_database_says_so(
+    tmp_path: Path, sent: signal.Signals, code: int
+) -> None:
+    # It ended without a word: the operator could not tell it from a crash or a success.
+    (tmp_path / "notesapp.py").write_text(APP)
+    env = clean_env(DATABASE_URL="postgresql://x@127.0.0.1:1/x", PGLAYER_STARTUP_TIMEOUT="60")
+    command = [PGLAYER_SCRIPT, "serve", "notesapp:app", "--port", str(free_port())]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        said = proc.stdout.readline()
+        assert "retrying for up to 60s" in said, said
+        proc.send_signal(sent)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, output
+    assert f"stopped before serving ({sent.name})" in output, output
+
+
 def test_doctor_says_a_port_that_is_not_postgresql_may_be_the_mistake() -> None:
     with socket.create_server(("127.0.0.1", 0)) as other:  # answers what HTTP would
         port = other.getsockname()[1]

@@ -434,8 +434,12 @@ def _refuse(target: str, refusal: str | None) -> None:
         sys.exit(_STARTUP_FAILURE)
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, outside uvicorn's own handling: before it serves, or after it drained."""
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+    raise _Terminated(0)
 
 
 def _hang_up(signum: int, frame: FrameType | None) -> None:
@@ -527,6 +531,7 @@ def serve(
     # A closed terminal (SIGHUP) ends one process as SIGTERM does, drained and with what it
     # started stopped; with workers, uvicorn's supervisor takes SIGHUP to restart them.
     hung_up = signal.signal(signal.SIGHUP, _hang_up) if workers == 1 else None
+    serving = False
     try:
         if DatabaseSettings().url is None:
             if not DatabaseSettings().embedded:
@@ -549,6 +554,7 @@ def serve(
             # and a traceback. (Workers import it themselves; a failure ends with status 3.)
             check_app(app, factory=factory)
         say(f"serving {app} on http://{host}:{port}")
+        serving = True
         failures = _StartupFailures()
         logging.getLogger("uvicorn.error").addHandler(failures)
         _uvicorn_filters()  # the supervisor's own lines too
@@ -580,6 +586,11 @@ def serve(
         logging.getLogger("uvicorn.error").removeHandler(failures)
         if failures.seen:
             raise SystemExit(_STARTUP_FAILURE)
+    except (_Terminated, KeyboardInterrupt) as exc:
+        if not serving:  # waiting for the database, or migrating: it ended without a word
+            said = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+            say(f"stopped before serving ({said})")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         if hung_up is not None:
