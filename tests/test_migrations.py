@@ -14,7 +14,9 @@ import asyncpg
 import pytest
 from pglayer_shop.schema import apply_migrations, shop_migrations
 
+import pglayer
 from pglayer import Database
+from pglayer._serve import apply_directories
 from pglayer.migrations import MigrationError, load_migrations, migrate, pending_migrations
 from tests.conftest import settings_for
 
@@ -579,3 +581,51 @@ async def test_a_file_between_block_comments_is_run_not_taken_for_comments(
         assert await migrate(db, load_migrations(tmp_path)) == ["0001_between.sql"]
         async with db.connection() as conn:
             assert await conn.fetchval("SELECT to_regclass('between_comments')") is not None
+
+
+PGLAYER_FILES = [
+    f"pglayer/{m.name}" for m in load_migrations(Path(pglayer.__file__).parent / "_sql")
+]
+
+
+def app_directory(root: Path, app: str, sql: str) -> Path:
+    """`root/app/migrations` with one file, `0001_init.sql` (the usual layout and name)."""
+    directory = root / app / "migrations"
+    directory.mkdir(parents=True)
+    (directory / "0001_init.sql").write_text(sql)
+    return directory
+
+
+async def test_two_apps_directories_of_one_name_keep_their_histories_apart(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # Both named `migrations`: the second was refused as the first's with a file changed.
+    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
+    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    settings = settings_for(empty_db_url)
+    assert await apply_directories(settings, [first]) == [
+        *PGLAYER_FILES,
+        "migrations/0001_init.sql",
+    ]
+    assert await apply_directories(settings, [second]) == ["notes/migrations/0001_init.sql"]
+    (second / "0002_more.sql").write_text("ALTER TABLE notes ADD COLUMN body text;")
+    assert await apply_directories(settings, [second]) == ["notes/migrations/0002_more.sql"]
+    assert await apply_directories(settings, [first]) == []
+    moved = tmp_path / "elsewhere" / "migrations"  # the first app deployed at another path
+    (tmp_path / "billing").rename(tmp_path / "elsewhere")
+    assert await apply_directories(settings, [moved]) == []
+
+
+async def test_a_history_whose_only_file_was_edited_says_why_it_ran_under_a_new_name(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    directory = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
+    settings = settings_for(empty_db_url)
+    await apply_directories(settings, [directory])
+    (directory / "0001_init.sql").write_text("CREATE TABLE bills (id bigint);")
+    with pytest.raises(MigrationError) as failed:
+        await apply_directories(settings, [directory])
+    said = str(failed.value)
+    assert 'relation "bills" already exists' in said, said
+    assert "History 'migrations' on this database holds none of this directory's files" in said
+    assert "this one given 'billing/migrations'" in said

@@ -101,8 +101,9 @@ Histories = Annotated[
     list[str] | None,
     typer.Option(
         "--history",
-        help="The history of each --migrations directory in turn (default: its name);"
-        " two apps whose directories share a name on one database need their own",
+        help="The history of each --migrations directory in turn (default: its name, or,"
+        " where a history of that name holds none of its files, its parent's and its own:"
+        " app/migrations)",
     ),
 ]
 
@@ -161,7 +162,10 @@ def migrate(
     ],
     history: Annotated[
         str | None,
-        typer.Option(help="The directory's history (default: its name)"),
+        typer.Option(
+            help="The directory's history (default: its name, or, where a history of that"
+            " name holds none of its files, its parent's and its own: app/migrations)"
+        ),
     ] = None,
     timeout: Annotated[
         float,
@@ -173,8 +177,8 @@ def migrate(
         ),
     ] = DEFAULT_TIMEOUT,
 ) -> None:
-    """Apply a directory's migrations to DATABASE_URL; its history is kept apart by its name
-    (or `--history`)."""
+    """Apply a directory's migrations to DATABASE_URL, in a history of its own, so that
+    another app's `0001_...` never collides with its own."""
     if _json_logs():  # every line a record, what is applied included
         configure_logging(format="json", level="INFO")
     else:

@@ -63,6 +63,11 @@ _SERVE_DEFAULTS = {
 }
 
 
+def _qualified(directory: Path) -> str | None:
+    """A directory's history where its name is another's: with its parent's name."""
+    return f"{directory.parent.name}/{directory.name}" if directory.parent.name else None
+
+
 def _absolute(directory: Path) -> Path:
     return Path(os.path.abspath(directory))  # the path alone: no link followed
 
@@ -83,14 +88,16 @@ async def apply_directories(
         raise ConfigurationError("more histories than migration directories")
     # Made absolute, not resolved: `--dir .` (or `../app/migrations`) names the directory's
     # own, and a symbolic link keeps its own name, as it always had.
-    implicit = [_absolute(d).name for d in directories[len(histories) :]]
-    if "" in implicit:
+    implicit = [_absolute(d) for d in directories[len(histories) :]]
+    if any(not d.name for d in implicit):
         raise ConfigurationError("the root directory has no name: name its history (--history)")
-    names = [*histories, *implicit]
     # One transaction for all: every history is checked before any is applied.
     runs = [_pglayer_history()] + [
-        _History(history, load_migrations(directory), named=i < len(histories))
-        for i, (directory, history) in enumerate(zip(directories, names, strict=True))
+        _History(history, load_migrations(directory), named=True)
+        for directory, history in zip(directories, histories, strict=False)
+    ]
+    runs += [
+        _History(d.name, load_migrations(d), named=False, qualified=_qualified(d)) for d in implicit
     ]
     async with Database(settings) as db:
         done = await _migrate(db, runs, timeout=timeout)

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -259,7 +259,7 @@ async def pending_migrations(
         # Without the table, or with one from before histories, `migrate` has work to do.
         ready = await conn.fetchval(_HISTORY_READY)
         for run in runs:
-            applied = await _check(conn, run) if ready else {}
+            run, applied = await _check(conn, run) if ready else (run, {})
             prefix = "" if run is ours else f"{run.name}/"
             missing += [prefix + m.name for m in run.migrations if m.version not in applied]
     return missing
@@ -270,6 +270,10 @@ class _History:
     name: str
     migrations: list[Migration]
     named: bool  # given by the caller, not taken by default (a directory's name, "default")
+    # A directory's history where its name is another directory's on the database (two
+    # apps' `migrations/`): the name with its parent's ("billing/migrations").
+    qualified: str | None = None
+    instead_of: str | None = None  # the directory's name, where this run first left it
 
 
 def _histories(
@@ -400,20 +404,33 @@ async def _script(conn: Connection, sql: str, deadline: float) -> None:
 
 async def _apply_all(conn: Connection, runs: list[_History], limits: _Run) -> list[tuple[str, str]]:
     """Check every history against its directory, then apply each in turn."""
-    checked = [(run, await _check(conn, run)) for run in runs]
+    checked = [await _check(conn, run) for run in runs]
     done: list[tuple[str, str]] = []
     for run, applied in checked:
         await _apply(conn, run, applied, limits, done)
     return done
 
 
-async def _check(conn: Connection, run: _History) -> dict[str, asyncpg.Record]:
-    """`run`'s applied files, once its directory is known to fit them; else refused."""
+async def _check(conn: Connection, run: _History) -> tuple[_History, dict[str, asyncpg.Record]]:
+    """`run` (under its qualified name, where its own is another directory's) and its
+    applied files, once its directory is known to fit them; else refused."""
+    applied = await _applied(conn, run.name)
+    if run.qualified is not None:
+        qualified = await _applied(conn, run.qualified)
+        if qualified or (applied and not _in_common(run.migrations, applied)):
+            if not qualified:
+                # Said once, as it is decided: the one case it reads wrong is a history
+                # whose every file was changed since (see `_failed`).
+                log.warning(
+                    "history %r on this database is another directory's (it holds none of"
+                    " this one's files): this one's is %r",
+                    run.name,
+                    run.qualified,
+                )
+            instead_of = None if qualified else run.name
+            run = replace(run, name=run.qualified, qualified=None, instead_of=instead_of)
+            applied = qualified
     migrations, history = run.migrations, run.name
-    rows = await conn.fetch(
-        "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
-    )
-    applied = {r["version"]: r for r in rows}
     if not applied and migrations:
         await _refuse_applied_elsewhere(conn, migrations, history, run.named)
     _check_order(migrations, applied, history)
@@ -423,7 +440,22 @@ async def _check(conn: Connection, run: _History) -> dict[str, asyncpg.Record]:
             _refuse_transaction_control(m)
         elif previous["checksum"] != m.checksum and previous["checksum"] not in m.replaces:
             _refuse_changed(m, previous, history)
-    return applied
+    return run, applied
+
+
+async def _applied(conn: Connection, history: str) -> dict[str, asyncpg.Record]:
+    """The files applied under `history`, by version."""
+    rows = await conn.fetch(
+        "SELECT version, name, checksum FROM pglayer_migrations WHERE history = $1", history
+    )
+    return {r["version"]: r for r in rows}
+
+
+def _in_common(migrations: list[Migration], applied: dict[str, asyncpg.Record]) -> bool:
+    """Whether any applied file is one of `migrations` (its text, or one it replaces): a
+    history without one is another directory's, not this one's with a file changed."""
+    texts = {m.version: {m.checksum, *m.replaces} for m in migrations}
+    return any(r["checksum"] in texts.get(version, ()) for version, r in applied.items())
 
 
 def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoReturn:
@@ -464,7 +496,8 @@ async def _apply(
             if next(_first_words(m.sql, True), None) is not None:  # the lexer: no regex blow-up
                 await _script(conn, m.sql, limits.deadline)
         except DatabaseError as exc:
-            raise _failed(m, exc, limits, done) from exc
+            switched = (run.instead_of, run.name) if run.instead_of else None
+            raise _failed(m, exc, limits, done, switched) from exc
         if not conn.raw.is_in_transaction():  # what the check before running missed
             raise MigrationError(
                 f"migration {m.name} ended the run's transaction: {_ONE_TRANSACTION}"
@@ -480,8 +513,15 @@ async def _apply(
         done.append((run.name, m.name))
 
 
-def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[tuple[str, str]]) -> Exception:
-    """The error to raise for `m`'s failure `exc`, saying what it means for the run."""
+def _failed(
+    m: Migration,
+    exc: DatabaseError,
+    run: _Run,
+    done: list[tuple[str, str]],
+    switched: tuple[str, str] | None = None,
+) -> Exception:
+    """The error to raise for `m`'s failure `exc`, saying what it means for the run (and,
+    where its history was taken to be another than the directory's name, why)."""
     if isinstance(exc, QueryTimeoutError):
         reason = f"did not finish within {run.timeout:.3g} s (the run's timeout)"
     elif isinstance(exc, LockTimeoutError):
@@ -495,7 +535,15 @@ def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[tuple[str, s
         reason = f"failed{_position(m.sql, exc)}: {_server_reason(exc)}"
     names = ", ".join(f"{history}/{name}" for history, name in done)
     earlier = f" (nor {names}, before it in this run)" if done else ""
-    return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}")
+    why = ""
+    if switched is not None:
+        why = (
+            f". History {switched[0]!r} on this database holds none of this directory's files,"
+            f" so it was taken for another directory's, and this one given {switched[1]!r}:"
+            f" if {switched[0]!r} is this one's, a file applied from it was changed since;"
+            " restore it, or name the applied text with a `-- pglayer:replaces` line"
+        )
+    return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}{why}")
 
 
 # One run is one transaction: a COMMIT in a file would apply the files before it, and a
