@@ -194,14 +194,32 @@ async def test_a_failed_order_does_not_consume_its_key(client: httpx.AsyncClient
     assert (await client.post("/orders", json=body, headers=headers)).status_code == 201
 
 
-@pytest.mark.parametrize("key", ["", "k" * 201])
-async def test_bad_idempotency_keys_are_422(client: httpx.AsyncClient, key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [  # of "items" they were, the bounds set on the optional rather than its string
+        ("", "String should have at least 1 character"),
+        ("k" * 201, "String should have at most 200 characters"),
+    ],
+)
+async def test_bad_idempotency_keys_are_422(client: httpx.AsyncClient, key: str, said: str) -> None:
     response = await client.post(
         "/orders",
         json={"user_id": 1, "product_id": 1, "quantity": 1},
         headers={"Idempotency-Key": key},
     )
     assert_problem(response, 422, "validation_error")
+    [error] = [e for e in response.json()["errors"] if e["loc"] == ["header", "Idempotency-Key"]]
+    assert error["msg"] == said
+
+
+async def test_the_idempotency_keys_bounds_are_in_the_openapi_schema(
+    client: httpx.AsyncClient,
+) -> None:
+    operation = (await client.get("/openapi.json")).json()["paths"]["/orders"]["post"]
+    [header] = [p for p in operation["parameters"] if p["name"] == "Idempotency-Key"]
+    key = header["schema"]["anyOf"][0]
+    assert (key["minLength"], key["maxLength"]) == (1, 200)
+    assert key["pattern"] == "^[\\x20-\\x7E]{1,200}$"
 
 
 async def test_fifty_concurrent_requests_with_one_key_make_one_order(
