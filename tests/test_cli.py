@@ -131,6 +131,14 @@ def test_embedded_server_runs_from_the_pgserver_wheel(data_dir: Path) -> None:
     assert (data_dir / "pg" / "data" / "PG_VERSION").read_text().strip() == "16"
 
 
+def test_migrate_names_what_it_applies_as_serve_does(empty_db_url: str) -> None:
+    migrated = run_cli("migrate", env=clean_env(DATABASE_URL=empty_db_url))
+    assert migrated.returncode == 0, migrated.stderr
+    said = " ".join(migrated.stderr.split())
+    assert "applied migrations: pglayer/0001_idempotency_keys.sql," in said, said
+    assert ", default/0001_initial.sql," in said  # it said "0001_initial.sql": which history?
+
+
 def test_migrate_and_seed_against_database_url(db_url: str) -> None:
     env = clean_env(DATABASE_URL=db_url)
     migrated = run_cli("migrate", env=env)

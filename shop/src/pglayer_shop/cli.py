@@ -200,7 +200,9 @@ def migrate(data_dir: DataDir = Path(".pglayer")) -> None:
             applied = asyncio.run(_migrate(DatabaseSettings.for_command()))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
-    _say(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    # Named as `serve` names them: each with its history.
+    named = [name if "/" in name else f"{HISTORY}/{name}" for name in applied]
+    _say(f"applied migrations: {', '.join(named)}" if applied else "schema is up to date")
 
 
 @app.command("seed")
