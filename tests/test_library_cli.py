@@ -925,6 +925,7 @@ def test_a_forced_quit_says_in_two_warnings_what_it_cut_and_skipped(
         time.sleep(0.5)  # into the drain: uvicorn takes the second as a forced quit
         served.proc.send_signal(signal.SIGINT)
         served.proc.wait(timeout=30)
+    assert served.proc.returncode == 130  # it was 0, as if it had drained
     assert "a request was cancelled: the server quit at once" in served.output, served.output
     assert "WARNING uvicorn.error [-] quit at once: the app's shutdown was skipped" in served.output
     assert "grace ran out" not in served.output

@@ -441,6 +441,9 @@ def _refuse(target: str, refusal: str | None) -> None:
         sys.exit(_STARTUP_FAILURE)
 
 
+_FORCED_QUIT = 130  # a second Ctrl-C: ended as an interrupted command ends
+
+
 class _Terminated(SystemExit):
     """SIGTERM, outside uvicorn's own handling: before it serves, or after it drained."""
 
@@ -582,6 +585,7 @@ def serve(
             access_log=False,  # pglayer's own access log carries the request id
             server_header=False,  # `server: uvicorn` on every response: bytes, a fingerprint
         )
+        single: uvicorn.Server | None = None
         with contextlib.suppress(KeyboardInterrupt):  # as `uvicorn.run`
             if workers > 1:
                 _supervise(config)
@@ -593,6 +597,8 @@ def serve(
         logging.getLogger("uvicorn.error").removeHandler(failures)
         if failures.seen:
             raise SystemExit(_STARTUP_FAILURE)
+        if single is not None and single.force_exit:
+            raise SystemExit(_FORCED_QUIT)  # what was in flight was dropped: not a clean stop
     except (_Terminated, KeyboardInterrupt) as exc:
         if not serving:  # waiting for the database, or migrating: it ended without a word
             said = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
