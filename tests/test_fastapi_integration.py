@@ -54,6 +54,7 @@ from tests.conftest import (
     LiveServer,
     Server,
     asgi_client,
+    free_port,
     refuses_to_start,
     settings_for,
     wait_for,
@@ -773,6 +774,17 @@ async def test_ready_says_a_saturated_pool_is_saturated_not_down(db_url: str) ->
             ready = await client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.json()["pools"] == {"primary": "saturated"}
+
+
+async def test_ready_says_a_database_that_cannot_be_reached_is_not_a_deadline_missed() -> None:
+    # Refused at once, it said "did not answer within the deadline", in 2 ms.
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/app"
+    db = Database(settings_for(url, require_on_startup=False, connect_timeout=0.2))
+    async with db:
+        ready = await _ready(db)
+    assert ready.status_code == 503
+    assert ready.json()["pools"] == {"primary": "down"}
+    assert ready.json()["detail"].startswith("The database cannot be reached now")
 
 
 async def _ready(db: Database) -> httpx.Response:

@@ -36,6 +36,10 @@ _REFUSED = (
     " closed to connections, starting or stopping."
 )
 _DOWN = "The database did not answer within the deadline."
+_UNREACHABLE = (
+    "The database cannot be reached now (nothing listening at its address, or the connection"
+    " lost): the log says which."
+)
 
 
 def _state(exc: PglayerError, db: Database) -> str:
@@ -81,7 +85,9 @@ def health_router(*, prefix: str = "/health", ready_timeout: float | None = None
             await db.ping(timeout=timeout)
         except PglayerError as exc:
             pools[db.name] = state = _state(exc, db)  # replicas still reported
-            detail = {"saturated": _SATURATED, "refused": _REFUSED}.get(state, _DOWN)
+            detail = {"saturated": _SATURATED, "refused": _REFUSED}.get(state) or (
+                _UNREACHABLE if isinstance(exc, DatabaseUnavailableError) else _DOWN
+            )
             raise Problem(503, "unavailable", detail, pools=pools) from None
         return Health(status="ok", pools=pools)
 
