@@ -235,3 +235,35 @@ async def test_doctor_given_the_app_counts_its_connections_as_the_apps(db_url: s
     assert "run `pglayer doctor APP`" in alone, alone
     assert "1 connection(s) are this app's" in given, given
     assert "run `pglayer doctor APP`" not in given, given
+
+
+async def test_doctor_warns_of_more_connections_than_its_workers_can_hold(db_url: str) -> None:
+    # With the app under --workers 2 (12 connections open), it said "budget ok: 1 worker(s)".
+    conns = [
+        await asyncpg.connect(db_url, server_settings={"application_name": "notes-api"})
+        for _ in range(3)
+    ]
+    try:
+        _, out = await asyncio.to_thread(
+            doctor, db_url, PGLAYER_APPLICATION_NAME="notes-api", PGLAYER_MAX_SIZE="2"
+        )
+    finally:
+        for conn in conns:
+            await conn.close()
+    said = " ".join(out.split())
+    assert "this app holds 3 connections, more than 1 worker(s) x max_size 2 can" in said, said
+
+
+async def test_doctor_takes_an_app_in_another_database_for_another_app(
+    server: Server, db_url: str
+) -> None:
+    # "An app on pglayer is connected under another name" of an app in another database.
+    name = default_application_name(["uvicorn", "elsewhere:app"], cwd="/srv/elsewhere")
+    other = await asyncpg.connect(server.admin_url, server_settings={"application_name": name})
+    try:
+        _, out = await asyncio.to_thread(doctor, db_url)
+    finally:
+        await other.close()
+    said = " ".join(out.split())
+    assert repr(name) in said, said  # listed, as another app's
+    assert "run `pglayer doctor APP`" not in said

@@ -223,10 +223,12 @@ async def diagnose(
         f"{row['connections']} by {row['application_name']!r} in {row['database']!r}"
         for row in groups
     )
-    others = [
+    others = [  # in this database: an app on pglayer in another is another app
         name
-        for name in (str(row["application_name"]) for row in groups)
-        if name.startswith("pglayer:") and not name.endswith("-doctor")  # not a probe
+        for name, database in ((str(g["application_name"]), g["database"]) for g in groups)
+        if name.startswith("pglayer:")
+        and not name.endswith("-doctor")  # not a probe
+        and database == row["database"]
     ]
     hint = (
         " (an app on pglayer is connected under another name: run `pglayer doctor APP` from"
@@ -241,6 +243,15 @@ async def diagnose(
         f" database), {budget.in_use} client connection(s) in all besides this check's:"
         f" {listed or 'none'}{hint}",
     )
+    if not behind and budget.ours > workers * settings.max_size:
+        result.add(
+            "workers",
+            "warn",
+            f"this app holds {budget.ours} connections, more than {workers} worker(s) x"
+            f" max_size {settings.max_size} can: it runs with more workers than assumed"
+            f" ({source}), and the budget above counts too few; set PGLAYER_WORKERS, or pass"
+            " --workers",
+        )
     return result
 
 
