@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import platform
@@ -26,7 +27,7 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -47,7 +48,7 @@ from benchmarks.load import (
     run_wrk,
     wrk_available,
 )
-from pglayer import Database, DatabaseSettings, EmbeddedPostgres
+from pglayer import Database, DatabaseSettings, EmbeddedPostgres, configure_logging
 from pglayer._http import PROTOCOL
 from pglayer._serve import event_loop
 
@@ -781,7 +782,10 @@ def _whole_numbers(most: int) -> Callable[[str], list[int]]:
             raise argparse.ArgumentTypeError(f"not a comma list of whole numbers: {text!r}")
         values = [int(part) for part in parts]
         if not all(1 <= value <= most for value in values):
-            raise argparse.ArgumentTypeError(f"each must be from 1 to {most}: {text!r}")
+            said = "each must be" if len(values) > 1 else "must be"
+            raise argparse.ArgumentTypeError(f"{said} from 1 to {most}: {text!r}")
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"a number given twice: {text!r}")
         return values
 
     return parse
@@ -808,6 +812,8 @@ def _names(known: Collection[str]) -> Callable[[str], list[str]]:
         if not names or unknown:
             said = ", ".join(repr(name) for name in unknown) or "none given"
             raise argparse.ArgumentTypeError(f"{said} (choose from {', '.join(known)})")
+        if len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(f"a name given twice: {text!r}")
         return names
 
     return parse
@@ -850,9 +856,21 @@ def _stop_on_signals() -> None:
         signal.signal(each, stop)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one JSON record under `PGLAYER_LOG_FORMAT=json`, as the other
+    commands of `pglayer-shop` write theirs."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() != "json":
+            super().error(message)
+        configure_logging(format="json")
+        logging.getLogger("pglayer_shop").error("usage: %s: %s", self.prog, message)
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
     """The benchmark's options, each bounded."""
-    parser = argparse.ArgumentParser(prog="pglayer-shop bench", description=__doc__)
+    parser = _Parser(prog="pglayer-shop bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     parser.add_argument("--workers", type=_whole_numbers(MAX_WORKERS), default=None,
                         help=f"comma list, e.g. 1,2 (each at most {MAX_WORKERS})")  # fmt: skip
@@ -861,8 +879,10 @@ def parser() -> argparse.ArgumentParser:
                         f" (each at most {MAX_CONCURRENCY})")  # fmt: skip
     parser.add_argument("--duration", type=_seconds, default=None,
                         help="seconds per run (at most 3600)")  # fmt: skip
-    parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS))
-    parser.add_argument("--servers", type=_names(APPS), default=list(APPS))
+    parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS),
+                        help=f"comma list of {', '.join(SCENARIOS)} (default: all)")  # fmt: skip
+    parser.add_argument("--servers", type=_names(APPS), default=list(APPS),
+                        help=f"comma list of {', '.join(APPS)} (default: all)")  # fmt: skip
     parser.add_argument("--generator", choices=["auto", "wrk", "asyncio"], default="auto")
     parser.add_argument("--no-overload", action="store_true")
     parser.add_argument("--no-storm", action="store_true",

@@ -81,6 +81,9 @@ def test_each_server_keeps_its_median_round() -> None:
         (["--duration", "nan"], "more than 0"),
         (["--duration", "1e9"], "at most 3600"),
         (["--rounds", "2,3"], "one number"),
+        (["--rounds", "0"], "--rounds: must be from 1 to 15"),
+        (["--workers", "2,2"], "given twice"),
+        (["--servers", "shop,shop"], "given twice"),
         (["--scenarios", "users,nope"], "'nope' (choose from users"),
         (["--servers", ","], "none given"),
     ],
@@ -92,6 +95,17 @@ def test_bench_refuses_options_out_of_bounds_before_starting_anything(
         parser().parse_args(args)
     assert exited.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_a_usage_error_of_bench_under_json_logs_is_one_json_record() -> None:
+    env = clean_env(PGLAYER_LOG_FORMAT="json")
+    done = subprocess.run(
+        [SHOP, "bench", "--workers", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    [record] = [json.loads(line) for line in done.stderr.splitlines()]
+    assert record["level"] == "error"
+    assert "argument --workers: must be from 1 to 16: '0'" in record["message"]
 
 
 @pytest.mark.timeout(420)
