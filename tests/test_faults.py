@@ -523,7 +523,8 @@ async def test_a_refill_the_server_refuses_logs_why(
                 return bool(said()) and db.stats().size < 2
 
             assert await wait_for(refused, timeout=10)
-            assert "refused the connection (SQLSTATE 55000)" in said()[0], said()
+            assert "refused the connection: database " in said()[0], said()
+            assert "is not currently accepting connections (SQLSTATE 55000)" in said()[0]
             assert "@127.0.0.1:" in said()[0]  # where it connects, masked
         finally:
             await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')

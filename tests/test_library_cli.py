@@ -717,6 +717,10 @@ def test_a_sqlalchemy_url_is_taken_as_the_postgresql_url_it_names() -> None:
     [
         ("sslmode=require", "does not speak SSL, which the URL's sslmode requires"),
         ("bogus=1", 'refused a parameter of the URL: unrecognized configuration parameter "bogus"'),
+        (  # the SQLSTATE alone it said, not which parameter or why
+            "options=-c%20statement_timeout%3Dx",
+            'refused the connection: invalid value for parameter "statement_timeout": "x"',
+        ),
     ],
 )
 def test_doctor_says_which_part_of_the_url_the_server_refused(

@@ -460,6 +460,6 @@ def explain_connect_error(exc: BaseException, target: str) -> str:
             f"the pooler at {target} refused a startup parameter ({said}): it forwards only a"
             " few (application_name); take the others out of the URL and set them on the role"
         )
-    if isinstance(exc, asyncpg.PostgresError):
-        return f"{target} refused the connection (SQLSTATE {exc.sqlstate})"
+    if isinstance(exc, asyncpg.PostgresError):  # the server's words say what to mend
+        return f"{target} refused the connection: {said} (SQLSTATE {exc.sqlstate})"
     return f"cannot connect to {target} ({type(exc).__name__})"
