@@ -15,7 +15,7 @@ import pytest
 from pglayer_shop.schema import apply_migrations, shop_migrations
 
 import pglayer
-from pglayer import Database
+from pglayer import ConfigurationError, Database
 from pglayer._serve import apply_directories
 from pglayer.migrations import MigrationError, load_migrations, migrate, pending_migrations
 from tests.conftest import settings_for
@@ -629,3 +629,16 @@ async def test_a_history_whose_only_file_was_edited_says_why_it_ran_under_a_new_
     assert 'relation "bills" already exists' in said, said
     assert "History 'migrations' on this database holds none of this directory's files" in said
     assert "this one given 'billing/migrations'" in said
+
+
+async def test_two_directories_of_one_name_in_one_run_get_a_history_each(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # Both were "migrations" in the run: its second INSERT of version 0001 failed as
+    # "a row with the same unique values already exists".
+    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
+    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    applied = await apply_directories(settings_for(empty_db_url), [first, second])
+    assert applied[-2:] == ["migrations/0001_init.sql", "notes/migrations/0001_init.sql"]
+    with pytest.raises(ConfigurationError, match="two --history names are the same"):
+        await apply_directories(settings_for(empty_db_url), [first, second], histories=["a", "a"])

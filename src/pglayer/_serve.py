@@ -96,9 +96,20 @@ async def apply_directories(
         _History(history, load_migrations(directory), named=True)
         for directory, history in zip(directories, histories, strict=False)
     ]
-    runs += [
-        _History(d.name, load_migrations(d), named=False, qualified=_qualified(d)) for d in implicit
-    ]
+    taken = {run.name for run in runs}
+    if len(taken) < len(runs):
+        raise ConfigurationError("two --history names are the same: each directory needs its own")
+    for directory in implicit:
+        name, qualified = directory.name, _qualified(directory)
+        if name in taken:  # two directories of one name in this run: the later by its parent's
+            if qualified is None or qualified in taken:
+                raise ConfigurationError(
+                    f"two migration directories would share history {name!r}: name each"
+                    " one's (--history)"
+                )
+            name, qualified = qualified, None
+        taken.add(name)
+        runs.append(_History(name, load_migrations(directory), named=False, qualified=qualified))
     async with Database(settings) as db:
         done = await _migrate(db, runs, timeout=timeout)
         applied = [f"{history}/{name}" for history, name in done]
