@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends
@@ -81,6 +82,11 @@ async def _replica_connection(request: HTTPConnection) -> AsyncIterator[Connecti
         yield conn
 
 
+# What each gives, for `Route`, which opens it itself rather than have FastAPI solve it.
+_connection.pglayer_opens = lambda db: db.connection()  # type: ignore[attr-defined]
+_replica_connection.pglayer_opens = lambda db: db.read_connection()  # type: ignore[attr-defined]
+
+
 def transaction_dependency(
     *,
     readonly: bool = False,
@@ -105,12 +111,27 @@ def transaction_dependency(
             yield conn
 
     dependency.pglayer_commits = True  # type: ignore[attr-defined]
+    dependency.pglayer_opens = lambda db: db.transaction(  # type: ignore[attr-defined]
+        readonly=readonly, isolation=isolation, lock_timeout=lock_timeout, bulkhead=bulkhead
+    )
     return dependency
 
 
+@dataclass(frozen=True)
+class Taken:
+    """A connection dependency a `Route` opens itself, as the lifespan's checks see it."""
+
+    call: Callable[..., Any]
+    name: str
+    scope: str = "function"
+    dependencies: tuple[Any, ...] = ()
+
+
 def transactions(dependant: Any) -> Iterator[Any]:
-    """The transaction dependencies under `dependant` (FastAPI's sub-dependants)."""
-    for sub in dependant.dependencies:
+    """The transaction dependencies under `dependant` (FastAPI's sub-dependants, and those
+    a `Route` takes from FastAPI to open itself)."""
+    taken = getattr(dependant.call, "pglayer_taken", ()) if dependant.call else ()
+    for sub in (*dependant.dependencies, *taken):
         if getattr(sub.call, "pglayer_commits", False):
             yield sub
         yield from transactions(sub)

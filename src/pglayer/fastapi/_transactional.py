@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import ResponseValidationError
+from starlette.responses import Response
 
 from pglayer._connection import Connection, Isolation, check_transaction_options
 from pglayer.fastapi._dependencies import bound_database
@@ -51,6 +52,18 @@ def _connection_parameter(hints: dict[str, Any], handler: Callable[..., Any]) ->
             " `WriteTransaction` or another dependency"
         )
     return names[0]
+
+
+def validate_response(request: Request, result: Any) -> None:
+    """Check `result` against the route's response model, as FastAPI will after the handler
+    returns: a check that runs after COMMIT would answer 500 with the change applied, so a
+    handler that commits runs it first, inside its transaction."""
+    field = getattr(request.scope.get("route"), "response_field", None)
+    if field is None or isinstance(result, Response):  # a response is sent as it is
+        return
+    _, errors = field.validate(result, {}, loc=("response",))
+    if errors:
+        raise ResponseValidationError(errors=errors, body=result)
 
 
 def transactional(
@@ -87,17 +100,10 @@ def transactional(
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
             request: Request = kwargs.pop(_REQUEST)
             db = await bound_database(request)
-            # FastAPI checks the answer against the response model only after the handler
-            # returns: here that is after COMMIT, so an answer it refuses (a 500) would leave
-            # the change applied. The same check runs first, inside the transaction.
-            field = getattr(request.scope.get("route"), "response_field", None)
 
             async def attempt(conn: Connection) -> Any:
                 result = await handler(*args, **kwargs, **{conn_name: conn})
-                if field is not None:
-                    _, errors = field.validate(result, {}, loc=("response",))
-                    if errors:
-                        raise ResponseValidationError(errors=errors, body=result)
+                validate_response(request, result)
                 return result
 
             return await db.run_in_transaction(
