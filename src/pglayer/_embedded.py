@@ -387,9 +387,22 @@ class EmbeddedPostgres:
         two processes starting at once take turns."""
         with self._said_plainly(), self._locked():
             self._set_aside_orphan()
-            url = self._start(forget_users=True)
+            try:
+                url = self._start(forget_users=True)
+            except BaseException:
+                self._stop_started_here()
+                raise
             self._register()
             return url
+
+    def _stop_started_here(self) -> None:
+        """Stop the server this `start()` started, when what followed failed (its password
+        refused, its database not made): nobody uses it, and it outlived the command."""
+        if not self.started_here or self.running_port() is None:
+            return
+        self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60")
+        self.started_here = False
+        log.info("embedded PostgreSQL stopped")
 
     def _set_aside_orphan(self) -> None:
         """Server files kept apart (`/var/tmp/pglayer-<hash>`) whose directory was removed
