@@ -367,3 +367,22 @@ def test_a_ctrl_c_to_the_terminal_while_it_stops_does_not_fail_the_stop(base: Pa
     )  # fmt: skip
     assert result.stdout.startswith("stopped"), result.stdout + result.stderr
     assert EmbeddedPostgres(base).running_port() is None
+
+
+def test_its_directory_is_writable_by_its_owner_alone_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    # Under `umask 000` the directory, its lock and `users/` were writable by anyone, who
+    # could then replace the password file or the list of processes using the server.
+    server = EmbeddedPostgres(tmp_path / "app")
+    before = os.umask(0)
+    try:
+        with server._locked():
+            server._register()
+    finally:
+        os.umask(before)
+        server._unregister()
+    modes = {
+        name: (tmp_path / "app" / name).stat().st_mode & 0o777 for name in ("", "lock", "users")
+    }
+    assert modes == {"": 0o755, "lock": 0o600, "users": 0o700}

@@ -37,6 +37,9 @@ from pglayer._process import alive
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_binaries"]
 
 log = logging.getLogger("pglayer.embedded")
+# The directory's own mode, whatever the umask (`umask 000` made it writable by anyone, who
+# could then replace its password file): readable, so the server's user can reach `pg/`.
+_BASE_MODE = 0o755
 
 _FAST_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
@@ -260,7 +263,7 @@ class EmbeddedPostgres:
         preferred = self.base_dir / "pg"
         if self._user is None:
             return preferred
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.mkdir(mode=_BASE_MODE, parents=True, exist_ok=True)
         if _traversable_by(self.base_dir, self._user):
             return preferred
         # e.g. a checkout under /root (mode 0700): the server user cannot reach it.
@@ -329,7 +332,7 @@ class EmbeddedPostgres:
         return (self.data_dir / "PG_VERSION").exists()
 
     def _initdb(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.mkdir(mode=_BASE_MODE, parents=True, exist_ok=True)
         self.pg_dir.mkdir(parents=True, exist_ok=True)
         self.pg_dir.chmod(0o700)
         self._own(self.pg_dir)
@@ -474,7 +477,7 @@ class EmbeddedPostgres:
         """
         if self.initialized():
             raise EmbeddedPostgresError(f"{self.data_dir} already holds a cluster")
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.mkdir(mode=_BASE_MODE, parents=True, exist_ok=True)
         self.pg_dir.mkdir(parents=True, exist_ok=True)
         self.pg_dir.chmod(0o700)
         self._own(self.pg_dir)
@@ -577,15 +580,16 @@ class EmbeddedPostgres:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        with (self.base_dir / "lock").open("a") as lock:
+        self.base_dir.mkdir(mode=_BASE_MODE, parents=True, exist_ok=True)
+        fd = os.open(self.base_dir / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             yield
 
     def _register(self) -> None:
         if self._user_file is None:
             users = self.base_dir / "users"
-            users.mkdir(exist_ok=True)
+            users.mkdir(mode=0o700, exist_ok=True)
             pid = os.getpid()
             self._user_file = users / f"{pid}.{_started(pid)}.{secrets.token_hex(4)}"
             self._user_file.touch()
