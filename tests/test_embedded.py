@@ -20,8 +20,8 @@ import pytest
 from pydantic import ValidationError
 
 from pglayer import DatabaseSettings
-from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError
-from tests.conftest import free_port
+from pglayer._embedded import EmbeddedPostgres, EmbeddedPostgresError, _pgserver_bindir
+from tests.conftest import free_port, require_external
 from tests.test_cli import embedded_dir
 
 
@@ -386,3 +386,29 @@ def test_its_directory_is_writable_by_its_owner_alone_whatever_the_umask(
         name: (tmp_path / "app" / name).stat().st_mode & 0o777 for name in ("", "lock", "users")
     }
     assert modes == {"": 0o755, "lock": 0o600, "users": 0o700}
+
+
+def test_a_cluster_of_another_postgresql_version_is_one_line_that_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A newcomer's cluster made by the pgserver wheel (16), started after a system
+    # PostgreSQL 15 came on the path: pg_ctl's failure and 15 lines of the server's log.
+    wheel, system = _pgserver_bindir(), Path("/usr/lib/postgresql/15/bin")
+    require_external(wheel is not None, "the pgserver wheel is not installed")
+    require_external((system / "pg_ctl").is_file(), "PostgreSQL 15 is not installed")
+    monkeypatch.setenv("PGLAYER_PG_BINDIR", str(wheel))
+    assert wheel is not None
+    made = EmbeddedPostgres(tmp_path / "app")
+    try:
+        made.start()
+        made.stop()
+        monkeypatch.setenv("PGLAYER_PG_BINDIR", str(system))
+        with pytest.raises(EmbeddedPostgresError) as refused:
+            EmbeddedPostgres(tmp_path / "app").start()
+    finally:
+        monkeypatch.setenv("PGLAYER_PG_BINDIR", str(wheel))
+        EmbeddedPostgres(tmp_path / "app").destroy()
+    said = str(refused.value)
+    assert "was made by PostgreSQL 16, and the server found" in said, said
+    assert "is 15." in said
+    assert "\n" not in said

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -40,6 +41,10 @@ log = logging.getLogger("pglayer.embedded")
 # The directory's own mode, whatever the umask (`umask 000` made it writable by anyone, who
 # could then replace its password file): readable, so the server's user can reach `pg/`.
 _BASE_MODE = 0o755
+_OTHER_VERSION = re.compile(
+    r"initialized by PostgreSQL version (\d+), which is not compatible with this version"
+    r" ([\d.]+)"
+)
 
 _FAST_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
@@ -304,6 +309,14 @@ class EmbeddedPostgres:
             tail = ""
             if self.log_file.exists():
                 tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-15:])
+            version = _OTHER_VERSION.search(tail)
+            if version is not None:  # one line that says what to do, not the log's tail
+                raise EmbeddedPostgresError(
+                    f"the cluster in {self.data_dir} was made by PostgreSQL {version[1]}, and"
+                    f" the server found ({self.bindir}) is {version[2]}: set PGLAYER_PG_BINDIR"
+                    f" to a PostgreSQL {version[1]}'s bin directory, or choose another"
+                    " directory with --data-dir (or move this one aside)"
+                )
             raise EmbeddedPostgresError(
                 f"{what} failed (exit {result.returncode}): {result.stderr.strip()}\n{tail}".strip()
             )
