@@ -312,8 +312,8 @@ class DatabaseSettings(BaseSettings):
     def _port_a_user_may_take(cls, value: int) -> int:
         if 0 < value < 1024:
             raise ValueError(
-                "below 1024 only root may listen, and the server runs as another user: use"
-                " 1024-65535, or 0 for a free port"
+                "below 1024 only root may listen, and the server never runs as root (under"
+                " root, as an unprivileged user): use 1024-65535, or 0 for a free port"
             )
         return value
 
