@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,11 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
 from pglayer._embedded import EmbeddedPostgres, _pgserver_bindir
-from tests.conftest import free_port, require_external
+from tests.conftest import free_port, require_external, wait_for
 
 SHOP = str(Path(sys.executable).parent / "pglayer-shop")
 PGLAYER = str(Path(sys.executable).parent / "pglayer")
@@ -263,3 +265,33 @@ def test_migrate_refuses_a_setting_the_app_would_refuse(command: str, tmp_path: 
     result = run_cli(*args, env=env, command=command)
     assert result.returncode == 1
     assert "PGLAYER_MAX_SIZE" in result.stderr
+
+
+async def test_an_interrupted_seed_says_that_nothing_was_seeded(empty_db_url: str) -> None:
+    # It exited 130 without a word.
+    env = clean_env(DATABASE_URL=empty_db_url)
+    args = [SHOP, "seed", "--users", "2000000", "--products", "1", "--orders", "0"]
+    seed = subprocess.Popen(  # noqa: ASYNC220  started, then watched: never waited on here
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        copying = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE query LIKE 'COPY%' AND pid <> pg_backend_pid()"
+        )
+
+        async def started() -> bool:
+            return bool(await conn.fetchval(copying))
+
+        assert await wait_for(started, timeout=60, interval=0.05)
+        seed.send_signal(signal.SIGINT)
+        output, _ = await asyncio.to_thread(seed.communicate, timeout=60)
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
+        if seed.poll() is None:
+            seed.kill()
+            seed.wait()
+    assert seed.returncode == 130, output
+    assert "interrupted: nothing was seeded" in output

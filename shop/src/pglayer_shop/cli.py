@@ -226,6 +226,9 @@ def seed_command(
             asyncio.run(_seed(settings, counts))
     except PglayerError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:  # it ended without a word: was anything seeded?
+        _fail("interrupted: nothing was seeded (the rows go in one transaction)")
+        raise typer.Exit(code=130) from None
     _say(
         f"seeded {users} users, {products} products, {orders} orders "
         f"in {time.perf_counter() - started:.1f}s"
