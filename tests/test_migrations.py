@@ -588,11 +588,11 @@ PGLAYER_FILES = [
 ]
 
 
-def app_directory(root: Path, app: str, sql: str) -> Path:
-    """`root/app/migrations` with one file, `0001_init.sql` (the usual layout and name)."""
+def app_directory(root: Path, app: str, sql: str, name: str = "0001_init.sql") -> Path:
+    """`root/app/migrations` with one file (the usual layout)."""
     directory = root / app / "migrations"
     directory.mkdir(parents=True)
-    (directory / "0001_init.sql").write_text(sql)
+    (directory / name).write_text(sql)
     return directory
 
 
@@ -600,14 +600,14 @@ async def test_two_apps_directories_of_one_name_keep_their_histories_apart(
     empty_db_url: str, tmp_path: Path
 ) -> None:
     # Both named `migrations`: the second was refused as the first's with a file changed.
-    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
-    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql")
+    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql")
     settings = settings_for(empty_db_url)
     assert await apply_directories(settings, [first]) == [
         *PGLAYER_FILES,
-        "migrations/0001_init.sql",
+        "migrations/0001_bills.sql",
     ]
-    assert await apply_directories(settings, [second]) == ["notes/migrations/0001_init.sql"]
+    assert await apply_directories(settings, [second]) == ["notes/migrations/0001_notes.sql"]
     (second / "0002_more.sql").write_text("ALTER TABLE notes ADD COLUMN body text;")
     assert await apply_directories(settings, [second]) == ["notes/migrations/0002_more.sql"]
     assert await apply_directories(settings, [first]) == []
@@ -616,19 +616,36 @@ async def test_two_apps_directories_of_one_name_keep_their_histories_apart(
     assert await apply_directories(settings, [moved]) == []
 
 
-async def test_a_history_whose_only_file_was_edited_says_why_it_ran_under_a_new_name(
-    empty_db_url: str, tmp_path: Path
+@pytest.mark.parametrize("edit", ["-- a header\n{}", "{}\n-- reformatted"])
+async def test_a_directory_whose_every_file_was_edited_is_refused_not_run_again(
+    empty_db_url: str, tmp_path: Path, edit: str
 ) -> None:
-    directory = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
+    # Taken for another app's (no text in common), its files ran again: rows doubled.
+    directory = app_directory(tmp_path, "billing", "CREATE TABLE IF NOT EXISTS bills (id int);")
+    (directory / "0002_seed.sql").write_text("INSERT INTO bills VALUES (1);")
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [directory])
-    (directory / "0001_init.sql").write_text("CREATE TABLE bills (id bigint);")
-    with pytest.raises(MigrationError) as failed:
+    for path in directory.glob("*.sql"):
+        path.write_text(edit.format(path.read_text()))
+    with pytest.raises(MigrationError, match=r"0001_init\.sql was changed after it was applied"):
         await apply_directories(settings, [directory])
-    said = str(failed.value)
-    assert 'relation "bills" already exists' in said, said
-    assert "History 'migrations' on this database holds none of this directory's files" in said
-    assert "this one given 'billing/migrations'" in said
+    async with Database(settings) as db:
+        assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM bills")) == 1
+
+
+async def test_another_apps_history_with_a_file_of_the_same_name_is_refused_naming_history(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # Told by neither name nor text from this directory's own files, changed: refused.
+    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
+    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    settings = settings_for(empty_db_url)
+    await apply_directories(settings, [first])
+    with pytest.raises(MigrationError, match="give this one its own: `--history NAME`"):
+        await apply_directories(settings, [second])
+    assert await apply_directories(settings, [second], histories=["notes"]) == [
+        "notes/0001_init.sql"
+    ]
 
 
 async def test_two_directories_of_one_name_in_one_run_get_a_history_each(
@@ -642,3 +659,19 @@ async def test_two_directories_of_one_name_in_one_run_get_a_history_each(
     assert applied[-2:] == ["migrations/0001_init.sql", "notes/migrations/0001_init.sql"]
     with pytest.raises(ConfigurationError, match="two --history names are the same"):
         await apply_directories(settings_for(empty_db_url), [first, second], histories=["a", "a"])
+    again = first.parent / ".." / "billing" / "migrations"  # the same, by another path
+    with pytest.raises(ConfigurationError, match="a migration directory is given twice"):
+        await apply_directories(settings_for(empty_db_url), [first, again])
+
+
+async def test_a_directory_applied_alone_keeps_its_history_when_run_with_another_of_its_name(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The second app's deploy (both in one run) was refused: the first had been renamed.
+    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql")
+    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql")
+    settings = settings_for(empty_db_url)
+    await apply_directories(settings, [second])  # "migrations": the notes app's
+    applied = await apply_directories(settings, [first, second])
+    assert applied == ["billing/migrations/0001_bills.sql"]
+    assert await apply_directories(settings, [first, second]) == []

@@ -63,6 +63,14 @@ _SERVE_DEFAULTS = {
 }
 
 
+def _refuse_twice(directories: Sequence[Path]) -> None:
+    """Refuse a directory given twice (under two paths, say): its files would run twice, one
+    history each."""
+    given = [Path(os.path.realpath(d)) for d in directories]
+    if len(set(given)) < len(given):
+        raise ConfigurationError("a migration directory is given twice")
+
+
 def _qualified(directory: Path) -> str | None:
     """A directory's history where its name is another's: with its parent's name."""
     return f"{directory.parent.name}/{directory.name}" if directory.parent.name else None
@@ -96,20 +104,12 @@ async def apply_directories(
         _History(history, load_migrations(directory), named=True)
         for directory, history in zip(directories, histories, strict=False)
     ]
-    taken = {run.name for run in runs}
-    if len(taken) < len(runs):
+    if len({run.name for run in runs}) < len(runs):
         raise ConfigurationError("two --history names are the same: each directory needs its own")
-    for directory in implicit:
-        name, qualified = directory.name, _qualified(directory)
-        if name in taken:  # two directories of one name in this run: the later by its parent's
-            if qualified is None or qualified in taken:
-                raise ConfigurationError(
-                    f"two migration directories would share history {name!r}: name each"
-                    " one's (--history)"
-                )
-            name, qualified = qualified, None
-        taken.add(name)
-        runs.append(_History(name, load_migrations(directory), named=False, qualified=qualified))
+    _refuse_twice(directories)
+    runs += [
+        _History(d.name, load_migrations(d), named=False, qualified=_qualified(d)) for d in implicit
+    ]
     async with Database(settings) as db:
         done = await _migrate(db, runs, timeout=timeout)
         applied = [f"{history}/{name}" for history, name in done]

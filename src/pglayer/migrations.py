@@ -258,8 +258,9 @@ async def pending_migrations(
     async with db.connection() as conn:
         # Without the table, or with one from before histories, `migrate` has work to do.
         ready = await conn.fetchval(_HISTORY_READY)
+        claimed: set[str] = set()
         for run in runs:
-            run, applied = await _check(conn, run) if ready else (run, {})
+            run, applied = await _check(conn, run, claimed) if ready else (run, {})
             prefix = "" if run is ours else f"{run.name}/"
             missing += [prefix + m.name for m in run.migrations if m.version not in applied]
     return missing
@@ -273,7 +274,6 @@ class _History:
     # A directory's history where its name is another directory's on the database (two
     # apps' `migrations/`): the name with its parent's ("billing/migrations").
     qualified: str | None = None
-    instead_of: str | None = None  # the directory's name, where this run first left it
 
 
 def _histories(
@@ -404,32 +404,41 @@ async def _script(conn: Connection, sql: str, deadline: float) -> None:
 
 async def _apply_all(conn: Connection, runs: list[_History], limits: _Run) -> list[tuple[str, str]]:
     """Check every history against its directory, then apply each in turn."""
-    checked = [await _check(conn, run) for run in runs]
+    claimed: set[str] = set()
+    checked = [await _check(conn, run, claimed) for run in runs]
     done: list[tuple[str, str]] = []
     for run, applied in checked:
         await _apply(conn, run, applied, limits, done)
     return done
 
 
-async def _check(conn: Connection, run: _History) -> tuple[_History, dict[str, asyncpg.Record]]:
+async def _check(
+    conn: Connection, run: _History, claimed: set[str]
+) -> tuple[_History, dict[str, asyncpg.Record]]:
     """`run` (under its qualified name, where its own is another directory's) and its
-    applied files, once its directory is known to fit them; else refused."""
+    applied files, once its directory is known to fit them; else refused. `claimed`: the
+    histories of the runs checked before it in this run, to which its own is added."""
     applied = await _applied(conn, run.name)
     if run.qualified is not None:
         qualified = await _applied(conn, run.qualified)
-        if qualified or (applied and not _in_common(run.migrations, applied)):
-            if not qualified:
-                # Said once, as it is decided: the one case it reads wrong is a history
-                # whose every file was changed since (see `_failed`).
+        taken = run.name in claimed  # by a directory of the same name, earlier in this run
+        if qualified or taken or (applied and not _in_common(run.migrations, applied)):
+            if not qualified:  # said once, as it is decided
                 log.warning(
-                    "history %r on this database is another directory's (it holds none of"
-                    " this one's files): this one's is %r",
+                    "history %r on this database is another directory's (%s): this one's is %r",
                     run.name,
+                    "another of that name in this run"
+                    if taken
+                    else "it holds none of this one's files, by name or by text",
                     run.qualified,
                 )
-            instead_of = None if qualified else run.name
-            run = replace(run, name=run.qualified, qualified=None, instead_of=instead_of)
-            applied = qualified
+            run, applied = replace(run, name=run.qualified, qualified=None), qualified
+    if run.name in claimed:
+        raise MigrationError(
+            f"two directories of this run would share history {run.name!r}: name each one's"
+            " (`--history NAME`, or `history=`); nothing was applied"
+        )
+    claimed.add(run.name)
     migrations, history = run.migrations, run.name
     if not applied and migrations:
         await _refuse_applied_elsewhere(conn, migrations, history, run.named)
@@ -452,10 +461,16 @@ async def _applied(conn: Connection, history: str) -> dict[str, asyncpg.Record]:
 
 
 def _in_common(migrations: list[Migration], applied: dict[str, asyncpg.Record]) -> bool:
-    """Whether any applied file is one of `migrations` (its text, or one it replaces): a
-    history without one is another directory's, not this one's with a file changed."""
+    """Whether any applied file is one of `migrations`, by its name or its text (or one it
+    replaces): a history without one is another directory's. One with a name in common is
+    this one's, its files changed since (reformatted, a header added), and refused as such:
+    taken for another's, its files would run again."""
     texts = {m.version: {m.checksum, *m.replaces} for m in migrations}
-    return any(r["checksum"] in texts.get(version, ()) for version, r in applied.items())
+    names = {m.name for m in migrations}
+    return any(
+        r["name"] in names or r["checksum"] in texts.get(version, ())
+        for version, r in applied.items()
+    )
 
 
 def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoReturn:
@@ -496,8 +511,7 @@ async def _apply(
             if next(_first_words(m.sql, True), None) is not None:  # the lexer: no regex blow-up
                 await _script(conn, m.sql, limits.deadline)
         except DatabaseError as exc:
-            switched = (run.instead_of, run.name) if run.instead_of else None
-            raise _failed(m, exc, limits, done, switched) from exc
+            raise _failed(m, exc, limits, done) from exc
         if not conn.raw.is_in_transaction():  # what the check before running missed
             raise MigrationError(
                 f"migration {m.name} ended the run's transaction: {_ONE_TRANSACTION}"
@@ -513,15 +527,8 @@ async def _apply(
         done.append((run.name, m.name))
 
 
-def _failed(
-    m: Migration,
-    exc: DatabaseError,
-    run: _Run,
-    done: list[tuple[str, str]],
-    switched: tuple[str, str] | None = None,
-) -> Exception:
-    """The error to raise for `m`'s failure `exc`, saying what it means for the run (and,
-    where its history was taken to be another than the directory's name, why)."""
+def _failed(m: Migration, exc: DatabaseError, run: _Run, done: list[tuple[str, str]]) -> Exception:
+    """The error to raise for `m`'s failure `exc`, saying what it means for the run."""
     if isinstance(exc, QueryTimeoutError):
         reason = f"did not finish within {run.timeout:.3g} s (the run's timeout)"
     elif isinstance(exc, LockTimeoutError):
@@ -535,15 +542,7 @@ def _failed(
         reason = f"failed{_position(m.sql, exc)}: {_server_reason(exc)}"
     names = ", ".join(f"{history}/{name}" for history, name in done)
     earlier = f" (nor {names}, before it in this run)" if done else ""
-    why = ""
-    if switched is not None:
-        why = (
-            f". History {switched[0]!r} on this database holds none of this directory's files,"
-            f" so it was taken for another directory's, and this one given {switched[1]!r}:"
-            f" if {switched[0]!r} is this one's, a file applied from it was changed since;"
-            " restore it, or name the applied text with a `-- pglayer:replaces` line"
-        )
-    return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}{why}")
+    return MigrationError(f"migration {m.name} {reason}; nothing was applied{earlier}")
 
 
 # One run is one transaction: a COMMIT in a file would apply the files before it, and a
