@@ -246,6 +246,9 @@ class Server:
             tail = self.log.read()[-3000:].decode(errors="replace")
             self._stop()  # __exit__ does not run when __enter__ raises
             raise RuntimeError(f"{exc}:\n{tail}") from None
+        except BaseException:  # a signal while it starts: left running, it outlived the run
+            self._stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

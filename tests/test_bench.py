@@ -109,7 +109,10 @@ def test_a_usage_error_of_bench_under_json_logs_is_one_json_record() -> None:
 
 
 @pytest.mark.timeout(420)
-def test_a_terminated_bench_stops_every_server_it_started(server: Server) -> None:
+@pytest.mark.parametrize("into_the_run", [3.0, 0.0])  # measuring, or while a server starts
+def test_a_terminated_bench_stops_every_server_it_started(
+    server: Server, into_the_run: float
+) -> None:
     bench = subprocess.Popen(
         [SHOP, "bench", "--quick", "--duration", "60", "--servers", "shop", "--scenarios",
          "users", "--no-overload", "--no-storm", "--no-hotrow", "--generator", "asyncio"],
@@ -119,7 +122,7 @@ def test_a_terminated_bench_stops_every_server_it_started(server: Server) -> Non
         text=True,
     )  # fmt: skip
     try:
-        started = _wait_for_a_server(bench, deadline=time.monotonic() + 240)
+        started = _wait_for_a_server(bench, time.monotonic() + 240, into_the_run)
         bench.send_signal(signal.SIGTERM)  # to `pglayer-shop bench` alone, not its group
         output, _ = bench.communicate(timeout=120)
     finally:
@@ -132,14 +135,16 @@ def test_a_terminated_bench_stops_every_server_it_started(server: Server) -> Non
     assert alive == [], [p.cmdline() for p in alive]
 
 
-def _wait_for_a_server(bench: subprocess.Popen[str], deadline: float) -> list[psutil.Process]:
-    """Every process under `bench` once one of them is uvicorn serving under load."""
+def _wait_for_a_server(
+    bench: subprocess.Popen[str], deadline: float, then: float
+) -> list[psutil.Process]:
+    """Every process under `bench` `then` seconds after one of them is uvicorn."""
     while time.monotonic() < deadline:
         assert bench.poll() is None, bench.communicate()[0][-3000:]
         below = psutil.Process(bench.pid).children(recursive=True)
         with_cmdline = [p for p in below if "uvicorn" in " ".join(_cmdline(p))]
         if with_cmdline:
-            time.sleep(3)  # into the measured run
+            time.sleep(then)
             return list(psutil.Process(bench.pid).children(recursive=True))
         time.sleep(0.2)
     raise AssertionError("the benchmark started no server")

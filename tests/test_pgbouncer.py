@@ -426,3 +426,23 @@ async def test_a_connection_limit_behind_the_pooler_stays_the_reason_while_it_ho
             ready = await _ready(db)
     assert "too many connections for role" in str(refused.value)
     assert ready.json()["pools"] == {"primary": "refused"}
+
+
+def test_a_pgbouncer_interrupted_while_it_starts_is_not_left_running(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGTERM to the benchmark while it started PgBouncer left it listening, with trust
+    # authentication, its directory in /tmp.
+    require_external(pgbouncer_binary() is not None, "pgbouncer is not installed")
+    started: list[Any] = []
+
+    def interrupted(self: PgBouncer, stderr: Any) -> None:
+        started.append((self._proc, self.dir))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PgBouncer, "_wait_listening", interrupted)
+    with pytest.raises(KeyboardInterrupt), PgBouncer(server.admin_url, pool_size=1):
+        pass
+    [(proc, directory)] = started
+    assert proc.poll() is not None  # stopped, by its PID
+    assert not directory.exists()

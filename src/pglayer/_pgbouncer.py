@@ -120,6 +120,15 @@ logfile = {self.dir / "pgbouncer.log"}
         stderr = self.dir / "stderr.log"
         with stderr.open("ab") as err:
             self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            self._wait_listening(stderr)
+        except BaseException:  # not listening, or interrupted (a signal): not left running
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, stderr: Path) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -128,7 +137,7 @@ logfile = {self.dir / "pgbouncer.log"}
                 )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
+                    return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("pgbouncer did not start listening")
@@ -149,7 +158,11 @@ logfile = {self.dir / "pgbouncer.log"}
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ does not run: its directory goes too
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
