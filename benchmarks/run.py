@@ -48,7 +48,15 @@ from benchmarks.load import (
     run_wrk,
     wrk_available,
 )
-from pglayer import Database, DatabaseSettings, EmbeddedPostgres, configure_logging
+from pglayer import (
+    Database,
+    DatabaseSettings,
+    EmbeddedPostgres,
+    PglayerError,
+    configure_logging,
+)
+from pglayer._dsn import describe_target
+from pglayer._errors import explain_connect_error
 from pglayer._http import PROTOCOL
 from pglayer._serve import event_loop
 
@@ -810,10 +818,12 @@ def _names(known: Collection[str]) -> Callable[[str], list[str]]:
     """argparse's type for a comma list of names, each one of `known`."""
 
     def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
+        names = [name.strip() for name in text.split(",")]
+        if "" in names:
+            raise argparse.ArgumentTypeError(f"an empty name in {text!r}")
         unknown = [name for name in names if name not in known]
-        if not names or unknown:
-            said = ", ".join(repr(name) for name in unknown) or "none given"
+        if unknown:
+            said = ", ".join(repr(name) for name in unknown)
             raise argparse.ArgumentTypeError(f"{said} (choose from {', '.join(known)})")
         if len(set(names)) < len(names):
             raise argparse.ArgumentTypeError(f"a name given twice: {text!r}")
@@ -823,13 +833,14 @@ def _names(known: Collection[str]) -> Callable[[str], list[str]]:
 
 
 def _seconds(text: str) -> float:
-    """argparse's type for a run's length: more than 0, at most an hour."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600: {text!r}")
+    """argparse's type for a run's length: from 1 second to an hour, in ASCII digits."""
+    if not re.fullmatch(
+        r"[0-9]{1,4}(\.[0-9]{1,3})?", text.strip()
+    ):  # float() takes other digits, 1_0
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    value = float(text)
+    if not 1 <= value <= 3600:  # below a second, a run measures nothing
+        raise argparse.ArgumentTypeError(f"must be from 1 to 3600: {text!r}")
     return value
 
 
@@ -859,6 +870,30 @@ def _stop_on_signals() -> None:
         signal.signal(each, stop)
 
 
+def _prepared(quick: bool, data_dir: Path) -> tuple[str, int, int, Callable[[], None]]:
+    """`prepare_database`, a database it cannot reach or start said in one line (it was a
+    traceback), a JSON record under `PGLAYER_LOG_FORMAT=json`; exit status 1."""
+    try:
+        return prepare_database(quick=quick, data_dir=data_dir)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, PglayerError) as exc:
+        url = os.environ.get("DATABASE_URL")
+        if isinstance(exc, PglayerError) or not url:
+            said = str(exc)
+        else:
+            said = explain_connect_error(exc, describe_target(url))
+        _say_error(f"cannot prepare the benchmark's database: {said}")
+        raise SystemExit(1) from None
+
+
+def _say_error(message: str) -> None:
+    """An error line on stderr, or a JSON record under `PGLAYER_LOG_FORMAT=json`."""
+    if os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() == "json":
+        configure_logging(format="json")
+        logging.getLogger("pglayer_shop").error("%s", message)
+    else:
+        print(f"pglayer-shop bench: error: {message}", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one JSON record under `PGLAYER_LOG_FORMAT=json`, as the other
     commands of `pglayer-shop` write theirs."""
@@ -866,8 +901,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if os.environ.get("PGLAYER_LOG_FORMAT", "").strip().lower() != "json":
             super().error(message)
-        configure_logging(format="json")
-        logging.getLogger("pglayer_shop").error("usage: %s: %s", self.prog, message)
+        _say_error(f"usage: {self.prog}: {message}")
         raise SystemExit(2)
 
 
@@ -881,7 +915,7 @@ def parser() -> argparse.ArgumentParser:
                         help="comma list, e.g. 64,256,1024"
                         f" (each at most {MAX_CONCURRENCY})")  # fmt: skip
     parser.add_argument("--duration", type=_seconds, default=None,
-                        help="seconds per run (at most 3600)")  # fmt: skip
+                        help="seconds per run (1 to 3600)")  # fmt: skip
     parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS),
                         help=f"comma list of {', '.join(SCENARIOS)} (default: all)")  # fmt: skip
     parser.add_argument("--servers", type=_names(APPS), default=list(APPS),
@@ -931,7 +965,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = _counts(quick)
     _stop_on_signals()
     try:
-        url, max_id, product, stop = prepare_database(quick=quick, data_dir=Path(args.data_dir))
+        url, max_id, product, stop = _prepared(quick, Path(args.data_dir))
         try:
             console.print(
                 f"generator: {generator}; workers {plan.workers};"

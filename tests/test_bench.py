@@ -78,14 +78,17 @@ def test_each_server_keeps_its_median_round() -> None:
         (["--workers", "\uff12"], "whole numbers"),  # a fullwidth 2, which int() takes
         (["--concurrency", "64,,128"], "whole numbers"),
         (["--concurrency", "0"], "from 1 to"),
-        (["--duration", "nan"], "more than 0"),
-        (["--duration", "1e9"], "at most 3600"),
+        (["--duration", "nan"], "not a number of seconds"),
+        (["--duration", "3601"], "from 1 to 3600"),
+        (["--duration", "0.001"], "from 1 to 3600"),  # a run of a millisecond measured req/s
+        (["--duration", "\u0665"], "not a number of seconds"),  # an Arabic-Indic 5
+        (["--scenarios", "users,,orders"], "an empty name"),
         (["--rounds", "2,3"], "one number"),
         (["--rounds", "0"], "--rounds: must be from 1 to 15"),
         (["--workers", "2,2"], "given twice"),
         (["--servers", "shop,shop"], "given twice"),
         (["--scenarios", "users,nope"], "'nope' (choose from users"),
-        (["--servers", ","], "none given"),
+        (["--servers", ","], "an empty name"),
     ],
 )
 def test_bench_refuses_options_out_of_bounds_before_starting_anything(
@@ -106,6 +109,19 @@ def test_a_usage_error_of_bench_under_json_logs_is_one_json_record() -> None:
     [record] = [json.loads(line) for line in done.stderr.splitlines()]
     assert record["level"] == "error"
     assert "argument --workers: must be from 1 to 16: '0'" in record["message"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_bench_that_cannot_reach_its_database_says_so_in_one_line(log_format: str) -> None:
+    # It printed asyncpg's traceback, under JSON logs too.
+    env = clean_env(DATABASE_URL="postgresql://x@127.0.0.1:1/x", PGLAYER_LOG_FORMAT=log_format)
+    done = subprocess.run(
+        [SHOP, "bench", "--quick"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    said = json.loads(line)["message"] if log_format == "json" else line
+    assert "cannot prepare the benchmark's database: nothing is listening at" in said, said
 
 
 @pytest.mark.timeout(420)
