@@ -641,7 +641,7 @@ async def test_another_apps_history_with_a_file_of_the_same_name_is_refused_nami
     second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [first])
-    with pytest.raises(MigrationError, match="give this one its own: `--history NAME`"):
+    with pytest.raises(MigrationError, match="give it its own: `--history NAME`"):
         await apply_directories(settings, [second])
     assert await apply_directories(settings, [second], histories=["notes"]) == [
         "notes/0001_init.sql"
@@ -675,3 +675,24 @@ async def test_a_directory_applied_alone_keeps_its_history_when_run_with_another
     applied = await apply_directories(settings, [first, second])
     assert applied == ["billing/migrations/0001_bills.sql"]
     assert await apply_directories(settings, [first, second]) == []
+
+
+async def test_a_renamed_file_edited_later_is_refused_not_run_again(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    # The rename was taken as applied but not recorded: the edit after it left nothing in
+    # common by name or text, the directory was taken for another app's, and its file ran
+    # again (rows doubled).
+    directory = app_directory(tmp_path, "billing", "CREATE TABLE IF NOT EXISTS bills (id int);")
+    (directory / "0002_seed.sql").write_text("INSERT INTO bills VALUES (1);")
+    settings = settings_for(empty_db_url)
+    await apply_directories(settings, [directory])
+    for path in directory.glob("*.sql"):
+        path.rename(path.with_name(path.name.replace(".sql", "_renamed.sql")))
+    assert await apply_directories(settings, [directory]) == []
+    for path in directory.glob("*.sql"):
+        path.write_text(f"-- SPDX-License-Identifier: MIT\n{path.read_text()}")
+    with pytest.raises(MigrationError, match="was changed after it was applied"):
+        await apply_directories(settings, [directory])
+    async with Database(settings) as db:
+        assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM bills")) == 1

@@ -478,20 +478,24 @@ def _refuse_changed(m: Migration, previous: asyncpg.Record, history: str) -> NoR
     if previous["name"] != m.name:
         raise MigrationError(
             f"migration {m.name}: version {m.version} of history {history!r} was"
-            f" applied as {previous['name']} (sha256 {previous['checksum']}); another"
-            " directory shares this history on this database (a history is named after its"
-            " directory): give this one a history of its own (`--history NAME`, or"
-            " `history=`); or this file replaced that one, which `-- pglayer:replaces` then"
-            " names; nothing was applied"
+            f" applied as {previous['name']} (sha256 {previous['checksum']}): this file"
+            " replaced that one (name its applied text with `-- pglayer:replaces`), or"
+            " another directory shares this history on this database, which then needs one"
+            f" of its own (`--history NAME`, or `history=`: {_ALL_AGAIN}); nothing was applied"
         )
     raise MigrationError(
         f"migration {m.name} was changed after it was applied (applied: sha256"
         f" {previous['checksum']}, now {m.checksum}); add a new migration instead (or, if"
-        f" another directory named {history!r} shares this history on this database, give"
-        " this one its own: `--history NAME`, or `history=`; or, if the change suits a"
-        " database that ran the applied text, name it in the file: `-- pglayer:replaces"
-        f" {previous['checksum']}`); nothing was applied"
+        " the change suits a database that ran the applied text, name it in the file:"
+        f" `-- pglayer:replaces {previous['checksum']}`; or, if another directory named"
+        f" {history!r} shares this history on this database, give it its own: `--history"
+        f" NAME`, or `history=`: {_ALL_AGAIN}); nothing was applied"
     )
+
+
+# Said wherever a new history is advised: following that advice for a directory whose files
+# were applied under the old one applies them a second time.
+_ALL_AGAIN = "a new history runs every file again, so only for files never applied here"
 
 
 async def _apply(
@@ -504,6 +508,15 @@ async def _apply(
     """Apply `run`'s files not in `applied`, each added to `done` (the run's so far)."""
     for m in run.migrations:
         if m.version in applied:
+            if applied[m.version]["name"] != m.name:
+                # Renamed since: recorded, so that a later edit is still told from another
+                # app's file (nothing in common by name or text: see `_in_common`).
+                await conn.execute(
+                    "UPDATE pglayer_migrations SET name = $3 WHERE history = $1 AND version = $2",
+                    run.name,
+                    m.version,
+                    m.name,
+                )
             continue  # applied (under this name, or one since renamed, or an earlier text)
         log.info("applying migration %s/%s", run.name, m.name)
         try:
