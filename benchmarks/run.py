@@ -36,6 +36,7 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 from pglayer_shop.schema import apply_migrations
 from pglayer_shop.seed import SeedCounts, seed
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -873,6 +874,12 @@ def _stop_on_signals() -> None:
 def _prepared(quick: bool, data_dir: Path) -> tuple[str, int, int, Callable[[], None]]:
     """`prepare_database`, a database it cannot reach or start said in one line (it was a
     traceback), a JSON record under `PGLAYER_LOG_FORMAT=json`; exit status 1."""
+    try:
+        DatabaseSettings()  # a DATABASE_URL that is not one: said as the commands say it
+    except ValidationError as exc:
+        wrong = "; ".join(str(e["msg"]) for e in exc.errors(include_input=False))
+        _say_error(f"invalid settings: {wrong}")
+        raise SystemExit(1) from None
     try:
         return prepare_database(quick=quick, data_dir=data_dir)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, PglayerError) as exc:

@@ -111,17 +111,40 @@ def test_a_usage_error_of_bench_under_json_logs_is_one_json_record() -> None:
     assert "argument --workers: must be from 1 to 16: '0'" in record["message"]
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
-def test_a_bench_that_cannot_reach_its_database_says_so_in_one_line(log_format: str) -> None:
-    # It printed asyncpg's traceback, under JSON logs too.
-    env = clean_env(DATABASE_URL="postgresql://x@127.0.0.1:1/x", PGLAYER_LOG_FORMAT=log_format)
+@pytest.mark.parametrize(
+    ("log_format", "url", "said"),
+    [
+        ("text", "postgresql://x@127.0.0.1:1/x", "database: nothing is listening at"),
+        ("json", "postgresql://x@127.0.0.1:1/x", "database: nothing is listening at"),
+        ("text", "postgresql://x:pw@127.0.0.1:99999/x", "a port is not one of 1..65535"),
+    ],
+)
+def test_a_bench_that_cannot_reach_its_database_says_so_in_one_line(
+    log_format: str, url: str, said: str
+) -> None:
+    # It printed asyncpg's traceback (52 lines for a port out of range), under JSON logs too.
+    env = clean_env(DATABASE_URL=url, PGLAYER_LOG_FORMAT=log_format)
     done = subprocess.run(
         [SHOP, "bench", "--quick"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
-    said = json.loads(line)["message"] if log_format == "json" else line
-    assert "cannot prepare the benchmark's database: nothing is listening at" in said, said
+    message = json.loads(line)["message"] if log_format == "json" else line
+    assert said in message, message
+
+
+def test_a_bench_terminated_as_it_starts_exits_as_a_shell_says_so() -> None:
+    # Killed before it handles signals, its child's -15 became 241.
+    bench = subprocess.Popen(
+        [SHOP, "bench", "--quick"], env=clean_env(DATABASE_URL="postgresql://x@127.0.0.1:1/x"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not psutil.Process(bench.pid).children():  # the wrapper is up, its child starting
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
 
 
 @pytest.mark.timeout(420)

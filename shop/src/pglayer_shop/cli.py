@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -245,29 +245,42 @@ def bench(ctx: typer.Context) -> None:
     if not (root / "benchmarks" / "run.py").exists():
         raise _fail("pglayer-shop bench runs from a source checkout (benchmarks/ not found)")
     # A child process: the benchmark starts and stops servers and must own its signals.
-    child = subprocess.Popen([sys.executable, "-m", "benchmarks", *ctx.args], cwd=root)
     # Passed on, not acted on: killed mid-run, the child would leave its servers running
     # (subprocess.call kills it on Ctrl-C; a SIGTERM would orphan it).
-    forward = {each: signal.signal(each, _pass_on(child)) for each in _STOPPING}
+    relay = _Relay()
+    forward = {each: signal.signal(each, relay) for each in _STOPPING}
     try:
-        code = child.wait()
+        code = relay.run([sys.executable, "-m", "benchmarks", *ctx.args], root)
     finally:
         for each, handler in forward.items():
             signal.signal(each, handler)
-    raise typer.Exit(code=code)
+    # Ended by a signal before it handles them (still starting): as a shell says it (241
+    # was -15 modulo 256).
+    raise typer.Exit(code=128 - code if code < 0 else code)
 
 
 _STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
-def _pass_on(child: subprocess.Popen[bytes]) -> Callable[[int, object], None]:
-    """A signal handler that sends the signal to `child`, if it still runs."""
+class _Relay:
+    """A signal handler that passes each signal on to the child it runs; one that comes
+    while the child is being started is passed on once it is."""
 
-    def handler(signum: int, _frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.pending: list[int] = []
 
-    return handler
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.child is None:
+            self.pending.append(signum)
+        elif self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self, args: list[str], cwd: Path) -> int:
+        self.child = subprocess.Popen(args, cwd=cwd)
+        for signum in self.pending:
+            self.child.send_signal(signum)
+        return self.child.wait()
 
 
 def main() -> None:
