@@ -596,12 +596,19 @@ def app_directory(root: Path, app: str, sql: str, name: str = "0001_init.sql") -
     return directory
 
 
+def two_apps(root: Path) -> tuple[Path, Path]:
+    """Two apps' `migrations/` directories, each with a first file of its own name."""
+    return (
+        app_directory(root, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql"),
+        app_directory(root, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql"),
+    )
+
+
 async def test_two_apps_directories_of_one_name_keep_their_histories_apart(
     empty_db_url: str, tmp_path: Path
 ) -> None:
     # Both named `migrations`: the second was refused as the first's with a file changed.
-    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql")
-    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql")
+    first, second = two_apps(tmp_path)
     settings = settings_for(empty_db_url)
     assert await apply_directories(settings, [first]) == [
         *PGLAYER_FILES,
@@ -668,8 +675,7 @@ async def test_a_directory_applied_alone_keeps_its_history_when_run_with_another
     empty_db_url: str, tmp_path: Path
 ) -> None:
     # The second app's deploy (both in one run) was refused: the first had been renamed.
-    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql")
-    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql")
+    first, second = two_apps(tmp_path)
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [second])  # "migrations": the notes app's
     applied = await apply_directories(settings, [first, second])
