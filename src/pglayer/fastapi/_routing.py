@@ -140,8 +140,8 @@ def _opening(
 
 
 class Route(APIRoute):
-    """An `APIRoute` whose endpoint gets `Db` without dependency solving, and whose JSON
-    body is parsed by pglayer's rules."""
+    """An `APIRoute` whose endpoint gets `Db` and its connections without FastAPI's
+    dependency solving, and whose JSON body is parsed by pglayer's rules."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         wrapped = with_database(endpoint)
