@@ -111,20 +111,51 @@ def test_two_migration_directories_of_one_name_take_the_histories_named(
     result.assert_outcomes(passed=3)
 
 
-def test_two_directories_of_one_name_without_histories_are_told_the_setting(
+def test_two_directories_of_one_name_without_histories_are_named_as_serve_names_them(
     pytester: pytest.Pytester, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The refusal advised `--history NAME` or `history=`, neither of which pytest takes.
-    pytester.makefile(".sql", **{"notes/migrations/0001_notes": "CREATE TABLE notes (b text);"})
+    # Refused, where `pglayer serve --migrations` of the same two names the second by its
+    # parent: the tests' histories were not the app's.
+    schema = "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);"
+    pytester.makefile(".sql", **{"notes/migrations/0001_notes": schema})
     pytester.makefile(".sql", **{"tags/migrations/0001_tags": "CREATE TABLE tags (name text);"})
     pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makepyfile(
+        test_histories="def test_histories(pglayer_migration_histories):\n"
+        "    assert pglayer_migration_histories == ['migrations', 'tags/migrations']\n"
+    )
     pytester.makeini(
         "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
         "pglayer_migrations = notes/migrations tags/migrations\n"
     )
     monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=4)
+
+
+@pytest.mark.parametrize(
+    ("dirs", "said"),
+    [
+        ("migrations ./migrations", "*names one directory twice: *migrations and *migrations*"),
+        ("migrations nowhere", "*pglayer_migrations: *nowhere is not a directory*"),
+    ],
+)
+def test_a_migrations_directory_named_twice_or_missing_is_a_usage_error_naming_it(
+    pytester: pytest.Pytester,
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    dirs: str,
+    said: str,
+) -> None:
+    pytester.makefile(".sql", **{"migrations/0001_notes": "CREATE TABLE notes (body text);"})
+    pytester.makepyfile(app=APP, conftest=CONFTEST, test_notes=TESTS)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        f"pglayer_migrations = {dirs}\n"
+    )
+    monkeypatch.setenv("PGLAYER_TEST_DATABASE_URL", server.admin_url)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "created")
-    result.stdout.fnmatch_lines(["*histories are named by `pglayer_histories`*"])
+    result.stdout.fnmatch_lines([said])
 
 
 def test_a_project_without_its_migrations_named_is_told_in_the_header(

@@ -227,15 +227,47 @@ def pglayer_migration_dirs(pytestconfig: pytest.Config) -> list[Path]:
 def pglayer_migration_histories(
     pytestconfig: pytest.Config, pglayer_migration_dirs: list[Path]
 ) -> list[str]:
-    """The history of each directory: `pglayer_histories` in turn, else each one's name."""
+    """The history of each directory: `pglayer_histories` in turn, else each one's name, as
+    `pglayer serve` names them in one run (a second of one name with its parent's too)."""
+    _refuse_missing_or_twice(pglayer_migration_dirs)
     names = [str(name) for name in pytestconfig.getini("pglayer_histories")]
     if not names:
-        return [directory.name for directory in pglayer_migration_dirs]
+        return _histories_by_name(pglayer_migration_dirs)
     if len(names) != len(pglayer_migration_dirs):
         raise pytest.UsageError(
             f"pglayer_histories names {len(names)} histories for"
             f" {len(pglayer_migration_dirs)} pglayer_migrations directories: one each, in turn"
         )
+    return names
+
+
+def _refuse_missing_or_twice(directories: list[Path]) -> None:
+    """A directory that is not one, or one named twice (its files would run twice), as a
+    usage error that names it."""
+    seen: dict[str, Path] = {}
+    for directory in directories:
+        if not Path(directory).is_dir():
+            raise pytest.UsageError(f"pglayer_migrations: {directory} is not a directory")
+        real = os.path.realpath(directory)
+        if real in seen:
+            raise pytest.UsageError(
+                f"pglayer_migrations names one directory twice: {seen[real]} and {directory}"
+            )
+        seen[real] = directory
+
+
+def _histories_by_name(directories: list[Path]) -> list[str]:
+    """Each directory's name; a second of one name, its parent's and its own."""
+    names: list[str] = []
+    for directory in directories:
+        path = Path(os.path.abspath(directory))
+        name = path.name if path.name not in names else f"{path.parent.name}/{path.name}"
+        if name in names:
+            raise pytest.UsageError(
+                f"pglayer_migrations: two directories would share history {name!r}: name"
+                " each one's with pglayer_histories"
+            )
+        names.append(name)
     return names
 
 
