@@ -66,9 +66,14 @@ _SERVE_DEFAULTS = {
 def _refuse_twice(directories: Sequence[Path]) -> None:
     """Refuse a directory given twice (under two paths, say): its files would run twice, one
     history each."""
-    given = [Path(os.path.realpath(d)) for d in directories]
-    if len(set(given)) < len(given):
-        raise ConfigurationError("a migration directory is given twice")
+    seen: dict[str, Path] = {}
+    for directory in directories:
+        real = os.path.realpath(directory)
+        if real in seen:
+            raise ConfigurationError(
+                f"a migration directory is given twice: {seen[real]} and {directory}"
+            )
+        seen[real] = directory
 
 
 def _qualified(directory: Path) -> str | None:
