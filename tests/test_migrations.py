@@ -667,7 +667,7 @@ async def test_two_directories_of_one_name_in_one_run_get_a_history_each(
     with pytest.raises(ConfigurationError, match="two --history names are the same"):
         await apply_directories(settings_for(empty_db_url), [first, second], histories=["a", "a"])
     again = first.parent / ".." / "billing" / "migrations"  # the same, by another path
-    with pytest.raises(ConfigurationError, match="given twice: .*billing/migrations and "):
+    with pytest.raises(ConfigurationError, match=r"given twice: .*billing/migrations and "):
         await apply_directories(settings_for(empty_db_url), [first, again])
 
 
