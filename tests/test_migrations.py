@@ -15,7 +15,7 @@ import pytest
 from pglayer_shop.schema import apply_migrations, shop_migrations
 
 import pglayer
-from pglayer import ConfigurationError, Database
+from pglayer import ConfigurationError, Database, DatabaseSettings
 from pglayer._serve import apply_directories
 from pglayer.migrations import MigrationError, load_migrations, migrate, pending_migrations
 from tests.conftest import settings_for
@@ -596,12 +596,26 @@ def app_directory(root: Path, app: str, sql: str, name: str = "0001_init.sql") -
     return directory
 
 
-def two_apps(root: Path) -> tuple[Path, Path]:
-    """Two apps' `migrations/` directories, each with a first file of its own name."""
+def two_apps(
+    root: Path, first: str = "0001_bills.sql", second: str = "0001_notes.sql"
+) -> tuple[Path, Path]:
+    """Two apps' `migrations/` directories, each with one first file."""
     return (
-        app_directory(root, "billing", "CREATE TABLE bills (id int);", "0001_bills.sql"),
-        app_directory(root, "notes", "CREATE TABLE notes (id int);", "0001_notes.sql"),
+        app_directory(root, "billing", "CREATE TABLE bills (id int);", first),
+        app_directory(root, "notes", "CREATE TABLE notes (id int);", second),
     )
+
+
+def seeding_app(root: Path) -> Path:
+    """An app's `migrations/` whose second file inserts a row: run twice, it doubles."""
+    directory = app_directory(root, "billing", "CREATE TABLE IF NOT EXISTS bills (id int);")
+    (directory / "0002_seed.sql").write_text("INSERT INTO bills VALUES (1);")
+    return directory
+
+
+async def bills(settings: DatabaseSettings) -> int:
+    async with Database(settings) as db:
+        return int(await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM bills")))
 
 
 async def test_two_apps_directories_of_one_name_keep_their_histories_apart(
@@ -628,24 +642,21 @@ async def test_a_directory_whose_every_file_was_edited_is_refused_not_run_again(
     empty_db_url: str, tmp_path: Path, edit: str
 ) -> None:
     # Taken for another app's (no text in common), its files ran again: rows doubled.
-    directory = app_directory(tmp_path, "billing", "CREATE TABLE IF NOT EXISTS bills (id int);")
-    (directory / "0002_seed.sql").write_text("INSERT INTO bills VALUES (1);")
+    directory = seeding_app(tmp_path)
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [directory])
     for path in directory.glob("*.sql"):
         path.write_text(edit.format(path.read_text()))
     with pytest.raises(MigrationError, match=r"0001_init\.sql was changed after it was applied"):
         await apply_directories(settings, [directory])
-    async with Database(settings) as db:
-        assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM bills")) == 1
+    assert await bills(settings) == 1  # its seed ran once
 
 
 async def test_another_apps_history_with_a_file_of_the_same_name_is_refused_naming_history(
     empty_db_url: str, tmp_path: Path
 ) -> None:
     # Told by neither name nor text from this directory's own files, changed: refused.
-    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
-    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    first, second = two_apps(tmp_path, "0001_init.sql", "0001_init.sql")
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [first])
     with pytest.raises(MigrationError, match="give it its own: `--history NAME`"):
@@ -660,8 +671,7 @@ async def test_two_directories_of_one_name_in_one_run_get_a_history_each(
 ) -> None:
     # Both were "migrations" in the run: its second INSERT of version 0001 failed as
     # "a row with the same unique values already exists".
-    first = app_directory(tmp_path, "billing", "CREATE TABLE bills (id int);")
-    second = app_directory(tmp_path, "notes", "CREATE TABLE notes (id int);")
+    first, second = two_apps(tmp_path, "0001_init.sql", "0001_init.sql")
     applied = await apply_directories(settings_for(empty_db_url), [first, second])
     assert applied[-2:] == ["migrations/0001_init.sql", "notes/migrations/0001_init.sql"]
     with pytest.raises(ConfigurationError, match="two --history names are the same"):
@@ -689,8 +699,7 @@ async def test_a_renamed_file_edited_later_is_refused_not_run_again(
     # The rename was taken as applied but not recorded: the edit after it left nothing in
     # common by name or text, the directory was taken for another app's, and its file ran
     # again (rows doubled).
-    directory = app_directory(tmp_path, "billing", "CREATE TABLE IF NOT EXISTS bills (id int);")
-    (directory / "0002_seed.sql").write_text("INSERT INTO bills VALUES (1);")
+    directory = seeding_app(tmp_path)
     settings = settings_for(empty_db_url)
     await apply_directories(settings, [directory])
     for path in directory.glob("*.sql"):
@@ -700,5 +709,4 @@ async def test_a_renamed_file_edited_later_is_refused_not_run_again(
         path.write_text(f"-- SPDX-License-Identifier: MIT\n{path.read_text()}")
     with pytest.raises(MigrationError, match="was changed after it was applied"):
         await apply_directories(settings, [directory])
-    async with Database(settings) as db:
-        assert await db.run(lambda conn: conn.fetchval("SELECT count(*) FROM bills")) == 1
+    assert await bills(settings) == 1  # its seed ran once

@@ -40,9 +40,11 @@ from pglayer._settings import (
 )
 from pglayer.migrations import (
     DEFAULT_TIMEOUT,
+    _given_twice,
     _History,
     _migrate,
     _pglayer_history,
+    _qualified,
     load_migrations,
 )
 
@@ -61,24 +63,6 @@ _SERVE_DEFAULTS = {
     "PGLAYER_LOG_FORMAT": "text",
     "PGLAYER_ACCESS_LOG": "true",
 }
-
-
-def _refuse_twice(directories: Sequence[Path]) -> None:
-    """Refuse a directory given twice (under two paths, say): its files would run twice, one
-    history each."""
-    seen: dict[str, Path] = {}
-    for directory in directories:
-        real = os.path.realpath(directory)
-        if real in seen:
-            raise ConfigurationError(
-                f"a migration directory is given twice: {seen[real]} and {directory}"
-            )
-        seen[real] = directory
-
-
-def _qualified(directory: Path) -> str | None:
-    """A directory's history where its name is another's: with its parent's name."""
-    return f"{directory.parent.name}/{directory.name}" if directory.parent.name else None
 
 
 def _absolute(directory: Path) -> Path:
@@ -111,7 +95,9 @@ async def apply_directories(
     ]
     if len({run.name for run in runs}) < len(runs):
         raise ConfigurationError("two --history names are the same: each directory needs its own")
-    _refuse_twice(directories)
+    twice = _given_twice(directories)
+    if twice is not None:
+        raise ConfigurationError(f"a migration directory is given twice: {twice[0]} and {twice[1]}")
     runs += [
         _History(d.name, load_migrations(d), named=False, qualified=_qualified(d)) for d in implicit
     ]

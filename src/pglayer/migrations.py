@@ -13,9 +13,10 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -151,6 +152,25 @@ def _quoted_spans(sql: str, conforming: bool) -> list[tuple[int, int]]:
 def _inside(spans: list[tuple[int, int]], position: int) -> bool:
     at = bisect.bisect_left(spans, position, key=lambda span: span[0]) - 1
     return at >= 0 and position < spans[at][1]
+
+
+def _given_twice(directories: Sequence[Path]) -> tuple[Path, Path] | None:
+    """The first directory given twice (under two paths, say: its files would run twice, one
+    history each), as it was given both times; else None."""
+    seen: dict[str, Path] = {}
+    for directory in directories:
+        real = os.path.realpath(directory)
+        if real in seen:
+            return seen[real], directory
+        seen[real] = directory
+    return None
+
+
+def _qualified(directory: Path) -> str | None:
+    """A directory's history where its name is another's: with its parent's name (the path
+    made absolute, not resolved: a link keeps its own)."""
+    absolute = Path(os.path.abspath(directory))
+    return f"{absolute.parent.name}/{absolute.name}" if absolute.parent.name else None
 
 
 def load_migrations(directory: Path | Traversable) -> list[Migration]:

@@ -50,7 +50,14 @@ except ImportError as exc:  # an extra: named, as every other one is
 from pglayer._database import Database
 from pglayer._pgbouncer import PgBouncer, PoolMode, pgbouncer_binary
 from pglayer._settings import DatabaseSettings
-from pglayer.migrations import MigrationError, install_pglayer_tables, load_migrations, migrate
+from pglayer.migrations import (
+    MigrationError,
+    _given_twice,
+    _qualified,
+    install_pglayer_tables,
+    load_migrations,
+    migrate,
+)
 
 __all__ = ["PgBouncer", "PoolMode", "database_url_for", "pgbouncer_binary"]
 
@@ -244,24 +251,23 @@ def pglayer_migration_histories(
 def _refuse_missing_or_twice(directories: list[Path]) -> None:
     """A directory that is not one, or one named twice (its files would run twice), as a
     usage error that names it."""
-    seen: dict[str, Path] = {}
     for directory in directories:
         if not Path(directory).is_dir():
             raise pytest.UsageError(f"pglayer_migrations: {directory} is not a directory")
-        real = os.path.realpath(directory)
-        if real in seen:
-            raise pytest.UsageError(
-                f"pglayer_migrations names one directory twice: {seen[real]} and {directory}"
-            )
-        seen[real] = directory
+    twice = _given_twice(directories)
+    if twice is not None:
+        raise pytest.UsageError(
+            f"pglayer_migrations names one directory twice: {twice[0]} and {twice[1]}"
+        )
 
 
 def _histories_by_name(directories: list[Path]) -> list[str]:
     """Each directory's name; a second of one name, its parent's and its own."""
     names: list[str] = []
     for directory in directories:
-        path = Path(os.path.abspath(directory))
-        name = path.name if path.name not in names else f"{path.parent.name}/{path.name}"
+        name = Path(os.path.abspath(directory)).name
+        if name in names:
+            name = _qualified(directory) or name
         if name in names:
             raise pytest.UsageError(
                 f"pglayer_migrations: two directories would share history {name!r}: name"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -72,19 +73,23 @@ async def _call_override(override: Callable[..., Any], request: HTTPConnection) 
     return db
 
 
-async def _connection(request: HTTPConnection) -> AsyncIterator[Connection]:
-    async with (await bound_database(request)).connection() as conn:
-        yield conn
+Opens = Callable[[Database], AbstractAsyncContextManager[Connection]]
 
 
-async def _replica_connection(request: HTTPConnection) -> AsyncIterator[Connection]:
-    async with (await bound_database(request)).read_connection() as conn:
-        yield conn
+def _opening(opens: Opens) -> Callable[[HTTPConnection], AsyncIterator[Connection]]:
+    """A dependency yielding the connection `opens` gives for the app's database; `opens`
+    kept on it, for `Route`, which opens it itself rather than have FastAPI solve it."""
+
+    async def dependency(request: HTTPConnection) -> AsyncIterator[Connection]:
+        async with opens(await bound_database(request)) as conn:
+            yield conn
+
+    dependency.pglayer_opens = opens  # type: ignore[attr-defined]
+    return dependency
 
 
-# What each gives, for `Route`, which opens it itself rather than have FastAPI solve it.
-_connection.pglayer_opens = lambda db: db.connection()  # type: ignore[attr-defined]
-_replica_connection.pglayer_opens = lambda db: db.read_connection()  # type: ignore[attr-defined]
+_connection = _opening(lambda db: db.connection())
+_replica_connection = _opening(lambda db: db.read_connection())
 
 
 def transaction_dependency(
@@ -103,17 +108,12 @@ def transaction_dependency(
     names the connections it counts against (default `read` or `write`).
     """
     check_transaction_options(isolation, lock_timeout)
-
-    async def dependency(request: HTTPConnection) -> AsyncIterator[Connection]:
-        async with (await bound_database(request)).transaction(
+    dependency = _opening(
+        lambda db: db.transaction(
             readonly=readonly, isolation=isolation, lock_timeout=lock_timeout, bulkhead=bulkhead
-        ) as conn:
-            yield conn
-
-    dependency.pglayer_commits = True  # type: ignore[attr-defined]
-    dependency.pglayer_opens = lambda db: db.transaction(  # type: ignore[attr-defined]
-        readonly=readonly, isolation=isolation, lock_timeout=lock_timeout, bulkhead=bulkhead
+        )
     )
+    dependency.pglayer_commits = True  # type: ignore[attr-defined]
     return dependency
 
 
